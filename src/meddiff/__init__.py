@@ -1,0 +1,1 @@
+"""meddiff: diffusion models for medical images."""

@@ -1,0 +1,241 @@
+"""The `meddiff` command: flags → config dataclasses → library calls → a printed result.
+
+Errors users can cause are printed as one line (`meddiff: error: …`) with a non-zero exit, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import ARCHITECTURES, DEFAULT_PRESET, SAMPLERS, SampleConfig, TrainConfig
+from .errors import MeddiffError
+
+TRAIN_EXAMPLES = """examples:
+  meddiff train --data builtin:mni-mri --out runs/mri --max-minutes 5
+  meddiff train --data ~/data/chest_xray --out runs/cxr --preset small --size 64 --epochs 50
+  meddiff train --data builtin:phantoms?n=2000 --out runs/ph --max-steps 3000
+  meddiff train --preset seed --data DIR --out runs/seed   # the student project's recipe, exactly
+  meddiff train --resume runs/mri                            # continue an interrupted run
+"""
+SAMPLE_EXAMPLES = """examples:
+  meddiff sample --run runs/mri --n 4 --steps 20 --out samples/
+  meddiff sample --run runs/ph --class ct/abnormal --guidance 2 --n 16 --out ct_abn/
+  meddiff sample --run runs/ph --per-class 100 --format dicom --out synthetic/
+"""
+EVAL_EXAMPLES = """examples:
+  meddiff evaluate --real builtin:mni-mri --fake samples/ --json ssim.json
+"""
+INFO_EXAMPLES = """examples:
+  meddiff info ~/data/chest_xray
+  meddiff info builtin:phantoms?n=80
+"""
+DATA_EXAMPLES = """examples:
+  meddiff data export builtin:phantoms --n 200 --out phantoms_png/
+  meddiff train --data phantoms_png/ --label-depth 2 --out runs/ph
+"""
+
+
+def default_cache_dir() -> str:
+    """XDG_CACHE_HOME/meddiff or ~/.cache/meddiff (read here, at the edge, never in the library)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "meddiff")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="meddiff", description="Diffusion models for medical images: train, "
+                                 "sample, evaluate.", formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train(sub)
+    _add_sample(sub)
+    ev = sub.add_parser("evaluate", help="SSIM of generated images against real ones", epilog=EVAL_EXAMPLES,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ev.add_argument("--real", required=True, help="real images: a folder or builtin:…")
+    ev.add_argument("--fake", required=True, help="generated images: a folder")
+    ev.add_argument("--size", type=_positive_int, help="compare at this size (default: the generated images' size)")
+    ev.add_argument("--json", help="also write the figures to this JSON file")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and the real-halves split")
+    info = sub.add_parser("info", help="what the loader sees in a data path", epilog=INFO_EXAMPLES,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    info.add_argument("path", help="a folder or builtin:…")
+    info.add_argument("--label-depth", type=_positive_int, default=1)
+    info.add_argument("--size", type=_positive_int, default=64)
+    data = sub.add_parser("data", help="built-in data sets", epilog=DATA_EXAMPLES,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    dsub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    exp = dsub.add_parser("export", help="write a built-in data set as PNGs in class folders", epilog=DATA_EXAMPLES,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    exp.add_argument("spec", help="builtin:phantoms, builtin:ct, builtin:xray, builtin:mri, builtin:us, builtin:mni-mri")
+    exp.add_argument("--n", type=_positive_int, default=200)
+    exp.add_argument("--size", type=_positive_int, default=128)
+    exp.add_argument("--seed", type=int, default=0)
+    exp.add_argument("--out", required=True)
+    return ap
+
+
+def _add_train(sub: Any) -> None:
+    tr = sub.add_parser("train", help="train a diffusion model on a data folder or built-in data",
+                        epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    tr.add_argument("--data", help="a folder of images (sub-folders = classes) or builtin:mni-mri, builtin:phantoms …")
+    tr.add_argument("--out", help="the run folder to create")
+    tr.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run (no other flags needed)")
+    tr.add_argument("--preset", choices=sorted(ARCHITECTURES), default=DEFAULT_PRESET,
+                    help=f"architecture + recipe (default {DEFAULT_PRESET}; seed = the student project exactly)")
+    tr.add_argument("--size", type=_positive_int, help="image size in px (preset default: seed 128, small/lean 64)")
+    tr.add_argument("--batch-size", type=_positive_int, help="effective (global) batch size")
+    tr.add_argument("--micro-batch", type=_positive_int, help="images per forward pass; gradients accumulate")
+    stop = tr.add_mutually_exclusive_group()
+    stop.add_argument("--epochs", type=_positive_int)
+    stop.add_argument("--max-steps", type=_positive_int)
+    stop.add_argument("--max-minutes", type=float)
+    tr.add_argument("--lr", type=float)
+    tr.add_argument("--lr-schedule", choices=["cosine", "constant"])
+    tr.add_argument("--warmup-steps", type=int)
+    tr.add_argument("--ema-decay", type=float, help="0 turns the EMA off")
+    tr.add_argument("--objective", choices=["eps", "v"])
+    tr.add_argument("--loss-weighting", choices=["none", "min-snr"])
+    tr.add_argument("--beta-schedule", choices=["linear", "cosine"])
+    tr.add_argument("--zero-terminal-snr", action="store_true")
+    tr.add_argument("--num-train-timesteps", type=_positive_int, default=1000)
+    tr.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flips")
+    tr.add_argument("--conditional", choices=["auto", "on", "off"], default="auto")
+    tr.add_argument("--label-depth", type=_positive_int, default=1, help="folder levels naming a class (2: xray/normal)")
+    tr.add_argument("--val-fraction", type=float, default=0.1)
+    tr.add_argument("--val-every", type=_positive_int)
+    tr.add_argument("--patience", type=int, help="stop after this many evaluations without improvement")
+    tr.add_argument("--grad-checkpointing", action="store_true")
+    tr.add_argument("--channels-last", action="store_true")
+    tr.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    tr.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    tr.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--crop", action="store_true", help="centre-crop to square instead of padding")
+    tr.add_argument("--cache-dir", default=None, help=f"preprocessed-image cache (default {default_cache_dir()})")
+    tr.add_argument("--no-progress", action="store_true")
+
+
+def _add_sample(sub: Any) -> None:
+    sa = sub.add_parser("sample", help="generate images from a trained run", epilog=SAMPLE_EXAMPLES,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sa.add_argument("--run", required=True, help="a run folder written by meddiff train")
+    sa.add_argument("--out", required=True)
+    sa.add_argument("--n", type=_positive_int, default=4)
+    sa.add_argument("--steps", type=_positive_int, default=20)
+    sa.add_argument("--sampler", choices=SAMPLERS, default="ddim")
+    sa.add_argument("--seed", type=int, default=0)
+    sa.add_argument("--batch-size", type=_positive_int, default=16)
+    sa.add_argument("--class", dest="class_name", help="a class the model knows, e.g. xray/pneumonia")
+    sa.add_argument("--per-class", type=_positive_int, help="N images of each class, in class folders")
+    sa.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
+    sa.add_argument("--format", dest="fmt", default="png", help="png, png16, dicom or nifti")
+    sa.add_argument("--weights", choices=["ema", "best", "raw"], default="ema")
+    sa.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    sa.add_argument("--device", default="auto")
+    sa.add_argument("--no-progress", action="store_true")
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from .train import train
+
+    if a.resume:
+        cfg = TrainConfig(data="", out=a.resume)
+        result = train(cfg, resume=True)
+    else:
+        if not a.data or not a.out:
+            raise MeddiffError("train: --data and --out are required (or --resume RUN_DIR)")
+        names = ["preset", "size", "batch_size", "micro_batch", "epochs", "max_steps", "max_minutes", "lr",
+                 "lr_schedule", "warmup_steps", "ema_decay", "objective", "loss_weighting", "beta_schedule",
+                 "zero_terminal_snr", "num_train_timesteps", "flip", "conditional", "label_depth", "val_fraction",
+                 "val_every", "patience", "grad_checkpointing", "channels_last", "compile", "precision", "device",
+                 "seed", "crop"]
+        cfg = TrainConfig(data=a.data, out=a.out, cache_dir=a.cache_dir or default_cache_dir(),
+                          progress=not a.no_progress, **{n: getattr(a, n) for n in names})
+        result = train(cfg)
+    print(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in result.__dict__.items()}))
+    if result.stopped == "interrupted":
+        print(f"interrupted at step {result.steps}; a checkpoint is saved. Continue with: "
+              f"meddiff train --resume {result.run}")
+    return 0
+
+
+def cmd_sample(a: argparse.Namespace) -> int:
+    from .sample import sample_to_folder
+
+    cfg = SampleConfig(run=a.run, out=a.out, n=a.n, steps=a.steps, sampler=a.sampler, seed=a.seed,
+                       batch_size=a.batch_size, class_name=a.class_name, per_class=a.per_class, guidance=a.guidance,
+                       fmt=a.fmt, weights=a.weights, precision=a.precision, device=a.device, progress=not a.no_progress)
+    print(json.dumps(sample_to_folder(cfg)))
+    return 0
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from .evaluate import evaluate_ssim
+
+    result = evaluate_ssim(a.real, a.fake, size=a.size, seed=a.seed, cache_dir=default_cache_dir())
+    print(f"SSIM (each generated image vs its most similar real image): mean {result['ssim_mean']:.3f}, "
+          f"median {result['ssim_median']:.3f} — {result['band']}; real-vs-real reference "
+          f"{result['reference_real_halves']:.3f} ({result['n_fake']} generated, {result['n_real']} real, "
+          f"{result['size']} px)")
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_info(a: argparse.Namespace) -> int:
+    from .data.dataset import load_data
+
+    data = load_data(a.path, a.size, label_depth=a.label_depth, cache_dir=default_cache_dir())
+    s = data.summary
+    print(f"{s['images']} images in {len(data.class_names)} class(es)")
+    for name, count in s["classes"].items():
+        print(f"  class {name}: {count}")
+    for fmt, count in s["formats"].items():
+        print(f"  format {fmt}: {count}")
+    print(f"skipped {len(data.skipped)} file(s)")
+    for path, reason in data.skipped:
+        print(f"  {path}: {reason}")
+    return 0
+
+
+def cmd_data(a: argparse.Namespace) -> int:
+    from .data.dataset import export_builtin
+
+    counts = export_builtin(a.spec, a.out, n=a.n, size=a.size, seed=a.seed)
+    print(json.dumps({"out": a.out, "classes": counts}))
+    depth = max(c.count("/") for c in counts) + 1
+    print(f"train on it with: meddiff train --data {a.out}" + (f" --label-depth {depth}" if depth > 1 else "")
+          + " --out RUN_DIR")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate, "info": cmd_info, "data": cmd_data}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except MeddiffError as err:
+        print(f"meddiff: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("meddiff: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

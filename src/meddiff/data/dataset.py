@@ -1,0 +1,286 @@
+"""A data spec (a folder, `builtin:…`) → cached (N, 1, S, S) images in [-1, 1], labels, groups and a split.
+
+Specs: a folder (searched recursively; immediate sub-folders are classes), `builtin:mni-mri` (axial slices of
+the MNI152 T1 template shipped by nilearn), `builtin:phantoms` / `builtin:ct|xray|mri|us` (MedPhantom-4), each
+with optional `?n=…&size=…&seed=…`. Only safe metadata leaves this module: counts, formats, sizes — never file
+names of patients' files in summaries.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import DataError, UnreadableFile
+from . import cache
+
+BUILTINS = ("mni-mri", "phantoms", "ct", "xray", "mri", "us")
+
+
+@dataclass
+class ImageSet:
+    """Images ready for training. `images`: (N, 1, S, S) float32 in [-1, 1]."""
+
+    images: torch.Tensor
+    labels: torch.Tensor                 # (N,) int64 index into class_names
+    class_names: tuple[str, ...]
+    groups: np.ndarray                   # (N,) int64: images of one patient/volume share a group
+    skipped: list[tuple[str, str]] = field(default_factory=list)   # (path, reason)
+    summary: dict[str, Any] = field(default_factory=dict)          # counts per class/format, sizes
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:
+    """'builtin:phantoms?n=200' → ('builtin', 'phantoms', {'n': '200'}); a path → ('folder', path, {})."""
+    if spec.startswith("builtin:"):
+        name, _, query = spec[len("builtin:"):].partition("?")
+        if name not in BUILTINS:
+            raise DataError(f"--data {spec!r}: unknown built-in data set {name!r}; "
+                            f"choose from {', '.join('builtin:' + b for b in BUILTINS)}")
+        params = dict(parse_qsl(query, strict_parsing=bool(query)))
+        unknown = set(params) - {"n", "size", "seed"}
+        if unknown:
+            raise DataError(f"--data {spec!r}: unknown parameter(s) {', '.join(sorted(unknown))}; allowed: n, size, seed")
+        for k, v in params.items():
+            if not v.isdigit() or int(v) < 1:
+                raise DataError(f"--data {spec!r}: {k}={v!r} must be a positive whole number")
+        return "builtin", name, params
+    return "folder", spec, {}
+
+
+def to_square(image: np.ndarray, size: int, crop: bool = False) -> np.ndarray:
+    """(H, W) float in [0, 1] → (size, size) float32: aspect kept by zero-padding (or centre-cropping), then an
+    antialiased bicubic resize."""
+    h, w = image.shape
+    if crop:
+        s = min(h, w)
+        top, left = (h - s) // 2, (w - s) // 2
+        square = image[top:top + s, left:left + s]
+    else:
+        s = max(h, w)
+        square = np.zeros((s, s), np.float32)
+        top, left = (s - h) // 2, (s - w) // 2
+        square[top:top + h, left:left + w] = image
+    if s == size:
+        return np.asarray(square, np.float32)
+    t = torch.from_numpy(np.ascontiguousarray(square, np.float32))[None, None]
+    return F.interpolate(t, size=(size, size), mode="bicubic", antialias=True, align_corners=False)[0, 0].clamp(0, 1).numpy()
+
+
+def _stable_id(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "big")
+
+
+# ---------------------------------------------------------------- folders
+
+def _class_of(rel: Path, label_depth: int, flat: bool) -> str:
+    if flat:
+        return "all"
+    return "/".join(rel.parts[:label_depth])
+
+
+def _group_of(rel: Path, label_depth: int, flat: bool) -> str:
+    """Images in a sub-folder below the class folder (a patient or a study) form one group; else each file does."""
+    below = rel.parts[0 if flat else label_depth:]
+    return "/".join(rel.parts[:len(rel.parts) - len(below) + 1]) if len(below) > 1 else str(rel)
+
+
+def _scan_folder(root: Path, label_depth: int,
+                 exclude: tuple[str, ...] = ()) -> tuple[list[Path], list[tuple[str, str]], bool]:
+    from .readers import find_image_files
+
+    if not root.exists():
+        raise DataError(f"--data {str(root)!r}: no such file or folder")
+    if not root.is_dir():
+        raise DataError(f"--data {str(root)!r}: not a folder (give a folder of images, or builtin:…)")
+    files, ignored = find_image_files(root)
+    files = [f for f in files if f.name not in exclude]
+    flat = all(len(f.relative_to(root).parts) <= label_depth for f in files)
+    return files, [(str(p), r) for p, r in ignored], flat
+
+
+def _read_folder(root: Path, size: int, crop: bool, label_depth: int, nifti_axis: str,
+                 exclude: tuple[str, ...] = ()) -> tuple[np.ndarray, dict[str, Any]]:
+    from .readers import read_file
+
+    files, skipped, flat = _scan_folder(root, label_depth, exclude)
+    images, classes, groups, formats, shapes = [], [], [], {}, {}
+    for path in files:
+        try:
+            items = read_file(path, nifti_axis=nifti_axis)
+        except UnreadableFile as err:
+            skipped.append((err.path, err.reason))
+            continue
+        rel = path.relative_to(root)
+        if not flat and len(rel.parts) <= label_depth:
+            skipped.append((str(path), f"not inside a class folder ({label_depth} level(s) below {root})"))
+            continue
+        for image, meta in items:
+            images.append(to_square(image, size, crop))
+            classes.append(_class_of(rel, label_depth, flat))
+            groups.append(_group_of(rel, label_depth, flat))
+            formats[meta.format] = formats.get(meta.format, 0) + 1
+            key = "x".join(map(str, image.shape))
+            shapes[key] = shapes.get(key, 0) + 1
+    sidecar = dict(classes=classes, groups=[_stable_id(g) for g in groups], skipped=skipped,
+                   formats=formats, source_shapes=shapes, files=len(files))
+    return cache.to_uint16(np.stack(images)) if images else np.zeros((0, size, size), np.uint16), sidecar
+
+
+def _folder_key(root: Path, size: int, crop: bool, label_depth: int, nifti_axis: str,
+                exclude: tuple[str, ...]) -> str:
+    stats = []
+    for dirpath, _dirs, names in os.walk(root):
+        for name in sorted(names):
+            p = Path(dirpath) / name
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            stats.append((str(p.resolve()), st.st_size, st.st_mtime_ns))
+    return cache.cache_key("folder", sorted(stats), size, crop, label_depth, nifti_axis, exclude)
+
+
+# ---------------------------------------------------------------- built-in data
+
+def _mni_slices(size: int, n: int | None) -> tuple[np.ndarray, dict[str, Any]]:
+    """Axial slices of the 1 mm MNI152 T1 template (nilearn ships it), anterior up, slabs of 8 slices per group."""
+    from nilearn.datasets import load_mni152_template
+
+    vol = np.asarray(load_mni152_template(resolution=1).get_fdata(), np.float32)  # (x, y, z), RAS
+    vol = vol / max(float(np.percentile(vol, 99.9)), 1e-6)
+    levels = [z for z in range(vol.shape[2]) if (vol[:, :, z] > 0.1).mean() > 0.05]
+    if n is not None and n < len(levels):
+        levels = [levels[int(i)] for i in np.linspace(0, len(levels) - 1, n).round()]
+    images = [to_square(np.clip(np.rot90(vol[:, :, z]), 0, 1), size) for z in levels]
+    sidecar = dict(classes=["mri"] * len(levels), groups=[z // 8 for z in levels], skipped=[],
+                   formats={"nifti": len(levels)}, source_shapes={f"{vol.shape[1]}x{vol.shape[0]}": len(levels)},
+                   files=1)
+    return cache.to_uint16(np.stack(images)), sidecar
+
+
+def phantom_items(name: str, n: int) -> list[tuple[str, int, bool]]:
+    """(modality, index, abnormal) for the i-th image of `builtin:<name>`: modalities and findings interleaved
+    so that any n is balanced."""
+    from .phantoms import MODALITIES
+
+    mods = MODALITIES if name == "phantoms" else (name,)
+    return [(mods[i % len(mods)], i, bool((i // len(mods)) % 2)) for i in range(n)]
+
+
+def _render_one(item: tuple[str, int, bool, int, int]) -> np.ndarray:
+    from .phantoms import render
+
+    modality, index, abnormal, seed, size = item
+    return render(modality, index, seed, size, abnormal)
+
+
+def render_phantoms(name: str, n: int, seed: int, size: int, workers: int | None = None) -> list[np.ndarray]:
+    """The n images of `builtin:<name>` as (size, size) float32 arrays in [0, 1], rendered in parallel."""
+    items = [(m, i, a, seed, size) for m, i, a in phantom_items(name, n)]
+    workers = workers or min(os.cpu_count() or 1, 8)
+    if workers == 1 or n < 64:
+        return [_render_one(it) for it in items]
+    with ProcessPoolExecutor(workers) as pool:
+        return list(pool.map(_render_one, items, chunksize=16))
+
+
+def _phantoms(name: str, n: int, seed: int, render_size: int, size: int) -> tuple[np.ndarray, dict[str, Any]]:
+    items = phantom_items(name, n)
+    images = [to_square(im, size) for im in render_phantoms(name, n, seed, render_size)]
+    classes = [f"{m}/{'abnormal' if a else 'normal'}" for m, _i, a in items]
+    sidecar = dict(classes=classes, groups=list(range(n)), skipped=[], formats={"phantom": n},
+                   source_shapes={f"{render_size}x{render_size}": n}, files=0)
+    return cache.to_uint16(np.stack(images)), sidecar
+
+
+# ---------------------------------------------------------------- public entry points
+
+def load_data(spec: str, size: int, *, crop: bool = False, label_depth: int = 1,
+              cache_dir: str | Path | None = None, nifti_axis: str = "axial",
+              exclude: tuple[str, ...] = ()) -> ImageSet:
+    """Load a data spec at `size` px, using and filling the cache. Zero readable images is a DataError.
+    `exclude`: file names to leave out of a folder (e.g. a sample folder's grid.png)."""
+    kind, name, params = parse_spec(spec)
+    if kind == "folder":
+        root = Path(name).expanduser()
+        key = _folder_key(root, size, crop, label_depth, nifti_axis, exclude) if root.is_dir() else ""
+        stored, side = cache.load_or_build(Path(cache_dir) if cache_dir and key else None, key,
+                                           lambda: _read_folder(root, size, crop, label_depth, nifti_axis, exclude))
+    elif name == "mni-mri":
+        n = int(params["n"]) if "n" in params else None
+        stored, side = cache.load_or_build(Path(cache_dir) if cache_dir else None, cache.cache_key(spec, size),
+                                           lambda: _mni_slices(size, n))
+    else:
+        n, seed = int(params.get("n", 400)), int(params.get("seed", 0))
+        render_size = int(params.get("size", size))
+        if not 32 <= render_size <= 256:
+            raise DataError(f"--data {spec!r}: size={render_size} must be between 32 and 256")
+        stored, side = cache.load_or_build(Path(cache_dir) if cache_dir else None,
+                                           cache.cache_key("phantoms", name, n, seed, render_size, size),
+                                           lambda: _phantoms(name, n, seed, render_size, size))
+    if len(stored) == 0:
+        reasons = "; ".join(f"{p}: {r}" for p, r in side["skipped"][:3])
+        raise DataError(f"--data {spec!r}: no readable images found" + (f" (skipped {len(side['skipped'])}: "
+                        f"{reasons}{' …' if len(side['skipped']) > 3 else ''})" if side["skipped"] else ""))
+    class_names = tuple(sorted(set(side["classes"])))
+    labels = torch.tensor([class_names.index(c) for c in side["classes"]], dtype=torch.long)
+    images = torch.from_numpy(cache.from_uint16(np.asarray(stored)))[:, None] * 2 - 1
+    counts = {c: int((labels == i).sum()) for i, c in enumerate(class_names)}
+    summary = dict(images=len(images), classes=counts, formats=side["formats"], source_shapes=side["source_shapes"],
+                   size=size, skipped=len(side["skipped"]))
+    return ImageSet(images, labels, class_names, np.asarray(side["groups"], np.int64),
+                    [tuple(s) for s in side["skipped"]], summary)
+
+
+def split(data: ImageSet, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, validation indices), split by group so one patient/volume never sits on both sides.
+    Deterministic in the seed; at least one group is held out when val_fraction > 0 and there are ≥ 2 groups."""
+    idx = np.arange(len(data))
+    uniq = np.unique(data.groups)
+    if val_fraction <= 0 or len(uniq) < 2:
+        return idx, idx[:0]
+    rng = np.random.default_rng([seed, 7919])
+    order = rng.permutation(uniq)
+    n_val = min(max(1, int(round(val_fraction * len(uniq)))), len(uniq) - 1)
+    val = np.isin(data.groups, order[:n_val])
+    return idx[~val], idx[val]
+
+
+def export_builtin(spec: str, out: str | Path, n: int, size: int, seed: int = 0) -> dict[str, int]:
+    """Write a built-in data set as 8-bit PNGs in class folders (`ct/normal/000012.png`), so that any other tool
+    trains on exactly the same images. Returns the count per class."""
+    from PIL import Image
+
+    kind, name, params = parse_spec(spec)
+    if kind != "builtin":
+        raise DataError(f"{spec!r}: data export takes a built-in data set (builtin:…)")
+    if params:
+        raise DataError(f"{spec!r}: give --n, --size and --seed as flags, not in the spec")
+    if name == "mni-mri":
+        stored, side = _mni_slices(size, n)
+        images = list(cache.from_uint16(stored))
+        classes = ["mri"] * len(images)
+    else:
+        images = render_phantoms(name, n, seed, size)
+        classes = [f"{m}/{'abnormal' if a else 'normal'}" for m, _i, a in phantom_items(name, n)]
+    counts: dict[str, int] = {}
+    for i, (image, cls) in enumerate(zip(images, classes)):
+        folder = Path(out) / cls
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / f"{i:06d}.png"
+        tmp = folder / f".{i:06d}.png.tmp"
+        Image.fromarray(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)).save(tmp, format="PNG")
+        os.replace(tmp, target)
+        counts[cls] = counts.get(cls, 0) + 1
+    return counts

@@ -1,0 +1,73 @@
+"""Shapes and random fields the simulators share: coordinate grids, organic blobs, smooth fields, lesion seeding.
+
+Coordinates are physical (cm or mm), x to the image's right, y down the image; arrays are float32.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from ...errors import ConfigError
+
+MIN_SIZE, MAX_SIZE = 32, 256
+
+
+def check_size(size: int) -> None:
+    """Raise ConfigError unless `size` is an int in 32..256."""
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not MIN_SIZE <= size <= MAX_SIZE:
+        raise ConfigError(f"phantom size: got {size!r}; allowed: an integer from {MIN_SIZE} to {MAX_SIZE} pixels")
+
+
+def grid(size: int, fov: float) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-centre coordinates (x, y) of a `size`² image spanning `fov` units, origin at the centre."""
+    c = ((np.arange(size, dtype=np.float32) + 0.5) / size - 0.5) * fov
+    return np.meshgrid(c, c)
+
+
+def lesion_generator(rng: np.random.Generator) -> np.random.Generator:
+    """A child generator for lesion draws: spawning leaves `rng`'s own stream untouched, so twins stay twins."""
+    return rng.spawn(1)[0]
+
+
+def harmonics(rng: np.random.Generator, amplitude: float, orders: int = 4) -> np.ndarray:
+    """Random boundary wobble: (orders, 2) rows of (relative amplitude, phase) for orders 2, 3, ..."""
+    amps = amplitude * rng.uniform(0.2, 1.0, orders) / np.arange(1, orders + 1)
+    return np.stack([amps, rng.uniform(0, 2 * np.pi, orders)], axis=1).astype(np.float32)
+
+
+def blob(x: np.ndarray, y: np.ndarray, cx: float, cy: float, a: float, b: float,
+         angle: float = 0.0, wobble: np.ndarray | None = None) -> np.ndarray:
+    """Normalised radius of a (wobbly) ellipse: < 1 inside, 1 on its boundary; same shape as x."""
+    ca, sa = np.cos(angle), np.sin(angle)
+    u = ((x - cx) * ca + (y - cy) * sa) / a
+    v = (-(x - cx) * sa + (y - cy) * ca) / b
+    rho = np.sqrt(u * u + v * v)
+    if wobble is None or len(wobble) == 0:
+        return rho
+    phi = np.arctan2(v, u)
+    edge = np.ones_like(rho)
+    for k, (amp, phase) in enumerate(wobble, start=2):
+        edge += amp * np.cos(k * phi + phase)
+    return rho / np.maximum(edge, 0.3)
+
+
+def soft(rho: np.ndarray, width: float) -> np.ndarray:
+    """A soft-edged indicator from a normalised radius: 1 inside, 0 outside, a linear ramp `width` wide."""
+    return np.clip((1.0 - rho) / width + 0.5, 0.0, 1.0)
+
+
+def smooth_field(rng: np.random.Generator, shape: tuple[int, int], nodes: int) -> np.ndarray:
+    """A smooth random field of unit-ish amplitude: `nodes`² Gaussian values cubically upsampled to `shape`."""
+    coarse = rng.standard_normal((nodes, nodes))
+    zoom = (shape[0] / nodes, shape[1] / nodes)
+    field = ndimage.zoom(coarse, zoom, order=3, mode="nearest", grid_mode=True)
+    return field[: shape[0], : shape[1]].astype(np.float32)
+
+
+def pick_inside(rng: np.random.Generator, region: np.ndarray, margin_px: float) -> tuple[int, int]:
+    """A random (row, col) inside `region` at least `margin_px` from its edge (its deepest point if none is)."""
+    depth = ndimage.distance_transform_edt(region)
+    assert depth.max() > 0, "pick_inside needs a non-empty region"
+    rows, cols = np.nonzero(depth >= min(margin_px, depth.max()))
+    i = rng.integers(rows.size)
+    return int(rows[i]), int(cols[i])

@@ -1,0 +1,97 @@
+"""Noise schedules, objectives (eps, v) and loss weighting: pure tensor maths, named as in the papers.
+
+Notation (Ho et al. 2020, "DDPM"): x_0 clean image, eps ~ N(0, I), t in {0..T-1},
+alpha_bar_t = prod_{s<=t} (1 - beta_s), x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps (eq. 4).
+Schedules are computed in float64; callers take a float32 copy, never recasting the original in place.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+DIFFUSERS_BETA_SCHEDULE = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
+DIFFUSERS_PREDICTION = {"eps": "epsilon", "v": "v_prediction"}
+
+
+def betas_for(beta_schedule: str, T: int) -> torch.Tensor:
+    """(T,) float64 betas: DDPM's linear 1e-4..0.02 (Ho et al. §4) or the cosine schedule (Nichol & Dhariwal 2021, eq. 17)."""
+    if beta_schedule == "linear":
+        return torch.linspace(1e-4, 0.02, T, dtype=torch.float64)
+    if beta_schedule == "cosine":
+        def f(t: float) -> float:  # eq. 17 with s = 0.008
+            return math.cos((t / T + 0.008) / 1.008 * math.pi / 2) ** 2
+        betas = [min(1 - f(i + 1) / f(i), 0.999) for i in range(T)]  # clipped at 0.999 as in §3.2
+        return torch.tensor(betas, dtype=torch.float64)
+    raise ValueError(f"unknown beta schedule {beta_schedule!r}")
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2024, Algorithm 1: shift and scale sqrt(alpha_bar) so that the last step has SNR exactly 0."""
+    sqrt_ab = torch.cumprod(1 - betas, 0).sqrt()
+    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
+    sqrt_ab = (sqrt_ab - last) * first / (first - last)
+    ab = sqrt_ab**2
+    alphas = torch.cat([ab[:1], ab[1:] / ab[:-1]])
+    return 1 - alphas
+
+
+def alphas_cumprod(beta_schedule: str, T: int, zero_terminal_snr: bool = False) -> torch.Tensor:
+    """(T,) float64 alpha_bar_t."""
+    betas = betas_for(beta_schedule, T)
+    if zero_terminal_snr:
+        betas = rescale_zero_terminal_snr(betas)
+    return torch.cumprod(1 - betas, 0)
+
+
+def q_sample(x0: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """x_t from x_0 in one jump (Ho et al. eq. 4). x0, eps: (B, C, H, W); alpha_bar: (B,)."""
+    a = alpha_bar.to(x0.dtype).view(-1, 1, 1, 1)
+    return a.sqrt() * x0 + (1 - a).sqrt() * eps
+
+
+def v_target(x0: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x_0 (Salimans & Ho 2022, §4)."""
+    a = alpha_bar.to(x0.dtype).view(-1, 1, 1, 1)
+    return a.sqrt() * eps - (1 - a).sqrt() * x0
+
+
+def snr(alpha_bar: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio alpha_bar / (1 - alpha_bar)."""
+    return alpha_bar / (1 - alpha_bar).clamp(min=1e-20)
+
+
+def loss_weight(alpha_bar: torch.Tensor, objective: str, weighting: str, gamma: float = 5.0) -> torch.Tensor:
+    """(B,) per-sample weights. min-SNR-gamma (Hang et al. 2023, eq. 6/§3.4): min(SNR, gamma) divided by
+    SNR for eps-prediction and by SNR + 1 for v-prediction, so that both equal the x_0-loss weight min(SNR, gamma)."""
+    if weighting == "none":
+        return torch.ones_like(alpha_bar)
+    s = snr(alpha_bar)
+    clipped = s.clamp(max=gamma)
+    return clipped / (s + 1) if objective == "v" else clipped / s.clamp(min=1e-8)
+
+
+def diffusion_loss(pred: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor,
+                   objective: str, weighting: str = "none", gamma: float = 5.0) -> torch.Tensor:
+    """(B,) weighted MSE between the network output and its target (eps or v), averaged over pixels."""
+    target = eps if objective == "eps" else v_target(x0, eps, alpha_bar)
+    mse = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
+    return mse * loss_weight(alpha_bar, objective, weighting, gamma).to(mse.dtype)
+
+
+def diffusers_scheduler_config(beta_schedule: str, T: int, objective: str, zero_terminal_snr: bool,
+                               timestep_spacing: str = "leading") -> dict:
+    """The same schedule in diffusers' vocabulary, so that its samplers and pipelines match training.
+    Predicted x_0 is clipped to [-1, 1] as diffusers' DDIM does by default (the seed's behaviour)."""
+    return dict(num_train_timesteps=T, beta_schedule=DIFFUSERS_BETA_SCHEDULE[beta_schedule],
+                prediction_type=DIFFUSERS_PREDICTION[objective], rescale_betas_zero_snr=zero_terminal_snr,
+                clip_sample=True, timestep_spacing="trailing" if zero_terminal_snr else timestep_spacing)
+
+
+def predicted_eps(pred: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor, objective: str) -> torch.Tensor:
+    """The network's noise estimate whatever it predicts: eps = sqrt(alpha_bar) v + sqrt(1 - alpha_bar) x_t for v
+    (Salimans & Ho 2022, §4), so that validation losses of eps- and v-models are on one scale."""
+    if objective == "eps":
+        return pred
+    a = alpha_bar.to(x_t.dtype).view(-1, 1, 1, 1)
+    return a.sqrt() * pred + (1 - a).sqrt() * x_t

@@ -1,0 +1,221 @@
+"""Run folder → generated images: diffusers' samplers, classifier-free guidance, per-image seeds, bulk output.
+
+Image i's starting noise (and a stochastic sampler's noise) comes from its own generator seeded with its
+seed, so the same seed gives the same image at any batch size, and files are named by their seed.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+                       HeunDiscreteScheduler, UNet2DModel, UniPCMultistepScheduler)
+
+from . import checkpoint as ckpt
+from .config import SAMPLERS, ModelConfig, SampleConfig, TrainConfig, from_json
+from .errors import ConfigError, RunError
+from .runtime import autocast, describe, pick_device, pick_precision
+
+_SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
+    "ddpm": (DDPMScheduler, {}),
+    "ddim": (DDIMScheduler, {}),
+    "dpmpp-2m": (DPMSolverMultistepScheduler, dict(algorithm_type="dpmsolver++", solver_order=2)),
+    "unipc": (UniPCMultistepScheduler, {}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "heun": (HeunDiscreteScheduler, {}),
+}
+MAX_STEPS = 1000
+
+
+@dataclass
+class LoadedRun:
+    """A trained model ready to sample: the UNet, its schedule and what its labels mean."""
+
+    unet: UNet2DModel
+    scheduler_config: dict[str, Any]
+    class_names: tuple[str, ...]
+    model: ModelConfig
+    train: TrainConfig
+    model_id: str
+
+    @property
+    def conditional(self) -> bool:
+        return self.model.num_classes > 0
+
+
+def model_id(weights_file: Path) -> str:
+    """'meddiff-' + 12 hex digits of the weights' SHA-256: names the model in manifests without a path."""
+    h = hashlib.sha256()
+    with open(weights_file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return "meddiff-" + h.hexdigest()[:12]
+
+
+def load_run(run: str | Path, weights: str = "ema", device: torch.device | str = "cpu") -> LoadedRun:
+    """Load a run folder. weights: "ema" (the exported model: EMA weights when the run kept an EMA), "best"
+    (lowest validation loss) or "raw" (the last checkpoint's non-averaged weights)."""
+    run = Path(run)
+    record = ckpt.read_json(run / "meddiff.json")
+    folder = {"ema": run / "unet", "best": run / "best"}.get(weights)
+    if weights == "raw":
+        last = ckpt.latest_checkpoint(run)
+        if last is None:
+            raise RunError(f"--run {run}: no complete checkpoint for --weights raw")
+        unet = UNet2DModel.from_pretrained(run / "unet")
+        unet.load_state_dict(ckpt.load_checkpoint(last)[0]["model"])
+        wfile = last / "model.safetensors"
+    elif folder is None:
+        raise ConfigError(f"--weights {weights!r}: choose from ema, best, raw")
+    elif not (folder / "config.json").exists():
+        raise RunError(f"--run {run}: {folder.name}/ is missing; has training finished or validated yet?")
+    else:
+        unet = UNet2DModel.from_pretrained(folder)
+        wfile = folder / "diffusion_pytorch_model.safetensors"
+    sched_cfg = dict(DDPMScheduler.load_config(run / "scheduler"))
+    return LoadedRun(unet.to(device).eval(), sched_cfg, tuple(record["class_names"]),
+                     from_json(ModelConfig, record["model"]), from_json(TrainConfig, record["train"]), model_id(wfile))
+
+
+def make_scheduler(name: str, config: dict[str, Any], steps: int) -> Any:
+    """A diffusers scheduler of the named kind sharing the run's noise schedule, set to `steps` steps."""
+    if name not in _SCHEDULERS:
+        raise ConfigError(f"--sampler {name!r}: choose from {', '.join(SAMPLERS)}")
+    if not 1 <= steps <= MAX_STEPS:
+        raise ConfigError(f"--steps {steps}: must be between 1 and {MAX_STEPS}")
+    cls, extra = _SCHEDULERS[name]
+    sched = cls.from_config(config, **extra)
+    sched.set_timesteps(steps)
+    return sched
+
+
+def class_index(run: LoadedRun, name: str | None) -> int | None:
+    """The label index of a class name; None → the unconditional (null) class or an unconditional model."""
+    if name is None:
+        return run.model.num_classes if run.conditional else None
+    if not run.conditional:
+        raise ConfigError(f"--class {name!r}: this model is unconditional (trained on one class: "
+                          f"{', '.join(run.class_names)})")
+    if name not in run.class_names:
+        raise ConfigError(f"--class {name!r}: unknown class; this model knows {', '.join(run.class_names)}")
+    return run.class_names.index(name)
+
+
+def _denoiser(run: LoadedRun, labels: torch.Tensor | None, guidance: float) -> Callable:
+    """model(x, t) with classifier-free guidance (Ho & Salimans 2022, eq. 6): out = u + w (c - u)."""
+    null = run.model.num_classes
+
+    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if labels is None:
+            return run.unet(x, t).sample
+        if guidance == 1.0 or bool((labels == null).all()):
+            return run.unet(x, t, class_labels=labels).sample
+        both = run.unet(torch.cat([x, x]), t, class_labels=torch.cat([labels, torch.full_like(labels, null)])).sample
+        cond, uncond = both.chunk(2)
+        return uncond + guidance * (cond - uncond)
+    return model
+
+
+@torch.no_grad()
+def generate(run: LoadedRun, seeds: list[int], label: int | None = None, sampler: str = "ddim", steps: int = 20,
+             guidance: float = 1.0, precision: str = "fp32") -> np.ndarray:
+    """Images for the given seeds: (len(seeds), H, W) float32 in [0, 1]."""
+    device = next(run.unet.parameters()).device
+    size = run.model.sample_size
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    x = torch.cat([torch.randn(1, 1, size, size, generator=g) for g in gens]).to(device)
+    labels = None if label is None else torch.full((len(seeds),), label, dtype=torch.long, device=device)
+    sched = make_scheduler(sampler, run.scheduler_config, steps)
+    model = _denoiser(run, labels, guidance)
+    x = x * sched.init_noise_sigma
+    step_kwargs = {"generator": gens} if sampler == "ddpm" else {}
+    for t in sched.timesteps:
+        inp = sched.scale_model_input(x, t)
+        with autocast(device, precision):
+            out = model(inp, t.to(device).expand(len(seeds)))
+        # diffusers' DDPM draws step noise on the generators' device (CPU): keep the sample there for it
+        x = sched.step(out.float().cpu() if step_kwargs else out.float(), t,
+                       x.cpu() if step_kwargs else x, **step_kwargs).prev_sample.to(device)
+    return ((x.clamp(-1, 1) + 1) / 2)[:, 0].float().cpu().numpy()
+
+
+def plan(run: LoadedRun, cfg: SampleConfig) -> list[tuple[str, int, int | None]]:
+    """(relative file stem, seed, label) for every image of a request; seeds are cfg.seed + position."""
+    if cfg.per_class is not None:
+        names = [cfg.class_name] if cfg.class_name else list(run.class_names)
+        if not run.conditional:
+            raise ConfigError("--per-class: this model is unconditional; use --n")
+        jobs = [(f"{c}/seed{cfg.seed + k * cfg.per_class + j:06d}", cfg.seed + k * cfg.per_class + j,
+                 class_index(run, c)) for k, c in enumerate(names) for j in range(cfg.per_class)]
+        return jobs
+    label = class_index(run, cfg.class_name)
+    return [(f"seed{cfg.seed + i:06d}", cfg.seed + i, label) for i in range(cfg.n)]
+
+
+def sample_to_folder(cfg: SampleConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Generate a request into cfg.out, streaming batches to disk; files already complete are skipped."""
+    from . import export
+
+    if cfg.fmt not in export.FORMATS:
+        raise ConfigError(f"--format {cfg.fmt!r}: choose from {', '.join(export.FORMATS)}")
+    if cfg.n < 1 or (cfg.per_class is not None and cfg.per_class < 1) or cfg.batch_size < 1:
+        raise ConfigError(f"--n {cfg.n} / --per-class {cfg.per_class} / --batch-size {cfg.batch_size}: "
+                          "must be positive whole numbers")
+    if cfg.guidance < 0:
+        raise ConfigError(f"--guidance {cfg.guidance}: must be ≥ 0 (1 = no guidance)")
+    device = pick_device(cfg.device)
+    precision = pick_precision(cfg.precision, device)
+    run = load_run(cfg.run, cfg.weights, device)
+    make_scheduler(cfg.sampler, run.scheduler_config, cfg.steps)  # validate before any work
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = export.Manifest(out)
+    done = manifest.done()
+    jobs = plan(run, cfg)
+    suffix = export.SUFFIX[cfg.fmt]
+    todo = [j for j in jobs if f"{j[0]}{suffix}" not in done]
+    echo(f"sampling {len(todo)} of {len(jobs)} images ({len(jobs) - len(todo)} already done) with {cfg.sampler}, "
+         f"{cfg.steps} steps, guidance {cfg.guidance}; {describe(device, precision)}")
+    bar = _bar(cfg, len(jobs), len(jobs) - len(todo))
+    t0 = time.time()
+    for lo in range(0, len(todo), cfg.batch_size):
+        chunk = todo[lo:lo + cfg.batch_size]
+        for label in sorted({j[2] for j in chunk}, key=lambda v: -1 if v is None else v):
+            part = [j for j in chunk if j[2] == label]
+            imgs = generate(run, [j[1] for j in part], label, cfg.sampler, cfg.steps, cfg.guidance, precision)
+            for (stem, seed, lab), img in zip(part, imgs):
+                name = run.class_names[lab] if lab is not None and lab < len(run.class_names) else None
+                info = export.SyntheticInfo(run.model_id, seed, name, cfg.sampler, cfg.steps, cfg.guidance)
+                export.write_image(img, out / f"{stem}{suffix}", cfg.fmt, info)
+                manifest.add(f"{stem}{suffix}", info, cfg.fmt)
+        if bar is not None:
+            bar.update(len(chunk))
+    if bar is not None:
+        bar.close()
+    seconds = time.time() - t0
+    if cfg.grid and len(jobs) <= 256:
+        _write_grid(out, jobs, suffix)
+    return dict(out=str(out), written=len(todo), skipped=len(jobs) - len(todo), seconds=seconds,
+                img_per_s=len(todo) / seconds if todo and seconds > 0 else None, model_id=run.model_id,
+                hardware=describe(device, precision))
+
+
+def _write_grid(out: Path, jobs: list[tuple[str, int, int | None]], suffix: str) -> None:
+    from . import export
+    from .data.readers import read_file
+
+    images = [read_file(out / f"{stem}{suffix}")[0][0] for stem, _seed, _lab in jobs]
+    export.save_png(export.make_grid(np.stack(images)), out / "grid.png")
+
+
+def _bar(cfg: SampleConfig, total: int, initial: int) -> Any:
+    if not cfg.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, unit="img", dynamic_ncols=True)

@@ -1,0 +1,402 @@
+"""The training loop, readable top to bottom: TrainConfig + ImageSet → a run folder (weights, checkpoints, log).
+
+Every random draw of step k — the data order, the noise, the timesteps, flips and label dropout — is a pure
+function of (seed, k), so a resumed run replays exactly what an uninterrupted one would have done, at any
+micro-batch size. Model, EMA and optimizer state are checkpointed as safetensors.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from diffusers import DDPMScheduler
+
+from . import checkpoint as ckpt
+from .config import ModelConfig, TrainConfig, from_json, model_config, to_json
+from .data.dataset import ImageSet, load_data, split
+from .diffusion import alphas_cumprod, diffusers_scheduler_config, diffusion_loss, predicted_eps, q_sample
+from .errors import ConfigError, RunError
+from .model import build_unet, null_class
+from .runtime import autocast, describe, pick_device, pick_precision
+
+RUN_FILE = "meddiff.json"
+LOG_FILE = "log.jsonl"
+VAL_TIMESTEPS_PER_IMAGE = 4
+MAX_VAL_IMAGES = 64
+
+
+@dataclass
+class TrainResult:
+    run: Path
+    steps: int
+    images_seen: int
+    seconds: float
+    train_img_per_s: float
+    final_loss: float
+    best_val_loss: float | None
+    stopped: str                     # "max-steps" | "epochs" | "max-minutes" | "early-stopping" | "interrupted"
+
+
+# ---------------------------------------------------------------- pure helpers: schedule, data order, draws
+
+def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
+    """Linear warm-up to cfg.lr over warmup_steps, then cosine decay to 10 % at progress 1 (or constant)."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0))))
+
+
+def _mix(*numbers: int) -> int:
+    """A 63-bit seed from several integers (splitmix-style), so nearby steps get unrelated streams."""
+    h = 0x9E3779B97F4A7C15
+    for n in numbers:
+        h = ((h ^ (n & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+def batch_indices(n_train: int, batch: int, step: int, seed: int) -> torch.Tensor:
+    """Positions (into the training indices) of the global batch of `step`: epoch-wise permutations seeded by
+    (seed, epoch); the last batch of an epoch may be smaller."""
+    per_epoch = math.ceil(n_train / batch)
+    epoch, j = divmod(step, per_epoch)
+    perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(_mix(seed, 1, epoch)))
+    return perm[j * batch:(j + 1) * batch]
+
+
+def step_draws(step: int, seed: int, b: int, size: int, T: int, drop_prob: float) -> dict[str, torch.Tensor]:
+    """Noise (b, 1, S, S), timesteps (b,), flip and label-drop masks (b,) of one step, from (seed, step) alone."""
+    g = torch.Generator().manual_seed(_mix(seed, 2, step))
+    return dict(t=torch.randint(0, T, (b,), generator=g), eps=torch.randn(b, 1, size, size, generator=g),
+                flip=torch.rand(b, generator=g) < 0.5, drop=torch.rand(b, generator=g) < drop_prob)
+
+
+# ---------------------------------------------------------------- model pieces
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; no weight decay on biases, normalisation scales and embeddings (vectors and lookup tables)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "embedding" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step: int) -> None:
+    """Exponential moving average with warm-up: d = min(decay, (1 + k) / (10 + k)), so early weights fade fast."""
+    d = min(decay, (1 + step) / (10 + step))
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1 - d)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+@torch.no_grad()
+def validation_loss(unet: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | None,
+                    alpha_bar: torch.Tensor, objective: str, seed: int = 0, batch: int = 32) -> float:
+    """Mean eps-MSE at fixed noise and evenly spaced timesteps: the same draws at every evaluation and for
+    every objective (v-predictions are converted to eps), so values compare across evaluations and recipes."""
+    n, T = len(images), len(alpha_bar)
+    g = torch.Generator().manual_seed(_mix(seed, 3))
+    reps = VAL_TIMESTEPS_PER_IMAGE
+    t_all = (torch.arange(n * reps) * T // (n * reps)).flip(0)[torch.randperm(n * reps, generator=g)]
+    eps_all = torch.randn(n * reps, *images.shape[1:], generator=g)
+    device = next(unet.parameters()).device
+    total = 0.0
+    for i in range(0, n * reps, batch):
+        idx = torch.arange(i, min(i + batch, n * reps))
+        x0, eps, t = images[idx % n].to(device), eps_all[idx].to(device), t_all[idx].to(device)
+        ab = alpha_bar[t]
+        x_t = q_sample(x0, eps, ab)
+        lab = labels[idx % n].to(device) if labels is not None else None
+        pred = unet(x_t, t, class_labels=lab).sample.float()
+        total += float((predicted_eps(pred, x_t, ab, objective) - eps).pow(2).mean(dim=(1, 2, 3)).sum())
+    return total / (n * reps)
+
+
+# ---------------------------------------------------------------- run folder
+
+def save_model_folder(run: Path, unet: torch.nn.Module, cfg: TrainConfig, name: str = "unet") -> None:
+    """The diffusers layout (unet/ + scheduler/ + model_index.json) that DDIMPipeline.from_pretrained loads."""
+    run = Path(run)
+    with ckpt.atomic_folder(run / name) as tmp:
+        unet.save_pretrained(tmp, safe_serialization=True)
+    sched = DDPMScheduler(**diffusers_scheduler_config(cfg.beta_schedule, cfg.num_train_timesteps, cfg.objective,
+                                                      cfg.zero_terminal_snr, cfg.timestep_spacing))
+    with ckpt.atomic_folder(run / "scheduler") as tmp:
+        sched.save_pretrained(tmp)
+    ckpt.write_json(run / "model_index.json", {"_class_name": "DDIMPipeline", "_diffusers_version": "0.30.0",
+                                               "scheduler": ["diffusers", "DDIMScheduler"],
+                                               "unet": ["diffusers", "UNet2DModel"]})
+
+
+def _prepare_run(cfg: TrainConfig, resume: bool) -> tuple[TrainConfig, dict[str, Any] | None]:
+    """Check the run folder; on resume, return the stored config (flags are not needed) and the run record."""
+    run = Path(cfg.out)
+    record_path = run / RUN_FILE
+    if resume:
+        record = ckpt.read_json(record_path)
+        stored = from_json(TrainConfig, record["train"])
+        return stored, record
+    if record_path.exists():
+        raise ConfigError(f"--out {run}: already holds a meddiff run; continue it with `meddiff train --resume {run}`"
+                          " or choose another --out")
+    run.mkdir(parents=True, exist_ok=True)
+    return cfg.resolve(), None
+
+
+class _StopFlag:
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (a second Ctrl-C still interrupts)."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopFlag":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _checkpoint_state(step: int, images_seen: int, elapsed: float, best: float | None, bad_evals: int,
+                      losses: list[float]) -> dict[str, Any]:
+    return dict(step=step, images_seen=images_seen, elapsed=elapsed, best_val_loss=best, bad_evals=bad_evals,
+                recent_losses=losses[-50:])
+
+
+def _save(run: Path, cfg: TrainConfig, step: int, unet: torch.nn.Module, ema: torch.nn.Module | None,
+          opt: torch.optim.Optimizer, state: dict[str, Any]) -> Path:
+    opt_tensors, opt_meta = ckpt.optimizer_tensors(opt)
+    weights = {"model": ckpt.state_dict_cpu(unet), "optimizer": opt_tensors}
+    if ema is not None:
+        weights["ema"] = ckpt.state_dict_cpu(ema)
+    return ckpt.save_checkpoint(run, step, weights, {**state, "optimizer": opt_meta}, keep=cfg.keep_checkpoints)
+
+
+def _restore(folder: Path, unet: torch.nn.Module, ema: torch.nn.Module | None,
+             opt: torch.optim.Optimizer) -> dict[str, Any]:
+    weights, state = ckpt.load_checkpoint(folder)
+    unet.load_state_dict(weights["model"])
+    if ema is not None:
+        ema.load_state_dict(weights["ema"])
+    ckpt.load_optimizer(opt, weights["optimizer"], state["optimizer"])
+    return state
+
+
+def _stop_reason(cfg: TrainConfig, step: int, total: int | None, elapsed: float) -> str | None:
+    if cfg.max_steps is not None and step >= cfg.max_steps:
+        return "max-steps"
+    if cfg.epochs is not None and total is not None and step >= total:
+        return "epochs"
+    if cfg.max_minutes is not None and elapsed >= cfg.max_minutes * 60:
+        return "max-minutes"
+    return None
+
+
+def _log_line(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+# ---------------------------------------------------------------- the loop
+
+def train(cfg: TrainConfig, data: ImageSet | None = None, *, resume: bool = False,
+          echo: Callable[[str], None] = print) -> TrainResult:
+    """Train (or resume) a run. `data` may be given to skip loading `cfg.data` (notebooks, tests)."""
+    cfg, record = _prepare_run(cfg, resume)
+    run = Path(cfg.out)
+    device = pick_device(cfg.device)
+    precision = pick_precision(cfg.precision, device)
+    torch.manual_seed(cfg.seed)  # model initialisation only; every later draw has its own generator
+    data = data if data is not None else load_data(cfg.data, cfg.size, crop=cfg.crop, label_depth=cfg.label_depth,
+                                                   cache_dir=cfg.cache_dir)
+    if data.images.shape[-1] != cfg.size:
+        raise ConfigError(f"--size {cfg.size}: the data given are {data.images.shape[-1]} px")
+    conditional = cfg.conditional == "on" or (cfg.conditional == "auto" and len(data.class_names) > 1)
+    mcfg: ModelConfig = (from_json(ModelConfig, record["model"]) if record else
+                         model_config(cfg.preset, cfg.size, len(data.class_names) if conditional else 0))
+    if record and tuple(record["class_names"]) != data.class_names:
+        raise RunError(f"--resume {run}: the data's classes {list(data.class_names)} differ from the run's "
+                       f"{record['class_names']}")
+    train_idx, val_idx = split(data, cfg.val_fraction, cfg.seed)
+    if len(train_idx) == 0:
+        raise ConfigError(f"--data {cfg.data}: no training images left after the validation split")
+    if record is None:
+        record = dict(train=to_json(cfg), model=to_json(mcfg), class_names=list(data.class_names),
+                      data=data.summary, split=dict(train=len(train_idx), val=len(val_idx)),
+                      hardware=describe(device, precision), meddiff_version=_version())
+        ckpt.write_json(run / RUN_FILE, record)
+
+    unet = build_unet(mcfg).to(device)
+    if cfg.grad_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if cfg.channels_last:
+        unet = unet.to(memory_format=torch.channels_last)
+    ema = copy.deepcopy(unet).requires_grad_(False).eval() if cfg.ema_decay > 0 else None
+    opt = make_optimizer(unet, cfg)
+    forward = torch.compile(unet) if cfg.compile else unet
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+
+    alpha_bar = alphas_cumprod(cfg.beta_schedule, cfg.num_train_timesteps, cfg.zero_terminal_snr).float().to(device)
+    images = data.images.to(device)
+    labels = data.labels.to(device) if conditional else None
+    train_pos = torch.as_tensor(train_idx, device=device)
+    val_images, val_labels = data.images[val_idx[:MAX_VAL_IMAGES]], data.labels[val_idx[:MAX_VAL_IMAGES]]
+    B, mb = cfg.batch_size, cfg.micro_batch or cfg.batch_size
+    per_epoch = math.ceil(len(train_idx) / B)
+    total = cfg.max_steps or (cfg.epochs * per_epoch if cfg.epochs else None)
+    if total is None and cfg.max_minutes is None:
+        total = 2000
+        cfg = _replace(cfg, max_steps=total)
+    val_every = cfg.val_every or max(1, (total or 1000) // 10)
+    ckpt_every = cfg.checkpoint_every or val_every
+
+    step, images_seen, elapsed0, best, bad_evals, losses = 0, 0, 0.0, None, 0, []
+    last = ckpt.latest_checkpoint(run) if resume else None
+    if last is not None:
+        st = _restore(last, unet, ema, opt)
+        step, images_seen, elapsed0 = st["step"], st["images_seen"], st["elapsed"]
+        best, bad_evals, losses = st["best_val_loss"], st["bad_evals"], list(st["recent_losses"])
+        echo(f"resuming {run} at step {step}")
+    echo(f"training {cfg.preset} ({sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M parameters) on "
+         f"{len(train_idx)} images ({len(val_idx)} held out), {len(data.class_names)} class(es)"
+         f"{' conditional' if conditional else ''}; {describe(device, precision)}")
+
+    bar = _progress(cfg, total, step)
+    t_start, stopped, seen_at_start = time.time(), None, images_seen
+    with _StopFlag() as flag:
+        while True:
+            elapsed = elapsed0 + time.time() - t_start
+            stopped = _stop_reason(cfg, step, total, elapsed)
+            if stopped:
+                break
+            progress = step / total if total else elapsed / (cfg.max_minutes * 60)
+            lr = lr_at(cfg, step, progress)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            pos = batch_indices(len(train_idx), B, step, cfg.seed)
+            draws = {k: v.to(device) for k, v in step_draws(step, cfg.seed, len(pos), cfg.size,
+                                                           cfg.num_train_timesteps, cfg.cond_drop_prob).items()}
+            idx = train_pos[pos.to(device)]
+            unet.train()
+            opt.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for lo in range(0, len(idx), mb):  # gradient accumulation over micro-batches of the global batch
+                sl = slice(lo, lo + mb)
+                x0 = images[idx[sl]]
+                if cfg.flip:
+                    x0 = torch.where(draws["flip"][sl].view(-1, 1, 1, 1), x0.flip(-1), x0)
+                ab = alpha_bar[draws["t"][sl]]
+                x_t = q_sample(x0, draws["eps"][sl], ab)
+                lab = None
+                if labels is not None:
+                    lab = torch.where(draws["drop"][sl], null_class(mcfg), labels[idx[sl]])
+                with autocast(device, precision):
+                    pred = forward(x_t, draws["t"][sl], class_labels=lab).sample
+                loss = diffusion_loss(pred, x0, draws["eps"][sl], ab, cfg.objective, cfg.loss_weighting,
+                                      cfg.min_snr_gamma).sum() / len(idx)
+                (scaler.scale(loss) if scaler else loss).backward()
+                step_loss += float(loss.detach())
+            if not math.isfinite(step_loss):
+                latest = ckpt.latest_checkpoint(run)
+                raise RunError(f"step {step}: the loss is {step_loss} (not finite); stopped without saving. "
+                               f"The last good checkpoint is {latest or 'none yet'}; lower --lr or use --precision fp32")
+            if scaler:
+                scaler.unscale_(opt)
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
+            if scaler:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+            if ema is not None:
+                ema_update(ema, unet, cfg.ema_decay, step)
+            step, images_seen = step + 1, images_seen + len(idx)
+            losses.append(step_loss)
+            elapsed = elapsed0 + time.time() - t_start
+            rate = (images_seen - seen_at_start) / max(time.time() - t_start, 1e-9)
+            if step % 10 == 0 or step == 1:
+                _log_line(run / LOG_FILE, dict(step=step, loss=float(np.mean(losses[-10:])), lr=lr,
+                                               img_per_s=rate, elapsed=elapsed))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", img_s=f"{rate:.1f}", lr=f"{lr:.1e}")
+            if len(val_idx) and step % val_every == 0:
+                v = validation_loss(ema or unet, val_images, val_labels if conditional else None, alpha_bar,
+                                    cfg.objective, cfg.seed)
+                _log_line(run / LOG_FILE, dict(step=step, val_loss=v, elapsed=elapsed))
+                if best is None or v < best:
+                    best, bad_evals = v, 0
+                    save_model_folder(run, ema or unet, cfg, name="best")
+                else:
+                    bad_evals += 1
+                if cfg.patience is not None and bad_evals > cfg.patience:
+                    stopped = "early-stopping"
+            if step % ckpt_every == 0 or flag.signal is not None or stopped:
+                _save(run, cfg, step, unet, ema, opt,
+                      _checkpoint_state(step, images_seen, elapsed, best, bad_evals, losses))
+            if flag.signal is not None:
+                stopped = "interrupted"
+            if stopped:
+                break
+    if bar is not None:
+        bar.close()
+    elapsed = elapsed0 + time.time() - t_start
+    if stopped != "interrupted":
+        state = _checkpoint_state(step, images_seen, elapsed, best, bad_evals, losses)
+        if ckpt.latest_checkpoint(run) is None or ckpt.latest_checkpoint(run).name != f"step_{step:08d}":
+            _save(run, cfg, step, unet, ema, opt, state)
+    save_model_folder(run, ema or unet, cfg)
+    result = TrainResult(run, step, images_seen, elapsed, images_seen / max(elapsed, 1e-9),
+                         float(np.mean(losses[-50:])) if losses else float("nan"), best, stopped)
+    record = ckpt.read_json(run / RUN_FILE)
+    record["result"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in result.__dict__.items()}
+    ckpt.write_json(run / RUN_FILE, record)
+    return result
+
+
+def _progress(cfg: TrainConfig, total: int | None, start: int) -> Any:
+    if not cfg.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+
+
+def _replace(cfg: TrainConfig, **changes: Any) -> TrainConfig:
+    import dataclasses
+
+    return dataclasses.replace(cfg, **changes)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("meddiff")
+    except PackageNotFoundError:
+        return "unknown"
