@@ -10,6 +10,7 @@ import gzip
 import io
 import json
 import math
+import operator
 import os
 import re
 import secrets
@@ -36,8 +37,7 @@ MANIFEST_NAME = "manifest.csv"
 MANIFEST_COLUMNS: tuple[str, ...] = ("file", "class", "seed", "sampler", "steps", "guidance", "model_id", "format")
 # A DICOM window that maps stored 0..65535 onto 0..1 exactly: PS3.3 C.11.2.1.2.1 (LINEAR),
 # y = ((x - (c - 0.5)) / (w - 1) + 0.5) = x / 65535 for c = 32768, w = 65536.
-WINDOW_CENTER, WINDOW_WIDTH = 32768, 65536
-_NAME_PART = re.compile(r"[\w][\w .+()-]*")
+WINDOW_CENTER, WINDOW_WIDTH = "32768", "65536"  # DS strings: pydicom would write 32768.0
 
 
 def _version() -> str:
@@ -47,13 +47,17 @@ def _version() -> str:
         return "unknown"
 
 
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise ConfigError(f"output format {fmt!r} is not supported: use one of {', '.join(FORMATS)}")
+
+
 def _check_class_name(class_name: str) -> str:
     """A class name becomes sub-folders ("ct/abnormal"): refuse anything that could leave the output folder."""
     parts = class_name.split("/")
-    if not all(_NAME_PART.fullmatch(p) for p in parts):
-        raise ConfigError(f"class name {class_name!r} cannot be used as an output folder: allowed are "
-                          "letters, digits, ' ', '_', '.', '+', '-', '(', ')' in '/'-separated parts, "
-                          "each starting with a letter, digit or '_'")
+    if not all(p.strip() and p.isprintable() and not p.startswith(".") and "\\" not in p for p in parts):
+        raise ConfigError(f"class name {class_name!r} cannot be used as an output folder: expected '/'-separated "
+                          "parts, each non-blank, printable, without '\\' and not starting with '.'")
     return class_name
 
 
@@ -69,6 +73,12 @@ class SyntheticInfo:
     guidance: float
 
     def __post_init__(self) -> None:
+        try:  # numpy scalars from the sampler become plain numbers (JSON, CSV)
+            for name, kind in (("seed", operator.index), ("steps", operator.index), ("guidance", float)):
+                object.__setattr__(self, name, kind(getattr(self, name)))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"SyntheticInfo seed={self.seed!r}, steps={self.steps!r}, guidance={self.guidance!r}: "
+                              "seed and steps must be integers, guidance a number") from exc
         if not re.fullmatch(r"[\w.+-]{1,128}", self.model_id):
             raise ConfigError(f"model id {self.model_id!r} is not allowed: use 1-128 letters, digits, '_', '.', "
                               "'+', '-' (a hash of the weights, not a path)")
@@ -86,8 +96,7 @@ class SyntheticInfo:
 
 def image_filename(seed: int, fmt: str, class_name: str | None = None) -> str:
     """`seed000123.png`, or `ct/abnormal/seed000123.png` with a class: a relative path, "/" as separator."""
-    if fmt not in SUFFIX:
-        raise ConfigError(f"output format {fmt!r} is not supported: use one of {', '.join(FORMATS)}")
+    _check_format(fmt)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ConfigError(f"seed {seed!r} cannot name a file: use a non-negative integer")
     name = f"seed{int(seed):06d}{SUFFIX[fmt]}"
@@ -210,8 +219,9 @@ def _dicom_file_meta(sop_instance_uid: str) -> FileMetaDataset:
 def _dicom_dataset(pixels: np.ndarray, info: SyntheticInfo) -> FileDataset:
     """A Secondary Capture Image (PS3.3 A.8.1) around (H, W) uint16 pixels, built from scratch.
 
-    Type 2 attributes that would describe a patient, a study or a referring physician are present and
-    empty (PS3.5 7.4: zero length = value unknown), rather than a placeholder a pipeline could mistake for data.
+    Type 2 attributes that would describe a patient, a study or a referring physician (names, IDs, dates,
+    times, accession number) are present and empty (PS3.5 7.4: zero length = value unknown), rather than a
+    placeholder a pipeline could mistake for data; dciodvfy warns only that a DICOMDIR would want some of them.
     """
     sop_uid = generate_uid()  # random (uuid4) under pydicom's root: nothing derived from any input
     ds = FileDataset("", {}, file_meta=_dicom_file_meta(sop_uid), preamble=b"\0" * 128)
@@ -229,14 +239,15 @@ def _dicom_dataset(pixels: np.ndarray, info: SyntheticInfo) -> FileDataset:
     # General Series (C.7.3.1)
     ds.Modality = dicom_modality(info.class_name)
     ds.SeriesInstanceUID = generate_uid()
-    ds.SeriesNumber = None
+    ds.SeriesNumber = 1  # a counter, not identifying; set (with InstanceNumber) so DICOMDIR builders need no value
+    ds.Laterality = ""  # Type 2C: no paired body part is known
     ds.SeriesDescription = f"SYNTHETIC {info.class_name or 'unconditional'}"[:64]
     # General Equipment (C.7.5.1) and SC Equipment (C.8.6.1)
     ds.Manufacturer = ds.ManufacturerModelName = ds.SecondaryCaptureDeviceManufacturer = "meddiff"
     ds.SoftwareVersions = ds.SecondaryCaptureDeviceSoftwareVersions = _version()
     ds.ConversionType = "SYN"
     # General Image (C.7.6.1)
-    ds.InstanceNumber = None
+    ds.InstanceNumber = 1
     ds.PatientOrientation = ""
     ds.ImageType = ["DERIVED", "SECONDARY"]
     ds.DerivationDescription = description[:1024]  # ST
@@ -304,8 +315,7 @@ def write_image(image: np.ndarray, path: Path, fmt: str, info: SyntheticInfo) ->
     png: 8-bit round(x*255); png16: 16-bit round(x*65535); dicom: Secondary Capture, 16-bit round(x*65535);
     nifti: (I, J, 1) uint16 with scl_slope 1/65535. Values outside [0, 1] are clipped.
     """
-    if fmt not in FORMATS:
-        raise ConfigError(f"output format {fmt!r} is not supported: use one of {', '.join(FORMATS)}")
+    _check_format(fmt)
     arr = _check_image(image, f"{path}: image")
     if fmt == "png":
         return _write_png(_to_uint8(arr), path, _png_text(info))
@@ -341,8 +351,7 @@ class Manifest:
 
     def add(self, file: str, info: SyntheticInfo, fmt: str) -> None:
         """Append one row for `file` (relative to the folder, "/"-separated) and flush it to disk."""
-        if fmt not in FORMATS:
-            raise ConfigError(f"output format {fmt!r} is not supported: use one of {', '.join(FORMATS)}")
+        _check_format(fmt)
         parts = file.split("/")
         if file.startswith("/") or any(p in ("", ".", "..") for p in parts) or not file.isprintable():
             raise ConfigError(f"manifest entry {file!r} must be a relative path inside {self.folder}")
@@ -356,6 +365,7 @@ class Manifest:
             writer.writerow(MANIFEST_COLUMNS)
             self._has_header = True
         writer.writerow(row)
+        self.folder.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8", newline="") as f:
             f.write(buf.getvalue())
             f.flush()
@@ -367,8 +377,10 @@ class Manifest:
             text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
             return []
-        lines = text.splitlines(keepends=True)
-        lines = lines if not lines or lines[-1].endswith("\n") else lines[:-1]  # a row cut off by a crash
+        except UnicodeDecodeError as exc:
+            raise RunError(f"{self.path}: not a UTF-8 text file ({exc.reason}); move this file away or choose "
+                           "another output folder") from exc
+        lines = [line + "\n" for line in text.split("\n")[:-1]]  # what follows the last newline is a cut-off row
         if lines and tuple(next(csv.reader(lines[:1]))) != MANIFEST_COLUMNS:
             raise RunError(f"{self.path}: header is {lines[0].strip()!r}, expected {','.join(MANIFEST_COLUMNS)!r}; "
                            "move this file away or choose another output folder")

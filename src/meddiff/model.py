@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from diffusers import UNet2DModel
 
 from .config import ModelConfig
@@ -10,10 +11,11 @@ from .config import ModelConfig
 def build_unet(cfg: ModelConfig) -> UNet2DModel:
     """A single-channel UNet. With classes, an embedding of `num_classes + 1` rows: the last is the null class
     that classifier-free guidance trains with dropped labels and samples as the unconditional branch."""
+    p = cfg.patch_size
     return UNet2DModel(
-        sample_size=cfg.sample_size,
-        in_channels=1,
-        out_channels=1,
+        sample_size=cfg.sample_size // p,
+        in_channels=p * p,
+        out_channels=p * p,
         layers_per_block=cfg.layers_per_block,
         block_out_channels=tuple(cfg.block_out_channels),
         down_block_types=tuple(cfg.down_block_types),
@@ -22,6 +24,16 @@ def build_unet(cfg: ModelConfig) -> UNet2DModel:
         attention_head_dim=cfg.attention_head_dim,
         num_class_embeds=cfg.num_classes + 1 if cfg.num_classes else None,
     )
+
+
+def denoise(unet: UNet2DModel, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None,
+            patch_size: int = 1) -> torch.Tensor:
+    """The UNet's output for (B, 1, H, W) inputs, through space-to-depth patches when patch_size > 1
+    (pixel-unshuffle in, pixel-shuffle out: a lossless rearrangement, so the output is again (B, 1, H, W))."""
+    if patch_size == 1:
+        return unet(x, t, class_labels=class_labels).sample
+    out = unet(F.pixel_unshuffle(x, patch_size), t, class_labels=class_labels).sample  # (B, p*p, H/p, W/p)
+    return F.pixel_shuffle(out, patch_size)
 
 
 def null_class(cfg: ModelConfig) -> int:
@@ -33,11 +45,12 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def forward_flops(model: UNet2DModel, size: int) -> float:
+def forward_flops(model: UNet2DModel) -> float:
     """Forward FLOPs for one image (2 x multiply-accumulates), counted by torch's FLOP counter."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    x = torch.zeros(1, 1, size, size)
+    c, size = model.config.in_channels, model.config.sample_size
+    x = torch.zeros(1, c, size, size)
     t = torch.zeros(1, dtype=torch.long)
     labels = torch.zeros(1, dtype=torch.long) if model.config.num_class_embeds else None
     with torch.no_grad(), FlopCounterMode(display=False) as counter:

@@ -19,6 +19,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from . import checkpoint as ckpt
 from .config import SAMPLERS, ModelConfig, SampleConfig, TrainConfig, from_json
 from .errors import ConfigError, RunError
+from .model import denoise
 from .runtime import autocast, describe, pick_device, pick_precision
 
 _SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
@@ -108,14 +109,13 @@ def class_index(run: LoadedRun, name: str | None) -> int | None:
 
 def _denoiser(run: LoadedRun, labels: torch.Tensor | None, guidance: float) -> Callable:
     """model(x, t) with classifier-free guidance (Ho & Salimans 2022, eq. 6): out = u + w (c - u)."""
-    null = run.model.num_classes
+    null, p = run.model.num_classes, run.model.patch_size
 
     def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if labels is None:
-            return run.unet(x, t).sample
-        if guidance == 1.0 or bool((labels == null).all()):
-            return run.unet(x, t, class_labels=labels).sample
-        both = run.unet(torch.cat([x, x]), t, class_labels=torch.cat([labels, torch.full_like(labels, null)])).sample
+        if labels is None or guidance == 1.0 or bool((labels == null).all()):
+            return denoise(run.unet, x, t, labels, p)
+        both = denoise(run.unet, torch.cat([x, x]), torch.cat([t, t]),
+                       torch.cat([labels, torch.full_like(labels, null)]), p)
         cond, uncond = both.chunk(2)
         return uncond + guidance * (cond - uncond)
     return model

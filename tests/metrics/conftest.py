@@ -17,7 +17,7 @@ def make_blobs(n: int, size: int = 32, seed: int = 0, blobs: int = 4) -> np.ndar
     return np.clip(0.1 + 0.8 * images, 0.0, 1.0).astype(np.float32)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def blobs():
     """The blob maker: blobs(n, size=32, seed=0) → (n, size, size) float32 in [0, 1]."""
     return make_blobs

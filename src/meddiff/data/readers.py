@@ -1,11 +1,10 @@
-"""One file → list of ((H, W) float32 image in [0, 1], Meta): PNG/JPEG/TIFF/BMP, DICOM, NIfTI.
-
-Folders → (candidate image files, ignored files with a reason). Nothing from a file's header reaches
-`Meta` or an error message except the format, the stored bit depth and the DICOM Modality code.
-"""
+"""One file → list of ((H, W) float32 image in [0, 1], safe Meta) for PNG/JPEG/TIFF/BMP, DICOM and NIfTI;
+a folder → (candidate image files, ignored files with a reason). No patient data reaches Meta or a message."""
 from __future__ import annotations
 
+import contextlib
 import importlib
+import logging
 import os
 import re
 import warnings
@@ -13,7 +12,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -129,7 +128,8 @@ class ImageReader(ABC):
         except MemoryError as exc:
             raise UnreadableFile(path, f"{self.format_name} file too large to decode in memory") from exc
         except Exception as exc:  # noqa: BLE001 - the contract: no library exception escapes
-            raise UnreadableFile(path, f"cannot read {self.format_name} file ({self._describe(exc)})") from exc
+            reason = f"cannot read {self.format_name} file ({self._describe(exc)})"
+            raise UnreadableFile(path, reason) from exc
         for image, _ in images:
             assert image.dtype == np.float32 and image.ndim == 2, (image.dtype, image.shape)
         return images
@@ -155,7 +155,9 @@ def _check_regular_file(path: Path) -> None:
 # PNG / JPEG / TIFF / BMP through Pillow
 # ---------------------------------------------------------------------------------------------
 _PIL_FORMATS = {"PNG": "png", "JPEG": "jpeg", "MPO": "jpeg", "TIFF": "tiff", "BMP": "bmp"}
-_SUFFIX_FORMAT = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP"}
+_SUFFIX_FORMAT = {
+    ".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP"
+}
 
 
 class PillowReader(ImageReader):
@@ -172,7 +174,7 @@ class PillowReader(ImageReader):
     def _read(self, path: Path) -> Images:
         expected = _SUFFIX_FORMAT.get(_suffix(path), "PNG/JPEG/TIFF/BMP")
         try:
-            img = Image.open(path, formats=list(_PIL_FORMATS))
+            img = Image.open(path, formats=["PNG", "JPEG", "TIFF", "BMP"])  # JPEG may come back as "MPO"
         except UnidentifiedImageError as exc:
             raise UnreadableFile(path, f"not a {expected} file: cannot identify image") from exc
         except Image.DecompressionBombError as exc:
@@ -186,7 +188,8 @@ class PillowReader(ImageReader):
                 try:
                     img.load()
                 except (OSError, SyntaxError, ValueError) as exc:
-                    raise UnreadableFile(path, f"truncated or corrupt {img.format} file ({_first_line(exc)})") from exc
+                    reason = f"truncated or corrupt {img.format} file ({_first_line(exc)})"
+                    raise UnreadableFile(path, reason) from exc
                 arr, bits = _pil_to_unit(img)
                 shape = (img.height, img.width) + ((len(img.getbands()),) if len(img.getbands()) > 1 else ())
                 images.append((arr, Meta(fmt, bits, None, page, shape)))
@@ -277,19 +280,39 @@ class DicomReader(ImageReader):
 
     def _read(self, path: Path) -> Images:
         pydicom = _import_backend("pydicom", "pydicom", "DICOM", path)
-        with warnings.catch_warnings():
-            # pydicom warns about invalid values by quoting them, and they may be patient data.
-            warnings.simplefilter("ignore")
+        with _silenced_pydicom():
             ds = _dcmread(pydicom, path)
             _check_image_module(ds, path)
             frames, source_shape = _decode_frames(ds, path)
             images = _frames_to_unit(frames, ds, path)
-        modality = ds.get("Modality")
+            modality, bits = ds.get("Modality"), ds.get("BitsStored")
         # Only a well-formed (0008,0060) code string can leave: anything else might be free text.
-        modality = modality.strip() if isinstance(modality, str) and re.fullmatch(r"[A-Z0-9_ ]{1,16}", modality) else None
-        bits = ds.get("BitsStored")
+        if not (isinstance(modality, str) and re.fullmatch(r"[A-Z0-9_ ]{1,16}", modality)):
+            modality = None
         bit_depth = int(bits) if isinstance(bits, int) else None
-        return [(img, Meta("dicom", bit_depth, modality or None, i, source_shape)) for i, img in enumerate(images)]
+        return [
+            (img, Meta("dicom", bit_depth, modality.strip() if modality else None, i, source_shape))
+            for i, img in enumerate(images)
+        ]
+
+
+@contextlib.contextmanager
+def _silenced_pydicom() -> Iterator[None]:
+    """pydicom warns and logs about invalid element values by quoting them, and they may be
+    patient data: drop its warnings and the records of its "pydicom" logger (where value
+    validation logs) while a file is read."""
+    logger = logging.getLogger("pydicom")
+
+    def drop_all(record: logging.LogRecord) -> bool:
+        return False
+
+    logger.addFilter(drop_all)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.removeFilter(drop_all)
 
 
 def _dcmread(pydicom: ModuleType, path: Path) -> Any:
@@ -301,13 +324,14 @@ def _dcmread(pydicom: ModuleType, path: Path) -> Any:
         except pydicom.errors.InvalidDicomError:
             ds = pydicom.dcmread(path, force=True)
     except Exception as exc:  # noqa: BLE001 - a header pydicom cannot parse
-        raise UnreadableFile(path, f"not a DICOM file or corrupt DICOM header ({type(exc).__name__})") from exc
+        reason = f"not a DICOM file or corrupt DICOM header ({type(exc).__name__})"
+        raise UnreadableFile(path, reason) from exc
     meta = getattr(ds, "file_meta", None)
     if meta is not None and "TransferSyntaxUID" not in meta and ds.original_encoding[0] is not None:
         implicit, little = ds.original_encoding
         uid = pydicom.uid
-        syntax = uid.ImplicitVRLittleEndian if implicit else uid.ExplicitVRLittleEndian if little else uid.ExplicitVRBigEndian
-        ds.file_meta.TransferSyntaxUID = syntax
+        explicit = uid.ExplicitVRLittleEndian if little else uid.ExplicitVRBigEndian
+        ds.file_meta.TransferSyntaxUID = uid.ImplicitVRLittleEndian if implicit else explicit
     return ds
 
 
@@ -315,13 +339,16 @@ def _check_image_module(ds: Any, path: Path) -> None:
     """A header cut short loads without error as a near-empty dataset: require what we decode."""
     if not any(keyword in ds for keyword in _PIXEL_KEYWORDS):
         sop = ds.get("SOPClassUID")
-        kind = f" ({sop.name})" if sop is not None and getattr(sop, "name", "") and sop.name != str(sop) else ""
+        # A standard SOP Class name says what the object is; a private UID is not shown.
+        known = sop is not None and getattr(sop, "name", "") and sop.name != str(sop)
+        kind = f" ({sop.name})" if known else ""
         raise UnreadableFile(path, f"truncated DICOM or not an image{kind}: no pixel data (7FE0,0010)")
-    for tag, keyword in (("(0028,0010)", "Rows"), ("(0028,0011)", "Columns"), ("(0028,0004)", "PhotometricInterpretation")):
+    required = (("(0028,0010)", "Rows"), ("(0028,0011)", "Columns"), ("(0028,0004)", "PhotometricInterpretation"))
+    for tag, keyword in required:
         if ds.get(keyword) in (None, "", 0):
             raise UnreadableFile(path, f"truncated or invalid DICOM: no {tag} {keyword}")
     if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
-        raise UnreadableFile(path, "DICOM without (0002,0010) Transfer Syntax UID: cannot decode its pixel data")
+        raise UnreadableFile(path, "no (0002,0010) Transfer Syntax UID: cannot decode the pixel data")
 
 
 def _decode_frames(ds: Any, path: Path) -> tuple[np.ndarray, tuple[int, ...]]:
@@ -333,9 +360,8 @@ def _decode_frames(ds: Any, path: Path) -> tuple[np.ndarray, tuple[int, ...]]:
     except Exception as exc:  # noqa: BLE001 - decoder plugins raise anything
         reason = _first_line(exc, limit=240)
         if syntax.is_compressed:
-            raise UnreadableFile(
-                path, f"cannot decode pixel data compressed as {syntax.name} ({syntax}): {reason}; {_DECODER_HINT}"
-            ) from exc
+            reason = f"cannot decode pixel data compressed as {syntax.name} ({syntax}): {reason}; {_DECODER_HINT}"
+            raise UnreadableFile(path, reason) from exc
         raise UnreadableFile(path, f"corrupt or truncated pixel data ({syntax.name}): {reason}") from exc
     frames = int(ds.get("NumberOfFrames") or 1)
     samples = int(ds.get("SamplesPerPixel") or 1)
@@ -350,10 +376,9 @@ def _decode_frames(ds: Any, path: Path) -> tuple[np.ndarray, tuple[int, ...]]:
     return arr.reshape((frames, rows, cols) + ((samples,) if samples > 1 else ())), tuple(map(int, arr.shape))
 
 
-def _frames_to_unit(frames: np.ndarray, ds: Any, path: Path) -> list[np.ndarray]:
-    """Decoded frames → one (R, C) float32 image in [0, 1] per frame (PS3.3 C.7.6.3.1.2)."""
+def _frames_to_unit(raw: np.ndarray, ds: Any, path: Path) -> list[np.ndarray]:
+    """(F, R, C[, S]) decoded frames → one (R, C) float32 image in [0, 1] per frame (PS3.3 C.7.6.3.1.2)."""
     photometric = str(ds.PhotometricInterpretation).strip().upper()
-    raw = frames
     if photometric in _MONOCHROME and raw.ndim == 3:
         unit = _monochrome_to_unit(raw, ds, path)
     elif photometric == "PALETTE COLOR" and raw.ndim == 3:
@@ -370,8 +395,8 @@ def _frames_to_unit(frames: np.ndarray, ds: Any, path: Path) -> list[np.ndarray]
         samples = raw.shape[-1] if raw.ndim == 4 else 1
         raise UnreadableFile(
             path,
-            f"unsupported (0028,0004) Photometric Interpretation {shown!r} with {samples} sample(s) per pixel; "
-            f"allowed: {allowed}",
+            f"unsupported (0028,0004) Photometric Interpretation {shown!r} with {samples} sample(s) "
+            f"per pixel; allowed: {allowed}",
         )
     return [np.ascontiguousarray(frame, dtype=np.float32) for frame in unit]
 
@@ -396,8 +421,10 @@ def _apply_modality(raw: np.ndarray, ds: Any, path: Path) -> np.ndarray:
 
     slope, intercept = ds.get("RescaleSlope"), ds.get("RescaleIntercept")
     if not ds.get("ModalityLUTSequence") and (slope is None) != (intercept is None):
-        lone, identity = ("(0028,1053) Rescale Slope", 1.0) if slope is not None else ("(0028,1052) Rescale Intercept", 0.0)
-        value = float(slope if slope is not None else intercept)
+        if slope is not None:
+            lone, value, identity = "(0028,1053) Rescale Slope", float(slope), 1.0
+        else:
+            lone, value, identity = "(0028,1052) Rescale Intercept", float(intercept), 0.0
         if value != identity:
             raise UnreadableFile(
                 path,
@@ -413,7 +440,7 @@ def _apply_voi(values: np.ndarray, ds: Any, path: Path) -> tuple[np.ndarray, tup
     from pydicom.pixels import apply_voi, apply_windowing
 
     sequence = ds.get("VOILUTSequence")
-    has_lut = bool(sequence) and sequence[0].get("LUTDescriptor") is not None and sequence[0].get("LUTData") is not None
+    has_lut = bool(sequence) and all(sequence[0].get(k) is not None for k in ("LUTDescriptor", "LUTData"))
     has_window = ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None
     try:
         if has_lut:
@@ -424,10 +451,9 @@ def _apply_voi(values: np.ndarray, ds: Any, path: Path) -> tuple[np.ndarray, tup
             # The window maps everything below it to its lowest output and above it to its highest.
             lo, hi = apply_windowing(np.array([-np.inf, np.inf]), ds)
             return apply_windowing(values, ds), (float(lo), float(hi))
-    except UnreadableFile:
-        raise
     except Exception as exc:  # noqa: BLE001 - pydicom names the offending tag and the allowed values
-        raise UnreadableFile(path, f"cannot apply the VOI LUT / window (PS3.3 C.11.2): {_first_line(exc)}") from exc
+        reason = f"cannot apply the VOI LUT / window (PS3.3 C.11.2): {_first_line(exc)}"
+        raise UnreadableFile(path, reason) from exc
     return values, None
 
 
@@ -459,11 +485,14 @@ class NiftiReader(ImageReader):
             source_shape = tuple(int(n) for n in img.shape)
             bits = int(img.get_data_dtype().itemsize * 8)
             volume = _canonical_volume(nib, img)
-        except (OSError, EOFError, ValueError, nib.filebasedimages.ImageFileError) as exc:
+        except MemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - nibabel, gzip and zlib raise many kinds
             raise UnreadableFile(path, f"not a NIfTI file or truncated NIfTI ({_first_line(exc)})") from exc
         unit = _robust_to_unit(volume)
         if unit.ndim == 2:
-            return [(np.ascontiguousarray(np.rot90(unit), dtype=np.float32), Meta("nifti", bits, None, 0, source_shape))]
+            image = np.ascontiguousarray(np.rot90(unit), dtype=np.float32)
+            return [(image, Meta("nifti", bits, None, 0, source_shape))]
         axis = {"sagittal": 0, "coronal": 1, "axial": 2}[self.axis]
         images: Images = []
         for k in range(unit.shape[axis]):
@@ -516,7 +545,7 @@ def read_file(path: Path, *, nifti_axis: str = "axial", min_foreground: float = 
     DICOM preamble). Raises UnreadableFile(path, reason) for any unreadable file and ConfigError
     for a bad `nifti_axis` ("axial", "coronal", "sagittal") or `min_foreground` (in [0, 1])."""
     path = Path(path)
-    readers: tuple[ImageReader, ...] = (NiftiReader(nifti_axis, min_foreground), DicomReader(), PillowReader())
+    readers = (NiftiReader(nifti_axis, min_foreground), DicomReader(), PillowReader())
     _check_regular_file(path)
     for reader in readers:
         if reader.verify_suffix(path):
@@ -529,7 +558,7 @@ def _ignore_reason(path: Path) -> str:
     if not suffix:
         return "not an image format: no file extension and no DICOM preamble ('DICM' at byte 128)"
     allowed = ", ".join(sorted(IMAGE_SUFFIXES))
-    return f"not an image format: suffix {suffix!r} is not one of {allowed} and the file has no DICOM preamble"
+    return f"not an image format: suffix {suffix!r} is not one of {allowed}, and no DICOM preamble"
 
 
 def find_image_files(root: Path) -> tuple[list[Path], list[tuple[Path, str]]]:

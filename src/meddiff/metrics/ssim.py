@@ -25,6 +25,8 @@ a per-pair convolution.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 
@@ -132,7 +134,7 @@ def pairwise_ssim(fake: np.ndarray, real: np.ndarray) -> np.ndarray:
     return out
 
 
-def _blocks(fake: np.ndarray, real: np.ndarray, chunk: int | None):
+def _blocks(fake: np.ndarray, real: np.ndarray, chunk: int | None) -> Iterator[tuple[int, int, np.ndarray]]:
     """Yield (fake index, first real index, SSIM of that fake image against a chunk of reals)."""
     h, w = fake.shape[1:]
     blur = _Blur(h, w)

@@ -37,18 +37,25 @@ def harmonics(rng: np.random.Generator, amplitude: float, orders: int = 4) -> np
 
 def blob(x: np.ndarray, y: np.ndarray, cx: float, cy: float, a: float, b: float,
          angle: float = 0.0, wobble: np.ndarray | None = None) -> np.ndarray:
-    """Normalised radius of a (wobbly) ellipse: < 1 inside, 1 on its boundary; same shape as x."""
+    """Normalised radius of a (wobbly) ellipse on a `grid`: < 1 inside, 1 on its boundary, 2 far outside."""
+    wobble = np.zeros((0, 2), np.float32) if wobble is None else wobble
+    reach = 1.5 * max(a, b) * (1.0 + float(np.abs(wobble[:, 0]).sum()))
+    cols = slice(*np.searchsorted(x[0], [cx - reach, cx + reach]))
+    rows = slice(*np.searchsorted(y[:, 0], [cy - reach, cy + reach]))
+    out = np.full(x.shape, 2.0, dtype=np.float32)
+    xs, ys = x[rows, cols] - cx, y[rows, cols] - cy
     ca, sa = np.cos(angle), np.sin(angle)
-    u = ((x - cx) * ca + (y - cy) * sa) / a
-    v = (-(x - cx) * sa + (y - cy) * ca) / b
+    u = (xs * ca + ys * sa) / a
+    v = (ys * ca - xs * sa) / b
     rho = np.sqrt(u * u + v * v)
-    if wobble is None or len(wobble) == 0:
-        return rho
-    phi = np.arctan2(v, u)
-    edge = np.ones_like(rho)
-    for k, (amp, phase) in enumerate(wobble, start=2):
-        edge += amp * np.cos(k * phi + phase)
-    return rho / np.maximum(edge, 0.3)
+    if len(wobble):
+        phi = np.arctan2(v, u)
+        edge = np.ones_like(rho)
+        for k, (amp, phase) in enumerate(wobble, start=2):
+            edge += amp * np.cos(k * phi + phase)
+        rho /= np.maximum(edge, 0.3)
+    out[rows, cols] = np.minimum(rho, 2.0)
+    return out
 
 
 def soft(rho: np.ndarray, width: float) -> np.ndarray:

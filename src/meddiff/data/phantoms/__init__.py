@@ -1,0 +1,56 @@
+"""MedPhantom-4, the built-in simulated data set: (modality, index, seed, size, abnormal) → float32 image (+ lesion mask).
+
+Four simulators (CT, chest X-ray, brain MRI, B-mode ultrasound), each deterministic in its arguments.
+An abnormal image and its normal twin (same modality, index, seed and size) share every anatomy and
+noise draw: they differ only where the lesion is. Simulated data for development and benchmarking,
+not a substitute for clinical validation.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from ...errors import ConfigError
+from . import ct, mri, ultrasound, xray
+from ._geometry import MAX_SIZE, MIN_SIZE, check_size
+
+MODALITIES: tuple[str, ...] = ("ct", "xray", "mri", "us")
+
+_SIMULATORS: dict[str, Callable[[np.random.Generator, int, bool], tuple[np.ndarray, np.ndarray]]] = {
+    "ct": ct.simulate,
+    "xray": xray.simulate,
+    "mri": mri.simulate,
+    "us": ultrasound.simulate,
+}
+
+__all__ = ["MODALITIES", "MIN_SIZE", "MAX_SIZE", "render", "render_with_mask"]
+
+
+def _check_count(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ConfigError(f"phantom {name}: got {value!r}; allowed: an integer >= 0")
+
+
+def render_with_mask(modality: str, index: int, seed: int, size: int,
+                     abnormal: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Image i of a modality and its lesion mask: ((size, size) float32 in [0, 1], (size, size) bool).
+
+    Deterministic in (modality, index, seed, size, abnormal); the mask is all False when `abnormal`
+    is False. The generator is seeded from (seed, modality number, index), so images are independent
+    of the order and batch in which they are asked for.
+    """
+    if modality not in _SIMULATORS:
+        raise ConfigError(f"phantom modality: got {modality!r}; allowed: {', '.join(MODALITIES)}")
+    check_size(size)
+    _check_count("index", index)
+    _check_count("seed", seed)
+    rng = np.random.default_rng([int(seed), MODALITIES.index(modality), int(index)])
+    image, mask = _SIMULATORS[modality](rng, int(size), bool(abnormal))
+    assert image.shape == mask.shape == (size, size) and image.dtype == np.float32
+    return image, mask
+
+
+def render(modality: str, index: int, seed: int, size: int, abnormal: bool) -> np.ndarray:
+    """Image i of a modality: (size, size) float32 in [0, 1]; see `render_with_mask`."""
+    return render_with_mask(modality, index, seed, size, abnormal)[0]

@@ -1,0 +1,150 @@
+"""Generated and training images → copies: each generated image's nearest training image by shift- and
+flip-tolerant normalised cross-correlation, a copy threshold set on held-out real images, flags and index pairs.
+
+Definition. Images are brought to at most `size` px a side (antialiased bilinear; smaller
+images stay as they are). For a generated image g and a training image t, with s the shift
+tolerance in those pixels:
+
+    NCC(g, t) = max over |dy|, |dx| <= s and g' in {g, g flipped left-right} of
+                corr( g'[s+dy : H-s+dy, s+dx : W-s+dx],  t[s : H-s, s : W-s] )
+
+where corr is the Pearson correlation of the two crops (zero-mean, unit-norm dot product;
+a constant crop correlates 0 with anything). A copy shifted by up to s px, mirrored or
+lightly noised scores close to 1. All shifts of all generated images against a chunk of
+training images are one matrix product.
+
+Threshold. Real images that are not copies say how close an honest image comes to the
+training set: the threshold is the `quantile` (default 0.99) of the nearest-NCC of held-out
+real images against the training set. A generated image at or above it is flagged.
+Memorisation has been measured at tens of per cent in small medical sets (Dar et al. 2024):
+it is measured here, never assumed away.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError, DataError
+from .ssim import check_images
+
+_BLOCK = 2**24  # floats of one block (variants of a generated batch, or their scores): 64 MiB
+
+
+def protocol(shift: int, size: int, flip: bool) -> str:
+    """The recipe behind an NCC figure, recorded with it."""
+    return (f"ncc: pearson over central crop, shifts +-{shift}px, "
+            f"{'horizontal flip, ' if flip else ''}images at <= {size}px (antialiased bilinear)")
+
+
+def _prepare(images: np.ndarray, name: str, size: int) -> torch.Tensor:
+    """(N, H, W) float in [0, 1] → (N, h, w) float32 tensor with max(h, w) <= size."""
+    x = torch.from_numpy(np.ascontiguousarray(check_images(images, name)))
+    h, w = x.shape[1:]
+    if max(h, w) > size:
+        scale = size / max(h, w)
+        hw = (max(1, round(h * scale)), max(1, round(w * scale)))
+        x = F.interpolate(x[:, None], size=hw, mode="bilinear", align_corners=False, antialias=True)[:, 0]
+    return x
+
+
+def _normalise(rows: torch.Tensor) -> torch.Tensor:
+    """(..., P) → zero-mean, unit-norm rows; constant rows become 0."""
+    rows = rows - rows.mean(dim=-1, keepdim=True)
+    return rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+
+
+def _variants(x: torch.Tensor, shift: int, flip: bool) -> torch.Tensor:
+    """(N, H, W) → (N, V, P): every shifted crop of every image (and of its mirror), normalised."""
+    h, w = x.shape[1:]
+    sources = [x, x.flip(-1)] if flip else [x]
+    crops = [src[:, shift + dy: h - shift + dy, shift + dx: w - shift + dx].reshape(len(x), -1)
+             for src in sources for dy in range(-shift, shift + 1) for dx in range(-shift, shift + 1)]
+    return _normalise(torch.stack(crops, dim=1))
+
+
+def _centres(x: torch.Tensor, shift: int) -> torch.Tensor:
+    """(M, H, W) → (M, P): the normalised central crops."""
+    h, w = x.shape[1:]
+    return _normalise(x[:, shift: h - shift, shift: w - shift].reshape(len(x), -1))
+
+
+def nearest_ncc(generated: np.ndarray, train: np.ndarray, shift: int = 2, flip: bool = True,
+                size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """generated (N, H, W), train (M, H, W) float in [0, 1] → (NCC (N,) float32 in [-1, 1], train index (N,) int64)."""
+    if shift < 0:
+        raise ConfigError(f"--copy-shift: {shift}; allowed: 0 or more pixels")
+    g, t = _prepare(generated, "generated", size), _prepare(train, "train", size)
+    if g.shape[1:] != t.shape[1:]:
+        raise DataError(f"generated: image size {tuple(generated.shape[1:])} differs from train "
+                        f"{tuple(train.shape[1:])}; compare images at the same size")
+    if min(g.shape[1:]) <= 2 * shift + 1:
+        raise ConfigError(f"--copy-shift: {shift} px on {tuple(g.shape[1:])} images; "
+                          "allowed: less than half the image side")
+    with torch.no_grad():
+        centres = _centres(t, shift)                                     # (M, P)
+        v = (2 if flip else 1) * (2 * shift + 1) ** 2
+        per = max(1, _BLOCK // (v * centres.shape[1]))                    # generated images per batch
+        parts = [_nearest_block(_variants(g[i:i + per], shift, flip), centres) for i in range(0, len(g), per)]
+    best = torch.cat([b for b, _ in parts]).clamp(-1.0, 1.0)  # rounding can overshoot 1 by ~1e-6
+    return best.numpy(), torch.cat([k for _, k in parts]).numpy()
+
+
+def _nearest_block(variants: torch.Tensor, centres: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """variants (n, V, P), centres (M, P), both normalised → (best NCC (n,), index in centres (n,))."""
+    n, v, p = variants.shape
+    flat = variants.reshape(n * v, p)
+    best = torch.full((n,), -2.0)
+    index = torch.zeros(n, dtype=torch.long)
+    chunk = max(1, _BLOCK // (n * v))
+    for j in range(0, len(centres), chunk):
+        scores = (flat @ centres[j:j + chunk].T).reshape(n, v, -1).amax(dim=1)  # (n, C)
+        value, k = scores.max(dim=1)
+        better = value > best
+        best[better], index[better] = value[better], k[better] + j
+    return best, index
+
+
+def copy_threshold(heldout: np.ndarray, train: np.ndarray, quantile: float = 0.99, shift: int = 2,
+                   flip: bool = True, size: int = 64) -> tuple[float, np.ndarray]:
+    """Held-out real images (K, H, W), never trained on → (the quantile of their nearest NCC, those NCCs (K,))."""
+    if not 0 < quantile <= 1:
+        raise ConfigError(f"--copy-quantile: {quantile}; allowed: (0, 1]")
+    values, _ = nearest_ncc(heldout, train, shift, flip, size)
+    return float(np.quantile(values, quantile)), values
+
+
+def memorization_report(generated: np.ndarray, train: np.ndarray, heldout: np.ndarray | None = None,
+                        threshold: float | None = None, quantile: float = 0.99, shift: int = 2,
+                        flip: bool = True, size: int = 64) -> dict:
+    """Flag generated images that copy a training image.
+
+    generated (N, H, W), train (M, H, W), heldout (K, H, W): float in [0, 1] at one size.
+    The threshold is `threshold` when given, else the `quantile` of held-out nearest NCC.
+    → JSON-ready {"flagged_share", "train_copied_share", "pairs": [[generated i, train j, ncc], ...]
+    (flagged only, most similar first), "threshold", "threshold_source", ..., "protocol"}.
+    """
+    if threshold is None and heldout is None:
+        raise ConfigError("memorization: no held-out real images and no --copy-threshold; "
+                          "give held-out images (the usual way) or a threshold in [-1, 1]")
+    values, index = nearest_ncc(generated, train, shift, flip, size)
+    report: dict = {}
+    if threshold is None:
+        threshold, held = copy_threshold(heldout, train, quantile, shift, flip, size)
+        source = f"quantile {quantile} of nearest NCC of {len(held)} held-out real images"
+        report["heldout_ncc_median"] = float(np.median(held))
+    else:
+        source = "given"
+    flagged = np.flatnonzero(values >= threshold)
+    flagged = flagged[np.argsort(-values[flagged], kind="stable")]
+    report.update({
+        "flagged_share": len(flagged) / len(values),
+        "n_flagged": int(len(flagged)),
+        "train_copied_share": len(np.unique(index[flagged])) / len(train),
+        "n_generated": len(values), "n_train": len(train),
+        "threshold": float(threshold), "threshold_source": source,
+        "nearest_ncc_median": float(np.median(values)),
+        "pairs": [[int(i), int(index[i]), float(values[i])] for i in flagged],
+        "protocol": protocol(shift, size, flip),
+    })
+    return report
