@@ -9,7 +9,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 from .config import ARCHITECTURES, DEFAULT_PRESET, SAMPLERS, SampleConfig, TrainConfig
 from .errors import MeddiffError
@@ -55,8 +55,22 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _micro_batch(text: str) -> int:
+    """'auto' → 0 (TrainConfig's code for "find the largest that fits"), else a positive whole number."""
+    return 0 if text == "auto" else _positive_int(text)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (`meddiff: error: …`) like every other error (rule 6)."""
+
+    def error(self, message: str) -> NoReturn:
+        where = self.prog.removeprefix("meddiff").strip()
+        self.exit(2, f"meddiff: error: {where + ': ' if where else ''}{message} "
+                     f"(see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="meddiff", description="Diffusion models for medical images: train, "
+    ap = _Parser(prog="meddiff", description="Diffusion models for medical images: train, "
                                  "sample, evaluate.", formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(sub)
@@ -73,6 +87,13 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("path", help="a folder or builtin:…")
     info.add_argument("--label-depth", type=_positive_int, default=1)
     info.add_argument("--size", type=_positive_int, default=64)
+    demo = sub.add_parser("demo", help="train a small model on built-in data for a few minutes, then sample a grid",
+                          epilog="examples:\n  meddiff demo\n  meddiff demo --minutes 30 --out demo30\n",
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    demo.add_argument("--data", default="builtin:mni-mri")
+    demo.add_argument("--minutes", type=float, default=5.0)
+    demo.add_argument("--out", default="demo")
+    demo.add_argument("--n", type=_positive_int, default=8)
     data = sub.add_parser("data", help="built-in data sets", epilog=DATA_EXAMPLES,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
@@ -96,7 +117,8 @@ def _add_train(sub: Any) -> None:
                     help=f"architecture + recipe (default {DEFAULT_PRESET}; seed = the student project exactly)")
     tr.add_argument("--size", type=_positive_int, help="image size in px (preset default: seed 128, small/lean 64)")
     tr.add_argument("--batch-size", type=_positive_int, help="effective (global) batch size")
-    tr.add_argument("--micro-batch", type=_positive_int, help="images per forward pass; gradients accumulate")
+    tr.add_argument("--micro-batch", type=_micro_batch,
+                    help="images per forward pass (gradients accumulate to --batch-size), or auto: the largest that fits")
     stop = tr.add_mutually_exclusive_group()
     stop.add_argument("--epochs", type=_positive_int)
     stop.add_argument("--max-steps", type=_positive_int)
@@ -142,6 +164,8 @@ def _add_sample(sub: Any) -> None:
     sa.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
     sa.add_argument("--format", dest="fmt", default="png", help="png, png16, dicom or nifti")
     sa.add_argument("--weights", choices=["ema", "best", "raw"], default="ema")
+    sa.add_argument("--cache-interval", type=_positive_int, default=1,
+                    help="DeepCache feature reuse: full UNet every N model calls (1 = off; 2-3 is ~1.5-2x faster)")
     sa.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
     sa.add_argument("--device", default="auto")
     sa.add_argument("--no-progress", action="store_true")
@@ -150,17 +174,23 @@ def _add_sample(sub: Any) -> None:
 def cmd_train(a: argparse.Namespace) -> int:
     from .train import train
 
+    names = ["preset", "size", "batch_size", "micro_batch", "epochs", "max_steps", "max_minutes", "lr",
+             "lr_schedule", "warmup_steps", "ema_decay", "objective", "loss_weighting", "beta_schedule",
+             "zero_terminal_snr", "num_train_timesteps", "flip", "conditional", "label_depth", "val_fraction",
+             "val_every", "patience", "grad_checkpointing", "channels_last", "compile", "precision", "device",
+             "seed", "crop"]
     if a.resume:
-        cfg = TrainConfig(data="", out=a.resume)
-        result = train(cfg, resume=True)
+        # the run continues with its stored settings: a flag given here would be silently ignored, so refuse it
+        defaults = vars(_parser().parse_args(["train"]))
+        given = [n for n in names + ["data", "out", "cache_dir", "no_progress"] if getattr(a, n) != defaults[n]]
+        if given:
+            raise MeddiffError(f"train --resume {a.resume}: takes no other flags (got "
+                               f"{', '.join('--' + n.replace('_', '-') for n in given)}); the run continues with the "
+                               f"settings stored in its meddiff.json")
+        result = train(TrainConfig(data="", out=a.resume), resume=True)
     else:
         if not a.data or not a.out:
             raise MeddiffError("train: --data and --out are required (or --resume RUN_DIR)")
-        names = ["preset", "size", "batch_size", "micro_batch", "epochs", "max_steps", "max_minutes", "lr",
-                 "lr_schedule", "warmup_steps", "ema_decay", "objective", "loss_weighting", "beta_schedule",
-                 "zero_terminal_snr", "num_train_timesteps", "flip", "conditional", "label_depth", "val_fraction",
-                 "val_every", "patience", "grad_checkpointing", "channels_last", "compile", "precision", "device",
-                 "seed", "crop"]
         cfg = TrainConfig(data=a.data, out=a.out, cache_dir=a.cache_dir or default_cache_dir(),
                           progress=not a.no_progress, **{n: getattr(a, n) for n in names})
         result = train(cfg)
@@ -176,7 +206,8 @@ def cmd_sample(a: argparse.Namespace) -> int:
 
     cfg = SampleConfig(run=a.run, out=a.out, n=a.n, steps=a.steps, sampler=a.sampler, seed=a.seed,
                        batch_size=a.batch_size, class_name=a.class_name, per_class=a.per_class, guidance=a.guidance,
-                       fmt=a.fmt, weights=a.weights, precision=a.precision, device=a.device, progress=not a.no_progress)
+                       fmt=a.fmt, weights=a.weights, precision=a.precision, device=a.device, progress=not a.no_progress,
+                       cache_interval=a.cache_interval)
     print(json.dumps(sample_to_folder(cfg)))
     return 0
 
@@ -185,10 +216,11 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     from .evaluate import evaluate_ssim
 
     result = evaluate_ssim(a.real, a.fake, size=a.size, seed=a.seed, cache_dir=default_cache_dir())
+    ref = result["reference_real_halves"]  # None with a single real image: no halves to compare
     print(f"SSIM (each generated image vs its most similar real image): mean {result['ssim_mean']:.3f}, "
           f"median {result['ssim_median']:.3f} — {result['band']}; real-vs-real reference "
-          f"{result['reference_real_halves']:.3f} ({result['n_fake']} generated, {result['n_real']} real, "
-          f"{result['size']} px)")
+          f"{'n/a (needs 2 real images)' if ref is None else f'{ref:.3f}'} ({result['n_fake']} generated, "
+          f"{result['n_real']} real, {result['size']} px)")
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=2))
     return 0
@@ -221,8 +253,29 @@ def cmd_data(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(a: argparse.Namespace) -> int:
+    from .evaluate import evaluate_ssim
+    from .sample import sample_to_folder
+    from .train import train
+
+    run = Path(a.out) / "run"
+    if (run / "meddiff.json").exists():
+        raise MeddiffError(f"--out {a.out}: already holds a demo run; choose another --out or delete it")
+    print(f"demo: training the default recipe on {a.data} for {a.minutes:g} minutes …")
+    result = train(TrainConfig(data=a.data, out=str(run), max_minutes=a.minutes, cache_dir=default_cache_dir()))
+    samples = Path(a.out) / "samples"
+    sample_to_folder(SampleConfig(run=str(run), out=str(samples), n=a.n))
+    grid = Path(a.out) / "grid.png"
+    grid.write_bytes((samples / "grid.png").read_bytes())
+    ssim = evaluate_ssim(a.data, str(samples), cache_dir=default_cache_dir())
+    print(f"demo: {result.steps} steps at {result.train_img_per_s:.1f} img/s; grid: {grid}; SSIM to nearest real "
+          f"{ssim['ssim_mean']:.3f} ({ssim['band']}; real-vs-real {ssim['reference_real_halves']:.3f})")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate, "info": cmd_info, "data": cmd_data}
+    "train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate, "info": cmd_info, "data": cmd_data,
+    "demo": cmd_demo}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -67,11 +67,12 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
 
 # Training defaults per preset. `seed` reproduces the student project's recipe exactly.
 RECIPES: dict[str, dict[str, Any]] = {
-    "seed": dict(size=128, batch_size=10, lr=1e-4, lr_schedule="constant", warmup_steps=0, ema_decay=0.0,
+    "seed": dict(size=128, batch_size=10, lr=1e-4, lr_schedule="constant", warmup_steps=0, warmup_fraction=0.0,
+                 ema_decay=0.0,
                  objective="eps", loss_weighting="none", beta_schedule="linear", flip=False, weight_decay=0.01,
                  grad_clip=0.0, timestep_spacing="leading"),
     "small": dict(size=64),
-    "lean": dict(size=64),
+    "lean": dict(size=64, batch_size=8),  # more, smaller steps learn faster per CPU-second (docs/benchmarks.md)
     "tiny": dict(size=32, batch_size=8),
 }
 DEFAULT_PRESET = "lean"
@@ -86,13 +87,14 @@ class TrainConfig:
     preset: str = DEFAULT_PRESET
     size: int | None = None
     batch_size: int | None = None
-    micro_batch: int | None = None          # None: whole batch at once; "auto" is resolved by the CLI
+    micro_batch: int | None = None          # None: whole batch at once; 0: "auto" (largest that fits the device)
     epochs: int | None = None
     max_steps: int | None = None
     max_minutes: float | None = None
     lr: float | None = None
     lr_schedule: str | None = None          # "cosine" (after warm-up) | "constant"
-    warmup_steps: int | None = None
+    warmup_steps: int | None = None         # linear warm-up steps; 0 → warm up over warmup_fraction of the run
+    warmup_fraction: float | None = None
     weight_decay: float | None = None
     ema_decay: float | None = None          # 0 turns EMA off
     objective: str | None = None            # "eps" | "v"
@@ -126,7 +128,8 @@ class TrainConfig:
         """Fill every `None` from the preset's recipe and meddiff's defaults; validate."""
         if self.preset not in ARCHITECTURES:
             raise ConfigError(f"--preset {self.preset!r}: unknown preset; choose from {', '.join(ARCHITECTURES)}")
-        base = dict(size=64, batch_size=32, lr=1e-3, lr_schedule="cosine", warmup_steps=200, weight_decay=0.01,
+        base = dict(size=64, batch_size=16, lr=1e-3, lr_schedule="cosine", warmup_steps=0, warmup_fraction=0.05,
+                    weight_decay=0.01,
                     ema_decay=0.999, objective="v", loss_weighting="min-snr", beta_schedule="cosine", flip=True,
                     grad_clip=1.0, timestep_spacing="trailing")
         base.update(RECIPES[self.preset])
@@ -147,11 +150,12 @@ class TrainConfig:
         _choice("--conditional", self.conditional, ("auto", "on", "off"))
         if not 16 <= self.size <= 1024 or self.size % 8:
             raise ConfigError(f"--size {self.size}: must be a multiple of 8 between 16 and 1024")
-        for flag, value in (("--batch-size", self.batch_size), ("--micro-batch", self.micro_batch),
-                            ("--epochs", self.epochs), ("--max-steps", self.max_steps)):
+        if self.micro_batch is not None and self.micro_batch < 0:
+            raise ConfigError(f"--micro-batch {self.micro_batch}: must be a positive whole number or auto")
+        for flag, value in (("--batch-size", self.batch_size), ("--epochs", self.epochs), ("--max-steps", self.max_steps)):
             if value is not None and value < 1:
                 raise ConfigError(f"{flag} {value}: must be a positive whole number")
-        if self.micro_batch is not None and self.micro_batch > self.batch_size:
+        if self.micro_batch and self.micro_batch > self.batch_size:
             raise ConfigError(f"--micro-batch {self.micro_batch}: must not exceed --batch-size {self.batch_size}")
         if self.lr <= 0:
             raise ConfigError(f"--lr {self.lr}: must be positive")
@@ -179,6 +183,7 @@ class SampleConfig:
     guidance: float = 1.0
     fmt: str = "png"
     weights: str = "ema"                    # "ema" | "raw" | "best"
+    cache_interval: int = 1                 # DeepCache: run the full UNet every N model calls (1 = off)
     precision: str = "auto"
     device: str = "auto"
     grid: bool = True

@@ -27,13 +27,51 @@ def build_unet(cfg: ModelConfig) -> UNet2DModel:
 
 
 def denoise(unet: UNet2DModel, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None,
-            patch_size: int = 1) -> torch.Tensor:
+            patch_size: int = 1, cache: dict | None = None, refresh: bool = True) -> torch.Tensor:
     """The UNet's output for (B, 1, H, W) inputs, through space-to-depth patches when patch_size > 1
-    (pixel-unshuffle in, pixel-shuffle out: a lossless rearrangement, so the output is again (B, 1, H, W))."""
-    if patch_size == 1:
-        return unet(x, t, class_labels=class_labels).sample
-    out = unet(F.pixel_unshuffle(x, patch_size), t, class_labels=class_labels).sample  # (B, p*p, H/p, W/p)
-    return F.pixel_shuffle(out, patch_size)
+    (pixel-unshuffle in, pixel-shuffle out: a lossless rearrangement, so the output is again (B, 1, H, W)).
+    With a `cache` dict, deep features are reused across calls as in DeepCache (see `cached_unet_forward`)."""
+    inp = F.pixel_unshuffle(x, patch_size) if patch_size > 1 else x  # (B, p*p, H/p, W/p)
+    if cache is None:
+        out = unet(inp, t, class_labels=class_labels).sample
+    else:
+        out = cached_unet_forward(unet, inp, t, class_labels, cache, refresh)
+    return F.pixel_shuffle(out, patch_size) if patch_size > 1 else out
+
+
+def _embedding(unet: UNet2DModel, t: torch.Tensor, class_labels: torch.Tensor | None, batch: int) -> torch.Tensor:
+    """Timestep (+ class) embedding, as UNet2DModel.forward computes it."""
+    t = t.reshape(-1).expand(batch) if t.numel() == 1 else t
+    emb = unet.time_embedding(unet.time_proj(t).to(dtype=unet.dtype))
+    if unet.class_embedding is not None:
+        emb = emb + unet.class_embedding(class_labels).to(dtype=unet.dtype)
+    return emb
+
+
+def cached_unet_forward(unet: UNet2DModel, sample: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None,
+                        cache: dict, refresh: bool) -> torch.Tensor:
+    """DeepCache (Ma et al. 2024, Alg. 1): on a refresh step run the whole UNet and keep the features entering
+    the last (highest-resolution) up block; on the other steps run only conv_in, the first down block and the
+    last up block, reusing the kept deep features, since they change slowly between adjacent steps.
+    With refresh=True the result equals `unet(sample, t, class_labels).sample`."""
+    emb = _embedding(unet, t, class_labels, sample.shape[0])
+    h = unet.conv_in(sample)
+    res: tuple[torch.Tensor, ...] = (h,)
+    h, r = unet.down_blocks[0](hidden_states=h, temb=emb)
+    res += r
+    n_last = len(unet.up_blocks[-1].resnets)  # conv_in output + the first block's resnet outputs
+    if refresh or "deep" not in cache:
+        for block in unet.down_blocks[1:]:
+            h, r = block(hidden_states=h, temb=emb)
+            res += r
+        h = unet.mid_block(h, emb) if unet.mid_block is not None else h
+        stack = res
+        for block in unet.up_blocks[:-1]:
+            k = len(block.resnets)
+            h, stack = block(h, stack[-k:], emb), stack[:-k]
+        cache["deep"] = h
+    h = unet.up_blocks[-1](cache["deep"], res[:n_last], emb)
+    return unet.conv_out(unet.conv_act(unet.conv_norm_out(h)))
 
 
 def null_class(cfg: ModelConfig) -> int:

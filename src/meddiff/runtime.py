@@ -68,3 +68,17 @@ def describe(device: torch.device, precision: str) -> str:
     else:
         name = f"{cpu_model()}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
     return f"{device.type} ({name}), {precision}"
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for this process on the device: CUDA's free memory, or MemAvailable from /proc/meminfo."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30  # unknown platform: assume 4 GiB

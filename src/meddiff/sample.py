@@ -107,15 +107,20 @@ def class_index(run: LoadedRun, name: str | None) -> int | None:
     return run.class_names.index(name)
 
 
-def _denoiser(run: LoadedRun, labels: torch.Tensor | None, guidance: float) -> Callable:
-    """model(x, t) with classifier-free guidance (Ho & Salimans 2022, eq. 6): out = u + w (c - u)."""
+def _denoiser(run: LoadedRun, labels: torch.Tensor | None, guidance: float, cache_interval: int = 1) -> Callable:
+    """model(x, t) with classifier-free guidance (Ho & Salimans 2022, eq. 6): out = u + w (c - u), and with
+    DeepCache feature reuse when cache_interval > 1 (the full UNet runs on every cache_interval-th call)."""
     null, p = run.model.num_classes, run.model.patch_size
+    cache: dict | None = {} if cache_interval > 1 else None
+    calls = [0]
 
     def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        refresh = calls[0] % cache_interval == 0
+        calls[0] += 1
         if labels is None or guidance == 1.0 or bool((labels == null).all()):
-            return denoise(run.unet, x, t, labels, p)
+            return denoise(run.unet, x, t, labels, p, cache, refresh)
         both = denoise(run.unet, torch.cat([x, x]), torch.cat([t, t]),
-                       torch.cat([labels, torch.full_like(labels, null)]), p)
+                       torch.cat([labels, torch.full_like(labels, null)]), p, cache, refresh)
         cond, uncond = both.chunk(2)
         return uncond + guidance * (cond - uncond)
     return model
@@ -123,15 +128,16 @@ def _denoiser(run: LoadedRun, labels: torch.Tensor | None, guidance: float) -> C
 
 @torch.no_grad()
 def generate(run: LoadedRun, seeds: list[int], label: int | None = None, sampler: str = "ddim", steps: int = 20,
-             guidance: float = 1.0, precision: str = "fp32") -> np.ndarray:
-    """Images for the given seeds: (len(seeds), H, W) float32 in [0, 1]."""
+             guidance: float = 1.0, precision: str = "fp32", cache_interval: int = 1) -> np.ndarray:
+    """Images for the given seeds: (len(seeds), H, W) float32 in [0, 1]. cache_interval > 1 turns on
+    DeepCache feature reuse (faster, approximate)."""
     device = next(run.unet.parameters()).device
     size = run.model.sample_size
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     x = torch.cat([torch.randn(1, 1, size, size, generator=g) for g in gens]).to(device)
     labels = None if label is None else torch.full((len(seeds),), label, dtype=torch.long, device=device)
     sched = make_scheduler(sampler, run.scheduler_config, steps)
-    model = _denoiser(run, labels, guidance)
+    model = _denoiser(run, labels, guidance, cache_interval)
     x = x * sched.init_noise_sigma
     step_kwargs = {"generator": gens} if sampler == "ddpm" else {}
     for t in sched.timesteps:
@@ -187,7 +193,8 @@ def sample_to_folder(cfg: SampleConfig, echo: Callable[[str], None] = print) -> 
         chunk = todo[lo:lo + cfg.batch_size]
         for label in sorted({j[2] for j in chunk}, key=lambda v: -1 if v is None else v):
             part = [j for j in chunk if j[2] == label]
-            imgs = generate(run, [j[1] for j in part], label, cfg.sampler, cfg.steps, cfg.guidance, precision)
+            imgs = generate(run, [j[1] for j in part], label, cfg.sampler, cfg.steps, cfg.guidance, precision,
+                            cfg.cache_interval)
             for (stem, seed, lab), img in zip(part, imgs):
                 name = run.class_names[lab] if lab is not None and lab < len(run.class_names) else None
                 info = export.SyntheticInfo(run.model_id, seed, name, cfg.sampler, cfg.steps, cfg.guidance)

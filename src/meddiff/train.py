@@ -42,15 +42,19 @@ class TrainResult:
     train_img_per_s: float
     final_loss: float
     best_val_loss: float | None
+    peak_rss_mib: float | None
     stopped: str                     # "max-steps" | "epochs" | "max-minutes" | "early-stopping" | "interrupted"
 
 
 # ---------------------------------------------------------------- pure helpers: schedule, data order, draws
 
 def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
-    """Linear warm-up to cfg.lr over warmup_steps, then cosine decay to 10 % at progress 1 (or constant)."""
+    """Linear warm-up to cfg.lr (over warmup_steps, or else over the first warmup_fraction of the run), then
+    cosine decay to 10 % at progress 1 (or constant). `progress` is step/total, or elapsed/budget for timed runs."""
     if cfg.warmup_steps and step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    if not cfg.warmup_steps and cfg.warmup_fraction and progress < cfg.warmup_fraction:
+        return cfg.lr * max(progress / cfg.warmup_fraction, 1.0 / 1000)
     if cfg.lr_schedule == "constant":
         return cfg.lr
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0))))
@@ -124,6 +128,36 @@ def validation_loss(unet: torch.nn.Module, images: torch.Tensor, labels: torch.T
         pred = denoise(unet, x_t, t, lab, patch_size).float()
         total += float((predicted_eps(pred, x_t, ab, objective) - eps).pow(2).mean(dim=(1, 2, 3)).sum())
     return total / (n * reps)
+
+
+def activation_bytes_per_image(unet: torch.nn.Module, mcfg: ModelConfig, device: torch.device,
+                               precision: str) -> int:
+    """Bytes autograd saves for backward for one training image, counted with saved-tensor hooks on a real
+    forward pass (no allocator or platform specifics, so the same on CPU and CUDA)."""
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    x = torch.zeros(1, 1, mcfg.sample_size, mcfg.sample_size, device=device)
+    t = torch.zeros(1, dtype=torch.long, device=device)
+    lab = torch.zeros(1, dtype=torch.long, device=device) if mcfg.num_classes else None
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(device, precision):
+        denoise(unet, x, t, lab, mcfg.patch_size).float().mean().backward()
+    unet.zero_grad(set_to_none=True)
+    return total
+
+
+def auto_micro_batch(unet: torch.nn.Module, mcfg: ModelConfig, batch: int, device: torch.device, precision: str,
+                     budget_fraction: float = 0.5) -> int:
+    """The largest micro-batch whose activations fit in `budget_fraction` of the free memory (at least 1)."""
+    from .runtime import available_memory
+
+    per_image = max(activation_bytes_per_image(unet, mcfg, device, precision), 1)
+    fits = int(available_memory(device) * budget_fraction // (per_image * 1.3))  # 30 % for workspace and grads
+    return max(1, min(batch, fits))
 
 
 # ---------------------------------------------------------------- run folder
@@ -267,6 +301,9 @@ def train(cfg: TrainConfig, data: ImageSet | None = None, *, resume: bool = Fals
     train_pos = torch.as_tensor(train_idx, device=device)
     val_images, val_labels = data.images[val_idx[:MAX_VAL_IMAGES]], data.labels[val_idx[:MAX_VAL_IMAGES]]
     B, mb = cfg.batch_size, cfg.micro_batch or cfg.batch_size
+    if cfg.micro_batch == 0:  # "auto"
+        mb = auto_micro_batch(unet, mcfg, B, device, precision)
+        echo(f"micro-batch auto: {mb} of {B} images per forward pass")
     per_epoch = math.ceil(len(train_idx) / B)
     total = cfg.max_steps or (cfg.epochs * per_epoch if cfg.epochs else None)
     if total is None and cfg.max_minutes is None:
@@ -373,11 +410,20 @@ def train(cfg: TrainConfig, data: ImageSet | None = None, *, resume: bool = Fals
             _save(run, cfg, step, unet, ema, opt, state)
     save_model_folder(run, ema or unet, cfg)
     result = TrainResult(run, step, images_seen, elapsed, images_seen / max(elapsed, 1e-9),
-                         float(np.mean(losses[-50:])) if losses else float("nan"), best, stopped)
+                         float(np.mean(losses[-50:])) if losses else float("nan"), best, peak_rss_mib(), stopped)
     record = ckpt.read_json(run / RUN_FILE)
     record["result"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in result.__dict__.items()}
     ckpt.write_json(run / RUN_FILE, record)
     return result
+
+
+def peak_rss_mib() -> float | None:
+    """The process's peak resident memory (Unix), the figure the seed recipe reports too."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _progress(cfg: TrainConfig, total: int | None, start: int) -> Any:

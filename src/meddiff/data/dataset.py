@@ -47,7 +47,11 @@ def parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:
         if name not in BUILTINS:
             raise DataError(f"--data {spec!r}: unknown built-in data set {name!r}; "
                             f"choose from {', '.join('builtin:' + b for b in BUILTINS)}")
-        params = dict(parse_qsl(query, strict_parsing=bool(query)))
+        try:  # keep blank values so that `n=` is refused below instead of silently meaning the default
+            params = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)))
+        except ValueError:
+            raise DataError(f"--data {spec!r}: malformed parameters {query!r}; expected e.g. "
+                            f"builtin:{name}?n=200&seed=1") from None
         unknown = set(params) - {"n", "size", "seed"}
         if unknown:
             raise DataError(f"--data {spec!r}: unknown parameter(s) {', '.join(sorted(unknown))}; allowed: n, size, seed")

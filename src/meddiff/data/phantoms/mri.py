@@ -18,10 +18,10 @@ from ._geometry import blob, check_size, grid, harmonics, lesion_generator, pick
 # and the lesion relative to the brightest brain tissue (hyperintense in every contrast: enhancing tumour on T1,
 # oedema or demyelination on the others).
 CONTRASTS = {
-    "t1": (0.55, 0.80, 0.12, 0.04, 0.55, 0.95, 1.2),
-    "t2": (0.60, 0.45, 1.00, 0.04, 0.30, 0.65, 1.2),
-    "pd": (0.80, 0.66, 0.88, 0.04, 0.50, 0.90, 1.2),
-    "flair": (0.62, 0.45, 0.08, 0.04, 0.35, 0.70, 1.2),
+    "t1": (0.55, 0.80, 0.12, 0.04, 0.55, 0.95, 1.4),
+    "t2": (0.60, 0.45, 1.00, 0.04, 0.30, 0.65, 1.4),
+    "pd": (0.80, 0.66, 0.88, 0.04, 0.50, 0.90, 1.4),
+    "flair": (0.62, 0.45, 0.08, 0.04, 0.35, 0.70, 1.4),
 }
 
 
@@ -35,7 +35,7 @@ class MRIParams:
     scale_range: tuple[float, float] = (0.92, 1.08)
     warp_mm: float = 4.0  # amplitude of the smooth random deformation
     contrast_jitter: float = 0.06
-    bias_strength: float = 0.25  # log-amplitude of the multiplicative bias field
+    bias_strength: float = 0.12  # log-amplitude of the multiplicative bias field
     noise_sigma: tuple[float, float] = (0.01, 0.035)  # Rician sigma relative to the brightest tissue
     lesion_radius_mm: tuple[float, float] = (12.0, 20.0)
 
@@ -69,7 +69,7 @@ def simulate(rng: np.random.Generator, size: int, abnormal: bool,
     mask = np.zeros((size, size), dtype=bool)
     if abnormal:
         weight, mask = _lesion(lesion_rng, tissues[1], params)
-        signal = signal * (1.0 - weight) + values[6] * values[:3].max() * weight
+        signal = signal * (1.0 - weight) + values[6] * values[:6].max() * weight
     magnitude = np.sqrt((signal * bias + sigma * z[0]) ** 2 + (sigma * z[1]) ** 2)  # Rician
     return np.clip(magnitude / scale, 0.0, 1.0).astype(np.float32), mask
 

@@ -1,7 +1,7 @@
 """Simulated frontal (PA) chest radiograph: (rng, size, abnormal) → ((size, size) float32 in [0, 1], bool mask).
 
-A 3-D chest phantom of analytic solids (torso, lungs, heart, diaphragm, spine, ribs, clavicles, shoulders,
-vessels) is integrated along the beam as thickness maps, attenuated by Beer–Lambert's law
+A 3-D chest phantom of analytic solids (torso, lungs, heart, diaphragm, spine, ribs, clavicles, scapulae,
+vessels, trachea, gastric bubble) is integrated along the beam as thickness maps, attenuated by Beer–Lambert's law
 I = I0 exp(-∫mu dl), given scatter (a broad blur of the primary) and quantum noise, and shown like a
 radiograph: attenuating structures bright, lungs dark. The patient's right is on the image's left.
 """
@@ -28,8 +28,8 @@ class XrayParams:
     photons: float = 3.0e4  # detected photons per pixel without attenuation: sets the quantum noise
     display_max: float = 4.2  # -log(I/I0) shown as white
     display_gamma: float = 1.2
-    nodule_radius_cm: tuple[float, float] = (2.5, 3.5)
-    consolidation_radius_cm: tuple[float, float] = (4.0, 6.5)
+    nodule_radius_cm: tuple[float, float] = (3.25, 4.25)
+    consolidation_radius_cm: tuple[float, float] = (5.0, 7.5)
 
 
 def simulate(rng: np.random.Generator, size: int, abnormal: bool,
@@ -43,9 +43,11 @@ def simulate(rng: np.random.Generator, size: int, abnormal: bool,
     line = params.mu_tissue * body - dmu_lung * lung + (params.mu_bone - params.mu_tissue) * bone
     line -= params.mu_tissue * gas
     primary = np.exp(-line)
-    # Scatter is a broad blur of the lesion-free primary: a small lesion changes it by well under 1 %.
+    # Scatter: a broad blur of the lesion-free primary behind the patient (the unattenuated beam around the
+    # body scatters nothing); a lesion changes it by well under 1 %.
     sigma_px = params.scatter_sigma_cm * size / params.fov_cm
-    scatter = params.scatter_to_primary * ndimage.gaussian_filter(primary, sigma_px, mode="nearest")
+    source = primary * (body > 1.0)
+    scatter = params.scatter_to_primary * ndimage.gaussian_filter(source, sigma_px, mode="constant")
     mask = np.zeros((size, size), dtype=bool)
     if abnormal:
         extra, mask = _lesion(lesion_rng, x, y, lung, params)
@@ -53,7 +55,7 @@ def simulate(rng: np.random.Generator, size: int, abnormal: bool,
     z = rng.standard_normal((size, size))
     detected = primary + scatter
     detected = np.maximum(detected + z * np.sqrt(detected / params.photons), 1e-4)
-    density = np.clip(-np.log(detected / (1.0 + params.scatter_to_primary)) / params.display_max, 0.0, 1.0)
+    density = np.clip(-np.log(detected) / params.display_max, 0.0, 1.0)
     return (density ** params.display_gamma).astype(np.float32), mask
 
 
@@ -80,8 +82,6 @@ def _thicknesses(x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> tupl
     width = neck + (half_w - neck) / (1.0 + np.exp(-(y - shoulder_y + 1.5) / 1.6))
     depth = 2.0 * rng.uniform(9.5, 12.0) * np.clip(width / half_w, 0.5, 1.0)
     body = depth * np.sqrt(np.clip(1.0 - (x / width) ** 2, 0.0, None))
-    arm_x, cap = half_w + rng.uniform(2.0, 3.0), np.clip(shoulder_y - y, 0.0, None)
-    body += 8.0 * np.sqrt(np.clip(1.0 - ((np.abs(x) - arm_x) / 3.8) ** 2 - (cap / 3.0) ** 2, 0.0, None))
     lung = np.zeros_like(x)
     for side in (-1, 1):
         lung += _lung(x, y, rng, side, half_w, shoulder_y, dome_y + (1.5 if side > 0 else 0.0))
@@ -170,7 +170,7 @@ def _ribs(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, half_w: float,
 
 
 def _shoulders(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, half_w: float, shoulder_y: float) -> np.ndarray:
-    """Clavicles (S-curved tubes from the sternum to the shoulders), scapular edges and humeral heads."""
+    """Clavicles (S-curved tubes from the sternum to the shoulders) and scapulae."""
     bone = np.zeros_like(x)
     u = np.abs(x)
     tilt = rng.uniform(0.05, 0.15)
@@ -179,7 +179,6 @@ def _shoulders(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, half_w: f
     bone *= (u > 1.5) & (u < half_w - 0.5)
     for side in (-1, 1):
         bone += 0.6 * _chord(x, y, side * (half_w - 3.5), shoulder_y + 7.0, 2.5, 6.0, 1.2)  # scapula
-        bone += 0.5 * _chord(x, y, side * (half_w + 2.5), shoulder_y + 1.0, 2.4, 2.6, 5.0)  # humeral head
     return bone
 
 
@@ -192,7 +191,7 @@ def _lesion(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, lung: np.nda
     row, col = pick_inside(rng, lung > 0.5 * lung.max(), 0.6 * radius / pixel)
     cx, cy = x[row, col], y[row, col]
     if nodule:
-        fill = _chord(x, y, cx, cy, radius, radius * rng.uniform(0.85, 1.0), 2.0 * radius)
+        fill = _chord(x, y, cx, cy, radius, radius * rng.uniform(0.85, 1.0), 2.0 * radius * rng.uniform(1.3, 1.8))
     else:
         rho2 = ((x - cx) ** 2 + ((y - cy) / rng.uniform(0.7, 1.0)) ** 2) / radius ** 2
         mottle = 1.0 + 0.3 * smooth_field(rng, x.shape, 12)

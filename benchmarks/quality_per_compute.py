@@ -1,0 +1,157 @@
+#!/usr/bin/env python3
+"""Quality per compute, side by side in one run: the seed recipe (../shared/baselines/seed_recipe.py) against
+meddiff's default recipe on the same images and the same CPU cores, then the same sampler (DDIM, 20 steps)
+and the same metrics for every model.
+
+    python benchmarks/quality_per_compute.py --data builtin:mni-mri --size 64 \
+        --seed-minutes 30 --meddiff-minutes 3,30 --n 64 --out bench_out/qpc
+
+The seed recipe and the longest meddiff run train at the same time, one thread each (OMP_NUM_THREADS=1), so
+both see the same machine; shorter meddiff runs follow, also on one thread. Snapshots of the seed run at the
+meddiff budgets give the seed's quality at equal time. Prints one JSON document and writes
+OUT/results.json, OUT/table.md and OUT/grids.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SEED_SCRIPT = ROOT.parent / "shared" / "baselines" / "seed_recipe.py"
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def start_seed(images: Path, size: int, minutes: float, snaps: list[float], out: Path) -> subprocess.Popen:
+    cmd = [sys.executable, str(SEED_SCRIPT), "train", "--images", str(images), "--size", str(size), "--arch", "small",
+           "--seconds", str(minutes * 60), "--snapshots", ",".join(str(int(s * 60)) for s in snaps), "--out", str(out)]
+    return subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, text=True)
+
+
+def start_meddiff(data: str, size: int, minutes: float, out: Path, extra: list[str]) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "meddiff.cli", "train", "--data", data, "--size", str(size), "--max-minutes",
+           str(minutes), "--out", str(out), "--no-progress", *extra]
+    return subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, text=True)
+
+
+def last_json(proc: subprocess.Popen) -> dict:
+    out, _ = proc.communicate()
+    if proc.returncode:
+        raise SystemExit(f"a training process failed ({proc.args}):\n{out[-2000:]}")
+    return json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
+
+
+def seed_samples(run: Path, n: int) -> tuple[np.ndarray, float]:
+    t0 = time.time()
+    subprocess.run([sys.executable, str(SEED_SCRIPT), "sample", "--out", str(run), "--n", str(n), "--steps", "20"],
+                   check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL)
+    return np.load(run / "samples.npy").astype(np.float32) / 255.0, time.time() - t0
+
+
+def meddiff_samples(run: Path, n: int) -> tuple[np.ndarray, float]:
+    from meddiff.sample import generate, load_run
+
+    loaded = load_run(run)
+    t0 = time.time()
+    imgs = np.concatenate([generate(loaded, list(range(i, min(i + 16, n))), None, "ddim", 20)
+                           for i in range(0, n, 16)])
+    return imgs, time.time() - t0
+
+
+def val_loss_of(unet_dir: Path, val: torch.Tensor, objective: str, schedule: str, patch: int) -> float:
+    from diffusers import UNet2DModel
+
+    from meddiff.diffusion import alphas_cumprod
+    from meddiff.train import validation_loss
+
+    unet = UNet2DModel.from_pretrained(unet_dir).eval()
+    ab = alphas_cumprod(schedule, 1000).float()
+    with torch.no_grad():
+        return validation_loss(unet, val, None, ab, objective, seed=0, patch_size=patch)
+
+
+def score(fake: np.ndarray, real: np.ndarray) -> dict:
+    from meddiff.metrics.features import get_extractor
+    from meddiff.metrics.fid import compute_stats, feature_scores
+    from meddiff.metrics.ssim import ssim_report
+
+    s = ssim_report(fake, real)
+    extractor = get_extractor("randconv", resolution=fake.shape[-1])
+    f = feature_scores(compute_stats(fake, extractor), compute_stats(real, extractor),
+                       kid_subset_size=min(len(fake), len(real)))
+    return dict(ssim_mean=s["ssim_mean"], ssim_ci95=s["ssim_ci95"], ssim_reference=s["reference_real_halves"],
+                kid=f["kid"], fid=f["fid"], feature_protocol=f["protocol"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="builtin:mni-mri")
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--seed-minutes", type=float, default=30)
+    ap.add_argument("--meddiff-minutes", default="3,30")
+    ap.add_argument("--n", type=int, default=64)
+    ap.add_argument("--out", default="bench_out/qpc")
+    ap.add_argument("--meddiff-args", default="", help="extra flags for meddiff train, e.g. '--preset small'")
+    a = ap.parse_args()
+    from meddiff.data.dataset import load_data, split
+    from meddiff.runtime import cpu_model
+
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    budgets = sorted(float(m) for m in a.meddiff_minutes.split(","))
+    data = load_data(a.data, a.size)
+    train_idx, val_idx = split(data, 0.1, 0)
+    real = ((data.images[:, 0] + 1) / 2).numpy()
+    np.save(out / "train_images.npy", (real[train_idx] * 255).round().astype(np.uint8))  # the seed sees the same split
+    val = data.images[val_idx]
+
+    seed_run, runs = out / "seed", {}
+    procs = {"seed": start_seed(out / "train_images.npy", a.size, a.seed_minutes, budgets, seed_run)}
+    longest = budgets[-1]
+    procs[f"meddiff_{longest:g}min"] = start_meddiff(a.data, a.size, longest, out / f"meddiff_{longest:g}min",
+                                                     a.meddiff_args.split())
+    train_stats = {name: last_json(p) for name, p in procs.items()}
+    for m in budgets[:-1]:
+        train_stats[f"meddiff_{m:g}min"] = last_json(start_meddiff(a.data, a.size, m, out / f"meddiff_{m:g}min",
+                                                                   a.meddiff_args.split()))
+    rows = {}
+    for m in budgets:
+        snap = seed_run / f"snap_{int(m * 60)}s"
+        if m >= a.seed_minutes or not (snap / "unet").exists():
+            snap = seed_run
+        imgs, secs = seed_samples(snap, a.n)
+        rows[f"seed_{m:g}min"] = dict(images=imgs, sample_s=secs, unet=snap / "unet", objective="eps",
+                                      schedule="linear", patch=1, train=train_stats["seed"])
+        run = out / f"meddiff_{m:g}min"
+        record = json.loads((run / "meddiff.json").read_text())
+        imgs, secs = meddiff_samples(run, a.n)
+        rows[f"meddiff_{m:g}min"] = dict(images=imgs, sample_s=secs, unet=run / "unet",
+                                         objective=record["train"]["objective"],
+                                         schedule=record["train"]["beta_schedule"],
+                                         patch=record["model"].get("patch_size", 1), train=train_stats[f"meddiff_{m:g}min"])
+    results = dict(cpu=cpu_model(), threads_per_run=1, precision="fp32", data=a.data, size=a.size, n=a.n,
+                   n_train=len(train_idx), n_val=len(val_idx), rows={})
+    for name, r in rows.items():
+        q = score(r["images"], real[train_idx])
+        q["val_loss_eps"] = val_loss_of(r["unet"], val, r["objective"], r["schedule"], r["patch"])
+        q["train_img_per_s"] = r["train"]["train_img_per_s"]
+        q["peak_rss_mib"] = r["train"].get("peak_rss_mib")
+        q["sample_img_per_s_ddim20"] = a.n / r["sample_s"]
+        results["rows"][name] = q
+        np.save(out / f"{name}_samples.npy", (r["images"] * 255).round().astype(np.uint8))
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

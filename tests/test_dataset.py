@@ -1,0 +1,258 @@
+"""Tests for meddiff.data.dataset and meddiff.data.cache: folders → labelled images, skipping, specs, cache, split."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import meddiff.data.readers as readers
+from meddiff.data import cache
+from meddiff.data.dataset import ImageSet, export_builtin, load_data, parse_spec, split, to_square
+from meddiff.errors import DataError
+
+
+def test_class_folders_give_labels_and_sorted_class_names(image_folder: Path) -> None:
+    data = load_data(str(image_folder), 32)
+    assert data.class_names == ("a", "b")
+    assert data.images.shape == (16, 1, 32, 32) and data.images.dtype == torch.float32
+    assert float(data.images.min()) >= -1 and float(data.images.max()) <= 1
+    assert float(data.images.min()) < -0.8 and float(data.images.max()) > 0.8  # really spans the range
+    assert data.labels.tolist() == [0] * 8 + [1] * 8
+    assert data.summary["classes"] == {"a": 8, "b": 8}
+    assert data.summary["formats"] == {"png": 16}
+    assert data.skipped == []
+    assert len(np.unique(data.groups)) == 16  # one file, one group
+
+
+def test_pixel_values_survive_loading(tmp_path: Path) -> None:
+    img = np.zeros((32, 32), np.uint8)
+    img[:, 16:] = 255
+    img[0, 0] = 128
+    Image.fromarray(img).save(tmp_path / "x.png")
+    data = load_data(str(tmp_path), 32)
+    x = data.images[0, 0]
+    assert float(x[5, 5]) == -1.0 and float(x[5, 20]) == 1.0
+    assert float(x[0, 0]) == pytest.approx(128 / 255 * 2 - 1, abs=1e-4)
+
+
+def test_flat_folder_is_one_class(tmp_path: Path, png_writer) -> None:
+    png_writer(tmp_path, 3)
+    data = load_data(str(tmp_path), 16)
+    assert data.class_names == ("all",)
+    assert data.images.shape == (3, 1, 16, 16)
+    assert data.labels.tolist() == [0, 0, 0]
+
+
+def test_label_depth_two_names_classes_by_two_levels(tmp_path: Path, png_writer) -> None:
+    png_writer(tmp_path / "xray" / "normal", 2)
+    png_writer(tmp_path / "xray" / "pneumonia", 3, seed=1)
+    data = load_data(str(tmp_path), 32, label_depth=2)
+    assert data.class_names == ("xray/normal", "xray/pneumonia")
+    assert data.summary["classes"] == {"xray/normal": 2, "xray/pneumonia": 3}
+
+
+def test_corrupt_and_misplaced_files_are_skipped_with_path_and_reason(tmp_path: Path, png_writer) -> None:
+    png_writer(tmp_path / "a", 3)
+    png_writer(tmp_path / "b", 2, seed=1)
+    broken = tmp_path / "a" / "broken.png"
+    broken.write_bytes(b"this is not a png")
+    stray = tmp_path / "loose.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(stray)
+    (tmp_path / "b" / "notes.txt").write_text("hello")
+    data = load_data(str(tmp_path), 32)
+    assert len(data) == 5 and data.summary["classes"] == {"a": 3, "b": 2}
+    reasons = dict(data.skipped)
+    assert set(reasons) == {str(broken), str(stray), str(tmp_path / "b" / "notes.txt")}
+    assert "PNG" in reasons[str(broken)]
+    assert "not inside a class folder" in reasons[str(stray)]
+    assert "not an image format" in reasons[str(tmp_path / "b" / "notes.txt")]
+    assert data.summary["skipped"] == 3
+
+
+def test_summary_holds_no_file_names(tmp_path: Path, png_writer) -> None:
+    png_writer(tmp_path, 2)
+    data = load_data(str(tmp_path), 16)
+    assert set(data.summary) == {"images", "classes", "formats", "source_shapes", "size", "skipped"}
+    assert "000.png" not in repr(data.summary) and "001.png" not in repr(data.summary)
+
+
+def test_no_readable_images_is_a_data_error_naming_the_path(tmp_path: Path) -> None:
+    (tmp_path / "x.png").write_bytes(b"garbage")
+    with pytest.raises(DataError, match=rf"--data '{tmp_path}': no readable images found \(skipped 1: "
+                                        rf"{tmp_path}/x.png: "):
+        load_data(str(tmp_path), 32)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match=rf"--data '{empty}': no readable images found$"):
+        load_data(str(empty), 32, cache_dir=tmp_path / "cache")
+
+
+def test_missing_folder_and_plain_file_are_data_errors(tmp_path: Path, png_writer) -> None:
+    with pytest.raises(DataError, match=r"--data '.*nowhere': no such file or folder"):
+        load_data(str(tmp_path / "nowhere"), 32)
+    (path,) = png_writer(tmp_path, 1)
+    with pytest.raises(DataError, match=r"not a folder \(give a folder of images, or builtin:…\)"):
+        load_data(str(path), 32)
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("builtin:cats", r"--data 'builtin:cats': unknown built-in data set 'cats'; choose from builtin:mni-mri"),
+    ("builtin:phantoms?n=0", r"n='0' must be a positive whole number"),
+    ("builtin:phantoms?n=ten", r"n='ten' must be a positive whole number"),
+    ("builtin:phantoms?n=-3", r"n='-3' must be a positive whole number"),
+    ("builtin:phantoms?n=", r"n='' must be a positive whole number"),
+    ("builtin:ct?count=3", r"unknown parameter\(s\) count; allowed: n, size, seed"),
+    ("builtin:ct?n", r"--data 'builtin:ct\?n': malformed parameters"),
+])
+def test_builtin_spec_errors(spec: str, match: str) -> None:
+    with pytest.raises(DataError, match=match):
+        parse_spec(spec)
+
+
+def test_spec_parsing() -> None:
+    assert parse_spec("builtin:phantoms?n=200&seed=3") == ("builtin", "phantoms", {"n": "200", "seed": "3"})
+    assert parse_spec("builtin:mni-mri") == ("builtin", "mni-mri", {})
+    assert parse_spec("some/folder") == ("folder", "some/folder", {})
+
+
+def test_phantom_render_size_is_checked() -> None:
+    with pytest.raises(DataError, match=r"size=16 must be between 32 and 256"):
+        load_data("builtin:xray?n=2&size=16", 32)
+
+
+def test_second_load_hits_the_cache_and_a_changed_file_invalidates_it(tmp_path: Path, png_writer,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    root, cache_dir = tmp_path / "data", tmp_path / "cache"
+    paths = png_writer(root / "a", 3) + png_writer(root / "b", 2, seed=1)
+    first = load_data(str(root), 32, cache_dir=cache_dir)
+    assert len(list(cache_dir.glob("*.npy"))) == 1 and len(list(cache_dir.glob("*.json"))) == 1
+
+    real_read = readers.read_file
+
+    def refuse(*_a: object, **_k: object) -> None:
+        raise AssertionError("the cache should have answered")
+    monkeypatch.setattr(readers, "read_file", refuse)
+    second = load_data(str(root), 32, cache_dir=cache_dir)
+    assert torch.equal(first.images, second.images) and torch.equal(first.labels, second.labels)
+    assert second.class_names == first.class_names and second.summary == first.summary
+
+    # a different size is another entry, not a stale hit
+    with pytest.raises(AssertionError, match="the cache should have answered"):
+        load_data(str(root), 16, cache_dir=cache_dir)
+
+    monkeypatch.setattr(readers, "read_file", real_read)
+    Image.fromarray(np.full((32, 32), 255, np.uint8)).save(paths[0])
+    st = paths[0].stat()
+    os.utime(paths[0], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    third = load_data(str(root), 32, cache_dir=cache_dir)
+    assert float(third.images[0].min()) == 1.0
+    assert torch.equal(third.images[1:], first.images[1:])
+
+
+def test_a_damaged_cache_entry_is_rebuilt(tmp_path: Path, png_writer) -> None:
+    root, cache_dir = tmp_path / "data", tmp_path / "cache"
+    png_writer(root, 2)
+    first = load_data(str(root), 32, cache_dir=cache_dir)
+    (meta,) = cache_dir.glob("*.json")
+    meta.write_text("{not json")
+    again = load_data(str(root), 32, cache_dir=cache_dir)
+    assert torch.equal(first.images, again.images)
+
+
+def test_uint16_storage_round_trip() -> None:
+    x = np.linspace(0, 1, 1000, dtype=np.float32).reshape(10, 10, 10)
+    back = cache.from_uint16(cache.to_uint16(x))
+    assert back.dtype == np.float32 and np.abs(back - x).max() <= 0.5 / 65535 + 1e-7
+    assert cache.to_uint16(np.array([-0.5, 1.5])).tolist() == [0, 65535]
+    assert cache.cache_key("a", 1) == cache.cache_key("a", 1) != cache.cache_key("a", 2)
+
+
+# ---------------------------------------------------------------- split
+
+def _set(groups: list[int]) -> ImageSet:
+    n = len(groups)
+    return ImageSet(torch.zeros(n, 1, 16, 16), torch.zeros(n, dtype=torch.long), ("all",), np.asarray(groups))
+
+
+def test_patient_subfolders_stay_on_one_side_of_the_split(tmp_path: Path, png_writer) -> None:
+    for c in ("a", "b"):
+        for p in range(3):
+            png_writer(tmp_path / c / f"patient{p}", 3, seed=p)
+    data = load_data(str(tmp_path), 16)
+    assert len(data) == 18 and len(np.unique(data.groups)) == 6
+    for seed in range(5):
+        train_idx, val_idx = split(data, 0.3, seed)
+        assert len(val_idx) > 0 and len(train_idx) > 0
+        assert set(data.groups[train_idx]).isdisjoint(data.groups[val_idx])
+        assert sorted(np.concatenate([train_idx, val_idx]).tolist()) == list(range(18))
+
+
+def test_split_is_deterministic_in_the_seed() -> None:
+    data = _set(list(range(20)))
+    a, b = split(data, 0.25, seed=1), split(data, 0.25, seed=1)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert len(a[1]) == 5
+    others = [split(data, 0.25, seed=s)[1].tolist() for s in range(2, 6)]
+    assert any(o != a[1].tolist() for o in others)
+
+
+@pytest.mark.parametrize("groups, fraction, n_train", [
+    ([0, 1], 0.49, 1),           # two groups: one each side
+    ([0, 0, 0], 0.4, 3),         # one group: nothing held out
+    ([0, 1, 2, 3], 0.0, 4),      # no validation asked
+    (list(range(10)), 0.01, 9),  # tiny fraction: still one group held out
+])
+def test_split_never_empties_train(groups: list[int], fraction: float, n_train: int) -> None:
+    train_idx, val_idx = split(_set(groups), fraction, seed=0)
+    assert len(train_idx) == n_train and len(val_idx) == len(groups) - n_train
+
+
+# ---------------------------------------------------------------- to_square
+
+def test_to_square_pads_keeping_aspect() -> None:
+    img = np.ones((8, 16), np.float32)
+    sq = to_square(img, 16)
+    assert sq.shape == (16, 16) and sq.dtype == np.float32
+    assert np.all(sq[4:12] == 1) and np.all(sq[:4] == 0) and np.all(sq[12:] == 0)
+
+
+def test_to_square_crops_the_centre() -> None:
+    img = np.zeros((8, 16), np.float32)
+    img[:, 4:12] = 1.0
+    sq = to_square(img, 8, crop=True)
+    assert sq.shape == (8, 8) and np.all(sq == 1)
+
+
+def test_to_square_resizes_into_unit_range() -> None:
+    rng = np.random.default_rng(0)
+    img = rng.random((40, 30)).astype(np.float32)
+    sq = to_square(img, 16)
+    assert sq.shape == (16, 16) and sq.min() >= 0 and sq.max() <= 1
+    up = to_square(np.eye(8, dtype=np.float32), 32)
+    assert up.shape == (32, 32) and up.min() >= 0 and up.max() <= 1
+
+
+# ---------------------------------------------------------------- builtin export
+
+def test_export_builtin_writes_class_folders(tmp_path: Path) -> None:
+    pytest.importorskip("meddiff.data.phantoms")
+    counts = export_builtin("builtin:xray", tmp_path, n=4, size=32, seed=0)
+    assert counts == {"xray/normal": 2, "xray/abnormal": 2}
+    files = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.png"))
+    assert len(files) == 4 and all(f.startswith(("xray/normal/", "xray/abnormal/")) for f in files)
+    assert not list(tmp_path.rglob("*.tmp"))
+    with Image.open(tmp_path / files[0]) as im:
+        assert im.size == (32, 32) and im.mode == "L"
+    data = load_data(str(tmp_path), 32, label_depth=2)
+    assert data.class_names == ("xray/abnormal", "xray/normal")
+
+
+def test_export_builtin_refuses_folders_and_inline_parameters(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"'some/folder': data export takes a built-in data set"):
+        export_builtin("some/folder", tmp_path, n=2, size=32)
+    with pytest.raises(DataError, match=r"give --n, --size and --seed as flags"):
+        export_builtin("builtin:xray?n=3", tmp_path, n=2, size=32)

@@ -1,0 +1,61 @@
+"""Tests for meddiff.model: preset architectures, conditioning, space-to-depth patches."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from meddiff.config import model_config
+from meddiff.model import build_unet, count_parameters, denoise, null_class
+
+
+def test_tiny_unet_is_under_a_million_parameters_and_keeps_shape() -> None:
+    unet = build_unet(model_config("tiny", 16))
+    assert count_parameters(unet) < 1_000_000
+    x = torch.randn(2, 1, 16, 16)
+    out = denoise(unet, x, torch.tensor([0, 999]))
+    assert out.shape == (2, 1, 16, 16) and out.dtype == torch.float32
+
+
+def test_seed_preset_is_the_slides_architecture() -> None:
+    with torch.device("meta"):
+        unet = build_unet(model_config("seed", 128))
+    c = unet.config
+    assert c.layers_per_block == 3
+    assert tuple(c.block_out_channels) == (128, 128, 256, 256, 512, 512)
+    assert tuple(c.down_block_types) == ("DownBlock2D",) * 4 + ("AttnDownBlock2D", "DownBlock2D")
+    assert tuple(c.up_block_types) == ("UpBlock2D", "AttnUpBlock2D") + ("UpBlock2D",) * 4
+    assert (c.in_channels, c.out_channels, c.sample_size) == (1, 1, 128)
+    assert c.num_class_embeds is None
+
+
+def test_conditional_model_has_a_null_class_row() -> None:
+    mcfg = model_config("tiny", 16, num_classes=3)
+    unet = build_unet(mcfg)
+    assert unet.config.num_class_embeds == 4
+    assert null_class(mcfg) == 3
+    x = torch.randn(2, 1, 16, 16)
+    t = torch.tensor([10, 10])
+    a = denoise(unet, x, t, torch.tensor([0, 0]))
+    b = denoise(unet, x, t, torch.tensor([0, 3]))
+    assert not torch.equal(a[1], b[1]), "the class label must change the output"
+    torch.testing.assert_close(a[0], b[0])
+
+
+def test_patch_size_two_is_pixel_unshuffle_unet_pixel_shuffle() -> None:
+    mcfg = model_config("lean", 16)
+    assert mcfg.patch_size == 2
+    torch.manual_seed(0)
+    unet = build_unet(mcfg).eval()
+    assert (unet.config.in_channels, unet.config.out_channels, unet.config.sample_size) == (4, 4, 8)
+    x = torch.randn(2, 1, 16, 16)
+    t = torch.tensor([5, 500])
+    with torch.no_grad():
+        out = denoise(unet, x, t, patch_size=2)
+        ref = F.pixel_shuffle(unet(F.pixel_unshuffle(x, 2), t).sample, 2)
+    assert out.shape == (2, 1, 16, 16)
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+
+
+def test_space_to_depth_is_lossless() -> None:
+    x = torch.arange(2 * 16 * 16, dtype=torch.float32).view(2, 1, 16, 16)
+    assert torch.equal(F.pixel_shuffle(F.pixel_unshuffle(x, 2), 2), x)
