@@ -120,8 +120,8 @@ def feature_sets() -> dict:
     """Per modality: training features (normal/abnormal twin pairs) and held-out features (other indices)."""
     sets = {}
     for modality in MODALITIES:
-        train = [(i, ab) for i in range(150) for ab in (False, True)]
-        held_out = [(10_000 + i, i % 2 == 1) for i in range(100)]
+        train = [(i, ab) for i in range(100) for ab in (False, True)]
+        held_out = [(10_000 + i, i % 2 == 1) for i in range(80)]
         sets[modality] = [
             (np.array([_features(render(modality, i, 0, 64, ab)) for i, ab in pairs]),
              np.array([ab for _, ab in pairs]))

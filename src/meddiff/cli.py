@@ -14,12 +14,20 @@ from typing import Any, Callable, NoReturn
 from .config import ARCHITECTURES, DEFAULT_PRESET, SAMPLERS, SampleConfig, TrainConfig
 from .errors import MeddiffError
 
+MAIN_EXAMPLES = """examples:
+  meddiff train --data builtin:mni-mri --out runs/mri --max-minutes 5
+  meddiff sample --run runs/mri --n 16 --out samples/
+  meddiff evaluate --real builtin:mni-mri --fake samples/
+  meddiff COMMAND --help                                     # each command's options and examples
+"""
 TRAIN_EXAMPLES = """examples:
   meddiff train --data builtin:mni-mri --out runs/mri --max-minutes 5
   meddiff train --data ~/data/chest_xray --out runs/cxr --preset small --size 64 --epochs 50
   meddiff train --data builtin:phantoms?n=2000 --out runs/ph --max-steps 3000
   meddiff train --preset seed --data DIR --out runs/seed   # the student project's recipe, exactly
   meddiff train --resume runs/mri                            # continue an interrupted run
+  meddiff train --resume runs/mri --max-steps 20000          # extend a finished run
+  torchrun --standalone --nproc_per_node 4 --no-python meddiff train --data DIR --out runs/ddp
 """
 SAMPLE_EXAMPLES = """examples:
   meddiff sample --run runs/mri --n 4 --steps 20 --out samples/
@@ -36,6 +44,8 @@ INFO_EXAMPLES = """examples:
 DATA_EXAMPLES = """examples:
   meddiff data export builtin:phantoms --n 200 --out phantoms_png/
   meddiff train --data phantoms_png/ --label-depth 2 --out runs/ph
+  meddiff data fetch pneumoniamnist --size 64 --out pneumonia_png/   # MedMNIST+, checksum-verified
+  meddiff train --data pneumonia_png/ --out runs/pneumonia
 """
 
 
@@ -71,7 +81,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="meddiff", description="Diffusion models for medical images: train, "
-                                 "sample, evaluate.", formatter_class=argparse.RawDescriptionHelpFormatter)
+                 "sample, evaluate.", epilog=MAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(sub)
     _add_sample(sub)
@@ -94,7 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--minutes", type=float, default=5.0)
     demo.add_argument("--out", default="demo")
     demo.add_argument("--n", type=_positive_int, default=8)
-    data = sub.add_parser("data", help="built-in data sets", epilog=DATA_EXAMPLES,
+    data = sub.add_parser("data", help="built-in and public data sets", epilog=DATA_EXAMPLES,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     exp = dsub.add_parser("export", help="write a built-in data set as PNGs in class folders", epilog=DATA_EXAMPLES,
@@ -104,7 +114,33 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--size", type=_positive_int, default=128)
     exp.add_argument("--seed", type=int, default=0)
     exp.add_argument("--out", required=True)
+    _add_fetch(dsub)
+    _add_export_diffusers(sub)
     return ap
+
+
+def _add_fetch(dsub: Any) -> None:
+    from .data.medmnist import CATALOGUE, SIZES, ZENODO
+
+    fe = dsub.add_parser("fetch", help="download a MedMNIST+ set (MD5-verified, resumable) into class folders",
+                         epilog=DATA_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    fe.add_argument("name", help=", ".join(CATALOGUE))
+    fe.add_argument("--size", type=int, choices=SIZES, default=64, help="image size of the MedMNIST+ file")
+    fe.add_argument("--out", required=True, help="folder for the PNG class folders")
+    fe.add_argument("--split", choices=["train", "val", "test", "all"], default="train",
+                    help="which official split to write (default train: keep test images for evaluation)")
+    fe.add_argument("--url-base", default=ZENODO, help="a mirror holding the official files (default Zenodo)")
+    fe.add_argument("--download-dir", help=f"where the .npz is kept (default {default_cache_dir()}/medmnist)")
+    fe.add_argument("--retries", type=_positive_int, default=3)
+
+
+def _add_export_diffusers(sub: Any) -> None:
+    ex = sub.add_parser("export-diffusers", help="write a run as a diffusers pipeline folder",
+                        epilog="examples:\n  meddiff export-diffusers runs/mri exported/mri\n",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ex.add_argument("run", metavar="RUN_DIR")
+    ex.add_argument("out", metavar="OUT_DIR")
+    ex.add_argument("--weights", choices=["ema", "best"], default="ema")
 
 
 def _add_train(sub: Any) -> None:
@@ -171,7 +207,19 @@ def _add_sample(sub: Any) -> None:
     sa.add_argument("--no-progress", action="store_true")
 
 
+def _dist_from_env() -> Any:
+    """torchrun's RANK / WORLD_SIZE / LOCAL_RANK (read here, at the edge); a plain run is rank 0 of 1."""
+    from .runtime import Dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+RESUME_FLAGS = ("epochs", "max_steps", "max_minutes", "patience", "no_progress")  # may extend a resumed run
+
+
 def cmd_train(a: argparse.Namespace) -> int:
+    from .runtime import init_distributed
     from .train import train
 
     names = ["preset", "size", "batch_size", "micro_batch", "epochs", "max_steps", "max_minutes", "lr",
@@ -181,19 +229,28 @@ def cmd_train(a: argparse.Namespace) -> int:
              "seed", "crop"]
     if a.resume:
         # the run continues with its stored settings: a flag given here would be silently ignored, so refuse it
+        # (stopping criteria excepted: they extend the run)
         defaults = vars(_parser().parse_args(["train"]))
-        given = [n for n in names + ["data", "out", "cache_dir", "no_progress"] if getattr(a, n) != defaults[n]]
+        given = [n for n in names + ["data", "out", "cache_dir"] if getattr(a, n) != defaults[n]
+                 and n not in RESUME_FLAGS]
         if given:
-            raise MeddiffError(f"train --resume {a.resume}: takes no other flags (got "
-                               f"{', '.join('--' + n.replace('_', '-') for n in given)}); the run continues with the "
-                               f"settings stored in its meddiff.json")
-        result = train(TrainConfig(data="", out=a.resume), resume=True)
+            raise MeddiffError(f"train --resume {a.resume}: takes no other flags than --max-steps, --epochs, "
+                               f"--max-minutes, --patience (got {', '.join('--' + n.replace('_', '-') for n in given)})"
+                               "; the run continues with the settings stored in its meddiff.json")
+    elif not a.data or not a.out:
+        raise MeddiffError("train: --data and --out are required (or --resume RUN_DIR)")
+    dist = _dist_from_env()
+    device = init_distributed(dist, a.device) if dist.active else None
+    if a.resume:
+        cfg = TrainConfig(data="", out=a.resume, epochs=a.epochs, max_steps=a.max_steps, max_minutes=a.max_minutes,
+                          patience=a.patience, progress=not a.no_progress)
+        result = train(cfg, resume=True, dist=dist, device=device)
     else:
-        if not a.data or not a.out:
-            raise MeddiffError("train: --data and --out are required (or --resume RUN_DIR)")
         cfg = TrainConfig(data=a.data, out=a.out, cache_dir=a.cache_dir or default_cache_dir(),
                           progress=not a.no_progress, **{n: getattr(a, n) for n in names})
-        result = train(cfg)
+        result = train(cfg, dist=dist, device=device)
+    if not dist.main:
+        return 0
     print(json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in result.__dict__.items()}))
     if result.stopped == "interrupted":
         print(f"interrupted at step {result.steps}; a checkpoint is saved. Continue with: "
@@ -245,11 +302,46 @@ def cmd_info(a: argparse.Namespace) -> int:
 def cmd_data(a: argparse.Namespace) -> int:
     from .data.dataset import export_builtin
 
+    if a.data_command == "fetch":
+        return cmd_data_fetch(a)
     counts = export_builtin(a.spec, a.out, n=a.n, size=a.size, seed=a.seed)
     print(json.dumps({"out": a.out, "classes": counts}))
     depth = max(c.count("/") for c in counts) + 1
     print(f"train on it with: meddiff train --data {a.out}" + (f" --label-depth {depth}" if depth > 1 else "")
           + " --out RUN_DIR")
+    return 0
+
+
+def cmd_data_fetch(a: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .data.medmnist import fetch, to_class_folders
+
+    bar = tqdm(unit="B", unit_scale=True, dynamic_ncols=True, desc=a.name)
+
+    def progress(done: int, total: int | None) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    download_dir = a.download_dir or os.path.join(default_cache_dir(), "medmnist")
+    try:
+        npz = fetch(a.name, a.size, download_dir, url_base=a.url_base, retries=a.retries, progress=progress,
+                    echo=print)
+    finally:
+        bar.close()
+    counts = to_class_folders(npz, a.out, split=a.split)
+    print(json.dumps({"npz": str(npz), "out": a.out, "split": a.split, "classes": counts}))
+    print(f"train on it with: meddiff train --data {a.out} --out RUN_DIR   (or --data medmnist:{npz})")
+    return 0
+
+
+def cmd_export_diffusers(a: argparse.Namespace) -> int:
+    from .pipeline import export_diffusers
+
+    out, pipeline = export_diffusers(a.run, a.out, weights=a.weights)
+    print(json.dumps({"out": str(out), "pipeline": pipeline}))
+    where = "diffusers" if pipeline == "DDIMPipeline" else "meddiff.pipeline"
+    print(f"load it with: from {where} import {pipeline}; pipe = {pipeline}.from_pretrained({str(out)!r})")
     return 0
 
 
@@ -275,7 +367,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate, "info": cmd_info, "data": cmd_data,
-    "demo": cmd_demo}
+    "demo": cmd_demo, "export-diffusers": cmd_export_diffusers}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -82,3 +83,37 @@ def available_memory(device: torch.device) -> int:
     except OSError:
         pass
     return 4 << 30  # unknown platform: assume 4 GiB
+
+
+@dataclass(frozen=True)
+class Dist:
+    """Where this process sits in a multi-process run (torchrun): rank 0 of 1 for a plain run."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+
+def init_distributed(dist: Dist, device_name: str = "auto", timeout_s: float = 120.0) -> torch.device:
+    """Join the process group torchrun set up (NCCL on CUDA, gloo on CPU) and return this rank's device.
+    The timeout bounds every collective, so a lost peer ends the run with an error instead of a hang."""
+    import datetime
+
+    import torch.distributed as td
+
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    if not td.is_initialized():
+        td.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=dist.rank, world_size=dist.world,
+                              timeout=datetime.timedelta(seconds=timeout_s))
+    return device

@@ -25,7 +25,7 @@ from .data.dataset import ImageSet, load_data, split
 from .diffusion import alphas_cumprod, diffusers_scheduler_config, diffusion_loss, predicted_eps, q_sample
 from .errors import ConfigError, RunError
 from .model import build_unet, denoise, null_class
-from .runtime import autocast, describe, pick_device, pick_precision
+from .runtime import Dist, autocast, describe, pick_device, pick_precision
 
 RUN_FILE = "meddiff.json"
 LOG_FILE = "log.jsonl"
@@ -176,14 +176,24 @@ def save_model_folder(run: Path, unet: torch.nn.Module, cfg: TrainConfig, name: 
                                                "unet": ["diffusers", "UNet2DModel"]})
 
 
-def _prepare_run(cfg: TrainConfig, resume: bool) -> tuple[TrainConfig, dict[str, Any] | None]:
-    """Check the run folder; on resume, return the stored config (flags are not needed) and the run record."""
+STOP_FIELDS = ("epochs", "max_steps", "max_minutes", "patience")
+
+
+def _prepare_run(cfg: TrainConfig, resume: bool, main: bool = True) -> tuple[TrainConfig, dict[str, Any] | None]:
+    """Check the run folder; on resume, return the stored config (no flags needed; stopping criteria given in
+    `cfg` replace the stored ones, to extend a run) and the run record. Only the main process writes."""
     run = Path(cfg.out)
     record_path = run / RUN_FILE
     if resume:
         record = ckpt.read_json(record_path)
         stored = from_json(TrainConfig, record["train"])
-        return stored, record
+        given = {k: getattr(cfg, k) for k in STOP_FIELDS if getattr(cfg, k) is not None}
+        if given:
+            stored = _replace(stored, **{k: None for k in STOP_FIELDS[:3]}, **given) if set(given) & set(
+                STOP_FIELDS[:3]) else _replace(stored, **given)
+        return _replace(stored, progress=cfg.progress), record
+    if not main:
+        return cfg.resolve(), None
     if record_path.exists():
         raise ConfigError(f"--out {run}: already holds a meddiff run; continue it with `meddiff train --resume {run}`"
                           " or choose another --out")
@@ -259,11 +269,19 @@ def _log_line(path: Path, record: dict[str, Any]) -> None:
 # ---------------------------------------------------------------- the loop
 
 def train(cfg: TrainConfig, data: ImageSet | None = None, *, resume: bool = False,
-          echo: Callable[[str], None] = print) -> TrainResult:
-    """Train (or resume) a run. `data` may be given to skip loading `cfg.data` (notebooks, tests)."""
-    cfg, record = _prepare_run(cfg, resume)
+          echo: Callable[[str], None] = print, dist: Dist = Dist(), device: torch.device | None = None) -> TrainResult:
+    """Train (or resume) a run. `data` may be given to skip loading `cfg.data` (notebooks, tests).
+    With `dist` (several processes under torchrun, process group already initialised), every rank computes its
+    slice of the same global batch and gradients are summed with the engine's all-reduce; rank 0 writes."""
+    if dist.main:
+        cfg, record = _prepare_run(cfg, resume)
+    _barrier(dist)
+    if not dist.main:
+        cfg, record = _prepare_run(cfg, resume, main=False)
+    if not dist.main:
+        echo = _silent
     run = Path(cfg.out)
-    device = pick_device(cfg.device)
+    device = device or pick_device(cfg.device)
     precision = pick_precision(cfg.precision, device)
     torch.manual_seed(cfg.seed)  # model initialisation only; every later draw has its own generator
     data = data if data is not None else load_data(cfg.data, cfg.size, crop=cfg.crop, label_depth=cfg.label_depth,
@@ -279,10 +297,10 @@ def train(cfg: TrainConfig, data: ImageSet | None = None, *, resume: bool = Fals
     train_idx, val_idx = split(data, cfg.val_fraction, cfg.seed)
     if len(train_idx) == 0:
         raise ConfigError(f"--data {cfg.data}: no training images left after the validation split")
-    if record is None:
+    if record is None and dist.main:
         record = dict(train=to_json(cfg), model=to_json(mcfg), class_names=list(data.class_names),
                       data=data.summary, split=dict(train=len(train_idx), val=len(val_idx)),
-                      hardware=describe(device, precision), meddiff_version=_version())
+                      hardware=describe(device, precision), processes=dist.world, meddiff_version=_version())
         ckpt.write_json(run / RUN_FILE, record)
 
     unet = build_unet(mcfg).to(device)
@@ -323,11 +341,13 @@ def train(cfg: TrainConfig, data: ImageSet | None = None, *, resume: bool = Fals
          f"{len(train_idx)} images ({len(val_idx)} held out), {len(data.class_names)} class(es)"
          f"{' conditional' if conditional else ''}; {describe(device, precision)}")
 
-    bar = _progress(cfg, total, step)
+    bar = _progress(cfg, total, step) if dist.main else None
     t_start, stopped, seen_at_start = time.time(), None, images_seen
     with _StopFlag() as flag:
         while True:
             elapsed = elapsed0 + time.time() - t_start
+            if dist.active and cfg.max_minutes is not None:
+                elapsed = _rank0_float(elapsed, dist, device)  # timed runs follow rank 0's clock
             stopped = _stop_reason(cfg, step, total, elapsed)
             if stopped:
                 break
@@ -338,7 +358,10 @@ def train(cfg: TrainConfig, data: ImageSet | None = None, *, resume: bool = Fals
             pos = batch_indices(len(train_idx), B, step, cfg.seed)
             draws = {k: v.to(device) for k, v in step_draws(step, cfg.seed, len(pos), cfg.size,
                                                            cfg.num_train_timesteps, cfg.cond_drop_prob).items()}
-            idx = train_pos[pos.to(device)]
+            mine = torch.tensor_split(torch.arange(len(pos)), dist.world)[dist.rank].to(device)  # this rank's slice
+            n_global = len(pos)
+            idx = train_pos[pos.to(device)][mine]
+            draws = {k: v[mine] for k, v in draws.items()}
             unet.train()
             opt.zero_grad(set_to_none=True)
             step_loss = 0.0
@@ -355,9 +378,11 @@ def train(cfg: TrainConfig, data: ImageSet | None = None, *, resume: bool = Fals
                 with autocast(device, precision):
                     pred = denoise(forward, x_t, draws["t"][sl], lab, mcfg.patch_size)
                 loss = diffusion_loss(pred, x0, draws["eps"][sl], ab, cfg.objective, cfg.loss_weighting,
-                                      cfg.min_snr_gamma).sum() / len(idx)
+                                      cfg.min_snr_gamma).sum() / n_global
                 (scaler.scale(loss) if scaler else loss).backward()
                 step_loss += float(loss.detach())
+            if dist.active:
+                step_loss = _allreduce_grads(unet, step_loss, device)
             if not math.isfinite(step_loss):
                 latest = ckpt.latest_checkpoint(run)
                 raise RunError(f"step {step}: the loss is {step_loss} (not finite); stopped without saving. "
@@ -373,48 +398,108 @@ def train(cfg: TrainConfig, data: ImageSet | None = None, *, resume: bool = Fals
                 opt.step()
             if ema is not None:
                 ema_update(ema, unet, cfg.ema_decay, step)
-            step, images_seen = step + 1, images_seen + len(idx)
+            step, images_seen = step + 1, images_seen + n_global
             losses.append(step_loss)
             elapsed = elapsed0 + time.time() - t_start
             rate = (images_seen - seen_at_start) / max(time.time() - t_start, 1e-9)
             if step % 10 == 0 or step == 1:
-                _log_line(run / LOG_FILE, dict(step=step, loss=float(np.mean(losses[-10:])), lr=lr,
-                                               img_per_s=rate, elapsed=elapsed))
+                if dist.main:
+                    _log_line(run / LOG_FILE, dict(step=step, loss=float(np.mean(losses[-10:])), lr=lr,
+                                                   img_per_s=rate, elapsed=elapsed))
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", img_s=f"{rate:.1f}", lr=f"{lr:.1e}")
             if len(val_idx) and step % val_every == 0:
                 v = validation_loss(ema or unet, val_images, val_labels if conditional else None, alpha_bar,
                                     cfg.objective, cfg.seed, patch_size=mcfg.patch_size)
-                _log_line(run / LOG_FILE, dict(step=step, val_loss=v, elapsed=elapsed))
+                if dist.main:
+                    _log_line(run / LOG_FILE, dict(step=step, val_loss=v, elapsed=elapsed))
                 if best is None or v < best:
                     best, bad_evals = v, 0
-                    save_model_folder(run, ema or unet, cfg, name="best")
+                    if dist.main:
+                        save_model_folder(run, ema or unet, cfg, name="best")
                 else:
                     bad_evals += 1
                 if cfg.patience is not None and bad_evals > cfg.patience:
                     stopped = "early-stopping"
-            if step % ckpt_every == 0 or flag.signal is not None or stopped:
+            interrupted = _any_rank(flag.signal is not None, dist, device)
+            if dist.main and (step % ckpt_every == 0 or interrupted or stopped):
                 _save(run, cfg, step, unet, ema, opt,
                       _checkpoint_state(step, images_seen, elapsed, best, bad_evals, losses))
-            if flag.signal is not None:
+            if interrupted:
                 stopped = "interrupted"
             if stopped:
                 break
     if bar is not None:
         bar.close()
     elapsed = elapsed0 + time.time() - t_start
+    result = TrainResult(run, step, images_seen, elapsed, images_seen / max(elapsed, 1e-9),
+                         float(np.mean(losses[-50:])) if losses else float("nan"), best, peak_rss_mib(), stopped)
+    if not dist.main:
+        _barrier(dist)
+        return result
     if stopped != "interrupted":
         state = _checkpoint_state(step, images_seen, elapsed, best, bad_evals, losses)
         if ckpt.latest_checkpoint(run) is None or ckpt.latest_checkpoint(run).name != f"step_{step:08d}":
             _save(run, cfg, step, unet, ema, opt, state)
     save_model_folder(run, ema or unet, cfg)
-    result = TrainResult(run, step, images_seen, elapsed, images_seen / max(elapsed, 1e-9),
-                         float(np.mean(losses[-50:])) if losses else float("nan"), best, peak_rss_mib(), stopped)
     record = ckpt.read_json(run / RUN_FILE)
     record["result"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in result.__dict__.items()}
     ckpt.write_json(run / RUN_FILE, record)
+    from .modelcard import write_model_card  # the model card (README.md) reads the record just written
+    write_model_card(run)
+    _barrier(dist)
     return result
+
+
+# ---------------------------------------------------------------- several processes (torchrun)
+
+def _silent(_message: str) -> None:
+    pass
+
+
+def _barrier(dist: Dist) -> None:
+    if dist.active:
+        import torch.distributed as td
+
+        td.barrier()
+
+
+def _allreduce_grads(unet: torch.nn.Module, step_loss: float, device: torch.device) -> float:
+    """Sum every rank's gradients (each already divided by the GLOBAL batch size, so the sum is the global
+    mean) and the step loss, in one flat all-reduce of the engine; returns the global step loss. Ranks whose
+    slice of a short last batch is empty contribute zeros."""
+    import torch.distributed as td
+
+    params = [p for p in unet.parameters() if p.requires_grad]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads] + [torch.tensor([step_loss], device=device, dtype=grads[0].dtype)])
+    td.all_reduce(flat)
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
+    return float(flat[-1])
+
+
+def _any_rank(flag: bool, dist: Dist, device: torch.device) -> bool:
+    """True on every rank when any rank saw Ctrl-C/SIGTERM, so all stop after the same step."""
+    if not dist.active:
+        return flag
+    import torch.distributed as td
+
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    td.all_reduce(t, op=td.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _rank0_float(value: float, dist: Dist, device: torch.device) -> float:
+    """Rank 0's value on every rank (timed runs stop on rank 0's clock)."""
+    import torch.distributed as td
+
+    t = torch.tensor([value], device=device, dtype=torch.float64)
+    td.broadcast(t, src=0)
+    return float(t.item())
 
 
 def peak_rss_mib() -> float | None:

@@ -2,7 +2,7 @@
 
 Specs: a folder (searched recursively; immediate sub-folders are classes), `builtin:mni-mri` (axial slices of
 the MNI152 T1 template shipped by nilearn), `builtin:phantoms` / `builtin:ct|xray|mri|us` (MedPhantom-4), each
-with optional `?n=…&size=…&seed=…`. Only safe metadata leaves this module: counts, formats, sizes — never file
+with optional `?n=…&size=…&seed=…`; `medmnist:PATH.npz[?split=train|val|test|all]` (a MedMNIST+ file). Only safe metadata leaves this module: counts, formats, sizes — never file
 names of patients' files in summaries.
 """
 from __future__ import annotations
@@ -59,7 +59,22 @@ def parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:
             if not v.isdigit() or int(v) < 1:
                 raise DataError(f"--data {spec!r}: {k}={v!r} must be a positive whole number")
         return "builtin", name, params
+    if spec.startswith("medmnist:"):
+        path, params = _parse_medmnist(spec)
+        return "medmnist", path, params
     return "folder", spec, {}
+
+
+def _parse_medmnist(spec: str) -> tuple[str, dict[str, str]]:
+    """'medmnist:PATH.npz?split=all' → ('PATH.npz', {'split': 'all'}); split defaults to train."""
+    path, _, query = spec[len("medmnist:"):].partition("?")
+    params = dict(parse_qsl(query, keep_blank_values=True))
+    if set(params) - {"split"} or params.get("split", "train") not in ("train", "val", "test", "all"):
+        raise DataError(f"--data {spec!r}: allowed parameter: split=train|val|test|all (e.g. "
+                        "medmnist:pneumoniamnist_64.npz?split=all)")
+    if not path.endswith(".npz"):
+        raise DataError(f"--data {spec!r}: expected a MedMNIST .npz file after medmnist:")
+    return path, params
 
 
 def to_square(image: np.ndarray, size: int, crop: bool = False) -> np.ndarray:
@@ -208,6 +223,19 @@ def _phantoms(name: str, n: int, seed: int, render_size: int, size: int) -> tupl
     return cache.to_uint16(np.stack(images)), sidecar
 
 
+def _medmnist_file(path: Path, part: str, size: int, crop: bool) -> tuple[np.ndarray, dict[str, Any]]:
+    """A MedMNIST .npz split → uint16 images + sidecar; labels named from the catalogue (see medmnist.py).
+    MedMNIST holds no patient ids, so each image is its own group."""
+    from .medmnist import load_npz
+
+    images, labels, names = load_npz(path, part)
+    out = [to_square(im.astype(np.float32) / 255.0, size, crop) for im in images]
+    shape = "x".join(map(str, images.shape[1:]))
+    sidecar = dict(classes=[names[k] for k in labels], groups=list(range(len(images))), skipped=[],
+                   formats={"medmnist-npz": len(images)}, source_shapes={shape: len(images)}, files=1)
+    return cache.to_uint16(np.stack(out)), sidecar
+
+
 # ---------------------------------------------------------------- public entry points
 
 def load_data(spec: str, size: int, *, crop: bool = False, label_depth: int = 1,
@@ -221,6 +249,13 @@ def load_data(spec: str, size: int, *, crop: bool = False, label_depth: int = 1,
         key = _folder_key(root, size, crop, label_depth, nifti_axis, exclude) if root.is_dir() else ""
         stored, side = cache.load_or_build(Path(cache_dir) if cache_dir and key else None, key,
                                            lambda: _read_folder(root, size, crop, label_depth, nifti_axis, exclude))
+    elif kind == "medmnist":
+        path, part = Path(name).expanduser(), params.get("split", "train")
+        st = path.stat() if path.is_file() else None
+        key = cache.cache_key("medmnist", str(path.resolve()), st.st_size, st.st_mtime_ns, part, size,
+                              crop) if st else ""
+        stored, side = cache.load_or_build(Path(cache_dir) if cache_dir and key else None, key,
+                                           lambda: _medmnist_file(path, part, size, crop))
     elif name == "mni-mri":
         n = int(params["n"]) if "n" in params else None
         stored, side = cache.load_or_build(Path(cache_dir) if cache_dir else None, cache.cache_key(spec, size),

@@ -37,7 +37,7 @@ def render_with_mask(modality: str, index: int, seed: int, size: int,
     """Image i of a modality and its lesion mask: ((size, size) float32 in [0, 1], (size, size) bool).
 
     Deterministic in (modality, index, seed, size, abnormal); the mask is all False when `abnormal`
-    is False. The generator is seeded from (seed, modality number, index), so images are independent
+    is False (for ultrasound it also covers the acoustic shadow or enhancement behind the mass). The generator is seeded from (seed, modality number, index), so images are independent
     of the order and batch in which they are asked for.
     """
     if modality not in _SIMULATORS:

@@ -4,6 +4,8 @@ Coordinates are physical (cm or mm), x to the image's right, y down the image; a
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from scipy import ndimage
 
@@ -65,10 +67,15 @@ def soft(rho: np.ndarray, width: float) -> np.ndarray:
 
 def smooth_field(rng: np.random.Generator, shape: tuple[int, int], nodes: int) -> np.ndarray:
     """A smooth random field of unit-ish amplitude: `nodes`² Gaussian values cubically upsampled to `shape`."""
-    coarse = rng.standard_normal((nodes, nodes))
-    zoom = (shape[0] / nodes, shape[1] / nodes)
-    field = ndimage.zoom(coarse, zoom, order=3, mode="nearest", grid_mode=True)
-    return field[: shape[0], : shape[1]].astype(np.float32)
+    coarse = rng.standard_normal((nodes, nodes)).astype(np.float32)
+    return _upsampler(shape[0], nodes) @ coarse @ _upsampler(shape[1], nodes).T
+
+
+@functools.lru_cache(maxsize=32)
+def _upsampler(size: int, nodes: int) -> np.ndarray:
+    """(size, nodes) float32 matrix of cubic-spline zoom weights: A @ v zooms a length-`nodes` vector to `size`."""
+    weights = ndimage.zoom(np.eye(nodes), (size / nodes, 1), order=3, mode="nearest", grid_mode=True)
+    return weights[:size].astype(np.float32)
 
 
 def pick_inside(rng: np.random.Generator, region: np.ndarray, margin_px: float) -> tuple[int, int]:

@@ -26,7 +26,7 @@ class CTParams:
 
     fov_cm: float = 38.0
     photons: float = 6.0e4  # unattenuated photons per ray: sets the quantum noise
-    angles_per_pixel: float = 1.0  # projections over 180 degrees = this x size
+    angles_per_pixel: float = 0.75  # projections over 180 degrees = this x size (96 at 128 px)
     filter_name: str = "hann"
     window_level: float = 40.0
     window_width: float = 400.0

@@ -56,11 +56,12 @@ def simulate(rng: np.random.Generator, size: int, abnormal: bool,
     """One brain slice: ((size, size) float32 in [0, 1], (size, size) bool lesion mask, all False if normal)."""
     check_size(size)
     lesion_rng = lesion_generator(rng)
-    tissues = _warped_slice(rng, size, params)  # (6, size, size) partial volumes
+    tissues = _head_slice(_level(rng.uniform(*params.slice_range))).astype(np.float32) / 255.0
     name = list(CONTRASTS)[rng.integers(len(CONTRASTS))]
     values = np.array(CONTRASTS[name], dtype=np.float32)
     values *= 1.0 + params.contrast_jitter * rng.uniform(-1.0, 1.0, values.size).astype(np.float32)
-    signal = np.tensordot(values[:6], tissues, axes=1)
+    # Interpolation is linear, so mixing the tissues before the warp equals warping each tissue map.
+    signal, wm = _warp(rng, np.stack([np.tensordot(values[:6], tissues, axes=1), tissues[1]]), size, params)
     bias = np.exp(params.bias_strength * smooth_field(rng, (size, size), 4))
     sigma = rng.uniform(*params.noise_sigma) * values[:6].max()
     z = rng.standard_normal((2, size, size)).astype(np.float32)
@@ -68,32 +69,43 @@ def simulate(rng: np.random.Generator, size: int, abnormal: bool,
     scale = float(np.percentile(signal * bias, 99.5)) * 1.3
     mask = np.zeros((size, size), dtype=bool)
     if abnormal:
-        weight, mask = _lesion(lesion_rng, tissues[1], params)
+        weight, mask = _lesion(lesion_rng, wm, params)
         signal = signal * (1.0 - weight) + values[6] * values[:6].max() * weight
     magnitude = np.sqrt((signal * bias + sigma * z[0]) ** 2 + (sigma * z[1]) ** 2)  # Rician
     return np.clip(magnitude / scale, 0.0, 1.0).astype(np.float32), mask
 
 
-def _head_slice(level: float) -> np.ndarray:
-    """Partial volumes (GM, WM, CSF, bone, marrow, scalp) of one axial template slice: (6, 233, 197), anterior up."""
+def _level(fraction: float) -> int:
+    """The axial template slice at `fraction` of the brain's height (0: its lowest slice, 1: its top)."""
+    low, high = _brain_extent()
+    return int(round(low + fraction * (high - low)))
+
+
+@functools.lru_cache(maxsize=1)
+def _brain_extent() -> tuple[int, int]:
+    z_any = np.nonzero(mni_template()[2].any(axis=(0, 1)))[0]
+    return int(z_any[0]), int(z_any[-1])
+
+
+@functools.lru_cache(maxsize=None)
+def _head_slice(z: int) -> np.ndarray:
+    """Partial volumes (GM, WM, CSF, bone, marrow, scalp) of axial slice z: (6, 233, 197) uint8 (255 = 1), anterior up."""
     gm, wm, brain = mni_template()
-    z_any = np.nonzero(brain.any(axis=(0, 1)))[0]
-    z = int(round(z_any[0] + level * (z_any[-1] - z_any[0])))
     g, w, b = (np.rot90(v[:, :, z]) for v in (gm, wm, brain))
     csf = np.clip(b - g - w, 0.0, 1.0)
     head = ndimage.binary_fill_holes(b >= 0.5)  # gaps round the brainstem hold CSF, not skull
     csf = np.maximum(csf, (head & (b < 0.5)).astype(np.float32))
     outside = ndimage.distance_transform_edt(~head)  # mm from the brain's surface
-    meninges = ((outside > 0) & (outside <= 2.5)).astype(np.float32)
-    bone = ((outside > 2.5) & (outside <= 9.0)).astype(np.float32)
-    marrow = bone * ((outside > 4.5) & (outside <= 7.0))
-    scalp = ((outside > 9.0) & (outside <= 14.0)).astype(np.float32)
-    return np.stack([g, w, csf + meninges, bone - marrow, marrow, scalp])
+    meninges = (outside > 0) & (outside <= 2.5)
+    bone = (outside > 2.5) & (outside <= 9.0)
+    marrow = bone & (outside > 4.5) & (outside <= 7.0)
+    scalp = (outside > 9.0) & (outside <= 14.0)
+    stack = np.stack([g, w, csf + meninges, bone & ~marrow, marrow, scalp]).astype(np.float32)
+    return np.round(stack * 255).astype(np.uint8)
 
 
-def _warped_slice(rng: np.random.Generator, size: int, params: MRIParams) -> np.ndarray:
-    """A random slice, rotated, scaled, shifted and smoothly deformed onto a size² grid: (6, size, size) float32."""
-    maps = _head_slice(rng.uniform(*params.slice_range))
+def _warp(rng: np.random.Generator, maps: np.ndarray, size: int, params: MRIParams) -> np.ndarray:
+    """Maps (k, H, W) at 1 mm, rotated, scaled, shifted and smoothly deformed onto a size² grid: (k, size, size)."""
     x, y = grid(size, params.fov_mm)
     angle = np.deg2rad(rng.uniform(-params.rotation_deg, params.rotation_deg))
     scale = rng.uniform(*params.scale_range)

@@ -41,34 +41,43 @@ def simulate(rng: np.random.Generator, size: int, abnormal: bool,
     """
     check_size(size)
     lesion_rng = lesion_generator(rng)
-    geo = _geometry(rng, size, params)
+    geo = _geometry(rng, params)
     x, y = grid(size, geo["fov"])
     y = y + geo["fov"] / 2 - geo["apex"]  # y: cm below the fan's apex (x: cm right of it)
     echo, atten = _anatomy(rng, x, y, geo)
-    n_r, n_b = int(round(params.samples_per_pixel * size)), size
-    rows, cols = _polar_to_grid(geo, n_r, n_b, size)
-    scatter = rng.standard_normal((n_r, n_b)).astype(np.float32)
-    gain_slope = rng.uniform(-0.03, 0.03)
+    n_r = int(round(params.samples_per_pixel * size))  # depth samples; one beam per pixel column
+    rows, cols = _polar_to_grid(geo, n_r, size, size)
+    scatter = rng.standard_normal((n_r, size)).astype(np.float32)
+    gain_slope = rng.uniform(-0.03, 0.03)  # imperfect time-gain compensation, Np/cm
     mask = np.zeros((size, size), dtype=bool)
     if abnormal:
-        echo, atten, lesion, delta = _lesion(lesion_rng, x, y, geo, echo, atten, params)
-    polar_echo = ndimage.map_coordinates(echo, [rows, cols], order=1, mode="nearest")
-    polar_atten = ndimage.map_coordinates(atten, [rows, cols], order=1, mode="nearest")
-    step = geo["depth"] / n_r
-    loss = np.cumsum((polar_atten - 1.0) * step, axis=0) * params.attenuation_np_cm  # TGC removes tissue's mean
-    rf = _beamform(scatter * np.sqrt(polar_echo), params)
-    envelope = np.abs(signal.hilbert(rf, axis=0)) * np.exp(-loss) * np.exp(gain_slope * np.arange(n_r)[:, None] * step)
-    db = 20.0 * np.log10(envelope / _reference(params) + 1e-6)
-    polar_image = np.clip(1.0 + db / params.dynamic_range_db, 0.0, 1.0)
-    image = _scan_convert(polar_image, geo, x, y)
+        echo, atten, mass, delta = _lesion(lesion_rng, x, y, geo, echo, atten, params)
+
+    def along_beams(a: np.ndarray) -> np.ndarray:
+        return ndimage.map_coordinates(a, [rows, cols], order=1, mode="nearest")
+
+    polar = _bmode(scatter, along_beams(echo), along_beams(atten), gain_slope, geo["depth"], params)
+    image = _scan_convert(polar, geo, x, y)
     if abnormal:
-        polar_delta = ndimage.map_coordinates(delta, [rows, cols], order=1, mode="nearest")
-        behind = np.abs(np.cumsum(polar_delta, axis=0) * step) * params.attenuation_np_cm > 0.15
-        mask = lesion | (_scan_convert(behind.astype(np.float32), geo, x, y) > 0.5)
+        loss = np.abs(np.cumsum(along_beams(delta), axis=0) * geo["depth"] / n_r) * params.attenuation_np_cm
+        mask = mass | (_scan_convert((loss > 0.15).astype(np.float32), geo, x, y) > 0.5)
     return image.astype(np.float32), mask
 
 
-def _geometry(rng: np.random.Generator, size: int, params: USParams) -> dict:
+def _bmode(scatter: np.ndarray, echo: np.ndarray, atten: np.ndarray, gain_slope: float, depth: float,
+           params: USParams) -> np.ndarray:
+    """Beam data (n_r, n_b): scatterers → RF → envelope → attenuation and TGC → log compression, in [0, 1]."""
+    step = depth / scatter.shape[0]
+    # Round-trip loss relative to average tissue (which TGC removes): fluid enhances, dense tissue shadows.
+    loss = np.cumsum((atten - 1.0) * step, axis=0) * params.attenuation_np_cm
+    loss -= gain_slope * step * np.arange(scatter.shape[0])[:, None]
+    rf = _beamform(scatter * np.sqrt(echo), params)
+    envelope = np.abs(signal.hilbert(rf, axis=0)) * np.exp(-loss)
+    db = 20.0 * np.log10(envelope / _reference(params) + 1e-6)
+    return np.clip(1.0 + db / params.dynamic_range_db, 0.0, 1.0)
+
+
+def _geometry(rng: np.random.Generator, params: USParams) -> dict:
     """Fan geometry in cm: depth, half-angle, apex position and the square field of view that holds the fan."""
     depth = rng.uniform(*params.depth_cm)
     half = np.deg2rad(params.sector_deg / 2)
@@ -76,7 +85,7 @@ def _geometry(rng: np.random.Generator, size: int, params: USParams) -> dict:
     height = outer - params.probe_radius_cm * np.cos(half)
     fov = max(2 * outer * np.sin(half), height) * 1.04
     apex = (fov - height) / 2 - params.probe_radius_cm * np.cos(half)  # below the image's top: < 0, above it
-    return dict(depth=depth, half=half, r0=params.probe_radius_cm, fov=fov, apex=apex, size=size)
+    return dict(depth=depth, half=half, r0=params.probe_radius_cm, fov=fov, apex=apex)
 
 
 def _polar_to_grid(geo: dict, n_r: int, n_b: int, size: int) -> tuple[np.ndarray, np.ndarray]:

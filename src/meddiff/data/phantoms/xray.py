@@ -120,7 +120,7 @@ def _vessels(x: np.ndarray, y: np.ndarray, rng: np.random.Generator, lung: np.nd
         for _ in range(3):
             start = (side * rng.uniform(3.5, 5.0), dome_y - rng.uniform(7.0, 10.0))
             angle = np.arctan2(rng.uniform(-1.0, 1.0), side * 1.0)
-            _branch(out, x, y, rng, start, angle, 4.5, 0.6, 4, step)
+            _branch(out, x, y, rng, start, angle, 5.0, 0.6, 3, step)
     return -np.minimum(out, lung)
 
 

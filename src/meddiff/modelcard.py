@@ -1,0 +1,225 @@
+"""A run folder's record (meddiff.json) + optional metrics → the model card, RUN/README.md (Markdown).
+
+The card holds only what the record holds that is safe to share: architecture, settings, counts per class,
+image sizes and formats, timing, metrics. Never a data path, a file name or anything read from a patient's file.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+RUN_FILE = "meddiff.json"
+CARD_FILE = "README.md"
+
+SYNTHETIC = ("Every image this model generates is **synthetic**: it does not show a real patient, it is not a "
+             "measurement, and it must never be presented or archived as one. meddiff marks the images it "
+             "writes as synthetic (PNG text chunks; DICOM Secondary Capture with Conversion Type `SYN`).")
+
+
+def _read_record(run: Path) -> dict[str, Any]:
+    from .errors import RunError
+
+    try:
+        return json.loads((run / RUN_FILE).read_text())
+    except FileNotFoundError:
+        raise RunError(f"{run}: no {RUN_FILE}; is this a meddiff run folder?") from None
+    except (OSError, ValueError) as err:
+        raise RunError(f"{run / RUN_FILE}: unreadable JSON ({err})") from None
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_fmt(v) for v in value)
+    return str(value)
+
+
+def _table(rows: list[tuple[str, Any]], head: tuple[str, str] = ("", "")) -> str:
+    lines = [f"| {head[0]} | {head[1]} |", "| --- | --- |"]
+    lines += [f"| {k} | {_fmt(v).replace('|', '/')} |" for k, v in rows if v is not None]
+    return "\n".join(lines)
+
+
+def count_parameters(weights: Path) -> int | None:
+    """Parameters in a safetensors file, read from its header alone (no tensors loaded)."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="np") as f:
+            total = 0
+            for key in f.keys():
+                n = 1
+                for d in f.get_slice(key).get_shape():
+                    n *= d
+                total += n
+        return total
+    except (OSError, ValueError, ImportError):
+        return None
+
+
+def describe_source(spec: str) -> str:
+    """What the training data were, without a local path: built-in and public MedMNIST+ sets by name, a local
+    folder only as such."""
+    if spec.startswith("builtin:"):
+        return f"meddiff's built-in data `{spec}` (simulated or public template images)"
+    if spec.startswith("medmnist:"):
+        from .data.medmnist import entry_for_file
+
+        path, _, query = spec[len("medmnist:"):].partition("?")
+        entry = entry_for_file(path)
+        split = dict(p.split("=", 1) for p in query.split("&") if "=" in p).get("split", "train")
+        if entry is not None:
+            return (f"MedMNIST+ {entry.title} (`{os.path.basename(path)}`, {split} split; {entry.source}; "
+                    f"licence {entry.licence})")
+        return f"a MedMNIST-format .npz file ({split} split; its name is not recorded here)"
+    if not spec:
+        return "images given from Python (no data spec recorded)"
+    return "a local image folder (its path and file names are deliberately not recorded in this card)"
+
+
+def _model_section(record: dict[str, Any], run: Path) -> str:
+    m, t = record["model"], record["train"]
+    n_params = count_parameters(run / "unet" / "diffusion_pytorch_model.safetensors")
+    classes = record.get("class_names", [])
+    rows = [("preset", t.get("preset")), ("backbone", "diffusers UNet2DModel, 1 channel"),
+            ("image size", f"{m['sample_size']} x {m['sample_size']} px"),
+            ("block widths", m["block_out_channels"]), ("layers per block", m["layers_per_block"]),
+            ("down blocks", m["down_block_types"]), ("up blocks", m["up_block_types"]),
+            ("patch size", f"{m.get('patch_size', 1)} (space-to-depth)" if m.get("patch_size", 1) > 1 else 1),
+            ("parameters", f"{n_params / 1e6:.2f} M" if n_params else None),
+            ("conditioning", f"class-conditional, {m['num_classes']} classes + a null class for classifier-free "
+                             "guidance" if m.get("num_classes") else "unconditional"),
+            ("classes", classes if m.get("num_classes") else None)]
+    return "## Model\n\n" + _table(rows, ("", "value"))
+
+
+def _data_section(record: dict[str, Any]) -> str:
+    s, split = record.get("data", {}), record.get("split", {})
+    text = [f"## Training data\n\nSource: {describe_source(record['train'].get('data', ''))}.\n",
+            f"{s.get('images', '?')} images, resized to {s.get('size', '?')} px; "
+            f"{split.get('train', '?')} used for training and {split.get('val', '?')} held out for validation "
+            f"(split by patient/volume folder where the data have one); {s.get('skipped', 0)} file(s) skipped "
+            "as unreadable.\n"]
+    if s.get("classes"):
+        text.append(_table(list(s["classes"].items()), ("class", "images")) + "\n")
+    if s.get("formats"):
+        text.append(_table(list(s["formats"].items()), ("format", "images")) + "\n")
+    if s.get("source_shapes"):
+        text.append(_table(list(s["source_shapes"].items()), ("source size (H x W)", "images")) + "\n")
+    return "\n".join(text)
+
+
+def _training_section(record: dict[str, Any]) -> str:
+    t, r = record["train"], record.get("result") or {}
+    keys = ("batch_size", "micro_batch", "lr", "lr_schedule", "warmup_steps", "weight_decay", "ema_decay",
+            "objective", "loss_weighting", "beta_schedule", "num_train_timesteps", "zero_terminal_snr",
+            "timestep_spacing", "grad_clip", "flip", "cond_drop_prob", "val_fraction", "precision", "seed")
+    rows = [(k.replace("_", " "), t.get(k)) for k in keys]
+    rows.append(("stopping rule", ", ".join(f"{k.replace('_', ' ')} {t[k]}" for k in
+                                            ("max_steps", "epochs", "max_minutes") if t.get(k) is not None)))
+    if r:
+        rows += [("steps", r.get("steps")), ("images seen", r.get("images_seen")),
+                 ("training time", f"{r['seconds'] / 60:.1f} min" if r.get("seconds") is not None else None),
+                 ("throughput", f"{r['train_img_per_s']:.1f} images/s" if r.get("train_img_per_s") else None),
+                 ("stopped by", r.get("stopped"))]
+    rows += [("hardware", record.get("hardware")), ("meddiff version", record.get("meddiff_version"))]
+    status = "" if r else "\nTraining had not finished when this card was written.\n"
+    return "## Training\n\n" + _table(rows, ("setting", "value")) + "\n" + status
+
+
+def _flatten(metrics: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    rows: list[tuple[str, Any]] = []
+    for k, v in metrics.items():
+        if isinstance(v, dict):
+            rows += _flatten(v, f"{prefix}{k}.")
+        else:
+            rows.append((f"{prefix}{k}", v))
+    return rows
+
+
+def _metrics_section(record: dict[str, Any], metrics: dict[str, Any] | None) -> str:
+    r = record.get("result") or {}
+    rows = [("training loss (mean of the last 50 steps)", r.get("final_loss")),
+            ("best validation loss (eps-MSE at fixed noise)", r.get("best_val_loss"))]
+    text = "## Metrics\n\n" + _table(rows, ("loss", "value")) + "\n"
+    if metrics:
+        text += ("\nEvaluation (numbers are comparable only with numbers of the same protocol):\n\n"
+                 + _table(_flatten(metrics), ("metric", "value")) + "\n")
+    else:
+        text += "\nNo evaluation of generated images was recorded with this card (see `meddiff evaluate`).\n"
+    return text
+
+
+def _usage_section(record: dict[str, Any]) -> str:
+    m = record["model"]
+    classes = record.get("class_names", [])
+    if not m.get("num_classes") and m.get("patch_size", 1) == 1:
+        load = ("from diffusers import DDIMPipeline\n"
+                "pipe = DDIMPipeline.from_pretrained(\"THIS_FOLDER\")\n"
+                "images = pipe(batch_size=4, num_inference_steps=50).images")
+    else:
+        pick = f", class_name=\"{classes[0]}\", guidance_scale=2.0" if m.get("num_classes") and classes else ""
+        load = ("from meddiff.pipeline import MeddiffPipeline\n"
+                "pipe = MeddiffPipeline.from_pretrained(\"THIS_FOLDER\")\n"
+                f"images = pipe(batch_size=4, num_inference_steps=50{pick}).images")
+    return ("## How to use\n\n```\nmeddiff sample --run THIS_FOLDER --n 16 --out samples/\n```\n\n"
+            f"or, in Python (after `meddiff export-diffusers`, or on the run folder itself):\n\n```python\n{load}\n```\n")
+
+
+def _use_and_limits(record: dict[str, Any]) -> str:
+    s = record.get("data", {})
+    return f"""## Intended use
+
+Research on generative models for medical images: method development, teaching, benchmarking, and experiments
+with synthetic data (e.g. augmentation) whose results are checked against real, held-out data.
+
+Not for diagnosis, treatment or any clinical decision; not a substitute for real images of a patient; not a
+source of anatomical or physical measurements (intensities are not calibrated, e.g. not in Hounsfield units).
+
+## Limitations
+
+- Trained on {s.get('images', 'an unknown number of')} images at {s.get('size', '?')} px: fine detail, rare
+  findings and classes with few images are learned poorly, and the model inherits the biases of its data
+  (scanners, sites, populations, label noise such as text-mined labels).
+- Diffusion models trained on small medical data sets can reproduce their training images (Dar et al. 2024
+  report copies for a large share of CT, MRI and X-ray training images). Measure memorization (meddiff's
+  nearest-neighbour check) before sharing generated images, and treat the weights as derived from the
+  training data: share a model trained on non-public patient data only where its data agreement allows.
+- A class label only means what the training labels meant; generated images of a class are not verified to
+  show that finding.
+
+## Synthetic outputs
+
+{SYNTHETIC}
+"""
+
+
+def model_card_text(run: str | Path, metrics: dict[str, Any] | None = None) -> str:
+    """The model card of a run folder as Markdown (with a Hugging Face metadata header)."""
+    run = Path(run)
+    record = _read_record(run)
+    m = record["model"]
+    tag = "unconditional-image-generation"
+    header = ("---\nlibrary_name: diffusers\n"
+              f"pipeline_tag: {tag}\ntags:\n- meddiff\n- medical-imaging\n- diffusion\n- synthetic-data\n---\n")
+    kind = "class-conditional" if m.get("num_classes") else "unconditional"
+    title = (f"# meddiff diffusion model ({kind}, {m['sample_size']} px, preset "
+             f"{record['train'].get('preset', '?')})\n\nA denoising diffusion model trained with meddiff that "
+             f"generates single-channel medical-style images. {SYNTHETIC}\n")
+    parts = [header, title, _model_section(record, run), _data_section(record), _training_section(record),
+             _metrics_section(record, metrics), _usage_section(record), _use_and_limits(record)]
+    return "\n".join(p.rstrip() + "\n" for p in parts)
+
+
+def write_model_card(run: Path, metrics: dict[str, Any] | None = None) -> Path:
+    """Write RUN/README.md (atomically) from the run's meddiff.json and optional evaluation metrics."""
+    run = Path(run)
+    text = model_card_text(run, metrics)
+    target = run / CARD_FILE
+    tmp = run / f".{CARD_FILE}.tmp{os.getpid()}"
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, target)
+    return target

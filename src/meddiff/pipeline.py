@@ -1,0 +1,148 @@
+"""meddiff models as diffusers pipelines: a run folder → an exported pipeline folder (`export_diffusers`), loaded by
+`diffusers.DDIMPipeline` (unconditional, patch size 1) or by `MeddiffPipeline` (class-conditional or patched).
+
+`MeddiffPipeline` is ordinary code in this package, never code shipped inside a model folder: loading a folder
+runs nothing from it. Its images equal `meddiff sample --sampler ddim` for the same per-image generators.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, ImagePipelineOutput, UNet2DModel
+from diffusers.utils.torch_utils import randn_tensor
+
+from . import checkpoint as ckpt
+from .errors import ConfigError, RunError
+from .model import denoise
+
+RUN_FILE = "meddiff.json"
+
+
+class MeddiffPipeline(DiffusionPipeline):
+    """unet + scheduler + the run's class names and patch size → (B, H, W) single-channel images.
+
+    `class_names` (empty: unconditional) index the UNet's class embedding; index len(class_names) is the null
+    class of classifier-free guidance. `patch_size` > 1: the UNet sees space-to-depth patches."""
+
+    model_cpu_offload_seq = "unet"
+
+    def __init__(self, unet: UNet2DModel, scheduler: Any, class_names: list[str] | None = None,
+                 patch_size: int = 1) -> None:
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_to_config(class_names=list(class_names or []), patch_size=int(patch_size))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> "MeddiffPipeline":
+        """diffusers' loader; on a meddiff run folder, the class names and patch size come from its meddiff.json."""
+        record_path = Path(pretrained_model_name_or_path) / RUN_FILE
+        if record_path.is_file() and "class_names" not in kwargs:
+            record = ckpt.read_json(record_path)
+            conditional = record["model"].get("num_classes", 0) > 0
+            kwargs["class_names"] = record["class_names"] if conditional else []
+            kwargs.setdefault("patch_size", record["model"].get("patch_size", 1))
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    def _labels(self, class_name: str | list[str] | None, batch_size: int) -> torch.Tensor | None:
+        names = list(self.config.class_names)
+        if not names:
+            if class_name is not None:
+                raise ConfigError(f"class_name {class_name!r}: this model is unconditional")
+            return None
+        wanted = class_name if isinstance(class_name, list) else [class_name] * batch_size
+        if len(wanted) != batch_size:
+            raise ConfigError(f"class_name: {len(wanted)} names for batch_size {batch_size}")
+        unknown = sorted({str(c) for c in wanted if c is not None and c not in names})
+        if unknown:
+            raise ConfigError(f"class_name {', '.join(unknown)}: unknown; this model knows {', '.join(names)}")
+        null = len(names)  # None → the unconditional (null) class
+        return torch.tensor([null if c is None else names.index(c) for c in wanted], device=self._execution_device)
+
+    def _model_output(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None,
+                      guidance_scale: float) -> torch.Tensor:
+        """The UNet's prediction, with classifier-free guidance (Ho & Salimans 2022, eq. 6): u + w (c - u)."""
+        p, null = self.config.patch_size, len(self.config.class_names)
+        if labels is None or guidance_scale == 1.0 or bool((labels == null).all()):
+            return denoise(self.unet, x, t, labels, p)
+        cond_uncond = denoise(self.unet, torch.cat([x, x]), torch.cat([t, t]),
+                              torch.cat([labels, torch.full_like(labels, null)]), p)
+        cond, uncond = cond_uncond.chunk(2)
+        return uncond + guidance_scale * (cond - uncond)
+
+    @torch.no_grad()
+    def __call__(self, batch_size: int = 1, class_name: str | list[str | None] | None = None,
+                 guidance_scale: float = 1.0, num_inference_steps: int = 50,
+                 generator: torch.Generator | list[torch.Generator] | None = None, eta: float = 0.0,
+                 output_type: str = "pil", return_dict: bool = True) -> ImagePipelineOutput | tuple:
+        """Generate `batch_size` images. class_name: one name, one per image, or None (unconditional branch).
+        A list of generators gives each image its own noise, as `meddiff sample` does with per-image seeds.
+        output_type: "pil" (grey PIL images), "np" ((B, H, W, 1) float in [0, 1]) or "pt" ((B, 1, H, W))."""
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ConfigError(f"generator: {len(generator)} generators for batch_size {batch_size}")
+        if output_type not in ("pil", "np", "pt"):
+            raise ConfigError(f"output_type {output_type!r}: choose from pil, np, pt")
+        labels = self._labels(class_name, batch_size)
+        size = self.unet.config.sample_size * self.config.patch_size
+        x = randn_tensor((batch_size, 1, size, size), generator=generator, device=self._execution_device,
+                         dtype=self.unet.dtype)
+        x = x * self.scheduler.init_noise_sigma
+        self.scheduler.set_timesteps(num_inference_steps)
+        accepted = set(inspect.signature(self.scheduler.step).parameters)
+        extra = {k: v for k, v in (("eta", eta), ("generator", generator)) if k in accepted}
+        for t in self.progress_bar(self.scheduler.timesteps):
+            inp = self.scheduler.scale_model_input(x, t)
+            out = self._model_output(inp, t.to(x.device).expand(batch_size), labels, guidance_scale)
+            x = self.scheduler.step(out.float(), t, x, **extra).prev_sample
+        image = (x.clamp(-1, 1) + 1) / 2
+        if output_type != "pt":
+            image = image.cpu().permute(0, 2, 3, 1).float().numpy()
+            if output_type == "pil":
+                image = self.numpy_to_pil(image)
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=image) if return_dict else (image,)
+
+
+def _model_index(record: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(pipeline class, model_index.json) of an exported run."""
+    import diffusers
+
+    m = record["model"]
+    index: dict[str, Any] = {"_diffusers_version": diffusers.__version__,
+                             "scheduler": ["diffusers", "DDIMScheduler"], "unet": ["diffusers", "UNet2DModel"]}
+    if not m.get("num_classes") and m.get("patch_size", 1) == 1:
+        return "DDIMPipeline", {"_class_name": "DDIMPipeline", **index}
+    return "MeddiffPipeline", {"_class_name": "MeddiffPipeline", **index,
+                               "class_names": record["class_names"] if m.get("num_classes") else [],
+                               "patch_size": m.get("patch_size", 1)}
+
+
+def export_diffusers(run: str | Path, out: str | Path, weights: str = "ema") -> tuple[Path, str]:
+    """Write a run's model as a diffusers folder (unet/, scheduler/ as DDIMScheduler, model_index.json, the model
+    card README.md) → (folder, pipeline class name). weights: "ema" (the run's exported model) or "best"."""
+    run, out = Path(run), Path(out)
+    record = ckpt.read_json(run / RUN_FILE)
+    source = {"ema": run / "unet", "best": run / "best"}.get(weights)
+    if source is None:
+        raise ConfigError(f"--weights {weights!r}: choose from ema, best")
+    if not (source / "config.json").is_file():
+        raise RunError(f"{run}: {source.name}/ is missing; has training finished (or validated, for best)?")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"OUT_DIR {out}: exists and is not an empty folder; choose a new folder")
+    pipeline, index = _model_index(record)
+    with ckpt.atomic_folder(out) as tmp:
+        shutil.copytree(source, tmp / "unet")
+        DDIMScheduler.from_config(DDPMScheduler.load_config(run / "scheduler")).save_pretrained(tmp / "scheduler")
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+        card = run / "README.md"
+        if card.is_file():
+            shutil.copyfile(card, tmp / "README.md")
+        else:
+            from .modelcard import model_card_text
+
+            (tmp / "README.md").write_text(model_card_text(run), encoding="utf-8")
+    return out, pipeline

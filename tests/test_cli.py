@@ -1,0 +1,190 @@
+"""Tests for meddiff.cli: help texts, one-line errors without tracebacks, info, sample → evaluate, data export."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from meddiff.cli import main
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI's default cache is XDG_CACHE_HOME/meddiff: keep it out of the user's home."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    """main(argv) → (exit code, stdout, stderr); argparse's exits become codes too."""
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _assert_one_line_error(code: int, err: str, match: str) -> None:
+    assert code != 0
+    lines = err.splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{err}"
+    assert lines[0].startswith("meddiff: error: ")
+    assert match in lines[0], lines[0]
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [[], ["train"], ["sample"], ["evaluate"], ["info"], ["data"], ["data", "export"],
+                                  ["demo"]])
+def test_help_exits_zero_and_shows_examples(argv: list[str], capsys: pytest.CaptureFixture) -> None:
+    code, out, err = _run([*argv, "--help"], capsys)
+    assert code == 0 and err == ""
+    assert "examples:" in out
+    assert "usage: meddiff" in out
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["train", "--data", "DATA", "--out", "OUT", "--preset", "huge"], "train: argument --preset: invalid choice: 'huge'"),
+    (["sample", "--run", "r", "--out", "o", "--steps", "0"], "sample: argument --steps: 0 must be at least 1"),
+    (["sample", "--run", "r", "--out", "o", "--sampler", "plms"], "argument --sampler: invalid choice: 'plms'"),
+    (["sample", "--run", "r", "--out", "o", "--n", "two"], "argument --n: 'two' is not a whole number"),
+    (["train", "--data", "DATA", "--out", "OUT", "--max-steps", "5", "--epochs", "2"], "not allowed with argument"),
+    ([], "the following arguments are required: COMMAND"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    (["data"], "data: the following arguments are required: ACTION"),
+])
+def test_usage_errors_are_one_line(argv: list[str], match: str, capsys: pytest.CaptureFixture) -> None:
+    code, out, err = _run(argv, capsys)
+    assert code == 2
+    _assert_one_line_error(code, err, match)
+
+
+def test_missing_data_folder_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, _out, err = _run(["train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run"),
+                            "--preset", "tiny", "--no-progress"], capsys)
+    _assert_one_line_error(code, err, f"--data '{tmp_path / 'nowhere'}': no such file or folder")
+
+
+def test_train_needs_data_and_out(capsys: pytest.CaptureFixture) -> None:
+    code, _out, err = _run(["train", "--preset", "tiny"], capsys)
+    _assert_one_line_error(code, err, "train: --data and --out are required (or --resume RUN_DIR)")
+
+
+def test_resume_refuses_flags_it_would_ignore(trained_run: Path, capsys: pytest.CaptureFixture) -> None:
+    before = (trained_run / "meddiff.json").read_text()
+    code, _out, err = _run(["train", "--resume", str(trained_run), "--max-steps", "20", "--lr", "0.1"], capsys)
+    _assert_one_line_error(code, err, f"train --resume {trained_run}: takes no other flags (got --max-steps, --lr)")
+    assert (trained_run / "meddiff.json").read_text() == before
+
+
+def test_resume_of_a_folder_that_is_not_a_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, _out, err = _run(["train", "--resume", str(tmp_path)], capsys)
+    _assert_one_line_error(code, err, "meddiff.json: missing; is this a meddiff run folder?")
+
+
+def test_sample_errors_are_one_line(trained_run: Path, uncond_run: Path, tmp_path: Path,
+                                    capsys: pytest.CaptureFixture) -> None:
+    base = ["sample", "--out", str(tmp_path / "o"), "--no-progress", "--steps", "1"]
+    code, _out, err = _run([*base, "--run", str(trained_run), "--class", "zebra"], capsys)
+    _assert_one_line_error(code, err, "--class 'zebra': unknown class; this model knows a, b")
+    code, _out, err = _run([*base, "--run", str(uncond_run), "--class", "a"], capsys)
+    _assert_one_line_error(code, err, "--class 'a': this model is unconditional")
+    code, _out, err = _run([*base, "--run", str(trained_run), "--format", "gif"], capsys)
+    _assert_one_line_error(code, err, "--format 'gif': choose from png, png16, dicom, nifti")
+    code, _out, err = _run([*base, "--run", str(tmp_path / "missing")], capsys)
+    _assert_one_line_error(code, err, "meddiff.json: missing")
+
+
+def test_evaluate_on_missing_folders_is_one_line(image_folder: Path, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    code, _out, err = _run(["evaluate", "--real", str(image_folder), "--fake", str(tmp_path / "nofake")], capsys)
+    _assert_one_line_error(code, err, f"--fake '{tmp_path / 'nofake'}': not a folder")
+    code, _out, err = _run(["evaluate", "--real", str(tmp_path / "noreal"), "--fake", str(image_folder / "a")],
+                           capsys)
+    _assert_one_line_error(code, err, f"'{tmp_path / 'noreal'}': no such file or folder")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, _out, err = _run(["evaluate", "--real", str(image_folder), "--fake", str(empty)], capsys)
+    _assert_one_line_error(code, err, "no images found")
+
+
+def test_a_real_subprocess_prints_one_line_and_no_traceback(tmp_path: Path) -> None:
+    script = Path(sys.executable).with_name("meddiff")
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "meddiff.cli"]
+    proc = subprocess.run([*cmd, "sample", "--run", str(tmp_path), "--out", str(tmp_path / "o"), "--steps", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        "meddiff: error: sample: argument --steps: 0 must be at least 1 (see meddiff sample --help)"]
+
+
+def test_info_lists_classes_formats_and_skipped_files(tmp_path: Path, png_writer,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    png_writer(tmp_path / "normal", 3)
+    png_writer(tmp_path / "pneumonia", 2, seed=1)
+    Image.fromarray(np.zeros((20, 30), np.uint8)).save(tmp_path / "normal" / "wide.tif")
+    (tmp_path / "pneumonia" / "bad.png").write_bytes(b"nope")
+    code, out, err = _run(["info", str(tmp_path), "--size", "32"], capsys)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0] == "6 images in 2 class(es)"
+    assert "  class normal: 4" in lines and "  class pneumonia: 2" in lines
+    assert "  format png: 5" in lines and "  format tiff: 1" in lines
+    assert "skipped 1 file(s)" in lines
+    assert any(line.startswith(f"  {tmp_path / 'pneumonia' / 'bad.png'}: ") for line in lines)
+
+
+def test_sample_then_evaluate_writes_json(trained_run: Path, image_folder: Path, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture) -> None:
+    fake = tmp_path / "fake"
+    code, out, err = _run(["sample", "--run", str(trained_run), "--out", str(fake), "--n", "3", "--steps", "2",
+                           "--class", "a", "--no-progress", "--precision", "fp32", "--device", "cpu"], capsys)
+    assert code == 0, err
+    summary = json.loads(out.splitlines()[-1])
+    assert summary["written"] == 3 and summary["out"] == str(fake)
+    assert (fake / "grid.png").exists() and (fake / "manifest.csv").exists()
+
+    report = tmp_path / "ssim.json"
+    code, out, err = _run(["evaluate", "--real", str(image_folder), "--fake", str(fake), "--json", str(report)],
+                          capsys)
+    assert code == 0, err
+    assert out.startswith("SSIM (each generated image vs its most similar real image): mean ")
+    figures = json.loads(report.read_text())
+    assert figures["n_fake"] == 3, "grid.png must not count as a generated image"
+    assert figures["n_real"] == 16 and figures["size"] == 32
+    for key in ("ssim_mean", "ssim_median", "ssim_ci95", "band", "reference_real_halves", "protocol"):
+        assert key in figures, key
+    assert -1 <= figures["ssim_mean"] <= 1
+
+
+def test_evaluate_with_a_single_real_image(image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    shutil.copy(image_folder / "a" / "000.png", real / "only.png")
+    code, out, err = _run(["evaluate", "--real", str(real), "--fake", str(image_folder / "b"), "--json",
+                           str(tmp_path / "r.json")], capsys)
+    assert code == 0, err
+    assert "real-vs-real reference n/a" in out
+    assert json.loads((tmp_path / "r.json").read_text())["reference_real_halves"] is None
+
+
+def test_data_export_prints_counts_and_the_training_command(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("meddiff.data.phantoms")
+    out_dir = tmp_path / "xr"
+    code, out, err = _run(["data", "export", "builtin:xray", "--n", "4", "--size", "32", "--out", str(out_dir)],
+                          capsys)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert json.loads(lines[0]) == {"out": str(out_dir), "classes": {"xray/normal": 2, "xray/abnormal": 2}}
+    assert lines[1] == f"train on it with: meddiff train --data {out_dir} --label-depth 2 --out RUN_DIR"
+    assert len(list(out_dir.rglob("*.png"))) == 4
+
+
+def test_data_export_bad_spec_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code, _out, err = _run(["data", "export", "builtin:cats", "--out", str(tmp_path)], capsys)
+    _assert_one_line_error(code, err, "unknown built-in data set 'cats'")
