@@ -9,6 +9,7 @@ import dataclasses
 from pathlib import Path
 from typing import Callable
 
+import diffusers  # noqa: F401  imported before any test captures stderr: its log handler keeps the stream it saw
 import numpy as np
 import pytest
 import torch

@@ -135,6 +135,8 @@ def test_fetch_verifies_the_checksum_and_keeps_a_verified_file(server: _Server, 
     assert not (tmp_path / f"{FILE}.part").exists()
     _fetch(server, tmp_path)
     assert len(server.ranges) == 1  # the verified file was kept, not downloaded again
+    path.write_bytes(b"damaged")
+    assert _fetch(server, tmp_path).read_bytes() == server.payload and len(server.ranges) == 2
 
 
 def test_a_corrupted_download_is_detected_and_retried(server: _Server, tmp_path: Path) -> None:
@@ -149,7 +151,7 @@ def test_a_corrupted_download_is_detected_and_retried(server: _Server, tmp_path:
 def test_an_always_corrupt_download_is_refused(server: _Server, tmp_path: Path) -> None:
     server.corrupt_first = -1
     with pytest.raises(DataError, match=r"download refused after 3 attempt\(s\): MD5 [0-9a-f]{32} differs from "
-                                        r"the expected [0-9a-f]{32}\. Nothing was written"):
+                                        r"the expected [0-9a-f]{32}\. No file was kept"):
         _fetch(server, tmp_path)
     assert len(server.ranges) == 3
     assert list(tmp_path.iterdir()) == []

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -223,6 +224,25 @@ def test_best_weights_missing_is_a_run_error(tmp_path: Path, trained_run: Path) 
         load_run(run, weights="best")
     with pytest.raises(RunError, match=r"no complete checkpoint for --weights raw"):
         load_run(run, weights="raw")
+
+
+@pytest.mark.xfail(reason="BUG: load_run calls UNet2DModel.from_pretrained without low_cpu_mem_usage=False, so "
+                          "without `accelerate` installed diffusers prints a 6-line 'pip install accelerate' warning "
+                          "on stderr at every `meddiff sample` (and around its one-line errors)", strict=True)
+def test_loading_a_run_logs_no_warnings(trained_run: Path) -> None:
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+    logger = logging.getLogger("diffusers")  # diffusers' loggers print to stderr and do not propagate
+    handler = Keep(level=logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        load_run(trained_run)
+    finally:
+        logger.removeHandler(handler)
+    assert [r.getMessage() for r in records] == []
 
 
 def test_model_id_is_a_hash_of_the_weights(tmp_path: Path) -> None:

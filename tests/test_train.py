@@ -194,12 +194,8 @@ def test_resume_after_extending_max_steps_is_bit_exact(tmp_path: Path, image_fol
     out = tmp_path / "run"
     first = T.train(train_config(image_folder, out, **{**RESUME, "max_steps": 4}), echo=_quiet)
     assert first.steps == 4
-    # the CLI has no way to extend a finished run: --resume takes the stored config, so edit it
-    record = json.loads((out / "meddiff.json").read_text())
-    record["train"]["max_steps"] = 8
-    (out / "meddiff.json").write_text(json.dumps(record))
     lines: list[str] = []
-    result = T.train(TrainConfig(data="", out=str(out)), resume=True, echo=lines.append)
+    result = T.train(TrainConfig(data="", out=str(out), max_steps=8), resume=True, echo=lines.append)
     assert lines[0] == f"resuming {out} at step 4"
     assert result.steps == 8 and result.images_seen == 28  # two epochs of 4 + 4 + 4 + 2
     _assert_bit_equal(_unet_weights(out), _unet_weights(reference_run))
@@ -229,6 +225,27 @@ def test_sigterm_mid_run_checkpoints_and_resume_is_bit_exact(tmp_path: Path, ima
     _assert_bit_equal(_raw_weights(out), _raw_weights(reference_run))
 
 
+@pytest.mark.xfail(reason="BUG: a stopping criterion given on resume (max_steps=8) is not written back to "
+                          "meddiff.json, so when the extended run is interrupted again, a plain --resume falls back to "
+                          "the stored max_steps=4 and stops at once", strict=True)
+def test_an_extension_survives_a_second_interruption(tmp_path: Path, image_folder: Path, train_config,
+                                                     reference_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "run"
+    T.train(train_config(image_folder, out, **{**RESUME, "max_steps": 4}), echo=_quiet)
+    real_draws = T.step_draws
+
+    def draws_then_signal(step: int, *args: object) -> dict[str, torch.Tensor]:
+        if step == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_draws(step, *args)
+    monkeypatch.setattr(T, "step_draws", draws_then_signal)
+    assert T.train(TrainConfig(data="", out=str(out), max_steps=8), resume=True, echo=_quiet).steps == 6
+    monkeypatch.setattr(T, "step_draws", real_draws)
+    result = T.train(TrainConfig(data="", out=str(out)), resume=True, echo=_quiet)
+    assert result.steps == 8
+    _assert_bit_equal(_unet_weights(out), _unet_weights(reference_run))
+
+
 def test_resuming_a_finished_run_changes_nothing(tmp_path: Path, reference_run: Path) -> None:
     out = tmp_path / "run"
     shutil.copytree(reference_run, out)
@@ -247,11 +264,8 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path: Path, reference_run: 
 def test_resume_uses_the_folder_given_not_the_stored_path(tmp_path: Path, image_folder: Path, train_config) -> None:
     old, new = tmp_path / "old", tmp_path / "new"
     T.train(train_config(image_folder, old, max_steps=2), echo=_quiet)
-    record = json.loads((old / "meddiff.json").read_text())
-    record["train"]["max_steps"] = 3
-    (old / "meddiff.json").write_text(json.dumps(record))
     shutil.move(str(old), str(new))
-    result = T.train(TrainConfig(data="", out=str(new)), resume=True, echo=_quiet)
+    result = T.train(TrainConfig(data="", out=str(new), max_steps=3), resume=True, echo=_quiet)
     assert result.steps == 3 and Path(result.run) == new
     assert not old.exists()
     assert ckpt.latest_checkpoint(new).name == "step_00000003"

@@ -33,9 +33,12 @@ SAMPLE_EXAMPLES = """examples:
   meddiff sample --run runs/mri --n 4 --steps 20 --out samples/
   meddiff sample --run runs/ph --class ct/abnormal --guidance 2 --n 16 --out ct_abn/
   meddiff sample --run runs/ph --per-class 100 --format dicom --out synthetic/
+  torchrun --standalone --nproc_per_node 4 --no-python meddiff sample --run-dir runs/ph --count 100000 --out big/
 """
 EVAL_EXAMPLES = """examples:
-  meddiff evaluate --real builtin:mni-mri --fake samples/ --json ssim.json
+  meddiff evaluate --real builtin:mni-mri --fake samples/ --json eval.json
+  meddiff evaluate --real heldout/ --fake synthetic/ --train train/ --report report/ --run runs/ph
+  meddiff evaluate --real builtin:phantoms?n=400 --fake synthetic/ --utility --json eval.json
 """
 INFO_EXAMPLES = """examples:
   meddiff info ~/data/chest_xray
@@ -85,13 +88,26 @@ def _parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(sub)
     _add_sample(sub)
-    ev = sub.add_parser("evaluate", help="SSIM of generated images against real ones", epilog=EVAL_EXAMPLES,
+    ev = sub.add_parser("evaluate", help="quality, diversity, utility and privacy of generated images",
+                        epilog=EVAL_EXAMPLES,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     ev.add_argument("--real", required=True, help="real images: a folder or builtin:…")
     ev.add_argument("--fake", required=True, help="generated images: a folder")
     ev.add_argument("--size", type=_positive_int, help="compare at this size (default: the generated images' size)")
     ev.add_argument("--json", help="also write the figures to this JSON file")
     ev.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and the real-halves split")
+    ev.add_argument("--train", help="the model's training images: audit the generated ones for copies")
+    ev.add_argument("--report", metavar="DIR", help="write a self-contained HTML report (DIR/index.html)")
+    ev.add_argument("--run", metavar="RUN_DIR", help="the run folder: its training loss curve goes into the report")
+    ev.add_argument("--utility", action="store_true",
+                    help="train a classifier on real, synthetic and both; test each on held-out real images")
+    ev.add_argument("--label-depth", type=_positive_int,
+                    help="folder levels naming a class (default: 1 for --real, as deep as its classes for the rest)")
+    ev.add_argument("--features", choices=["randconv", "inception"], default="randconv",
+                    help="feature network of FID/KID/PRDC (inception: local torch-fidelity weights only)")
+    ev.add_argument("--inception-weights", metavar="PATH", help="the FID Inception weights file (implies --features inception)")
+    ev.add_argument("--bootstrap", type=_positive_int, default=200, help="bootstrap resamples of every interval")
+    ev.add_argument("--cache-dir", default=None, help=f"image and feature cache (default {default_cache_dir()})")
     info = sub.add_parser("info", help="what the loader sees in a data path", epilog=INFO_EXAMPLES,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     info.add_argument("path", help="a folder or builtin:…")
@@ -116,6 +132,7 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True)
     _add_fetch(dsub)
     _add_export_diffusers(sub)
+    _add_serve(sub)
     return ap
 
 
@@ -188,9 +205,12 @@ def _add_train(sub: Any) -> None:
 def _add_sample(sub: Any) -> None:
     sa = sub.add_parser("sample", help="generate images from a trained run", epilog=SAMPLE_EXAMPLES,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    sa.add_argument("--run", required=True, help="a run folder written by meddiff train")
+    sa.add_argument("--run", "--run-dir", dest="run", required=True,
+                    help="a run folder written by meddiff train (under torchrun write --run-dir: torchrun "
+                         "takes --run for its own --run-path)")
     sa.add_argument("--out", required=True)
-    sa.add_argument("--n", type=_positive_int, default=4)
+    sa.add_argument("--n", "--count", dest="n", type=_positive_int, default=4,
+                    help="number of images (under torchrun write --count: torchrun reads --n as its own option)")
     sa.add_argument("--steps", type=_positive_int, default=20)
     sa.add_argument("--sampler", choices=SAMPLERS, default="ddim")
     sa.add_argument("--seed", type=int, default=0)
@@ -265,21 +285,34 @@ def cmd_sample(a: argparse.Namespace) -> int:
                        batch_size=a.batch_size, class_name=a.class_name, per_class=a.per_class, guidance=a.guidance,
                        fmt=a.fmt, weights=a.weights, precision=a.precision, device=a.device, progress=not a.no_progress,
                        cache_interval=a.cache_interval)
-    print(json.dumps(sample_to_folder(cfg)))
+    from .runtime import init_distributed
+
+    dist = _dist_from_env()
+    device = init_distributed(dist, a.device) if dist.active else None
+    result = sample_to_folder(cfg, dist=dist, device=device)
+    if dist.main:
+        print(json.dumps(result))
     return 0
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
-    from .evaluate import evaluate_ssim
+    from .evaluate import EvalConfig, evaluate
+    from .report import read_loss_log, summary_lines, write_report
 
-    result = evaluate_ssim(a.real, a.fake, size=a.size, seed=a.seed, cache_dir=default_cache_dir())
-    ref = result["reference_real_halves"]  # None with a single real image: no halves to compare
-    print(f"SSIM (each generated image vs its most similar real image): mean {result['ssim_mean']:.3f}, "
-          f"median {result['ssim_median']:.3f} — {result['band']}; real-vs-real reference "
-          f"{'n/a (needs 2 real images)' if ref is None else f'{ref:.3f}'} ({result['n_fake']} generated, "
-          f"{result['n_real']} real, {result['size']} px)")
+    cfg = EvalConfig(real=a.real, fake=a.fake, train=a.train, size=a.size, label_depth=a.label_depth,
+                     features="inception" if a.inception_weights else a.features,
+                     inception_weights=a.inception_weights, utility=a.utility, seed=a.seed, n_boot=a.bootstrap,
+                     cache_dir=a.cache_dir or default_cache_dir())
+    if a.run and not a.report:
+        raise MeddiffError(f"evaluate --run {a.run}: the loss curve goes into the report; add --report DIR")
+    if a.run:
+        read_loss_log(a.run)  # a wrong run folder fails now, not after the evaluation
+    result = evaluate(cfg)
+    print("\n".join(summary_lines(result.results)))
     if a.json:
-        Path(a.json).write_text(json.dumps(result, indent=2))
+        Path(a.json).write_text(json.dumps(result.results, indent=2))
+    if a.report:
+        print(f"report: {write_report(result, a.report, run_dir=a.run)}")
     return 0
 
 
@@ -365,9 +398,45 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} must be between 0 (any free port) and 65535")
+    return value
+
+
+def _add_serve(sub: Any) -> None:
+    se = sub.add_parser("serve", help="a local web page that generates images from a trained run",
+                        epilog="examples:\n  meddiff serve --run runs/ph\n  meddiff serve --run runs/ph --port 8000 "
+                               "--out served/\n", formatter_class=argparse.RawDescriptionHelpFormatter)
+    se.add_argument("--run", required=True, help="a run folder written by meddiff train")
+    se.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    se.add_argument("--port", type=_port, default=7860)
+    se.add_argument("--out", help="folder the batches are written into (default: a new temporary folder)")
+    se.add_argument("--weights", choices=["ema", "best", "raw"], default="ema")
+    se.add_argument("--device", default="auto")
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    import tempfile
+
+    from .serve import ServeConfig, serve
+
+    out = a.out or tempfile.mkdtemp(prefix="meddiff-serve-")
+    try:
+        serve(ServeConfig(run=a.run, out=out, host=a.host, port=a.port, weights=a.weights, device=a.device))
+    finally:
+        if not a.out and not any(Path(out).iterdir()):  # nothing generated: leave no empty folder behind
+            Path(out).rmdir()
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate, "info": cmd_info, "data": cmd_data,
-    "demo": cmd_demo, "export-diffusers": cmd_export_diffusers}
+    "demo": cmd_demo, "export-diffusers": cmd_export_diffusers, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -332,9 +332,9 @@ class Manifest:
     """manifest.csv in an output folder: one row per written file (file, class, seed, sampler, steps, guidance,
     model_id, format). Append-only; a row is complete once its newline is on disk."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, name: str = MANIFEST_NAME) -> None:
         self.folder = Path(folder)
-        self.path = self.folder / MANIFEST_NAME
+        self.path = self.folder / name
         self._has_header: bool | None = None  # known after the first add()
 
     def rows(self) -> list[dict[str, str]]:

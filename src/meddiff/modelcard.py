@@ -122,12 +122,18 @@ def _training_section(record: dict[str, Any]) -> str:
                                             ("max_steps", "epochs", "max_minutes") if t.get(k) is not None)))
     if r:
         rows += [("steps", r.get("steps")), ("images seen", r.get("images_seen")),
-                 ("training time", f"{r['seconds'] / 60:.1f} min" if r.get("seconds") is not None else None),
+                 ("training time", _duration(r.get("seconds"))),
                  ("throughput", f"{r['train_img_per_s']:.1f} images/s" if r.get("train_img_per_s") else None),
                  ("stopped by", r.get("stopped"))]
     rows += [("hardware", record.get("hardware")), ("meddiff version", record.get("meddiff_version"))]
     status = "" if r else "\nTraining had not finished when this card was written.\n"
     return "## Training\n\n" + _table(rows, ("setting", "value")) + "\n" + status
+
+
+def _duration(seconds: float | None) -> str | None:
+    if seconds is None:
+        return None
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 def _flatten(metrics: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
@@ -166,7 +172,8 @@ def _usage_section(record: dict[str, Any]) -> str:
                 "pipe = MeddiffPipeline.from_pretrained(\"THIS_FOLDER\")\n"
                 f"images = pipe(batch_size=4, num_inference_steps=50{pick}).images")
     return ("## How to use\n\n```\nmeddiff sample --run THIS_FOLDER --n 16 --out samples/\n```\n\n"
-            f"or, in Python (after `meddiff export-diffusers`, or on the run folder itself):\n\n```python\n{load}\n```\n")
+            "or, in Python (after `meddiff export-diffusers`, or on the run folder itself):\n\n"
+            f"```python\n{load}\n```\n")
 
 
 def _use_and_limits(record: dict[str, Any]) -> str:
@@ -202,9 +209,8 @@ def model_card_text(run: str | Path, metrics: dict[str, Any] | None = None) -> s
     run = Path(run)
     record = _read_record(run)
     m = record["model"]
-    tag = "unconditional-image-generation"
-    header = ("---\nlibrary_name: diffusers\n"
-              f"pipeline_tag: {tag}\ntags:\n- meddiff\n- medical-imaging\n- diffusion\n- synthetic-data\n---\n")
+    header = ("---\nlibrary_name: diffusers\npipeline_tag: unconditional-image-generation\n"
+              "tags:\n- meddiff\n- medical-imaging\n- diffusion\n- synthetic-data\n---\n")
     kind = "class-conditional" if m.get("num_classes") else "unconditional"
     title = (f"# meddiff diffusion model ({kind}, {m['sample_size']} px, preset "
              f"{record['train'].get('preset', '?')})\n\nA denoising diffusion model trained with meddiff that "

@@ -20,7 +20,7 @@ from . import checkpoint as ckpt
 from .config import SAMPLERS, ModelConfig, SampleConfig, TrainConfig, from_json
 from .errors import ConfigError, RunError
 from .model import denoise
-from .runtime import autocast, describe, pick_device, pick_precision
+from .runtime import Dist, autocast, describe, pick_device, pick_precision
 
 _SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
     "ddpm": (DDPMScheduler, {}),
@@ -163,8 +163,38 @@ def plan(run: LoadedRun, cfg: SampleConfig) -> list[tuple[str, int, int | None]]
     return [(f"seed{cfg.seed + i:06d}", cfg.seed + i, label) for i in range(cfg.n)]
 
 
-def sample_to_folder(cfg: SampleConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Generate a request into cfg.out, streaming batches to disk; files already complete are skipped."""
+def _manifests(out: Path, dist: Dist) -> tuple[Any, set[str]]:
+    """This process's manifest and the files already done according to every manifest in the folder (the
+    merged one and per-rank parts a cut-off multi-process run left), so resume works at any world size."""
+    from . import export
+
+    parts = [export.Manifest(out, p.name) for p in sorted(out.glob("manifest*.csv"))]
+    done = set().union(*(m.done() for m in parts)) if parts else set()
+    mine = export.Manifest(out) if not dist.active else export.Manifest(out, f"manifest.rank{dist.rank}.csv")
+    return mine, done
+
+
+def _merge_manifests(out: Path) -> None:
+    """Rank 0, after every rank finished: fold the per-rank parts into manifest.csv, sorted by file."""
+    from . import export
+
+    parts = sorted(out.glob("manifest.rank*.csv"))
+    merged = export.Manifest(out)
+    seen = {r["file"] for r in merged.rows()}
+    rows = sorted((r for p in parts for r in export.Manifest(out, p.name).rows() if r["file"] not in seen),
+                  key=lambda r: r["file"])
+    for r in rows:
+        info = export.SyntheticInfo(r["model_id"], int(r["seed"]), r["class"] or None, r["sampler"],
+                                    int(r["steps"]), float(r["guidance"]))
+        merged.add(r["file"], info, r["format"])
+    for p in parts:
+        p.unlink()
+
+
+def sample_to_folder(cfg: SampleConfig, echo: Callable[[str], None] = print, dist: Dist = Dist(),
+                     device: torch.device | None = None) -> dict[str, Any]:
+    """Generate a request into cfg.out, streaming batches to disk; files already complete are skipped.
+    Under torchrun each rank takes every world-th remaining image; the images do not depend on the split."""
     from . import export
 
     if cfg.fmt not in export.FORMATS:
@@ -174,20 +204,20 @@ def sample_to_folder(cfg: SampleConfig, echo: Callable[[str], None] = print) -> 
                           "must be positive whole numbers")
     if cfg.guidance < 0:
         raise ConfigError(f"--guidance {cfg.guidance}: must be ≥ 0 (1 = no guidance)")
-    device = pick_device(cfg.device)
+    device = device or pick_device(cfg.device)
     precision = pick_precision(cfg.precision, device)
     run = load_run(cfg.run, cfg.weights, device)
     make_scheduler(cfg.sampler, run.scheduler_config, cfg.steps)  # validate before any work
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = export.Manifest(out)
-    done = manifest.done()
+    manifest, done = _manifests(out, dist)
     jobs = plan(run, cfg)
     suffix = export.SUFFIX[cfg.fmt]
-    todo = [j for j in jobs if f"{j[0]}{suffix}" not in done]
-    echo(f"sampling {len(todo)} of {len(jobs)} images ({len(jobs) - len(todo)} already done) with {cfg.sampler}, "
+    remaining = [j for j in jobs if f"{j[0]}{suffix}" not in done]
+    todo = remaining[dist.rank::dist.world]
+    echo(f"sampling {len(remaining)} of {len(jobs)} images ({len(jobs) - len(remaining)} already done) with {cfg.sampler}, "
          f"{cfg.steps} steps, guidance {cfg.guidance}; {describe(device, precision)}")
-    bar = _bar(cfg, len(jobs), len(jobs) - len(todo))
+    bar = _bar(cfg, len(jobs), len(jobs) - len(remaining)) if dist.main else None
     t0 = time.time()
     for lo in range(0, len(todo), cfg.batch_size):
         chunk = todo[lo:lo + cfg.batch_size]
@@ -201,14 +231,20 @@ def sample_to_folder(cfg: SampleConfig, echo: Callable[[str], None] = print) -> 
                 export.write_image(img, out / f"{stem}{suffix}", cfg.fmt, info)
                 manifest.add(f"{stem}{suffix}", info, cfg.fmt)
         if bar is not None:
-            bar.update(len(chunk))
+            bar.update(len(chunk) * dist.world)
     if bar is not None:
         bar.close()
     seconds = time.time() - t0
-    if cfg.grid and len(jobs) <= 256:
+    if dist.active:
+        import torch.distributed as td
+
+        td.barrier()
+        if dist.main:
+            _merge_manifests(out)
+    if cfg.grid and len(jobs) <= 256 and dist.main:
         _write_grid(out, jobs, suffix)
-    return dict(out=str(out), written=len(todo), skipped=len(jobs) - len(todo), seconds=seconds,
-                img_per_s=len(todo) / seconds if todo and seconds > 0 else None, model_id=run.model_id,
+    return dict(out=str(out), written=len(remaining), skipped=len(jobs) - len(remaining), seconds=seconds,
+                img_per_s=len(remaining) / seconds if remaining and seconds > 0 else None, model_id=run.model_id,
                 hardware=describe(device, precision))
 
 

@@ -2,8 +2,8 @@
 
 Specs: a folder (searched recursively; immediate sub-folders are classes), `builtin:mni-mri` (axial slices of
 the MNI152 T1 template shipped by nilearn), `builtin:phantoms` / `builtin:ct|xray|mri|us` (MedPhantom-4), each
-with optional `?n=…&size=…&seed=…`; `medmnist:PATH.npz[?split=train|val|test|all]` (a MedMNIST+ file). Only safe metadata leaves this module: counts, formats, sizes — never file
-names of patients' files in summaries.
+with optional `?n=…&size=…&seed=…`; `medmnist:PATH.npz[?split=train|val|test|all]` (a MedMNIST+ file).
+Only safe metadata leaves this module: counts, formats, sizes — never file names of patients' files in summaries.
 """
 from __future__ import annotations
 

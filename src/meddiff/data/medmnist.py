@@ -167,8 +167,10 @@ def fetch(name: str, size: int, out: str | Path, url_base: str = ZENODO, retries
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     target, part = out / entry.filename(size), out / f"{entry.filename(size)}.part"
-    if target.exists() and md5_of(target) == expected:
-        return target
+    if target.exists():
+        if md5_of(target) == expected:
+            return target
+        target.unlink()  # damaged or from another release: never handed out
     url = url_for(entry, size, url_base)
     reason = "no attempt made"
     for attempt in range(1, retries + 1):
@@ -187,7 +189,7 @@ def fetch(name: str, size: int, out: str | Path, url_base: str = ZENODO, retries
             return target
         part.unlink()  # a corrupt file is never resumed: the next attempt starts from byte 0
         reason = f"MD5 {got} differs from the expected {expected}"
-    raise DataError(f"{url}: download refused after {retries} attempt(s): {reason}. Nothing was written to "
+    raise DataError(f"{url}: download refused after {retries} attempt(s): {reason}. No file was kept at "
                     f"{target}; try again later or pass --url-base with a mirror holding the official file")
 
 

@@ -51,10 +51,11 @@ def blob(x: np.ndarray, y: np.ndarray, cx: float, cy: float, a: float, b: float,
     v = (ys * ca - xs * sa) / b
     rho = np.sqrt(u * u + v * v)
     if len(wobble):
-        phi = np.arctan2(v, u)
-        edge = np.ones_like(rho)
-        for k, (amp, phase) in enumerate(wobble, start=2):
-            edge += amp * np.cos(k * phi + phase)
+        unit = (u + 1j * v) / np.maximum(rho, 1e-6)  # e^{i phi}
+        power, edge = unit, np.ones_like(rho)
+        for amp, phase in wobble:  # orders 2, 3, ...: amp cos(k phi + phase) = Re(amp e^{i phase} e^{i k phi})
+            power = power * unit
+            edge += (amp * np.exp(1j * phase) * power).real
         rho /= np.maximum(edge, 0.3)
     out[rows, cols] = np.minimum(rho, 2.0)
     return out

@@ -1,0 +1,330 @@
+"""An Evaluation → the report: one self-contained HTML page (inline CSS; plots and pictures as base64 PNG), the
+closest generated/training pairs as PNG files beside it, and the short text summary the CLI prints.
+
+Nothing from an input file's metadata reaches the page: images are named by their index in their set.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import RunError
+from .evaluate import Evaluation
+
+ROWS = (  # (key, label, which way is better)
+    ("ssim", "SSIM to the nearest real image", "higher is closer to real; copies score 1"),
+    ("ms_ssim", "MS-SSIM among images (diversity)", "lower is more diverse; reference: among real images"),
+    ("fid", "FID", "lower is better"),
+    ("kid", "KID", "lower is better"),
+    ("precision", "Precision", "fidelity: share of generated images inside the real manifold"),
+    ("recall", "Recall", "diversity: share of real images inside the generated manifold"),
+    ("density", "Density", "fidelity, robust to outliers (1 for matching sets)"),
+    ("coverage", "Coverage", "diversity, robust to outliers"),
+)
+MAX_PAIRS = 32   # closest generated/training pairs saved as PNGs
+SHOWN_PAIRS = 8  # of those, shown on the page
+GRID = 16        # images per class grid
+CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.8em}
+table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}
+th{background:#f2f2f2}td.num{text-align:right;font-variant-numeric:tabular-nums}.note{color:#666;font-size:.9em}
+.flag{color:#b00;font-weight:bold}figure{display:inline-block;margin:.4em;vertical-align:top}
+figcaption{font-size:.85em;color:#444;max-width:420px}img{image-rendering:pixelated}"""
+
+
+# ---------------------------------------------------------------- text
+
+def _num(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return f"{value:.{digits}g}" if abs(value) >= 1000 or (value != 0 and abs(value) < 1e-3) else f"{value:.{digits}f}"
+
+
+def _ci(fig: dict | None) -> str:
+    if not fig or fig.get("ci95") is None:
+        return ""
+    lo, hi = fig["ci95"]
+    return f"[{_num(lo)}, {_num(hi)}]"
+
+
+def summary_lines(results: dict[str, Any]) -> list[str]:
+    """The figures of an evaluation as a few printable lines: value [95 % CI], real-vs-real reference, counts."""
+    c = results["counts"]
+    lines = [f"{c['fake']} generated vs {c['real']} real images at {results['size']} px"
+             + (f", {c['train']} training images" if "train" in c else "")
+             + f"; features {results['protocol']['features']}"]
+    for key, label, _ in ROWS:
+        fig = results.get(key)
+        if fig:
+            lines.append(f"  {label:<34} {_num(fig['value']):>8} {_ci(fig):<20} real-vs-real {_num(fig.get('reference'))}")
+    cons = results.get("class_consistency")
+    if cons:
+        lines.append(f"  class consistency (accuracy)       {_num(cons['value']):>8} {_ci(cons):<20} "
+                     f"real held-out {_num((cons.get('reference') or {}).get('value'))}")
+    util = results.get("utility")
+    if util:
+        parts = [f"{k} {_num(util[k]['accuracy']['value'])}" for k in ("real", "synthetic", "real+synthetic")
+                 if "accuracy" in util[k]]
+        lines.append(f"  utility: held-out real accuracy, trained on " + ", ".join(parts))
+    priv = results.get("privacy")
+    if priv:
+        lines.append(f"  privacy: {priv['n_flagged']} of {priv['n_generated']} generated images flagged as copies "
+                     f"({100 * priv['flagged_share']:.1f} %), {100 * priv['train_copied_share']:.1f} % of training "
+                     f"images copied; NCC threshold {priv['threshold']:.3f} ({priv['threshold_source']})")
+    return lines
+
+
+# ---------------------------------------------------------------- pictures
+
+def _png_uri(image_u8: np.ndarray) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image_u8)).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _figure_uri(fig: Any) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _img(uri: str, caption: str, width: int | None = None) -> str:
+    w = f' width="{width}"' if width else ""
+    return f'<figure><img src="{uri}"{w} alt="{html.escape(caption)}"><figcaption>{html.escape(caption)}</figcaption></figure>'
+
+
+def _grid(images: np.ndarray) -> np.ndarray:
+    from .export import make_grid
+
+    return make_grid(images[:GRID], ncols=min(len(images[:GRID]), 8))
+
+
+def _upscale(image_u8: np.ndarray, min_height: int = 128) -> np.ndarray:
+    k = max(1, math.ceil(min_height / image_u8.shape[0]))
+    return np.kron(image_u8, np.ones((k, k), np.uint8)) if k > 1 else image_u8
+
+
+def histogram_plot(real: np.ndarray, fake: np.ndarray) -> str:
+    """Intensity histograms of real and generated images (all pixels, 64 bins, density) → a PNG data URI."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.2))
+    ax = fig.add_subplot()
+    bins = np.linspace(0, 1, 65)
+    for data, name in ((real, "real"), (fake, "generated")):
+        ax.hist(data.ravel(), bins=bins, density=True, histtype="step", linewidth=1.6, label=f"{name} ({len(data)})")
+    ax.set_yscale("log")
+    ax.set_xlabel("intensity (0 = black, 1 = white)")
+    ax.set_ylabel("density")
+    ax.legend()
+    return _figure_uri(fig)
+
+
+def read_loss_log(run_dir: str | Path) -> dict[str, list[float]]:
+    """RUN_DIR/log.jsonl → {"step", "loss", "val_step", "val_loss"}: the training loss and validation loss lines."""
+    path = Path(run_dir) / "log.jsonl"
+    if not path.is_file():
+        raise RunError(f"--run {run_dir}: no log.jsonl; expected a run folder written by meddiff train")
+    out: dict[str, list[float]] = {"step": [], "loss": [], "val_step": [], "val_loss": []}
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut off by an interrupted run
+        if "loss" in rec:
+            out["step"].append(rec["step"])
+            out["loss"].append(rec["loss"])
+        if "val_loss" in rec:
+            out["val_step"].append(rec["step"])
+            out["val_loss"].append(rec["val_loss"])
+    if not out["loss"]:
+        raise RunError(f"--run {run_dir}: log.jsonl holds no loss lines yet")
+    return out
+
+
+def loss_plot(log: dict[str, list[float]]) -> str:
+    """Training and validation loss against the step → a PNG data URI."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.2))
+    ax = fig.add_subplot()
+    ax.plot(log["step"], log["loss"], label="training loss (mean of 10 steps)")
+    if log["val_loss"]:
+        ax.plot(log["val_step"], log["val_loss"], "o-", label="validation loss")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    return _figure_uri(fig)
+
+
+def save_pairs(ev: Evaluation, out_dir: Path) -> list[tuple[str, str]]:
+    """The generated images closest to a training image (by NCC) beside it, as PNGs in out_dir/pairs/ →
+    [(data URI, caption)] of the first few, for the page."""
+    from .export import make_grid, save_png
+
+    if ev.train is None or ev.nearest_train_ncc is None:
+        return []
+    threshold = ev.results["privacy"]["threshold"]
+    order = np.argsort(-ev.nearest_train_ncc, kind="stable")[:MAX_PAIRS]
+    shown = []
+    for rank, g in enumerate(order):
+        t = int(ev.nearest_train[g])
+        ncc = float(ev.nearest_train_ncc[g])
+        pair = make_grid(np.stack([ev.fake.images[g], ev.train.images[t]]), ncols=2)
+        save_png(pair, out_dir / "pairs" / f"{rank:02d}_generated{g}_train{t}.png")
+        if rank < SHOWN_PAIRS:
+            flag = "FLAGGED copy" if ncc >= threshold else "below threshold"
+            shown.append((_png_uri(_upscale(pair)), f"generated #{g} | training #{t}: NCC {ncc:.3f} ({flag})"))
+    return shown
+
+
+# ---------------------------------------------------------------- the page
+
+def _cell(text: str, num: bool = False) -> str:
+    return f'<td class="num">{html.escape(text)}</td>' if num else f"<td>{html.escape(text)}</td>"
+
+
+def _table(head: list[str], rows: list[list[str]], num_from: int = 1) -> str:
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(_cell(v, i >= num_from) for i, v in enumerate(r)) + "</tr>" for r in rows)
+    return f"<table><tr>{th}</tr>{body}</table>"
+
+
+def metrics_table(figs: dict[str, Any]) -> str:
+    """The metric rows of one set of figures: value, 95 % CI, the real-vs-real reference, image counts."""
+    rows = []
+    for key, label, reads in ROWS:
+        fig = figs.get(key)
+        if not fig:
+            continue
+        counts = f"{fig.get('n_fake', '?')} / {fig.get('n_real', '?')}"
+        if key == "ms_ssim":
+            counts += f" ({fig['n_pairs']} / {fig['reference_n_pairs']} pairs)"
+        rows.append([label, _num(fig["value"]), _ci(fig), _num(fig.get("reference")), counts, reads])
+    return _table(["metric", "generated", "95 % CI", "real vs real", "images (generated / real)", "reads"], rows)
+
+
+def _classes_section(res: dict[str, Any]) -> str:
+    parts = []
+    if res.get("per_class"):
+        cons = (res.get("class_consistency") or {}).get("per_class", {})
+        rows = []
+        for name, f in res["per_class"].items():
+            def v(key: str) -> str:
+                return f"{_num(f[key]['value'])} {_ci(f[key])}" if f.get(key) else "n/a"
+            acc = cons.get(name)
+            rows.append([name, str(f["n_fake"]), str(f["n_real"]), v("ssim"), v("ms_ssim"),
+                         _num((f.get("ms_ssim") or {}).get("reference")), v("fid"), _num((f.get("fid") or {}).get("reference")),
+                         v("precision"), v("recall"), f"{_num(acc['value'])} {_ci(acc)}" if acc else "n/a"])
+        parts.append("<h2>Per class</h2>" + _table(
+            ["class", "generated", "real", "SSIM", "MS-SSIM", "MS-SSIM real", "FID", "FID real halves", "precision",
+             "recall", "class consistency"], rows))
+    cons = res.get("class_consistency")
+    if cons:
+        ref = cons.get("reference")
+        parts.append(f"<p>Class consistency: a classifier ({html.escape(cons['classifier'])}) fitted on the "
+                     f"{cons['n_labelled']} labelled images of {html.escape(cons['labelled_set'])} classifies every "
+                     f"generated image; accuracy {_num(cons['value'])} {_ci(cons)} over {cons['n']} images"
+                     + (f"; the same classifier on held-out real images: {_num(ref['value'])} {_ci(ref)} "
+                        f"({ref['n']} images)" if ref else "") + ".</p>")
+    util = res.get("utility")
+    if util:
+        rows = []
+        for k in ("real", "synthetic", "real+synthetic"):
+            u = util[k]
+            if "error" in u:
+                rows.append([k, str(u["n_train"]), u["error"], "", "", ""])
+                continue
+            rows.append([k, str(u["n_train"]), _num(u["accuracy"]["value"]), _ci(u["accuracy"]),
+                         _num(u["auc"]["value"]), _ci(u["auc"])])
+        parts.append("<h2>Utility: train on synthetic, test on real</h2>" + _table(
+            ["trained on", "training images", "accuracy", "95 % CI", "AUC", "95 % CI"], rows)
+            + f"<p class=note>Tested on {util['n_heldout']} held-out real images ({html.escape(util['split'])}); "
+              f"classifier: {html.escape(util['classifier'])}.</p>")
+    return "".join(parts)
+
+
+def _privacy_section(res: dict[str, Any], pairs: list[tuple[str, str]]) -> str:
+    p = res.get("privacy")
+    if not p:
+        return ""
+    fs = p["feature_space"]
+    rows = [["generated images flagged as copies", f"{100 * p['flagged_share']:.1f} % ({p['n_flagged']} of {p['n_generated']})"],
+            ["training images copied", f"{100 * p['train_copied_share']:.1f} % (of {p['n_train']})"],
+            ["copy threshold (NCC)", f"{p['threshold']:.4f}"],
+            ["how the threshold was set", f"{p['threshold_source']}; held-out images: {p['heldout']}"],
+            ["median nearest NCC: generated / held-out real", f"{p['nearest_ncc_median']:.3f} / {p['heldout_ncc_median']:.3f}"],
+            ["feature space: flagged", f"{100 * fs['flagged_share']:.1f} % (threshold {fs['threshold']:.4f})"],
+            ["NCC protocol", p["protocol"]], ["feature-space protocol", fs["protocol"]]]
+    figs = "".join(_img(uri, cap) for uri, cap in pairs)
+    flagged = '<p class="flag">Some generated images copy training images.</p>' if p["n_flagged"] else ""
+    return ("<h2>Privacy audit: copies of training images</h2>" + flagged + _table(["", ""], rows, num_from=9)
+            + f"<p>The closest pairs (generated | training), most similar first; all {MAX_PAIRS} closest are saved "
+              "in pairs/ beside this page.</p>" + figs)
+
+
+def _grids_section(ev: Evaluation) -> str:
+    parts = ["<h2>Samples per class</h2>"]
+    names = ev.fake.class_names if ev.fake.labelled else ("all",)
+    for name in names:
+        fake = ev.fake.images[ev.fake.mask(name)] if ev.fake.labelled else ev.fake.images
+        real = ev.real.images[ev.real.mask(name)] if ev.fake.labelled else ev.real.images
+        parts.append(f"<h3>{html.escape(name)}</h3>" + _img(_png_uri(_upscale(_grid(fake), 64)), f"generated ({len(fake)})", 480))
+        if len(real):
+            parts.append(_img(_png_uri(_upscale(_grid(real), 64)), f"real ({len(real)})", 480))
+    return "".join(parts)
+
+
+def _nearest_real_section(ev: Evaluation) -> str:
+    if ev.nearest_real is None:
+        return ""
+    order = np.argsort(-ev.nearest_real_ssim, kind="stable")[:SHOWN_PAIRS]
+    from .export import make_grid
+
+    figs = [_img(_png_uri(_upscale(make_grid(np.stack([ev.fake.images[g], ev.real.images[ev.nearest_real[g]]]),
+                                             ncols=2))),
+                 f"generated #{g} | real #{int(ev.nearest_real[g])}: SSIM {float(ev.nearest_real_ssim[g]):.3f}")
+            for g in order]
+    return ("<h2>Nearest real images</h2><p>The generated images most similar (SSIM) to a real image, beside "
+            "it.</p>" + "".join(figs))
+
+
+def write_report(ev: Evaluation, out_dir: str | Path, run_dir: str | Path | None = None) -> Path:
+    """Write out_dir/index.html (self-contained) and out_dir/pairs/*.png → the index.html path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    res = ev.results
+    log = read_loss_log(run_dir) if run_dir is not None else None
+    c, proto = res["counts"], res["protocol"]
+    counts = f"{c['fake']} generated, {c['real']} real" + (f", {c['train']} training" if "train" in c else "")
+    body = [f"<h1>meddiff evaluation</h1><p>{html.escape(counts)} images at {res['size']} px. Feature network: "
+            f"<b>{html.escape(proto['features'])}</b> — FID, KID and PRDC are only comparable between evaluations "
+            f"with the same feature network, image counts and size. Intervals: {html.escape(proto['intervals'])}.</p>",
+            "<h2>Metrics</h2>", metrics_table(res),
+            "<p class=note>Real vs real: the same figure between two random halves of the real set (for MS-SSIM: "
+            "among real images), what a perfect generator would reach; half sets make FID/KID references "
+            "slightly pessimistic.</p>",
+            _classes_section(res), _privacy_section(res, save_pairs(ev, out)),
+            "<h2>Intensity histograms</h2>", _img(histogram_plot(ev.real.images, ev.fake.images), "all pixels, real vs generated"),
+            _grids_section(ev), _nearest_real_section(ev)]
+    if log is not None:
+        body += ["<h2>Training loss</h2>", _img(loss_plot(log), f"{len(log['loss'])} loss lines, "
+                                                                 f"{len(log['val_loss'])} validation lines")]
+    body.append("<h2>Protocols</h2>" + _table(["figure", "protocol"], [[k, str(v)] for k, v in proto.items()], num_from=9))
+    page = (f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>meddiff evaluation</title>"
+            f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>")
+    path = out / "index.html"
+    tmp = out / ".index.html.tmp"
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,584 @@
+"""`meddiff serve`: a run folder → a local web page that generates images (form → JSON job → PNG previews, zip).
+
+Standard library only (http.server): one generation thread works through a small queue of jobs; every file it
+writes lies in a server-named job folder under the output folder, and requests only ever pick files by index.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import math
+import queue
+import re
+import secrets
+import socket
+import sys
+import threading
+import traceback
+import zipfile
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+from . import checkpoint as ckpt
+from . import export
+from .config import SAMPLERS
+from .errors import ConfigError, MeddiffError, RunError
+from .runtime import pick_device, pick_precision
+from .sample import LoadedRun, class_index, generate, load_run
+
+LIMITS: dict[str, tuple[float, float]] = {"n": (1, 64), "steps": (1, 200), "guidance": (0.0, 20.0),
+                                          "seed": (0, 2**32 - 1)}
+DEFAULTS: dict[str, Any] = {"n": 4, "sampler": "ddim", "steps": 20, "guidance": 1.0, "seed": 0, "format": "png"}
+SERVE_FORMATS: tuple[str, ...] = ("png", "dicom")
+FIELDS: tuple[str, ...] = ("class", "n", "sampler", "steps", "guidance", "seed", "format")
+MAX_PENDING = 8            # queued or running jobs; more is refused (HTTP 429) rather than piling up work
+MAX_BODY = 16 * 1024       # bytes of a POST body
+MAX_CARD = 200 * 1024      # characters of README.md shown
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+_JOB_ID = re.compile(r"[0-9a-f]{16}")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """What `meddiff serve` needs: the run to load, the folder jobs write into, where to listen."""
+
+    run: str
+    out: str
+    host: str = "127.0.0.1"
+    port: int = 7860           # 0: any free port (tests)
+    weights: str = "ema"
+    device: str = "auto"
+    precision: str = "auto"
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One batch asked for by the page, validated: class_name is None for an unconditional model."""
+
+    class_name: str | None
+    n: int
+    sampler: str
+    steps: int
+    guidance: float
+    seed: int
+    fmt: str
+
+
+# --- request validation -----------------------------------------------------------------------------------
+
+def _show(value: Any) -> str:
+    """A received value for a message, cut short: a message never echoes a whole request back."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _whole(body: dict[str, Any], key: str) -> int:
+    lo, hi = (int(v) for v in LIMITS[key])
+    value = body.get(key, DEFAULTS[key])
+    text = value.strip() if isinstance(value, str) else None
+    if isinstance(value, bool) or not (isinstance(value, int) or (text and re.fullmatch(r"[+-]?\d{1,20}", text))):
+        raise ConfigError(f"{key}: {_show(value)} is not a whole number; use {lo} to {hi}")
+    number = int(value)
+    if not lo <= number <= hi:
+        raise ConfigError(f"{key}: {number} is out of range; use {lo} to {hi}")
+    return number
+
+
+def _number(body: dict[str, Any], key: str) -> float:
+    lo, hi = LIMITS[key]
+    value = body.get(key, DEFAULTS[key])
+    try:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)) or len(str(value)) > 32:
+            raise ValueError
+        number = float(value)
+    except ValueError:
+        raise ConfigError(f"{key}: {_show(value)} is not a number; use {lo:g} to {hi:g}") from None
+    if not (math.isfinite(number) and lo <= number <= hi):
+        raise ConfigError(f"{key}: {_show(value)} is out of range; use {lo:g} to {hi:g}")
+    return number
+
+
+def _choice(body: dict[str, Any], key: str, allowed: tuple[str, ...]) -> str:
+    value = body.get(key, DEFAULTS[key])
+    if value not in allowed:
+        raise ConfigError(f"{key}: {_show(value)} is not available; choose from {', '.join(allowed)}")
+    return value
+
+
+def parse_request(body: Any, classes: tuple[str, ...]) -> GenerateRequest:
+    """A decoded JSON body → a GenerateRequest, or ConfigError naming the field, the value and what is allowed.
+
+    `classes`: the class names a conditional model knows; () for an unconditional model (no class allowed).
+    Numbers may come as JSON numbers or as the strings an HTML form holds.
+    """
+    if not isinstance(body, dict):
+        raise ConfigError(f"request: expected a JSON object with fields {', '.join(FIELDS)}")
+    unknown = sorted(str(k) for k in body if k not in FIELDS)
+    if unknown:
+        raise ConfigError(f"request: unknown field(s) {', '.join(map(_show, unknown))}; allowed: {', '.join(FIELDS)}")
+    name = body.get("class")
+    if classes and name not in classes:
+        raise ConfigError(f"class: {_show(name)} is not a class this model knows; choose from {', '.join(classes)}")
+    if not classes and name not in (None, ""):
+        raise ConfigError(f"class: {_show(name)} given, but this model is unconditional (it knows no classes)")
+    n, seed = _whole(body, "n"), _whole(body, "seed")
+    if seed + n - 1 > LIMITS["seed"][1]:
+        raise ConfigError(f"seed: {seed} + {n} images runs past the largest seed {int(LIMITS['seed'][1])}")
+    return GenerateRequest(class_name=name if classes else None, n=n, sampler=_choice(body, "sampler", SAMPLERS),
+                           steps=_whole(body, "steps"), guidance=_number(body, "guidance"), seed=seed,
+                           fmt=_choice(body, "format", SERVE_FORMATS))
+
+
+# --- model card ---------------------------------------------------------------------------------------------
+
+def model_card(run_dir: Path, record: dict[str, Any]) -> tuple[str, str]:
+    """(text, source): RUN/README.md when present, else a summary of meddiff.json (source "summary").
+
+    The summary names the architecture, classes and counts, never a path or a file name.
+    """
+    readme = Path(run_dir) / "README.md"
+    if readme.is_file():
+        return readme.read_text(encoding="utf-8", errors="replace")[:MAX_CARD], "README.md"
+    train, model, data = record.get("train", {}), record.get("model", {}), record.get("data", {})
+    classes = list(record.get("class_names", []))
+    counts = data.get("classes", {})
+    kind = f"class-conditional ({len(classes)} classes)" if model.get("num_classes") else "unconditional"
+    lines = ["Model card (summary of meddiff.json: this run folder has no README.md)", "",
+             f"Architecture: preset {train.get('preset', '?')}, {model.get('sample_size', '?')} px, {kind}",
+             f"Objective: {train.get('objective', '?')}; beta schedule {train.get('beta_schedule', '?')}",
+             "Classes: " + ", ".join(f"{c} ({counts[c]} images)" if c in counts else c for c in classes),
+             f"Data: {data.get('images', '?')} images; formats "
+             + (", ".join(f"{k} {v}" for k, v in data.get("formats", {}).items()) or "?")
+             + f"; {data.get('skipped', 0)} file(s) skipped"]
+    split, result = record.get("split", {}), record.get("result") or {}
+    if split:
+        lines.append(f"Split: {split.get('train', '?')} training, {split.get('val', '?')} held-out images")
+    if result:
+        lines.append(f"Training: {result.get('steps', '?')} steps, {result.get('images_seen', '?')} images seen, "
+                     f"stopped by {result.get('stopped', '?')}")
+    lines += ["", "Every image generated here is synthetic: it is not an image of a real patient."]
+    return "\n".join(lines), "summary"
+
+
+# --- jobs ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class Job:
+    """One batch: its folder (server-named) and, as they are written, the files of the chosen format and the
+    PNG previews the page shows. Fields change under App.lock."""
+
+    id: str
+    request: GenerateRequest
+    folder: Path
+    files: list[str] = field(default_factory=list)
+    previews: list[Path] = field(default_factory=list)
+    status: str = "queued"     # queued | running | done | error
+    error: str | None = None
+    zip_path: Path | None = None
+
+
+class App:
+    """The loaded model, the output folder and the jobs; one worker thread generates, one job at a time."""
+
+    def __init__(self, cfg: ServeConfig, echo: Callable[[str], None] = print) -> None:
+        self.cfg, self.echo = cfg, echo
+        self.device = pick_device(cfg.device)
+        self.precision = pick_precision(cfg.precision, self.device)
+        self.run: LoadedRun = load_run(cfg.run, cfg.weights, self.device)
+        self.classes: tuple[str, ...] = self.run.class_names if self.run.conditional else ()
+        self.card, self.card_source = model_card(Path(cfg.run), ckpt.read_json(Path(cfg.run) / "meddiff.json"))
+        self.out = Path(cfg.out).resolve()
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise RunError(f"--out {cfg.out}: cannot create the output folder ({err.strerror})") from None
+        self.lock = threading.Lock()
+        self.jobs: dict[str, Job] = {}
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._stop = threading.Event()
+        self._worker = threading.Thread(target=self._work, name="meddiff-generate", daemon=True)
+        self._worker.start()
+
+    def info(self) -> dict[str, Any]:
+        """What the page needs to build its form and show the model card."""
+        size = self.run.model.sample_size
+        kind = f"{len(self.classes)} classes" if self.classes else "unconditional"
+        return {"title": f"{self.run.model_id} · {size}×{size} px · {kind}", "classes": list(self.classes),
+                "samplers": list(SAMPLERS), "formats": list(SERVE_FORMATS), "defaults": DEFAULTS,
+                "limits": {k: list(v) for k, v in LIMITS.items()}, "card": self.card, "card_source": self.card_source}
+
+    def submit(self, body: Any) -> Job:
+        """Validate a request and queue it; ConfigError (→ 400) or RunError (→ 429 busy)."""
+        request = parse_request(body, self.classes)
+        with self.lock:
+            pending = sum(j.status in ("queued", "running") for j in self.jobs.values())
+            if pending >= MAX_PENDING:
+                raise RunError(f"the server is busy with {pending} batches; try again when one has finished")
+            job_id = secrets.token_hex(8)
+            folder = self.out / job_id  # the server's own name: nothing from the request reaches a path
+            folder.mkdir()
+            job = self.jobs[job_id] = Job(job_id, request, folder)
+        self._queue.put(job)
+        return job
+
+    def status(self, job: Job) -> dict[str, Any]:
+        with self.lock:
+            done = len(job.previews)
+            return {"id": job.id, "status": job.status, "total": job.request.n, "done": done, "error": job.error,
+                    "images": [f"/jobs/{job.id}/image/{k}.png" for k in range(done)],
+                    "seeds": [job.request.seed + k for k in range(done)],
+                    "zip": f"/jobs/{job.id}/batch.zip" if job.zip_path else None}
+
+    def close(self) -> None:
+        """Stop the worker after the image it is making."""
+        self._stop.set()
+        self._queue.put(None)
+        self._worker.join(timeout=60)
+
+    def _work(self) -> None:
+        while (job := self._queue.get()) is not None and not self._stop.is_set():
+            with self.lock:
+                job.status = "running"
+            try:
+                self._generate(job)
+                zip_path = self._zip(job)
+                with self.lock:
+                    job.zip_path, job.status = zip_path, "done"
+            except Exception as err:  # the job fails, the server carries on
+                message = str(err) if isinstance(err, MeddiffError) else "generation failed; see the server's log"
+                if not isinstance(err, MeddiffError):
+                    traceback.print_exc(file=sys.stderr)
+                with self.lock:
+                    job.status, job.error = "error", message
+
+    def _generate(self, job: Job) -> None:
+        """One image at a time, so that the page shows each as it finishes; image k has seed seed + k."""
+        req = job.request
+        label = class_index(self.run, req.class_name)
+        manifest = export.Manifest(job.folder)
+        for k in range(req.n):
+            if self._stop.is_set():
+                raise RunError("the server is shutting down")
+            seed = req.seed + k
+            image = generate(self.run, [seed], label, req.sampler, req.steps, req.guidance, self.precision)[0]
+            info = export.SyntheticInfo(self.run.model_id, seed, req.class_name, req.sampler, req.steps,
+                                        req.guidance)
+            name = export.image_filename(seed, req.fmt)
+            export.write_image(image, job.folder / name, req.fmt, info)
+            manifest.add(name, info, req.fmt)
+            preview = job.folder / name
+            if req.fmt != "png":
+                preview = export.write_image(image, job.folder / "preview" / export.image_filename(seed, "png"),
+                                             "png", info)
+            with self.lock:
+                job.files.append(name)
+                job.previews.append(preview)
+
+    def _zip(self, job: Job) -> Path:
+        """The batch (files of the chosen format + manifest.csv) as one zip, written then renamed into place."""
+        target = job.folder / "batch.zip"
+        tmp = job.folder / ".batch.zip.tmp"
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for name in [*job.files, export.MANIFEST_NAME]:
+                zf.write(job.folder / name, arcname=name)
+        tmp.replace(target)
+        return target
+
+
+# --- HTTP -----------------------------------------------------------------------------------------------------
+
+class HttpError(Exception):
+    """An answer other than 200 with a message for the page."""
+
+    def __init__(self, status: HTTPStatus, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _host_name(header: str) -> str:
+    """'127.0.0.1:7860' → '127.0.0.1', '[::1]:7860' → '::1'."""
+    if header.startswith("["):
+        return header[1:].partition("]")[0]
+    return header.rpartition(":")[0] if header.count(":") == 1 else header
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: "Server"
+    server_version = "meddiff"
+    sys_version = ""
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        self._dispatch(self._get)
+
+    def do_POST(self) -> None:  # noqa: N802
+        self._dispatch(self._post)
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        if str(code).isdigit() and int(code) >= 400:  # the page polls: log only what went wrong
+            super().log_request(code, size)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (http.server's signature)
+        self.server.app.echo(f"{self.address_string()} {format % args}")
+
+    def _dispatch(self, route: Callable[[str], None]) -> None:
+        try:
+            host = _host_name(self.headers.get("Host", ""))
+            # on loopback, a page on another site that resolves its name to 127.0.0.1 is refused (DNS rebinding)
+            if _is_loopback(self.server.app.cfg.host) and host not in LOOPBACK_NAMES:
+                raise HttpError(HTTPStatus.FORBIDDEN, f"Host {host!r} refused: open the page as http://127.0.0.1")
+            route(urlsplit(self.path).path)
+        except HttpError as err:
+            self._send_json({"error": str(err)}, err.status)
+        except MeddiffError as err:
+            self._send_json({"error": str(err)}, HTTPStatus.BAD_REQUEST)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        except Exception:
+            traceback.print_exc(file=sys.stderr)
+            self._send_json({"error": "internal error; see the server's log"}, HTTPStatus.INTERNAL_SERVER_ERROR)
+
+    def _job(self, job_id: str) -> Job:
+        job = self.server.app.jobs.get(job_id) if _JOB_ID.fullmatch(job_id) else None
+        if job is None:
+            raise HttpError(HTTPStatus.NOT_FOUND, f"no batch {job_id[:40]!r} on this server")
+        return job
+
+    def _get(self, path: str) -> None:
+        app = self.server.app
+        if path in ("/", "/index.html"):
+            return self._send(PAGE.encode(), "text/html; charset=utf-8")
+        if path == "/app.js":
+            return self._send(SCRIPT.encode(), "text/javascript; charset=utf-8")
+        if path == "/api/info":
+            return self._send_json(app.info())
+        if m := re.fullmatch(r"/api/jobs/([^/]+)", path):
+            return self._send_json(app.status(self._job(m[1])))
+        if m := re.fullmatch(r"/jobs/([^/]+)/image/(\d{1,3})\.png", path):
+            job, k = self._job(m[1]), int(m[2])
+            with app.lock:
+                preview = job.previews[k] if k < len(job.previews) else None
+            if preview is None:
+                raise HttpError(HTTPStatus.NOT_FOUND, f"image {k} of batch {job.id} is not ready")
+            return self._send(preview.read_bytes(), "image/png")
+        if m := re.fullmatch(r"/jobs/([^/]+)/batch\.zip", path):
+            job = self._job(m[1])
+            if job.zip_path is None:
+                raise HttpError(HTTPStatus.NOT_FOUND, f"batch {job.id} is not finished")
+            return self._send(job.zip_path.read_bytes(), "application/zip",
+                              {"Content-Disposition": f'attachment; filename="meddiff-{job.id}.zip"'})
+        raise HttpError(HTTPStatus.NOT_FOUND, f"no page at {path[:80]!r}")
+
+    def _post(self, path: str) -> None:
+        if path != "/api/jobs":
+            raise HttpError(HTTPStatus.NOT_FOUND, f"no page at {path[:80]!r}")
+        # a JSON content type cannot be sent across sites without a CORS preflight, which this server never grants
+        if self.headers.get_content_type() != "application/json":
+            raise HttpError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send the parameters as application/json")
+        try:
+            length = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            raise HttpError(HTTPStatus.LENGTH_REQUIRED, "a Content-Length header is required") from None
+        if not 0 <= length <= MAX_BODY:
+            raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body of {length} bytes: at most {MAX_BODY}")
+        try:
+            body = json.loads(self.rfile.read(length).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise HttpError(HTTPStatus.BAD_REQUEST, "request: the body is not valid JSON") from None
+        try:
+            job = self.server.app.submit(body)
+        except RunError as err:
+            raise HttpError(HTTPStatus.TOO_MANY_REQUESTS, str(err)) from None
+        self._send_json({"id": job.id, "url": f"/api/jobs/{job.id}"}, HTTPStatus.ACCEPTED)
+
+    def _send_json(self, data: Any, status: HTTPStatus = HTTPStatus.OK) -> None:
+        self._send(json.dumps(data).encode(), "application/json", status=status)
+
+    def _send(self, payload: bytes, content_type: str, headers: dict[str, str] | None = None,
+              status: HTTPStatus = HTTPStatus.OK) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(payload)))
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Content-Security-Policy", CSP)
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(payload)
+
+
+class Server(ThreadingHTTPServer):
+    """The HTTP server with its App; `url` is where the page is."""
+
+    daemon_threads = True
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.address_family = socket.AF_INET6 if ":" in app.cfg.host else socket.AF_INET
+        try:
+            super().__init__((app.cfg.host, app.cfg.port), _Handler)
+        except OSError as err:
+            app.close()
+            raise RunError(f"--host {app.cfg.host} --port {app.cfg.port}: cannot listen there ({err.strerror}); "
+                           "choose another --port") from None
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{f'[{host}]' if ':' in str(host) else host}:{port}/"
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.app.close()
+
+
+def make_server(cfg: ServeConfig, echo: Callable[[str], None] = print) -> Server:
+    """Load the run and bind (port 0: a free port); call serve_forever() on the result, then server_close()."""
+    return Server(App(cfg, echo))
+
+
+def serve(cfg: ServeConfig, echo: Callable[[str], None] = print) -> None:
+    """Serve until Ctrl-C."""
+    server = make_server(cfg, echo)
+    if not _is_loopback(cfg.host):
+        echo(f"warning: listening on {cfg.host}: anyone who can reach it can use the model and read its card")
+    echo(f"meddiff serve: {server.url} (batches are written under {server.app.out}); Ctrl-C stops")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+# --- the page -------------------------------------------------------------------------------------------------
+
+CSP = ("default-src 'none'; script-src 'self'; connect-src 'self'; img-src 'self'; style-src 'unsafe-inline'; "
+       "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>meddiff</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body { font-family: system-ui, sans-serif; margin: 1.5rem auto; max-width: 60rem; padding: 0 1rem; color: #222; }
+form { display: flex; flex-wrap: wrap; gap: .8rem 1.2rem; align-items: end; }
+label { display: flex; flex-direction: column; font-size: .9rem; gap: .2rem; }
+input, select { font-size: 1rem; width: 9rem; }
+button { font-size: 1rem; padding: .35rem 1.2rem; }
+#message { color: #a00; background: #fee; border: 1px solid #d99; padding: .5rem; }
+#images { display: flex; flex-wrap: wrap; gap: .5rem; margin: 1rem 0; }
+#images img { width: 128px; height: 128px; image-rendering: pixelated; background: #000; }
+#card { white-space: pre-wrap; background: #f6f6f6; padding: .8rem; font-size: .85rem; }
+.note { color: #555; font-size: .85rem; }
+</style></head>
+<body>
+<h1>meddiff</h1>
+<p id="model" class="note">loading the model…</p>
+<form id="form" novalidate>
+  <label id="class-row">Class <select id="class"></select></label>
+  <label>Images <input id="n" type="number" min="1" max="64" value="4"></label>
+  <label>Sampler <select id="sampler"></select></label>
+  <label>Steps <input id="steps" type="number" min="1" max="200" value="20"></label>
+  <label id="guidance-row">Guidance <input id="guidance" type="number" min="0" max="20" step="0.5" value="1"></label>
+  <label>Seed <input id="seed" type="number" min="0" value="0"></label>
+  <label>Format <select id="format"><option value="png">PNG</option><option value="dicom">DICOM</option></select></label>
+  <button id="generate" type="submit" disabled>Generate</button>
+</form>
+<p id="message" role="alert" hidden></p>
+<p><progress id="progress" value="0" max="1" hidden></progress> <span id="progress-text"></span></p>
+<div id="images"></div>
+<p><a id="download" hidden>Download the batch (.zip)</a></p>
+<h2>Model card</h2>
+<div id="card"></div>
+<p class="note">Every image made here is synthetic: it is not an image of a real patient.</p>
+<script src="/app.js"></script>
+</body></html>
+"""
+
+SCRIPT = """"use strict";
+const $ = (id) => document.getElementById(id);
+
+function showMessage(text) { $("message").textContent = text; $("message").hidden = !text; }
+
+async function getJSON(url, options) {
+  const response = await fetch(url, options);
+  let body = null;
+  try { body = await response.json(); } catch (e) { body = null; }
+  if (!response.ok) { throw new Error((body && body.error) || `the server answered ${response.status}`); }
+  return body;
+}
+
+function fill(select, values) {
+  select.replaceChildren(...values.map((v) => { const o = document.createElement("option"); o.value = v; o.textContent = v; return o; }));
+}
+
+function setProgress(done, total, text) {
+  $("progress").hidden = false; $("progress").max = total; $("progress").value = done;
+  $("progress-text").textContent = text;
+}
+
+async function follow(url) {
+  let shown = 0;
+  for (;;) {
+    const job = await getJSON(url);
+    for (; shown < job.images.length; shown++) {
+      const img = document.createElement("img");
+      img.src = job.images[shown]; img.alt = img.title = `seed ${job.seeds[shown]}`;
+      $("images").append(img);
+    }
+    const state = job.status === "queued" ? "waiting for the batch before it" : `${job.done} of ${job.total} images`;
+    setProgress(job.done, job.total, state);
+    if (job.status === "error") { throw new Error(job.error); }
+    if (job.status === "done") {
+      $("download").href = job.zip; $("download").hidden = false;
+      setProgress(job.done, job.total, `done: ${job.total} images`);
+      return;
+    }
+    await new Promise((resolve) => setTimeout(resolve, 300));
+  }
+}
+
+async function submit(event) {
+  event.preventDefault();
+  showMessage("");
+  const body = {};
+  for (const key of ["n", "sampler", "steps", "guidance", "seed", "format"]) { body[key] = $(key).value; }
+  if (!$("class-row").hidden) { body.class = $("class").value; }
+  $("generate").disabled = true; $("download").hidden = true; $("images").replaceChildren();
+  try {
+    const job = await getJSON("/api/jobs", {method: "POST", headers: {"Content-Type": "application/json"},
+                                            body: JSON.stringify(body)});
+    setProgress(0, Number(body.n) || 1, "starting");
+    await follow(job.url);
+  } catch (e) {
+    showMessage(e.message); $("progress").hidden = true; $("progress-text").textContent = "";
+  } finally { $("generate").disabled = false; }
+}
+
+async function init() {
+  try {
+    const info = await getJSON("/api/info");
+    $("model").textContent = info.title;
+    $("card").textContent = info.card;
+    fill($("sampler"), info.samplers);
+    if (info.classes.length) { fill($("class"), info.classes); } else { $("class-row").hidden = true; $("guidance-row").hidden = true; }
+    for (const [key, value] of Object.entries(info.defaults)) { $(key).value = value; }
+    for (const [key, [lo, hi]] of Object.entries(info.limits)) { $(key).min = lo; $(key).max = hi; }
+    $("form").addEventListener("submit", submit);
+    $("generate").disabled = false;
+  } catch (e) { showMessage(`could not load the model: ${e.message}`); }
+}
+
+init();
+"""

@@ -1,0 +1,315 @@
+"""Tests for meddiff.serve: request validation, the model card, the HTTP API (400s, no way out of the output folder,
+zips of valid images) and the page itself in a headless Chromium driven by Selenium (skipped without one)."""
+from __future__ import annotations
+
+import csv
+import http.client
+import io
+import json
+import re
+import shutil
+import threading
+import time
+import zipfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+
+from meddiff import serve as serve_mod
+from meddiff.checkpoint import read_json
+from meddiff.cli import main
+from meddiff.errors import ConfigError
+from meddiff.sample import generate, load_run
+from meddiff.serve import GenerateRequest, ServeConfig, make_server, model_card, parse_request
+
+CLASSES = ("a", "b")
+CHROME_ARGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+               "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               "--no-proxy-server")
+
+
+def _quiet(_line: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def server(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[serve_mod.Server]:
+    out = tmp_path_factory.mktemp("served")
+    srv = make_server(ServeConfig(run=str(trained_run), out=str(out), port=0, device="cpu", precision="fp32"),
+                      echo=_quiet)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+    thread.join(timeout=30)
+
+
+def _call(srv: serve_mod.Server, method: str, path: str, body: Any = None,
+          headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    """One raw HTTP exchange (the path is sent exactly as given); returns (status, headers, body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=60)
+    try:
+        if body is not None and not isinstance(body, (bytes, str)):
+            body = json.dumps(body)
+            headers = {"Content-Type": "application/json", **(headers or {})}
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        conn.close()
+
+
+def _post(srv: serve_mod.Server, body: Any) -> tuple[int, dict[str, Any]]:
+    status, _, data = _call(srv, "POST", "/api/jobs", body)
+    return status, json.loads(data)
+
+
+def _finish(srv: serve_mod.Server, body: dict[str, Any]) -> dict[str, Any]:
+    """Submit a batch and poll it until it is done (a guard of 120 s against a hang, not a timing check)."""
+    status, job = _post(srv, body)
+    assert status == 202, job
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        state = json.loads(_call(srv, "GET", job["url"])[2])
+        if state["status"] in ("done", "error"):
+            assert state["status"] == "done", state["error"]
+            return state
+        time.sleep(0.1)
+    raise AssertionError(f"batch {job['id']} did not finish")
+
+
+def _zip(srv: serve_mod.Server, url: str) -> zipfile.ZipFile:
+    status, headers, data = _call(srv, "GET", url)
+    assert status == 200 and headers["Content-Type"] == "application/zip"
+    return zipfile.ZipFile(io.BytesIO(data))
+
+
+def _png_pixels(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as im:
+        im.verify()
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.format == "PNG" and im.mode == "L"
+        return np.asarray(im)
+
+
+# --- validation and the model card ---------------------------------------------------------------------------
+
+def test_parse_request_takes_form_strings_and_fills_defaults() -> None:
+    req = parse_request({"class": "b", "n": " 3", "steps": "7", "guidance": "2.5", "seed": "+11"}, CLASSES)
+    assert req == GenerateRequest("b", 3, "ddim", 7, 2.5, 11, "png")
+    assert parse_request({"class": "a", "n": 64, "steps": 200, "guidance": 0, "format": "dicom",
+                          "sampler": "heun"}, CLASSES) == GenerateRequest("a", 64, "heun", 200, 0.0, 0, "dicom")
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"class": "a", "n": -1}, r"n: -1 is out of range; use 1 to 64"),
+    ({"class": "a", "n": 0}, r"n: 0 is out of range"),
+    ({"class": "a", "n": "65"}, r"n: 65 is out of range; use 1 to 64"),
+    ({"class": "a", "n": "abc"}, r"n: 'abc' is not a whole number; use 1 to 64"),
+    ({"class": "a", "n": 2.5}, r"n: 2.5 is not a whole number"),
+    ({"class": "a", "n": True}, r"n: True is not a whole number"),
+    ({"class": "a", "n": ""}, r"n: '' is not a whole number"),
+    ({"class": "a", "steps": "1000"}, r"steps: 1000 is out of range; use 1 to 200"),
+    ({"class": "a", "guidance": "-1"}, r"guidance: '-1' is out of range; use 0 to 20"),
+    ({"class": "a", "guidance": "nan"}, r"guidance: 'nan' is out of range"),
+    ({"class": "a", "guidance": "lots"}, r"guidance: 'lots' is not a number; use 0 to 20"),
+    ({"class": "a", "guidance": [1]}, r"guidance: \[1\] is not a number"),
+    ({"class": "a", "seed": -5}, r"seed: -5 is out of range; use 0 to 4294967295"),
+    ({"class": "a", "seed": 2**32 - 2, "n": 4}, r"seed: 4294967294 \+ 4 images runs past the largest seed"),
+    ({"class": "zzz"}, r"class: 'zzz' is not a class this model knows; choose from a, b"),
+    ({"class": "../../etc"}, r"class: '../../etc' is not a class this model knows"),
+    ({}, r"class: None is not a class this model knows"),
+    ({"class": "a", "sampler": "magic"}, r"sampler: 'magic' is not available; choose from ddpm, ddim"),
+    ({"class": "a", "format": "nifti"}, r"format: 'nifti' is not available; choose from png, dicom"),
+    ({"class": "a", "out": "/tmp/x"}, r"request: unknown field\(s\) 'out'; allowed: class, n, sampler"),
+    ([1, 2], r"request: expected a JSON object"),
+])
+def test_parse_request_refuses_bad_parameters(body: Any, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_request(body, CLASSES)
+
+
+def test_unconditional_model_takes_no_class() -> None:
+    assert parse_request({"n": 1}, ()).class_name is None
+    assert parse_request({"n": 1, "class": ""}, ()).class_name is None
+    with pytest.raises(ConfigError, match=r"class: 'a' given, but this model is unconditional"):
+        parse_request({"class": "a"}, ())
+
+
+def test_model_card_summary_names_classes_but_no_files(trained_run: Path, image_folder: Path, tmp_path: Path) -> None:
+    record = read_json(trained_run / "meddiff.json")
+    card, source = model_card(trained_run, record)
+    assert source == "summary"
+    assert "preset tiny, 32 px, class-conditional (2 classes)" in card
+    assert "a (8 images), b (8 images)" in card and "16 images" in card and "synthetic" in card
+    assert str(image_folder) not in card and str(trained_run) not in card and not re.search(r"\d{3}\.png", card)
+    (tmp_path / "README.md").write_text("# My model\nIntended use: research.\n")
+    assert model_card(tmp_path, record) == ("# My model\nIntended use: research.\n", "README.md")
+
+
+# --- the HTTP API --------------------------------------------------------------------------------------------
+
+def test_page_and_info(server: serve_mod.Server) -> None:
+    status, headers, page = _call(server, "GET", "/")
+    assert status == 200 and headers["Content-Type"].startswith("text/html") and b'id="generate"' in page
+    assert "script-src 'self'" in headers["Content-Security-Policy"]
+    assert _call(server, "GET", "/app.js")[0] == 200
+    info = json.loads(_call(server, "GET", "/api/info")[2])
+    assert info["classes"] == ["a", "b"] and "ddim" in info["samplers"] and info["formats"] == ["png", "dicom"]
+    assert info["limits"]["n"] == [1, 64] and info["limits"]["steps"] == [1, 200]
+    assert info["card_source"] == "summary" and "a (8 images)" in info["card"]
+
+
+def test_server_listens_on_loopback_by_default() -> None:
+    assert ServeConfig(run="r", out="o").host == "127.0.0.1" and ServeConfig(run="r", out="o").port == 7860
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ({"class": "a", "n": "-3"}, 400, "n: -3 is out of range; use 1 to 64"),
+    ({"class": "nope", "n": 1}, 400, "class: 'nope' is not a class this model knows"),
+    ({"class": "a", "steps": "99999"}, 400, "steps: 99999 is out of range; use 1 to 200"),
+    ({"class": "a", "seed": "x1"}, 400, "seed: 'x1' is not a whole number"),
+    (b"{not json", 400, "request: the body is not valid JSON"),
+    (b"\xff\xfe", 400, "request: the body is not valid JSON"),
+])
+def test_bad_parameters_get_400_with_a_message(server: serve_mod.Server, body: Any, status: int,
+                                               message: str) -> None:
+    before = sorted(p.name for p in server.app.out.iterdir())
+    headers = {"Content-Type": "application/json"} if isinstance(body, bytes) else None
+    got, _, data = _call(server, "POST", "/api/jobs", body, headers)
+    assert got == status and message in json.loads(data)["error"]
+    assert sorted(p.name for p in server.app.out.iterdir()) == before, "a refused request must write nothing"
+
+
+def test_form_posts_and_foreign_hosts_are_refused(server: serve_mod.Server) -> None:
+    status, _, data = _call(server, "POST", "/api/jobs", "n=1", {"Content-Type": "application/x-www-form-urlencoded"})
+    assert status == 415 and "application/json" in json.loads(data)["error"]
+    status, _, data = _call(server, "GET", "/api/info", headers={"Host": "evil.example:7860"})
+    assert status == 403 and "Host 'evil.example' refused" in json.loads(data)["error"]
+    status, _, data = _call(server, "POST", "/api/jobs", {"class": "a"}, {"Host": "evil.example"})
+    assert status == 403
+
+
+def test_busy_server_says_so(server: serve_mod.Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(serve_mod, "MAX_PENDING", 0)
+    status, body = _post(server, {"class": "a", "n": 1})
+    assert status == 429 and "busy" in body["error"]
+
+
+def test_batch_zip_holds_n_valid_pngs_named_by_seed(server: serve_mod.Server, trained_run: Path) -> None:
+    state = _finish(server, {"class": "b", "n": "3", "steps": "2", "seed": "10", "sampler": "ddim", "guidance": "1"})
+    assert state["done"] == state["total"] == 3 and state["seeds"] == [10, 11, 12]
+    with _zip(server, state["zip"]) as zf:
+        names = sorted(zf.namelist())
+        assert names == ["manifest.csv", "seed000010.png", "seed000011.png", "seed000012.png"]
+        pixels = {n: _png_pixels(zf.read(n)) for n in names if n.endswith(".png")}
+        rows = list(csv.DictReader(io.StringIO(zf.read("manifest.csv").decode())))
+        text = Image.open(io.BytesIO(zf.read("seed000011.png"))).text
+    assert all(p.shape == (32, 32) and p.dtype == np.uint8 for p in pixels.values())
+    assert [(r["file"], r["class"], r["seed"], r["steps"]) for r in rows] == [
+        (f"seed0000{s}.png", "b", str(s), "2") for s in (10, 11, 12)]
+    assert json.loads(text["meddiff"])["synthetic"] is True
+    # the page's image for seed 11 is the image `generate` gives for seed 11 alone (per-image seeds)
+    expected = generate(load_run(trained_run, device="cpu"), [11], 1, "ddim", 2)[0]
+    assert np.array_equal(pixels["seed000011.png"], np.round(expected * 255).astype(np.uint8))
+    status, headers, preview = _call(server, "GET", state["images"][1])
+    assert status == 200 and headers["Content-Type"] == "image/png"
+    assert np.array_equal(_png_pixels(preview), pixels["seed000011.png"])
+
+
+def test_dicom_batch_zips_dicoms_and_previews_pngs(server: serve_mod.Server) -> None:
+    state = _finish(server, {"class": "a", "n": 1, "steps": 1, "seed": 3, "format": "dicom"})
+    with _zip(server, state["zip"]) as zf:
+        assert sorted(zf.namelist()) == ["manifest.csv", "seed000003.dcm"]
+        ds = pydicom.dcmread(io.BytesIO(zf.read("seed000003.dcm")))
+    assert ds.ConversionType == "SYN" and ds.Rows == ds.Columns == 32 and ds.PatientName == ""
+    status, _, preview = _call(server, "GET", state["images"][0])
+    assert status == 200 and _png_pixels(preview).shape == (32, 32)
+
+
+def test_requests_cannot_reach_files_outside_the_batches(server: serve_mod.Server) -> None:
+    state = _finish(server, {"class": "a", "n": 1, "steps": 1})
+    job = state["id"]
+    for path in ["/../../../../etc/passwd", "/jobs/../../meddiff.json", f"/jobs/{job}/image/../../../etc/passwd",
+                 f"/jobs/{job}/image/..%2f..%2fmanifest.csv", "/jobs/%2e%2e/batch.zip", f"/jobs/{job}/image/5.png",
+                 f"/jobs/{job}/image/-1.png", "/jobs/0000000000000000/batch.zip", f"/jobs/{job}/manifest.csv",
+                 f"/api/jobs/{job}/../../../etc/passwd", "/api/jobs/..", f"/jobs/{job.upper()}/batch.zip",
+                 "//etc/passwd", "/static/../../etc/hosts"]:
+        status, headers, data = _call(server, "GET", path)
+        assert status == 404 and headers["Content-Type"] == "application/json", path
+        assert "error" in json.loads(data) and b"root:" not in data, path
+    status, _, _ = _call(server, "POST", f"/api/jobs/{job}", {"class": "a"})
+    assert status == 404
+    # everything written lies in server-named job folders directly under the output folder
+    assert all(re.fullmatch(r"[0-9a-f]{16}", p.name) and p.is_dir() for p in server.app.out.iterdir())
+
+
+def test_cli_serve_reports_a_missing_run_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["serve", "--run", str(tmp_path / "nothing"), "--out", str(tmp_path / "o"), "--port", "0"]) == 1
+    assert re.fullmatch(r"meddiff: error: .*nothing/meddiff.json: missing; is this a meddiff run folder\?\n",
+                        capsys.readouterr().err)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--run", str(tmp_path), "--port", "70000"])
+    assert exit_info.value.code == 2 and "70000 must be between 0" in capsys.readouterr().err
+
+
+# --- the page in a real browser ---------------------------------------------------------------------------------
+
+def _chrome(profile: Path) -> Any:
+    """A headless Debian Chromium driven through chromedriver; skips when either is missing (never downloads)."""
+    browser, driver = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
+    if not browser or not driver:
+        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="needs the selenium package (pip install selenium)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for arg in (*CHROME_ARGS, f"--user-data-dir={profile}"):
+        options.add_argument(arg)
+    return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
+
+
+def test_page_generates_two_images_in_a_headless_browser(server: serve_mod.Server, tmp_path: Path) -> None:
+    browser = _chrome(tmp_path / "profile")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    def field(name: str, value: str) -> None:
+        box = browser.find_element(By.ID, name)
+        box.clear()
+        box.send_keys(value)
+
+    try:
+        browser.get(server.url)
+        wait = WebDriverWait(browser, 90)
+        wait.until(lambda b: b.find_element(By.ID, "generate").is_enabled())
+        assert "a (8 images)" in browser.find_element(By.ID, "card").text
+        Select(browser.find_element(By.ID, "class")).select_by_visible_text("b")
+        field("n", "2")
+        field("steps", "500")  # first a bad value: the page shows the server's message
+        browser.find_element(By.ID, "generate").click()
+        message = browser.find_element(By.ID, "message")
+        wait.until(lambda b: message.is_displayed())
+        assert "steps: 500 is out of range; use 1 to 200" in message.text
+        field("steps", "2")
+        browser.find_element(By.ID, "generate").click()
+        download = browser.find_element(By.ID, "download")
+        wait.until(lambda b: download.is_displayed())
+        assert not message.is_displayed()
+        images = browser.find_elements(By.CSS_SELECTOR, "#images img")
+        assert len(images) == 2
+        wait.until(lambda b: all(b.execute_script("return arguments[0].complete && arguments[0].naturalWidth", i)
+                                 == 32 for i in images))
+        assert "2 images" in browser.find_element(By.ID, "progress-text").text
+        href = download.get_attribute("href")
+    finally:
+        browser.quit()
+    assert href.startswith(server.url)
+    with _zip(server, "/" + href.removeprefix(server.url)) as zf:
+        pngs = [n for n in zf.namelist() if n.endswith(".png")]
+        assert sorted(pngs) == ["seed000000.png", "seed000001.png"]
+        assert all(_png_pixels(zf.read(n)).shape == (32, 32) for n in pngs)
