@@ -206,6 +206,8 @@ def sample_to_folder(cfg: SampleConfig, echo: Callable[[str], None] = print, dis
         raise ConfigError(f"--guidance {cfg.guidance}: must be ≥ 0 (1 = no guidance)")
     device = device or pick_device(cfg.device)
     precision = pick_precision(cfg.precision, device)
+    if not dist.main:
+        echo = _quiet
     run = load_run(cfg.run, cfg.weights, device)
     make_scheduler(cfg.sampler, run.scheduler_config, cfg.steps)  # validate before any work
     out = Path(cfg.out)
@@ -254,6 +256,10 @@ def _write_grid(out: Path, jobs: list[tuple[str, int, int | None]], suffix: str)
 
     images = [read_file(out / f"{stem}{suffix}")[0][0] for stem, _seed, _lab in jobs]
     export.save_png(export.make_grid(np.stack(images)), out / "grid.png")
+
+
+def _quiet(_message: str) -> None:
+    pass
 
 
 def _bar(cfg: SampleConfig, total: int, initial: int) -> Any:
