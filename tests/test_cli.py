@@ -52,7 +52,7 @@ def test_help_exits_zero_and_shows_examples(argv: list[str], capsys: pytest.Capt
     (["train", "--data", "DATA", "--out", "OUT", "--preset", "huge"], "train: argument --preset: invalid choice: 'huge'"),
     (["sample", "--run", "r", "--out", "o", "--steps", "0"], "sample: argument --steps: 0 must be at least 1"),
     (["sample", "--run", "r", "--out", "o", "--sampler", "plms"], "argument --sampler: invalid choice: 'plms'"),
-    (["sample", "--run", "r", "--out", "o", "--n", "two"], "argument --n: 'two' is not a whole number"),
+    (["sample", "--run", "r", "--out", "o", "--n", "two"], "'two' is not a whole number"),
     (["train", "--data", "DATA", "--out", "OUT", "--max-steps", "5", "--epochs", "2"], "not allowed with argument"),
     ([], "the following arguments are required: COMMAND"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
@@ -109,7 +109,7 @@ def test_evaluate_on_missing_folders_is_one_line(image_folder: Path, tmp_path: P
     _assert_one_line_error(code, err, f"--fake '{tmp_path / 'nofake'}': ")
     code, _out, err = _run(["evaluate", "--real", str(tmp_path / "noreal"), "--fake", str(image_folder / "a")],
                            capsys)
-    _assert_one_line_error(code, err, f"'{tmp_path / 'noreal'}': no such file or folder")
+    _assert_one_line_error(code, err, f"'{tmp_path / 'noreal'}': no such")
     empty = tmp_path / "empty"
     empty.mkdir()
     code, _out, err = _run(["evaluate", "--real", str(image_folder), "--fake", str(empty)], capsys)

@@ -143,10 +143,10 @@ def test_unconditional_model_takes_no_class() -> None:
 
 def test_model_card_summary_names_classes_but_no_files(trained_run: Path, image_folder: Path, tmp_path: Path) -> None:
     record = read_json(trained_run / "meddiff.json")
-    card, source = model_card(trained_run, record)
-    assert source == "summary"
-    assert "preset tiny, 32 px, class-conditional (2 classes)" in card
-    assert "a (8 images), b (8 images)" in card and "16 images" in card and "synthetic" in card
+    card, source = model_card(tmp_path, record)  # a run folder without README.md
+    assert source == "summary" and card.startswith("# Model card")
+    assert "- Architecture: preset tiny, 32 px, class-conditional (2 classes)" in card
+    assert "a (8 images), b (8 images)" in card and "16 images" in card and "**synthetic**" in card
     assert str(image_folder) not in card and str(trained_run) not in card and not re.search(r"\d{3}\.png", card)
     (tmp_path / "README.md").write_text("# My model\nIntended use: research.\n")
     assert model_card(tmp_path, record) == ("# My model\nIntended use: research.\n", "README.md")
@@ -162,7 +162,8 @@ def test_page_and_info(server: serve_mod.Server) -> None:
     info = json.loads(_call(server, "GET", "/api/info")[2])
     assert info["classes"] == ["a", "b"] and "ddim" in info["samplers"] and info["formats"] == ["png", "dicom"]
     assert info["limits"]["n"] == [1, 64] and info["limits"]["steps"] == [1, 200]
-    assert info["card_source"] == "summary" and "a (8 images)" in info["card"]
+    run = Path(server.app.cfg.run)  # README.md when training wrote one, else the summary
+    assert (info["card"], info["card_source"]) == model_card(run, read_json(run / "meddiff.json"))
 
 
 def test_server_listens_on_loopback_by_default() -> None:
@@ -287,7 +288,9 @@ def test_page_generates_two_images_in_a_headless_browser(server: serve_mod.Serve
         browser.get(server.url)
         wait = WebDriverWait(browser, 90)
         wait.until(lambda b: b.find_element(By.ID, "generate").is_enabled())
-        assert "a (8 images)" in browser.find_element(By.ID, "card").text
+        card = browser.find_element(By.ID, "card")
+        assert card.find_elements(By.CSS_SELECTOR, "h3") and "synthetic" in card.text.lower()
+        assert "library_name" not in card.text, "README front matter is not part of the card shown"
         Select(browser.find_element(By.ID, "class")).select_by_visible_text("b")
         field("n", "2")
         field("steps", "500")  # first a bad value: the page shows the server's message

@@ -131,3 +131,17 @@ def load_checkpoint(folder: Path) -> tuple[dict[str, dict[str, torch.Tensor]], d
     state = read_json(folder / STATE_FILE)
     weights = {p.stem: load_file(str(p)) for p in sorted(folder.glob("*.safetensors"))}
     return weights, state
+
+
+def model_index(model: dict[str, Any], class_names: list[str]) -> tuple[str, dict[str, Any]]:
+    """(pipeline class, model_index.json) for a model config: a plain DDIMPipeline for unconditional models
+    without patches, else meddiff.pipeline.MeddiffPipeline (which knows class names and patches)."""
+    import diffusers
+
+    index: dict[str, Any] = {"_diffusers_version": diffusers.__version__,
+                             "scheduler": ["diffusers", "DDIMScheduler"], "unet": ["diffusers", "UNet2DModel"]}
+    if not model.get("num_classes") and model.get("patch_size", 1) == 1:
+        return "DDIMPipeline", {"_class_name": "DDIMPipeline", **index}
+    return "MeddiffPipeline", {"_class_name": "MeddiffPipeline", **index,
+                               "class_names": list(class_names) if model.get("num_classes") else [],
+                               "patch_size": model.get("patch_size", 1)}

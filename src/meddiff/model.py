@@ -39,6 +39,18 @@ def denoise(unet: UNet2DModel, x: torch.Tensor, t: torch.Tensor, class_labels: t
     return F.pixel_shuffle(out, patch_size) if patch_size > 1 else out
 
 
+def guided(unet: UNet2DModel, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, guidance: float,
+           null: int, patch_size: int = 1, cache: dict | None = None, refresh: bool = True) -> torch.Tensor:
+    """The prediction with classifier-free guidance (Ho & Salimans 2022, eq. 6): u + w (c - u), where u uses the
+    null class; one pass when there is nothing to guide (no labels, w = 1, or only null labels)."""
+    if labels is None or guidance == 1.0 or bool((labels == null).all()):
+        return denoise(unet, x, t, labels, patch_size, cache, refresh)
+    both = denoise(unet, torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, torch.full_like(labels, null)]),
+                   patch_size, cache, refresh)
+    cond, uncond = both.chunk(2)
+    return uncond + guidance * (cond - uncond)
+
+
 def _embedding(unet: UNet2DModel, t: torch.Tensor, class_labels: torch.Tensor | None, batch: int) -> torch.Tensor:
     """Timestep (+ class) embedding, as UNet2DModel.forward computes it."""
     t = t.reshape(-1).expand(batch) if t.numel() == 1 else t

@@ -18,7 +18,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from . import checkpoint as ckpt
 from .errors import ConfigError, RunError
-from .model import denoise
+from .model import guided
 
 RUN_FILE = "meddiff.json"
 
@@ -66,13 +66,7 @@ class MeddiffPipeline(DiffusionPipeline):
     def _model_output(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None,
                       guidance_scale: float) -> torch.Tensor:
         """The UNet's prediction, with classifier-free guidance (Ho & Salimans 2022, eq. 6): u + w (c - u)."""
-        p, null = self.config.patch_size, len(self.config.class_names)
-        if labels is None or guidance_scale == 1.0 or bool((labels == null).all()):
-            return denoise(self.unet, x, t, labels, p)
-        cond_uncond = denoise(self.unet, torch.cat([x, x]), torch.cat([t, t]),
-                              torch.cat([labels, torch.full_like(labels, null)]), p)
-        cond, uncond = cond_uncond.chunk(2)
-        return uncond + guidance_scale * (cond - uncond)
+        return guided(self.unet, x, t, labels, guidance_scale, len(self.config.class_names), self.config.patch_size)
 
     @torch.no_grad()
     def __call__(self, batch_size: int = 1, class_name: str | list[str | None] | None = None,
@@ -109,16 +103,7 @@ class MeddiffPipeline(DiffusionPipeline):
 
 def _model_index(record: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """(pipeline class, model_index.json) of an exported run."""
-    import diffusers
-
-    m = record["model"]
-    index: dict[str, Any] = {"_diffusers_version": diffusers.__version__,
-                             "scheduler": ["diffusers", "DDIMScheduler"], "unet": ["diffusers", "UNet2DModel"]}
-    if not m.get("num_classes") and m.get("patch_size", 1) == 1:
-        return "DDIMPipeline", {"_class_name": "DDIMPipeline", **index}
-    return "MeddiffPipeline", {"_class_name": "MeddiffPipeline", **index,
-                               "class_names": record["class_names"] if m.get("num_classes") else [],
-                               "patch_size": m.get("patch_size", 1)}
+    return ckpt.model_index(record["model"], record["class_names"])
 
 
 def export_diffusers(run: str | Path, out: str | Path, weights: str = "ema") -> tuple[Path, str]:

@@ -194,9 +194,10 @@ def _cell(text: str, num: bool = False) -> str:
     return f'<td class="num">{html.escape(text)}</td>' if num else f"<td>{html.escape(text)}</td>"
 
 
-def _table(head: list[str], rows: list[list[str]], num_from: int = 1) -> str:
+def _table(head: list[str], rows: list[list[str]], num: tuple[int, ...] = ()) -> str:
+    """An HTML table; columns `num` right-aligned."""
     th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
-    body = "".join("<tr>" + "".join(_cell(v, i >= num_from) for i, v in enumerate(r)) + "</tr>" for r in rows)
+    body = "".join("<tr>" + "".join(_cell(v, i in num) for i, v in enumerate(r)) + "</tr>" for r in rows)
     return f"<table><tr>{th}</tr>{body}</table>"
 
 
@@ -211,7 +212,8 @@ def metrics_table(figs: dict[str, Any]) -> str:
         if key == "ms_ssim":
             counts += f" ({fig['n_pairs']} / {fig['reference_n_pairs']} pairs)"
         rows.append([label, _num(fig["value"]), _ci(fig), _num(fig.get("reference")), counts, reads])
-    return _table(["metric", "generated", "95 % CI", "real vs real", "images (generated / real)", "reads"], rows)
+    return _table(["metric", "generated", "95 % CI", "real vs real", "images (generated / real)", "reads"], rows,
+                  num=(1, 2, 3, 4))
 
 
 def _classes_section(res: dict[str, Any]) -> str:
@@ -228,7 +230,7 @@ def _classes_section(res: dict[str, Any]) -> str:
                          v("precision"), v("recall"), f"{_num(acc['value'])} {_ci(acc)}" if acc else "n/a"])
         parts.append("<h2>Per class</h2>" + _table(
             ["class", "generated", "real", "SSIM", "MS-SSIM", "MS-SSIM real", "FID", "FID real halves", "precision",
-             "recall", "class consistency"], rows))
+             "recall", "class consistency"], rows, num=tuple(range(1, 11))))
     cons = res.get("class_consistency")
     if cons:
         ref = cons.get("reference")
@@ -248,7 +250,7 @@ def _classes_section(res: dict[str, Any]) -> str:
             rows.append([k, str(u["n_train"]), _num(u["accuracy"]["value"]), _ci(u["accuracy"]),
                          _num(u["auc"]["value"]), _ci(u["auc"])])
         parts.append("<h2>Utility: train on synthetic, test on real</h2>" + _table(
-            ["trained on", "training images", "accuracy", "95 % CI", "AUC", "95 % CI"], rows)
+            ["trained on", "training images", "accuracy", "95 % CI", "AUC", "95 % CI"], rows, num=(1, 2, 3, 4, 5))
             + f"<p class=note>Tested on {util['n_heldout']} held-out real images ({html.escape(util['split'])}); "
               f"classifier: {html.escape(util['classifier'])}.</p>")
     return "".join(parts)
@@ -268,7 +270,7 @@ def _privacy_section(res: dict[str, Any], pairs: list[tuple[str, str]]) -> str:
             ["NCC protocol", p["protocol"]], ["feature-space protocol", fs["protocol"]]]
     figs = "".join(_img(uri, cap) for uri, cap in pairs)
     flagged = '<p class="flag">Some generated images copy training images.</p>' if p["n_flagged"] else ""
-    return ("<h2>Privacy audit: copies of training images</h2>" + flagged + _table(["", ""], rows, num_from=9)
+    return ("<h2>Privacy audit: copies of training images</h2>" + flagged + _table(["", ""], rows)
             + f"<p>The closest pairs (generated | training), most similar first; all {MAX_PAIRS} closest are saved "
               "in pairs/ beside this page.</p>" + figs)
 
@@ -320,7 +322,7 @@ def write_report(ev: Evaluation, out_dir: str | Path, run_dir: str | Path | None
     if log is not None:
         body += ["<h2>Training loss</h2>", _img(loss_plot(log), f"{len(log['loss'])} loss lines, "
                                                                  f"{len(log['val_loss'])} validation lines")]
-    body.append("<h2>Protocols</h2>" + _table(["figure", "protocol"], [[k, str(v)] for k, v in proto.items()], num_from=9))
+    body.append("<h2>Protocols</h2>" + _table(["figure", "protocol"], [[k, str(v)] for k, v in proto.items()]))
     page = (f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>meddiff evaluation</title>"
             f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>")
     path = out / "index.html"

@@ -19,7 +19,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from . import checkpoint as ckpt
 from .config import SAMPLERS, ModelConfig, SampleConfig, TrainConfig, from_json
 from .errors import ConfigError, RunError
-from .model import denoise
+from .model import guided
 from .runtime import Dist, autocast, describe, pick_device, pick_precision
 
 _SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
@@ -117,12 +117,7 @@ def _denoiser(run: LoadedRun, labels: torch.Tensor | None, guidance: float, cach
     def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         refresh = calls[0] % cache_interval == 0
         calls[0] += 1
-        if labels is None or guidance == 1.0 or bool((labels == null).all()):
-            return denoise(run.unet, x, t, labels, p, cache, refresh)
-        both = denoise(run.unet, torch.cat([x, x]), torch.cat([t, t]),
-                       torch.cat([labels, torch.full_like(labels, null)]), p, cache, refresh)
-        cond, uncond = both.chunk(2)
-        return uncond + guidance * (cond - uncond)
+        return guided(run.unet, x, t, labels, guidance, null, p, cache, refresh)
     return model
 
 

@@ -1,7 +1,8 @@
 """`meddiff serve`: a run folder → a local web page that generates images (form → JSON job → PNG previews, zip).
 
-Standard library only (http.server): one generation thread works through a small queue of jobs; every file it
-writes lies in a server-named job folder under the output folder, and requests only ever pick files by index.
+Standard library only (http.server; the page itself is in serve_page.py): one generation thread works through a
+small queue of jobs; every file it writes lies in a server-named job folder under the output folder, and
+requests only ever pick files by index.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from .config import SAMPLERS
 from .errors import ConfigError, MeddiffError, RunError
 from .runtime import pick_device, pick_precision
 from .sample import LoadedRun, class_index, generate, load_run
+from .serve_page import CSP, PAGE, SCRIPT
 
 LIMITS: dict[str, tuple[float, float]] = {"n": (1, 64), "steps": (1, 200), "guidance": (0.0, 20.0),
                                           "seed": (0, 2**32 - 1)}
@@ -136,7 +138,7 @@ def parse_request(body: Any, classes: tuple[str, ...]) -> GenerateRequest:
 # --- model card ---------------------------------------------------------------------------------------------
 
 def model_card(run_dir: Path, record: dict[str, Any]) -> tuple[str, str]:
-    """(text, source): RUN/README.md when present, else a summary of meddiff.json (source "summary").
+    """(Markdown text, source): RUN/README.md when present, else a summary of meddiff.json (source "summary").
 
     The summary names the architecture, classes and counts, never a path or a file name.
     """
@@ -147,20 +149,20 @@ def model_card(run_dir: Path, record: dict[str, Any]) -> tuple[str, str]:
     classes = list(record.get("class_names", []))
     counts = data.get("classes", {})
     kind = f"class-conditional ({len(classes)} classes)" if model.get("num_classes") else "unconditional"
-    lines = ["Model card (summary of meddiff.json: this run folder has no README.md)", "",
-             f"Architecture: preset {train.get('preset', '?')}, {model.get('sample_size', '?')} px, {kind}",
-             f"Objective: {train.get('objective', '?')}; beta schedule {train.get('beta_schedule', '?')}",
-             "Classes: " + ", ".join(f"{c} ({counts[c]} images)" if c in counts else c for c in classes),
-             f"Data: {data.get('images', '?')} images; formats "
+    lines = ["# Model card", "", "A summary of meddiff.json: this run folder has no README.md.", "",
+             f"- Architecture: preset {train.get('preset', '?')}, {model.get('sample_size', '?')} px, {kind}",
+             f"- Objective: {train.get('objective', '?')}; beta schedule {train.get('beta_schedule', '?')}",
+             "- Classes: " + ", ".join(f"{c} ({counts[c]} images)" if c in counts else c for c in classes),
+             f"- Data: {data.get('images', '?')} images; formats "
              + (", ".join(f"{k} {v}" for k, v in data.get("formats", {}).items()) or "?")
              + f"; {data.get('skipped', 0)} file(s) skipped"]
     split, result = record.get("split", {}), record.get("result") or {}
     if split:
-        lines.append(f"Split: {split.get('train', '?')} training, {split.get('val', '?')} held-out images")
+        lines.append(f"- Split: {split.get('train', '?')} training, {split.get('val', '?')} held-out images")
     if result:
-        lines.append(f"Training: {result.get('steps', '?')} steps, {result.get('images_seen', '?')} images seen, "
+        lines.append(f"- Training: {result.get('steps', '?')} steps, {result.get('images_seen', '?')} images seen, "
                      f"stopped by {result.get('stopped', '?')}")
-    lines += ["", "Every image generated here is synthetic: it is not an image of a real patient."]
+    lines += ["", "Every image generated here is **synthetic**: it is not an image of a real patient."]
     return "\n".join(lines), "summary"
 
 
@@ -358,6 +360,9 @@ class _Handler(BaseHTTPRequestHandler):
         app = self.server.app
         if path in ("/", "/index.html"):
             return self._send(PAGE.encode(), "text/html; charset=utf-8")
+        if path == "/favicon.ico":  # no icon, and no error in the browser's console either
+            self.send_response(HTTPStatus.NO_CONTENT)
+            return self.end_headers()
         if path == "/app.js":
             return self._send(SCRIPT.encode(), "text/javascript; charset=utf-8")
         if path == "/api/info":
@@ -460,125 +465,3 @@ def serve(cfg: ServeConfig, echo: Callable[[str], None] = print) -> None:
         pass
     finally:
         server.server_close()
-
-
-# --- the page -------------------------------------------------------------------------------------------------
-
-CSP = ("default-src 'none'; script-src 'self'; connect-src 'self'; img-src 'self'; style-src 'unsafe-inline'; "
-       "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-
-PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>meddiff</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<style>
-body { font-family: system-ui, sans-serif; margin: 1.5rem auto; max-width: 60rem; padding: 0 1rem; color: #222; }
-form { display: flex; flex-wrap: wrap; gap: .8rem 1.2rem; align-items: end; }
-label { display: flex; flex-direction: column; font-size: .9rem; gap: .2rem; }
-input, select { font-size: 1rem; width: 9rem; }
-button { font-size: 1rem; padding: .35rem 1.2rem; }
-#message { color: #a00; background: #fee; border: 1px solid #d99; padding: .5rem; }
-#images { display: flex; flex-wrap: wrap; gap: .5rem; margin: 1rem 0; }
-#images img { width: 128px; height: 128px; image-rendering: pixelated; background: #000; }
-#card { white-space: pre-wrap; background: #f6f6f6; padding: .8rem; font-size: .85rem; }
-.note { color: #555; font-size: .85rem; }
-</style></head>
-<body>
-<h1>meddiff</h1>
-<p id="model" class="note">loading the model…</p>
-<form id="form" novalidate>
-  <label id="class-row">Class <select id="class"></select></label>
-  <label>Images <input id="n" type="number" min="1" max="64" value="4"></label>
-  <label>Sampler <select id="sampler"></select></label>
-  <label>Steps <input id="steps" type="number" min="1" max="200" value="20"></label>
-  <label id="guidance-row">Guidance <input id="guidance" type="number" min="0" max="20" step="0.5" value="1"></label>
-  <label>Seed <input id="seed" type="number" min="0" value="0"></label>
-  <label>Format <select id="format"><option value="png">PNG</option><option value="dicom">DICOM</option></select></label>
-  <button id="generate" type="submit" disabled>Generate</button>
-</form>
-<p id="message" role="alert" hidden></p>
-<p><progress id="progress" value="0" max="1" hidden></progress> <span id="progress-text"></span></p>
-<div id="images"></div>
-<p><a id="download" hidden>Download the batch (.zip)</a></p>
-<h2>Model card</h2>
-<div id="card"></div>
-<p class="note">Every image made here is synthetic: it is not an image of a real patient.</p>
-<script src="/app.js"></script>
-</body></html>
-"""
-
-SCRIPT = """"use strict";
-const $ = (id) => document.getElementById(id);
-
-function showMessage(text) { $("message").textContent = text; $("message").hidden = !text; }
-
-async function getJSON(url, options) {
-  const response = await fetch(url, options);
-  let body = null;
-  try { body = await response.json(); } catch (e) { body = null; }
-  if (!response.ok) { throw new Error((body && body.error) || `the server answered ${response.status}`); }
-  return body;
-}
-
-function fill(select, values) {
-  select.replaceChildren(...values.map((v) => { const o = document.createElement("option"); o.value = v; o.textContent = v; return o; }));
-}
-
-function setProgress(done, total, text) {
-  $("progress").hidden = false; $("progress").max = total; $("progress").value = done;
-  $("progress-text").textContent = text;
-}
-
-async function follow(url) {
-  let shown = 0;
-  for (;;) {
-    const job = await getJSON(url);
-    for (; shown < job.images.length; shown++) {
-      const img = document.createElement("img");
-      img.src = job.images[shown]; img.alt = img.title = `seed ${job.seeds[shown]}`;
-      $("images").append(img);
-    }
-    const state = job.status === "queued" ? "waiting for the batch before it" : `${job.done} of ${job.total} images`;
-    setProgress(job.done, job.total, state);
-    if (job.status === "error") { throw new Error(job.error); }
-    if (job.status === "done") {
-      $("download").href = job.zip; $("download").hidden = false;
-      setProgress(job.done, job.total, `done: ${job.total} images`);
-      return;
-    }
-    await new Promise((resolve) => setTimeout(resolve, 300));
-  }
-}
-
-async function submit(event) {
-  event.preventDefault();
-  showMessage("");
-  const body = {};
-  for (const key of ["n", "sampler", "steps", "guidance", "seed", "format"]) { body[key] = $(key).value; }
-  if (!$("class-row").hidden) { body.class = $("class").value; }
-  $("generate").disabled = true; $("download").hidden = true; $("images").replaceChildren();
-  try {
-    const job = await getJSON("/api/jobs", {method: "POST", headers: {"Content-Type": "application/json"},
-                                            body: JSON.stringify(body)});
-    setProgress(0, Number(body.n) || 1, "starting");
-    await follow(job.url);
-  } catch (e) {
-    showMessage(e.message); $("progress").hidden = true; $("progress-text").textContent = "";
-  } finally { $("generate").disabled = false; }
-}
-
-async function init() {
-  try {
-    const info = await getJSON("/api/info");
-    $("model").textContent = info.title;
-    $("card").textContent = info.card;
-    fill($("sampler"), info.samplers);
-    if (info.classes.length) { fill($("class"), info.classes); } else { $("class-row").hidden = true; $("guidance-row").hidden = true; }
-    for (const [key, value] of Object.entries(info.defaults)) { $(key).value = value; }
-    for (const [key, [lo, hi]] of Object.entries(info.limits)) { $(key).min = lo; $(key).max = hi; }
-    $("form").addEventListener("submit", submit);
-    $("generate").disabled = false;
-  } catch (e) { showMessage(`could not load the model: ${e.message}`); }
-}
-
-init();
-"""

@@ -163,7 +163,8 @@ def auto_micro_batch(unet: torch.nn.Module, mcfg: ModelConfig, batch: int, devic
 # ---------------------------------------------------------------- run folder
 
 def save_model_folder(run: Path, unet: torch.nn.Module, cfg: TrainConfig, name: str = "unet") -> None:
-    """The diffusers layout (unet/ + scheduler/ + model_index.json) that DDIMPipeline.from_pretrained loads."""
+    """The diffusers layout (unet/ + scheduler/ + model_index.json) that DDIMPipeline.from_pretrained loads
+    (MeddiffPipeline for class-conditional or patched models)."""
     run = Path(run)
     with ckpt.atomic_folder(run / name) as tmp:
         unet.save_pretrained(tmp, safe_serialization=True)
@@ -171,9 +172,8 @@ def save_model_folder(run: Path, unet: torch.nn.Module, cfg: TrainConfig, name: 
                                                       cfg.zero_terminal_snr, cfg.timestep_spacing))
     with ckpt.atomic_folder(run / "scheduler") as tmp:
         sched.save_pretrained(tmp)
-    ckpt.write_json(run / "model_index.json", {"_class_name": "DDIMPipeline", "_diffusers_version": "0.30.0",
-                                               "scheduler": ["diffusers", "DDIMScheduler"],
-                                               "unet": ["diffusers", "UNet2DModel"]})
+    record = ckpt.read_json(run / RUN_FILE)
+    ckpt.write_json(run / "model_index.json", ckpt.model_index(record["model"], record["class_names"])[1])
 
 
 STOP_FIELDS = ("epochs", "max_steps", "max_minutes", "patience")

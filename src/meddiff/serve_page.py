@@ -1,0 +1,178 @@
+"""The page `meddiff serve` sends: HTML, its script (form → JSON job → polled previews, the Markdown model card
+built as DOM nodes, never as HTML) and the Content-Security-Policy that allows nothing else."""
+
+CSP = ("default-src 'none'; script-src 'self'; connect-src 'self'; img-src 'self'; style-src 'unsafe-inline'; "
+       "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+PAGE = r"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>meddiff</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body { font-family: system-ui, sans-serif; margin: 1.5rem auto; max-width: 60rem; padding: 0 1rem; color: #222; }
+form { display: flex; flex-wrap: wrap; gap: .8rem 1.2rem; align-items: end; }
+label { display: flex; flex-direction: column; font-size: .9rem; gap: .2rem; }
+input, select { font-size: 1rem; width: 9rem; }
+button { font-size: 1rem; padding: .35rem 1.2rem; }
+#message { color: #a00; background: #fee; border: 1px solid #d99; padding: .5rem; }
+#images { display: flex; flex-wrap: wrap; gap: .5rem; margin: 1rem 0; }
+#images img { width: 128px; height: 128px; image-rendering: pixelated; background: #000; }
+#card { background: #f6f6f6; padding: .2rem 1rem; font-size: .9rem; }
+#card table { border-collapse: collapse; margin: .5rem 0; }
+#card td, #card th { border: 1px solid #ccc; padding: .15rem .5rem; text-align: left; }
+#card pre { background: #eee; padding: .5rem; overflow-x: auto; }
+.note { color: #555; font-size: .85rem; }
+</style></head>
+<body>
+<h1>meddiff</h1>
+<p id="model" class="note">loading the model…</p>
+<form id="form" novalidate>
+  <label id="class-row">Class <select id="class"></select></label>
+  <label>Images <input id="n" inputmode="numeric" value="4"></label>
+  <label>Sampler <select id="sampler"></select></label>
+  <label>Steps <input id="steps" inputmode="numeric" value="20"></label>
+  <label id="guidance-row">Guidance <input id="guidance" inputmode="decimal" value="1"></label>
+  <label>Seed <input id="seed" inputmode="numeric" value="0"></label>
+  <label>Format <select id="format"><option value="png">PNG</option><option value="dicom">DICOM</option></select></label>
+  <button id="generate" type="submit" disabled>Generate</button>
+</form>
+<p id="message" role="alert" hidden></p>
+<p><progress id="progress" value="0" max="1" hidden></progress> <span id="progress-text"></span></p>
+<div id="images"></div>
+<p><a id="download" hidden>Download the batch (.zip)</a></p>
+<h2>Model card</h2>
+<div id="card"></div>
+<p class="note">Every image made here is synthetic: it is not an image of a real patient.</p>
+<script src="/app.js"></script>
+</body></html>
+"""
+
+SCRIPT = r""""use strict";
+const $ = (id) => document.getElementById(id);
+
+function showMessage(text) { $("message").textContent = text; $("message").hidden = !text; }
+
+async function getJSON(url, options) {
+  const response = await fetch(url, options);
+  let body = null;
+  try { body = await response.json(); } catch (e) { body = null; }
+  if (!response.ok) { throw new Error((body && body.error) || `the server answered ${response.status}`); }
+  return body;
+}
+
+function fill(select, values) {
+  select.replaceChildren(...values.map((v) => { const o = document.createElement("option"); o.value = v; o.textContent = v; return o; }));
+}
+
+function setProgress(done, total, text) {
+  $("progress").hidden = false; $("progress").max = total; $("progress").value = done;
+  $("progress-text").textContent = text;
+}
+
+async function follow(url) {
+  let shown = 0;
+  for (;;) {
+    const job = await getJSON(url);
+    for (; shown < job.images.length; shown++) {
+      const img = document.createElement("img");
+      img.src = job.images[shown]; img.alt = img.title = `seed ${job.seeds[shown]}`;
+      $("images").append(img);
+    }
+    const state = job.status === "queued" ? "waiting for the batch before it" : `${job.done} of ${job.total} images`;
+    setProgress(job.done, job.total, state);
+    if (job.status === "error") { throw new Error(job.error); }
+    if (job.status === "done") {
+      $("download").href = job.zip; $("download").hidden = false;
+      setProgress(job.done, job.total, `done: ${job.total} images`);
+      return;
+    }
+    await new Promise((resolve) => setTimeout(resolve, 300));
+  }
+}
+
+async function submit(event) {
+  event.preventDefault();
+  showMessage("");
+  const body = {};
+  for (const key of ["n", "sampler", "steps", "guidance", "seed", "format"]) { body[key] = $(key).value; }
+  if (!$("class-row").hidden) { body.class = $("class").value; }
+  $("generate").disabled = true; $("download").hidden = true; $("images").replaceChildren();
+  try {
+    const job = await getJSON("/api/jobs", {method: "POST", headers: {"Content-Type": "application/json"},
+                                            body: JSON.stringify(body)});
+    setProgress(0, Number(body.n) || 1, "starting");
+    await follow(job.url);
+  } catch (e) {
+    showMessage(e.message); $("progress").hidden = true; $("progress-text").textContent = "";
+  } finally { $("generate").disabled = false; }
+}
+
+// The model card is Markdown: headings, paragraphs, lists, tables, code blocks, **bold** and `code`, built as
+// DOM nodes from text (never as HTML), so nothing in the card can run in the page.
+function inline(parent, text) {
+  for (const part of text.split(/(\*\*[^*]+\*\*|`[^`]+`)/)) {
+    if (/^\*\*.+\*\*$/.test(part)) { parent.append(Object.assign(document.createElement("strong"), {textContent: part.slice(2, -2)})); }
+    else if (/^`.+`$/.test(part)) { parent.append(Object.assign(document.createElement("code"), {textContent: part.slice(1, -1)})); }
+    else if (part) { parent.append(part); }
+  }
+  return parent;
+}
+const node = (tag, text) => inline(document.createElement(tag), text);
+const cells = (line) => line.trim().replace(/^\||\|$/g, "").split("|").map((c) => c.trim());
+const isBlockStart = (line) => /^(#{1,6}\s|\s*\||```|\s*[-*]\s)/.test(line);
+
+function renderCard(container, markdown) {
+  const lines = markdown.replace(/^---\n[\s\S]*?\n---\n/, "").split("\n");
+  container.replaceChildren();
+  let i = 0;
+  while (i < lines.length) {
+    const line = lines[i];
+    const heading = line.match(/^(#{1,6})\s+(.*)$/);
+    if (!line.trim()) { i++; }
+    else if (heading) { container.append(node(`h${Math.min(6, heading[1].length + 2)}`, heading[2])); i++; }
+    else if (line.startsWith("```")) {
+      const body = [];
+      for (i++; i < lines.length && !lines[i].startsWith("```"); i++) { body.push(lines[i]); }
+      i++;
+      container.append(Object.assign(document.createElement("pre"), {textContent: body.join("\n")}));
+    } else if (/^\s*\|/.test(line)) {
+      const table = document.createElement("table");
+      for (let row = 0; i < lines.length && /^\s*\|/.test(lines[i]); i++) {
+        if (/^[\s|:-]+$/.test(lines[i])) { continue; }
+        const tr = table.insertRow();
+        for (const cell of cells(lines[i])) { tr.append(node(row === 0 ? "th" : "td", cell)); }
+        row++;
+      }
+      container.append(table);
+    } else if (/^\s*[-*]\s/.test(line)) {
+      const list = document.createElement("ul");
+      const items = [];
+      for (; i < lines.length && lines[i].trim() && !/^(#|\||```)/.test(lines[i].trim()); i++) {
+        if (/^\s*[-*]\s/.test(lines[i])) { items.push(lines[i].replace(/^\s*[-*]\s+/, "")); }
+        else { items[items.length - 1] += " " + lines[i].trim(); }
+      }
+      list.append(...items.map((text) => node("li", text)));
+      container.append(list);
+    } else {
+      const text = [];
+      for (; i < lines.length && lines[i].trim() && !isBlockStart(lines[i]); i++) { text.push(lines[i].trim()); }
+      container.append(node("p", text.join(" ")));
+    }
+  }
+}
+
+async function init() {
+  try {
+    const info = await getJSON("/api/info");
+    $("model").textContent = info.title;
+    renderCard($("card"), info.card);
+    fill($("sampler"), info.samplers);
+    if (info.classes.length) { fill($("class"), info.classes); } else { $("class-row").hidden = true; $("guidance-row").hidden = true; }
+    for (const [key, value] of Object.entries(info.defaults)) { $(key).value = value; }
+    for (const [key, [lo, hi]] of Object.entries(info.limits)) { $(key).placeholder = `${lo} to ${hi}`; }
+    $("form").addEventListener("submit", submit);
+    $("generate").disabled = false;
+  } catch (e) { showMessage(`could not load the model: ${e.message}`); }
+}
+
+init();
+"""
