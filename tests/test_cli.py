@@ -49,7 +49,7 @@ def test_help_exits_zero_and_shows_examples(argv: list[str], capsys: pytest.Capt
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["train", "--data", "DATA", "--out", "OUT", "--preset", "huge"], "train: argument --preset: invalid choice: 'huge'"),
+    (["train", "--data", "D", "--out", "O", "--preset", "huge"], "train: argument --preset: invalid choice: 'huge'"),
     (["sample", "--run", "r", "--out", "o", "--steps", "0"], "sample: argument --steps: 0 must be at least 1"),
     (["sample", "--run", "r", "--out", "o", "--sampler", "plms"], "argument --sampler: invalid choice: 'plms'"),
     (["sample", "--run", "r", "--out", "o", "--n", "two"], "'two' is not a whole number"),

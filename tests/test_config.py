@@ -78,15 +78,11 @@ def test_cuda_device_with_index_is_accepted_by_validation() -> None:
     assert _cfg(device="cuda:1").resolve().device == "cuda:1"
 
 
-@pytest.mark.xfail(reason="BUG: TrainConfig._validate accepts a negative --patience; train() then stops after the "
-                          "first evaluation (bad_evals 0 > -1) without saying why", strict=True)
 def test_negative_patience_is_refused() -> None:
     with pytest.raises(ConfigError, match="--patience -1"):
         _cfg(patience=-1).resolve()
 
 
-@pytest.mark.xfail(reason="BUG: TrainConfig._validate accepts a negative --warmup-steps (silently no warm-up)",
-                   strict=True)
 def test_negative_warmup_is_refused() -> None:
     with pytest.raises(ConfigError, match="--warmup-steps -5"):
         _cfg(warmup_steps=-5).resolve()

@@ -2,8 +2,10 @@
 zips of valid images) and the page itself in a headless Chromium driven by Selenium (skipped without one)."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import http.client
+import importlib.util
 import io
 import json
 import re
@@ -36,17 +38,30 @@ def _quiet(_line: str) -> None:
     pass
 
 
+@contextlib.contextmanager
+def _serving(run: Path, out: Path) -> Iterator[serve_mod.Server]:
+    """The app on a free port of 127.0.0.1, served from a thread."""
+    srv = make_server(ServeConfig(run=str(run), out=str(out), port=0, device="cpu", precision="fp32"), echo=_quiet)
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(timeout=30)
+
+
 @pytest.fixture(scope="module")
 def server(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[serve_mod.Server]:
-    out = tmp_path_factory.mktemp("served")
-    srv = make_server(ServeConfig(run=str(trained_run), out=str(out), port=0, device="cpu", precision="fp32"),
-                      echo=_quiet)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    thread.join(timeout=30)
+    with _serving(trained_run, tmp_path_factory.mktemp("served")) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def uncond_server(uncond_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[serve_mod.Server]:
+    with _serving(uncond_run, tmp_path_factory.mktemp("served_uncond")) as srv:
+        yield srv
 
 
 def _call(srv: serve_mod.Server, method: str, path: str, body: Any = None,
@@ -233,6 +248,17 @@ def test_dicom_batch_zips_dicoms_and_previews_pngs(server: serve_mod.Server) -> 
     assert status == 200 and _png_pixels(preview).shape == (32, 32)
 
 
+def test_unconditional_model_serves_without_classes(uncond_server: serve_mod.Server) -> None:
+    assert json.loads(_call(uncond_server, "GET", "/api/info")[2])["classes"] == []
+    status, body = _post(uncond_server, {"class": "a", "n": 1})
+    assert status == 400 and "this model is unconditional" in body["error"]
+    state = _finish(uncond_server, {"n": 1, "steps": 1, "seed": 4})
+    with _zip(uncond_server, state["zip"]) as zf:
+        rows = list(csv.DictReader(io.StringIO(zf.read("manifest.csv").decode())))
+        assert _png_pixels(zf.read("seed000004.png")).shape == (32, 32)
+    assert [(r["file"], r["class"]) for r in rows] == [("seed000004.png", "")]
+
+
 def test_requests_cannot_reach_files_outside_the_batches(server: serve_mod.Server) -> None:
     state = _finish(server, {"class": "a", "n": 1, "steps": 1})
     job = state["id"]
@@ -261,20 +287,27 @@ def test_cli_serve_reports_a_missing_run_in_one_line(tmp_path: Path, capsys: pyt
 
 # --- the page in a real browser ---------------------------------------------------------------------------------
 
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
 def _chrome(profile: Path) -> Any:
-    """A headless Debian Chromium driven through chromedriver; skips when either is missing (never downloads)."""
-    browser, driver = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
-    if not browser or not driver:
-        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="needs the selenium package (pip install selenium)")
+    """A headless Debian Chromium driven through the given chromedriver (so Selenium never downloads one)."""
+    from selenium import webdriver
+
     options = webdriver.ChromeOptions()
-    options.binary_location = browser
+    options.binary_location = CHROMIUM
     for arg in (*CHROME_ARGS, f"--user-data-dir={profile}"):
         options.add_argument(arg)
-    return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver))
+    return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
 
 
-def test_page_generates_two_images_in_a_headless_browser(server: serve_mod.Server, tmp_path: Path) -> None:
+# skipif, not pytest.skip in the test: decided before the fixtures train their models
+@pytest.mark.skipif(not CHROMIUM or not CHROMEDRIVER,
+                    reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+@pytest.mark.skipif(importlib.util.find_spec("selenium") is None, reason="needs selenium (pip install selenium)")
+def test_page_generates_two_images_in_a_headless_browser(server: serve_mod.Server, uncond_server: serve_mod.Server,
+                                                         tmp_path: Path) -> None:
     browser = _chrome(tmp_path / "profile")
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -309,6 +342,11 @@ def test_page_generates_two_images_in_a_headless_browser(server: serve_mod.Serve
                                  == 32 for i in images))
         assert "2 images" in browser.find_element(By.ID, "progress-text").text
         href = download.get_attribute("href")
+        browser.get(uncond_server.url)  # a model without classes: no class or guidance to choose
+        wait.until(lambda b: b.find_element(By.ID, "generate").is_enabled())
+        assert not browser.find_element(By.ID, "class-row").is_displayed()
+        assert not browser.find_element(By.ID, "guidance-row").is_displayed()
+        assert browser.find_element(By.ID, "steps").is_displayed()
     finally:
         browser.quit()
     assert href.startswith(server.url)

@@ -157,6 +157,9 @@ class TrainConfig:
                 raise ConfigError(f"{flag} {value}: must be a positive whole number")
         if self.micro_batch and self.micro_batch > self.batch_size:
             raise ConfigError(f"--micro-batch {self.micro_batch}: must not exceed --batch-size {self.batch_size}")
+        for flag, value in (("--patience", self.patience), ("--warmup-steps", self.warmup_steps)):
+            if value is not None and value < 0:
+                raise ConfigError(f"{flag} {value}: must be zero or a positive whole number")
         if self.lr <= 0:
             raise ConfigError(f"--lr {self.lr}: must be positive")
         if not 0 <= self.ema_decay < 1:

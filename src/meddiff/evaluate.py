@@ -142,6 +142,11 @@ def load_sets(cfg: EvalConfig, size: int) -> tuple[Images, Images, Images | None
     depth = cfg.label_depth or (_depth(real.class_names) if real.labelled else 1)
     fake = load_images(cfg.fake, "--fake", size, depth, None)
     _check_classes(fake, real, "--real")
+    if cfg.utility and (len(real.class_names) < 2 or not real.labelled):
+        raise ConfigError(f"--utility: --real {cfg.real!r} has {len(real.class_names) if real.labelled else 0} "
+                          "class folder(s); the classifier needs 2 or more")
+    if cfg.utility and not fake.labelled:
+        raise ConfigError(f"--utility: --fake {cfg.fake!r} has no class folders; sample with --per-class")
     train = None
     if cfg.train is not None:
         train = load_images(cfg.train, "--train", size, depth, cfg.cache_dir)
@@ -159,8 +164,8 @@ def _nearest(fake: np.ndarray, real: np.ndarray, cfg: EvalConfig) -> tuple[np.nd
     if len(fake) * len(real) * fake.shape[1] * fake.shape[2] <= EXHAUSTIVE_PIXEL_PAIRS or cfg.ssim_shortlist >= len(real):
         return (*nearest_ssim(fake, real), "exhaustive: every real image")
     values, index = nearest_ssim_shortlist(fake, real, cfg.ssim_shortlist)
-    return values, index, (f"shortlist: exact SSIM against the {cfg.ssim_shortlist} real images closest in mean "
-                           "squared difference at 32 px")
+    return values, index, (f"shortlist: exact SSIM against the {cfg.ssim_shortlist} real images most correlated "
+                           "with it at 32 px")
 
 
 def ssim_figures(fake: np.ndarray, real: np.ndarray, cfg: EvalConfig) -> tuple[dict, np.ndarray, np.ndarray]:
@@ -369,11 +374,6 @@ def utility_figures(fake: Images, real: Images, x: dict[str, np.ndarray], cfg: E
     """Train-on-real, train-on-synthetic and train-on-both, each tested on held-out real images."""
     from .metrics.classifier import utility_study
 
-    if len(real.class_names) < 2 or not real.labelled:
-        raise ConfigError(f"--utility: --real {cfg.real!r} has {len(real.class_names) if real.labelled else 0} "
-                          "class folder(s); the classifier needs 2 or more")
-    if not fake.labelled:
-        raise ConfigError(f"--utility: --fake {cfg.fake!r} has no class folders; sample with --per-class")
     out = utility_study(x["real"], real.labels, _heldout_mask(real, cfg), x["fake"],
                         _labels_in(fake, real.class_names), real.class_names, cfg.seed, cfg.n_boot)
     out["split"] = f"--real split by group (meddiff.data.dataset.split), {cfg.heldout_fraction:g} held out, seed {cfg.seed}"

@@ -68,7 +68,7 @@ def load_run(run: str | Path, weights: str = "ema", device: torch.device | str =
         last = ckpt.latest_checkpoint(run)
         if last is None:
             raise RunError(f"--run {run}: no complete checkpoint for --weights raw")
-        unet = UNet2DModel.from_pretrained(run / "unet")
+        unet = UNet2DModel.from_pretrained(run / "unet", low_cpu_mem_usage=False)
         unet.load_state_dict(ckpt.load_checkpoint(last)[0]["model"])
         wfile = last / "model.safetensors"
     elif folder is None:
@@ -76,7 +76,7 @@ def load_run(run: str | Path, weights: str = "ema", device: torch.device | str =
     elif not (folder / "config.json").exists():
         raise RunError(f"--run {run}: {folder.name}/ is missing; has training finished or validated yet?")
     else:
-        unet = UNet2DModel.from_pretrained(folder)
+        unet = UNet2DModel.from_pretrained(folder, low_cpu_mem_usage=False)
         wfile = folder / "diffusion_pytorch_model.safetensors"
     sched_cfg = dict(DDPMScheduler.load_config(run / "scheduler"))
     return LoadedRun(unet.to(device).eval(), sched_cfg, tuple(record["class_names"]),
@@ -100,8 +100,8 @@ def class_index(run: LoadedRun, name: str | None) -> int | None:
     if name is None:
         return run.model.num_classes if run.conditional else None
     if not run.conditional:
-        raise ConfigError(f"--class {name!r}: this model is unconditional (trained on one class: "
-                          f"{', '.join(run.class_names)})")
+        raise ConfigError(f"--class {name!r}: this model is unconditional (trained without class labels); "
+                          "sample it without --class")
     if name not in run.class_names:
         raise ConfigError(f"--class {name!r}: unknown class; this model knows {', '.join(run.class_names)}")
     return run.class_names.index(name)
@@ -126,6 +126,11 @@ def generate(run: LoadedRun, seeds: list[int], label: int | None = None, sampler
              guidance: float = 1.0, precision: str = "fp32", cache_interval: int = 1) -> np.ndarray:
     """Images for the given seeds: (len(seeds), H, W) float32 in [0, 1]. cache_interval > 1 turns on
     DeepCache feature reuse (faster, approximate)."""
+    if sampler == "heun" and len(seeds) > 1:
+        # Heun's endpoint derivative divides by the next sigma, amplifying the UNet's batch-size-dependent float32
+        # rounding into visible differences: one image per call keeps "same seed, same image" (rule 5)
+        return np.concatenate([generate(run, [s], label, sampler, steps, guidance, precision, cache_interval)
+                               for s in seeds])
     device = next(run.unet.parameters()).device
     size = run.model.sample_size
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
@@ -133,14 +138,16 @@ def generate(run: LoadedRun, seeds: list[int], label: int | None = None, sampler
     labels = None if label is None else torch.full((len(seeds),), label, dtype=torch.long, device=device)
     sched = make_scheduler(sampler, run.scheduler_config, steps)
     model = _denoiser(run, labels, guidance, cache_interval)
-    x = x * sched.init_noise_sigma
+    # the sampler's state runs in float64 (as EDM's sampler does): Euler/Heun start from x * sigma_max, which
+    # would amplify the UNet's float32, batch-size-dependent rounding into visible differences
+    x = x.double() * sched.init_noise_sigma
     step_kwargs = {"generator": gens} if sampler == "ddpm" else {}
     for t in sched.timesteps:
-        inp = sched.scale_model_input(x, t)
+        inp = sched.scale_model_input(x, t).float()
         with autocast(device, precision):
             out = model(inp, t.to(device).expand(len(seeds)))
         # diffusers' DDPM draws step noise on the generators' device (CPU): keep the sample there for it
-        x = sched.step(out.float().cpu() if step_kwargs else out.float(), t,
+        x = sched.step(out.double().cpu() if step_kwargs else out.double(), t,
                        x.cpu() if step_kwargs else x, **step_kwargs).prev_sample.to(device)
     return ((x.clamp(-1, 1) + 1) / 2)[:, 0].float().cpu().numpy()
 

@@ -266,7 +266,8 @@ class App:
             if self._stop.is_set():
                 raise RunError("the server is shutting down")
             seed = req.seed + k
-            image = generate(self.run, [seed], label, req.sampler, req.steps, req.guidance, self.precision)[0]
+            image = generate(self.run, [seed], label, sampler=req.sampler, steps=req.steps, guidance=req.guidance,
+                             precision=self.precision)[0]
             info = export.SyntheticInfo(self.run.model_id, seed, req.class_name, req.sampler, req.steps,
                                         req.guidance)
             name = export.image_filename(seed, req.fmt)
@@ -326,8 +327,14 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802
         self._dispatch(self._post)
 
+    def _not_allowed(self) -> None:
+        self._send_json({"error": f"method {self.command} is not allowed here: use GET or POST"},
+                        HTTPStatus.METHOD_NOT_ALLOWED)
+
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed  # noqa: N815
+
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        if str(code).isdigit() and int(code) >= 400:  # the page polls: log only what went wrong
+        if isinstance(code, int) and code >= 400:  # the page polls: log only what went wrong
             super().log_request(code, size)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (http.server's signature)
@@ -338,7 +345,7 @@ class _Handler(BaseHTTPRequestHandler):
             host = _host_name(self.headers.get("Host", ""))
             # on loopback, a page on another site that resolves its name to 127.0.0.1 is refused (DNS rebinding)
             if _is_loopback(self.server.app.cfg.host) and host not in LOOPBACK_NAMES:
-                raise HttpError(HTTPStatus.FORBIDDEN, f"Host {host!r} refused: open the page as http://127.0.0.1")
+                raise HttpError(HTTPStatus.FORBIDDEN, f"Host {host[:60]!r} refused: open the page as http://127.0.0.1")
             route(urlsplit(self.path).path)
         except HttpError as err:
             self._send_json({"error": str(err)}, err.status)
@@ -375,13 +382,13 @@ class _Handler(BaseHTTPRequestHandler):
                 preview = job.previews[k] if k < len(job.previews) else None
             if preview is None:
                 raise HttpError(HTTPStatus.NOT_FOUND, f"image {k} of batch {job.id} is not ready")
-            return self._send(preview.read_bytes(), "image/png")
+            return self._send_file(preview, "image/png")
         if m := re.fullmatch(r"/jobs/([^/]+)/batch\.zip", path):
             job = self._job(m[1])
             if job.zip_path is None:
                 raise HttpError(HTTPStatus.NOT_FOUND, f"batch {job.id} is not finished")
-            return self._send(job.zip_path.read_bytes(), "application/zip",
-                              {"Content-Disposition": f'attachment; filename="meddiff-{job.id}.zip"'})
+            return self._send_file(job.zip_path, "application/zip",
+                                   {"Content-Disposition": f'attachment; filename="meddiff-{job.id}.zip"'})
         raise HttpError(HTTPStatus.NOT_FOUND, f"no page at {path[:80]!r}")
 
     def _post(self, path: str) -> None:
@@ -405,6 +412,13 @@ class _Handler(BaseHTTPRequestHandler):
         except RunError as err:
             raise HttpError(HTTPStatus.TOO_MANY_REQUESTS, str(err)) from None
         self._send_json({"id": job.id, "url": f"/api/jobs/{job.id}"}, HTTPStatus.ACCEPTED)
+
+    def _send_file(self, path: Path, content_type: str, headers: dict[str, str] | None = None) -> None:
+        try:
+            payload = path.read_bytes()
+        except FileNotFoundError:
+            raise HttpError(HTTPStatus.NOT_FOUND, "this file was removed from the output folder") from None
+        self._send(payload, content_type, headers)
 
     def _send_json(self, data: Any, status: HTTPStatus = HTTPStatus.OK) -> None:
         self._send(json.dumps(data).encode(), "application/json", status=status)

@@ -8,6 +8,7 @@ PAGE = r"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>meddiff</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <style>
+[hidden] { display: none !important; }
 body { font-family: system-ui, sans-serif; margin: 1.5rem auto; max-width: 60rem; padding: 0 1rem; color: #222; }
 form { display: flex; flex-wrap: wrap; gap: .8rem 1.2rem; align-items: end; }
 label { display: flex; flex-direction: column; font-size: .9rem; gap: .2rem; }
@@ -32,7 +33,9 @@ button { font-size: 1rem; padding: .35rem 1.2rem; }
   <label>Steps <input id="steps" inputmode="numeric" value="20"></label>
   <label id="guidance-row">Guidance <input id="guidance" inputmode="decimal" value="1"></label>
   <label>Seed <input id="seed" inputmode="numeric" value="0"></label>
-  <label>Format <select id="format"><option value="png">PNG</option><option value="dicom">DICOM</option></select></label>
+  <label>Format <select id="format">
+    <option value="png">PNG</option><option value="dicom">DICOM</option>
+  </select></label>
   <button id="generate" type="submit" disabled>Generate</button>
 </form>
 <p id="message" role="alert" hidden></p>
@@ -60,7 +63,8 @@ async function getJSON(url, options) {
 }
 
 function fill(select, values) {
-  select.replaceChildren(...values.map((v) => { const o = document.createElement("option"); o.value = v; o.textContent = v; return o; }));
+  const option = (v) => Object.assign(document.createElement("option"), {value: v, textContent: v});
+  select.replaceChildren(...values.map(option));
 }
 
 function setProgress(done, total, text) {
@@ -110,9 +114,12 @@ async function submit(event) {
 // DOM nodes from text (never as HTML), so nothing in the card can run in the page.
 function inline(parent, text) {
   for (const part of text.split(/(\*\*[^*]+\*\*|`[^`]+`)/)) {
-    if (/^\*\*.+\*\*$/.test(part)) { parent.append(Object.assign(document.createElement("strong"), {textContent: part.slice(2, -2)})); }
-    else if (/^`.+`$/.test(part)) { parent.append(Object.assign(document.createElement("code"), {textContent: part.slice(1, -1)})); }
-    else if (part) { parent.append(part); }
+    const strong = /^\*\*.+\*\*$/.test(part), code = /^`.+`$/.test(part);
+    if (strong || code) {
+      const tag = document.createElement(strong ? "strong" : "code");
+      tag.textContent = strong ? part.slice(2, -2) : part.slice(1, -1);
+      parent.append(tag);
+    } else if (part) { parent.append(part); }
   }
   return parent;
 }
@@ -166,7 +173,8 @@ async function init() {
     $("model").textContent = info.title;
     renderCard($("card"), info.card);
     fill($("sampler"), info.samplers);
-    if (info.classes.length) { fill($("class"), info.classes); } else { $("class-row").hidden = true; $("guidance-row").hidden = true; }
+    fill($("class"), info.classes);
+    $("class-row").hidden = $("guidance-row").hidden = !info.classes.length;
     for (const [key, value] of Object.entries(info.defaults)) { $(key).value = value; }
     for (const [key, [lo, hi]] of Object.entries(info.limits)) { $(key).placeholder = `${lo} to ${hi}`; }
     $("form").addEventListener("submit", submit);

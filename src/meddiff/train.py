@@ -188,16 +188,16 @@ def _prepare_run(cfg: TrainConfig, resume: bool, main: bool = True) -> tuple[Tra
         record = ckpt.read_json(record_path)
         stored = from_json(TrainConfig, record["train"])
         given = {k: getattr(cfg, k) for k in STOP_FIELDS if getattr(cfg, k) is not None}
-        if given:
-            stored = _replace(stored, **{k: None for k in STOP_FIELDS[:3]}, **given) if set(given) & set(
-                STOP_FIELDS[:3]) else _replace(stored, **given)
-        return _replace(stored, progress=cfg.progress), record
-    if not main:
-        return cfg.resolve(), None
-    if record_path.exists():
+        if set(given) & set(STOP_FIELDS[:3]):  # a new stopping rule replaces the old one
+            stored = _replace(stored, **{k: None for k in STOP_FIELDS[:3]})
+        stored = _replace(stored, **given, out=str(run), progress=cfg.progress)  # the folder given, even if moved
+        if given and main:  # so that a second interruption resumes towards the extended goal
+            record["train"] = to_json(stored)
+            ckpt.write_json(record_path, record)
+        return stored, record
+    if main and record_path.exists():
         raise ConfigError(f"--out {run}: already holds a meddiff run; continue it with `meddiff train --resume {run}`"
                           " or choose another --out")
-    run.mkdir(parents=True, exist_ok=True)
     return cfg.resolve(), None
 
 
@@ -298,6 +298,7 @@ def train(cfg: TrainConfig, data: ImageSet | None = None, *, resume: bool = Fals
     if len(train_idx) == 0:
         raise ConfigError(f"--data {cfg.data}: no training images left after the validation split")
     if record is None and dist.main:
+        run.mkdir(parents=True, exist_ok=True)  # only now, so that a failed start leaves no empty run folder
         record = dict(train=to_json(cfg), model=to_json(mcfg), class_names=list(data.class_names),
                       data=data.summary, split=dict(train=len(train_idx), val=len(val_idx)),
                       hardware=describe(device, precision), processes=dist.world, meddiff_version=_version())

@@ -1,0 +1,206 @@
+"""meddiff evaluate end to end: every figure with its interval and counts, per class, class consistency, utility, the
+privacy audit with canary copies, the copy screen, and one-line errors."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from meddiff.cli import main
+from meddiff.evaluate import EvalConfig, audit_copies, evaluate, evaluate_ssim, load_images, screen_copies
+from meddiff.metrics.memorization import memorization_report
+
+FIGURES = ("ssim", "ms_ssim", "fid", "kid", "precision", "recall", "density", "coverage")
+
+
+def textured(n: int, seed: int, size: int = 32) -> np.ndarray:
+    """(n, size, size) uint8: four random Gaussian blobs each, different per seed."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    c = rng.uniform(0.15 * size, 0.85 * size, (n, 4, 2, 1, 1))
+    w = rng.uniform(size / 12, size / 5, (n, 4, 1, 1))
+    h = rng.uniform(0.3, 1.0, (n, 4, 1, 1))
+    img = (h * np.exp(-0.5 * ((yy - c[:, :, 0]) ** 2 + (xx - c[:, :, 1]) ** 2) / w**2)).sum(1)
+    return np.round(np.clip(0.1 + 0.8 * img, 0, 1) * 255).astype(np.uint8)
+
+
+def write(folder: Path, images: np.ndarray) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(folder / f"{i:03d}.png")
+    return folder
+
+
+def disguised(images: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Copies of uint8 images: exact, mirrored, shifted 1 px, lightly noised, in turn."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, im in enumerate(images):
+        kind = i % 4
+        if kind == 1:
+            im = im[:, ::-1]
+        elif kind == 2:
+            im = np.pad(im, 1, mode="edge")[2:, 1:-1]   # content moved up 1 px
+        elif kind == 3:
+            im = np.clip(im + rng.normal(0, 3, im.shape), 0, 255)
+        out.append(np.asarray(im, np.uint8))
+    return np.stack(out)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """real/, train/, fake/ (independent) and copies/ (disguised training images), classes a and b, 12 PNGs each."""
+    root = tmp_path_factory.mktemp("eval")
+    out = {}
+    for name, seed in (("real", 1), ("train", 2), ("fake", 3)):
+        for k, cls in enumerate("ab"):
+            write(root / name / cls, textured(12, seed * 10 + k))
+    for k, cls in enumerate("ab"):
+        write(root / "copies" / cls, disguised(textured(12, 20 + k)))
+    out.update({n: root / n for n in ("real", "train", "fake", "copies")})
+    run = root / "run"
+    run.mkdir()
+    lines = [{"step": s, "loss": 1 / s, "lr": 1e-4} for s in (1, 10, 20, 30)] + [{"step": 20, "val_loss": 0.06}]
+    (run / "log.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    out["run"] = run
+    return out
+
+
+def run_cli(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def full(folders: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """One CLI run with every option: JSON, report, utility, privacy, loss curve."""
+    out = tmp_path_factory.mktemp("full")
+    code = main(["evaluate", "--real", str(folders["real"]), "--fake", str(folders["fake"]), "--train",
+                 str(folders["train"]), "--json", str(out / "e.json"), "--report", str(out / "report"), "--utility",
+                 "--run", str(folders["run"]), "--bootstrap", "50", "--cache-dir", str(out / "cache")])
+    assert code == 0
+    return {"json": json.loads((out / "e.json").read_text()), "out": out}
+
+
+def test_every_figure_carries_an_interval_and_its_image_counts(full):
+    res = full["json"]
+    assert res["size"] == 32 and res["counts"]["fake"] == res["counts"]["real"] == res["counts"]["train"] == 24
+    assert res["counts"]["fake_classes"] == {"a": 12, "b": 12}
+    for key in FIGURES:
+        fig = res[key]
+        lo, hi = fig["ci95"]
+        assert lo <= fig["value"] <= hi or key == "kid", key    # KID's unbiased value may sit outside by rounding
+        assert fig["n_fake"] == 24 and fig["n_real"] == 24, key
+        assert fig["reference"] is not None, key
+    assert res["protocol"]["features"] == "meddiff-randconv-v1@64px"
+    assert res["ms_ssim"]["scales"] == 2 and res["ms_ssim"]["n_pairs"] == 24 * 23 // 2
+
+
+def test_per_class_consistency_and_utility_figures(full):
+    res = full["json"]
+    assert set(res["per_class"]) == {"a", "b"}
+    for fig in res["per_class"].values():
+        assert fig["n_fake"] == fig["n_real"] == 12
+        assert fig["fid"]["ci95"] and fig["ssim"]["ci95"] and fig["precision"]["k"] == 5
+    cons = res["class_consistency"]
+    assert cons["labelled_set"] == "--train" and cons["n"] == 24 and set(cons["per_class"]) == {"a", "b"}
+    util = res["utility"]
+    assert {"real", "synthetic", "real+synthetic"} <= set(util)
+    assert util["synthetic"]["n_train"] == 24 and util["real+synthetic"]["n_train"] == util["real"]["n_train"] + 24
+    assert 0 <= util["real"]["auc"]["value"] <= 1 and len(util["real"]["accuracy"]["ci95"]) == 2
+
+
+def test_independent_images_are_not_flagged_and_the_threshold_says_how_it_was_set(full):
+    priv = full["json"]["privacy"]
+    assert priv["flagged_share"] <= 0.1
+    assert priv["heldout"] == "24 --real images not in --train"
+    assert "quantile 0.99" in priv["threshold_source"] and priv["n_train"] == 24
+    assert 0 <= priv["feature_space"]["flagged_share"] <= 1
+    assert len(list((full["out"] / "report" / "pairs").glob("*.png"))) == 24
+
+
+def test_a_folder_of_disguised_training_copies_is_flagged_completely(folders, tmp_path, capsys):
+    code, out, err = run_cli(["evaluate", "--real", str(folders["real"]), "--fake", str(folders["copies"]),
+                              "--train", str(folders["train"]), "--json", str(tmp_path / "c.json"),
+                              "--bootstrap", "20", "--cache-dir", str(tmp_path / "cache")], capsys)
+    assert code == 0, err
+    priv = json.loads((tmp_path / "c.json").read_text())["privacy"]
+    assert priv["flagged_share"] == 1.0 and priv["train_copied_share"] == 1.0
+    assert "24 of 24 generated images flagged as copies" in out
+
+
+def test_audit_copies_reports_what_memorization_report_does(folders):
+    train = load_images(str(folders["train"]), "--train", 32, 1, None).images
+    held = load_images(str(folders["real"]), "--real", 32, 1, None).images
+    fake = np.concatenate([load_images(str(folders["copies"]), "--fake", 32, 1, None).images[:6],
+                           load_images(str(folders["fake"]), "--fake", 32, 1, None).images[:6]])
+    report, values, index = audit_copies(fake, train, held)
+    assert report == memorization_report(fake, train, held)
+    assert (values[:6] >= report["threshold"]).all() and len(index) == 12
+    keep, threshold = screen_copies(fake, train, held)
+    assert threshold == report["threshold"] and not keep[:6].any() and keep[6:].sum() >= 5
+
+
+def test_when_real_is_the_training_set_the_threshold_comes_from_held_out_training_images(folders, tmp_path):
+    train = str(folders["train"] / "a")
+    ev = evaluate(EvalConfig(real=train, fake=str(folders["copies"] / "a"), train=train, n_boot=20))
+    priv = ev.results["privacy"]
+    assert priv["heldout"].startswith("2 --train images held out by group") and priv["threshold"] < 1.0
+    assert priv["flagged_share"] == 1.0
+
+
+def test_flat_sets_give_overall_figures_only(folders, tmp_path):
+    ev = evaluate(EvalConfig(real=str(folders["real"] / "a"), fake=str(folders["fake"] / "b"), n_boot=20))
+    res = ev.results
+    assert res["per_class"] is None and res["class_consistency"] is None and res["privacy"] is None
+    assert res["counts"]["fake"] == 12 and res["fid"]["n_real"] == 12
+
+
+def test_generated_class_folders_follow_the_depth_of_builtin_classes(tmp_path):
+    real = "builtin:xray?n=8&size=32"
+    fake = write(tmp_path / "fake" / "xray" / "normal", textured(4, 5))
+    ev = evaluate(EvalConfig(real=real, fake=str(tmp_path / "fake"), n_boot=20))
+    assert set(ev.results["per_class"]) == {"xray/normal"}
+    assert ev.results["per_class"]["xray/normal"]["n_real"] == 4 and fake.exists()
+
+
+def test_evaluate_ssim_keeps_its_keys(folders):
+    report = evaluate_ssim(str(folders["real"]), str(folders["fake"]))
+    assert {"ssim_mean", "ssim_median", "ssim_ci95", "n_fake", "n_real", "band", "reference_real_halves",
+            "size"} <= set(report)
+
+
+def _one_line_error(code: int, err: str, text: str) -> None:
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("meddiff: error: ") and text in lines[0], err
+
+
+@pytest.mark.parametrize("flag", ["--real", "--train"])
+def test_missing_folders_are_one_line_errors(flag, folders, tmp_path, capsys):
+    argv = {"--real": str(folders["real"]), "--fake": str(folders["fake"]), "--train": str(folders["train"])}
+    argv[flag] = str(tmp_path / "missing")
+    code, _, err = run_cli(["evaluate", *[x for kv in argv.items() for x in kv]], capsys)
+    _one_line_error(code, err, f"{flag} '{tmp_path / 'missing'}': no such folder")
+
+
+def test_mismatched_classes_are_one_line_errors(folders, tmp_path, capsys):
+    write(tmp_path / "fake" / "c", textured(3, 7))
+    code, _, err = run_cli(["evaluate", "--real", str(folders["real"]), "--fake", str(tmp_path / "fake")], capsys)
+    _one_line_error(code, err, "--fake: class folder(s) c not among the --real classes (a, b)")
+    code, _, err = run_cli(["evaluate", "--real", str(folders["real"] / "a"), "--fake", str(folders["fake"])], capsys)
+    _one_line_error(code, err, "--fake: class folders (a, b) but --real has none")
+
+
+def test_unusable_option_combinations_are_one_line_errors(folders, tmp_path, capsys):
+    base = ["evaluate", "--real", str(folders["real"]), "--fake", str(folders["fake"] / "a")]
+    code, _, err = run_cli([*base, "--utility"], capsys)
+    _one_line_error(code, err, "--utility: --fake")
+    code, _, err = run_cli([*base, "--run", str(folders["run"])], capsys)
+    _one_line_error(code, err, "add --report DIR")
+    code, _, err = run_cli([*base, "--report", str(tmp_path / "r"), "--run", str(tmp_path)], capsys)
+    _one_line_error(code, err, "no log.jsonl")
