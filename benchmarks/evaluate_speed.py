@@ -64,7 +64,8 @@ def check_ssim(cfg: EvalConfig, k: int) -> dict:
     v_short, i_short = nearest_ssim_shortlist(fake, real, cfg.ssim_shortlist)
     t_short = time.perf_counter() - t
     return {"images": k, "same_match": float((i_all == i_short).mean()), "mean_gap": float((v_all - v_short).mean()),
-            "max_gap": float((v_all - v_short).max()), "exhaustive_s": round(t_all, 2), "shortlist_s": round(t_short, 2)}
+            "max_gap": float((v_all - v_short).max()), "exhaustive_s": round(t_all, 2),
+            "shortlist_s": round(t_short, 2)}
 
 
 def main() -> None:

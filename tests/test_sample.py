@@ -69,17 +69,7 @@ def fixed_run() -> LoadedRun:
                      ("all",), mcfg, TrainConfig(data="", out=""), "meddiff-000000000000")
 
 
-_AMPLIFIED = pytest.mark.xfail(
-    reason="BUG: heun is not batch-size invariant even with the float64 loop: the same seed differs by 1e-4..5e-3 "
-           "between batch 1 and 8 (a different png16/DICOM/NIfTI file, rule 5). Heun's second-order step "
-           "x_T + dt (d1 + d2) / 2 with dt ~ -sigma_max weighs the endpoint derivative d2 = (x - x0) / sigma_next, "
-           "so the UNet's batch-size-dependent float32 rounding (~1e-6, with or without oneDNN) is multiplied by "
-           "~sigma_max / (2 sigma_next); only batch-invariant UNet calls (e.g. one image per call for heun) fix it",
-    strict=True)
-
-
-@pytest.mark.parametrize("sampler", [pytest.param(s, marks=_AMPLIFIED) if s == "heun" else s
-                                     for s in SAMPLERS])
+@pytest.mark.parametrize("sampler", SAMPLERS)
 def test_same_seed_same_image_at_any_batch_size(fixed_run: LoadedRun, sampler: str) -> None:
     seeds = list(range(8))
     batch = generate(fixed_run, seeds, None, sampler, 2)

@@ -108,10 +108,10 @@ def native_size(folder: str) -> int:
 
 def load_images(spec: str, flag: str, size: int, label_depth: int, cache_dir: str | Path | None) -> Images:
     """A data spec → Images at `size` px; errors name `flag` (--real, --fake, --train)."""
-    kind, name, _ = parse_spec(spec)
-    if kind == "folder" and not Path(name).expanduser().is_dir():
-        raise DataError(f"{flag} {spec!r}: {'not a folder' if Path(name).exists() else 'no such folder'}")
     try:
+        kind, name, _ = parse_spec(spec)
+        if kind == "folder" and not Path(name).expanduser().is_dir():
+            raise DataError(f"--data {spec!r}: {'not a folder' if Path(name).exists() else 'no such folder'}")
         data = load_data(spec, size, label_depth=label_depth, cache_dir=cache_dir, exclude=SAMPLE_EXTRAS)
     except DataError as err:
         text = str(err)
@@ -161,7 +161,8 @@ def _nearest(fake: np.ndarray, real: np.ndarray, cfg: EvalConfig) -> tuple[np.nd
     from .metrics.msssim import nearest_ssim_shortlist
     from .metrics.ssim import nearest_ssim
 
-    if len(fake) * len(real) * fake.shape[1] * fake.shape[2] <= EXHAUSTIVE_PIXEL_PAIRS or cfg.ssim_shortlist >= len(real):
+    pixel_pairs = len(fake) * len(real) * fake.shape[1] * fake.shape[2]
+    if pixel_pairs <= EXHAUSTIVE_PIXEL_PAIRS or cfg.ssim_shortlist >= len(real):
         return (*nearest_ssim(fake, real), "exhaustive: every real image")
     values, index = nearest_ssim_shortlist(fake, real, cfg.ssim_shortlist)
     return values, index, (f"shortlist: exact SSIM against the {cfg.ssim_shortlist} real images most correlated "
@@ -220,8 +221,8 @@ def feature_figures(f_fake: np.ndarray, f_real: np.ndarray, protocol: str, cfg: 
     fid_boot = cfg.n_boot if f_fake.shape[1] <= 512 else max(20, cfg.n_boot // 10)  # 2048-d square roots are slow
     out["fid"] = {"value": scores["fid"], "ci95": fid_interval(f_fake, f_real, fid_boot, cfg.seed),
                   "ci_resamples": fid_boot, "reference": scores["fid_real_halves"], **n}
-    out["kid"] = {"value": scores["kid"], "std": scores["kid_std"], "ci95": kid_interval(f_fake, f_real, cfg.n_boot, cfg.seed),
-                  "reference": scores["kid_real_halves"], **n}
+    out["kid"] = {"value": scores["kid"], "std": scores["kid_std"],
+                  "ci95": kid_interval(f_fake, f_real, cfg.n_boot, cfg.seed), "reference": scores["kid_real_halves"], **n}
     if min(len(f_fake), len(f_real)) > cfg.prdc_k:
         halves = None
         if len(f_real) // 2 > cfg.prdc_k:
@@ -376,7 +377,8 @@ def utility_figures(fake: Images, real: Images, x: dict[str, np.ndarray], cfg: E
 
     out = utility_study(x["real"], real.labels, _heldout_mask(real, cfg), x["fake"],
                         _labels_in(fake, real.class_names), real.class_names, cfg.seed, cfg.n_boot)
-    out["split"] = f"--real split by group (meddiff.data.dataset.split), {cfg.heldout_fraction:g} held out, seed {cfg.seed}"
+    out["split"] = (f"--real split by group (meddiff.data.dataset.split), {cfg.heldout_fraction:g} held out, "
+                    f"seed {cfg.seed}")
     return out
 
 
@@ -420,7 +422,8 @@ def _features(sets: dict[str, Images], cfg: EvalConfig) -> tuple[Any, dict[str, 
         if len(s.images) < 2:
             feats[key] = extractor(s.images)
             continue
-        stats = cached_stats(s.images, extractor, cache) if cache and key != "fake" else compute_stats(s.images, extractor)
+        cacheable = cache is not None and key != "fake"   # generated sets change with every model
+        stats = cached_stats(s.images, extractor, cache) if cacheable else compute_stats(s.images, extractor)
         feats[key] = stats.features
     return extractor, feats
 
@@ -458,7 +461,8 @@ def evaluate(cfg: EvalConfig) -> Evaluation:
         x = _classifier_inputs(sets, cfg, feats, extractor)
         if fake.labelled:
             lab, flag, key = (train, "--train", "train") if use_train else (real, "--real", "real")
-            res["class_consistency"] = consistency_figures(fake, lab, flag, x, key, cfg) if len(lab.class_names) > 1 else None
+            if len(lab.class_names) > 1:
+                res["class_consistency"] = consistency_figures(fake, lab, flag, x, key, cfg)
         if cfg.utility:
             res["utility"] = utility_figures(fake, real, x, cfg)
         clock("classifier")

@@ -63,7 +63,8 @@ def summary_lines(results: dict[str, Any]) -> list[str]:
     for key, label, _ in ROWS:
         fig = results.get(key)
         if fig:
-            lines.append(f"  {label:<34} {_num(fig['value']):>8} {_ci(fig):<20} real-vs-real {_num(fig.get('reference'))}")
+            lines.append(f"  {label:<34} {_num(fig['value']):>8} {_ci(fig):<20} "
+                         f"real-vs-real {_num(fig.get('reference'))}")
     cons = results.get("class_consistency")
     if cons:
         lines.append(f"  class consistency (accuracy)       {_num(cons['value']):>8} {_ci(cons):<20} "
@@ -99,7 +100,8 @@ def _figure_uri(fig: Any) -> str:
 
 def _img(uri: str, caption: str, width: int | None = None) -> str:
     w = f' width="{width}"' if width else ""
-    return f'<figure><img src="{uri}"{w} alt="{html.escape(caption)}"><figcaption>{html.escape(caption)}</figcaption></figure>'
+    text = html.escape(caption)
+    return f'<figure><img src="{uri}"{w} alt="{text}"><figcaption>{text}</figcaption></figure>'
 
 
 def _grid(images: np.ndarray) -> np.ndarray:
@@ -226,7 +228,8 @@ def _classes_section(res: dict[str, Any]) -> str:
                 return f"{_num(f[key]['value'])} {_ci(f[key])}" if f.get(key) else "n/a"
             acc = cons.get(name)
             rows.append([name, str(f["n_fake"]), str(f["n_real"]), v("ssim"), v("ms_ssim"),
-                         _num((f.get("ms_ssim") or {}).get("reference")), v("fid"), _num((f.get("fid") or {}).get("reference")),
+                         _num((f.get("ms_ssim") or {}).get("reference")), v("fid"),
+                         _num((f.get("fid") or {}).get("reference")),
                          v("precision"), v("recall"), f"{_num(acc['value'])} {_ci(acc)}" if acc else "n/a"])
         parts.append("<h2>Per class</h2>" + _table(
             ["class", "generated", "real", "SSIM", "MS-SSIM", "MS-SSIM real", "FID", "FID real halves", "precision",
@@ -261,11 +264,13 @@ def _privacy_section(res: dict[str, Any], pairs: list[tuple[str, str]]) -> str:
     if not p:
         return ""
     fs = p["feature_space"]
-    rows = [["generated images flagged as copies", f"{100 * p['flagged_share']:.1f} % ({p['n_flagged']} of {p['n_generated']})"],
+    rows = [["generated images flagged as copies",
+             f"{100 * p['flagged_share']:.1f} % ({p['n_flagged']} of {p['n_generated']})"],
             ["training images copied", f"{100 * p['train_copied_share']:.1f} % (of {p['n_train']})"],
             ["copy threshold (NCC)", f"{p['threshold']:.4f}"],
             ["how the threshold was set", f"{p['threshold_source']}; held-out images: {p['heldout']}"],
-            ["median nearest NCC: generated / held-out real", f"{p['nearest_ncc_median']:.3f} / {p['heldout_ncc_median']:.3f}"],
+            ["median nearest NCC: generated / held-out real",
+             f"{p['nearest_ncc_median']:.3f} / {p['heldout_ncc_median']:.3f}"],
             ["feature space: flagged", f"{100 * fs['flagged_share']:.1f} % (threshold {fs['threshold']:.4f})"],
             ["NCC protocol", p["protocol"]], ["feature-space protocol", fs["protocol"]]]
     figs = "".join(_img(uri, cap) for uri, cap in pairs)
@@ -281,7 +286,8 @@ def _grids_section(ev: Evaluation) -> str:
     for name in names:
         fake = ev.fake.images[ev.fake.mask(name)] if ev.fake.labelled else ev.fake.images
         real = ev.real.images[ev.real.mask(name)] if ev.fake.labelled else ev.real.images
-        parts.append(f"<h3>{html.escape(name)}</h3>" + _img(_png_uri(_upscale(_grid(fake), 64)), f"generated ({len(fake)})", 480))
+        parts.append(f"<h3>{html.escape(name)}</h3>"
+                     + _img(_png_uri(_upscale(_grid(fake), 64)), f"generated ({len(fake)})", 480))
         if len(real):
             parts.append(_img(_png_uri(_upscale(_grid(real), 64)), f"real ({len(real)})", 480))
     return "".join(parts)
@@ -317,7 +323,8 @@ def write_report(ev: Evaluation, out_dir: str | Path, run_dir: str | Path | None
             "among real images), what a perfect generator would reach; half sets make FID/KID references "
             "slightly pessimistic.</p>",
             _classes_section(res), _privacy_section(res, save_pairs(ev, out)),
-            "<h2>Intensity histograms</h2>", _img(histogram_plot(ev.real.images, ev.fake.images), "all pixels, real vs generated"),
+            "<h2>Intensity histograms</h2>",
+            _img(histogram_plot(ev.real.images, ev.fake.images), "all pixels, real vs generated"),
             _grids_section(ev), _nearest_real_section(ev)]
     if log is not None:
         body += ["<h2>Training loss</h2>", _img(loss_plot(log), f"{len(log['loss'])} loss lines, "

@@ -72,10 +72,12 @@ def fid_interval(fake: np.ndarray, real: np.ndarray, n_boot: int = 200, seed: in
 
 
 def _within(kernel: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Mean kernel value over pairs of distinct images, weighted by resampling counts (B, n) → (B,)."""
+    """Mean kernel value over pairs of distinct images, weighted by resampling counts (B, n) → (B,); NaN for a
+    resample that drew one image only."""
     diag = np.diag(kernel)
     total = ((counts @ kernel) * counts).sum(1) - (counts**2) @ diag
-    return total / (counts.sum(1) ** 2 - (counts**2).sum(1))
+    with np.errstate(invalid="ignore", divide="ignore"):  # a resample of one distinct image has no pairs: NaN, dropped
+        return total / (counts.sum(1) ** 2 - (counts**2).sum(1))
 
 
 def kid_interval(fake: np.ndarray, real: np.ndarray, n_boot: int = 200, seed: int = 0) -> list[float]:
