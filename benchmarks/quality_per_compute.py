@@ -93,6 +93,44 @@ def score(fake: np.ndarray, real: np.ndarray) -> dict:
                 kid=f["kid"], fid=f["fid"], feature_protocol=f["protocol"])
 
 
+def seed_as_run(unet_dir: Path):
+    """A seed-recipe UNet wrapped for meddiff's sampler (linear schedule, eps prediction)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from sampling_speed import wrap
+
+    return wrap(unet_dir)
+
+
+def score_existing(out: Path, budgets: list[float], a: argparse.Namespace, real: np.ndarray, val: torch.Tensor,
+                   results: dict) -> None:
+    """Every model sampled with the same DDIM-20 code and seeds, then scored alike."""
+    from meddiff.sample import generate, load_run
+
+    results["sampler"] = "DDIM 20 steps (diffusers DDIMScheduler via meddiff.sample.generate), seeds 0..n-1"
+    results["rows"] = {}
+    for m in budgets:
+        snap = out / "seed" / f"snap_{int(m * 60)}s"
+        candidates = [("seed", snap / "unet" if (snap / "unet").exists() else out / "seed" / "unet", "eps", "linear", 1)]
+        run = out / f"meddiff_{m:g}min"
+        rec = json.loads((run / "meddiff.json").read_text())
+        candidates.append(("meddiff", run / "unet", rec["train"]["objective"], rec["train"]["beta_schedule"],
+                           rec["model"].get("patch_size", 1)))
+        for who, unet_dir, objective, schedule, patch in candidates:
+            loaded = seed_as_run(unet_dir) if who == "seed" else load_run(run)
+            t0 = time.time()
+            imgs = np.concatenate([generate(loaded, list(range(i, min(i + 8, a.n))), None, "ddim", 20)
+                                   for i in range(0, a.n, 8)])
+            q = score(imgs, real)
+            q["sample_img_per_s_ddim20"] = a.n / (time.time() - t0)
+            q["val_loss_eps"] = val_loss_of(unet_dir, val, objective, schedule, patch)
+            if who == "meddiff":
+                q.update({k: rec["result"][k] for k in ("train_img_per_s", "images_seen", "steps", "peak_rss_mib")})
+            results["rows"][f"{who}_{m:g}min"] = q
+            np.save(out / f"{who}_{m:g}min_samples.npy", (imgs * 255).round().astype(np.uint8))
+            print(f"{who}_{m:g}min", json.dumps(q), flush=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="builtin:mni-mri")
@@ -102,6 +140,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--out", default="bench_out/qpc")
     ap.add_argument("--meddiff-args", default="", help="extra flags for meddiff train, e.g. '--preset small'")
+    ap.add_argument("--score-only", action="store_true",
+                    help="skip training: score the runs already in --out, every model sampled by meddiff's DDIM 20")
     a = ap.parse_args()
     from meddiff.data.dataset import load_data, split
     from meddiff.runtime import cpu_model
@@ -115,7 +155,11 @@ def main() -> None:
     np.save(out / "train_images.npy", (real[train_idx] * 255).round().astype(np.uint8))  # the seed sees the same split
     val = data.images[val_idx]
 
-    seed_run, runs = out / "seed", {}
+    seed_run = out / "seed"
+    if a.score_only:
+        score_existing(out, budgets, a, real[train_idx], val, dict(cpu=cpu_model(), data=a.data, size=a.size, n=a.n,
+                                                                   n_train=len(train_idx), n_val=len(val_idx)))
+        return
     procs = {"seed": start_seed(out / "train_images.npy", a.size, a.seed_minutes, budgets, seed_run)}
     longest = budgets[-1]
     procs[f"meddiff_{longest:g}min"] = start_meddiff(a.data, a.size, longest, out / f"meddiff_{longest:g}min",
