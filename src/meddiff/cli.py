@@ -211,8 +211,10 @@ def _add_sample(sub: Any) -> None:
     sa.add_argument("--out", required=True)
     sa.add_argument("--n", "--count", dest="n", type=_positive_int, default=4,
                     help="number of images (under torchrun write --count: torchrun reads --n as its own option)")
-    sa.add_argument("--steps", type=_positive_int, default=20)
-    sa.add_argument("--sampler", choices=SAMPLERS, default="ddim")
+    sa.add_argument("--steps", type=_positive_int, default=None,
+                    help="sampler steps (default 10; 20 for seed-preset runs)")
+    sa.add_argument("--sampler", choices=SAMPLERS, default=None,
+                    help="default unipc (at 10 steps it beats DDIM at 20, docs/benchmarks.md); ddim for seed-preset runs")
     sa.add_argument("--seed", type=int, default=0)
     sa.add_argument("--batch-size", type=_positive_int, default=16)
     sa.add_argument("--class", dest="class_name", help="a class the model knows, e.g. xray/pneumonia")

@@ -5,6 +5,7 @@ seed, so the same seed gives the same image at any batch size, and files are nam
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
                        HeunDiscreteScheduler, UNet2DModel, UniPCMultistepScheduler)
 
 from . import checkpoint as ckpt
-from .config import SAMPLERS, ModelConfig, SampleConfig, TrainConfig, from_json
+from .config import SAMPLERS, ModelConfig, SampleConfig, TrainConfig, default_sampler, from_json
 from .errors import ConfigError, RunError
 from .model import guided
 from .runtime import Dist, autocast, describe, pick_device, pick_precision
@@ -211,6 +212,8 @@ def sample_to_folder(cfg: SampleConfig, echo: Callable[[str], None] = print, dis
     if not dist.main:
         echo = _quiet
     run = load_run(cfg.run, cfg.weights, device)
+    sampler, steps = default_sampler(run.train.preset)
+    cfg = dataclasses.replace(cfg, sampler=cfg.sampler or sampler, steps=cfg.steps or steps)
     make_scheduler(cfg.sampler, run.scheduler_config, cfg.steps)  # validate before any work
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -154,14 +154,12 @@ def nearest_ssim_shortlist(fake: np.ndarray, real: np.ndarray, k: int = 32,
     with torch.no_grad():
         ys = torch.from_numpy(real)
         mu_ys, var_ys = _moments(ys, blur)
-        per = max(1, _PIXEL_BUDGET // (fake.shape[1] * fake.shape[2]))
-        for i0 in range(0, len(fake), per):
-            xs = torch.from_numpy(fake[i0:i0 + per])
-            mu_xs, var_xs = _moments(xs, blur)
-            cand = _shortlist(xs, ys, k, proxy)
-            for i in range(len(xs)):
-                c = cand[i]
-                block = _ssim_block(xs[i], mu_xs[i], var_xs[i], ys[c], mu_ys[c], var_ys[c], blur)
-                j = int(block.argmax())
-                best[i0 + i], index[i0 + i] = float(block[j]), int(c[j])
+        xs = torch.from_numpy(fake)
+        cand = _shortlist(xs, ys, k, proxy)                                               # (N, k)
+        for i in range(len(fake)):  # one image against its k candidates: small temporaries stay in cache
+            c = cand[i]
+            mu_x, var_x = _moments(xs[i:i + 1], blur)
+            scores = _ssim_block(xs[i], mu_x[0], var_x[0], ys[c], mu_ys[c], var_ys[c], blur)   # (k,)
+            j = int(scores.argmax())
+            best[i], index[i] = float(scores[j]), int(c[j])
     return best, index
