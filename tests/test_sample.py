@@ -170,7 +170,7 @@ def test_per_class_writes_class_folders_and_a_manifest(trained_run: Path, tmp_pa
     assert [(r["file"], r["class"], r["seed"]) for r in rows] == [
         ("a/seed000000.png", "a", "0"), ("a/seed000001.png", "a", "1"),
         ("b/seed000002.png", "b", "2"), ("b/seed000003.png", "b", "3")]
-    assert {r["sampler"] for r in rows} == {"ddim"} and {r["model_id"] for r in rows} == {result["model_id"]}
+    assert {r["sampler"] for r in rows} == {"unipc"} and {r["model_id"] for r in rows} == {result["model_id"]}
 
 
 def test_rerun_skips_completed_files(trained_run: Path, tmp_path: Path) -> None:
