@@ -100,6 +100,18 @@ def test_make_grid_places_tiles_row_major_and_pads_white():
     np.testing.assert_array_equal(make_grid(images[:1], pad=0), np.zeros((3, 5), np.uint8))
 
 
+def test_make_grid_row_labels_add_a_left_margin_and_keep_the_height():
+    images = np.ones((6, 12, 10), np.float32)  # white tiles: only the labels are dark
+    plain = make_grid(images, ncols=3, pad=2)
+    labelled = make_grid(images, ncols=3, pad=2, row_labels=["ct/normal", "us/abnormal"])
+    assert labelled.shape[0] == plain.shape[0] and labelled.shape[1] > plain.shape[1]
+    np.testing.assert_array_equal(labelled[:, -plain.shape[1]:], plain)
+    margin = labelled[:, :-plain.shape[1]]
+    assert margin[2:14].min() < 128 and margin[16:28].min() < 128  # a label level with each row
+    with pytest.raises(ConfigError, match=r"grid row_labels: 1 labels for 2 rows of 3 tiles"):
+        make_grid(images, ncols=3, row_labels=["ct/normal"])
+
+
 def test_make_grid_refuses_bad_input():
     with pytest.raises(DataError, match=r"grid images has shape \(4, 4\).*expected a non-empty \(N, H, W\)"):
         make_grid(np.zeros((4, 4), np.float32))

@@ -197,6 +197,16 @@ def test_grid_is_one_row_for_up_to_eight_images(trained_run: Path, tmp_path: Pat
     assert grid.dtype == np.uint8
 
 
+def test_per_class_grid_has_one_labelled_row_per_class(trained_run: Path, tmp_path: Path) -> None:
+    sample_to_folder(_cfg(trained_run, tmp_path, per_class=3, steps=1), echo=_quiet)
+    grid = _pixels(tmp_path / "grid.png")
+    pad, tiles = 2, 3 * (32 + 2) + 2
+    assert grid.shape[0] == 2 * (32 + pad) + pad  # classes a and b, one row each
+    margin = grid[:, :grid.shape[1] - tiles]
+    assert margin.shape[1] > 0  # the class names, dark on a white margin, one level with each row:
+    assert margin[:pad + 32].min() < 128 and margin[pad + 32 + pad:].min() < 128
+
+
 def test_no_grid_when_turned_off(trained_run: Path, tmp_path: Path) -> None:
     sample_to_folder(_cfg(trained_run, tmp_path, n=1, steps=1, grid=False), echo=_quiet)
     assert not (tmp_path / "grid.png").exists()

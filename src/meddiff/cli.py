@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, NoReturn
 
 from .config import ARCHITECTURES, DEFAULT_PRESET, SAMPLERS, SampleConfig, TrainConfig
+from .demo import DemoConfig
 from .errors import MeddiffError
 
 MAIN_EXAMPLES = """examples:
@@ -39,6 +40,15 @@ EVAL_EXAMPLES = """examples:
   meddiff evaluate --real builtin:mni-mri --fake samples/ --json eval.json
   meddiff evaluate --real heldout/ --fake synthetic/ --train train/ --report report/ --run runs/ph
   meddiff evaluate --real builtin:phantoms?n=400 --fake synthetic/ --utility --json eval.json
+"""
+DEMO_EXAMPLES = """examples:
+  meddiff demo                                  # about 10 minutes on a 2-core CPU
+  meddiff demo --minutes 30 --per-class 8 --out demo30
+  meddiff demo --guidance 3 --out demo_g3
+  meddiff demo --preset tiny --max-steps 20 --per-class 1 --out quick   # a smoke test, under a minute
+
+writes OUT/grid.png (one row per class), OUT/samples/ (class folders + manifest.csv), OUT/eval.json,
+OUT/report/index.html and OUT/run/ (sample more with: meddiff sample --run OUT/run --per-class 16 --out more/)
 """
 INFO_EXAMPLES = """examples:
   meddiff info ~/data/chest_xray
@@ -113,13 +123,7 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("path", help="a folder or builtin:…")
     info.add_argument("--label-depth", type=_positive_int, default=1)
     info.add_argument("--size", type=_positive_int, default=64)
-    demo = sub.add_parser("demo", help="train a small model on built-in data for a few minutes, then sample a grid",
-                          epilog="examples:\n  meddiff demo\n  meddiff demo --minutes 30 --out demo30\n",
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
-    demo.add_argument("--data", default="builtin:mni-mri")
-    demo.add_argument("--minutes", type=float, default=5.0)
-    demo.add_argument("--out", default="demo")
-    demo.add_argument("--n", type=_positive_int, default=8)
+    _add_demo(sub)
     data = sub.add_parser("data", help="built-in and public data sets", epilog=DATA_EXAMPLES,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
@@ -380,23 +384,43 @@ def cmd_export_diffusers(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(a: argparse.Namespace) -> int:
-    from .evaluate import evaluate_ssim
-    from .sample import sample_to_folder
-    from .train import train
+def _add_demo(sub: Any) -> None:
+    d = DemoConfig
+    de = sub.add_parser("demo", help="train one class-conditional model on MedPhantom-4 (~10 min on a 2-core CPU), "
+                        "then sample a grid with one row per class, evaluate it and write the report",
+                        epilog=DEMO_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    de.add_argument("--data", default=d.data, help=f"training data with 2 or more classes (default {d.data}: CT, "
+                    "X-ray, MRI, ultrasound, each normal and abnormal)")
+    de.add_argument("--real", help="real images to evaluate against (default: the built-in set rendered with the "
+                    "next seed, at most 400 images the model never saw)")
+    budget = de.add_mutually_exclusive_group()
+    budget.add_argument("--minutes", type=float, default=d.minutes,
+                        help="the whole demo's budget; training gets what data, sampling and evaluation leave")
+    budget.add_argument("--max-steps", type=_positive_int, help="train exactly this many steps instead")
+    de.add_argument("--out", default=d.out)
+    de.add_argument("--per-class", type=_positive_int, default=d.per_class, help="samples of each class: one grid row")
+    de.add_argument("--guidance", type=float, default=d.guidance, help="classifier-free guidance scale (1 = none)")
+    de.add_argument("--preset", choices=sorted(ARCHITECTURES), default=d.preset)
+    de.add_argument("--seed", type=int, default=d.seed)
+    de.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
+    de.add_argument("--cache-dir", default=None, help=f"image and feature cache (default {default_cache_dir()})")
+    de.add_argument("--no-progress", action="store_true")
 
-    run = Path(a.out) / "run"
-    if (run / "meddiff.json").exists():
-        raise MeddiffError(f"--out {a.out}: already holds a demo run; choose another --out or delete it")
-    print(f"demo: training the default recipe on {a.data} for {a.minutes:g} minutes …")
-    result = train(TrainConfig(data=a.data, out=str(run), max_minutes=a.minutes, cache_dir=default_cache_dir()))
-    samples = Path(a.out) / "samples"
-    sample_to_folder(SampleConfig(run=str(run), out=str(samples), n=a.n))
-    grid = Path(a.out) / "grid.png"
-    grid.write_bytes((samples / "grid.png").read_bytes())
-    ssim = evaluate_ssim(a.data, str(samples), cache_dir=default_cache_dir())
-    print(f"demo: {result.steps} steps at {result.train_img_per_s:.1f} img/s; grid: {grid}; SSIM to nearest real "
-          f"{ssim['ssim_mean']:.3f} ({ssim['band']}; real-vs-real {ssim['reference_real_halves']:.3f})")
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from .demo import key_figures, run_demo
+
+    cfg = DemoConfig(out=a.out, data=a.data, real=a.real, minutes=a.minutes, max_steps=a.max_steps,
+                     preset=a.preset, per_class=a.per_class, guidance=a.guidance, seed=a.seed, device=a.device,
+                     cache_dir=a.cache_dir or default_cache_dir(), progress=not a.no_progress)
+    result = run_demo(cfg)
+    t, res = result.train, result.evaluation.results
+    print(f"demo: {t.steps} training steps ({t.images_seen} images, {t.train_img_per_s:.1f} img/s, "
+          f"{t.seconds / 60:.1f} min); {res['counts']['fake']} samples vs {res['counts']['real']} real images at "
+          f"{res['size']} px:")
+    print("\n".join(key_figures(res)))
+    print(f"demo: grid {result.grid} (one row per class), samples {result.samples}/, report {result.report}, "
+          f"figures {result.figures}; {result.seconds / 60:.1f} min in all")
     return 0
 
 

@@ -17,11 +17,11 @@ import secrets
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Sequence
 
 import nibabel as nib
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import (PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, SecondaryCaptureImageStorage,
@@ -187,9 +187,11 @@ def save_png(image_u8: np.ndarray, path: Path) -> Path:
     return _write_png(np.ascontiguousarray(arr), path, None)
 
 
-def make_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> np.ndarray:
+def make_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2,
+              row_labels: Sequence[str] | None = None) -> np.ndarray:
     """(N, H, W) float in [0, 1] → one (H', W') uint8 picture, tiles in row-major order, `pad` white pixels
-    between and around them. `ncols` None: one row for N ≤ 8, else ceil(sqrt(N)) columns."""
+    between and around them. `ncols` None: one row for N ≤ 8, else ceil(sqrt(N)) columns. `row_labels`: one
+    text per row, written in black on a white margin left of the tiles (the height does not change)."""
     arr = _check_image(images, "grid images", ndim=3)
     n, h, w = arr.shape
     if ncols is None:
@@ -198,11 +200,27 @@ def make_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> np.
         raise ConfigError(f"grid with ncols={ncols}, pad={pad}: ncols must be ≥ 1 and pad ≥ 0")
     ncols = min(ncols, n)
     nrows = math.ceil(n / ncols)
+    if row_labels is not None and len(row_labels) != nrows:
+        raise ConfigError(f"grid row_labels: {len(row_labels)} labels for {nrows} rows of {ncols} tiles")
     grid = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad), GRID_PAD_VALUE, dtype=np.uint8)
     for k, tile in enumerate(_to_uint8(arr)):
         y, x = pad + (k // ncols) * (h + pad), pad + (k % ncols) * (w + pad)
         grid[y:y + h, x:x + w] = tile
-    return grid
+    if row_labels is None:
+        return grid
+    return np.concatenate([_label_margin(row_labels, h, pad, grid.shape[0]), grid], axis=1)
+
+
+def _label_margin(labels: Sequence[str], h: int, pad: int, height: int) -> np.ndarray:
+    """A white (height, W) uint8 strip with labels[r] in black, level with the r-th row of tiles of height h."""
+    font = ImageFont.load_default()  # built into Pillow: no font file to find
+    boxes = [font.getbbox(text) for text in labels]
+    margin = max(pad, 4)
+    strip = Image.new("L", (max(b[2] for b in boxes) + 2 * margin, height), GRID_PAD_VALUE)
+    draw = ImageDraw.Draw(strip)
+    for r, (text, (_x0, y0, _x1, y1)) in enumerate(zip(labels, boxes)):
+        draw.text((margin, pad + r * (h + pad) + (h - (y1 - y0)) // 2 - y0), text, fill=0, font=font)
+    return np.asarray(strip)
 
 
 # --- DICOM --------------------------------------------------------------------------------------------

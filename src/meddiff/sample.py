@@ -32,6 +32,8 @@ _SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
     "heun": (HeunDiscreteScheduler, {}),
 }
 MAX_STEPS = 1000
+GRID_MAX_IMAGES = 256  # grid.png is written for requests of up to this many images
+GRID_ROW_MAX = 32  # a per-class grid keeps one row per class up to this many images a class
 
 
 @dataclass
@@ -248,19 +250,22 @@ def sample_to_folder(cfg: SampleConfig, echo: Callable[[str], None] = print, dis
         td.barrier()
         if dist.main:
             _merge_manifests(out)
-    if cfg.grid and len(jobs) <= 256 and dist.main:
-        _write_grid(out, jobs, suffix)
+    if cfg.grid and len(jobs) <= GRID_MAX_IMAGES and dist.main:
+        _write_grid(out, jobs, suffix, cfg.per_class)
     return dict(out=str(out), written=len(remaining), skipped=len(jobs) - len(remaining), seconds=seconds,
                 img_per_s=len(remaining) / seconds if remaining and seconds > 0 else None, model_id=run.model_id,
                 hardware=describe(device, precision))
 
 
-def _write_grid(out: Path, jobs: list[tuple[str, int, int | None]], suffix: str) -> None:
+def _write_grid(out: Path, jobs: list[tuple[str, int, int | None]], suffix: str, per_class: int | None) -> None:
+    """grid.png of every image of the request; a per-class request gets one row per class, labelled with it."""
     from . import export
     from .data.readers import read_file
 
     images = [read_file(out / f"{stem}{suffix}")[0][0] for stem, _seed, _lab in jobs]
-    export.save_png(export.make_grid(np.stack(images)), out / "grid.png")
+    ncols = per_class if per_class is not None and per_class <= GRID_ROW_MAX else None
+    labels = [jobs[k][0].rpartition("/")[0] for k in range(0, len(jobs), ncols)] if ncols else None
+    export.save_png(export.make_grid(np.stack(images), ncols=ncols, row_labels=labels), out / "grid.png")
 
 
 def _quiet(_message: str) -> None:

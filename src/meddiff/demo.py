@@ -1,0 +1,173 @@
+"""`meddiff demo`: built-in data → one class-conditional model → samples of every class, a grid with one row per
+class, a short evaluation and the HTML report, all in one folder (DemoConfig in, DemoResult out).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+from urllib.parse import urlencode
+
+from .config import DEFAULT_PRESET, SampleConfig, TrainConfig
+from .errors import ConfigError, RunError
+
+if TYPE_CHECKING:  # the heavy modules load when the demo runs, not when the CLI builds its --help
+    from .evaluate import Evaluation
+    from .train import TrainResult
+
+# Sizes and time estimates, measured on a 2-core AVX2 CPU that other processes kept busy (load 4-6):
+DEMO_DATA = "builtin:phantoms?n=800"   # MedPhantom-4, 100 a class: with the 400 held-out ones ~20 s to render, once
+REAL_MAX = 400           # held-out real phantoms the samples are compared with
+SAMPLE_SECONDS = 2.0     # a guided 64 px `lean` image, UniPC 10 steps: 1.5 s measured
+EVAL_SECONDS = 60.0      # evaluation + report of 48 samples at 64 px: 25 s measured (140 s when BLAS threads contend)
+MIN_TRAIN_MINUTES = 0.5
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Everything `meddiff demo` needs. `minutes` is the whole demo's budget: training gets what preparing the
+    data and an estimate of sampling and evaluation (SAMPLE_SECONDS a sample, EVAL_SECONDS) leave of it.
+    `max_steps` trains exactly that many steps instead (tests, quick looks)."""
+
+    out: str = "demo"
+    data: str = DEMO_DATA
+    real: str | None = None          # None: see heldout_spec (images the model never saw)
+    minutes: float = 10.0
+    max_steps: int | None = None
+    preset: str = DEFAULT_PRESET
+    per_class: int = 6
+    guidance: float = 2.0
+    n_boot: int = 100                # bootstrap resamples of the evaluation's intervals
+    seed: int = 0
+    device: str = "auto"
+    cache_dir: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class DemoResult:
+    """What the demo made: the training result, the evaluation (figures in `evaluation.results`), the files."""
+
+    train: TrainResult
+    evaluation: Evaluation
+    grid: Path
+    samples: Path
+    report: Path
+    figures: Path
+    seconds: float
+
+
+def heldout_spec(data: str) -> str:
+    """Real images the model never saw, for the evaluation: a MedPhantom-4 spec rendered with the next seed (at
+    most REAL_MAX images); any other data set is compared with itself."""
+    from .data.dataset import parse_spec
+
+    kind, name, params = parse_spec(data)
+    if kind != "builtin" or name == "mni-mri":
+        return data
+    n = min(int(params["n"]), REAL_MAX) if "n" in params else REAL_MAX
+    return f"builtin:{name}?" + urlencode({**params, "n": n, "seed": int(params.get("seed", 0)) + 1})
+
+
+def train_minutes(cfg: DemoConfig, n_samples: int, spent_s: float) -> float:
+    """The training time the budget leaves after `spent_s` seconds of preparation and the estimated sampling
+    of `n_samples` images and evaluation; a budget that leaves under MIN_TRAIN_MINUTES is refused."""
+    after = (n_samples * SAMPLE_SECONDS + EVAL_SECONDS) / 60
+    left = cfg.minutes - spent_s / 60 - after
+    if left < MIN_TRAIN_MINUTES:
+        need = spent_s / 60 + after + MIN_TRAIN_MINUTES
+        raise ConfigError(f"--minutes {cfg.minutes:g}: too short; preparing the data took {spent_s / 60:.1f} min and "
+                          f"sampling {n_samples} images and evaluating them take about {after:.1f} min, leaving "
+                          f"{max(left, 0):.1f} min to train; give --minutes {need:.1f} or more, or fewer --per-class")
+    return left
+
+
+def _check(cfg: DemoConfig) -> None:
+    for flag, value, ok, allowed in (("--per-class", cfg.per_class, cfg.per_class >= 1, "a positive whole number"),
+                                     ("--guidance", cfg.guidance, cfg.guidance >= 0, "≥ 0 (1 = no guidance)"),
+                                     ("--minutes", cfg.minutes, cfg.minutes > 0, "positive")):
+        if not ok:
+            raise ConfigError(f"{flag} {value:g}: must be {allowed}")
+    if (Path(cfg.out) / "run" / "meddiff.json").exists():
+        raise RunError(f"--out {cfg.out}: already holds a demo run; choose another --out or delete it")
+
+
+def _check_classes(cfg: DemoConfig, class_names: tuple[str, ...]) -> None:
+    from .sample import GRID_MAX_IMAGES, GRID_ROW_MAX
+
+    if len(class_names) < 2:
+        raise ConfigError(f"--data {cfg.data}: {len(class_names)} class ({', '.join(class_names)}); the demo trains "
+                          "a class-conditional model and needs 2 or more classes, e.g. builtin:phantoms")
+    if cfg.per_class > GRID_ROW_MAX or cfg.per_class * len(class_names) > GRID_MAX_IMAGES:
+        raise ConfigError(f"--per-class {cfg.per_class}: the grid holds at most {GRID_ROW_MAX} images a class and "
+                          f"{GRID_MAX_IMAGES} in all ({len(class_names)} classes here); use meddiff sample for more")
+
+
+def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = print) -> DemoResult:
+    """Prepare the data, train, sample cfg.per_class images of every class, evaluate them and write the report
+    into cfg.out: run/, samples/ (class folders + manifest), grid.png, eval.json, report/index.html."""
+    from .data.dataset import load_data
+    from .evaluate import EvalConfig, evaluate, load_images
+    from .report import write_report
+    from .sample import sample_to_folder
+    from .train import train
+
+    t0 = time.perf_counter()
+    _check(cfg)
+    out = Path(cfg.out)
+    run, samples = out / "run", out / "samples"
+    real = cfg.real or heldout_spec(cfg.data)
+    tcfg = TrainConfig(data=cfg.data, out=str(run), preset=cfg.preset, max_steps=cfg.max_steps, seed=cfg.seed,
+                       device=cfg.device, cache_dir=cfg.cache_dir, progress=cfg.progress).resolve()
+    echo(f"demo: preparing {cfg.data} (training) and {real} (evaluation) at {tcfg.size} px; rendered once, then cached")
+    data = load_data(cfg.data, tcfg.size, cache_dir=cfg.cache_dir)
+    _check_classes(cfg, data.class_names)
+    if real != cfg.data:  # now: inside the budget, into the cache the evaluation reads, and a wrong --real fails early
+        load_images(real, "--real", tcfg.size, 1, cfg.cache_dir)
+    n_samples = cfg.per_class * len(data.class_names)
+    minutes = None if cfg.max_steps else train_minutes(cfg, n_samples, time.perf_counter() - t0)
+    echo(f"demo: training {cfg.preset} on {len(data)} images of {len(data.class_names)} classes for "
+         + (f"{cfg.max_steps} steps" if minutes is None else f"{minutes:.1f} of the {cfg.minutes:g} minutes") + " …")
+    trained = train(dataclasses.replace(tcfg, max_minutes=minutes), data=data, echo=echo)
+    if trained.stopped == "interrupted":  # Ctrl-C: the checkpoint is saved; sampling a half-trained model would mislead
+        raise KeyboardInterrupt
+    echo(f"demo: sampling {cfg.per_class} image(s) of each class with guidance {cfg.guidance:g} …")
+    sample_to_folder(SampleConfig(run=str(run), out=str(samples), per_class=cfg.per_class, guidance=cfg.guidance,
+                                  seed=cfg.seed, device=cfg.device, progress=cfg.progress), echo=echo)
+    grid = out / "grid.png"
+    grid.write_bytes((samples / "grid.png").read_bytes())
+    echo(f"demo: evaluating the {n_samples} samples against {real} and, for copies, the training images …")
+    ev = evaluate(EvalConfig(real=real, fake=str(samples), train=cfg.data, n_boot=cfg.n_boot, seed=cfg.seed,
+                             cache_dir=cfg.cache_dir))
+    figures = out / "eval.json"
+    figures.write_text(json.dumps(ev.results, indent=2))
+    report = write_report(ev, out / "report", run_dir=run)
+    return DemoResult(trained, ev, grid, samples, report, figures, time.perf_counter() - t0)
+
+
+def _pct(fig: dict | None) -> str:
+    return "n/a" if not fig or fig.get("value") is None else f"{100 * fig['value']:.0f} %"
+
+
+def _fig(fig: dict | None, key: str, digits: int) -> str:
+    return "n/a" if not fig or fig.get(key) is None else f"{fig[key]:.{digits}f}"
+
+
+def key_figures(results: dict[str, Any]) -> list[str]:
+    """The demo's few figures of an evaluation as printable lines, each with its real-image reference: SSIM to
+    the nearest real image, KID, class consistency (overall and per class), the share flagged as copies."""
+    ssim, kid, cons, priv = (results.get(k) for k in ("ssim", "kid", "class_consistency", "privacy"))
+    lines = [f"  SSIM to the nearest real image  {_fig(ssim, 'value', 3):>7}   "
+             f"real vs real {_fig(ssim, 'reference', 3)}",
+             f"  KID (lower is better)           {_fig(kid, 'value', 4):>7}   real vs real {_fig(kid, 'reference', 4)}"]
+    if cons:
+        per = ", ".join(f"{name} {_pct(fig)}" for name, fig in cons["per_class"].items())
+        lines.append(f"  class consistency               {_pct(cons):>7}   real held-out {_pct(cons.get('reference'))}"
+                     f"; per class: {per}")
+    if priv:
+        lines.append(f"  flagged as training copies      {100 * priv['flagged_share']:>5.1f} %   "
+                     f"{priv['n_flagged']} of {priv['n_generated']} (NCC ≥ {priv['threshold']:.3f})")
+    return lines
