@@ -204,3 +204,26 @@ def test_unusable_option_combinations_are_one_line_errors(folders, tmp_path, cap
     _one_line_error(code, err, "add --report DIR")
     code, _, err = run_cli([*base, "--report", str(tmp_path / "r"), "--run", str(tmp_path)], capsys)
     _one_line_error(code, err, "no log.jsonl")
+
+
+def test_audit_copies_only_the_images_that_are_not_training_copies(folders, tmp_path, capsys):
+    fake = tmp_path / "mixed"
+    for cls in "ab":  # 6 disguised training copies and 6 independent images a class, and a manifest of all
+        write(fake / cls, np.concatenate([disguised(textured(12, 20 + "ab".index(cls)))[:6], textured(6, 40)]))
+    rows = [f"{c}/{i:03d}.png,{c},{i}" for c in "ab" for i in range(12)]
+    (fake / "manifest.csv").write_text("file,class,seed\n" + "\n".join(rows) + "\n")
+    train = tmp_path / "train"
+    for cls in "ab":
+        write(train / cls, textured(12, 20 + "ab".index(cls)))
+    out = tmp_path / "share"
+    code, text, _ = run_cli(["audit", "--fake", str(fake), "--train", str(train), "--real", str(folders["real"]),
+                             "--out", str(out), "--cache-dir", str(tmp_path / "cache")], capsys)
+    assert code == 0
+    copied = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
+    assert not any(int(name[-7:-4]) < 6 for name in copied)          # no disguised copy reaches the folder
+    assert len(copied) >= 10 and "12 flagged" in text                # and the independent images do
+    manifest = (out / "manifest.csv").read_text().splitlines()
+    assert manifest[0] == "file,class,seed" and sorted(r.split(",")[0] for r in manifest[1:]) == copied
+    code, _, err = run_cli(["audit", "--fake", str(fake), "--train", str(train), "--real", str(folders["real"]),
+                            "--out", str(out)], capsys)
+    assert code != 0 and "not empty" in err

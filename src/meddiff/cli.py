@@ -118,6 +118,18 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--inception-weights", metavar="PATH", help="the FID Inception weights file (implies --features inception)")
     ev.add_argument("--bootstrap", type=_positive_int, default=200, help="bootstrap resamples of every interval")
     ev.add_argument("--cache-dir", default=None, help=f"image and feature cache (default {default_cache_dir()})")
+    au = sub.add_parser("audit", help="copy the generated images that are not copies of training images into a "
+                        "shareable folder", epilog="examples:\n  meddiff audit --fake synthetic/ --train train/ "
+                        "--real heldout/ --out shareable/\n  meddiff audit --fake ph/ --train "
+                        "'builtin:phantoms?n=800' --real 'builtin:phantoms?n=400&seed=1' --out share/\n",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    au.add_argument("--fake", required=True, help="generated images: a folder (class sub-folders are kept)")
+    au.add_argument("--train", required=True, help="the model's training images: a folder or builtin:…")
+    au.add_argument("--real", required=True, help="real images the model never saw, to set the copy threshold")
+    au.add_argument("--out", required=True, help="the shareable folder (must not exist or be empty)")
+    au.add_argument("--size", type=_positive_int, help="compare at this size (default: the generated images' size)")
+    au.add_argument("--label-depth", type=_positive_int, default=1)
+    au.add_argument("--cache-dir", default=None, help=f"image cache (default {default_cache_dir()})")
     info = sub.add_parser("info", help="what the loader sees in a data path", epilog=INFO_EXAMPLES,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     info.add_argument("path", help="a folder or builtin:…")
@@ -322,6 +334,34 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(a: argparse.Namespace) -> int:
+    import shutil
+
+    from .evaluate import native_size, screen_folder
+
+    out, fake = Path(a.out), Path(a.fake)
+    if out.exists() and any(out.iterdir()):
+        raise MeddiffError(f"audit --out {out}: not empty; choose a new folder")
+    kept, flagged, threshold, how = screen_folder(a.fake, a.train, a.real, a.size or native_size(a.fake),
+                                                  a.label_depth, cache_dir=a.cache_dir or default_cache_dir())
+    for f in kept:  # only whole files that passed, at their place under --fake
+        dest = out / f.relative_to(fake)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(f, dest)
+    manifest = fake / "manifest.csv"
+    if manifest.is_file():  # keep the rows of the files that were copied
+        names = {f.relative_to(fake).as_posix() for f in kept}
+        lines = manifest.read_text().splitlines()
+        rows = [ln for ln in lines[1:] if ln.split(",", 1)[0] in names]
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "manifest.csv").write_text("\n".join(lines[:1] + rows) + "\n")
+    print(f"audit: {len(kept)} of {len(kept) + len(flagged)} image(s) copied to {out}; {len(flagged)} flagged as "
+          f"copies of training images (NCC ≥ {threshold:.3f}, threshold from {how})")
+    for f in flagged:
+        print(f"  flagged: {f.relative_to(fake)}")
+    return 0
+
+
 def cmd_info(a: argparse.Namespace) -> int:
     from .data.dataset import load_data
 
@@ -461,7 +501,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate, "info": cmd_info, "data": cmd_data,
+    "train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate, "info": cmd_info, "data": cmd_data, "audit": cmd_audit,
     "demo": cmd_demo, "export-diffusers": cmd_export_diffusers, "serve": cmd_serve}
 
 

@@ -293,12 +293,41 @@ def audit_copies(generated: np.ndarray, train: np.ndarray, heldout: np.ndarray, 
     return report, values, index
 
 
-def screen_copies(generated: np.ndarray, train: np.ndarray, heldout: np.ndarray,
+def screen_copies(generated: np.ndarray, train: np.ndarray, heldout: np.ndarray, gallery: np.ndarray | None = None,
                   quantile: float = 0.99) -> tuple[np.ndarray, float]:
     """Which generated images may be shared: generated (N, H, W), train (M, H, W), heldout (K, H, W) real images
-    the model never saw, float in [0, 1] at one size → (keep (N,) bool: False for a flagged copy, the threshold)."""
-    report, values, _ = audit_copies(generated, train, heldout, quantile=quantile)
+    the model never saw, float in [0, 1] at one size → (keep (N,) bool: False for a flagged copy, the threshold;
+    `gallery` as in `audit_copies`)."""
+    report, values, _ = audit_copies(generated, train, heldout, gallery, quantile)
     return values < report["threshold"], report["threshold"]
+
+
+def read_generated(folder: str, size: int) -> tuple[list[Path], np.ndarray]:
+    """A folder of generated images (any readable format, searched recursively, grid.png left out) → the files
+    and their images (N, size, size) float32 in [0, 1], one image (the first frame) per file, in the same order."""
+    from .data.dataset import to_square
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise DataError(f"--fake {folder!r}: {'not a folder' if root.exists() else 'no such folder'}")
+    files = [f for f in find_image_files(root)[0] if f.name not in SAMPLE_EXTRAS]
+    if not files:
+        raise DataError(f"--fake {folder!r}: no images found")
+    return files, np.stack([to_square(read_file(f)[0][0], size) for f in files])
+
+
+def screen_folder(fake: str, train: str, real: str, size: int, label_depth: int = 1, quantile: float = 0.99,
+                  cache_dir: str | Path | None = None) -> tuple[list[Path], list[Path], float, str]:
+    """Which generated files may be shared: every file of `fake` against the training set `train`, the copy
+    threshold set from real images the model never saw (see `heldout_split`) → (kept files, flagged files,
+    the NCC threshold, how the held-out images were chosen)."""
+    files, generated = read_generated(fake, size)
+    tr = load_images(train, "--train", size, label_depth, cache_dir)
+    rl = load_images(real, "--real", size, label_depth, cache_dir)
+    held, gallery, side, how = heldout_split(rl, tr, 0)
+    source = rl if side == "real" else tr
+    keep, threshold = screen_copies(generated, tr.images, source.images[held], tr.images[gallery], quantile)
+    return ([f for f, k in zip(files, keep) if k], [f for f, k in zip(files, keep) if not k], threshold, how)
 
 
 def feature_audit(f_fake: np.ndarray, f_train: np.ndarray, f_held: np.ndarray, f_gallery: np.ndarray,
