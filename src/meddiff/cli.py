@@ -350,11 +350,17 @@ def cmd_audit(a: argparse.Namespace) -> int:
         shutil.copy2(f, dest)
     manifest = fake / "manifest.csv"
     if manifest.is_file():  # keep the rows of the files that were copied
+        import csv
+
         names = {f.relative_to(fake).as_posix() for f in kept}
-        lines = manifest.read_text().splitlines()
-        rows = [ln for ln in lines[1:] if ln.split(",", 1)[0] in names]
+        with open(manifest, newline="") as f:
+            reader = csv.DictReader(f)
+            rows, fields = [r for r in reader if r.get("file") in names], reader.fieldnames or ["file"]
         out.mkdir(parents=True, exist_ok=True)
-        (out / "manifest.csv").write_text("\n".join(lines[:1] + rows) + "\n")
+        with open(out / "manifest.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
     print(f"audit: {len(kept)} of {len(kept) + len(flagged)} image(s) copied to {out}; {len(flagged)} flagged as "
           f"copies of training images (NCC ≥ {threshold:.3f}, threshold from {how})")
     for f in flagged:
