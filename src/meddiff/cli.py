@@ -337,13 +337,13 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 def cmd_audit(a: argparse.Namespace) -> int:
     import shutil
 
-    from .evaluate import native_size, screen_folder
+    from .evaluate import screen_folder
 
     out, fake = Path(a.out), Path(a.fake)
     if out.exists() and any(out.iterdir()):
         raise MeddiffError(f"audit --out {out}: not empty; choose a new folder")
-    kept, flagged, threshold, how = screen_folder(a.fake, a.train, a.real, a.size or native_size(a.fake),
-                                                  a.label_depth, cache_dir=a.cache_dir or default_cache_dir())
+    kept, flagged, threshold, how = screen_folder(a.fake, a.train, a.real, a.size, a.label_depth,
+                                                  cache_dir=a.cache_dir or default_cache_dir())
     for f in kept:  # only whole files that passed, at their place under --fake
         dest = out / f.relative_to(fake)
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -507,8 +507,8 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate, "info": cmd_info, "data": cmd_data, "audit": cmd_audit,
-    "demo": cmd_demo, "export-diffusers": cmd_export_diffusers, "serve": cmd_serve}
+    "train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate, "audit": cmd_audit, "info": cmd_info,
+    "data": cmd_data, "demo": cmd_demo, "export-diffusers": cmd_export_diffusers, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -302,26 +302,25 @@ def screen_copies(generated: np.ndarray, train: np.ndarray, heldout: np.ndarray,
     return values < report["threshold"], report["threshold"]
 
 
-def read_generated(folder: str, size: int) -> tuple[list[Path], np.ndarray]:
+def read_generated(folder: str, size: int | None = None) -> tuple[list[Path], np.ndarray]:
     """A folder of generated images (any readable format, searched recursively, grid.png left out) → the files
-    and their images (N, size, size) float32 in [0, 1], one image (the first frame) per file, in the same order."""
+    and their images (N, S, S) float32 in [0, 1] (S: `size`, or the images' own size), one image (the first
+    frame) per file, in the same order."""
     from .data.dataset import to_square
 
-    root = Path(folder)
-    if not root.is_dir():
-        raise DataError(f"--fake {folder!r}: {'not a folder' if root.exists() else 'no such folder'}")
-    files = [f for f in find_image_files(root)[0] if f.name not in SAMPLE_EXTRAS]
-    if not files:
-        raise DataError(f"--fake {folder!r}: no images found")
+    size = size or native_size(folder)  # native_size also refuses a missing or empty folder
+    files = [f for f in find_image_files(Path(folder))[0] if f.name not in SAMPLE_EXTRAS]
     return files, np.stack([to_square(read_file(f)[0][0], size) for f in files])
 
 
-def screen_folder(fake: str, train: str, real: str, size: int, label_depth: int = 1, quantile: float = 0.99,
-                  cache_dir: str | Path | None = None) -> tuple[list[Path], list[Path], float, str]:
+def screen_folder(fake: str, train: str, real: str, size: int | None = None, label_depth: int = 1,
+                  quantile: float = 0.99, cache_dir: str | Path | None = None
+                  ) -> tuple[list[Path], list[Path], float, str]:
     """Which generated files may be shared: every file of `fake` against the training set `train`, the copy
     threshold set from real images the model never saw (see `heldout_split`) → (kept files, flagged files,
-    the NCC threshold, how the held-out images were chosen)."""
+    the NCC threshold, how the held-out images were chosen). `size`: None compares at the generated size."""
     files, generated = read_generated(fake, size)
+    size = generated.shape[-1]
     tr = load_images(train, "--train", size, label_depth, cache_dir)
     rl = load_images(real, "--real", size, label_depth, cache_dir)
     held, gallery, side, how = heldout_split(rl, tr, 0)
