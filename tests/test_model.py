@@ -59,3 +59,29 @@ def test_patch_size_two_is_pixel_unshuffle_unet_pixel_shuffle() -> None:
 def test_space_to_depth_is_lossless() -> None:
     x = torch.arange(2 * 16 * 16, dtype=torch.float32).view(2, 1, 16, 16)
     assert torch.equal(F.pixel_shuffle(F.pixel_unshuffle(x, 2), 2), x)
+
+
+def test_self_attention_matches_diffusers_in_fp32_and_runs_sdpa_in_fp32_under_cpu_bf16(monkeypatch) -> None:
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    torch.manual_seed(0)
+    unet = build_unet(model_config("tiny", 16, 2))
+    blocks = [m for m in unet.modules() if isinstance(m, Attention)]
+    assert blocks and all(type(m.processor).__name__ == "SelfAttention" for m in blocks)
+    x, t, y = torch.randn(2, 1, 16, 16), torch.tensor([3, 700]), torch.tensor([0, 1])
+    ours = unet(x, t, class_labels=y).sample
+    seen: list[torch.dtype] = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append(q.dtype)
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    with torch.autocast("cpu", torch.bfloat16):
+        low = unet(x, t, class_labels=y).sample
+    assert seen and set(seen) == {torch.float32}  # the projections ran in bf16, the attention product in fp32
+    assert low.dtype == torch.bfloat16 and (low.float() - ours).abs().max() < 0.1
+    for m in blocks:
+        m.set_processor(AttnProcessor2_0())
+    torch.testing.assert_close(unet(x, t, class_labels=y).sample, ours, rtol=0, atol=0)

@@ -67,7 +67,8 @@ def describe(device: torch.device, precision: str) -> str:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = f"{cpu_model()}, {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"
+        bf16 = ", bf16 hardware" if cpu_has_fast_bf16() else ""  # AMX / AVX512-BF16: the kernels' ISA name omits it
+        name = f"{cpu_model()}, {torch.backends.cpu.get_cpu_capability()}{bf16}, {torch.get_num_threads()} threads"
     return f"{device.type} ({name}), {precision}"
 
 
