@@ -100,7 +100,10 @@ def main() -> None:
     ap.add_argument("--run", help="reuse a trained conditional run instead of training")
     ap.add_argument("--sampler", default=None, help="default: the run's default (UniPC 10 steps)")
     ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--n-real", type=int, default=2400, help="real phantoms for the classifiers (half held out)")
+    ap.add_argument("--n-real", type=int, default=4000,
+                    help="real phantoms for the classifiers (a quarter held out to report their accuracy)")
+    ap.add_argument("--judge-epochs", type=int, default=20,
+                    help="CNN judge epochs (20 on 3,000 phantoms: 95.6 %% on held-out real, ~3.5 min on 2 threads)")
     ap.add_argument("--train-extra", nargs="*", default=[], help="extra flags for meddiff train")
     a = ap.parse_args()
     from sklearn.linear_model import LogisticRegression
@@ -124,15 +127,15 @@ def main() -> None:
     real = load_data(f"builtin:phantoms?n={a.n_real}&seed=99", a.size)
     x_real = ((real.images[:, 0] + 1) / 2).numpy()
     y_real = real.labels.numpy()
-    half = len(x_real) // 2
+    n_fit = len(x_real) * 3 // 4  # training share of the classifiers
     names = real.class_names
     hist = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=0.5))
-    hist.fit(features(x_real[:half]), y_real[:half])
+    hist.fit(features(x_real[:n_fit]), y_real[:n_fit])
     t0 = time.time()
-    cnn = train_cnn(x_real[:half], y_real[:half], len(names))
+    cnn = train_cnn(x_real[:n_fit], y_real[:n_fit], len(names), epochs=a.judge_epochs)
     cnn_seconds = time.time() - t0
-    real_acc = dict(cnn=float((cnn_predict(cnn, x_real[half:]) == y_real[half:]).mean()),
-                    histogram=float((hist.predict(features(x_real[half:])) == y_real[half:]).mean()))
+    real_acc = dict(cnn=float((cnn_predict(cnn, x_real[n_fit:]) == y_real[n_fit:]).mean()),
+                    histogram=float((hist.predict(features(x_real[n_fit:])) == y_real[n_fit:]).mean()))
     samples = out / "samples"
     scfg = SampleConfig(run=str(run), out=str(samples), per_class=a.per_class, guidance=a.guidance,
                         sampler=a.sampler, steps=a.steps, progress=False)
