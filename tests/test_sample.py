@@ -256,3 +256,13 @@ def test_model_id_is_a_hash_of_the_weights(tmp_path: Path) -> None:
     assert model_id(a) == model_id(b)
     b.write_bytes(b"weightz")
     assert model_id(a) != model_id(b)
+
+
+def test_loaded_runs_use_meddiffs_attention_processor(cond) -> None:
+    from diffusers.models.attention_processor import Attention
+
+    from meddiff.model import SelfAttention
+
+    unet = cond.unet
+    blocks = [m for m in unet.modules() if isinstance(m, Attention)]
+    assert blocks and all(isinstance(m.processor, SelfAttention) for m in blocks)

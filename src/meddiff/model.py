@@ -25,6 +25,11 @@ def build_unet(cfg: ModelConfig) -> UNet2DModel:
         attention_head_dim=cfg.attention_head_dim,
         num_class_embeds=cfg.num_classes + 1 if cfg.num_classes else None,
     )
+    return with_meddiff_attention(unet)
+
+
+def with_meddiff_attention(unet: UNet2DModel) -> UNet2DModel:
+    """Give every attention block of `unet` meddiff's processor (below); for models built here and loaded."""
     for module in unet.modules():
         if isinstance(module, Attention):
             module.set_processor(SelfAttention())
@@ -35,7 +40,7 @@ class SelfAttention:
     """The UNet's spatial self-attention (diffusers' Attention block: group norm, q/k/v projections, residual)
     with one change from diffusers' default processor: on the CPU, scaled-dot-product attention runs in fp32
     even under bf16 autocast. With these blocks' 8-channel heads, PyTorch's CPU flash-attention kernel is 3-9x
-    slower in bf16 than in fp32 (benchmarks/train_speed.py; measured on Sapphire Rapids), while the projections
+    slower in bf16 than in fp32 (docs/benchmarks.md, measured on Sapphire Rapids), while the projections
     around it still run in bf16. Outputs in fp32 and on CUDA are those of diffusers' AttnProcessor2_0."""
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,

@@ -20,7 +20,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from . import checkpoint as ckpt
 from .config import SAMPLERS, ModelConfig, SampleConfig, TrainConfig, default_sampler, from_json
 from .errors import ConfigError, RunError
-from .model import guided
+from .model import guided, with_meddiff_attention
 from .runtime import Dist, autocast, describe, pick_device, pick_precision
 
 _SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
@@ -82,7 +82,7 @@ def load_run(run: str | Path, weights: str = "ema", device: torch.device | str =
         unet = UNet2DModel.from_pretrained(folder, low_cpu_mem_usage=False)
         wfile = folder / "diffusion_pytorch_model.safetensors"
     sched_cfg = dict(DDPMScheduler.load_config(run / "scheduler"))
-    return LoadedRun(unet.to(device).eval(), sched_cfg, tuple(record["class_names"]),
+    return LoadedRun(with_meddiff_attention(unet).to(device).eval(), sched_cfg, tuple(record["class_names"]),
                      from_json(ModelConfig, record["model"]), from_json(TrainConfig, record["train"]), model_id(wfile))
 
 
