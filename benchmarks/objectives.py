@@ -32,6 +32,9 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=3)
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--out", default="bench_out/objectives")
+    ap.add_argument("--variants", default=None,
+                    help="comma-separated indices into the variant list (default all): "
+                         + "; ".join(f"{i}: {n}" for i, n in enumerate(VARIANTS)))
     a = ap.parse_args()
     from meddiff.data.dataset import load_data, split
     from meddiff.runtime import cpu_model
@@ -41,14 +44,19 @@ def main() -> None:
     train_idx, val_idx = split(data, 0.1, 0)
     real = ((data.images[:, 0] + 1) / 2).numpy()[train_idx]
     names = list(VARIANTS)
+    if a.variants:
+        try:
+            names = [names[int(i)] for i in a.variants.split(",")]
+        except (ValueError, IndexError):
+            raise SystemExit(f"--variants {a.variants}: expected indices 0-{len(names) - 1}, comma-separated")
     stats = {}
     for i in range(0, len(names), 2):  # two runs side by side, one thread each
-        procs = {n: start_meddiff(a.data, a.size, a.minutes, out / f"v{names.index(n)}", VARIANTS[n])
+        procs = {n: start_meddiff(a.data, a.size, a.minutes, out / f"v{list(VARIANTS).index(n)}", VARIANTS[n])
                  for n in names[i:i + 2]}
         stats.update({n: last_json(p) for n, p in procs.items()})
     rows = {}
     for n in names:
-        run = out / f"v{names.index(n)}"
+        run = out / f"v{list(VARIANTS).index(n)}"
         rec = json.loads((run / "meddiff.json").read_text())
         imgs, _ = meddiff_samples(run, a.n)
         q = score(imgs, real)
@@ -57,7 +65,7 @@ def main() -> None:
         q["steps"] = stats[n]["steps"]
         rows[n] = q
         print(n, json.dumps(q), flush=True)
-    (out / "objectives.json").write_text(json.dumps(dict(cpu=cpu_model(), minutes=a.minutes, rows=rows), indent=2))
+    (out / "objectives.json").write_text(json.dumps(dict(cpu=cpu_model(), minutes=a.minutes, precision=stats[names[0]].get("precision"), rows=rows), indent=2))
 
 
 if __name__ == "__main__":

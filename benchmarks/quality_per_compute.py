@@ -182,8 +182,12 @@ def main() -> None:
         rows[f"meddiff_{m:g}min"] = dict(images=imgs, sample_s=secs, unet=run / "unet",
                                          objective=record["train"]["objective"],
                                          schedule=record["train"]["beta_schedule"],
-                                         patch=record["model"].get("patch_size", 1), train=train_stats[f"meddiff_{m:g}min"])
-    results = dict(cpu=cpu_model(), threads_per_run=1, precision="fp32", data=a.data, size=a.size, n=a.n,
+                                         patch=record["model"].get("patch_size", 1), train=train_stats[f"meddiff_{m:g}min"],
+                                         hardware=record.get("hardware"))
+    # the seed recipe is fp32 by definition; meddiff's precision is its own choice (auto), read from its run record
+    results = dict(cpu=cpu_model(), threads_per_run=1, precision=dict(
+                       seed="fp32", meddiff=rows[f"meddiff_{budgets[-1]:g}min"]["hardware"]),
+                   data=a.data, size=a.size, n=a.n,
                    n_train=len(train_idx), n_val=len(val_idx), rows={})
     for name, r in rows.items():
         q = score(r["images"], real[train_idx])

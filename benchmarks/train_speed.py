@@ -7,6 +7,7 @@
 Cases:
   small64 / seed128   same architecture, same batch (10): seed recipe vs meddiff's training step
                       (fused AdamW, precision auto, EMA update included) → the img/s ratio
+  small64cl / seed128cl  the same with the UNet in channels-last memory format (`--channels-last`)
   lean64              meddiff's default preset at 64 px, batch 16, against the seed's small@64
   mem128              `seed` preset at 128 px with effective batch 64 (micro-batch 4 + gradient checkpointing)
                       against the seed recipe's peak memory at batch 10
@@ -26,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SEED_SCRIPT = ROOT.parent / "shared" / "baselines" / "seed_recipe.py"
 
 
-def meddiff_step_speed(preset: str, size: int, batch: int, micro: int, steps: int, grad_ckpt: bool) -> dict:
+def meddiff_step_speed(preset: str, size: int, batch: int, micro: int, steps: int, grad_ckpt: bool,
+                       channels_last: bool = False) -> dict:
     """meddiff's training step (as in train.py) on random data: img/s and peak RSS of this process."""
     import copy
 
@@ -45,6 +47,8 @@ def meddiff_step_speed(preset: str, size: int, batch: int, micro: int, steps: in
     unet = build_unet(mcfg).to(device)
     if grad_ckpt:
         unet.enable_gradient_checkpointing()
+    if channels_last:
+        unet = unet.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(unet).requires_grad_(False)
     opt = make_optimizer(unet, cfg)
     ab = alphas_cumprod(cfg.beta_schedule, 1000).float().to(device)
@@ -68,6 +72,7 @@ def meddiff_step_speed(preset: str, size: int, batch: int, micro: int, steps: in
         for k in range(steps):
             step(k + 1)
     return dict(who="meddiff", preset=preset, size=size, batch=batch, micro_batch=micro, grad_checkpointing=grad_ckpt,
+                channels_last=channels_last,
                 train_img_per_s=max(steps, 1) * batch / (time.time() - t0), peak_rss_mib=peak_rss_mib(),
                 hardware=describe(device, precision))
 
@@ -85,8 +90,10 @@ def seed_case(arch: str, size: int, batch: int, steps: int) -> dict:
     return {"who": "seed", **r}
 
 
-def meddiff_case(preset: str, size: int, batch: int, micro: int, steps: int, grad_ckpt: bool) -> dict:
-    return run_case([sys.executable, __file__, "--inner", json.dumps([preset, size, batch, micro, steps, grad_ckpt])])
+def meddiff_case(preset: str, size: int, batch: int, micro: int, steps: int, grad_ckpt: bool,
+                 channels_last: bool = False) -> dict:
+    return run_case([sys.executable, __file__, "--inner",
+                     json.dumps([preset, size, batch, micro, steps, grad_ckpt, channels_last])])
 
 
 def main() -> None:
@@ -104,17 +111,17 @@ def main() -> None:
 
     results: dict = {"cpu": cpu_model(), "cases": {}}
     cases = a.cases.split(",")
-    seed_small = seed_case("small", 64, 10, a.steps) if {"small64", "lean64"} & set(cases) else None
-    seed_big = seed_case("seed", 128, 10, a.steps) if {"seed128", "mem128"} & set(cases) else None
+    seed_small = seed_case("small", 64, 10, a.steps) if {"small64", "small64cl", "lean64"} & set(cases) else None
+    seed_big = seed_case("seed", 128, 10, a.steps) if {"seed128", "seed128cl", "mem128"} & set(cases) else None
     for case in cases:
-        if case == "small64":
-            m = meddiff_case("small", 64, 10, 10, a.steps, False)
+        if case in ("small64", "small64cl"):
+            m = meddiff_case("small", 64, 10, 10, a.steps, False, case.endswith("cl"))
             base = seed_small
         elif case == "lean64":
             m = meddiff_case("lean", 64, 16, 16, a.steps, False)
             base = seed_small
-        elif case == "seed128":
-            m = meddiff_case("seed", 128, 10, 10, a.steps, False)
+        elif case in ("seed128", "seed128cl"):
+            m = meddiff_case("seed", 128, 10, 10, a.steps, False, case.endswith("cl"))
             base = seed_big
         elif case == "mem128":
             # peak memory is set by the micro-batch (4) and checkpointing, not by how many micro-batches are
