@@ -60,8 +60,8 @@ def main() -> None:
         rec = json.loads((run / "meddiff.json").read_text())
         imgs, _ = meddiff_samples(run, a.n)
         q = score(imgs, real)
-        q["val_loss_eps"] = val_loss_of(run / "unet", data.images[val_idx], rec["train"]["objective"],
-                                        rec["train"]["beta_schedule"], rec["model"]["patch_size"])
+        q.update(val_loss_of(run / "unet", data.images[val_idx], rec["train"]["objective"],
+                             rec["train"]["beta_schedule"], rec["model"]["patch_size"]))
         q["steps"] = stats[n]["steps"]
         rows[n] = q
         print(n, json.dumps(q), flush=True)

@@ -9,7 +9,7 @@ and the same metrics for every model.
 The seed recipe and the longest meddiff run train at the same time, one thread each (OMP_NUM_THREADS=1), so
 both see the same machine; shorter meddiff runs follow, also on one thread. Snapshots of the seed run at the
 meddiff budgets give the seed's quality at equal time. Prints one JSON document and writes
-OUT/results.json, OUT/table.md and OUT/grids.png.
+OUT/results.json and each model's samples as OUT/<row>_samples.npy (uint8).
 """
 from __future__ import annotations
 
@@ -68,7 +68,10 @@ def meddiff_samples(run: Path, n: int) -> tuple[np.ndarray, float]:
     return imgs, time.time() - t0
 
 
-def val_loss_of(unet_dir: Path, val: torch.Tensor, objective: str, schedule: str, patch: int) -> float:
+def val_loss_of(unet_dir: Path, val: torch.Tensor, objective: str, schedule: str, patch: int) -> dict:
+    """Two eps-MSE validation losses, same images, noise and draws for every model: at its own schedule's
+    evenly spaced timesteps (what a run logs for early stopping), and at the seed's (linear) schedule's noise
+    levels, each model told its own timestep for them: the like-for-like comparison across schedules."""
     from diffusers import UNet2DModel
 
     from meddiff.diffusion import alphas_cumprod
@@ -76,8 +79,11 @@ def val_loss_of(unet_dir: Path, val: torch.Tensor, objective: str, schedule: str
 
     unet = UNet2DModel.from_pretrained(unet_dir).eval()
     ab = alphas_cumprod(schedule, 1000).float()
+    seed_levels = alphas_cumprod("linear", 1000).float()
     with torch.no_grad():
-        return validation_loss(unet, val, None, ab, objective, seed=0, patch_size=patch)
+        return dict(val_loss_eps=validation_loss(unet, val, None, ab, objective, seed=0, patch_size=patch),
+                    val_loss_eps_seed_levels=validation_loss(unet, val, None, ab, objective, seed=0,
+                                                             patch_size=patch, noise_levels=seed_levels))
 
 
 def score(fake: np.ndarray, real: np.ndarray) -> dict:
@@ -122,7 +128,7 @@ def score_existing(out: Path, budgets: list[float], a: argparse.Namespace, real:
                                    for i in range(0, a.n, 8)])
             q = score(imgs, real)
             q["sample_img_per_s_ddim20"] = a.n / (time.time() - t0)
-            q["val_loss_eps"] = val_loss_of(unet_dir, val, objective, schedule, patch)
+            q.update(val_loss_of(unet_dir, val, objective, schedule, patch))
             if who == "meddiff":
                 q.update({k: rec["result"][k] for k in ("train_img_per_s", "images_seen", "steps", "peak_rss_mib")})
             results["rows"][f"{who}_{m:g}min"] = q
@@ -191,7 +197,7 @@ def main() -> None:
                    n_train=len(train_idx), n_val=len(val_idx), rows={})
     for name, r in rows.items():
         q = score(r["images"], real[train_idx])
-        q["val_loss_eps"] = val_loss_of(r["unet"], val, r["objective"], r["schedule"], r["patch"])
+        q.update(val_loss_of(r["unet"], val, r["objective"], r["schedule"], r["patch"]))
         q["train_img_per_s"] = r["train"]["train_img_per_s"]
         q["peak_rss_mib"] = r["train"].get("peak_rss_mib")
         q["sample_img_per_s_ddim20"] = a.n / r["sample_s"]

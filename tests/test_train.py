@@ -373,3 +373,48 @@ def test_micro_batches_give_the_same_weights_as_the_full_batch(tmp_path: Path, i
     T.train(train_config(image_folder, micro, max_steps=3, val_every=100, micro_batch=2), echo=_quiet)
     assert _max_diff(_raw_weights(full), _raw_weights(micro)) < 1e-5
     assert _max_diff(_unet_weights(full), _unet_weights(micro)) < 1e-5
+
+
+# --- validation loss across schedules -------------------------------------------------------------------------
+
+def test_timesteps_at_inverts_the_own_schedule_and_maps_another_monotonically() -> None:
+    from meddiff.diffusion import alphas_cumprod
+    cos, lin = alphas_cumprod("cosine", 1000).float(), alphas_cumprod("linear", 1000).float()
+    idx = torch.tensor([0, 37, 500, 998, 999])
+    assert torch.allclose(T.timesteps_at(cos, cos[idx]), idx.float(), atol=1e-3)
+    t = T.timesteps_at(cos, lin)
+    assert bool((t[1:] >= t[:-1]).all()) and 0 <= float(t.min()) and float(t.max()) <= 999
+    assert 700 < float(t[500]) < 900  # the linear schedule is far noisier at mid t than the cosine one
+
+
+class _OracleEps(torch.nn.Module):
+    """For all-zero images x_t = sqrt(1 - ab) eps, so the perfect noise estimate is x_t / sqrt(1 - ab(t)), with
+    ab(t) read off the model's own schedule at the (possibly fractional) timestep it is given."""
+
+    def __init__(self, alpha_bar: torch.Tensor) -> None:
+        super().__init__()
+        self.ab = alpha_bar.double()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, t, class_labels=None):
+        t = t.double()
+        lo = t.floor().long().clamp(0, len(self.ab) - 2)
+        a = self.ab[lo] + (t - lo) * (self.ab[lo + 1] - self.ab[lo])
+        out = x / (1 - a).sqrt().view(-1, 1, 1, 1).to(x.dtype)
+        return type("Out", (), {"sample": out})()
+
+
+def test_validation_loss_at_reference_noise_levels_tells_the_model_its_own_timestep() -> None:
+    from meddiff.diffusion import alphas_cumprod
+    cos, lin = alphas_cumprod("cosine", 1000).float(), alphas_cumprod("linear", 1000).float()
+    images = torch.zeros(8, 1, 8, 8)
+    oracle = _OracleEps(cos)
+    own = T.validation_loss(oracle, images, None, cos, "eps")
+    same = T.validation_loss(oracle, images, None, cos, "eps", noise_levels=cos)
+    mapped = T.validation_loss(oracle, images, None, cos, "eps", noise_levels=lin)
+    assert own < 1e-4 and abs(same - own) < 1e-6
+    assert mapped < 1e-2  # linear interpolation of ab in t inside the oracle: small, not zero
+    # told the reference's timestep instead of its own, the same oracle is badly wrong
+    wrong = T.validation_loss(_OracleEps(lin), images, None, lin, "eps", noise_levels=None)
+    assert wrong < 1e-4
+    assert T.validation_loss(_OracleEps(cos), images, None, lin, "eps") > 100 * mapped

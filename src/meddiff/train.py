@@ -107,12 +107,32 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step:
 
 
 @torch.no_grad()
+def timesteps_at(alpha_bar: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Fractional timesteps at which a model trained on `alpha_bar` sees the noise levels `levels` (alpha_bar
+    values of another schedule): linear interpolation in log-SNR, which every schedule makes monotone in t.
+    Levels outside the schedule's range are clamped to its ends."""
+    own = (alpha_bar / (1 - alpha_bar)).double().log().flip(0)       # increasing in flipped t
+    q = (levels / (1 - levels)).double().log().clamp(float(own[0]), float(own[-1]))
+    hi = torch.searchsorted(own, q).clamp(1, len(own) - 1)
+    lo = hi - 1
+    frac = (q - own[lo]) / (own[hi] - own[lo]).clamp_min(1e-12)
+    t_flipped = lo.double() + frac
+    return (len(own) - 1 - t_flipped).float()
+
+
 def validation_loss(unet: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | None,
                     alpha_bar: torch.Tensor, objective: str, seed: int = 0, batch: int = 32,
-                    patch_size: int = 1) -> float:
+                    patch_size: int = 1, noise_levels: torch.Tensor | None = None) -> float:
     """Mean eps-MSE at fixed noise and evenly spaced timesteps: the same draws at every evaluation and for
-    every objective (v-predictions are converted to eps), so values compare across evaluations and recipes."""
-    n, T = len(images), len(alpha_bar)
+    every objective (v-predictions are converted to eps), so values compare across evaluations of a run.
+
+    Two recipes with different schedules put different noise levels at timestep t, so their losses at equal t
+    measure different tasks (eps-MSE grows with the signal-to-noise ratio). To compare them, pass
+    `noise_levels`, a reference schedule's alpha_bar (e.g. the seed's linear one): each model is then noised at
+    those levels and told the (fractional) timestep of its own schedule at which it learned them."""
+    n = len(images)
+    levels = alpha_bar if noise_levels is None else noise_levels
+    T = len(levels)
     g = torch.Generator().manual_seed(_mix(seed, 3))
     reps = VAL_TIMESTEPS_PER_IMAGE
     t_all = (torch.arange(n * reps) * T // (n * reps)).flip(0)[torch.randperm(n * reps, generator=g)]
@@ -121,11 +141,12 @@ def validation_loss(unet: torch.nn.Module, images: torch.Tensor, labels: torch.T
     total = 0.0
     for i in range(0, n * reps, batch):
         idx = torch.arange(i, min(i + batch, n * reps))
-        x0, eps, t = images[idx % n].to(device), eps_all[idx].to(device), t_all[idx].to(device)
-        ab = alpha_bar[t]
+        x0, eps, t = images[idx % n].to(device), eps_all[idx].to(device), t_all[idx]
+        ab = levels[t.to(levels.device)].to(device)
         x_t = q_sample(x0, eps, ab)
         lab = labels[idx % n].to(device) if labels is not None else None
-        pred = denoise(unet, x_t, t, lab, patch_size).float()
+        t_model = t if noise_levels is None else timesteps_at(alpha_bar.cpu(), ab.cpu())
+        pred = denoise(unet, x_t, t_model.to(device), lab, patch_size).float()
         total += float((predicted_eps(pred, x_t, ab, objective) - eps).pow(2).mean(dim=(1, 2, 3)).sum())
     return total / (n * reps)
 
