@@ -26,6 +26,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED_SCRIPT = ROOT.parent / "shared" / "baselines" / "seed_recipe.py"
+BANDS = ((0, 25), (25, 100), (100, 250), (250, 1000))  # seed (linear) timesteps: low noise → pure noise
 
 
 def _env() -> dict[str, str]:
@@ -75,15 +76,19 @@ def val_loss_of(unet_dir: Path, val: torch.Tensor, objective: str, schedule: str
     from diffusers import UNet2DModel
 
     from meddiff.diffusion import alphas_cumprod
-    from meddiff.train import validation_loss
+    from meddiff.train import validation_loss, validation_losses
 
     unet = UNet2DModel.from_pretrained(unet_dir).eval()
     ab = alphas_cumprod(schedule, 1000).float()
     seed_levels = alphas_cumprod("linear", 1000).float()
-    with torch.no_grad():
-        return dict(val_loss_eps=validation_loss(unet, val, None, ab, objective, seed=0, patch_size=patch),
-                    val_loss_eps_seed_levels=validation_loss(unet, val, None, ab, objective, seed=0,
-                                                             patch_size=patch, noise_levels=seed_levels))
+    # where the seed-level loss comes from: 32 draws per image, grouped by the seed's timestep
+    t, losses = validation_losses(unet, val, None, ab, objective, seed=1, patch_size=patch,
+                                  noise_levels=seed_levels, reps=32)
+    bands = {f"t{lo}-{hi - 1}": float(losses[(t >= lo) & (t < hi)].mean()) for lo, hi in BANDS}
+    return dict(val_loss_eps=validation_loss(unet, val, None, ab, objective, seed=0, patch_size=patch),
+                val_loss_eps_seed_levels=validation_loss(unet, val, None, ab, objective, seed=0,
+                                                         patch_size=patch, noise_levels=seed_levels),
+                val_loss_eps_seed_levels_32=float(losses.mean()), val_loss_eps_seed_levels_by_band=bands)
 
 
 def score(fake: np.ndarray, real: np.ndarray) -> dict:
@@ -97,6 +102,15 @@ def score(fake: np.ndarray, real: np.ndarray) -> dict:
                        kid_subset_size=min(len(fake), len(real)))
     return dict(ssim_mean=s["ssim_mean"], ssim_ci95=s["ssim_ci95"], ssim_reference=s["reference_real_halves"],
                 kid=f["kid"], fid=f["fid"], feature_protocol=f["protocol"])
+
+
+def write_grid(out: Path, samples: dict[str, np.ndarray], per_row: int = 10) -> None:
+    """OUT/grid.png: the first `per_row` samples of every model, one labelled row each (seeds 0..per_row-1)."""
+    from meddiff.export import make_grid, save_png
+
+    names = list(samples)
+    tiles = np.concatenate([samples[k][:per_row] for k in names])
+    save_png(make_grid(tiles, ncols=per_row, row_labels=[k.replace("_", " ") for k in names]), out / "grid.png")
 
 
 def seed_as_run(unet_dir: Path):
@@ -113,7 +127,7 @@ def score_existing(out: Path, budgets: list[float], a: argparse.Namespace, real:
     from meddiff.sample import generate, load_run
 
     results["sampler"] = "DDIM 20 steps (diffusers DDIMScheduler via meddiff.sample.generate), seeds 0..n-1"
-    results["rows"] = {}
+    results["rows"], grids = {}, {}
     for m in budgets:
         snap = out / "seed" / f"snap_{int(m * 60)}s"
         candidates = [("seed", snap / "unet" if (snap / "unet").exists() else out / "seed" / "unet", "eps", "linear", 1)]
@@ -133,7 +147,9 @@ def score_existing(out: Path, budgets: list[float], a: argparse.Namespace, real:
                 q.update({k: rec["result"][k] for k in ("train_img_per_s", "images_seen", "steps", "peak_rss_mib")})
             results["rows"][f"{who}_{m:g}min"] = q
             np.save(out / f"{who}_{m:g}min_samples.npy", (imgs * 255).round().astype(np.uint8))
+            grids[f"{who}_{m:g}min"] = imgs
             print(f"{who}_{m:g}min", json.dumps(q), flush=True)
+    write_grid(out, grids)
     (out / "results.json").write_text(json.dumps(results, indent=2))
 
 
@@ -203,6 +219,7 @@ def main() -> None:
         q["sample_img_per_s_ddim20"] = a.n / r["sample_s"]
         results["rows"][name] = q
         np.save(out / f"{name}_samples.npy", (r["images"] * 255).round().astype(np.uint8))
+    write_grid(out, {name: r["images"] for name, r in rows.items()})
     (out / "results.json").write_text(json.dumps(results, indent=2))
     print(json.dumps(results, indent=2))
 

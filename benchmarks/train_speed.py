@@ -28,7 +28,7 @@ SEED_SCRIPT = ROOT.parent / "shared" / "baselines" / "seed_recipe.py"
 
 
 def meddiff_step_speed(preset: str, size: int, batch: int, micro: int, steps: int, grad_ckpt: bool,
-                       channels_last: bool = False) -> dict:
+                       channels_last: bool = False, precision_flag: str = "auto") -> dict:
     """meddiff's training step (as in train.py) on random data: img/s and peak RSS of this process."""
     import copy
 
@@ -42,7 +42,7 @@ def meddiff_step_speed(preset: str, size: int, batch: int, micro: int, steps: in
 
     cfg = TrainConfig(data="", out="", preset=preset, size=size, batch_size=batch).resolve()
     device = pick_device("auto")
-    precision = pick_precision("auto", device)
+    precision = pick_precision(precision_flag, device)
     mcfg = model_config(preset, size)
     unet = build_unet(mcfg).to(device)
     if grad_ckpt:
@@ -91,9 +91,9 @@ def seed_case(arch: str, size: int, batch: int, steps: int) -> dict:
 
 
 def meddiff_case(preset: str, size: int, batch: int, micro: int, steps: int, grad_ckpt: bool,
-                 channels_last: bool = False) -> dict:
+                 channels_last: bool = False, precision: str = "auto") -> dict:
     return run_case([sys.executable, __file__, "--inner",
-                     json.dumps([preset, size, batch, micro, steps, grad_ckpt, channels_last])])
+                     json.dumps([preset, size, batch, micro, steps, grad_ckpt, channels_last, precision])])
 
 
 def main() -> None:
@@ -102,6 +102,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", default="bench_out/train_speed.json")
     ap.add_argument("--mem-batch", type=int, default=64, help="effective batch of the mem128 case")
+    ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                    help="meddiff's precision (auto: bf16 only on CUDA or a CPU with AMX/AVX512-BF16); the seed is fp32")
     ap.add_argument("--inner", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.inner:
@@ -115,18 +117,18 @@ def main() -> None:
     seed_big = seed_case("seed", 128, 10, a.steps) if {"seed128", "seed128cl", "mem128"} & set(cases) else None
     for case in cases:
         if case in ("small64", "small64cl"):
-            m = meddiff_case("small", 64, 10, 10, a.steps, False, case.endswith("cl"))
+            m = meddiff_case("small", 64, 10, 10, a.steps, False, case.endswith("cl"), a.precision)
             base = seed_small
         elif case == "lean64":
-            m = meddiff_case("lean", 64, 16, 16, a.steps, False)
+            m = meddiff_case("lean", 64, 16, 16, a.steps, False, False, a.precision)
             base = seed_small
         elif case in ("seed128", "seed128cl"):
-            m = meddiff_case("seed", 128, 10, 10, a.steps, False, case.endswith("cl"))
+            m = meddiff_case("seed", 128, 10, 10, a.steps, False, case.endswith("cl"), a.precision)
             base = seed_big
         elif case == "mem128":
             # peak memory is set by the micro-batch (4) and checkpointing, not by how many micro-batches are
             # accumulated: --mem-batch 64 measures the issue's effective batch, 8 the same peak in 1/8 the time
-            m = meddiff_case("seed", 128, a.mem_batch, 4, 0, True)
+            m = meddiff_case("seed", 128, a.mem_batch, 4, 0, True, False, a.precision)
             base = seed_big
         else:
             raise SystemExit(f"unknown case {case!r}")

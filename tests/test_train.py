@@ -418,3 +418,18 @@ def test_validation_loss_at_reference_noise_levels_tells_the_model_its_own_times
     wrong = T.validation_loss(_OracleEps(lin), images, None, lin, "eps", noise_levels=None)
     assert wrong < 1e-4
     assert T.validation_loss(_OracleEps(cos), images, None, lin, "eps") > 100 * mapped
+
+
+def test_validation_losses_are_per_draw_with_evenly_spaced_timesteps() -> None:
+    from meddiff.diffusion import alphas_cumprod
+    cos, lin = alphas_cumprod("cosine", 1000).float(), alphas_cumprod("linear", 1000).float()
+    images = torch.zeros(4, 1, 8, 8)
+    wrong = _OracleEps(cos)  # told a linear-schedule timestep, it scales x_t by the cosine schedule's sigma
+    t, losses = T.validation_losses(wrong, images, None, lin, "eps", reps=8)
+    assert t.shape == losses.shape == (32,)
+    assert sorted(t.tolist()) == [k * 1000 // 32 for k in range(32)]
+    # x_t = sigma_lin(t) eps and the estimate is x_t / sigma_cos(t): each draw's MSE is about (ratio - 1)^2
+    expected = ((1 - lin[t]).sqrt() / (1 - cos[t]).sqrt() - 1).pow(2).double()
+    assert float(torch.corrcoef(torch.stack([losses, expected]))[0, 1]) > 0.95
+    _, default = T.validation_losses(wrong, images, None, lin, "eps")
+    assert abs(float(default.mean()) - T.validation_loss(wrong, images, None, lin, "eps")) < 1e-9

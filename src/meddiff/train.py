@@ -125,6 +125,17 @@ def validation_loss(unet: torch.nn.Module, images: torch.Tensor, labels: torch.T
                     patch_size: int = 1, noise_levels: torch.Tensor | None = None) -> float:
     """Mean eps-MSE at fixed noise and evenly spaced timesteps: the same draws at every evaluation and for
     every objective (v-predictions are converted to eps), so values compare across evaluations of a run.
+    `validation_losses` gives the same losses one per draw, with their timesteps."""
+    _, losses = validation_losses(unet, images, labels, alpha_bar, objective, seed, batch, patch_size, noise_levels)
+    return float(losses.mean())
+
+
+@torch.no_grad()
+def validation_losses(unet: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | None,
+                      alpha_bar: torch.Tensor, objective: str, seed: int = 0, batch: int = 32,
+                      patch_size: int = 1, noise_levels: torch.Tensor | None = None,
+                      reps: int = VAL_TIMESTEPS_PER_IMAGE) -> tuple[torch.Tensor, torch.Tensor]:
+    """(timesteps, eps-MSE) of each validation draw, both (N * reps,): N images at `reps` evenly spaced timesteps.
 
     Two recipes with different schedules put different noise levels at timestep t, so their losses at equal t
     measure different tasks (eps-MSE grows with the signal-to-noise ratio). To compare them, pass
@@ -134,11 +145,10 @@ def validation_loss(unet: torch.nn.Module, images: torch.Tensor, labels: torch.T
     levels = alpha_bar if noise_levels is None else noise_levels
     T = len(levels)
     g = torch.Generator().manual_seed(_mix(seed, 3))
-    reps = VAL_TIMESTEPS_PER_IMAGE
     t_all = (torch.arange(n * reps) * T // (n * reps)).flip(0)[torch.randperm(n * reps, generator=g)]
     eps_all = torch.randn(n * reps, *images.shape[1:], generator=g)
     device = next(unet.parameters()).device
-    total = 0.0
+    losses = torch.empty(n * reps, dtype=torch.float64)
     for i in range(0, n * reps, batch):
         idx = torch.arange(i, min(i + batch, n * reps))
         x0, eps, t = images[idx % n].to(device), eps_all[idx].to(device), t_all[idx]
@@ -147,8 +157,8 @@ def validation_loss(unet: torch.nn.Module, images: torch.Tensor, labels: torch.T
         lab = labels[idx % n].to(device) if labels is not None else None
         t_model = t if noise_levels is None else timesteps_at(alpha_bar.cpu(), ab.cpu())
         pred = denoise(unet, x_t, t_model.to(device), lab, patch_size).float()
-        total += float((predicted_eps(pred, x_t, ab, objective) - eps).pow(2).mean(dim=(1, 2, 3)).sum())
-    return total / (n * reps)
+        losses[idx] = (predicted_eps(pred, x_t, ab, objective) - eps).pow(2).mean(dim=(1, 2, 3)).double().cpu()
+    return t_all, losses
 
 
 def activation_bytes_per_image(unet: torch.nn.Module, mcfg: ModelConfig, device: torch.device,
