@@ -104,7 +104,8 @@ def main() -> None:
                     help="real phantoms for the classifiers (a quarter held out to report their accuracy)")
     ap.add_argument("--judge-epochs", type=int, default=20,
                     help="CNN judge epochs (20 on 3,000 phantoms: 95.6 %% on held-out real, ~3.5 min on 2 threads)")
-    ap.add_argument("--train-extra", nargs="*", default=[], help="extra flags for meddiff train")
+    ap.add_argument("--train-extra", default="",
+                    help="extra flags for meddiff train, one quoted string after '=': --train-extra='--loss-weighting min-snr'")
     a = ap.parse_args()
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -121,7 +122,7 @@ def main() -> None:
     if not a.run:
         subprocess.run([sys.executable, "-m", "meddiff.cli", "train", "--data", f"builtin:phantoms?n={a.n_train}",
                         "--size", str(a.size), "--max-minutes", str(a.minutes), "--out", str(run), "--no-progress",
-                        *a.train_extra],
+                        *a.train_extra.split()],
                        check=True)
     # the classifiers learn from real phantoms the model never saw (another seed)
     real = load_data(f"builtin:phantoms?n={a.n_real}&seed=99", a.size)

@@ -19,8 +19,8 @@ VARIANTS = {
     "eps, linear, no weighting (the seed's objective)": ["--objective", "eps", "--beta-schedule", "linear",
                                                          "--loss-weighting", "none"],
     "eps, cosine, min-SNR-5": ["--objective", "eps", "--beta-schedule", "cosine", "--loss-weighting", "min-snr"],
-    "v, cosine, no weighting": ["--objective", "v", "--beta-schedule", "cosine", "--loss-weighting", "none"],
-    "v, cosine, min-SNR-5 (default)": ["--objective", "v", "--beta-schedule", "cosine", "--loss-weighting",
+    "v, cosine, no weighting (default)": ["--objective", "v", "--beta-schedule", "cosine", "--loss-weighting", "none"],
+    "v, cosine, min-SNR-5": ["--objective", "v", "--beta-schedule", "cosine", "--loss-weighting",
                                        "min-snr"],
 }
 
@@ -59,7 +59,7 @@ def main() -> None:
         run = out / f"v{list(VARIANTS).index(n)}"
         rec = json.loads((run / "meddiff.json").read_text())
         imgs, _ = meddiff_samples(run, a.n)
-        q = score(imgs, real)
+        q = score(imgs, real, ((data.images[val_idx][:, 0] + 1) / 2).numpy())
         q.update(val_loss_of(run / "unet", data.images[val_idx], rec["train"]["objective"],
                              rec["train"]["beta_schedule"], rec["model"]["patch_size"]))
         q["steps"] = stats[n]["steps"]

@@ -9,7 +9,7 @@ and the same metrics for every model.
 The seed recipe and the longest meddiff run train at the same time, one thread each (OMP_NUM_THREADS=1), so
 both see the same machine; shorter meddiff runs follow, also on one thread. Snapshots of the seed run at the
 meddiff budgets give the seed's quality at equal time. Prints one JSON document and writes
-OUT/results.json and each model's samples as OUT/<row>_samples.npy (uint8).
+OUT/results.json, each model's samples as OUT/<row>_samples.npy (uint8) and OUT/grid.png (one row per model).
 """
 from __future__ import annotations
 
@@ -91,17 +91,25 @@ def val_loss_of(unet_dir: Path, val: torch.Tensor, objective: str, schedule: str
                 val_loss_eps_seed_levels_32=float(losses.mean()), val_loss_eps_seed_levels_by_band=bands)
 
 
-def score(fake: np.ndarray, real: np.ndarray) -> dict:
+def score(fake: np.ndarray, real: np.ndarray, heldout: np.ndarray | None = None) -> dict:
+    """fake, real (training), heldout: (N, H, W) float in [0, 1]. With held-out images, also the share of samples
+    that copy a training image (nearest NCC above the 0.99 quantile of the held-out images' own nearest NCC)."""
     from meddiff.metrics.features import get_extractor
     from meddiff.metrics.fid import compute_stats, feature_scores
+    from meddiff.metrics.memorization import memorization_report
     from meddiff.metrics.ssim import ssim_report
 
     s = ssim_report(fake, real)
     extractor = get_extractor("randconv", resolution=fake.shape[-1])
     f = feature_scores(compute_stats(fake, extractor), compute_stats(real, extractor),
                        kid_subset_size=min(len(fake), len(real)))
-    return dict(ssim_mean=s["ssim_mean"], ssim_ci95=s["ssim_ci95"], ssim_reference=s["reference_real_halves"],
-                kid=f["kid"], fid=f["fid"], feature_protocol=f["protocol"])
+    q = dict(ssim_mean=s["ssim_mean"], ssim_ci95=s["ssim_ci95"], ssim_reference=s["reference_real_halves"],
+             kid=f["kid"], fid=f["fid"], feature_protocol=f["protocol"])
+    if heldout is not None:
+        m = memorization_report(fake, real, heldout, size=fake.shape[-1])
+        q.update(copies_share=m["flagged_share"], copies_threshold_ncc=m["threshold"],
+                 train_copied_share=m["train_copied_share"], memorization_protocol=m["protocol"])
+    return q
 
 
 def write_grid(out: Path, samples: dict[str, np.ndarray], per_row: int = 10) -> None:
@@ -126,6 +134,7 @@ def score_existing(out: Path, budgets: list[float], a: argparse.Namespace, real:
     """Every model sampled with the same DDIM-20 code and seeds, then scored alike."""
     from meddiff.sample import generate, load_run
 
+    heldout = ((val[:, 0] + 1) / 2).numpy()
     results["sampler"] = "DDIM 20 steps (diffusers DDIMScheduler via meddiff.sample.generate), seeds 0..n-1"
     results["rows"], grids = {}, {}
     for m in budgets:
@@ -140,7 +149,7 @@ def score_existing(out: Path, budgets: list[float], a: argparse.Namespace, real:
             t0 = time.time()
             imgs = np.concatenate([generate(loaded, list(range(i, min(i + 8, a.n))), None, "ddim", 20)
                                    for i in range(0, a.n, 8)])
-            q = score(imgs, real)
+            q = score(imgs, real, heldout)
             q["sample_img_per_s_ddim20"] = a.n / (time.time() - t0)
             q.update(val_loss_of(unet_dir, val, objective, schedule, patch))
             if who == "meddiff":
@@ -161,7 +170,7 @@ def main() -> None:
     ap.add_argument("--meddiff-minutes", default="3,30")
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--out", default="bench_out/qpc")
-    ap.add_argument("--meddiff-args", default="", help="extra flags for meddiff train, e.g. '--preset small'")
+    ap.add_argument("--meddiff-args", default="", help="extra flags for meddiff train, one quoted string after '=': --meddiff-args='--preset small'")
     ap.add_argument("--score-only", action="store_true",
                     help="skip training: score the runs already in --out, every model sampled by meddiff's DDIM 20")
     a = ap.parse_args()
@@ -212,7 +221,7 @@ def main() -> None:
                    data=a.data, size=a.size, n=a.n,
                    n_train=len(train_idx), n_val=len(val_idx), rows={})
     for name, r in rows.items():
-        q = score(r["images"], real[train_idx])
+        q = score(r["images"], real[train_idx], real[val_idx])
         q.update(val_loss_of(r["unet"], val, r["objective"], r["schedule"], r["patch"]))
         q["train_img_per_s"] = r["train"]["train_img_per_s"]
         q["peak_rss_mib"] = r["train"].get("peak_rss_mib")

@@ -203,3 +203,16 @@ def test_data_export_prints_counts_and_the_training_command(tmp_path: Path, caps
 def test_data_export_bad_spec_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     code, _out, err = _run(["data", "export", "builtin:cats", "--out", str(tmp_path)], capsys)
     _assert_one_line_error(code, err, "unknown built-in data set 'cats'")
+
+
+def test_train_flags_reach_the_run_record(image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    code, _, err = _run(["train", "--data", str(image_folder), "--out", str(out), "--preset", "tiny", "--size", "32",
+                         "--max-steps", "2", "--batch-size", "4", "--precision", "fp32", "--no-progress",
+                         "--loss-weighting", "min-snr", "--min-snr-gamma", "2.5"], capsys)
+    assert code == 0, err
+    recorded = json.loads((out / "meddiff.json").read_text())["train"]
+    assert (recorded["loss_weighting"], recorded["min_snr_gamma"]) == ("min-snr", 2.5)
+    code, _, err = _run(["train", "--data", str(image_folder), "--out", str(tmp_path / "bad"), "--preset", "tiny",
+                         "--min-snr-gamma", "-1"], capsys)
+    _assert_one_line_error(code, err, "--min-snr-gamma -1.0: must be positive")

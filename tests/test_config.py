@@ -27,7 +27,7 @@ def test_seed_preset_fills_the_student_recipe() -> None:
 def test_default_preset_fills_meddiffs_recipe() -> None:
     cfg = _cfg().resolve()
     assert cfg.preset == DEFAULT_PRESET
-    assert (cfg.objective, cfg.loss_weighting, cfg.beta_schedule) == ("v", "min-snr", "cosine")
+    assert (cfg.objective, cfg.loss_weighting, cfg.beta_schedule) == ("v", "none", "cosine")
     assert cfg.size == 64 and cfg.ema_decay == 0.999 and cfg.flip is True
 
 
@@ -51,6 +51,7 @@ def test_every_preset_resolves_and_builds_its_model_config() -> None:
     (dict(preset="huge"), r"--preset 'huge': unknown preset; choose from seed, small, lean, tiny"),
     (dict(objective="x0"), r"--objective 'x0': choose from eps, v"),
     (dict(loss_weighting="p2"), r"--loss-weighting 'p2': choose from none, min-snr"),
+    (dict(min_snr_gamma=0.0), r"--min-snr-gamma 0.0: must be positive"),
     (dict(beta_schedule="sigmoid"), r"--beta-schedule 'sigmoid': choose from linear, cosine"),
     (dict(lr_schedule="step"), r"--lr-schedule 'step'"),
     (dict(timestep_spacing="even"), r"--timestep-spacing 'even'"),

@@ -197,7 +197,9 @@ def _add_train(sub: Any) -> None:
     tr.add_argument("--warmup-steps", type=int)
     tr.add_argument("--ema-decay", type=float, help="0 turns the EMA off")
     tr.add_argument("--objective", choices=["eps", "v"])
-    tr.add_argument("--loss-weighting", choices=["none", "min-snr"])
+    tr.add_argument("--loss-weighting", choices=["none", "min-snr"],
+                    help="none (default): the objective's plain MSE; min-snr: min-SNR-gamma (--min-snr-gamma)")
+    tr.add_argument("--min-snr-gamma", type=float, default=5.0, help="gamma of --loss-weighting min-snr (default 5)")
     tr.add_argument("--beta-schedule", choices=["linear", "cosine"])
     tr.add_argument("--zero-terminal-snr", action="store_true")
     tr.add_argument("--num-train-timesteps", type=_positive_int, default=1000)
@@ -263,7 +265,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     from .train import train
 
     names = ["preset", "size", "batch_size", "micro_batch", "epochs", "max_steps", "max_minutes", "lr",
-             "lr_schedule", "warmup_steps", "ema_decay", "objective", "loss_weighting", "beta_schedule",
+             "lr_schedule", "warmup_steps", "ema_decay", "objective", "loss_weighting", "min_snr_gamma",
+             "beta_schedule",
              "zero_terminal_snr", "num_train_timesteps", "flip", "conditional", "label_depth", "val_fraction",
              "val_every", "patience", "grad_checkpointing", "channels_last", "compile", "precision", "device",
              "seed", "crop"]
