@@ -42,7 +42,8 @@ def main() -> None:
     out = Path(a.out)
     data = load_data(a.data, a.size)
     train_idx, val_idx = split(data, 0.1, 0)
-    real = ((data.images[:, 0] + 1) / 2).numpy()[train_idx]
+    images01 = ((data.images[:, 0] + 1) / 2).numpy()
+    real, heldout = images01[train_idx], images01[val_idx]
     names = list(VARIANTS)
     if a.variants:
         try:
@@ -59,7 +60,7 @@ def main() -> None:
         run = out / f"v{list(VARIANTS).index(n)}"
         rec = json.loads((run / "meddiff.json").read_text())
         imgs, _ = meddiff_samples(run, a.n)
-        q = score(imgs, real, ((data.images[val_idx][:, 0] + 1) / 2).numpy())
+        q = score(imgs, real, heldout)
         q.update(val_loss_of(run / "unet", data.images[val_idx], rec["train"]["objective"],
                              rec["train"]["beta_schedule"], rec["model"]["patch_size"]))
         q["steps"] = stats[n]["steps"]

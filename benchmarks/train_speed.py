@@ -117,18 +117,18 @@ def main() -> None:
     seed_big = seed_case("seed", 128, 10, a.steps) if {"seed128", "seed128cl", "mem128"} & set(cases) else None
     for case in cases:
         if case in ("small64", "small64cl"):
-            m = meddiff_case("small", 64, 10, 10, a.steps, False, case.endswith("cl"), a.precision)
+            m = meddiff_case("small", 64, 10, 10, a.steps, False, case.endswith("cl"), precision=a.precision)
             base = seed_small
         elif case == "lean64":
-            m = meddiff_case("lean", 64, 16, 16, a.steps, False, False, a.precision)
+            m = meddiff_case("lean", 64, 16, 16, a.steps, False, precision=a.precision)
             base = seed_small
         elif case in ("seed128", "seed128cl"):
-            m = meddiff_case("seed", 128, 10, 10, a.steps, False, case.endswith("cl"), a.precision)
+            m = meddiff_case("seed", 128, 10, 10, a.steps, False, case.endswith("cl"), precision=a.precision)
             base = seed_big
         elif case == "mem128":
             # peak memory is set by the micro-batch (4) and checkpointing, not by how many micro-batches are
             # accumulated: --mem-batch 64 measures the effective batch, 8 the same peak in 1/8 the time
-            m = meddiff_case("seed", 128, a.mem_batch, 4, 0, True, False, a.precision)
+            m = meddiff_case("seed", 128, a.mem_batch, 4, 0, True, precision=a.precision)
             base = seed_big
         else:
             raise SystemExit(f"unknown case {case!r}")
