@@ -1,11 +1,14 @@
-"""Tests for meddiff.model: preset architectures, conditioning, space-to-depth patches."""
+"""Tests for meddiff.model: preset architectures, conditioning, space-to-depth patches, the Denoiser (guidance,
+DeepCache)."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from meddiff.config import model_config
-from meddiff.model import build_unet, count_parameters, denoise, null_class
+from meddiff.errors import ConfigError
+from meddiff.model import Denoiser, build_unet, cached_unet_forward, count_parameters, denoise, null_class
 
 
 def test_tiny_unet_is_under_a_million_parameters_and_keeps_shape() -> None:
@@ -85,3 +88,54 @@ def test_self_attention_matches_diffusers_in_fp32_and_runs_sdpa_in_fp32_under_cp
     for m in blocks:
         m.set_processor(AttnProcessor2_0())
     torch.testing.assert_close(unet(x, t, class_labels=y).sample, ours, rtol=0, atol=0)
+
+
+def _conditional_unet(patch_size: int = 1) -> torch.nn.Module:
+    torch.manual_seed(0)
+    preset = "lean" if patch_size == 2 else "tiny"
+    return build_unet(model_config(preset, 16, num_classes=2)).eval()
+
+
+@torch.no_grad()
+def test_full_deepcache_pass_equals_the_plain_unet_exactly() -> None:
+    unet = _conditional_unet()
+    x, t, y = torch.randn(3, 1, 16, 16), torch.tensor([5, 400, 999]), torch.tensor([0, 1, 2])
+    plain = unet(x, t, class_labels=y).sample
+    out, deep = cached_unet_forward(unet, x, t, y)
+    assert torch.equal(out, plain) and deep.shape[0] == 3
+    again, _ = cached_unet_forward(unet, x, t, y, deep)  # reused features of the same input: the same output
+    assert torch.equal(again, plain)
+    x2 = torch.randn_like(x)  # a new input with old deep features: an approximation
+    other, _ = cached_unet_forward(unet, x2, t, y, deep)
+    assert not torch.equal(other, unet(x2, t, class_labels=y).sample)
+
+
+@pytest.mark.parametrize("patch_size", [1, 2])
+@torch.no_grad()
+def test_denoiser_at_cache_interval_one_is_the_plain_unet(patch_size: int) -> None:
+    unet = _conditional_unet(patch_size)
+    labels = torch.tensor([1, 0])
+    plain = Denoiser(unet, labels, null_class=2, patch_size=patch_size)
+    cached = Denoiser(unet, labels, null_class=2, patch_size=patch_size, cache_interval=3)
+    for step in range(4):  # DeepCache refreshes on calls 0 and 3: then its output is the plain UNet's
+        x, t = torch.randn(2, 1, 16, 16), torch.tensor([900 - 200 * step] * 2)
+        ref = denoise(unet, x, t, labels, patch_size)
+        assert torch.equal(plain(x, t), ref)
+        assert torch.equal(cached(x, t), ref) == (step % 3 == 0)
+    assert plain.calls == cached.calls == 4
+
+
+@torch.no_grad()
+def test_denoiser_guidance_is_u_plus_w_times_c_minus_u() -> None:
+    unet = _conditional_unet()
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([300, 300])
+    labels = torch.tensor([0, 1])
+    c = denoise(unet, x, t, labels)
+    u = denoise(unet, x, t, torch.tensor([2, 2]))
+    guided = Denoiser(unet, labels, null_class=2, guidance=3.0)
+    assert guided.guided
+    torch.testing.assert_close(guided(x, t), u + 3.0 * (c - u), atol=1e-5, rtol=0)
+    assert not Denoiser(unet, torch.tensor([2, 2]), null_class=2, guidance=3.0).guided  # only the null class
+    assert not Denoiser(unet, labels, null_class=2, guidance=1.0).guided
+    with pytest.raises(ConfigError, match=r"--cache-interval 0: must be a whole number ≥ 1"):
+        Denoiser(unet, labels, null_class=2, cache_interval=0)

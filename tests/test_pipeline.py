@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, UniPCMultistepScheduler
 
 from meddiff.cli import main as cli_main
 from meddiff.config import ModelConfig
@@ -54,6 +54,19 @@ def test_conditional_export_loads_in_meddiff_pipeline_and_matches_sample(trained
     np.testing.assert_allclose(got[..., 0], expected, atol=1e-5)
     pil = pipe(batch_size=1, class_name="a", num_inference_steps=2).images[0]
     assert pil.mode == "L" and pil.size == (32, 32)
+
+
+@pytest.mark.parametrize("scheduler", [UniPCMultistepScheduler, DDPMScheduler])
+def test_a_swapped_in_scheduler_gives_the_images_of_meddiff_sample(trained_run: Path, tmp_path: Path,
+                                                                   scheduler: type) -> None:
+    pipe = MeddiffPipeline.from_pretrained(export_diffusers(trained_run, tmp_path / "export")[0])
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = scheduler.from_config(pipe.scheduler.config)  # the same loop drives any diffusers sampler
+    got = pipe(batch_size=2, class_name="a", guidance_scale=1.5, num_inference_steps=STEPS,
+               generator=_generators(SEEDS), output_type="pt").images
+    name = "unipc" if scheduler is UniPCMultistepScheduler else "ddpm"  # ddpm: step noise from the generators
+    expected = generate(load_run(trained_run), SEEDS, 0, name, STEPS, guidance=1.5)
+    np.testing.assert_array_equal(got[:, 0].numpy(), expected)  # one loop, one denoiser: bit for bit
 
 
 def test_the_run_folder_itself_loads_in_meddiff_pipeline(trained_run: Path) -> None:

@@ -15,8 +15,8 @@ from meddiff.config import SAMPLERS, SampleConfig, TrainConfig, model_config
 from meddiff.diffusion import diffusers_scheduler_config
 from meddiff.errors import ConfigError, RunError
 from meddiff.model import build_unet
-from meddiff.sample import (LoadedRun, class_index, generate, load_run, make_scheduler, model_id, plan,
-                            sample_to_folder)
+from meddiff.sample import (LoadedRun, class_index, generate, initial_noise, load_run, make_denoiser, make_scheduler,
+                            model_id, plan, sample_loop, sample_to_folder, sampler_and_steps)
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +89,42 @@ def test_every_sampler_gives_finite_images_in_unit_range(uncond, sampler: str) -
     assert images.shape == (2, 32, 32)
     assert np.isfinite(images).all() and images.min() >= 0 and images.max() <= 1
     assert images.std() > 0
+
+
+def test_default_sampler_comes_from_the_runs_preset(fixed_run: LoadedRun) -> None:
+    assert sampler_and_steps(fixed_run) == ("unipc", 10)  # a tiny-preset run
+    seed_run = dataclasses.replace(fixed_run, train=TrainConfig(data="", out="", preset="seed"))
+    assert sampler_and_steps(seed_run) == ("ddim", 20)
+    assert sampler_and_steps(seed_run, "euler") == ("euler", 20) and sampler_and_steps(seed_run, None, 3) == ("ddim", 3)
+    np.testing.assert_array_equal(generate(fixed_run, [4]), generate(fixed_run, [4], None, "unipc", 10))
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "unipc"])
+def test_generate_is_the_sample_loop_with_the_runs_denoiser(cond, sampler: str) -> None:
+    seeds = [1, 2]
+    noise, generators = initial_noise(seeds, cond.model.sample_size)
+    loop = sample_loop(make_scheduler(sampler, cond.scheduler_config, 3), make_denoiser(cond, 0, 2, 2.0), noise,
+                       generators)
+    assert loop.shape == (2, 1, 32, 32) and loop.dtype == torch.float32
+    np.testing.assert_array_equal(loop[:, 0].numpy(), generate(cond, seeds, 0, sampler, 3, 2.0))
+
+
+@pytest.mark.parametrize("interval, steps, full", [(1, 5, 5), (2, 5, 3), (3, 5, 2), (3, 7, 3), (2, 1, 1)])
+def test_deepcache_runs_the_full_unet_every_interval_th_call(cond, interval: int, steps: int, full: int) -> None:
+    counts = {"calls": 0, "full": 0}
+
+    def count(key: str):
+        def hook(*_args) -> None:
+            counts[key] += 1
+        return hook
+    hooks = [cond.unet.conv_in.register_forward_hook(count("calls")),  # every UNet pass, cached or not
+             cond.unet.mid_block.register_forward_hook(count("full"))]  # only the full ones
+    try:
+        generate(cond, [0, 1], 1, "ddim", steps, guidance=2.0, cache_interval=interval)  # guided: still 1 pass a call
+    finally:
+        for h in hooks:
+            h.remove()
+    assert counts == {"calls": steps, "full": full}
 
 
 def test_guidance_changes_conditional_images(cond) -> None:

@@ -24,11 +24,13 @@ from PIL import Image
 from meddiff import serve as serve_mod
 from meddiff.checkpoint import read_json
 from meddiff.cli import main
+from meddiff.config import default_sampler
 from meddiff.errors import ConfigError
 from meddiff.sample import generate, load_run
-from meddiff.serve import GenerateRequest, ServeConfig, make_server, model_card, parse_request
+from meddiff.serve import GenerateRequest, ServeConfig, make_server, model_card, parse_request, request_defaults
 
 CLASSES = ("a", "b")
+SEED_DEFAULTS = request_defaults("seed")  # the seed preset's sampler: DDIM, 20 steps
 CHROME_ARGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
                "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
                "--no-proxy-server")
@@ -115,10 +117,19 @@ def _png_pixels(data: bytes) -> np.ndarray:
 # --- validation and the model card ---------------------------------------------------------------------------
 
 def test_parse_request_takes_form_strings_and_fills_defaults() -> None:
-    req = parse_request({"class": "b", "n": " 3", "steps": "7", "guidance": "2.5", "seed": "+11"}, CLASSES)
+    req = parse_request({"class": "b", "n": " 3", "steps": "7", "guidance": "2.5", "seed": "+11"}, CLASSES,
+                        SEED_DEFAULTS)
     assert req == GenerateRequest("b", 3, "ddim", 7, 2.5, 11, "png")
     assert parse_request({"class": "a", "n": 64, "steps": 200, "guidance": 0, "format": "dicom",
-                          "sampler": "heun"}, CLASSES) == GenerateRequest("a", 64, "heun", 200, 0.0, 0, "dicom")
+                          "sampler": "heun"}, CLASSES, SEED_DEFAULTS) == GenerateRequest("a", 64, "heun", 200, 0.0,
+                                                                                         0, "dicom")
+
+
+@pytest.mark.parametrize("preset, sampler, steps", [("seed", "ddim", 20), ("tiny", "unipc", 10), ("lean", "unipc", 10)])
+def test_the_default_sampler_is_the_runs_default(preset: str, sampler: str, steps: int) -> None:
+    assert default_sampler(preset) == (sampler, steps)
+    assert parse_request({"class": "a"}, CLASSES, request_defaults(preset)) == GenerateRequest(
+        "a", 4, sampler, steps, 1.0, 0, "png")
 
 
 @pytest.mark.parametrize("body, message", [
@@ -146,14 +157,14 @@ def test_parse_request_takes_form_strings_and_fills_defaults() -> None:
 ])
 def test_parse_request_refuses_bad_parameters(body: Any, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        parse_request(body, CLASSES)
+        parse_request(body, CLASSES, SEED_DEFAULTS)
 
 
 def test_unconditional_model_takes_no_class() -> None:
-    assert parse_request({"n": 1}, ()).class_name is None
-    assert parse_request({"n": 1, "class": ""}, ()).class_name is None
+    assert parse_request({"n": 1}, (), SEED_DEFAULTS).class_name is None
+    assert parse_request({"n": 1, "class": ""}, (), SEED_DEFAULTS).class_name is None
     with pytest.raises(ConfigError, match=r"class: 'a' given, but this model is unconditional"):
-        parse_request({"class": "a"}, ())
+        parse_request({"class": "a"}, (), SEED_DEFAULTS)
 
 
 def test_model_card_summary_names_classes_but_no_files(trained_run: Path, image_folder: Path, tmp_path: Path) -> None:
@@ -177,6 +188,7 @@ def test_page_and_info(server: serve_mod.Server) -> None:
     info = json.loads(_call(server, "GET", "/api/info")[2])
     assert info["classes"] == ["a", "b"] and "ddim" in info["samplers"] and info["formats"] == ["png", "dicom"]
     assert info["limits"]["n"] == [1, 64] and info["limits"]["steps"] == [1, 200]
+    assert (info["defaults"]["sampler"], info["defaults"]["steps"]) == default_sampler("tiny") == ("unipc", 10)
     run = Path(server.app.cfg.run)  # README.md when training wrote one, else the summary
     assert (info["card"], info["card_source"]) == model_card(run, read_json(run / "meddiff.json"))
 
@@ -256,7 +268,7 @@ def test_unconditional_model_serves_without_classes(uncond_server: serve_mod.Ser
     with _zip(uncond_server, state["zip"]) as zf:
         rows = list(csv.DictReader(io.StringIO(zf.read("manifest.csv").decode())))
         assert _png_pixels(zf.read("seed000004.png")).shape == (32, 32)
-    assert [(r["file"], r["class"]) for r in rows] == [("seed000004.png", "")]
+    assert [(r["file"], r["class"], r["sampler"]) for r in rows] == [("seed000004.png", "", "unipc")]  # the run's
 
 
 def test_requests_cannot_reach_files_outside_the_batches(server: serve_mod.Server) -> None:

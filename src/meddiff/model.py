@@ -1,4 +1,5 @@
-"""UNet presets over diffusers' `UNet2DModel` and the class conditioning around it: ModelConfig → nn.Module."""
+"""UNet presets over diffusers' `UNet2DModel` and what wraps it: ModelConfig → nn.Module; the `Denoiser` (class
+conditioning, guidance, patches, DeepCache) that every sampler calls."""
 from __future__ import annotations
 
 import torch
@@ -7,6 +8,8 @@ from diffusers import UNet2DModel
 from diffusers.models.attention_processor import Attention
 
 from .config import ModelConfig
+from .errors import ConfigError
+from .runtime import autocast
 
 
 def build_unet(cfg: ModelConfig) -> UNet2DModel:
@@ -67,29 +70,67 @@ class SelfAttention:
         return out / attn.rescale_output_factor
 
 
+def to_patches(x: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Space-to-depth (pixel-unshuffle): (B, C, H, W) → (B, C*p*p, H/p, W/p); identity for p = 1."""
+    return F.pixel_unshuffle(x, patch_size) if patch_size > 1 else x
+
+
+def from_patches(x: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Depth-to-space (pixel-shuffle), the exact inverse of `to_patches`."""
+    return F.pixel_shuffle(x, patch_size) if patch_size > 1 else x
+
+
 def denoise(unet: UNet2DModel, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None,
-            patch_size: int = 1, cache: dict | None = None, refresh: bool = True) -> torch.Tensor:
-    """The UNet's output for (B, 1, H, W) inputs, through space-to-depth patches when patch_size > 1
-    (pixel-unshuffle in, pixel-shuffle out: a lossless rearrangement, so the output is again (B, 1, H, W)).
-    With a `cache` dict, deep features are reused across calls as in DeepCache (see `cached_unet_forward`)."""
-    inp = F.pixel_unshuffle(x, patch_size) if patch_size > 1 else x  # (B, p*p, H/p, W/p)
-    if cache is None:
-        out = unet(inp, t, class_labels=class_labels).sample
-    else:
-        out = cached_unet_forward(unet, inp, t, class_labels, cache, refresh)
-    return F.pixel_shuffle(out, patch_size) if patch_size > 1 else out
+            patch_size: int = 1) -> torch.Tensor:
+    """The UNet's output for (B, 1, H, W) inputs, through space-to-depth patches when patch_size > 1 (a lossless
+    rearrangement, so the output is again (B, 1, H, W)). Training calls this; sampling calls a `Denoiser`."""
+    return from_patches(unet(to_patches(x, patch_size), t, class_labels=class_labels).sample, patch_size)
 
 
-def guided(unet: UNet2DModel, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, guidance: float,
-           null: int, patch_size: int = 1, cache: dict | None = None, refresh: bool = True) -> torch.Tensor:
-    """The prediction with classifier-free guidance (Ho & Salimans 2022, eq. 6): u + w (c - u), where u uses the
-    null class; one pass when there is nothing to guide (no labels, w = 1, or only null labels)."""
-    if labels is None or guidance == 1.0 or bool((labels == null).all()):
-        return denoise(unet, x, t, labels, patch_size, cache, refresh)
-    both = denoise(unet, torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, torch.full_like(labels, null)]),
-                   patch_size, cache, refresh)
-    cond, uncond = both.chunk(2)
-    return uncond + guidance * (cond - uncond)
+class Denoiser:
+    """The model as a sampler sees it: `denoiser(x_t, t) → prediction`, (B, 1, H, W) in and out (eps or v, as
+    the UNet was trained), with everything else its own state: the UNet, the class labels and the null class,
+    the guidance scale, the patch size, the autocast precision and the DeepCache feature cache.
+
+    Classifier-free guidance (Ho & Salimans 2022, eq. 6): out = u + w (c - u), u from the null class; one pass
+    when there is nothing to guide (no labels, w = 1, or only null labels). DeepCache (Ma et al. 2024, Alg. 1):
+    the full UNet runs on call 0, cache_interval, 2 cache_interval, ...; the calls between reuse its deep
+    features (see `cached_unet_forward`). One Denoiser serves one sampling run of one batch."""
+
+    def __init__(self, unet: UNet2DModel, labels: torch.Tensor | None = None, null_class: int = 0,
+                 guidance: float = 1.0, patch_size: int = 1, cache_interval: int = 1, precision: str = "fp32") -> None:
+        if cache_interval < 1:
+            raise ConfigError(f"--cache-interval {cache_interval}: must be a whole number ≥ 1 (1 = off)")
+        self.unet, self.labels, self.null_class = unet, labels, null_class
+        self.guidance, self.patch_size, self.precision = guidance, patch_size, precision
+        self.cache_interval = cache_interval
+        self.calls = 0                            # UNet evaluations so far; DeepCache's refresh schedule
+        self._deep: torch.Tensor | None = None    # the cached features entering the last up block
+
+    @property
+    def guided(self) -> bool:
+        """Whether a call runs the conditional and the unconditional branch (batched as one UNet pass)."""
+        labels = self.labels
+        return labels is not None and self.guidance != 1.0 and not bool((labels == self.null_class).all())
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_t (B, 1, H, W), any float dtype (cast to the UNet's), and t (B,) → the prediction (B, 1, H, W)."""
+        refresh = self.calls % self.cache_interval == 0
+        self.calls += 1
+        x = x.to(self.unet.dtype)
+        with autocast(x.device, self.precision):
+            if not self.guided:
+                return self._forward(x, t, self.labels, refresh)
+            labels = torch.cat([self.labels, torch.full_like(self.labels, self.null_class)])
+            cond, uncond = self._forward(torch.cat([x, x]), torch.cat([t, t]), labels, refresh).chunk(2)
+            return uncond + self.guidance * (cond - uncond)
+
+    def _forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, refresh: bool) -> torch.Tensor:
+        if self.cache_interval == 1:
+            return denoise(self.unet, x, t, labels, self.patch_size)
+        out, self._deep = cached_unet_forward(self.unet, to_patches(x, self.patch_size), t, labels,
+                                              None if refresh else self._deep)
+        return from_patches(out, self.patch_size)
 
 
 def _embedding(unet: UNet2DModel, t: torch.Tensor, class_labels: torch.Tensor | None, batch: int) -> torch.Tensor:
@@ -102,18 +143,18 @@ def _embedding(unet: UNet2DModel, t: torch.Tensor, class_labels: torch.Tensor | 
 
 
 def cached_unet_forward(unet: UNet2DModel, sample: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None,
-                        cache: dict, refresh: bool) -> torch.Tensor:
-    """DeepCache (Ma et al. 2024, Alg. 1): on a refresh step run the whole UNet and keep the features entering
-    the last (highest-resolution) up block; on the other steps run only conv_in, the first down block and the
-    last up block, reusing the kept deep features, since they change slowly between adjacent steps.
-    With refresh=True the result equals `unet(sample, t, class_labels).sample`."""
+                        deep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepCache (Ma et al. 2024, Alg. 1) → (UNet output, deep features). Without `deep` run the whole UNet and
+    return the features entering the last (highest-resolution) up block; with `deep` (from an earlier call) run
+    only conv_in, the first down block and the last up block, reusing those features, since they change slowly
+    between adjacent steps. Without `deep` the output equals `unet(sample, t, class_labels).sample`."""
     emb = _embedding(unet, t, class_labels, sample.shape[0])
     h = unet.conv_in(sample)
     res: tuple[torch.Tensor, ...] = (h,)
     h, r = unet.down_blocks[0](hidden_states=h, temb=emb)
     res += r
     n_last = len(unet.up_blocks[-1].resnets)  # conv_in output + the first block's resnet outputs
-    if refresh or "deep" not in cache:
+    if deep is None:
         for block in unet.down_blocks[1:]:
             h, r = block(hidden_states=h, temb=emb)
             res += r
@@ -122,9 +163,9 @@ def cached_unet_forward(unet: UNet2DModel, sample: torch.Tensor, t: torch.Tensor
         for block in unet.up_blocks[:-1]:
             k = len(block.resnets)
             h, stack = block(h, stack[-k:], emb), stack[:-k]
-        cache["deep"] = h
-    h = unet.up_blocks[-1](cache["deep"], res[:n_last], emb)
-    return unet.conv_out(unet.conv_act(unet.conv_norm_out(h)))
+        deep = h
+    h = unet.up_blocks[-1](deep, res[:n_last], emb)
+    return unet.conv_out(unet.conv_act(unet.conv_norm_out(h))), deep
 
 
 def null_class(cfg: ModelConfig) -> int:

@@ -2,11 +2,11 @@
 `diffusers.DDIMPipeline` (unconditional, patch size 1) or by `MeddiffPipeline` (class-conditional or patched).
 
 `MeddiffPipeline` is ordinary code in this package, never code shipped inside a model folder: loading a folder
-runs nothing from it. Its images equal `meddiff sample --sampler ddim` for the same per-image generators.
+runs nothing from it. It runs `sample.sample_loop` with a `model.Denoiser`, the loop and denoiser of `meddiff sample`:
+its images equal `meddiff sample --sampler ddim` (or any sampler swapped in) for the same per-image generators.
 """
 from __future__ import annotations
 
-import inspect
 import json
 import shutil
 from pathlib import Path
@@ -18,7 +18,8 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from . import checkpoint as ckpt
 from .errors import ConfigError, RunError
-from .model import guided
+from .model import Denoiser
+from .sample import sample_loop
 
 RUN_FILE = "meddiff.json"
 
@@ -63,11 +64,6 @@ class MeddiffPipeline(DiffusionPipeline):
         null = len(names)  # None → the unconditional (null) class
         return torch.tensor([null if c is None else names.index(c) for c in wanted], device=self._execution_device)
 
-    def _model_output(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None,
-                      guidance_scale: float) -> torch.Tensor:
-        """The UNet's prediction, with classifier-free guidance (Ho & Salimans 2022, eq. 6): u + w (c - u)."""
-        return guided(self.unet, x, t, labels, guidance_scale, len(self.config.class_names), self.config.patch_size)
-
     @torch.no_grad()
     def __call__(self, batch_size: int = 1, class_name: str | list[str | None] | None = None,
                  guidance_scale: float = 1.0, num_inference_steps: int = 50,
@@ -82,17 +78,11 @@ class MeddiffPipeline(DiffusionPipeline):
             raise ConfigError(f"output_type {output_type!r}: choose from pil, np, pt")
         labels = self._labels(class_name, batch_size)
         size = self.unet.config.sample_size * self.config.patch_size
-        x = randn_tensor((batch_size, 1, size, size), generator=generator, device=self._execution_device,
-                         dtype=self.unet.dtype)
-        x = x * self.scheduler.init_noise_sigma
+        noise = randn_tensor((batch_size, 1, size, size), generator=generator, device=self._execution_device,
+                             dtype=self.unet.dtype)
         self.scheduler.set_timesteps(num_inference_steps)
-        accepted = set(inspect.signature(self.scheduler.step).parameters)
-        extra = {k: v for k, v in (("eta", eta), ("generator", generator)) if k in accepted}
-        for t in self.progress_bar(self.scheduler.timesteps):
-            inp = self.scheduler.scale_model_input(x, t)
-            out = self._model_output(inp, t.to(x.device).expand(batch_size), labels, guidance_scale)
-            x = self.scheduler.step(out.float(), t, x, **extra).prev_sample
-        image = (x.clamp(-1, 1) + 1) / 2
+        denoiser = Denoiser(self.unet, labels, len(self.config.class_names), guidance_scale, self.config.patch_size)
+        image = sample_loop(self.scheduler, denoiser, noise, generator, eta, self.progress_bar)
         if output_type != "pt":
             image = image.cpu().permute(0, 2, 3, 1).float().numpy()
             if output_type == "pil":

@@ -1,4 +1,5 @@
-"""Run folder → generated images: diffusers' samplers, classifier-free guidance, per-image seeds, bulk output.
+"""Run folder → generated images: the one sampling loop (`sample_loop`, any diffusers scheduler driving a
+`model.Denoiser`), the default sampler, per-image seeds, bulk output.
 
 Image i's starting noise (and a stochastic sampler's noise) comes from its own generator seeded with its
 seed, so the same seed gives the same image at any batch size, and files are named by their seed.
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +22,8 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from . import checkpoint as ckpt
 from .config import SAMPLERS, ModelConfig, SampleConfig, TrainConfig, default_sampler, from_json
 from .errors import ConfigError, RunError
-from .model import guided, with_meddiff_attention
-from .runtime import Dist, autocast, describe, pick_device, pick_precision
+from .model import Denoiser, null_class, with_meddiff_attention
+from .runtime import Dist, describe, pick_device, pick_precision
 
 _SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
     "ddpm": (DDPMScheduler, {}),
@@ -110,49 +112,66 @@ def class_index(run: LoadedRun, name: str | None) -> int | None:
     return run.class_names.index(name)
 
 
-def _denoiser(run: LoadedRun, labels: torch.Tensor | None, guidance: float, cache_interval: int = 1) -> Callable:
-    """model(x, t) with classifier-free guidance (Ho & Salimans 2022, eq. 6): out = u + w (c - u), and with
-    DeepCache feature reuse when cache_interval > 1 (the full UNet runs on every cache_interval-th call)."""
-    null, p = run.model.num_classes, run.model.patch_size
-    cache: dict | None = {} if cache_interval > 1 else None
-    calls = [0]
+def sampler_and_steps(run: LoadedRun, sampler: str | None = None, steps: int | None = None) -> tuple[str, int]:
+    """The sampler and step count to use: those asked for, else `config.default_sampler` for the run's preset."""
+    default_name, default_steps = default_sampler(run.train.preset)
+    return sampler or default_name, default_steps if steps is None else steps
 
-    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        refresh = calls[0] % cache_interval == 0
-        calls[0] += 1
-        return guided(run.unet, x, t, labels, guidance, null, p, cache, refresh)
-    return model
+
+def make_denoiser(run: LoadedRun, label: int | None, batch: int, guidance: float = 1.0, precision: str = "fp32",
+                  cache_interval: int = 1) -> Denoiser:
+    """The run's Denoiser for `batch` images of one label (None: an unconditional model)."""
+    device = next(run.unet.parameters()).device
+    labels = None if label is None else torch.full((batch,), label, dtype=torch.long, device=device)
+    return Denoiser(run.unet, labels, null_class(run.model), guidance, run.model.patch_size, cache_interval,
+                    precision)
+
+
+def initial_noise(seeds: list[int], size: int) -> tuple[torch.Tensor, list[torch.Generator]]:
+    """x_T for each seed from its own CPU generator → ((B, 1, size, size) float32, the generators, which then
+    feed a stochastic sampler's step noise): image i does not depend on the other seeds of the batch."""
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    return torch.cat([torch.randn(1, 1, size, size, generator=g) for g in generators]), generators
 
 
 @torch.no_grad()
-def generate(run: LoadedRun, seeds: list[int], label: int | None = None, sampler: str = "ddim", steps: int = 20,
-             guidance: float = 1.0, precision: str = "fp32", cache_interval: int = 1) -> np.ndarray:
-    """Images for the given seeds: (len(seeds), H, W) float32 in [0, 1]. cache_interval > 1 turns on
-    DeepCache feature reuse (faster, approximate)."""
+def sample_loop(scheduler: Any, denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], noise: torch.Tensor,
+                generators: torch.Generator | list[torch.Generator] | None = None, eta: float = 0.0,
+                progress: Callable[[Any], Any] = iter) -> torch.Tensor:
+    """The one denoising loop: a diffusers scheduler (timesteps already set) driving `denoiser(x_t, t)` from
+    `noise` (B, 1, H, W) → images (B, 1, H, W) float32 in [0, 1], on the noise's device.
+
+    The sampler's state runs in float64, as EDM's sampler does: Euler/Heun start from x * sigma_max, which would
+    amplify the UNet's float32, batch-size-dependent rounding into visible differences. `generators` (one per
+    image, or one for the batch) and `eta` go to the steps that take them: DDPM draws its step noise from them,
+    and diffusers draws it on the generators' device, so the noise does not depend on where the UNet runs.
+    `progress` wraps the timesteps (a progress bar)."""
+    takes = set(inspect.signature(scheduler.step).parameters)
+    extra = {k: v for k, v in (("eta", eta), ("generator", generators)) if k in takes and v is not None}
+    x = noise.double() * scheduler.init_noise_sigma
+    for t in progress(scheduler.timesteps):
+        out = denoiser(scheduler.scale_model_input(x, t), t.to(x.device).expand(len(x)))
+        x = scheduler.step(out.double(), t, x, **extra).prev_sample
+    return ((x.clamp(-1, 1) + 1) / 2).float()
+
+
+@torch.no_grad()
+def generate(run: LoadedRun, seeds: list[int], label: int | None = None, sampler: str | None = None,
+             steps: int | None = None, guidance: float = 1.0, precision: str = "fp32",
+             cache_interval: int = 1) -> np.ndarray:
+    """Images for the given seeds: (len(seeds), H, W) float32 in [0, 1]. sampler/steps None: the run's default
+    (`config.default_sampler`). cache_interval > 1 turns on DeepCache feature reuse (faster, approximate)."""
+    sampler, steps = sampler_and_steps(run, sampler, steps)
     if sampler == "heun" and len(seeds) > 1:
         # Heun's endpoint derivative divides by the next sigma, amplifying the UNet's batch-size-dependent float32
         # rounding into visible differences: one image per call keeps "same seed, same image" (rule 5)
         return np.concatenate([generate(run, [s], label, sampler, steps, guidance, precision, cache_interval)
                                for s in seeds])
+    scheduler = make_scheduler(sampler, run.scheduler_config, steps)
+    denoiser = make_denoiser(run, label, len(seeds), guidance, precision, cache_interval)
+    noise, generators = initial_noise(seeds, run.model.sample_size)
     device = next(run.unet.parameters()).device
-    size = run.model.sample_size
-    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    x = torch.cat([torch.randn(1, 1, size, size, generator=g) for g in gens]).to(device)
-    labels = None if label is None else torch.full((len(seeds),), label, dtype=torch.long, device=device)
-    sched = make_scheduler(sampler, run.scheduler_config, steps)
-    model = _denoiser(run, labels, guidance, cache_interval)
-    # the sampler's state runs in float64 (as EDM's sampler does): Euler/Heun start from x * sigma_max, which
-    # would amplify the UNet's float32, batch-size-dependent rounding into visible differences
-    x = x.double() * sched.init_noise_sigma
-    step_kwargs = {"generator": gens} if sampler == "ddpm" else {}
-    for t in sched.timesteps:
-        inp = sched.scale_model_input(x, t).float()
-        with autocast(device, precision):
-            out = model(inp, t.to(device).expand(len(seeds)))
-        # diffusers' DDPM draws step noise on the generators' device (CPU): keep the sample there for it
-        x = sched.step(out.double().cpu() if step_kwargs else out.double(), t,
-                       x.cpu() if step_kwargs else x, **step_kwargs).prev_sample.to(device)
-    return ((x.clamp(-1, 1) + 1) / 2)[:, 0].float().cpu().numpy()
+    return sample_loop(scheduler, denoiser, noise.to(device), generators)[:, 0].cpu().numpy()
 
 
 def plan(run: LoadedRun, cfg: SampleConfig) -> list[tuple[str, int, int | None]]:
@@ -214,8 +233,8 @@ def sample_to_folder(cfg: SampleConfig, echo: Callable[[str], None] = print, dis
     if not dist.main:
         echo = _quiet
     run = load_run(cfg.run, cfg.weights, device)
-    sampler, steps = default_sampler(run.train.preset)
-    cfg = dataclasses.replace(cfg, sampler=cfg.sampler or sampler, steps=cfg.steps or steps)
+    sampler, steps = sampler_and_steps(run, cfg.sampler, cfg.steps)
+    cfg = dataclasses.replace(cfg, sampler=sampler, steps=steps)
     make_scheduler(cfg.sampler, run.scheduler_config, cfg.steps)  # validate before any work
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

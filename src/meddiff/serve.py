@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 from . import checkpoint as ckpt
 from . import export
-from .config import SAMPLERS
+from .config import SAMPLERS, default_sampler
 from .errors import ConfigError, MeddiffError, RunError
 from .runtime import pick_device, pick_precision
 from .sample import LoadedRun, class_index, generate, load_run
@@ -34,7 +34,7 @@ from .serve_page import CSP, PAGE, SCRIPT
 
 LIMITS: dict[str, tuple[float, float]] = {"n": (1, 64), "steps": (1, 200), "guidance": (0.0, 20.0),
                                           "seed": (0, 2**32 - 1)}
-DEFAULTS: dict[str, Any] = {"n": 4, "sampler": "ddim", "steps": 20, "guidance": 1.0, "seed": 0, "format": "png"}
+DEFAULTS: dict[str, Any] = {"n": 4, "guidance": 1.0, "seed": 0, "format": "png"}  # + the run's sampler and steps
 SERVE_FORMATS: tuple[str, ...] = ("png", "dicom")
 FIELDS: tuple[str, ...] = ("class", "n", "sampler", "steps", "guidance", "seed", "format")
 MAX_PENDING = 8            # queued or running jobs; more is refused (HTTP 429) rather than piling up work
@@ -78,9 +78,15 @@ def _show(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+def request_defaults(preset: str) -> dict[str, Any]:
+    """The form's defaults for a run of `preset`: DEFAULTS plus `config.default_sampler`'s sampler and steps."""
+    sampler, steps = default_sampler(preset)
+    return {**DEFAULTS, "sampler": sampler, "steps": steps}
+
+
 def _whole(body: dict[str, Any], key: str) -> int:
     lo, hi = (int(v) for v in LIMITS[key])
-    value = body.get(key, DEFAULTS[key])
+    value = body[key]
     text = value.strip() if isinstance(value, str) else None
     if isinstance(value, bool) or not (isinstance(value, int) or (text and re.fullmatch(r"[+-]?\d{1,20}", text))):
         raise ConfigError(f"{key}: {_show(value)} is not a whole number; use {lo} to {hi}")
@@ -92,7 +98,7 @@ def _whole(body: dict[str, Any], key: str) -> int:
 
 def _number(body: dict[str, Any], key: str) -> float:
     lo, hi = LIMITS[key]
-    value = body.get(key, DEFAULTS[key])
+    value = body[key]
     try:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)) or len(str(value)) > 32:
             raise ValueError
@@ -105,23 +111,25 @@ def _number(body: dict[str, Any], key: str) -> float:
 
 
 def _choice(body: dict[str, Any], key: str, allowed: tuple[str, ...]) -> str:
-    value = body.get(key, DEFAULTS[key])
+    value = body[key]
     if value not in allowed:
         raise ConfigError(f"{key}: {_show(value)} is not available; choose from {', '.join(allowed)}")
     return value
 
 
-def parse_request(body: Any, classes: tuple[str, ...]) -> GenerateRequest:
+def parse_request(body: Any, classes: tuple[str, ...], defaults: dict[str, Any]) -> GenerateRequest:
     """A decoded JSON body → a GenerateRequest, or ConfigError naming the field, the value and what is allowed.
 
     `classes`: the class names a conditional model knows; () for an unconditional model (no class allowed).
-    Numbers may come as JSON numbers or as the strings an HTML form holds.
+    `defaults` (`request_defaults`) fill the fields the body leaves out. Numbers may come as JSON numbers or as
+    the strings an HTML form holds.
     """
     if not isinstance(body, dict):
         raise ConfigError(f"request: expected a JSON object with fields {', '.join(FIELDS)}")
     unknown = sorted(str(k) for k in body if k not in FIELDS)
     if unknown:
         raise ConfigError(f"request: unknown field(s) {', '.join(map(_show, unknown))}; allowed: {', '.join(FIELDS)}")
+    body = {**defaults, **body}
     name = body.get("class")
     if classes and name not in classes:
         raise ConfigError(f"class: {_show(name)} is not a class this model knows; choose from {', '.join(classes)}")
@@ -192,6 +200,7 @@ class App:
         self.precision = pick_precision(cfg.precision, self.device)
         self.run: LoadedRun = load_run(cfg.run, cfg.weights, self.device)
         self.classes: tuple[str, ...] = self.run.class_names if self.run.conditional else ()
+        self.defaults = request_defaults(self.run.train.preset)
         self.card, self.card_source = model_card(Path(cfg.run), ckpt.read_json(Path(cfg.run) / "meddiff.json"))
         self.out = Path(cfg.out).resolve()
         try:
@@ -210,12 +219,12 @@ class App:
         size = self.run.model.sample_size
         kind = f"{len(self.classes)} classes" if self.classes else "unconditional"
         return {"title": f"{self.run.model_id} · {size}×{size} px · {kind}", "classes": list(self.classes),
-                "samplers": list(SAMPLERS), "formats": list(SERVE_FORMATS), "defaults": DEFAULTS,
+                "samplers": list(SAMPLERS), "formats": list(SERVE_FORMATS), "defaults": self.defaults,
                 "limits": {k: list(v) for k, v in LIMITS.items()}, "card": self.card, "card_source": self.card_source}
 
     def submit(self, body: Any) -> Job:
         """Validate a request and queue it; ConfigError (→ 400) or RunError (→ 429 busy)."""
-        request = parse_request(body, self.classes)
+        request = parse_request(body, self.classes, self.defaults)
         with self.lock:
             pending = sum(j.status in ("queued", "running") for j in self.jobs.values())
             if pending >= MAX_PENDING:

@@ -28,11 +28,11 @@ button { font-size: 1rem; padding: .35rem 1.2rem; }
 <p id="model" class="note">loading the model…</p>
 <form id="form" novalidate>
   <label id="class-row">Class <select id="class"></select></label>
-  <label>Images <input id="n" inputmode="numeric" value="4"></label>
+  <label>Images <input id="n" inputmode="numeric"></label>
   <label>Sampler <select id="sampler"></select></label>
-  <label>Steps <input id="steps" inputmode="numeric" value="20"></label>
-  <label id="guidance-row">Guidance <input id="guidance" inputmode="decimal" value="1"></label>
-  <label>Seed <input id="seed" inputmode="numeric" value="0"></label>
+  <label>Steps <input id="steps" inputmode="numeric"></label>
+  <label id="guidance-row">Guidance <input id="guidance" inputmode="decimal"></label>
+  <label>Seed <input id="seed" inputmode="numeric"></label>
   <label>Format <select id="format">
     <option value="png">PNG</option><option value="dicom">DICOM</option>
   </select></label>
