@@ -24,6 +24,18 @@ def pytest_configure(config: pytest.Config) -> None:
     torch.set_num_threads(1)
 
 
+@pytest.fixture
+def diffusers_log_to_capture(capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """diffusers' log handler writes to the stderr it saw at import, before this test's capture: point it at the
+    captured one, so that capfd sees diffusers' warnings."""
+    import logging
+    import sys
+
+    for handler in logging.getLogger("diffusers").handlers:
+        if type(handler) is logging.StreamHandler:  # not pytest's own capture handlers
+            monkeypatch.setattr(handler, "stream", sys.stderr)
+
+
 def blob_image(seed: int, size: int = SIZE, height: int | None = None) -> np.ndarray:
     """(height or size, size) uint8: a bright Gaussian blob on a dark background, different per seed."""
     rng = np.random.default_rng(seed)

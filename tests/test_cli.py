@@ -102,6 +102,51 @@ def test_sample_errors_are_one_line(trained_run: Path, uncond_run: Path, tmp_pat
     _assert_one_line_error(code, err, "meddiff.json: missing")
 
 
+
+@pytest.mark.parametrize("value", ["0", "-2"])
+@pytest.mark.parametrize("command", ["train", "sample", "evaluate", "demo", "serve"])
+def test_threads_below_one_are_refused_in_one_line(command: str, value: str, capsys: pytest.CaptureFixture) -> None:
+    code, _out, err = _run([command, "--threads", value], capsys)
+    _assert_one_line_error(code, err, f"argument --threads: {value} must be at least 1")
+
+
+@pytest.mark.parametrize("argv, omp, expected", [
+    (["--threads", "3"], "1", 3),   # the flag wins over OMP_NUM_THREADS
+    ([], "1", None),                # OMP_NUM_THREADS: torch follows it already, meddiff leaves it alone
+    ([], None, 7),                  # neither: what the load leaves (runtime.threads_from_load)
+])
+def test_threads_come_from_the_flag_the_environment_or_the_load(
+        argv: list[str], omp: str | None, expected: int | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
+    import torch
+
+    import meddiff.runtime
+
+    calls: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    monkeypatch.setattr(meddiff.runtime, "threads_from_load", lambda: 7)
+    if omp is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", omp)
+    code, _out, _err = _run(["sample", "--run", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), *argv],
+                            capsys)
+    assert code == 1  # the missing run: the threads were set before the command ran
+    assert calls == ([] if expected is None else [expected])
+
+
+@pytest.mark.parametrize("weights", ["ema", "best", "raw"])
+def test_sample_prints_only_meddiffs_own_words(trained_run: Path, tmp_path: Path, weights: str,
+                                               capfd: pytest.CaptureFixture, diffusers_log_to_capture) -> None:
+    """No 'install accelerate' or other diffusers log lines (issue 19)."""
+    code = main(["sample", "--run", str(trained_run), "--out", str(tmp_path / "o"), "--n", "1", "--steps", "1",
+                 "--weights", weights, "--no-progress", "--device", "cpu"])
+    out, err = capfd.readouterr()
+    assert code == 0
+    assert err == "", err
+    assert "accelerate" not in out and out.startswith("sampling 1 of 1 images")
+
+
 def test_evaluate_on_missing_folders_is_one_line(image_folder: Path, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture) -> None:
     pytest.importorskip("meddiff.report")

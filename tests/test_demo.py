@@ -1,4 +1,5 @@
-"""Tests for meddiff.demo: the whole demo end to end at a tiny budget, the held-out spec and the time budget."""
+"""Tests for meddiff.demo: the whole demo end to end at a tiny budget, the held-out spec, the fixed amount of
+training and the time budget's safety stop."""
 from __future__ import annotations
 
 import json
@@ -9,7 +10,10 @@ import pytest
 from PIL import Image
 
 from meddiff.cli import main
-from meddiff.demo import EVAL_SECONDS, SAMPLE_SECONDS, DemoConfig, heldout_spec, run_demo, train_minutes
+import meddiff.demo
+import meddiff.train
+from meddiff.demo import (DEMO_MINUTES, DEMO_STEPS, EVAL_SECONDS, SAMPLE_SECONDS, DemoConfig, heldout_spec, run_demo,
+                          train_minutes)
 from meddiff.errors import ConfigError, DataError
 
 CLASSES = [f"{m}/{f}" for m in ("ct", "mri", "us", "xray") for f in ("abnormal", "normal")]
@@ -32,6 +36,9 @@ def test_demo_end_to_end_writes_a_row_per_class_grid_samples_report_and_figures(
     figures = json.loads((out / "eval.json").read_text())
     assert figures["counts"]["fake"] == len(CLASSES) and figures["counts"]["real"] == 16
     assert figures["privacy"]["n_generated"] == len(CLASSES)
+    assert figures["training"] == dict(steps=2, planned_steps=2, minutes=pytest.approx(figures["training"]["minutes"]),
+                                       stopped="max-steps", warning=None)
+    assert "WARNING" not in printed
     for text in ("demo: 2 training steps", "SSIM to the nearest real image", "real vs real", "KID",
                  "class consistency", "per class: ct/abnormal", "flagged as training copies", str(out / "grid.png")):
         assert text in printed, text
@@ -80,3 +87,60 @@ def test_demo_checks_real_images_before_training(tmp_path: Path, png_writer) -> 
 def test_demo_refuses_bad_settings_before_any_work(tmp_path: Path, change: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         run_demo(DemoConfig(out=str(tmp_path / "demo"), **change), echo=lambda _line: None)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_the_demo_trains_a_fixed_number_of_steps_with_the_minutes_as_a_safety_stop(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = []
+
+    def fake_train(cfg, **_kw):
+        seen.append(cfg)
+        raise _Stop
+
+    monkeypatch.setattr(meddiff.train, "train", fake_train)
+    cfg = DemoConfig(out=str(tmp_path / "demo"), data="builtin:phantoms?n=16", preset="tiny",
+                     cache_dir=str(tmp_path / "cache"))
+    assert (cfg.max_steps, cfg.minutes) == (DEMO_STEPS, DEMO_MINUTES)
+    with pytest.raises(_Stop):
+        run_demo(cfg, echo=lambda _line: None)
+    assert seen[0].max_steps == DEMO_STEPS  # the same work on any machine: not what the minutes leave
+    after = (len(CLASSES) * cfg.per_class * SAMPLE_SECONDS + EVAL_SECONDS) / 60  # sampling and evaluation
+    assert seen[0].max_minutes == pytest.approx(DEMO_MINUTES - after, abs=0.5)  # less the data's seconds
+
+
+@pytest.mark.parametrize("argv, steps, minutes", [([], DEMO_STEPS, DEMO_MINUTES),
+                                                  (["--max-steps", "500", "--minutes", "20"], 500, 20.0)])
+def test_demo_flags_set_the_steps_and_the_safety_stop_together(argv: list[str], steps: int, minutes: float,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = []
+
+    def fake_run_demo(cfg, **_kw):
+        seen.append(cfg)
+        raise _Stop
+
+    monkeypatch.setattr(meddiff.demo, "run_demo", fake_run_demo)
+    with pytest.raises(_Stop):
+        main(["demo", *argv])
+    assert (seen[0].max_steps, seen[0].minutes) == (steps, minutes)
+
+
+def test_the_safety_stop_says_the_model_is_under_trained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setattr(meddiff.demo, "train_minutes", lambda *_a: 1e-3)  # 60 ms: a machine far too slow for 50 steps
+    out = tmp_path / "demo"
+    code = main(["demo", "--data", "builtin:phantoms?n=16", "--preset", "tiny", "--max-steps", "50",
+                 "--per-class", "1", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu",
+                 "--no-progress"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    training = json.loads((out / "eval.json").read_text())["training"]
+    assert training["stopped"] == "max-minutes" and training["steps"] < 50
+    expected = (f"stopped by the --minutes 60 safety limit after {training['steps']} of 50 steps: the samples are "
+                "from an under-trained model")
+    assert training["warning"].startswith(expected)
+    assert printed.count(f"demo: WARNING: {expected}") == 2  # when training stops, and again below the figures
+    assert printed.rstrip().splitlines()[-1].startswith("demo: WARNING: ")

@@ -109,3 +109,12 @@ def test_export_refuses_a_used_folder_and_an_unfinished_run(uncond_run: Path, tm
         export_diffusers(partial, tmp_path / "out")
     with pytest.raises(RunError, match=r"meddiff.json: missing; is this a meddiff run folder"):
         export_diffusers(tmp_path / "nothing", tmp_path / "out")
+
+
+def test_loading_a_pipeline_asks_for_no_accelerate(trained_run: Path, tmp_path: Path, capfd: pytest.CaptureFixture,
+                                                    diffusers_log_to_capture) -> None:
+    """diffusers' 'install accelerate' warning on every load (issue 19): the user should see only meddiff's words."""
+    export_diffusers(trained_run, tmp_path / "exported")
+    for folder in (trained_run, tmp_path / "exported"):
+        MeddiffPipeline.from_pretrained(folder)
+    assert "accelerate" not in capfd.readouterr().err

@@ -433,3 +433,24 @@ def test_validation_losses_are_per_draw_with_evenly_spaced_timesteps() -> None:
     assert float(torch.corrcoef(torch.stack([losses, expected]))[0, 1]) > 0.95
     _, default = T.validation_losses(wrong, images, None, lin, "eps")
     assert abs(float(default.mean()) - T.validation_loss(wrong, images, None, lin, "eps")) < 1e-9
+
+
+# ---------------------------------------------------------------- the ETA
+
+@pytest.mark.parametrize("step, left, expected", [
+    (40, None, "step 40 of 3000: 0.150 s a step, about 7.4 min to go"),
+    (40, 600.0, "step 40 of 3000: 0.150 s a step, about 7.4 min to go"),   # the limit leaves enough
+    (40, 300.0, "step 40 of 3000: 0.150 s a step, about 7.4 min to go; the time limit (5.0 min left) will stop "
+                "training near step 2040"),
+])
+def test_eta_line(step: int, left: float | None, expected: str) -> None:
+    assert T.eta_line(step, 3000, 0.15, left) == expected
+
+
+def test_training_prints_an_eta_after_its_first_steps(image_folder: Path, tmp_path: Path, train_config,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(T, "ETA_STEPS", (1, 3))
+    lines: list[str] = []
+    T.train(train_config(image_folder, tmp_path / "run", max_steps=5, max_minutes=30.0), echo=lines.append)
+    eta = [line for line in lines if line.startswith("step ")]
+    assert len(eta) == 1 and eta[0].startswith("step 3 of 5: ") and eta[0].endswith(" min to go"), lines

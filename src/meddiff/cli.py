@@ -42,8 +42,8 @@ EVAL_EXAMPLES = """examples:
   meddiff evaluate --real builtin:phantoms?n=400 --fake synthetic/ --utility --json eval.json
 """
 DEMO_EXAMPLES = """examples:
-  meddiff demo                                  # about 10 minutes on a 2-core CPU
-  meddiff demo --minutes 30 --per-class 8 --out demo30
+  meddiff demo                  # 3,000 steps: ~9 min on a 2-core Zen 5 CPU, ~45 min on an older AVX2 one
+  meddiff demo --max-steps 6000 --minutes 120 --per-class 8 --out demo6k
   meddiff demo --guidance 3 --out demo_g3
   meddiff demo --preset tiny --max-steps 20 --per-class 1 --out quick   # a smoke test, under a minute
 
@@ -76,6 +76,23 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be at least 1")
     return value
+
+
+THREADS_HELP = ("CPU threads for torch (default: OMP_NUM_THREADS when set, else the CPUs this process may use less "
+                "those other processes keep busy, from the load average)")
+
+
+def _set_threads(a: argparse.Namespace) -> None:
+    """Torch's CPU threads, chosen here at the edge: --threads, else OMP_NUM_THREADS (torch follows it already),
+    else what the load leaves: a core taken by another process stalls all of torch's threads (issue 19)."""
+    import torch
+
+    from .runtime import threads_from_load
+
+    if a.threads is not None:
+        torch.set_num_threads(a.threads)
+    elif "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(threads_from_load())
 
 
 def _micro_batch(text: str) -> int:
@@ -118,6 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--inception-weights", metavar="PATH", help="the FID Inception weights file (implies --features inception)")
     ev.add_argument("--bootstrap", type=_positive_int, default=200, help="bootstrap resamples of every interval")
     ev.add_argument("--cache-dir", default=None, help=f"image and feature cache (default {default_cache_dir()})")
+    ev.add_argument("--threads", type=_positive_int, help=THREADS_HELP)
     au = sub.add_parser("audit", help="copy the generated images that are not copies of training images into a "
                         "shareable folder", epilog="examples:\n  meddiff audit --fake synthetic/ --train train/ "
                         "--real heldout/ --out shareable/\n  meddiff audit --fake ph/ --train "
@@ -216,6 +234,7 @@ def _add_train(sub: Any) -> None:
     tr.add_argument("--compile", action="store_true", help="torch.compile the UNet")
     tr.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
     tr.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    tr.add_argument("--threads", type=_positive_int, help=THREADS_HELP)
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--crop", action="store_true", help="centre-crop to square instead of padding")
     tr.add_argument("--cache-dir", default=None, help=f"preprocessed-image cache (default {default_cache_dir()})")
@@ -246,6 +265,7 @@ def _add_sample(sub: Any) -> None:
                     help="DeepCache feature reuse: full UNet every N model calls (1 = off; 2-3 is ~1.5-2x faster)")
     sa.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
     sa.add_argument("--device", default="auto")
+    sa.add_argument("--threads", type=_positive_int, help=THREADS_HELP)
     sa.add_argument("--no-progress", action="store_true")
 
 
@@ -437,23 +457,26 @@ def cmd_export_diffusers(a: argparse.Namespace) -> int:
 
 def _add_demo(sub: Any) -> None:
     d = DemoConfig
-    de = sub.add_parser("demo", help="train one class-conditional model on MedPhantom-4 (~10 min on a 2-core CPU), "
-                        "then sample a grid with one row per class, evaluate it and write the report",
+    de = sub.add_parser("demo", help="train one class-conditional model on MedPhantom-4 (3,000 steps, ~9 min on "
+                        "a 2-core Zen 5 CPU), then sample a grid with one row per class, evaluate it and write the report",
                         epilog=DEMO_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     de.add_argument("--data", default=d.data, help=f"training data with 2 or more classes (default {d.data}: CT, "
                     "X-ray, MRI, ultrasound, each normal and abnormal)")
     de.add_argument("--real", help="real images to evaluate against (default: the built-in set rendered with the "
                     "next seed, at most 400 images the model never saw)")
-    budget = de.add_mutually_exclusive_group()
-    budget.add_argument("--minutes", type=float, default=d.minutes,
-                        help="the whole demo's budget; training gets what data, sampling and evaluation leave")
-    budget.add_argument("--max-steps", type=_positive_int, help="train exactly this many steps instead")
+    de.add_argument("--max-steps", type=_positive_int, default=d.max_steps,
+                    help=f"training steps (default {d.max_steps}): a fixed amount of work, so a slower or busier "
+                    "machine takes longer instead of drawing a worse model")
+    de.add_argument("--minutes", type=float, default=d.minutes,
+                    help=f"safety stop for the whole demo (default {d.minutes:g}): training stops early when what "
+                    "data, sampling and evaluation leave of it runs out, and the demo says the model is under-trained")
     de.add_argument("--out", default=d.out)
     de.add_argument("--per-class", type=_positive_int, default=d.per_class, help="samples of each class: one grid row")
     de.add_argument("--guidance", type=float, default=d.guidance, help="classifier-free guidance scale (1 = none)")
     de.add_argument("--preset", choices=sorted(ARCHITECTURES), default=d.preset)
     de.add_argument("--seed", type=int, default=d.seed)
     de.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
+    de.add_argument("--threads", type=_positive_int, help=THREADS_HELP)
     de.add_argument("--cache-dir", default=None, help=f"image and feature cache (default {default_cache_dir()})")
     de.add_argument("--no-progress", action="store_true")
 
@@ -472,6 +495,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
     print("\n".join(key_figures(res)))
     print(f"demo: grid {result.grid} (one row per class), samples {result.samples}/, report {result.report}, "
           f"figures {result.figures}; {result.seconds / 60:.1f} min in all")
+    if result.warning:
+        print(f"demo: WARNING: {result.warning}")
     return 0
 
 
@@ -495,6 +520,7 @@ def _add_serve(sub: Any) -> None:
     se.add_argument("--out", help="folder the batches are written into (default: a new temporary folder)")
     se.add_argument("--weights", choices=["ema", "best", "raw"], default="ema")
     se.add_argument("--device", default="auto")
+    se.add_argument("--threads", type=_positive_int, help=THREADS_HELP)
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
@@ -519,6 +545,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if hasattr(args, "threads"):  # the commands that compute: train, sample, evaluate, demo, serve
+            _set_threads(args)
         return COMMANDS[args.command](args)
     except MeddiffError as err:
         print(f"meddiff: error: {err}", file=sys.stderr)

@@ -24,19 +24,27 @@ REAL_MAX = 400           # held-out real phantoms the samples are compared with
 SAMPLE_SECONDS = 2.0     # a guided 64 px `lean` image, UniPC 10 steps: 1.5 s measured
 EVAL_SECONDS = 60.0      # evaluation + report of 48 samples at 64 px: 25 s measured (140 s when BLAS threads contend)
 MIN_TRAIN_MINUTES = 0.5
+# A fixed amount of work, so that the picture does not depend on the machine's speed or load (issue 19: a busy
+# 2-core machine trained 268 steps in the time budget instead of ~2,700 and showed blobs, 48 % class consistency).
+# 3,000 steps of 8 images: the Zen 5 demo reached 75 % class consistency (real 85 %) after 2,744, and the
+# conditional benchmark 91.7 % after 5,261 (docs/benchmarks.md). About 8 min of training on a 2-core Zen 5 (bf16),
+# about 45 on an older 2-core AVX2 CPU (9.4 img/s); DEMO_MINUTES is only a safety stop above that.
+DEMO_STEPS = 3000
+DEMO_MINUTES = 60.0
 
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Everything `meddiff demo` needs. `minutes` is the whole demo's budget: training gets what preparing the
-    data and an estimate of sampling and evaluation (SAMPLE_SECONDS a sample, EVAL_SECONDS) leave of it.
-    `max_steps` trains exactly that many steps instead (tests, quick looks)."""
+    """Everything `meddiff demo` needs. Training runs `max_steps` steps: the same work, and so the same result,
+    on any machine. `minutes` is only a safety stop for the whole demo: training stops early when what preparing
+    the data and an estimate of sampling and evaluation (SAMPLE_SECONDS a sample, EVAL_SECONDS) leave of it runs
+    out, and the demo then says that its samples come from an under-trained model."""
 
     out: str = "demo"
     data: str = DEMO_DATA
     real: str | None = None          # None: see heldout_spec (images the model never saw)
-    minutes: float = 10.0
-    max_steps: int | None = None
+    minutes: float = DEMO_MINUTES
+    max_steps: int = DEMO_STEPS
     preset: str = DEFAULT_PRESET
     per_class: int = 6
     guidance: float = 2.0
@@ -58,6 +66,7 @@ class DemoResult:
     report: Path
     figures: Path
     seconds: float
+    warning: str | None = None       # set when the --minutes safety stop ended training before max_steps
 
 
 def heldout_spec(data: str) -> str:
@@ -73,8 +82,8 @@ def heldout_spec(data: str) -> str:
 
 
 def train_minutes(cfg: DemoConfig, n_samples: int, spent_s: float) -> float:
-    """The training time the budget leaves after `spent_s` seconds of preparation and the estimated sampling
-    of `n_samples` images and evaluation; a budget that leaves under MIN_TRAIN_MINUTES is refused."""
+    """The training time the safety limit leaves after `spent_s` seconds of preparation and the estimated
+    sampling of `n_samples` images and evaluation; a limit that leaves under MIN_TRAIN_MINUTES is refused."""
     after = (n_samples * SAMPLE_SECONDS + EVAL_SECONDS) / 60
     left = cfg.minutes - spent_s / 60 - after
     if left < MIN_TRAIN_MINUTES:
@@ -88,6 +97,7 @@ def train_minutes(cfg: DemoConfig, n_samples: int, spent_s: float) -> float:
 def _check(cfg: DemoConfig) -> None:
     for flag, value, ok, allowed in (("--per-class", cfg.per_class, cfg.per_class >= 1, "a positive whole number"),
                                      ("--guidance", cfg.guidance, cfg.guidance >= 0, "≥ 0 (1 = no guidance)"),
+                                     ("--max-steps", cfg.max_steps, cfg.max_steps >= 1, "a positive whole number"),
                                      ("--minutes", cfg.minutes, cfg.minutes > 0, "positive")):
         if not ok:
             raise ConfigError(f"{flag} {value:g}: must be {allowed}")
@@ -128,12 +138,15 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = print) -> DemoResult
     if real != cfg.data:  # now: inside the budget, into the cache the evaluation reads, and a wrong --real fails early
         load_images(real, "--real", tcfg.size, 1, cfg.cache_dir)
     n_samples = cfg.per_class * len(data.class_names)
-    minutes = None if cfg.max_steps else train_minutes(cfg, n_samples, time.perf_counter() - t0)
+    minutes = train_minutes(cfg, n_samples, time.perf_counter() - t0)
     echo(f"demo: training {cfg.preset} on {len(data)} images of {len(data.class_names)} classes for "
-         + (f"{cfg.max_steps} steps" if minutes is None else f"{minutes:.1f} of the {cfg.minutes:g} minutes") + " …")
+         f"{cfg.max_steps} steps (safety stop: {minutes:.1f} of the --minutes {cfg.minutes:g}) …")
     trained = train(dataclasses.replace(tcfg, max_minutes=minutes), data=data, echo=echo)
     if trained.stopped == "interrupted":  # Ctrl-C: the checkpoint is saved; sampling a half-trained model would mislead
         raise KeyboardInterrupt
+    warning = safety_stop_warning(cfg, trained.steps, trained.stopped)
+    if warning:
+        echo(f"demo: WARNING: {warning}")
     echo(f"demo: sampling {cfg.per_class} image(s) of each class with guidance {cfg.guidance:g} …")
     sample_to_folder(SampleConfig(run=str(run), out=str(samples), per_class=cfg.per_class, guidance=cfg.guidance,
                                   seed=cfg.seed, device=cfg.device, progress=cfg.progress), echo=echo)
@@ -143,9 +156,19 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = print) -> DemoResult
     ev = evaluate(EvalConfig(real=real, fake=str(samples), train=cfg.data, n_boot=cfg.n_boot, seed=cfg.seed,
                              cache_dir=cfg.cache_dir))
     figures = out / "eval.json"
-    figures.write_text(json.dumps(ev.results, indent=2))
+    training = dict(steps=trained.steps, planned_steps=cfg.max_steps, minutes=trained.seconds / 60,
+                    stopped=trained.stopped, warning=warning)
+    figures.write_text(json.dumps({**ev.results, "training": training}, indent=2))
     report = write_report(ev, out / "report", run_dir=run)
-    return DemoResult(trained, ev, grid, samples, report, figures, time.perf_counter() - t0)
+    return DemoResult(trained, ev, grid, samples, report, figures, time.perf_counter() - t0, warning)
+
+
+def safety_stop_warning(cfg: DemoConfig, steps: int, stopped: str) -> str | None:
+    """The demo's words when the --minutes safety stop, not the planned steps, ended training; else None."""
+    if stopped != "max-minutes":
+        return None
+    return (f"stopped by the --minutes {cfg.minutes:g} safety limit after {steps} of {cfg.max_steps} steps: the "
+            f"samples are from an under-trained model; give more --minutes to train all {cfg.max_steps}")
 
 
 def _pct(fig: dict | None) -> str:

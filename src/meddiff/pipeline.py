@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, ImagePipelineOutput, UNet2DModel
+from diffusers.utils import is_accelerate_available
 from diffusers.utils.torch_utils import randn_tensor
 
 from . import checkpoint as ckpt
@@ -47,6 +48,8 @@ class MeddiffPipeline(DiffusionPipeline):
             conditional = record["model"].get("num_classes", 0) > 0
             kwargs["class_names"] = record["class_names"] if conditional else []
             kwargs.setdefault("patch_size", record["model"].get("patch_size", 1))
+        # diffusers asks users without `accelerate` to install it on every load unless told not to use it
+        kwargs.setdefault("low_cpu_mem_usage", is_accelerate_available())
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def _labels(self, class_name: str | list[str] | None, batch_size: int) -> torch.Tensor | None:

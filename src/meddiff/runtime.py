@@ -1,7 +1,9 @@
-"""The hardware a run lands on: device choice, the precision it supports, and a one-line description for logs."""
+"""The hardware a run lands on: device choice, the precision it supports, the CPU threads the load leaves, and a
+one-line description for logs."""
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,13 +64,58 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def threads_for_load(usable_cpus: int, others_load: float, total_cpus: int | None = None,
+                     most: int | None = None) -> int:
+    """Torch threads for this process: the CPUs it may use minus those other processes keep busy, at least 1 and
+    at most `most` (torch's own default: one a physical core). `others_load` is the run queue of everything else
+    on all `total_cpus` CPUs (default: `usable_cpus`), taken as spread evenly over them. Why: torch's threads wait
+    for each other at every operation, so one thread sharing its core with another process stalls the rest; on
+    2 cores with one taken, 2 threads trained ~10x slower than 1 (issue 19)."""
+    total = max(total_cpus or usable_cpus, usable_cpus)
+    busy = max(others_load, 0.0) * usable_cpus / total  # the share of the others' load on this process's CPUs
+    threads = max(1, usable_cpus - int(busy + 0.5))
+    return max(1, min(threads, most)) if most else threads
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: taskset, cgroups, torchrun), else all of them."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def others_load(loadavg: str | None = None) -> float:
+    """How many runnable tasks other processes keep: the smaller of the 1-minute load average and the run queue
+    right now less this process (/proc/loadavg's "running/total" field). The smaller, because the average lags a
+    minute behind (a run that just ended still counts) and the snapshot catches short-lived tasks."""
+    if loadavg is None:
+        try:
+            loadavg = Path("/proc/loadavg").read_text()
+        except OSError:
+            try:
+                return os.getloadavg()[0]
+            except (AttributeError, OSError):  # Windows: no load average, assume a quiet machine
+                return 0.0
+    fields = loadavg.split()
+    load1, running = float(fields[0]), int(fields[3].split("/")[0])
+    return max(0.0, min(load1, running - 1.0))
+
+
+def threads_from_load() -> int:
+    """threads_for_load on this machine's CPUs and load, capped at torch's current thread count."""
+    return threads_for_load(usable_cpus(), others_load(), os.cpu_count(), torch.get_num_threads())
+
+
 def describe(device: torch.device, precision: str) -> str:
-    """E.g. 'cpu (AMD EPYC, AVX2, 2 threads), fp32' — printed by every command and benchmark."""
+    """E.g. 'cpu (AMD EPYC, AVX2, 1 of 2 CPUs), fp32' — printed by every command and benchmark."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
         bf16 = ", bf16 hardware" if cpu_has_fast_bf16() else ""  # AMX / AVX512-BF16: the kernels' ISA name omits it
-        name = f"{cpu_model()}, {torch.backends.cpu.get_cpu_capability()}{bf16}, {torch.get_num_threads()} threads"
+        threads, cpus = torch.get_num_threads(), usable_cpus()
+        name = (f"{cpu_model()}, {torch.backends.cpu.get_cpu_capability()}{bf16}, "
+                + (f"{threads} threads" if threads >= cpus else f"{threads} thread{'s' * (threads > 1)} of {cpus} CPUs"))
     return f"{device.type} ({name}), {precision}"
 
 

@@ -31,6 +31,7 @@ RUN_FILE = "meddiff.json"
 LOG_FILE = "log.jsonl"
 VAL_TIMESTEPS_PER_IMAGE = 4
 MAX_VAL_IMAGES = 64
+ETA_STEPS = (10, 40)  # the ETA times the steps between these (counted from the start): past the first steps' warm-up
 
 
 @dataclass
@@ -292,6 +293,16 @@ def _stop_reason(cfg: TrainConfig, step: int, total: int | None, elapsed: float)
     return None
 
 
+def eta_line(step: int, total: int, s_per_step: float, seconds_left: float | None) -> str:
+    """'step 40 of 3000: 0.150 s a step, about 7.4 min to go', and when `seconds_left` of a time limit end the
+    run first, near which step it will stop."""
+    line = f"step {step} of {total}: {s_per_step:.3f} s a step, about {(total - step) * s_per_step / 60:.1f} min to go"
+    if seconds_left is not None and (total - step) * s_per_step > seconds_left:
+        line += (f"; the time limit ({seconds_left / 60:.1f} min left) will stop training near step "
+                 f"{step + int(seconds_left / s_per_step)}")
+    return line
+
+
 def _log_line(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -374,7 +385,7 @@ def train(cfg: TrainConfig, data: ImageSet | None = None, *, resume: bool = Fals
          f"{' conditional' if conditional else ''}; {describe(device, precision)}")
 
     bar = _progress(cfg, total, step) if dist.main else None
-    t_start, stopped, seen_at_start = time.time(), None, images_seen
+    t_start, stopped, seen_at_start, step_at_start, t_eta = time.time(), None, images_seen, step, 0.0
     with _StopFlag() as flag:
         while True:
             elapsed = elapsed0 + time.time() - t_start
@@ -438,6 +449,13 @@ def train(cfg: TrainConfig, data: ImageSet | None = None, *, resume: bool = Fals
                 if dist.main:
                     _log_line(run / LOG_FILE, dict(step=step, loss=float(np.mean(losses[-10:])), lr=lr,
                                                    img_per_s=rate, elapsed=elapsed))
+            if step - step_at_start == ETA_STEPS[0]:
+                t_eta = time.time()
+            elif step - step_at_start == ETA_STEPS[1] and total:
+                if bar is not None:
+                    bar.clear()  # the line goes above the bar, not through it
+                left = None if cfg.max_minutes is None else cfg.max_minutes * 60 - elapsed
+                echo(eta_line(step, total, (time.time() - t_eta) / (ETA_STEPS[1] - ETA_STEPS[0]), left))
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", img_s=f"{rate:.1f}", lr=f"{lr:.1e}")
