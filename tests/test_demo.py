@@ -19,12 +19,17 @@ from meddiff.errors import ConfigError, DataError
 CLASSES = [f"{m}/{f}" for m in ("ct", "mri", "us", "xray") for f in ("abnormal", "normal")]
 
 
+def _tiny_demo(tmp_path: Path, steps: int) -> tuple[Path, int]:
+    """`meddiff demo` on 16 tiny phantoms, one sample a class → (its folder, its exit code)."""
+    out = tmp_path / "demo"
+    return out, main(["demo", "--data", "builtin:phantoms?n=16", "--preset", "tiny", "--max-steps", str(steps),
+                      "--per-class", "1", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--device",
+                      "cpu", "--no-progress"])
+
+
 def test_demo_end_to_end_writes_a_row_per_class_grid_samples_report_and_figures(
         tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    out = tmp_path / "demo"
-    code = main(["demo", "--data", "builtin:phantoms?n=16", "--preset", "tiny", "--max-steps", "2",
-                 "--per-class", "1", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu",
-                 "--no-progress"])
+    out, code = _tiny_demo(tmp_path, steps=2)
     printed = capsys.readouterr().out
     assert code == 0
     with Image.open(out / "grid.png") as im:
@@ -131,10 +136,7 @@ def test_demo_flags_set_the_steps_and_the_safety_stop_together(argv: list[str], 
 def test_the_safety_stop_says_the_model_is_under_trained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                          capsys: pytest.CaptureFixture) -> None:
     monkeypatch.setattr(meddiff.demo, "train_minutes", lambda *_a: 1e-3)  # 60 ms: a machine far too slow for 50 steps
-    out = tmp_path / "demo"
-    code = main(["demo", "--data", "builtin:phantoms?n=16", "--preset", "tiny", "--max-steps", "50",
-                 "--per-class", "1", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu",
-                 "--no-progress"])
+    out, code = _tiny_demo(tmp_path, steps=50)
     printed = capsys.readouterr().out
     assert code == 0
     training = json.loads((out / "eval.json").read_text())["training"]
