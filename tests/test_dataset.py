@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import os
+import signal
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +14,7 @@ from PIL import Image
 
 import meddiff.data.readers as readers
 from meddiff.data import cache
-from meddiff.data.dataset import ImageSet, export_builtin, load_data, parse_spec, split, to_square
+from meddiff.data.dataset import ImageSet, export_builtin, load_data, parse_spec, skipped_listing, split, to_square
 from meddiff.errors import DataError
 
 
@@ -76,7 +79,7 @@ def test_corrupt_and_misplaced_files_are_skipped_with_path_and_reason(tmp_path: 
 def test_summary_holds_no_file_names(tmp_path: Path, png_writer) -> None:
     png_writer(tmp_path, 2)
     data = load_data(str(tmp_path), 16)
-    assert set(data.summary) == {"images", "classes", "formats", "source_shapes", "size", "skipped"}
+    assert set(data.summary) == {"images", "classes", "formats", "source_shapes", "size", "files", "skipped"}
     assert "000.png" not in repr(data.summary) and "001.png" not in repr(data.summary)
 
 
@@ -256,3 +259,52 @@ def test_export_builtin_refuses_folders_and_inline_parameters(tmp_path: Path) ->
         export_builtin("some/folder", tmp_path, n=2, size=32)
     with pytest.raises(DataError, match=r"give --n, --size and --seed as flags"):
         export_builtin("builtin:xray?n=3", tmp_path, n=2, size=32)
+
+
+def _fail_after(seconds: int):
+    """Make a blocked call fail the test (SIGALRM) instead of hanging the suite; cancel with signal.alarm(0)."""
+    def expire(_signum: int, _frame: object) -> None:
+        raise TimeoutError(f"blocked for more than {seconds} s")
+    signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo") or not hasattr(signal, "SIGALRM"), reason="POSIX only")
+def test_hostile_files_are_skipped_counted_and_listed(tmp_path: Path, png_writer, recwarn) -> None:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SegmentationStorage, generate_uid
+
+    root = tmp_path / "data"
+    png_writer(root / "a", 3)
+    os.mkfifo(root / "a" / "IM0001")  # a named pipe without extension: opening it to look for DICM blocks
+    ihdr = struct.pack(">II", 60000, 1) + b"\x08\x00\x00\x00\x00"  # 1×60000 px: a 60000² square once padded
+    chunks = [(b"IHDR", ihdr), (b"IDAT", zlib.compress(b"\x00" * 8)), (b"IEND", b"")]
+    (root / "a" / "bomb.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"".join(
+        struct.pack(">I", len(d)) + k + d + struct.pack(">I", zlib.crc32(k + d)) for k, d in chunks))
+    seg = Dataset()
+    seg.file_meta = FileMetaDataset()
+    seg.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    seg.SOPClassUID, seg.SOPInstanceUID, seg.Modality = SegmentationStorage, generate_uid(), "SEG"
+    seg.set_pixel_data(np.eye(8, dtype=np.uint8), "MONOCHROME2", 8)
+    seg.save_as(root / "a" / "labels.dcm", enforce_file_format=True)
+    _fail_after(30)
+    try:
+        data = load_data(str(root), 16, cache_dir=tmp_path / "cache")
+    finally:
+        signal.alarm(0)
+    assert len(data) == 3 and data.summary["files"] == 6 and data.summary["skipped"] == 3
+    reasons = {Path(p).name: r for p, r in data.skipped}
+    assert reasons["IM0001"] == "not a regular file (a named pipe)"
+    assert reasons["bomb.png"].startswith("the PNG header declares 1×60000 pixels")
+    assert reasons["labels.dcm"].startswith("a DICOM Segmentation (label map), not an image")
+    listing = skipped_listing(data, str(root))
+    assert listing.splitlines() == [f"a/{name}: {reasons[name]}" for name in ("IM0001", "bomb.png", "labels.dcm")]
+    assert str(tmp_path) not in listing
+    assert not [w for w in recwarn if "DecompressionBomb" in type(w.message).__name__]
+
+
+def test_skipped_listing_is_empty_without_skipped_files_and_keeps_foreign_paths(image_folder: Path) -> None:
+    data = load_data(str(image_folder), 16)
+    assert skipped_listing(data, str(image_folder)) == ""
+    data.skipped = [("/elsewhere/x.png", "odd\nname")]
+    assert skipped_listing(data, str(image_folder)) == "/elsewhere/x.png: odd\\nname\n"

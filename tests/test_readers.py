@@ -4,6 +4,13 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import logging
+import os
+import re
+import socket
+import struct
+import threading
+import warnings
+import zlib
 from pathlib import Path
 
 import nibabel as nib
@@ -13,11 +20,18 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import (
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    SecondaryCaptureImageStorage,
+    SegmentationStorage,
+    generate_uid,
+)
 
 from meddiff.errors import ConfigError, DataError, UnreadableFile
 from meddiff.data.readers import (
     IMAGE_SUFFIXES,
+    MAX_SIDE,
     DicomReader,
     Meta,
     NiftiReader,
@@ -433,7 +447,7 @@ def test_undecodable_transfer_syntax_is_named():
     [
         ("MR_truncated.dcm", "corrupt or truncated pixel data"),
         ("rtplan.dcm", r"not an image \(RT Plan Storage\): no pixel data"),
-        ("test-SR.dcm", "no pixel data"),
+        ("test-SR.dcm", r"a DICOM Structured Report, not an image: \(0008,0016\) SOP Class UID 1\.2\.840\.10008\.5\.1\.4\.1\.1\.88\.33"),
     ],
 )
 def test_pydicom_files_that_are_not_readable_images(name, match):
@@ -532,3 +546,214 @@ def test_find_image_files(tmp_path):
 
 def test_image_suffixes():
     assert IMAGE_SUFFIXES == {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom", ".nii", ".nii.gz"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile folders and files: nothing blocks, nothing huge is decoded, nothing silently constant
+# ---------------------------------------------------------------------------------------------
+def _promptly(call, seconds: float = 20.0):
+    """Run `call` in a daemon thread; fail (instead of hanging the suite) when it does not return in time."""
+    result: dict = {}
+
+    def target() -> None:
+        try:
+            result["value"] = call()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
+            result["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"blocked for more than {seconds} s"
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes on this platform")
+def test_named_pipes_sockets_devices_and_broken_links_are_never_opened(tmp_path):
+    _save_pil(tmp_path / "ok.png", np.zeros((2, 2), np.uint8))
+    os.mkfifo(tmp_path / "pipe")  # extension-less: the old scan opened it to look for DICM, and blocked
+    os.mkfifo(tmp_path / "pipe.png")
+    (tmp_path / "gone.png").symlink_to(tmp_path / "missing.png")
+    (tmp_path / "null.dcm").symlink_to(os.devnull)
+    expected = {
+        "gone.png": "broken symbolic link",
+        "null.dcm": "not a regular file (a character device)",
+        "pipe": "not a regular file (a named pipe)",
+        "pipe.png": "not a regular file (a named pipe)",
+    }
+    sock_dir = Path("/tmp") if len(str(tmp_path)) > 80 else tmp_path  # AF_UNIX paths are short
+    sock_path = sock_dir / f"md-{os.getpid()}.sock"
+    server = socket.socket(socket.AF_UNIX)
+    try:
+        server.bind(str(sock_path))
+        if sock_dir == tmp_path:
+            expected[sock_path.name] = "not a regular file (a socket)"
+        found, ignored = _promptly(lambda: find_image_files(tmp_path))
+        assert found == [tmp_path / "ok.png"]
+        assert {path.name: reason for path, reason in ignored} == expected
+        for name, reason in expected.items():
+            with pytest.raises(UnreadableFile, match="^" + re.escape(f"{tmp_path / name}: {reason}")):
+                _promptly(lambda: read_file(tmp_path / name))
+        assert not _promptly(lambda: is_dicom_file(tmp_path / "pipe"))
+        assert not _promptly(lambda: is_dicom_file(sock_path))
+    finally:
+        server.close()
+        sock_path.unlink(missing_ok=True)
+
+
+def test_a_folder_that_cannot_be_listed_is_reported(tmp_path, monkeypatch):
+    _save_pil(tmp_path / "ok.png", np.zeros((2, 2), np.uint8))
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    _save_pil(locked / "hidden_from_us.png", np.zeros((2, 2), np.uint8))
+    real_scandir = os.scandir
+
+    def scandir(path):  # as for a folder without read permission (chmod 0 does not stop root)
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    found, ignored = find_image_files(tmp_path)
+    assert found == [tmp_path / "ok.png"]
+    assert ignored == [(locked, "cannot list the folder (Permission denied)")]
+
+
+def _png_header_only(width: int, height: int, mode_bytes: bytes = b"\x08\x00") -> bytes:
+    """A tiny PNG that declares width × height 8-bit grey pixels and holds one row of compressed zeros."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">II", width, height) + mode_bytes + b"\x00\x00\x00"
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 8)) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "match"),
+    [
+        (60000, 1, r"the PNG header declares 1×60000 pixels \(60,000 values in the file\); allowed: 1 to 16384 pixels per side"),
+        (1, 60000, r"declares 60000×1 pixels"),
+        (60000, 60000, r"PNG image too large: DecompressionBombError"),  # Pillow's own error, as a reason
+        (10000, 10000, r"truncated or corrupt PNG"),  # past Pillow's warning level: no console warning
+    ],
+)
+def test_declared_size_bombs_are_refused_before_decoding(tmp_path, recwarn, width, height, match):
+    path = tmp_path / "bomb.png"
+    path.write_bytes(_png_header_only(width, height))
+    assert path.stat().st_size < 200
+    with pytest.raises(UnreadableFile, match=match):
+        read_file(path)
+    assert not [w for w in recwarn if "DecompressionBomb" in type(w.message).__name__]
+
+
+def test_dicom_declared_size_bombs(tmp_path):
+    ds = _dicom(np.zeros((2, 2), np.uint16))
+    ds.Columns = MAX_SIDE + 1
+    with pytest.raises(UnreadableFile, match=r"\(0028,0010\) Rows × \(0028,0011\) Columns.*declares 2×16385 pixels"):
+        read_file(_write_dicom(tmp_path / "wide.dcm", ds))
+    ds = _dicom(np.zeros((64, 64), np.uint16), NumberOfFrames=1_000_000)
+    with pytest.raises(UnreadableFile, match=r"NumberOfFrames 1000000\).*\(4,096,000,000 values in the file\)"):
+        read_file(_write_dicom(tmp_path / "frames.dcm", ds))
+    ds = _dicom(np.zeros((2, 2), np.uint16), NumberOfFrames=-3)
+    with pytest.raises(UnreadableFile, match=r"\(0028,0008\) NumberOfFrames -3: must be a whole number ≥ 1"):
+        read_file(_write_dicom(tmp_path / "negative.dcm", ds))
+
+
+def test_nifti_declared_size_bomb(tmp_path):
+    header = nib.Nifti1Header()
+    header.set_data_dtype(np.uint8)
+    header.set_data_shape((30000, 30000, 30000))
+    path = tmp_path / "bomb.nii.gz"
+    path.write_bytes(gzip.compress(header.binaryblock + b"\x00" * 4 + b"\x00" * 64))
+    assert path.stat().st_size < 1000
+    with pytest.raises(UnreadableFile, match=r"the NIfTI header declares 30000×30000×30000 pixels"):
+        read_file(path)
+
+
+@pytest.mark.parametrize(
+    ("attrs", "match"),
+    [
+        (dict(RescaleSlope="nan", RescaleIntercept="0"), r"\(0028,1053\) RescaleSlope nan: must be a finite number"),
+        (dict(RescaleSlope="inf", RescaleIntercept="0"), r"\(0028,1053\) RescaleSlope inf: must be a finite number"),
+        (dict(RescaleSlope="1", RescaleIntercept="-inf"), r"\(0028,1052\) RescaleIntercept -inf: must be a finite"),
+        (dict(RescaleSlope="1e999", RescaleIntercept="0"), r"\(0028,1053\) RescaleSlope 1e999: must be a finite"),
+        (dict(WindowCenter="40", WindowWidth="NaN"), r"\(0028,1051\) WindowWidth NaN: must be a finite number"),
+        (dict(RescaleSlope="0", RescaleIntercept="5"), r"\(0028,1053\) RescaleSlope 0 .* maps every stored value to 5"),
+    ],
+)
+def test_dicom_non_finite_or_collapsing_scaling_is_refused(tmp_path, attrs, match):
+    ds = _dicom(np.array([[0, 10, 20]], np.uint16))
+    keywords = dict(RescaleSlope=0x00281053, RescaleIntercept=0x00281052, WindowCenter=0x00281050, WindowWidth=0x00281051)
+    for keyword, value in attrs.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom warns that these are no valid DS
+            ds.add_new(keywords[keyword], "DS", value)  # as a file would hold it
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns that these are no valid DS when they are set
+        path = _write_dicom(tmp_path / "bad.dcm", ds)
+    with pytest.raises(UnreadableFile, match=match) as info:
+        read_file(path)
+    assert "Doe" not in str(info.value)
+
+
+def test_float_images_without_a_finite_value_are_refused(tmp_path):
+    with pytest.raises(UnreadableFile, match="floating-point image gives no finite pixel value"):
+        read_file(_save_pil(tmp_path / "nan.tiff", np.full((2, 3), np.nan, np.float32)))
+    with pytest.raises(UnreadableFile, match="NIfTI volume .* gives no finite pixel value"):
+        read_file(_nifti(tmp_path / "nan.nii", np.full((4, 4, 2), np.nan, np.float32)))
+    partly = np.array([[np.nan, 0.0, 2.0]], np.float32)  # a few NaN pixels are fine: they are clipped
+    np.testing.assert_allclose(_one(_save_pil(tmp_path / "partly.tiff", partly))[0], [[0.0, 0.0, 1.0]])
+
+
+@pytest.mark.parametrize(
+    ("sop", "modality", "match"),
+    [
+        (SegmentationStorage, "SEG", r"a DICOM Segmentation \(label map\), not an image: \(0008,0016\) SOP Class UID 1\.2\.840\.10008\.5\.1\.4\.1\.1\.66\.4"),
+        (SecondaryCaptureImageStorage, "SEG", r"a DICOM Segmentation \(label map\), not an image: \(0008,0060\) Modality SEG"),
+        (SecondaryCaptureImageStorage, "RTSTRUCT", r"a DICOM RT Structure Set \(contours\), not an image"),
+        ("1.2.840.10008.5.1.4.1.1.11.1", "PR", r"a DICOM Presentation State, not an image: \(0008,0016\)"),
+        ("1.2.840.10008.5.1.4.1.1.88.59", "KO", r"a DICOM Key Object Selection document, not an image"),
+    ],
+)
+def test_dicom_label_maps_and_other_non_images_are_refused(tmp_path, sop, modality, match):
+    labels = np.zeros((4, 4), np.uint8)
+    labels[1:3, 1:3] = 1
+    ds = _dicom(labels, Modality=modality, SOPClassUID=sop)
+    ds.file_meta.MediaStorageSOPClassUID = sop
+    with pytest.raises(UnreadableFile, match=match):
+        read_file(_write_dicom(tmp_path / "seg.dcm", ds))
+
+
+def test_dicom_media_storage_sop_class_alone_identifies_a_segmentation(tmp_path):
+    ds = _dicom(np.zeros((2, 2), np.uint8))
+    ds.file_meta.MediaStorageSOPClassUID = SegmentationStorage
+    ds.save_as(tmp_path / "seg.dcm")  # not enforce_file_format: that would copy (0008,0016) into (0002,0002)
+    assert pydicom.dcmread(tmp_path / "seg.dcm", force=True).file_meta.MediaStorageSOPClassUID == SegmentationStorage
+    with pytest.raises(UnreadableFile, match=r"Segmentation.*\(0002,0002\) Media Storage SOP Class UID"):
+        read_file(tmp_path / "seg.dcm")
+
+
+def _palette_dicom(path: Path, little_endian: bool) -> Path:
+    """An 8-bit PALETTE COLOR ultrasound with 16-bit LUTs whose entries are i·256 (as scanners write them),
+    stored in Explicit VR Little or Big Endian: the OW LUT Data bytes follow the transfer syntax."""
+    ds = _dicom(np.array([[0, 64], [128, 255]], np.uint8), "PALETTE COLOR", Modality="US")
+    ramp = np.arange(256) * 256
+    for colour, scale in (("Red", 1.0), ("Green", 0.5), ("Blue", 0.25)):
+        data = (ramp * scale).astype("<u2" if little_endian else ">u2").tobytes()
+        setattr(ds, f"{colour}PaletteColorLookupTableDescriptor", [256, 0, 16])
+        ds.add_new(pydicom.datadict.tag_for_keyword(f"{colour}PaletteColorLookupTableData"), "OW", data)
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian if little_endian else ExplicitVRBigEndian
+    return _write_dicom(path, ds)
+
+
+def test_big_endian_palette_colour_decodes_like_its_little_endian_twin(tmp_path):
+    little = _one(_palette_dicom(tmp_path / "le.dcm", True))[0]
+    big_path = _palette_dicom(tmp_path / "be.dcm", False)
+    assert pydicom.dcmread(big_path).file_meta.TransferSyntaxUID == ExplicitVRBigEndian
+    big = _one(big_path)[0]
+    np.testing.assert_array_equal(big, little)
+    luma = 0.299 + 0.587 * 0.5 + 0.114 * 0.25
+    np.testing.assert_allclose(little, np.array([[0, 64], [128, 255]]) * 256 * luma / 65535, atol=1e-6)
+    assert big.max() > 0.5  # swapped LUT entries (i·256 read as i) made it almost black

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: readers skip non-regular files, size bombs, non-finite scaling, DICOM SEG/SR/PR/KO
 
 
 def cache_key(*parts: object) -> str:

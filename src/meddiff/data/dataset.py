@@ -133,6 +133,7 @@ def _read_folder(root: Path, size: int, crop: bool, label_depth: int, nifti_axis
     from .readers import read_file
 
     files, skipped, flat = _scan_folder(root, label_depth, exclude)
+    n_ignored = len(skipped)  # not image files: counted among the files seen
     images, classes, groups, formats, shapes = [], [], [], {}, {}
     for path in files:
         try:
@@ -152,7 +153,7 @@ def _read_folder(root: Path, size: int, crop: bool, label_depth: int, nifti_axis
             key = "x".join(map(str, image.shape))
             shapes[key] = shapes.get(key, 0) + 1
     sidecar = dict(classes=classes, groups=[_stable_id(g) for g in groups], skipped=skipped,
-                   formats=formats, source_shapes=shapes, files=len(files))
+                   formats=formats, source_shapes=shapes, files=len(files) + n_ignored)
     return cache.to_uint16(np.stack(images)) if images else np.zeros((0, size, size), np.uint16), sidecar
 
 
@@ -277,9 +278,21 @@ def load_data(spec: str, size: int, *, crop: bool = False, label_depth: int = 1,
     images = torch.from_numpy(cache.from_uint16(np.asarray(stored)))[:, None] * 2 - 1
     counts = {c: int((labels == i).sum()) for i, c in enumerate(class_names)}
     summary = dict(images=len(images), classes=counts, formats=side["formats"], source_shapes=side["source_shapes"],
-                   size=size, skipped=len(side["skipped"]))
+                   size=size, files=int(side.get("files", 0)), skipped=len(side["skipped"]))
     return ImageSet(images, labels, class_names, np.asarray(side["groups"], np.int64),
                     [tuple(s) for s in side["skipped"]], summary)
+
+
+def skipped_listing(data: ImageSet, spec: str) -> str:
+    """The skipped files as text, one `path: reason` line each, paths relative to the data folder `spec`: no
+    patient data beyond the file names the user chose (reasons never quote DICOM attributes). Empty if none."""
+    kind, name, _params = parse_spec(spec)
+    root = Path(name).expanduser() if kind == "folder" else None
+    lines = []
+    for path, reason in data.skipped:
+        shown = os.path.relpath(path, root) if root is not None and Path(path).is_relative_to(root) else path
+        lines.append(f"{shown}: {reason}".replace("\r", "\\r").replace("\n", "\\n"))  # one line per file
+    return "".join(line + "\n" for line in lines)
 
 
 def split(data: ImageSet, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
