@@ -149,6 +149,20 @@ def test_failed_start_leaves_no_run_folder(tmp_path: Path, train_config) -> None
 
 # ---------------------------------------------------------------- pure helpers
 
+def test_skipped_files_are_counted_on_the_console_and_listed_in_the_run(tmp_path: Path, png_writer,
+                                                                       train_config) -> None:
+    data = tmp_path / "data"
+    png_writer(data / "a", 4)
+    (data / "a" / "broken.png").write_bytes(b"not a png")
+    (data / "a" / "notes.txt").write_text("hello")
+    out, lines = tmp_path / "run", []
+    T.train(train_config(data, out, max_steps=1, val_every=1), echo=lines.append)
+    assert f"skipped 2 of 6 files (unreadable or not images); listed in {out / T.SKIPPED_FILE}" in lines
+    listing = (out / T.SKIPPED_FILE).read_text().splitlines()
+    assert listing[0] == "a/broken.png: not a PNG file: cannot identify image"
+    assert listing[1].startswith("a/notes.txt: not an image format") and len(listing) == 2
+
+
 def test_batch_indices_cover_each_epoch_once() -> None:
     n, b = 14, 4
     per_epoch = math.ceil(n / b)

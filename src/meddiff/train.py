@@ -21,7 +21,7 @@ from diffusers import DDPMScheduler
 
 from . import checkpoint as ckpt
 from .config import ModelConfig, TrainConfig, from_json, model_config, to_json
-from .data.dataset import ImageSet, load_data, split
+from .data.dataset import ImageSet, load_data, skipped_listing, split
 from .diffusion import alphas_cumprod, diffusers_scheduler_config, diffusion_loss, predicted_eps, q_sample
 from .errors import ConfigError, RunError
 from .model import build_unet, denoise, null_class
@@ -29,6 +29,7 @@ from .runtime import Dist, autocast, describe, pick_device, pick_precision
 
 RUN_FILE = "meddiff.json"
 LOG_FILE = "log.jsonl"
+SKIPPED_FILE = "skipped.txt"     # the data files left out, `relative/path: reason` per line
 VAL_TIMESTEPS_PER_IMAGE = 4
 MAX_VAL_IMAGES = 64
 ETA_STEPS = (10, 40)  # the ETA times the steps between these (counted from the start): past the first steps' warm-up
@@ -345,6 +346,11 @@ def train(cfg: TrainConfig, data: ImageSet | None = None, *, resume: bool = Fals
                       data=data.summary, split=dict(train=len(train_idx), val=len(val_idx)),
                       hardware=describe(device, precision), processes=dist.world, meddiff_version=_version())
         ckpt.write_json(run / RUN_FILE, record)
+    if data.skipped and dist.main:
+        (run / SKIPPED_FILE).write_text(skipped_listing(data, cfg.data))
+        files = data.summary.get("files")
+        echo(f"skipped {len(data.skipped)}{f' of {files}' if files else ''} files (unreadable or not images); "
+             f"listed in {run / SKIPPED_FILE}")
 
     unet = build_unet(mcfg).to(device)
     if cfg.grad_checkpointing:

@@ -284,12 +284,12 @@ def load_data(spec: str, size: int, *, crop: bool = False, label_depth: int = 1,
 
 
 def skipped_listing(data: ImageSet, spec: str) -> str:
-    """The skipped files as text, one `path: reason` line each, paths relative to the data folder `spec`: no
+    """The skipped files as text, one `path: reason` line each in path order, paths relative to the data folder `spec`: no
     patient data beyond the file names the user chose (reasons never quote DICOM attributes). Empty if none."""
     kind, name, _params = parse_spec(spec)
     root = Path(name).expanduser() if kind == "folder" else None
     lines = []
-    for path, reason in data.skipped:
+    for path, reason in sorted(data.skipped):
         shown = os.path.relpath(path, root) if root is not None and Path(path).is_relative_to(root) else path
         lines.append(f"{shown}: {reason}".replace("\r", "\\r").replace("\n", "\\n"))  # one line per file
     return "".join(line + "\n" for line in lines)
