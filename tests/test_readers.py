@@ -577,8 +577,10 @@ def test_named_pipes_sockets_devices_and_broken_links_are_never_opened(tmp_path)
     os.mkfifo(tmp_path / "pipe.png")
     (tmp_path / "gone.png").symlink_to(tmp_path / "missing.png")
     (tmp_path / "null.dcm").symlink_to(os.devnull)
+    (tmp_path / "loop.png").symlink_to(tmp_path / "loop.png")
     expected = {
         "gone.png": "broken symbolic link",
+        "loop.png": "cannot stat the file (Too many levels of symbolic links)",
         "null.dcm": "not a regular file (a character device)",
         "pipe": "not a regular file (a named pipe)",
         "pipe.png": "not a regular file (a named pipe)",
