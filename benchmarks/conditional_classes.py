@@ -113,7 +113,7 @@ def main() -> None:
 
     from meddiff.config import SampleConfig
     from meddiff.data.dataset import load_data
-    from meddiff.evaluate import images01
+    from meddiff.imagesets import images01
     from meddiff.runtime import cpu_model
     from meddiff.sample import sample_to_folder
 

@@ -51,9 +51,8 @@ def write_set(root: Path, n: int, size: int, seed: int) -> Path:
 
 def check_ssim(cfg: EvalConfig, k: int) -> dict:
     """Shortlisted vs exhaustive nearest SSIM on k generated images: agreement and the mean gap."""
-    from meddiff.evaluate import load_images
-    from meddiff.metrics.msssim import nearest_ssim_shortlist
-    from meddiff.metrics.ssim import nearest_ssim
+    from meddiff.imagesets import load_images
+    from meddiff.metrics.ssim import nearest_ssim, nearest_ssim_shortlist
 
     fake = load_images(cfg.fake, "--fake", cfg.size, 1, None).images[:k]
     real = load_images(cfg.real, "--real", cfg.size, 1, cfg.cache_dir).images

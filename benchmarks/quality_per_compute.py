@@ -97,18 +97,18 @@ def score(fake: np.ndarray, real: np.ndarray, heldout: np.ndarray | None = None)
     from meddiff.metrics.features import get_extractor
     from meddiff.metrics.fid import compute_stats, feature_scores
     from meddiff.metrics.memorization import memorization_report
-    from meddiff.metrics.ssim import ssim_report
+    from meddiff.metrics.ssim import ssim_figure
 
-    s = ssim_report(fake, real)
+    s, _, _ = ssim_figure(fake, real)
     extractor = get_extractor("randconv", resolution=fake.shape[-1])
     f = feature_scores(compute_stats(fake, extractor), compute_stats(real, extractor),
                        kid_subset_size=min(len(fake), len(real)))
-    q = dict(ssim_mean=s["ssim_mean"], ssim_ci95=s["ssim_ci95"], ssim_reference=s["reference_real_halves"],
+    q = dict(ssim_mean=s.value, ssim_ci95=list(s.interval), ssim_reference=s.reference,
              kid=f["kid"], fid=f["fid"], feature_protocol=f["protocol"])
     if heldout is not None:
         m = memorization_report(fake, real, heldout, size=fake.shape[-1])
-        q.update(copies_share=m["flagged_share"], copies_threshold_ncc=m["threshold"],
-                 train_copied_share=m["train_copied_share"], memorization_protocol=m["protocol"])
+        q.update(copies_share=m.flagged_share, copies_threshold_ncc=m.threshold,
+                 train_copied_share=m.train_copied_share, memorization_protocol=m.protocol)
     return q
 
 

@@ -27,10 +27,10 @@ def main() -> None:
     ap.add_argument("--out", default="bench_out/samplers")
     a = ap.parse_args()
 
-    from meddiff.evaluate import images01
+    from meddiff.imagesets import images01
     from meddiff.metrics.features import get_extractor
     from meddiff.metrics.fid import compute_stats, kid
-    from meddiff.metrics.ssim import ssim_report
+    from meddiff.metrics.ssim import ssim_figure
     from meddiff.runtime import cpu_model
     from meddiff.sample import generate, load_run
 
@@ -46,10 +46,10 @@ def main() -> None:
             t0 = time.time()
             imgs = np.concatenate([generate(run, seeds[i:i + 16], None, sampler, steps) for i in range(0, a.n, 16)])
             secs = time.time() - t0
-            s = ssim_report(imgs, real)
+            s, _, _ = ssim_figure(imgs, real)
             fake_stats = compute_stats(imgs, extractor)
             k, _ = kid(fake_stats.features, real_stats.features, subset_size=min(a.n, len(real)))
-            rows.append(dict(sampler=sampler, steps=steps, ssim=s["ssim_mean"], kid=k, img_per_s=a.n / secs))
+            rows.append(dict(sampler=sampler, steps=steps, ssim=s.value, kid=k, img_per_s=a.n / secs))
             print(json.dumps(rows[-1]), flush=True)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -61,12 +61,12 @@ def wrap(unet_dir: Path):
 def quality(images: np.ndarray, real: np.ndarray) -> dict:
     from meddiff.metrics.features import get_extractor
     from meddiff.metrics.fid import compute_stats, kid
-    from meddiff.metrics.ssim import ssim_report
+    from meddiff.metrics.ssim import ssim_figure
 
     ext = get_extractor("randconv", resolution=images.shape[-1])
     k, _ = kid(compute_stats(images, ext).features, compute_stats(real, ext).features,
                subset_size=min(len(images), len(real)))
-    return dict(ssim=ssim_report(images, real)["ssim_mean"], kid=k, kid_protocol=ext.protocol)
+    return dict(ssim=ssim_figure(images, real)[0].value, kid=k, kid_protocol=ext.protocol)
 
 
 def main() -> None:
@@ -76,7 +76,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--out", default="bench_out/sampling_speed.json")
     a = ap.parse_args()
-    from meddiff.evaluate import images01
+    from meddiff.imagesets import images01
     from meddiff.runtime import cpu_model, describe
     from meddiff.sample import generate
 

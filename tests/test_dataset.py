@@ -116,6 +116,16 @@ def test_builtin_spec_errors(spec: str, match: str) -> None:
         parse_spec(spec)
 
 
+def test_errors_name_the_flag_the_spec_came_from(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"^--real 'builtin:cats': unknown built-in data set"):
+        parse_spec("builtin:cats", flag="--real")
+    with pytest.raises(DataError, match=r"^--train 'builtin:xray\?n=2&size=16': size=16 must be between 32"):
+        load_data("builtin:xray?n=2&size=16", 32, flag="--train")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"^--fake '.*empty': no readable images found"):
+        load_data(str(tmp_path / "empty"), 32, flag="--fake")
+
+
 def test_spec_parsing() -> None:
     assert parse_spec("builtin:phantoms?n=200&seed=3") == ("builtin", "phantoms", {"n": "200", "seed": "3"})
     assert parse_spec("builtin:mni-mri") == ("builtin", "mni-mri", {})

@@ -1,53 +1,19 @@
 """meddiff evaluate end to end: every figure with its interval and counts, per class, class consistency, utility, the
-privacy audit with canary copies, the copy screen, and one-line errors."""
+privacy audit with canary copies, and one-line errors."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from meddiff.cli import main
-from meddiff.evaluate import EvalConfig, audit_copies, evaluate, evaluate_ssim, load_images, screen_copies
+from meddiff.evaluate import EvalConfig, evaluate, evaluate_ssim
+from meddiff.imagesets import load_images
 from meddiff.metrics.memorization import memorization_report
+from synthetic import disguised, textured, write
 
 FIGURES = ("ssim", "ms_ssim", "fid", "kid", "precision", "recall", "density", "coverage")
-
-
-def textured(n: int, seed: int, size: int = 32) -> np.ndarray:
-    """(n, size, size) uint8: four random Gaussian blobs each, different per seed."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
-    c = rng.uniform(0.15 * size, 0.85 * size, (n, 4, 2, 1, 1))
-    w = rng.uniform(size / 12, size / 5, (n, 4, 1, 1))
-    h = rng.uniform(0.3, 1.0, (n, 4, 1, 1))
-    img = (h * np.exp(-0.5 * ((yy - c[:, :, 0]) ** 2 + (xx - c[:, :, 1]) ** 2) / w**2)).sum(1)
-    return np.round(np.clip(0.1 + 0.8 * img, 0, 1) * 255).astype(np.uint8)
-
-
-def write(folder: Path, images: np.ndarray) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, im in enumerate(images):
-        Image.fromarray(im).save(folder / f"{i:03d}.png")
-    return folder
-
-
-def disguised(images: np.ndarray, seed: int = 0) -> np.ndarray:
-    """Copies of uint8 images: exact, mirrored, shifted 1 px, lightly noised, in turn."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for i, im in enumerate(images):
-        kind = i % 4
-        if kind == 1:
-            im = im[:, ::-1]
-        elif kind == 2:
-            im = np.pad(im, 1, mode="edge")[2:, 1:-1]   # content moved up 1 px
-        elif kind == 3:
-            im = np.clip(im + rng.normal(0, 3, im.shape), 0, 255)
-        out.append(np.asarray(im, np.uint8))
-    return np.stack(out)
 
 
 @pytest.fixture(scope="module")
@@ -133,16 +99,13 @@ def test_a_folder_of_disguised_training_copies_is_flagged_completely(folders, tm
     assert "24 of 24 generated images flagged as copies" in out
 
 
-def test_audit_copies_reports_what_memorization_report_does(folders):
+def test_the_privacy_figures_are_memorization_report_s(folders):
+    ev = evaluate(EvalConfig(real=str(folders["real"]), fake=str(folders["copies"]), train=str(folders["train"]),
+                             n_boot=20))
     train = load_images(str(folders["train"]), "--train", 32, 1, None).images
     held = load_images(str(folders["real"]), "--real", 32, 1, None).images
-    fake = np.concatenate([load_images(str(folders["copies"]), "--fake", 32, 1, None).images[:6],
-                           load_images(str(folders["fake"]), "--fake", 32, 1, None).images[:6]])
-    report, values, index = audit_copies(fake, train, held)
-    assert report == memorization_report(fake, train, held)
-    assert (values[:6] >= report["threshold"]).all() and len(index) == 12
-    keep, threshold = screen_copies(fake, train, held)
-    assert threshold == report["threshold"] and not keep[:6].any() and keep[6:].sum() >= 5
+    report = memorization_report(ev.fake.images, train, held).to_json()
+    assert {k: v for k, v in ev.results["privacy"].items() if k not in ("heldout", "feature_space")} == report
 
 
 def test_when_real_is_the_training_set_the_threshold_comes_from_held_out_training_images(folders, tmp_path):
@@ -204,26 +167,3 @@ def test_unusable_option_combinations_are_one_line_errors(folders, tmp_path, cap
     _one_line_error(code, err, "add --report DIR")
     code, _, err = run_cli([*base, "--report", str(tmp_path / "r"), "--run", str(tmp_path)], capsys)
     _one_line_error(code, err, "no log.jsonl")
-
-
-def test_audit_copies_only_the_images_that_are_not_training_copies(folders, tmp_path, capsys):
-    fake = tmp_path / "mixed"
-    for cls in "ab":  # 6 disguised training copies and 6 independent images a class, and a manifest of all
-        write(fake / cls, np.concatenate([disguised(textured(12, 20 + "ab".index(cls)))[:6], textured(6, 40)]))
-    rows = [f"{c}/{i:03d}.png,{c},{i}" for c in "ab" for i in range(12)]
-    (fake / "manifest.csv").write_text("file,class,seed\n" + "\n".join(rows) + "\n")
-    train = tmp_path / "train"
-    for cls in "ab":
-        write(train / cls, textured(12, 20 + "ab".index(cls)))
-    out = tmp_path / "share"
-    code, text, _ = run_cli(["audit", "--fake", str(fake), "--train", str(train), "--real", str(folders["real"]),
-                             "--out", str(out), "--cache-dir", str(tmp_path / "cache")], capsys)
-    assert code == 0
-    copied = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png"))
-    assert not any(int(name[-7:-4]) < 6 for name in copied)          # no disguised copy reaches the folder
-    assert len(copied) >= 10 and "12 flagged" in text                # and the independent images do
-    manifest = (out / "manifest.csv").read_text().splitlines()
-    assert manifest[0] == "file,class,seed" and sorted(r.split(",")[0] for r in manifest[1:]) == copied
-    code, _, err = run_cli(["audit", "--fake", str(fake), "--train", str(train), "--real", str(folders["real"]),
-                            "--out", str(out)], capsys)
-    assert code != 0 and "not empty" in err

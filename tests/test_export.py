@@ -348,6 +348,19 @@ def test_manifest_refuses_a_foreign_csv_and_bad_entries(tmp_path):
     assert Manifest(other).done() == set()
 
 
+def test_manifest_keep_rows_writes_the_rows_of_the_kept_files_as_they_are(tmp_path):
+    names = [_add(tmp_path, Manifest(tmp_path), seed) for seed in (1, 2, 3)]
+    share = tmp_path / "share"
+    share.mkdir()
+    assert Manifest(tmp_path).keep_rows([names[0], names[2]], share) == 2
+    lines = (tmp_path / "manifest.csv").read_text().splitlines()
+    assert (share / "manifest.csv").read_text().splitlines() == [lines[0], lines[1], lines[3]]
+    assert Manifest(tmp_path / "none").keep_rows(names, share / "x") == 0   # no manifest: nothing written
+    (tmp_path / "manifest.csv").write_text("name,score\na,1\n")
+    with pytest.raises(RunError, match=r"header is 'name,score', without a 'file' column"):
+        Manifest(tmp_path).keep_rows(names, share)
+
+
 def test_synthetic_info_takes_numpy_scalars_and_refuses_a_float_seed(tmp_path):
     info = SyntheticInfo("9f2c01ab", np.int64(7), None, "ddim", np.int32(10), np.float32(1.5))
     assert type(info.seed) is int and type(info.steps) is int and type(info.guidance) is float

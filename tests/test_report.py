@@ -98,7 +98,7 @@ def test_loss_log_reader_keeps_loss_and_validation_lines(evaluation, tmp_path):
 
 def test_summary_lines_name_counts_figures_and_the_audit(evaluation):
     ev, _ = evaluation
-    lines = summary_lines(ev.results)
+    lines = summary_lines(ev.figures)
     assert lines[0].startswith("16 generated vs 16 real images at 32 px, 16 training images")
     assert any(line.strip().startswith("SSIM to the nearest real image") for line in lines)
     assert any(line.strip().startswith("FID") and "real-vs-real" in line for line in lines)

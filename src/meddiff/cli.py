@@ -351,7 +351,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     if a.run:
         read_loss_log(a.run)  # a wrong run folder fails now, not after the evaluation
     result = evaluate(cfg)
-    print("\n".join(summary_lines(result.results)))
+    print("\n".join(summary_lines(result.figures)))
     if a.json:
         Path(a.json).write_text(json.dumps(result.results, indent=2))
     if a.report:
@@ -360,36 +360,15 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 
 def cmd_audit(a: argparse.Namespace) -> int:
-    import shutil
+    from .audit import AuditConfig, audit_folder
 
-    from .evaluate import screen_folder
-
-    out, fake = Path(a.out), Path(a.fake)
-    if out.exists() and any(out.iterdir()):
-        raise MeddiffError(f"audit --out {out}: not empty; choose a new folder")
-    kept, flagged, threshold, how = screen_folder(a.fake, a.train, a.real, a.size, a.label_depth,
-                                                  cache_dir=a.cache_dir or default_cache_dir())
-    for f in kept:  # only whole files that passed, at their place under --fake
-        dest = out / f.relative_to(fake)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(f, dest)
-    manifest = fake / "manifest.csv"
-    if manifest.is_file():  # keep the rows of the files that were copied
-        import csv
-
-        names = {f.relative_to(fake).as_posix() for f in kept}
-        with open(manifest, newline="") as f:
-            reader = csv.DictReader(f)
-            rows, fields = [r for r in reader if r.get("file") in names], reader.fieldnames or ["file"]
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "manifest.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields, lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(rows)
-    print(f"audit: {len(kept)} of {len(kept) + len(flagged)} image(s) copied to {out}; {len(flagged)} flagged as "
-          f"copies of training images (NCC ≥ {threshold:.3f}, threshold from {how})")
-    for f in flagged:
-        print(f"  flagged: {f.relative_to(fake)}")
+    result = audit_folder(AuditConfig(fake=a.fake, train=a.train, real=a.real, out=a.out, size=a.size,
+                                      label_depth=a.label_depth, cache_dir=a.cache_dir or default_cache_dir()))
+    n = len(result.kept) + len(result.flagged)
+    print(f"audit: {len(result.kept)} of {n} image(s) copied to {result.out}; {len(result.flagged)} flagged as "
+          f"copies of training images (NCC ≥ {result.copies.threshold:.3f}, threshold from {result.heldout})")
+    for f in result.flagged:
+        print(f"  flagged: {f}")
     return 0
 
 
@@ -488,10 +467,10 @@ def cmd_demo(a: argparse.Namespace) -> int:
                      preset=a.preset, per_class=a.per_class, guidance=a.guidance, seed=a.seed, device=a.device,
                      cache_dir=a.cache_dir or default_cache_dir(), progress=not a.no_progress)
     result = run_demo(cfg)
-    t, res = result.train, result.evaluation.results
+    t, res = result.train, result.evaluation.figures
     print(f"demo: {t.steps} training steps ({t.images_seen} images, {t.train_img_per_s:.1f} img/s, "
-          f"{t.seconds / 60:.1f} min); {res['counts']['fake']} samples vs {res['counts']['real']} real images at "
-          f"{res['size']} px:")
+          f"{t.seconds / 60:.1f} min); {res.counts['fake']} samples vs {res.counts['real']} real images at "
+          f"{res.size} px:")
     print("\n".join(key_figures(res)))
     print(f"demo: grid {result.grid} (one row per class), samples {result.samples}/, report {result.report}, "
           f"figures {result.figures}; {result.seconds / 60:.1f} min in all")

@@ -8,14 +8,15 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 from urllib.parse import urlencode
 
 from .config import DEFAULT_PRESET, SampleConfig, TrainConfig
 from .errors import ConfigError, RunError
 
 if TYPE_CHECKING:  # the heavy modules load when the demo runs, not when the CLI builds its --help
-    from .evaluate import Evaluation
+    from .evaluate import Evaluation, Results
+    from .metrics.figure import Figure
     from .train import TrainResult
 
 # Sizes and time estimates, measured on a 2-core AVX2 CPU that other processes kept busy (load 4-6):
@@ -105,7 +106,7 @@ def _check(cfg: DemoConfig) -> None:
         raise RunError(f"--out {cfg.out}: already holds a demo run; choose another --out or delete it")
 
 
-def _check_classes(cfg: DemoConfig, class_names: tuple[str, ...]) -> None:
+def _check_grid_classes(cfg: DemoConfig, class_names: tuple[str, ...]) -> None:
     from .sample import GRID_MAX_IMAGES, GRID_ROW_MAX
 
     if len(class_names) < 2:
@@ -120,7 +121,8 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = print) -> DemoResult
     """Prepare the data, train, sample cfg.per_class images of every class, evaluate them and write the report
     into cfg.out: run/, samples/ (class folders + manifest), grid.png, eval.json, report/index.html."""
     from .data.dataset import load_data
-    from .evaluate import EvalConfig, evaluate, load_images
+    from .evaluate import EvalConfig, evaluate
+    from .imagesets import load_images
     from .report import write_report
     from .sample import sample_to_folder
     from .train import train
@@ -134,7 +136,7 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = print) -> DemoResult
                        device=cfg.device, cache_dir=cfg.cache_dir, progress=cfg.progress).resolve()
     echo(f"demo: preparing {cfg.data} (training) and {real} (evaluation) at {tcfg.size} px; rendered once, then cached")
     data = load_data(cfg.data, tcfg.size, cache_dir=cfg.cache_dir)
-    _check_classes(cfg, data.class_names)
+    _check_grid_classes(cfg, data.class_names)
     if real != cfg.data:  # now: inside the budget, into the cache the evaluation reads, and a wrong --real fails early
         load_images(real, "--real", tcfg.size, 1, cfg.cache_dir)
     n_samples = cfg.per_class * len(data.class_names)
@@ -175,22 +177,28 @@ def _pct(fig: dict | None) -> str:
     return "n/a" if not fig or fig.get("value") is None else f"{100 * fig['value']:.0f} %"
 
 
-def _fig(fig: dict | None, key: str, digits: int) -> str:
-    return "n/a" if not fig or fig.get(key) is None else f"{fig[key]:.{digits}f}"
+def _fixed(value: float | None, digits: int) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def key_figures(results: dict[str, Any]) -> list[str]:
+def _value_and_reference(fig: Figure | None, digits: int) -> tuple[str, str]:
+    return (_fixed(fig.value, digits), _fixed(fig.reference, digits)) if fig else ("n/a", "n/a")
+
+
+def key_figures(results: Results) -> list[str]:
     """The demo's few figures of an evaluation as printable lines, each with its real-image reference: SSIM to
     the nearest real image, KID, class consistency (overall and per class), the share flagged as copies."""
-    ssim, kid, cons, priv = (results.get(k) for k in ("ssim", "kid", "class_consistency", "privacy"))
-    lines = [f"  SSIM to the nearest real image  {_fig(ssim, 'value', 3):>7}   "
-             f"real vs real {_fig(ssim, 'reference', 3)}",
-             f"  KID (lower is better)           {_fig(kid, 'value', 4):>7}   real vs real {_fig(kid, 'reference', 4)}"]
+    ssim, ssim_ref = _value_and_reference(results.overall.ssim, 3)
+    kid, kid_ref = _value_and_reference(results.overall.kid, 4)
+    cons, priv = results.class_consistency, results.privacy
+    lines = [f"  SSIM to the nearest real image  {ssim:>7}   real vs real {ssim_ref}",
+             f"  KID (lower is better)           {kid:>7}   real vs real {kid_ref}"]
     if cons:
         per = ", ".join(f"{name} {_pct(fig)}" for name, fig in cons["per_class"].items())
         lines.append(f"  class consistency               {_pct(cons):>7}   real held-out {_pct(cons.get('reference'))}"
                      f"; per class: {per}")
     if priv:
-        lines.append(f"  flagged as training copies      {100 * priv['flagged_share']:>5.1f} %   "
-                     f"{priv['n_flagged']} of {priv['n_generated']} (NCC ≥ {priv['threshold']:.3f})")
+        cp = priv.copies
+        lines.append(f"  flagged as training copies      {100 * cp.flagged_share:>5.1f} %   "
+                     f"{cp.n_flagged} of {len(cp.nearest)} (NCC ≥ {cp.threshold:.3f})")
     return lines

@@ -17,7 +17,7 @@ import secrets
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import BinaryIO, Callable, Sequence
+from typing import BinaryIO, Callable, Collection, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -389,8 +389,25 @@ class Manifest:
             f.flush()
             os.fsync(f.fileno())
 
-    def _complete_lines(self) -> list[str]:
-        """The newline-terminated lines, after checking the header; [] when there is no manifest."""
+    def keep_rows(self, files: Collection[str], folder: Path) -> int:
+        """Write the manifest of a folder that holds only `files` (relative, "/"-separated) of this one:
+        folder/manifest.csv with the header and those files' rows as they are, other columns included →
+        the number of rows written (0 and no file when this folder has no manifest)."""
+        lines = self._lines()
+        if not lines:
+            return 0
+        header = next(csv.reader(lines[:1]))
+        if "file" not in header:
+            raise RunError(f"{self.path}: header is {lines[0].strip()!r}, without a 'file' column; move this file "
+                           "away or remove it")
+        column, wanted = header.index("file"), set(files)
+        rows = [line for line in lines[1:] if (row := next(csv.reader([line]), [])) and len(row) > column
+                and row[column] in wanted]
+        (Path(folder) / self.path.name).write_text("".join(lines[:1] + rows), encoding="utf-8", newline="")
+        return len(rows)
+
+    def _lines(self) -> list[str]:
+        """The newline-terminated lines; [] when there is no manifest."""
         try:
             text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
@@ -398,7 +415,11 @@ class Manifest:
         except UnicodeDecodeError as exc:
             raise RunError(f"{self.path}: not a UTF-8 text file ({exc.reason}); move this file away or choose "
                            "another output folder") from exc
-        lines = [line + "\n" for line in text.split("\n")[:-1]]  # what follows the last newline is a cut-off row
+        return [line + "\n" for line in text.split("\n")[:-1]]  # what follows the last newline is a cut-off row
+
+    def _complete_lines(self) -> list[str]:
+        """The newline-terminated lines, after checking the header; [] when there is no manifest."""
+        lines = self._lines()
         if lines and tuple(next(csv.reader(lines[:1]))) != MANIFEST_COLUMNS:
             raise RunError(f"{self.path}: header is {lines[0].strip()!r}, expected {','.join(MANIFEST_COLUMNS)!r}; "
                            "move this file away or choose another output folder")

@@ -15,8 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from .audit import Privacy
 from .errors import RunError
-from .evaluate import Evaluation
+from .evaluate import Evaluation, Results, SetFigures
+from .metrics.figure import Figure
 
 ROWS = (  # (key, label, which way is better)
     ("ssim", "SSIM to the nearest real image", "higher is closer to real; copies score 1"),
@@ -47,38 +49,44 @@ def _num(value: Any, digits: int = 3) -> str:
     return f"{value:.{digits}g}" if abs(value) >= 1000 or (value != 0 and abs(value) < 1e-3) else f"{value:.{digits}f}"
 
 
-def _ci(fig: dict | None) -> str:
-    if not fig or fig.get("ci95") is None:
+def _interval(interval: tuple[float, float] | list[float] | None) -> str:
+    if interval is None:
         return ""
-    lo, hi = fig["ci95"]
+    lo, hi = interval
     return f"[{_num(lo)}, {_num(hi)}]"
 
 
-def summary_lines(results: dict[str, Any]) -> list[str]:
+def _ci(fig: dict | Figure | None) -> str:
+    """The 95 % interval of a Figure or of a classifier figure ({"value", "ci95", ...})."""
+    if isinstance(fig, Figure):
+        return _interval(fig.interval)
+    return _interval(fig.get("ci95")) if fig else ""
+
+
+def summary_lines(results: Results) -> list[str]:
     """The figures of an evaluation as a few printable lines: value [95 % CI], real-vs-real reference, counts."""
-    c = results["counts"]
-    lines = [f"{c['fake']} generated vs {c['real']} real images at {results['size']} px"
+    c = results.counts
+    lines = [f"{c['fake']} generated vs {c['real']} real images at {results.size} px"
              + (f", {c['train']} training images" if "train" in c else "")
-             + f"; features {results['protocol']['features']}"]
+             + f"; features {results.protocol['features']}"]
     for key, label, _ in ROWS:
-        fig = results.get(key)
+        fig = results.overall.get(key)
         if fig:
-            lines.append(f"  {label:<34} {_num(fig['value']):>8} {_ci(fig):<20} "
-                         f"real-vs-real {_num(fig.get('reference'))}")
-    cons = results.get("class_consistency")
+            lines.append(f"  {label:<34} {_num(fig.value):>8} {_ci(fig):<20} real-vs-real {_num(fig.reference)}")
+    cons = results.class_consistency
     if cons:
         lines.append(f"  class consistency (accuracy)       {_num(cons['value']):>8} {_ci(cons):<20} "
                      f"real held-out {_num((cons.get('reference') or {}).get('value'))}")
-    util = results.get("utility")
+    util = results.utility
     if util:
         parts = [f"{k} {_num(util[k]['accuracy']['value'])}" for k in ("real", "synthetic", "real+synthetic")
                  if "accuracy" in util[k]]
         lines.append(f"  utility: held-out real accuracy, trained on " + ", ".join(parts))
-    priv = results.get("privacy")
-    if priv:
-        lines.append(f"  privacy: {priv['n_flagged']} of {priv['n_generated']} generated images flagged as copies "
-                     f"({100 * priv['flagged_share']:.1f} %), {100 * priv['train_copied_share']:.1f} % of training "
-                     f"images copied; NCC threshold {priv['threshold']:.3f} ({priv['threshold_source']})")
+    if results.privacy:
+        cp = results.privacy.copies
+        lines.append(f"  privacy: {cp.n_flagged} of {len(cp.nearest)} generated images flagged as copies "
+                     f"({100 * cp.flagged_share:.1f} %), {100 * cp.train_copied_share:.1f} % of training "
+                     f"images copied; NCC threshold {cp.threshold:.3f} ({cp.threshold_source})")
     return lines
 
 
@@ -174,18 +182,18 @@ def save_pairs(ev: Evaluation, out_dir: Path) -> list[tuple[str, str]]:
     [(data URI, caption)] of the first few, for the page."""
     from .export import make_grid, save_png
 
-    if ev.train is None or ev.nearest_train_ncc is None:
+    if ev.train is None or ev.figures.privacy is None:
         return []
-    threshold = ev.results["privacy"]["threshold"]
-    order = np.argsort(-ev.nearest_train_ncc, kind="stable")[:MAX_PAIRS]
+    copies = ev.figures.privacy.copies
+    order = np.argsort(-copies.nearest, kind="stable")[:MAX_PAIRS]
     shown = []
     for rank, g in enumerate(order):
-        t = int(ev.nearest_train[g])
-        ncc = float(ev.nearest_train_ncc[g])
+        t = int(copies.index[g])
+        ncc = float(copies.nearest[g])
         pair = make_grid(np.stack([ev.fake.images[g], ev.train.images[t]]), ncols=2)
         save_png(pair, out_dir / "pairs" / f"{rank:02d}_generated{g}_train{t}.png")
         if rank < SHOWN_PAIRS:
-            flag = "FLAGGED copy" if ncc >= threshold else "below threshold"
+            flag = "FLAGGED copy" if ncc >= copies.threshold else "below threshold"
             shown.append((_png_uri(_upscale(pair)), f"generated #{g} | training #{t}: NCC {ncc:.3f} ({flag})"))
     return shown
 
@@ -203,38 +211,41 @@ def _table(head: list[str], rows: list[list[str]], num: tuple[int, ...] = ()) ->
     return f"<table><tr>{th}</tr>{body}</table>"
 
 
-def metrics_table(figs: dict[str, Any]) -> str:
+def metrics_table(figs: SetFigures) -> str:
     """The metric rows of one set of figures: value, 95 % CI, the real-vs-real reference, image counts."""
     rows = []
     for key, label, reads in ROWS:
         fig = figs.get(key)
         if not fig:
             continue
-        counts = f"{fig.get('n_fake', '?')} / {fig.get('n_real', '?')}"
+        counts = f"{fig.n_fake} / {fig.n_real}"
         if key == "ms_ssim":
-            counts += f" ({fig['n_pairs']} / {fig['reference_n_pairs']} pairs)"
-        rows.append([label, _num(fig["value"]), _ci(fig), _num(fig.get("reference")), counts, reads])
+            counts += f" ({fig.details['n_pairs']} / {fig.details['reference_n_pairs']} pairs)"
+        rows.append([label, _num(fig.value), _ci(fig), _num(fig.reference), counts, reads])
     return _table(["metric", "generated", "95 % CI", "real vs real", "images (generated / real)", "reads"], rows,
                   num=(1, 2, 3, 4))
 
 
-def _classes_section(res: dict[str, Any]) -> str:
+def _classes_section(res: Results) -> str:
     parts = []
-    if res.get("per_class"):
-        cons = (res.get("class_consistency") or {}).get("per_class", {})
+    if res.per_class:
+        cons = (res.class_consistency or {}).get("per_class", {})
         rows = []
-        for name, f in res["per_class"].items():
+        for name, f in res.per_class.items():
             def v(key: str) -> str:
-                return f"{_num(f[key]['value'])} {_ci(f[key])}" if f.get(key) else "n/a"
+                fig = f.get(key)
+                return f"{_num(fig.value)} {_ci(fig)}" if fig else "n/a"
+
+            def ref(key: str) -> str:
+                fig = f.get(key)
+                return _num(fig.reference if fig else None)
             acc = cons.get(name)
-            rows.append([name, str(f["n_fake"]), str(f["n_real"]), v("ssim"), v("ms_ssim"),
-                         _num((f.get("ms_ssim") or {}).get("reference")), v("fid"),
-                         _num((f.get("fid") or {}).get("reference")),
-                         v("precision"), v("recall"), f"{_num(acc['value'])} {_ci(acc)}" if acc else "n/a"])
+            rows.append([name, str(f.n_fake), str(f.n_real), v("ssim"), v("ms_ssim"), ref("ms_ssim"), v("fid"),
+                         ref("fid"), v("precision"), v("recall"), f"{_num(acc['value'])} {_ci(acc)}" if acc else "n/a"])
         parts.append("<h2>Per class</h2>" + _table(
             ["class", "generated", "real", "SSIM", "MS-SSIM", "MS-SSIM real", "FID", "FID real halves", "precision",
              "recall", "class consistency"], rows, num=tuple(range(1, 11))))
-    cons = res.get("class_consistency")
+    cons = res.class_consistency
     if cons:
         ref = cons.get("reference")
         parts.append(f"<p>Class consistency: a classifier ({html.escape(cons['classifier'])}) fitted on the "
@@ -242,7 +253,7 @@ def _classes_section(res: dict[str, Any]) -> str:
                      f"generated image; accuracy {_num(cons['value'])} {_ci(cons)} over {cons['n']} images"
                      + (f"; the same classifier on held-out real images: {_num(ref['value'])} {_ci(ref)} "
                         f"({ref['n']} images)" if ref else "") + ".</p>")
-    util = res.get("utility")
+    util = res.utility
     if util:
         rows = []
         for k in ("real", "synthetic", "real+synthetic"):
@@ -259,22 +270,21 @@ def _classes_section(res: dict[str, Any]) -> str:
     return "".join(parts)
 
 
-def _privacy_section(res: dict[str, Any], pairs: list[tuple[str, str]]) -> str:
-    p = res.get("privacy")
-    if not p:
+def _privacy_section(privacy: Privacy | None, pairs: list[tuple[str, str]]) -> str:
+    if privacy is None:
         return ""
-    fs = p["feature_space"]
+    p, fs = privacy.copies, privacy.feature_space
     rows = [["generated images flagged as copies",
-             f"{100 * p['flagged_share']:.1f} % ({p['n_flagged']} of {p['n_generated']})"],
-            ["training images copied", f"{100 * p['train_copied_share']:.1f} % (of {p['n_train']})"],
-            ["copy threshold (NCC)", f"{p['threshold']:.4f}"],
-            ["how the threshold was set", f"{p['threshold_source']}; held-out images: {p['heldout']}"],
+             f"{100 * p.flagged_share:.1f} % ({p.n_flagged} of {len(p.nearest)})"],
+            ["training images copied", f"{100 * p.train_copied_share:.1f} % (of {p.n_train})"],
+            ["copy threshold (NCC)", f"{p.threshold:.4f}"],
+            ["how the threshold was set", f"{p.threshold_source}; held-out images: {privacy.heldout}"],
             ["median nearest NCC: generated / held-out real",
-             f"{p['nearest_ncc_median']:.3f} / {p['heldout_ncc_median']:.3f}"],
-            ["feature space: flagged", f"{100 * fs['flagged_share']:.1f} % (threshold {fs['threshold']:.4f})"],
-            ["NCC protocol", p["protocol"]], ["feature-space protocol", fs["protocol"]]]
+             f"{np.median(p.nearest):.3f} / {np.median(p.heldout):.3f}"],
+            ["feature space: flagged", f"{100 * fs.flagged_share:.1f} % (threshold {fs.threshold:.4f})"],
+            ["NCC protocol", p.protocol], ["feature-space protocol", fs.protocol]]
     figs = "".join(_img(uri, cap) for uri, cap in pairs)
-    flagged = '<p class="flag">Some generated images copy training images.</p>' if p["n_flagged"] else ""
+    flagged = '<p class="flag">Some generated images copy training images.</p>' if p.n_flagged else ""
     return ("<h2>Privacy audit: copies of training images</h2>" + flagged + _table(["", ""], rows)
             + f"<p>The closest pairs (generated | training), most similar first; all {MAX_PAIRS} closest are saved "
               "in pairs/ beside this page.</p>" + figs)
@@ -311,18 +321,18 @@ def write_report(ev: Evaluation, out_dir: str | Path, run_dir: str | Path | None
     """Write out_dir/index.html (self-contained) and out_dir/pairs/*.png → the index.html path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    res = ev.results
+    res = ev.figures
     log = read_loss_log(run_dir) if run_dir is not None else None
-    c, proto = res["counts"], res["protocol"]
+    c, proto = res.counts, res.protocol
     counts = f"{c['fake']} generated, {c['real']} real" + (f", {c['train']} training" if "train" in c else "")
-    body = [f"<h1>meddiff evaluation</h1><p>{html.escape(counts)} images at {res['size']} px. Feature network: "
+    body = [f"<h1>meddiff evaluation</h1><p>{html.escape(counts)} images at {res.size} px. Feature network: "
             f"<b>{html.escape(proto['features'])}</b> — FID, KID and PRDC are only comparable between evaluations "
             f"with the same feature network, image counts and size. Intervals: {html.escape(proto['intervals'])}.</p>",
-            "<h2>Metrics</h2>", metrics_table(res),
+            "<h2>Metrics</h2>", metrics_table(res.overall),
             "<p class=note>Real vs real: the same figure between two random halves of the real set (for MS-SSIM: "
             "among real images), what a perfect generator would reach; half sets make FID/KID references "
             "slightly pessimistic.</p>",
-            _classes_section(res), _privacy_section(res, save_pairs(ev, out)),
+            _classes_section(res), _privacy_section(res.privacy, save_pairs(ev, out)),
             "<h2>Intensity histograms</h2>",
             _img(histogram_plot(ev.real.images, ev.fake.images), "all pixels, real vs generated"),
             _grids_section(ev), _nearest_real_section(ev)]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from meddiff.errors import ConfigError, DataError
-from meddiff.metrics.memorization import copy_threshold, memorization_report, nearest_ncc
+from meddiff.metrics.memorization import copy_threshold, feature_copy_audit, memorization_report, nearest_ncc
 
 
 def _shift(x: np.ndarray, dy: int, dx: int) -> np.ndarray:
@@ -35,8 +35,9 @@ def sets(blobs):
 
 def test_every_disguised_copy_is_flagged_with_its_source(sets):
     train, heldout, _, copies = sets
-    report = memorization_report(copies, train, heldout)
-    assert report["flagged_share"] == 1.0 and report["n_flagged"] == 25
+    audit = memorization_report(copies, train, heldout)
+    assert audit.flagged_share == 1.0 and audit.n_flagged == 25 and not audit.keep.any()
+    report = audit.to_json()
     assert sorted((g, t) for g, t, _ in report["pairs"]) == [(i, i) for i in range(25)]
     assert report["train_copied_share"] == 25 / 80
     scores = [s for _, _, s in report["pairs"]]
@@ -45,7 +46,7 @@ def test_every_disguised_copy_is_flagged_with_its_source(sets):
 
 def test_independent_images_of_the_same_distribution_are_not_flagged(sets):
     train, heldout, independent, _ = sets
-    report = memorization_report(independent, train, heldout)
+    report = memorization_report(independent, train, heldout).to_json()
     assert report["flagged_share"] <= 0.1
     assert report["nearest_ncc_median"] < report["threshold"]
 
@@ -63,15 +64,19 @@ def test_threshold_comes_from_held_out_data(sets):
     train, heldout, _, _ = sets
     threshold, values = copy_threshold(heldout, train, quantile=0.5)
     assert values.shape == (40,) and threshold == pytest.approx(np.median(values))
-    report = memorization_report(heldout, train, heldout, quantile=0.5)
-    assert report["threshold"] == pytest.approx(threshold)
-    assert report["flagged_share"] == pytest.approx(0.5, abs=0.03)
-    assert "40 held-out" in report["threshold_source"]
+    audit = memorization_report(heldout, train, heldout, quantile=0.5)
+    assert audit.threshold == pytest.approx(threshold)
+    assert audit.flagged_share == pytest.approx(0.5, abs=0.03)
+    assert "40 held-out" in audit.threshold_source
+    np.testing.assert_allclose(audit.heldout, values)
+    # a gallery other than the training set (a held-out part of it compared with the rest) sets the threshold
+    gallery = memorization_report(heldout, train, heldout, quantile=0.5, gallery=train[:10])
+    assert gallery.threshold == pytest.approx(copy_threshold(heldout, train[:10], quantile=0.5)[0])
 
 
 def test_given_threshold_and_json_ready_report(sets):
     train, _, independent, _ = sets
-    report = json.loads(json.dumps(memorization_report(independent, train, threshold=-1.0)))
+    report = json.loads(json.dumps(memorization_report(independent, train, threshold=-1.0).to_json()))
     assert report["flagged_share"] == 1.0 and report["threshold_source"] == "given"
     assert "shifts +-2px, horizontal flip" in report["protocol"]
 
@@ -103,3 +108,16 @@ def test_batching_does_not_change_the_result(sets, monkeypatch):
     small = nearest_ncc(fake, train)
     np.testing.assert_allclose(small[0], whole[0], atol=1e-6)
     np.testing.assert_array_equal(small[1], whole[1])
+
+
+def test_feature_space_audit_flags_feature_copies_by_the_held_out_quantile():
+    rng = np.random.default_rng(5)
+    f_train, f_held = rng.normal(size=(60, 16)), rng.normal(size=(30, 16))
+    f_fake = np.concatenate([f_train[:4] + rng.normal(0, 1e-3, (4, 16)), rng.normal(size=(8, 16))])
+    audit = feature_copy_audit(f_fake, f_train, f_held, f_train, "toy-16", quantile=0.99)
+    assert set(audit.flagged[:4]) == {0, 1, 2, 3}
+    assert list(audit.index[:4]) == [0, 1, 2, 3] and audit.keep[4:].sum() >= 7
+    report = audit.to_json()
+    assert report["threshold"] == pytest.approx(np.quantile(audit.heldout, 0.99))
+    assert {"flagged_share", "n_flagged", "nearest_similarity_median", "protocol"} <= set(report)
+    assert "toy-16 features" in report["protocol"]

@@ -1,18 +1,12 @@
-"""MS-SSIM of pairs, the diversity figure, and the shortlisted nearest-SSIM search."""
+"""MS-SSIM of pairs and the diversity figure with its real-image reference."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from meddiff.errors import ConfigError, DataError
-from meddiff.metrics.msssim import (
-    diversity,
-    n_scales,
-    nearest_ssim_shortlist,
-    paired_ms_ssim,
-    random_pairs,
-)
-from meddiff.metrics.ssim import nearest_ssim, pairwise_ssim
+from meddiff.metrics.msssim import diversity, diversity_figure, n_scales, paired_ms_ssim, random_pairs
+from meddiff.metrics.ssim import pairwise_ssim
 
 
 @pytest.mark.parametrize("side, scales", [(11, 1), (21, 1), (22, 2), (32, 2), (64, 3), (128, 4), (175, 4), (176, 5),
@@ -84,29 +78,21 @@ def test_a_collapsed_set_is_less_diverse_than_the_real_one(blobs):
     assert diversity(np.repeat(real[:1], 4, axis=0))["value"] == pytest.approx(1.0, abs=1e-5)
 
 
-def test_shortlist_finds_copies_and_is_exhaustive_when_it_holds_every_image(blobs):
-    real = blobs(60, size=32, seed=6)
-    rng = np.random.default_rng(2)
-    picks = [4, 40, 59, 0]
-    copies = np.clip(real[picks] + rng.normal(0, 0.02, (4, 32, 32)), 0, 1).astype(np.float32)
-    values, index = nearest_ssim_shortlist(copies, real, k=4)
-    v_all, i_all = nearest_ssim(copies, real)
-    assert list(index) == picks and list(i_all) == picks
-    np.testing.assert_allclose(values, v_all, atol=1e-5)
-    others = blobs(10, size=32, seed=7)
-    v_all, i_all = nearest_ssim(others, real)
-    v_full, i_full = nearest_ssim_shortlist(others, real, k=60)
-    np.testing.assert_array_equal(i_full, i_all)
-    np.testing.assert_allclose(v_full, v_all, atol=1e-5)
-    v_short, _ = nearest_ssim_shortlist(others, real, k=8)
-    assert (v_short <= v_all + 1e-6).all() and v_short.mean() > v_all.mean() - 0.05
-
-
 def test_unusable_settings_are_refused(blobs):
     a = blobs(2, size=32)
     with pytest.raises(ConfigError, match="scales: 3; allowed for 32x32 px: 1 to 2"):
         paired_ms_ssim(a, a, scales=3)
     with pytest.raises(DataError, match="2 and 1 images"):
         paired_ms_ssim(a, a[:1])
-    with pytest.raises(ConfigError, match="shortlist: 0"):
-        nearest_ssim_shortlist(a, a, k=0)
+
+
+def test_the_diversity_figure_carries_the_real_reference_and_its_counts(blobs):
+    real, fake = blobs(30, size=32, seed=1), np.repeat(blobs(3, size=32, seed=2), 4, axis=0)
+    fig = diversity_figure(fake, real, n_pairs=50, seed=0, n_boot=50)
+    assert fig.value == pytest.approx(diversity(fake, 50, 0, 50)["value"])
+    assert fig.reference == pytest.approx(diversity(real, 50, 0, 50)["value"]) and fig.reference < fig.value
+    assert fig.counts == {"n_fake": 12, "n_real": 30} and fig.details["reference_n_pairs"] == 50
+    assert fig.to_json()["ci95"] == list(fig.interval) and "2 scale(s)" in fig.protocol
+    one = diversity_figure(fake, real[:1], n_pairs=50)
+    assert one.reference is None and one.details["reference_n_pairs"] == 0
+    assert diversity_figure(fake[:1], real) is None

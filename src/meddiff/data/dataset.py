@@ -40,40 +40,41 @@ class ImageSet:
         return len(self.images)
 
 
-def parse_spec(spec: str) -> tuple[str, str, dict[str, str]]:
-    """'builtin:phantoms?n=200' → ('builtin', 'phantoms', {'n': '200'}); a path → ('folder', path, {})."""
+def parse_spec(spec: str, flag: str = "--data") -> tuple[str, str, dict[str, str]]:
+    """'builtin:phantoms?n=200' → ('builtin', 'phantoms', {'n': '200'}); a path → ('folder', path, {}).
+    Errors name `flag`, the option the spec came from."""
     if spec.startswith("builtin:"):
         name, _, query = spec[len("builtin:"):].partition("?")
         if name not in BUILTINS:
-            raise DataError(f"--data {spec!r}: unknown built-in data set {name!r}; "
+            raise DataError(f"{flag} {spec!r}: unknown built-in data set {name!r}; "
                             f"choose from {', '.join('builtin:' + b for b in BUILTINS)}")
         try:  # keep blank values so that `n=` is refused below instead of silently meaning the default
             params = dict(parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query)))
         except ValueError:
-            raise DataError(f"--data {spec!r}: malformed parameters {query!r}; expected e.g. "
+            raise DataError(f"{flag} {spec!r}: malformed parameters {query!r}; expected e.g. "
                             f"builtin:{name}?n=200&seed=1") from None
         unknown = set(params) - {"n", "size", "seed"}
         if unknown:
-            raise DataError(f"--data {spec!r}: unknown parameter(s) {', '.join(sorted(unknown))}; allowed: n, size, seed")
+            raise DataError(f"{flag} {spec!r}: unknown parameter(s) {', '.join(sorted(unknown))}; allowed: n, size, seed")
         for k, v in params.items():
             if not v.isdigit() or int(v) < 1:
-                raise DataError(f"--data {spec!r}: {k}={v!r} must be a positive whole number")
+                raise DataError(f"{flag} {spec!r}: {k}={v!r} must be a positive whole number")
         return "builtin", name, params
     if spec.startswith("medmnist:"):
-        path, params = _parse_medmnist(spec)
+        path, params = _parse_medmnist(spec, flag)
         return "medmnist", path, params
     return "folder", spec, {}
 
 
-def _parse_medmnist(spec: str) -> tuple[str, dict[str, str]]:
+def _parse_medmnist(spec: str, flag: str) -> tuple[str, dict[str, str]]:
     """'medmnist:PATH.npz?split=all' → ('PATH.npz', {'split': 'all'}); split defaults to train."""
     path, _, query = spec[len("medmnist:"):].partition("?")
     params = dict(parse_qsl(query, keep_blank_values=True))
     if set(params) - {"split"} or params.get("split", "train") not in ("train", "val", "test", "all"):
-        raise DataError(f"--data {spec!r}: allowed parameter: split=train|val|test|all (e.g. "
+        raise DataError(f"{flag} {spec!r}: allowed parameter: split=train|val|test|all (e.g. "
                         "medmnist:pneumoniamnist_64.npz?split=all)")
     if not path.endswith(".npz"):
-        raise DataError(f"--data {spec!r}: expected a MedMNIST .npz file after medmnist:")
+        raise DataError(f"{flag} {spec!r}: expected a MedMNIST .npz file after medmnist:")
     return path, params
 
 
@@ -114,14 +115,14 @@ def _group_of(rel: Path, label_depth: int, flat: bool) -> str:
     return "/".join(rel.parts[:len(rel.parts) - len(below) + 1]) if len(below) > 1 else str(rel)
 
 
-def _scan_folder(root: Path, label_depth: int,
-                 exclude: tuple[str, ...] = ()) -> tuple[list[Path], list[tuple[str, str]], bool]:
+def _scan_folder(root: Path, label_depth: int, exclude: tuple[str, ...] = (),
+                 flag: str = "--data") -> tuple[list[Path], list[tuple[str, str]], bool]:
     from .readers import find_image_files
 
     if not root.exists():
-        raise DataError(f"--data {str(root)!r}: no such file or folder")
+        raise DataError(f"{flag} {str(root)!r}: no such file or folder")
     if not root.is_dir():
-        raise DataError(f"--data {str(root)!r}: not a folder (give a folder of images, or builtin:…)")
+        raise DataError(f"{flag} {str(root)!r}: not a folder (give a folder of images, or builtin:…)")
     files, ignored = find_image_files(root)
     files = [f for f in files if f.name not in exclude]
     flat = all(len(f.relative_to(root).parts) <= label_depth for f in files)
@@ -129,10 +130,10 @@ def _scan_folder(root: Path, label_depth: int,
 
 
 def _read_folder(root: Path, size: int, crop: bool, label_depth: int, nifti_axis: str,
-                 exclude: tuple[str, ...] = ()) -> tuple[np.ndarray, dict[str, Any]]:
+                 exclude: tuple[str, ...] = (), flag: str = "--data") -> tuple[np.ndarray, dict[str, Any]]:
     from .readers import read_file
 
-    files, skipped, flat = _scan_folder(root, label_depth, exclude)
+    files, skipped, flat = _scan_folder(root, label_depth, exclude, flag)
     n_ignored = len(skipped)  # not image files: counted among the files seen
     images, classes, groups, formats, shapes = [], [], [], {}, {}
     for path in files:
@@ -241,15 +242,15 @@ def _medmnist_file(path: Path, part: str, size: int, crop: bool) -> tuple[np.nda
 
 def load_data(spec: str, size: int, *, crop: bool = False, label_depth: int = 1,
               cache_dir: str | Path | None = None, nifti_axis: str = "axial",
-              exclude: tuple[str, ...] = ()) -> ImageSet:
+              exclude: tuple[str, ...] = (), flag: str = "--data") -> ImageSet:
     """Load a data spec at `size` px, using and filling the cache. Zero readable images is a DataError.
-    `exclude`: file names to leave out of a folder (e.g. a sample folder's grid.png)."""
-    kind, name, params = parse_spec(spec)
+    `exclude`: file names to leave out of a folder (e.g. a sample folder's grid.png); errors name `flag`."""
+    kind, name, params = parse_spec(spec, flag)
     if kind == "folder":
         root = Path(name).expanduser()
         key = _folder_key(root, size, crop, label_depth, nifti_axis, exclude) if root.is_dir() else ""
         stored, side = cache.load_or_build(Path(cache_dir) if cache_dir and key else None, key,
-                                           lambda: _read_folder(root, size, crop, label_depth, nifti_axis, exclude))
+                                           lambda: _read_folder(root, size, crop, label_depth, nifti_axis, exclude, flag))
     elif kind == "medmnist":
         path, part = Path(name).expanduser(), params.get("split", "train")
         st = path.stat() if path.is_file() else None
@@ -265,13 +266,13 @@ def load_data(spec: str, size: int, *, crop: bool = False, label_depth: int = 1,
         n, seed = int(params.get("n", 400)), int(params.get("seed", 0))
         render_size = int(params.get("size", size))
         if not 32 <= render_size <= 256:
-            raise DataError(f"--data {spec!r}: size={render_size} must be between 32 and 256")
+            raise DataError(f"{flag} {spec!r}: size={render_size} must be between 32 and 256")
         stored, side = cache.load_or_build(Path(cache_dir) if cache_dir else None,
                                            cache.cache_key("phantoms", name, n, seed, render_size, size),
                                            lambda: _phantoms(name, n, seed, render_size, size))
     if len(stored) == 0:
         reasons = "; ".join(f"{p}: {r}" for p, r in side["skipped"][:3])
-        raise DataError(f"--data {spec!r}: no readable images found" + (f" (skipped {len(side['skipped'])}: "
+        raise DataError(f"{flag} {spec!r}: no readable images found" + (f" (skipped {len(side['skipped'])}: "
                         f"{reasons}{' …' if len(side['skipped']) > 3 else ''})" if side["skipped"] else ""))
     class_names = tuple(sorted(set(side["classes"])))
     labels = torch.tensor([class_names.index(c) for c in side["classes"]], dtype=torch.long)

@@ -21,6 +21,9 @@ it is measured here, never assumed away.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -114,37 +117,103 @@ def copy_threshold(heldout: np.ndarray, train: np.ndarray, quantile: float = 0.9
     return float(np.quantile(values, quantile)), values
 
 
+@dataclass(frozen=True, eq=False)
+class CopyAudit:
+    """Which generated images copy a training image: each one's nearest similarity to the training set (`nearest`
+    (N,), `index` (N,) the training image), the copy `threshold` and where it came from, and the held-out real
+    images' own nearest similarity (`heldout` (K,); None when the threshold was given). `measure` names the
+    similarity in the JSON ("ncc", or "similarity" in feature space)."""
+
+    nearest: np.ndarray
+    index: np.ndarray
+    threshold: float
+    threshold_source: str
+    n_train: int
+    protocol: str
+    heldout: np.ndarray | None = None
+    measure: str = "ncc"
+
+    @property
+    def keep(self) -> np.ndarray:
+        """(N,) bool: False for a flagged copy; the images that may be shared."""
+        return self.nearest < self.threshold
+
+    @property
+    def flagged(self) -> np.ndarray:
+        """Indices of the flagged generated images, most similar first."""
+        flagged = np.flatnonzero(self.nearest >= self.threshold)
+        return flagged[np.argsort(-self.nearest[flagged], kind="stable")]
+
+    @property
+    def n_flagged(self) -> int:
+        return int((self.nearest >= self.threshold).sum())
+
+    @property
+    def flagged_share(self) -> float:
+        return self.n_flagged / len(self.nearest)
+
+    @property
+    def train_copied_share(self) -> float:
+        return len(np.unique(self.index[self.flagged])) / self.n_train
+
+    def to_json(self) -> dict[str, Any]:
+        """{"flagged_share", "n_flagged", "train_copied_share", "threshold", "threshold_source", "pairs": [[generated
+        i, train j, similarity], ...] (flagged only, most similar first), the medians, the counts, "protocol"}."""
+        flagged = self.flagged
+        out: dict[str, Any] = {} if self.heldout is None else {
+            f"heldout_{self.measure}_median": float(np.median(self.heldout)), "n_heldout": len(self.heldout)}
+        out.update({
+            "flagged_share": self.flagged_share, "n_flagged": len(flagged),
+            "train_copied_share": self.train_copied_share, "n_generated": len(self.nearest), "n_train": self.n_train,
+            "threshold": float(self.threshold), "threshold_source": self.threshold_source,
+            f"nearest_{self.measure}_median": float(np.median(self.nearest)),
+            "pairs": [[int(i), int(self.index[i]), float(self.nearest[i])] for i in flagged],
+            "protocol": self.protocol,
+        })
+        return out
+
+
 def memorization_report(generated: np.ndarray, train: np.ndarray, heldout: np.ndarray | None = None,
                         threshold: float | None = None, quantile: float = 0.99, shift: int = 2,
-                        flip: bool = True, size: int = 64) -> dict:
+                        flip: bool = True, size: int = 64, gallery: np.ndarray | None = None) -> CopyAudit:
     """Flag generated images that copy a training image.
 
     generated (N, H, W), train (M, H, W), heldout (K, H, W): float in [0, 1] at one size.
-    The threshold is `threshold` when given, else the `quantile` of held-out nearest NCC.
-    → JSON-ready {"flagged_share", "train_copied_share", "pairs": [[generated i, train j, ncc], ...]
-    (flagged only, most similar first), "threshold", "threshold_source", ..., "protocol"}.
+    The threshold is `threshold` when given, else the `quantile` of the held-out images' nearest NCC against
+    `gallery` (default: train; a held-out part of the training set is compared with the rest).
     """
     if threshold is None and heldout is None:
         raise ConfigError("memorization: no held-out real images and no --copy-threshold; "
                           "give held-out images (the usual way) or a threshold in [-1, 1]")
     values, index = nearest_ncc(generated, train, shift, flip, size)
-    report: dict = {}
+    held = None
     if threshold is None:
-        threshold, held = copy_threshold(heldout, train, quantile, shift, flip, size)
+        threshold, held = copy_threshold(heldout, train if gallery is None else gallery, quantile, shift, flip, size)
         source = f"quantile {quantile} of nearest NCC of {len(held)} held-out real images"
-        report["heldout_ncc_median"] = float(np.median(held))
     else:
         source = "given"
-    flagged = np.flatnonzero(values >= threshold)
-    flagged = flagged[np.argsort(-values[flagged], kind="stable")]
-    report.update({
-        "flagged_share": len(flagged) / len(values),
-        "n_flagged": int(len(flagged)),
-        "train_copied_share": len(np.unique(index[flagged])) / len(train),
-        "n_generated": len(values), "n_train": len(train),
-        "threshold": float(threshold), "threshold_source": source,
-        "nearest_ncc_median": float(np.median(values)),
-        "pairs": [[int(i), int(index[i]), float(values[i])] for i in flagged],
-        "protocol": protocol(shift, size, flip),
-    })
-    return report
+    return CopyAudit(values, index, float(threshold), source, len(train), protocol(shift, size, flip), held)
+
+
+def feature_copy_audit(f_fake: np.ndarray, f_train: np.ndarray, f_held: np.ndarray, f_gallery: np.ndarray,
+                       feature_protocol: str, quantile: float = 0.99) -> CopyAudit:
+    """The same audit in feature space: features (N, D), (M, D), (K, D), (G, D) of the generated, training,
+    held-out and gallery images; cosine similarity of features standardised by the training set's mean and
+    spread; threshold: the `quantile` of the held-out images' nearest similarity to the gallery."""
+    mu, sd = f_train.mean(0), f_train.std(0) + 1e-6
+
+    def unit(f: np.ndarray) -> np.ndarray:
+        z = (np.asarray(f, np.float64) - mu) / sd
+        return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+
+    def nearest(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        sims = [unit(a[i:i + 1024]) @ unit(b).T for i in range(0, len(a), 1024)]
+        return np.concatenate([s.max(1) for s in sims]), np.concatenate([s.argmax(1) for s in sims])
+
+    held, _ = nearest(f_held, f_gallery)
+    threshold = float(np.quantile(held, quantile))
+    values, index = nearest(f_fake, f_train)
+    return CopyAudit(values, index, threshold, f"quantile {quantile} of nearest similarity of {len(held)} held-out "
+                     "real images", len(f_train), f"cosine similarity of {feature_protocol} features standardised "
+                     f"by --train; threshold: quantile {quantile} of {len(f_held)} held-out real images' nearest "
+                     "similarity", held, measure="similarity")

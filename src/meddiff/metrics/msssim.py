@@ -1,5 +1,5 @@
-"""Image pairs → SSIM and MS-SSIM: the diversity of a set (mean MS-SSIM of random pairs) and each generated
-image's nearest real image by SSIM, searched over a shortlist: (N, H, W) float in [0, 1] → figures.
+"""Image pairs → MS-SSIM and the diversity figure of a generated set (mean MS-SSIM of random pairs, with the same
+among real images as its reference): (N, H, W) float in [0, 1] → figures.
 
 MS-SSIM (Wang, Simoncelli & Bovik 2003, "Multi-scale structural similarity for image quality
 assessment", eq. 7):
@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, DataError
-from .ssim import DATA_RANGE, K1, K2, WINDOW, _Blur, _check_pair, _moments, _ssim_block, bootstrap_ci, check_images
+from .figure import Figure
+from .ssim import DATA_RANGE, K1, K2, WINDOW, _Blur, _check_pair, _moments, bootstrap_ci, check_images
 
 WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 _PIXEL_BUDGET = 2**21  # pixels of one batch of pairs (8 MiB per temporary)
@@ -122,44 +123,18 @@ def diversity(images: np.ndarray, n_pairs: int = 500, seed: int = 0, n_boot: int
             "n_pairs": len(pairs), "n_images": len(images), "scales": m, "protocol": protocol(m)}
 
 
-def _shortlist(fake: torch.Tensor, real: torch.Tensor, k: int, proxy: int) -> torch.Tensor:
-    """(N, k) indices of the k real images most correlated (Pearson, over all pixels) with each generated one at
-    `proxy` px: on smooth images it ranks the best SSIM match higher than the mean squared difference does."""
-    def small(t: torch.Tensor) -> torch.Tensor:
-        if max(t.shape[1:]) > proxy:
-            t = F.interpolate(t[:, None], size=(proxy, proxy), mode="bilinear", antialias=True,
-                              align_corners=False)[:, 0]
-        t = t.reshape(len(t), -1)
-        t = t - t.mean(dim=1, keepdim=True)
-        return t / t.norm(dim=1, keepdim=True).clamp_min(1e-8)
-
-    return (small(fake) @ small(real).T).topk(k, dim=1).indices   # (N, k)
-
-
-def nearest_ssim_shortlist(fake: np.ndarray, real: np.ndarray, k: int = 32,
-                           proxy: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """Nearest real image by SSIM, searched among each generated image's k most correlated real images at
-    `proxy` px (cheap), with exact SSIM on those k. With k >= M it is exhaustive.
-
-    fake (N, H, W), real (M, H, W) float in [0, 1] → (max SSIM (N,) float32, index in real (N,) int64).
-    The value is a lower bound of the exhaustive maximum, and equal to it whenever the best match is
-    on the shortlist. Memory: the moments of every real image, 2 M (H - 10)(W - 10) floats.
-    """
-    fake, real = _check_pair(fake, real)
-    if k < 1:
-        raise ConfigError(f"SSIM shortlist: {k}; allowed: 1 or more")
-    k = min(k, len(real))
-    blur = _Blur(*fake.shape[1:])
-    best, index = np.empty(len(fake), np.float32), np.empty(len(fake), np.int64)
-    with torch.no_grad():
-        ys = torch.from_numpy(real)
-        mu_ys, var_ys = _moments(ys, blur)
-        xs = torch.from_numpy(fake)
-        cand = _shortlist(xs, ys, k, proxy)                                               # (N, k)
-        for i in range(len(fake)):  # one image against its k candidates: small temporaries stay in cache
-            c = cand[i]
-            mu_x, var_x = _moments(xs[i:i + 1], blur)
-            scores = _ssim_block(xs[i], mu_x[0], var_x[0], ys[c], mu_ys[c], var_ys[c], blur)   # (k,)
-            j = int(scores.argmax())
-            best[i], index[i] = float(scores[j]), int(c[j])
-    return best, index
+def diversity_figure(fake: np.ndarray, real: np.ndarray, n_pairs: int = 500, seed: int = 0,
+                     n_boot: int = 1000) -> Figure | None:
+    """The diversity figure of a generated set: `diversity` of fake (N, H, W), with the same among real (M, H, W)
+    images as the reference (None for one real image); None when N < 2."""
+    if len(fake) < 2:
+        return None
+    out = diversity(fake, n_pairs, seed, n_boot)
+    counts = {"n_fake": out["n_images"], "n_real": len(real)}
+    details = {"n_pairs": out["n_pairs"], "scales": out["scales"], "reference_ci95": None, "reference_n_pairs": 0}
+    reference = None
+    if len(real) >= 2:
+        ref = diversity(real, n_pairs, seed, n_boot)
+        reference = ref["value"]
+        details.update(reference_ci95=ref["ci95"], reference_n_pairs=ref["n_pairs"])
+    return Figure(out["value"], tuple(out["ci95"]), reference, counts, out["protocol"], details)

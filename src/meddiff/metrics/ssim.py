@@ -29,8 +29,10 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
+from .figure import Figure
 
 WINDOW = 11
 SIGMA = 1.5
@@ -42,6 +44,8 @@ PROTOCOL = (
 )
 BANDS = ((0.7, "excellent"), (0.4, "moderate"), (0.1, "low"), (-np.inf, "very poor"))
 _PAIR_BUDGET = 2**18  # pixels of a real chunk (1 MiB): small chunks stay in cache, which is 2-3x faster
+EXHAUSTIVE_PIXEL_PAIRS = 2**28  # a shortlisted search is exhaustive up to (fake x real pairs) x pixels
+MAX_REFERENCE_QUERIES = 256     # real images queried by the real-halves reference
 
 
 def ssim_band(value: float) -> str:
@@ -168,6 +172,49 @@ def nearest_ssim(fake: np.ndarray, real: np.ndarray, chunk: int | None = None) -
     return best, index
 
 
+def _shortlist(fake: torch.Tensor, real: torch.Tensor, k: int, proxy: int) -> torch.Tensor:
+    """(N, k) indices of the k real images most correlated (Pearson, over all pixels) with each generated one at
+    `proxy` px: on smooth images it ranks the best SSIM match higher than the mean squared difference does."""
+    def small(t: torch.Tensor) -> torch.Tensor:
+        if max(t.shape[1:]) > proxy:
+            t = F.interpolate(t[:, None], size=(proxy, proxy), mode="bilinear", antialias=True,
+                              align_corners=False)[:, 0]
+        t = t.reshape(len(t), -1)
+        t = t - t.mean(dim=1, keepdim=True)
+        return t / t.norm(dim=1, keepdim=True).clamp_min(1e-8)
+
+    return (small(fake) @ small(real).T).topk(k, dim=1).indices   # (N, k)
+
+
+def nearest_ssim_shortlist(fake: np.ndarray, real: np.ndarray, k: int = 32,
+                           proxy: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest real image by SSIM, searched among each generated image's k most correlated real images at
+    `proxy` px (cheap), with exact SSIM on those k. With k >= M it is exhaustive.
+
+    fake (N, H, W), real (M, H, W) float in [0, 1] → (max SSIM (N,) float32, index in real (N,) int64).
+    The value is a lower bound of the exhaustive maximum, and equal to it whenever the best match is
+    on the shortlist. Memory: the moments of every real image, 2 M (H - 10)(W - 10) floats.
+    """
+    fake, real = _check_pair(fake, real)
+    if k < 1:
+        raise ConfigError(f"SSIM shortlist: {k}; allowed: 1 or more")
+    k = min(k, len(real))
+    blur = _Blur(*fake.shape[1:])
+    best, index = np.empty(len(fake), np.float32), np.empty(len(fake), np.int64)
+    with torch.no_grad():
+        ys = torch.from_numpy(real)
+        mu_ys, var_ys = _moments(ys, blur)
+        xs = torch.from_numpy(fake)
+        cand = _shortlist(xs, ys, k, proxy)                                               # (N, k)
+        for i in range(len(fake)):  # one image against its k candidates: small temporaries stay in cache
+            c = cand[i]
+            mu_x, var_x = _moments(xs[i:i + 1], blur)
+            scores = _ssim_block(xs[i], mu_x[0], var_x[0], ys[c], mu_ys[c], var_ys[c], blur)   # (k,)
+            j = int(scores.argmax())
+            best[i], index[i] = float(scores[j]), int(c[j])
+    return best, index
+
+
 def bootstrap_ci(values: np.ndarray, seed: int = 0, n_boot: int = 1000, level: float = 0.95) -> list[float]:
     """Percentile bootstrap over images of the mean: values (N,) → [lo, hi]."""
     rng = np.random.default_rng(seed)
@@ -177,13 +224,27 @@ def bootstrap_ci(values: np.ndarray, seed: int = 0, n_boot: int = 1000, level: f
     return [float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))]
 
 
-def real_halves_reference(real: np.ndarray, seed: int = 0, max_queries: int = 256) -> dict:
+def nearest_ssim_search(fake: np.ndarray, real: np.ndarray,
+                        shortlist: int | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+    """`nearest_ssim`, or `nearest_ssim_shortlist` with k = `shortlist` when that is given, shorter than the real
+    set and the pairs' pixels exceed EXHAUSTIVE_PIXEL_PAIRS → (values (N,), indices (N,), how it searched)."""
+    fake, real = _check_pair(fake, real)
+    pixel_pairs = len(fake) * len(real) * fake.shape[1] * fake.shape[2]
+    if shortlist is None or pixel_pairs <= EXHAUSTIVE_PIXEL_PAIRS or shortlist >= len(real):
+        return (*nearest_ssim(fake, real), "exhaustive: every real image")
+    values, index = nearest_ssim_shortlist(fake, real, shortlist)
+    return values, index, (f"shortlist: exact SSIM against the {shortlist} real images most correlated "
+                           "with it at 32 px")
+
+
+def real_halves_reference(real: np.ndarray, seed: int = 0, max_queries: int = MAX_REFERENCE_QUERIES,
+                          shortlist: int | None = None) -> tuple[float, int, int]:
     """What a perfect generator reaches: real images of one random half against the other half.
 
-    real (M, H, W) float in [0, 1], M >= 2 → {"reference_real_halves", "reference_n_query",
-    "reference_n_gallery"}. At most `max_queries` images of the first half are queried, which
-    bounds the cost; the gallery is the whole second half (M/2 images, against M for the
-    generated set, so the reference is a slight underestimate).
+    real (M, H, W) float in [0, 1], M >= 2 → (mean nearest SSIM, images queried, gallery size). At most
+    `max_queries` images of the first half are queried, which bounds the cost; the gallery is the whole second
+    half (M/2 images, against M for the generated set, so the reference is a slight underestimate). `shortlist`
+    as in `nearest_ssim_search`.
     """
     real = check_images(real, "real")
     if len(real) < 2:
@@ -191,27 +252,24 @@ def real_halves_reference(real: np.ndarray, seed: int = 0, max_queries: int = 25
     order = np.random.default_rng(seed).permutation(len(real))
     half = len(real) // 2
     query, gallery = real[order[:half][:max_queries]], real[order[half:]]
-    values, _ = nearest_ssim(query, gallery)
-    return {"reference_real_halves": float(values.mean()),
-            "reference_n_query": len(query), "reference_n_gallery": len(gallery)}
+    values, _, _ = nearest_ssim_search(query, gallery, shortlist)
+    return float(values.mean()), len(query), len(gallery)
 
 
-def ssim_report(fake: np.ndarray, real: np.ndarray, seed: int = 0) -> dict:
-    """SSIM figures of a generated set: fake (N, H, W), real (M, H, W) float in [0, 1] → JSON-ready dict."""
-    fake, real = _check_pair(fake, real)
-    values, _ = nearest_ssim(fake, real)
+def ssim_figure(fake: np.ndarray, real: np.ndarray, seed: int = 0, n_boot: int = 1000,
+                shortlist: int | None = None) -> tuple[Figure, np.ndarray, np.ndarray]:
+    """The SSIM figure of a generated set: the mean of each generated image's nearest-real SSIM, a percentile
+    bootstrap interval over images, the real-halves reference (None for one real image), the band.
+
+    fake (N, H, W), real (M, H, W) float in [0, 1] at one size → (figure, nearest SSIM (N,), real index (N,)).
+    `shortlist`: see `nearest_ssim_search` (None: always exhaustive).
+    """
+    values, index, search = nearest_ssim_search(fake, real, shortlist)
     mean = float(values.mean())
-    report = {
-        "ssim_mean": mean,
-        "ssim_median": float(np.median(values)),
-        "ssim_ci95": bootstrap_ci(values, seed=seed),
-        "n_fake": len(fake),
-        "n_real": len(real),
-        "band": ssim_band(mean),
-    }
-    if len(real) >= 2:
-        report.update(real_halves_reference(real, seed=seed))
-    else:
-        report.update({"reference_real_halves": None, "reference_n_query": 0, "reference_n_gallery": 0})
-    report["protocol"] = PROTOCOL
-    return report
+    reference, n_query, n_gallery = (real_halves_reference(real, seed, shortlist=shortlist) if len(real) >= 2
+                                     else (None, 0, 0))
+    fig = Figure(mean, tuple(bootstrap_ci(values, seed=seed, n_boot=n_boot)), reference,
+                 {"n_fake": len(fake), "n_real": len(real), "reference_n_query": n_query,
+                  "reference_n_gallery": n_gallery}, PROTOCOL,
+                 {"median": float(np.median(values)), "band": ssim_band(mean), "search": search})
+    return fig, values, index

@@ -1,0 +1,157 @@
+"""The copy audit: generated images against the training set, the threshold set on real images the model never
+saw (which ones: `heldout_split`) → the privacy figures of `meddiff evaluate`, and `meddiff audit`'s shareable folder
+holding only the generated files that are not copies (written whole or not at all). The maths is in
+meddiff.metrics.memorization.
+"""
+from __future__ import annotations
+
+import hashlib
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .checkpoint import atomic_folder
+from .data.dataset import split
+from .errors import ConfigError, DataError
+from .export import Manifest
+from .imagesets import LabelledImages, load_images, read_generated
+from .metrics.memorization import CopyAudit, feature_copy_audit, memorization_report
+
+MIN_HELDOUT = 10  # held-out real images needed to set the copy threshold from --real
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """The real images that set the copy threshold: `mask` over the --real images (side "real") or over the
+    --train images (side "train"), the training images they are compared with (`gallery`, a mask over --train),
+    and how they were chosen."""
+
+    side: str
+    mask: np.ndarray
+    gallery: np.ndarray
+    how: str
+
+    def images(self, real: LabelledImages, train: LabelledImages) -> np.ndarray:
+        return (real if self.side == "real" else train).images[self.mask]
+
+
+def _image_key(image: np.ndarray) -> bytes:
+    return hashlib.sha256(np.round(image * 65535).astype(np.uint16).tobytes()).digest()
+
+
+def heldout_split(real: LabelledImages, train: LabelledImages, seed: int) -> HeldOut:
+    """Real images that are not training images, to set the copy threshold.
+
+    The held-out images are the --real images not found (pixel for pixel) in --train; when fewer than 10
+    remain, --train itself is split by group (20 %) and its held-out part is compared with the rest."""
+    keys = {_image_key(im) for im in train.images}
+    novel = np.array([_image_key(im) not in keys for im in real.images])
+    if novel.sum() >= MIN_HELDOUT:
+        return HeldOut("real", novel, np.ones(len(train.images), bool),
+                       f"{int(novel.sum())} --real images not in --train")
+    rest, held = split(train.data, 0.2, seed)
+    if len(held) == 0:
+        raise DataError(f"--train: {len(train.images)} image(s) in one group and --real holds "
+                        f"{int(novel.sum())} images that are not training images; the copy threshold needs "
+                        f"at least {MIN_HELDOUT} real images the model was not trained on")
+    mask = np.zeros(len(train.images), bool)
+    mask[held] = True
+    return HeldOut("train", mask, ~mask, f"{len(held)} --train images held out by group and compared with the other "
+                   f"{len(rest)} (--real holds only {int(novel.sum())} images not in --train)")
+
+
+def copy_audit(generated: np.ndarray, train: LabelledImages, real: LabelledImages, held: HeldOut,
+               quantile: float = 0.99) -> CopyAudit:
+    """generated (N, S, S) in [0, 1] against the training set, threshold from the held-out images."""
+    return memorization_report(generated, train.images, held.images(real, train), quantile=quantile,
+                               gallery=train.images[held.gallery])
+
+
+@dataclass(frozen=True)
+class Privacy:
+    """The privacy figures of `meddiff evaluate`: copies by NCC and in feature space, and how the held-out images
+    that set both thresholds were chosen."""
+
+    copies: CopyAudit
+    feature_space: CopyAudit
+    heldout: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.copies.to_json(), "heldout": self.heldout, "feature_space": self.feature_space.to_json()}
+
+
+def privacy_figures(fake: LabelledImages, train: LabelledImages, real: LabelledImages,
+                    feats: dict[str, np.ndarray], feature_protocol: str, quantile: float = 0.99,
+                    seed: int = 0) -> Privacy:
+    """The audit of the generated set against --train; feats: each set's features ("fake", "train", "real")."""
+    held = heldout_split(real, train, seed)
+    f_held = feats[held.side][held.mask]
+    return Privacy(copy_audit(fake.images, train, real, held, quantile),
+                   feature_copy_audit(feats["fake"], feats["train"], f_held, feats["train"][held.gallery],
+                                      feature_protocol, quantile), held.how)
+
+
+# ---------------------------------------------------------------- meddiff audit
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """Every option of `meddiff audit`. fake: a folder of generated images; train, real: a folder or builtin:…"""
+
+    fake: str
+    train: str
+    real: str
+    out: str
+    size: int | None = None          # None: compare at the generated images' size
+    label_depth: int = 1
+    quantile: float = 0.99
+    seed: int = 0
+    cache_dir: str | None = None
+
+
+@dataclass(frozen=True)
+class AuditResult:
+    """What `meddiff audit` did: the files kept (copied to `out`) and flagged, relative to --fake, the audit."""
+
+    kept: list[Path]
+    flagged: list[Path]
+    copies: CopyAudit
+    heldout: str
+    out: Path
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: a file; give a new folder")
+    if out.is_dir() and any(out.iterdir()):
+        raise ConfigError(f"--out {out}: not empty; choose a new folder")
+
+
+def write_shareable(fake: Path, kept: list[Path], out: Path) -> None:
+    """Copy the kept files (relative to `fake`) to `out` at their place, with the manifest rows of those files;
+    `out` appears complete or not at all."""
+    with atomic_folder(out) as tmp:
+        for rel in kept:
+            dest = tmp / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(fake / rel, dest)
+        Manifest(fake).keep_rows([rel.as_posix() for rel in kept], tmp)
+
+
+def audit_folder(cfg: AuditConfig) -> AuditResult:
+    """Screen every file of cfg.fake against cfg.train (threshold from real images the model never saw, see
+    `heldout_split`) and write the files that are not copies to cfg.out."""
+    out, fake = Path(cfg.out), Path(cfg.fake)
+    _check_out(out)
+    files, generated = read_generated(cfg.fake, cfg.size)
+    size = generated.shape[-1]
+    train = load_images(cfg.train, "--train", size, cfg.label_depth, cfg.cache_dir)
+    real = load_images(cfg.real, "--real", size, cfg.label_depth, cfg.cache_dir)
+    held = heldout_split(real, train, cfg.seed)
+    copies = copy_audit(generated, train, real, held, cfg.quantile)
+    rel = [f.relative_to(fake) for f in files]
+    kept = [r for r, k in zip(rel, copies.keep) if k]
+    write_shareable(fake, kept, out)
+    return AuditResult(kept, [r for r, k in zip(rel, copies.keep) if not k], copies, held.how, out)
