@@ -11,7 +11,7 @@ from meddiff.audit import AuditConfig, audit_folder, copy_audit, heldout_split, 
 from meddiff.cli import main
 from meddiff.errors import ConfigError
 from meddiff.imagesets import load_images
-from synthetic import disguised, textured, write
+from synthetic import disguised, textured, volume, write
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +104,51 @@ def test_a_failed_copy_leaves_no_folder_behind(folders, tmp_path, monkeypatch):
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == ["a/006.png", "a/007.png"]
     rows = (out / "manifest.csv").read_text().splitlines()
     assert rows == ["file,class,seed", "a/006.png,a,6", "a/007.png,a,7"]
+
+
+@pytest.fixture(scope="module")
+def slices(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Flat folders of the slices of smooth volumes: even/ and odd/ slices of one volume (neighbours), other/ the
+    even slices of another volume, all/ the 100 slices of the first, fake/ 8 slices of a third volume."""
+    root = tmp_path_factory.mktemp("slices")
+    one, other, third = volume(100, 0), volume(100, 1), volume(100, 2)
+    return {"even": write(root / "even", one[::2]), "odd": write(root / "odd", one[1::2]),
+            "other": write(root / "other", other[::2]), "all": write(root / "all", one),
+            "fake": write(root / "fake", third[::12])}
+
+
+def _audit(slices: dict[str, Path], tmp_path: Path, train: str, real: str, by: str = "group"):
+    return audit_folder(AuditConfig(fake=str(slices["fake"]), train=str(slices[train]), real=str(slices[real]),
+                                    out=str(tmp_path / f"share_{train}_{real}_{by}"), heldout_split=by))
+
+
+def test_held_out_neighbours_of_training_slices_are_reported_as_blind(slices, tmp_path, capsys):
+    result = _audit(slices, tmp_path, "even", "odd")
+    assert result.warning is not None and result.warning.startswith("the copy audit cannot see: ")
+    assert "not disjoint from --train" in result.warning and "give --real images of other patients" in result.warning
+    assert result.copies.threshold > 0.99
+    code, text, _ = run_cli(["audit", "--fake", str(slices["fake"]), "--train", str(slices["even"]), "--real",
+                             str(slices["odd"]), "--out", str(tmp_path / "cli")], capsys)
+    assert code == 0 and "\nwarning: the copy audit cannot see: " in text
+
+
+def test_held_out_images_of_another_volume_give_no_warning(slices, tmp_path, capsys):
+    result = _audit(slices, tmp_path, "even", "other")
+    assert result.warning is None and result.copies.threshold < 0.99
+    code, text, _ = run_cli(["audit", "--fake", str(slices["fake"]), "--train", str(slices["even"]), "--real",
+                             str(slices["other"]), "--out", str(tmp_path / "cli")], capsys)
+    assert code == 0 and "warning" not in text
+
+
+def test_a_contiguous_split_of_one_volume_s_slices_sees_again(slices, tmp_path):
+    single = _audit(slices, tmp_path, "all", "all")          # --real is --train: 20 % of the slices held out
+    assert single.heldout.startswith("20 --train images held out by group")
+    assert single.warning is not None and "--heldout-split contiguous" in single.warning
+    runs = _audit(slices, tmp_path, "all", "all", "contiguous")
+    assert runs.heldout.startswith("20 --train images held out in runs of consecutive images")
+    assert runs.warning is None and runs.copies.threshold < single.copies.threshold
+
+
+def test_an_unknown_split_is_refused_naming_the_flag(slices, tmp_path):
+    with pytest.raises(ConfigError, match=r"--heldout-split 'random'; allowed: group, contiguous"):
+        _audit(slices, tmp_path, "even", "odd", "random")

@@ -14,8 +14,9 @@ from PIL import Image
 
 import meddiff.data.readers as readers
 from meddiff.data import cache
-from meddiff.data.dataset import ImageSet, export_builtin, load_data, parse_spec, skipped_listing, split, to_square
-from meddiff.errors import DataError
+from meddiff.data.dataset import (ImageSet, contiguous_runs, export_builtin, load_data, parse_spec, skipped_listing,
+                                  split, to_square)
+from meddiff.errors import ConfigError, DataError
 
 
 def test_class_folders_give_labels_and_sorted_class_names(image_folder: Path) -> None:
@@ -222,6 +223,24 @@ def test_split_is_deterministic_in_the_seed() -> None:
 def test_split_never_empties_train(groups: list[int], fraction: float, n_train: int) -> None:
     train_idx, val_idx = split(_set(groups), fraction, seed=0)
     assert len(train_idx) == n_train and len(val_idx) == len(groups) - n_train
+
+
+def test_contiguous_runs_cut_consecutive_images_only_where_the_group_changes() -> None:
+    np.testing.assert_array_equal(contiguous_runs(np.arange(20), 4), np.repeat(np.arange(4), 5))
+    groups = np.array([0, 0, 0, 1, 1, 2, 3, 3, 3, 3])            # a patient or a volume is never cut
+    runs = contiguous_runs(groups, 3)
+    np.testing.assert_array_equal(runs, [0, 0, 0, 0, 0, 1, 1, 1, 1, 1])
+    assert all(len(set(runs[groups == g])) == 1 for g in np.unique(groups))
+
+
+def test_a_contiguous_split_holds_out_runs_of_consecutive_images() -> None:
+    data = _set(list(range(100)))                                 # a flat folder: every slice its own group
+    _, single = split(data, 0.2, seed=0)
+    _, runs = split(data, 0.2, seed=0, by="contiguous")
+    assert len(runs) == 20 and np.count_nonzero(np.diff(runs) > 1) == 1   # two runs of 10 consecutive slices
+    assert np.count_nonzero(np.diff(single) > 1) > 5                      # single slices scattered over the set
+    with pytest.raises(ConfigError, match=r"split by 'random'; allowed: group, contiguous"):
+        split(data, 0.2, seed=0, by="random")
 
 
 # ---------------------------------------------------------------- to_square

@@ -11,7 +11,7 @@ from meddiff.cli import main
 from meddiff.evaluate import EvalConfig, evaluate, evaluate_ssim
 from meddiff.imagesets import load_images
 from meddiff.metrics.memorization import memorization_report
-from synthetic import disguised, textured, write
+from synthetic import disguised, textured, volume, write
 
 FIGURES = ("ssim", "ms_ssim", "fid", "kid", "precision", "recall", "density", "coverage")
 
@@ -105,7 +105,8 @@ def test_the_privacy_figures_are_memorization_report_s(folders):
     train = load_images(str(folders["train"]), "--train", 32, 1, None).images
     held = load_images(str(folders["real"]), "--real", 32, 1, None).images
     report = memorization_report(ev.fake.images, train, held).to_json()
-    assert {k: v for k, v in ev.results["privacy"].items() if k not in ("heldout", "feature_space")} == report
+    own = ("heldout", "heldout_near_duplicate_share", "heldout_warning", "feature_space")
+    assert {k: v for k, v in ev.results["privacy"].items() if k not in own} == report
 
 
 def test_when_real_is_the_training_set_the_threshold_comes_from_held_out_training_images(folders, tmp_path):
@@ -167,3 +168,26 @@ def test_unusable_option_combinations_are_one_line_errors(folders, tmp_path, cap
     _one_line_error(code, err, "add --report DIR")
     code, _, err = run_cli([*base, "--report", str(tmp_path / "r"), "--run", str(tmp_path)], capsys)
     _one_line_error(code, err, "no log.jsonl")
+
+
+@pytest.mark.parametrize("real_volume, blind", [(0, True), (1, False)])
+def test_a_held_out_reference_of_neighbouring_slices_is_reported_loudly(real_volume, blind, tmp_path, capsys):
+    """--train: the even slices of a volume; --real: its odd slices (each one a neighbour of two training slices)
+    or the slices of another volume (disjoint)."""
+    train = write(tmp_path / "train", volume(100, 0)[::2])
+    real = write(tmp_path / "real", volume(100, real_volume)[1::2])
+    fake = write(tmp_path / "fake", volume(100, 2)[::12])
+    code, out, err = run_cli(["evaluate", "--real", str(real), "--fake", str(fake), "--train", str(train),
+                              "--json", str(tmp_path / "e.json"), "--report", str(tmp_path / "report"),
+                              "--bootstrap", "20"], capsys)
+    assert code == 0, err
+    priv = json.loads((tmp_path / "e.json").read_text())["privacy"]
+    page = (tmp_path / "report" / "index.html").read_text()
+    if blind:
+        assert priv["heldout_near_duplicate_share"] > 0.5 and priv["threshold"] > 0.99
+        assert priv["heldout_warning"].startswith("the copy audit cannot see: ")
+        assert "\n  warning: the copy audit cannot see: " in out
+        assert page.count("Warning: the copy audit cannot see: ") == 2   # at the top and in the privacy section
+    else:
+        assert priv["heldout_near_duplicate_share"] < 0.5 and priv["heldout_warning"] is None
+        assert "warning" not in out and "Warning:" not in page

@@ -14,13 +14,17 @@ from typing import Any
 import numpy as np
 
 from .checkpoint import atomic_folder
+from .config import HELDOUT_SPLITS
 from .data.dataset import split
 from .errors import ConfigError, DataError
 from .export import Manifest
 from .imagesets import LabelledImages, load_images, read_generated
-from .metrics.memorization import CopyAudit, feature_copy_audit, memorization_report
+from .metrics.memorization import (NEAR_DUPLICATE_NCC, CopyAudit, feature_copy_audit, memorization_report,
+                                   near_duplicate_share)
 
-MIN_HELDOUT = 10  # held-out real images needed to set the copy threshold from --real
+MIN_HELDOUT = 10        # held-out real images needed to set the copy threshold from --real
+HELDOUT_FRACTION = 0.2  # of --train, held out when --real holds too few images the model never saw
+BLIND_SHARE = 0.5       # held-out images that are near-duplicates of training images, above which the audit is blind
 
 
 @dataclass(frozen=True)
@@ -42,25 +46,50 @@ def _image_key(image: np.ndarray) -> bytes:
     return hashlib.sha256(np.round(image * 65535).astype(np.uint16).tobytes()).digest()
 
 
-def heldout_split(real: LabelledImages, train: LabelledImages, seed: int) -> HeldOut:
+def check_split(by: str) -> None:
+    if by not in HELDOUT_SPLITS:
+        raise ConfigError(f"--heldout-split {by!r}; allowed: {', '.join(HELDOUT_SPLITS)}")
+
+
+def heldout_split(real: LabelledImages, train: LabelledImages, seed: int, by: str = "group") -> HeldOut:
     """Real images that are not training images, to set the copy threshold.
 
     The held-out images are the --real images not found (pixel for pixel) in --train; when fewer than 10
-    remain, --train itself is split by group (20 %) and its held-out part is compared with the rest."""
+    remain, 20 % of --train is held out (`by` "group": whole groups; "contiguous": whole runs of consecutive
+    images, see meddiff.data.dataset.split) and compared with the rest."""
     keys = {_image_key(im) for im in train.images}
     novel = np.array([_image_key(im) not in keys for im in real.images])
     if novel.sum() >= MIN_HELDOUT:
         return HeldOut("real", novel, np.ones(len(train.images), bool),
                        f"{int(novel.sum())} --real images not in --train")
-    rest, held = split(train.data, 0.2, seed)
+    rest, held = split(train.data, HELDOUT_FRACTION, seed, by)
     if len(held) == 0:
         raise DataError(f"--train: {len(train.images)} image(s) in one group and --real holds "
                         f"{int(novel.sum())} images that are not training images; the copy threshold needs "
                         f"at least {MIN_HELDOUT} real images the model was not trained on")
     mask = np.zeros(len(train.images), bool)
     mask[held] = True
-    return HeldOut("train", mask, ~mask, f"{len(held)} --train images held out by group and compared with the other "
+    how = "by group" if by == "group" else "in runs of consecutive images"
+    return HeldOut("train", mask, ~mask, f"{len(held)} --train images held out {how} and compared with the other "
                    f"{len(rest)} (--real holds only {int(novel.sum())} images not in --train)")
+
+
+def heldout_warning(copies: CopyAudit, held: HeldOut) -> str | None:
+    """A warning when most held-out images are near-duplicates of training images (NCC >= 0.99): they are not
+    disjoint from --train (neighbouring slices of one volume, one patient on both sides), so they set the copy
+    threshold near 1 and the audit cannot see copies; None when the held-out images are fit to set it."""
+    near = copies.heldout if copies.heldout is not None else np.zeros(0)
+    share = near_duplicate_share(near) if len(near) else 0.0
+    if share <= BLIND_SHARE:
+        return None
+    fix = ("give --real images of other patients or volumes" if held.side == "real" else
+           "hold out runs of consecutive slices with --heldout-split contiguous, put each volume's slices in a "
+           "sub-folder of its own, or give --real images of other patients")
+    return (f"the copy audit cannot see: {int(round(share * len(near)))} of {len(near)} held-out images "
+            f"({100 * share:.0f} %) have a training image at NCC ≥ {NEAR_DUPLICATE_NCC} (median "
+            f"{float(np.median(near)):.4f}), so they are not disjoint from --train (neighbouring slices of one volume, "
+            f"or one patient's images on both sides); they set the copy threshold at {copies.threshold:.4f} and "
+            f"copies below it go unflagged; {fix}")
 
 
 def copy_audit(generated: np.ndarray, train: LabelledImages, real: LabelledImages, held: HeldOut,
@@ -72,26 +101,30 @@ def copy_audit(generated: np.ndarray, train: LabelledImages, real: LabelledImage
 
 @dataclass(frozen=True)
 class Privacy:
-    """The privacy figures of `meddiff evaluate`: copies by NCC and in feature space, and how the held-out images
-    that set both thresholds were chosen."""
+    """The privacy figures of `meddiff evaluate`: copies by NCC and in feature space, how the held-out images
+    that set both thresholds were chosen, and the warning when they cannot set them (`heldout_warning`)."""
 
     copies: CopyAudit
     feature_space: CopyAudit
     heldout: str
+    warning: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {**self.copies.to_json(), "heldout": self.heldout, "feature_space": self.feature_space.to_json()}
+        near = near_duplicate_share(self.copies.heldout) if self.copies.heldout is not None else None
+        return {**self.copies.to_json(), "heldout": self.heldout, "heldout_near_duplicate_share": near,
+                "heldout_warning": self.warning, "feature_space": self.feature_space.to_json()}
 
 
 def privacy_figures(fake: LabelledImages, train: LabelledImages, real: LabelledImages,
                     feats: dict[str, np.ndarray], feature_protocol: str, quantile: float = 0.99,
-                    seed: int = 0) -> Privacy:
-    """The audit of the generated set against --train; feats: each set's features ("fake", "train", "real")."""
-    held = heldout_split(real, train, seed)
+                    seed: int = 0, by: str = "group") -> Privacy:
+    """The audit of the generated set against --train; feats: each set's features ("fake", "train", "real");
+    `by`: how part of --train is held out when --real holds too few images (see `heldout_split`)."""
+    held = heldout_split(real, train, seed, by)
+    copies = copy_audit(fake.images, train, real, held, quantile)
     f_held = feats[held.side][held.mask]
-    return Privacy(copy_audit(fake.images, train, real, held, quantile),
-                   feature_copy_audit(feats["fake"], feats["train"], f_held, feats["train"][held.gallery],
-                                      feature_protocol, quantile), held.how)
+    return Privacy(copies, feature_copy_audit(feats["fake"], feats["train"], f_held, feats["train"][held.gallery],
+                                              feature_protocol, quantile), held.how, heldout_warning(copies, held))
 
 
 # ---------------------------------------------------------------- meddiff audit
@@ -108,18 +141,24 @@ class AuditConfig:
     label_depth: int = 1
     quantile: float = 0.99
     seed: int = 0
+    heldout_split: str = "group"     # how part of --train is held out when --real holds too few images
     cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        check_split(self.heldout_split)
 
 
 @dataclass(frozen=True)
 class AuditResult:
-    """What `meddiff audit` did: the files kept (copied to `out`) and flagged, relative to --fake, the audit."""
+    """What `meddiff audit` did: the files kept (copied to `out`) and flagged, relative to --fake, the audit, and
+    the warning when the held-out images cannot set the threshold."""
 
     kept: list[Path]
     flagged: list[Path]
     copies: CopyAudit
     heldout: str
     out: Path
+    warning: str | None = None
 
 
 def _check_out(out: Path) -> None:
@@ -149,9 +188,10 @@ def audit_folder(cfg: AuditConfig) -> AuditResult:
     size = generated.shape[-1]
     train = load_images(cfg.train, "--train", size, cfg.label_depth, cfg.cache_dir)
     real = load_images(cfg.real, "--real", size, cfg.label_depth, cfg.cache_dir)
-    held = heldout_split(real, train, cfg.seed)
+    held = heldout_split(real, train, cfg.seed, cfg.heldout_split)
     copies = copy_audit(generated, train, real, held, cfg.quantile)
     rel = [f.relative_to(fake) for f in files]
     kept = [r for r, k in zip(rel, copies.keep) if k]
     write_shareable(fake, kept, out)
-    return AuditResult(kept, [r for r, k in zip(rel, copies.keep) if not k], copies, held.how, out)
+    return AuditResult(kept, [r for r, k in zip(rel, copies.keep) if not k], copies, held.how, out,
+                       heldout_warning(copies, held))

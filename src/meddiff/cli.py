@@ -11,10 +11,14 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
-from .config import ARCHITECTURES, DEFAULT_PRESET, SAMPLERS, SampleConfig, TrainConfig
+from .config import ARCHITECTURES, DEFAULT_PRESET, HELDOUT_SPLITS, SAMPLERS, SampleConfig, TrainConfig
 from .demo import DemoConfig
 from .errors import MeddiffError
 
+HELDOUT_SPLIT_HELP = ("how images the model never saw are held out of a set (the copy threshold's part of --train "
+                      "when --real holds too few such images; evaluate's classifier test): group (default) keeps a "
+                      "patient sub-folder or a volume file together; contiguous holds out runs of consecutive files, "
+                      "for a flat folder of one volume's slices, whose single slices are neighbours of training slices")
 MAIN_EXAMPLES = """examples:
   meddiff train --data builtin:mni-mri --out runs/mri --max-minutes 5
   meddiff sample --run runs/mri --n 16 --out samples/
@@ -134,6 +138,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="feature network of FID/KID/PRDC (inception: local torch-fidelity weights only)")
     ev.add_argument("--inception-weights", metavar="PATH", help="the FID Inception weights file (implies --features inception)")
     ev.add_argument("--bootstrap", type=_positive_int, default=200, help="bootstrap resamples of every interval")
+    ev.add_argument("--heldout-split", choices=HELDOUT_SPLITS, default="group", help=HELDOUT_SPLIT_HELP)
     ev.add_argument("--cache-dir", default=None, help=f"image and feature cache (default {default_cache_dir()})")
     ev.add_argument("--threads", type=_positive_int, help=THREADS_HELP)
     au = sub.add_parser("audit", help="copy the generated images that are not copies of training images into a "
@@ -147,6 +152,7 @@ def _parser() -> argparse.ArgumentParser:
     au.add_argument("--out", required=True, help="the shareable folder (must not exist or be empty)")
     au.add_argument("--size", type=_positive_int, help="compare at this size (default: the generated images' size)")
     au.add_argument("--label-depth", type=_positive_int, default=1)
+    au.add_argument("--heldout-split", choices=HELDOUT_SPLITS, default="group", help=HELDOUT_SPLIT_HELP)
     au.add_argument("--cache-dir", default=None, help=f"image cache (default {default_cache_dir()})")
     info = sub.add_parser("info", help="what the loader sees in a data path", epilog=INFO_EXAMPLES,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -345,7 +351,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     cfg = EvalConfig(real=a.real, fake=a.fake, train=a.train, size=a.size, label_depth=a.label_depth,
                      features="inception" if a.inception_weights else a.features,
                      inception_weights=a.inception_weights, utility=a.utility, seed=a.seed, n_boot=a.bootstrap,
-                     cache_dir=a.cache_dir or default_cache_dir())
+                     heldout_split=a.heldout_split, cache_dir=a.cache_dir or default_cache_dir())
     if a.run and not a.report:
         raise MeddiffError(f"evaluate --run {a.run}: the loss curve goes into the report; add --report DIR")
     if a.run:
@@ -363,12 +369,15 @@ def cmd_audit(a: argparse.Namespace) -> int:
     from .audit import AuditConfig, audit_folder
 
     result = audit_folder(AuditConfig(fake=a.fake, train=a.train, real=a.real, out=a.out, size=a.size,
-                                      label_depth=a.label_depth, cache_dir=a.cache_dir or default_cache_dir()))
+                                      label_depth=a.label_depth, heldout_split=a.heldout_split,
+                                      cache_dir=a.cache_dir or default_cache_dir()))
     n = len(result.kept) + len(result.flagged)
     print(f"audit: {len(result.kept)} of {n} image(s) copied to {result.out}; {len(result.flagged)} flagged as "
           f"copies of training images (NCC ≥ {result.copies.threshold:.3f}, threshold from {result.heldout})")
     for f in result.flagged:
         print(f"  flagged: {f}")
+    if result.warning:
+        print(f"warning: {result.warning}")
     return 0
 
 

@@ -199,6 +199,7 @@ class SampleConfig:
 
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp-2m", "unipc", "euler", "heun")
+HELDOUT_SPLITS = ("group", "contiguous")  # how images are held out: by group, or in runs of consecutive images
 
 
 def default_sampler(preset: str) -> tuple[str, int]:

@@ -201,4 +201,6 @@ def key_figures(results: Results) -> list[str]:
         cp = priv.copies
         lines.append(f"  flagged as training copies      {100 * cp.flagged_share:>5.1f} %   "
                      f"{cp.n_flagged} of {len(cp.nearest)} (NCC ≥ {cp.threshold:.3f})")
+        if priv.warning:
+            lines.append(f"  warning: {priv.warning}")
     return lines

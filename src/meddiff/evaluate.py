@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .audit import Privacy, privacy_figures
+from .audit import Privacy, check_split, privacy_figures
 from .data.dataset import split
 from .errors import ConfigError
 from .imagesets import LabelledImages, check_class_folders, images01, load_images, native_size
@@ -33,6 +33,7 @@ class EvalConfig:
     feature_resolution: int = 64
     utility: bool = False
     heldout_fraction: float = 0.3          # real images held out (by group) for the classifier's test
+    heldout_split: str = "group"           # how images are held out: by "group", or in "contiguous" runs
     seed: int = 0
     n_boot: int = 200
     prdc_k: int = 5
@@ -41,6 +42,9 @@ class EvalConfig:
     class_diversity_pairs: int = 200
     copy_quantile: float = 0.99
     cache_dir: str | None = None           # the data cache; feature statistics go to <cache_dir>/features
+
+    def __post_init__(self) -> None:
+        check_split(self.heldout_split)
 
 
 @dataclass
@@ -196,7 +200,7 @@ def _labels_in(fake: LabelledImages, names: tuple[str, ...]) -> np.ndarray:
 
 
 def _heldout_mask(images: LabelledImages, cfg: EvalConfig) -> np.ndarray:
-    _, held = split(images.data, cfg.heldout_fraction, cfg.seed)
+    _, held = split(images.data, cfg.heldout_fraction, cfg.seed, cfg.heldout_split)
     mask = np.zeros(len(images.labels), bool)
     mask[held] = True
     return mask
@@ -219,7 +223,8 @@ def utility_figures(fake: LabelledImages, real: LabelledImages, x: dict[str, np.
 
     out = utility_study(x["real"], real.labels, _heldout_mask(real, cfg), x["fake"],
                         _labels_in(fake, real.class_names), real.class_names, cfg.seed, cfg.n_boot)
-    out["split"] = (f"--real split by group (meddiff.data.dataset.split), {cfg.heldout_fraction:g} held out, "
+    how = "by group" if cfg.heldout_split == "group" else "in runs of consecutive images"
+    out["split"] = (f"--real split {how} (meddiff.data.dataset.split), {cfg.heldout_fraction:g} held out, "
                     f"seed {cfg.seed}")
     return out
 
@@ -306,7 +311,8 @@ def evaluate(cfg: EvalConfig) -> Evaluation:
             res.utility = utility_figures(fake, real, x, cfg)
         clock("classifier")
     if train is not None:
-        res.privacy = privacy_figures(fake, train, real, feats, extractor.protocol, cfg.copy_quantile, cfg.seed)
+        res.privacy = privacy_figures(fake, train, real, feats, extractor.protocol, cfg.copy_quantile, cfg.seed,
+                                      cfg.heldout_split)
         clock("privacy")
     res.seconds = clock.seconds
     return Evaluation(res, real, fake, train, ssim_index, ssim_values)

@@ -87,6 +87,8 @@ def summary_lines(results: Results) -> list[str]:
         lines.append(f"  privacy: {cp.n_flagged} of {len(cp.nearest)} generated images flagged as copies "
                      f"({100 * cp.flagged_share:.1f} %), {100 * cp.train_copied_share:.1f} % of training "
                      f"images copied; NCC threshold {cp.threshold:.3f} ({cp.threshold_source})")
+        if results.privacy.warning:
+            lines.append(f"  warning: {results.privacy.warning}")
     return lines
 
 
@@ -285,9 +287,16 @@ def _privacy_section(privacy: Privacy | None, pairs: list[tuple[str, str]]) -> s
             ["NCC protocol", p.protocol], ["feature-space protocol", fs.protocol]]
     figs = "".join(_img(uri, cap) for uri, cap in pairs)
     flagged = '<p class="flag">Some generated images copy training images.</p>' if p.n_flagged else ""
+    flagged += _warning(privacy)
     return ("<h2>Privacy audit: copies of training images</h2>" + flagged + _table(["", ""], rows)
             + f"<p>The closest pairs (generated | training), most similar first; all {MAX_PAIRS} closest are saved "
               "in pairs/ beside this page.</p>" + figs)
+
+
+def _warning(privacy: Privacy | None) -> str:
+    if privacy is None or not privacy.warning:
+        return ""
+    return f'<p class="flag">Warning: {html.escape(privacy.warning)}.</p>'
 
 
 def _grids_section(ev: Evaluation) -> str:
@@ -328,6 +337,7 @@ def write_report(ev: Evaluation, out_dir: str | Path, run_dir: str | Path | None
     body = [f"<h1>meddiff evaluation</h1><p>{html.escape(counts)} images at {res.size} px. Feature network: "
             f"<b>{html.escape(proto['features'])}</b> — FID, KID and PRDC are only comparable between evaluations "
             f"with the same feature network, image counts and size. Intervals: {html.escape(proto['intervals'])}.</p>",
+            _warning(res.privacy),
             "<h2>Metrics</h2>", metrics_table(res.overall),
             "<p class=note>Real vs real: the same figure between two random halves of the real set (for MS-SSIM: "
             "among real images), what a perfect generator would reach; half sets make FID/KID references "

@@ -19,10 +19,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import DataError, UnreadableFile
+from ..config import HELDOUT_SPLITS
+from ..errors import ConfigError, DataError, UnreadableFile
 from . import cache
 
 BUILTINS = ("mni-mri", "phantoms", "ct", "xray", "mri", "us")
+CONTIGUOUS_RUNS = 10  # runs a "contiguous" split cuts a set into
 
 
 @dataclass
@@ -296,17 +298,34 @@ def skipped_listing(data: ImageSet, spec: str) -> str:
     return "".join(line + "\n" for line in lines)
 
 
-def split(data: ImageSet, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def contiguous_runs(groups: np.ndarray, n_runs: int = CONTIGUOUS_RUNS) -> np.ndarray:
+    """(N,) group ids in load order → (N,) run ids: the images cut into about `n_runs` runs of consecutive images
+    (files in name order), cut only where the group changes, so a patient or a volume stays in one run."""
+    runs = np.zeros(len(groups), np.int64)
+    target, start = len(groups) / n_runs, 0
+    for i in range(1, len(groups)):
+        if groups[i] != groups[i - 1] and i - start >= target:
+            start = i
+        runs[i] = runs[i - 1] + (start == i)
+    return runs
+
+
+def split(data: ImageSet, val_fraction: float, seed: int, by: str = "group") -> tuple[np.ndarray, np.ndarray]:
     """(train indices, validation indices), split by group so one patient/volume never sits on both sides.
-    Deterministic in the seed; at least one group is held out when val_fraction > 0 and there are ≥ 2 groups."""
+    Deterministic in the seed; at least one group is held out when val_fraction > 0 and there are ≥ 2 groups.
+    by "contiguous": whole runs of consecutive images (`contiguous_runs`) instead, so that the held-out slices of a
+    flat folder of one volume's slices are not the neighbours of training slices."""
+    if by not in HELDOUT_SPLITS:
+        raise ConfigError(f"split by {by!r}; allowed: {', '.join(HELDOUT_SPLITS)}")
+    groups = contiguous_runs(data.groups) if by == "contiguous" else data.groups
     idx = np.arange(len(data))
-    uniq = np.unique(data.groups)
+    uniq = np.unique(groups)
     if val_fraction <= 0 or len(uniq) < 2:
         return idx, idx[:0]
     rng = np.random.default_rng([seed, 7919])
     order = rng.permutation(uniq)
     n_val = min(max(1, int(round(val_fraction * len(uniq)))), len(uniq) - 1)
-    val = np.isin(data.groups, order[:n_val])
+    val = np.isin(groups, order[:n_val])
     return idx[~val], idx[val]
 
 
