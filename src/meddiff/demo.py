@@ -58,7 +58,7 @@ class DemoConfig:
 
 @dataclass
 class DemoResult:
-    """What the demo made: the training result, the evaluation (figures in `evaluation.results`), the files."""
+    """What the demo made: the training result, the evaluation (figures in `evaluation.figures`), the files."""
 
     train: TrainResult
     evaluation: Evaluation
