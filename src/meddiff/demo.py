@@ -4,13 +4,13 @@ class, a short evaluation and the HTML report, all in one folder (DemoConfig in,
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 from urllib.parse import urlencode
 
+from .atomic import write_bytes, write_json
 from .config import DEFAULT_PRESET, SampleConfig, TrainConfig
 from .errors import ConfigError, RunError
 
@@ -153,14 +153,14 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = print) -> DemoResult
     sample_to_folder(SampleConfig(run=str(run), out=str(samples), per_class=cfg.per_class, guidance=cfg.guidance,
                                   seed=cfg.seed, device=cfg.device, progress=cfg.progress), echo=echo)
     grid = out / "grid.png"
-    grid.write_bytes((samples / "grid.png").read_bytes())
+    write_bytes(grid, (samples / "grid.png").read_bytes())
     echo(f"demo: evaluating the {n_samples} samples against {real} and, for copies, the training images …")
     ev = evaluate(EvalConfig(real=real, fake=str(samples), train=cfg.data, n_boot=cfg.n_boot, seed=cfg.seed,
                              cache_dir=cfg.cache_dir))
     figures = out / "eval.json"
     training = dict(steps=trained.steps, planned_steps=cfg.max_steps, minutes=trained.seconds / 60,
                     stopped=trained.stopped, warning=warning)
-    figures.write_text(json.dumps({**ev.results, "training": training}, indent=2))
+    write_json(figures, {**ev.results, "training": training})
     report = write_report(ev, out / "report", run_dir=run)
     return DemoResult(trained, ev, grid, samples, report, figures, time.perf_counter() - t0, warning)
 

@@ -13,11 +13,10 @@ import math
 import operator
 import os
 import re
-import secrets
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import BinaryIO, Callable, Collection, Sequence
+from typing import Collection, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -27,6 +26,7 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import (PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, SecondaryCaptureImageStorage,
                          generate_uid)
 
+from .atomic import write_file
 from .data.cache import to_uint16
 from .errors import ConfigError, DataError, RunError
 
@@ -123,31 +123,6 @@ def dicom_modality(class_name: str | None) -> str:
     return "OT"
 
 
-# --- atomic files ---------------------------------------------------------------------------------
-
-def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> Path:
-    """Write through a temporary file in the same folder, fsync, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:  # "x": never follow or clobber an existing name; umask applies
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
-        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    return path
-
-
 def _check_image(image: np.ndarray, what: str = "image", ndim: int = 2) -> np.ndarray:
     arr = np.asarray(image)
     if arr.ndim != ndim or 0 in arr.shape or not np.issubdtype(arr.dtype, np.floating):
@@ -175,7 +150,7 @@ def _png_text(info: SyntheticInfo) -> PngInfo:
 def _write_png(pixels: np.ndarray, path: Path, text: PngInfo | None) -> Path:
     # Image.fromarray picks "L" for uint8, "I;16" for uint16 and "RGB" for (H, W, 3) uint8.
     picture = Image.fromarray(pixels)
-    return _atomic_write(path, lambda f: picture.save(f, format="PNG", pnginfo=text))
+    return write_file(path, lambda f: picture.save(f, format="PNG", pnginfo=text))
 
 
 def save_png(image_u8: np.ndarray, path: Path) -> Path:
@@ -285,7 +260,7 @@ def _dicom_dataset(pixels: np.ndarray, info: SyntheticInfo) -> FileDataset:
 
 def _write_dicom(image: np.ndarray, path: Path, info: SyntheticInfo) -> Path:
     ds = _dicom_dataset(to_uint16(image), info)
-    return _atomic_write(path, lambda f: ds.save_as(f, enforce_file_format=True))
+    return write_file(path, lambda f: ds.save_as(f, enforce_file_format=True))
 
 
 # --- NIfTI --------------------------------------------------------------------------------------------
@@ -313,7 +288,7 @@ def _write_nifti(volume_u16: np.ndarray, path: Path, infos: list[SyntheticInfo])
     record = {"synthetic": True, "generator": f"meddiff {_version()}", "slices": [asdict(i) for i in infos]}
     img.header.extensions.append(nib.nifti1.Nifti1Extension("comment", json.dumps(record).encode()))
     payload = gzip.compress(img.to_bytes(), compresslevel=6, mtime=0)
-    return _atomic_write(path, lambda f: f.write(payload))
+    return write_file(path, lambda f: f.write(payload))
 
 
 def write_nifti_stack(images: np.ndarray, path: Path, infos: list[SyntheticInfo]) -> Path:

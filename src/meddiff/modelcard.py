@@ -10,6 +10,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .atomic import write_text
+
 RUN_FILE = "meddiff.json"
 CARD_FILE = "README.md"
 
@@ -224,8 +226,4 @@ def write_model_card(run: Path, metrics: dict[str, Any] | None = None) -> Path:
     """Write RUN/README.md (atomically) from the run's meddiff.json and optional evaluation metrics."""
     run = Path(run)
     text = model_card_text(run, metrics)
-    target = run / CARD_FILE
-    tmp = run / f".{CARD_FILE}.tmp{os.getpid()}"
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, target)
-    return target
+    return write_text(run / CARD_FILE, text)

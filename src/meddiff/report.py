@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from .atomic import write_text
 from .audit import Privacy
 from .errors import RunError
 from .evaluate import Evaluation, Results, SetFigures
@@ -352,8 +353,4 @@ def write_report(ev: Evaluation, out_dir: str | Path, run_dir: str | Path | None
     body.append("<h2>Protocols</h2>" + _table(["figure", "protocol"], [[k, str(v)] for k, v in proto.items()]))
     page = (f"<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>meddiff evaluation</title>"
             f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>")
-    path = out / "index.html"
-    tmp = out / ".index.html.tmp"
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_text(out / "index.html", page)

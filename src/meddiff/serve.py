@@ -21,11 +21,12 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable
 from urllib.parse import urlsplit
 
 from . import checkpoint as ckpt
 from . import export
+from .atomic import write_file
 from .config import SAMPLERS, default_sampler
 from .errors import ConfigError, MeddiffError, RunError
 from .runtime import pick_device, pick_precision
@@ -292,13 +293,12 @@ class App:
 
     def _zip(self, job: Job) -> Path:
         """The batch (files of the chosen format + manifest.csv) as one zip, written then renamed into place."""
-        target = job.folder / "batch.zip"
-        tmp = job.folder / ".batch.zip.tmp"
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-            for name in [*job.files, export.MANIFEST_NAME]:
-                zf.write(job.folder / name, arcname=name)
-        tmp.replace(target)
-        return target
+        def write(f: BinaryIO) -> None:
+            with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+                for name in [*job.files, export.MANIFEST_NAME]:
+                    zf.write(job.folder / name, arcname=name)
+
+        return write_file(job.folder / "batch.zip", write)
 
 
 # --- HTTP -----------------------------------------------------------------------------------------------------

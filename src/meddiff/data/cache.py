@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
+from ..atomic import write_bytes, write_file
 
 CACHE_VERSION = 2  # 2: readers skip non-regular files, size bombs, non-finite scaling, DICOM SEG/SR/PR/KO
 
@@ -32,15 +33,6 @@ def from_uint16(stored: np.ndarray) -> np.ndarray:
     return stored.astype(np.float32) / 65535.0
 
 
-def _atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def load_or_build(cache_dir: Path | None, key: str,
                   build: Callable[[], tuple[np.ndarray, dict[str, Any]]]) -> tuple[np.ndarray, dict[str, Any]]:
     """Return (uint16 images, sidecar dict) from the cache, or build, store and return them.
@@ -56,6 +48,6 @@ def load_or_build(cache_dir: Path | None, key: str,
             pass  # a damaged entry is rebuilt below
     images, sidecar = build()
     cache_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(arr_path, lambda f: np.save(f, images))
-    _atomic_write_bytes(meta_path, lambda f: f.write(json.dumps(sidecar).encode()))
+    write_file(arr_path, lambda f: np.save(f, images))
+    write_bytes(meta_path, json.dumps(sidecar).encode())
     return np.load(arr_path, mmap_mode="r"), sidecar

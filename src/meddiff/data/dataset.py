@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from ..config import HELDOUT_SPLITS
 from ..errors import ConfigError, DataError, UnreadableFile
 from . import cache
+from .folders import write_class_folders
 
 BUILTINS = ("mni-mri", "phantoms", "ct", "xray", "mri", "us")
 CONTIGUOUS_RUNS = 10  # runs a "contiguous" split cuts a set into
@@ -332,8 +333,6 @@ def split(data: ImageSet, val_fraction: float, seed: int, by: str = "group") -> 
 def export_builtin(spec: str, out: str | Path, n: int, size: int, seed: int = 0) -> dict[str, int]:
     """Write a built-in data set as 8-bit PNGs in class folders (`ct/normal/000012.png`), so that any other tool
     trains on exactly the same images. Returns the count per class."""
-    from PIL import Image
-
     kind, name, params = parse_spec(spec)
     if kind != "builtin":
         raise DataError(f"{spec!r}: data export takes a built-in data set (builtin:…)")
@@ -346,13 +345,5 @@ def export_builtin(spec: str, out: str | Path, n: int, size: int, seed: int = 0)
     else:
         images = render_phantoms(name, n, seed, size)
         classes = [f"{m}/{'abnormal' if a else 'normal'}" for m, _i, a in phantom_items(name, n)]
-    counts: dict[str, int] = {}
-    for i, (image, cls) in enumerate(zip(images, classes)):
-        folder = Path(out) / cls
-        folder.mkdir(parents=True, exist_ok=True)
-        target = folder / f"{i:06d}.png"
-        tmp = folder / f".{i:06d}.png.tmp"
-        Image.fromarray(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)).save(tmp, format="PNG")
-        os.replace(tmp, target)
-        counts[cls] = counts.get(cls, 0) + 1
-    return counts
+    return write_class_folders(out, ((cls, f"{i:06d}", np.round(np.clip(image, 0, 1) * 255).astype(np.uint8))
+                                     for i, (image, cls) in enumerate(zip(images, classes))))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import http.client
-import os
 import re
 import time
 import urllib.error
@@ -19,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..atomic import replace_file
 from ..errors import ConfigError, DataError
 
 ZENODO = "https://zenodo.org/records/10519652/files"
@@ -185,7 +185,7 @@ def fetch(name: str, size: int, out: str | Path, url_base: str = ZENODO, retries
             continue
         got = md5_of(part)
         if got == expected:
-            os.replace(part, target)
+            replace_file(part, target)
             return target
         part.unlink()  # a corrupt file is never resumed: the next attempt starts from byte 0
         reason = f"MD5 {got} differs from the expected {expected}"
@@ -275,17 +275,14 @@ def load_npz(path: str | Path, split: str = "train") -> tuple[np.ndarray, np.nda
 def to_class_folders(npz_path: str | Path, out: str | Path, split: str = "train") -> dict[str, int]:
     """Write a MedMNIST .npz as 8-bit PNGs in class folders named by label (`out/pneumonia/train-000012.png`,
     the split and the image's index in it); returns the count per class. Files are written atomically."""
-    from PIL import Image
+    from .folders import write_class_folders  # Pillow loads when writing, not when the CLI builds its --help
 
     npz_path = Path(npz_path)
     counts: dict[str, int] = {}
     for part in (SPLITS if split == "all" else (split,)):
         images, labels, names = load_npz(npz_path, part)
-        for i, (image, label) in enumerate(zip(images, labels)):
-            folder = Path(out) / names[label]
-            folder.mkdir(parents=True, exist_ok=True)
-            tmp = folder / f".{part}-{i:06d}.png.tmp"
-            Image.fromarray(image).save(tmp, format="PNG")
-            os.replace(tmp, folder / f"{part}-{i:06d}.png")
-            counts[names[label]] = counts.get(names[label], 0) + 1
+        written = write_class_folders(out, ((names[label], f"{part}-{i:06d}", image)
+                                            for i, (image, label) in enumerate(zip(images, labels))))
+        for name, n in written.items():
+            counts[name] = counts.get(name, 0) + n
     return dict(sorted(counts.items()))

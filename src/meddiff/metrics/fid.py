@@ -6,14 +6,13 @@ both (clean-fid's habit), so a number is only ever computed from two statistics 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..atomic import write_file
 from ..errors import ConfigError, DataError
 from .features import FeatureExtractor
 
@@ -47,17 +46,7 @@ class FeatureStats:
                   "protocol": np.array(self.protocol), "format": np.array(STATS_FORMAT)}
         if self.features is not None:
             arrays["features"] = self.features
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, **arrays)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        return write_file(path, lambda f: np.savez(f, **arrays))
 
     @classmethod
     def load(cls, path: Path | str, protocol: str | None = None) -> "FeatureStats":
