@@ -53,7 +53,7 @@ def launch(argv: list[str], procs: int, threads: int, log: Path) -> dict:
 
 def measure(run: Path, batch: int) -> dict:
     """Steady images/s from the run's log (step 1 → last step), rank 0's peak RSS and the hardware line."""
-    from meddiff.checkpoint import read_json
+    from meddiff.runfolder import read_json
 
     lines = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     steps = [r for r in lines if "loss" in r]

@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 import pytest
 from safetensors.torch import load_file
 
-from meddiff.checkpoint import latest_checkpoint, load_checkpoint, read_json
+from meddiff.runfolder import latest_checkpoint, load_checkpoint, read_json
 
 TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
 TRAIN = ["--preset", "tiny", "--size", "32", "--batch-size", "8", "--lr-schedule", "constant", "--warmup-steps", "1",

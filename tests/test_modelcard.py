@@ -1,14 +1,16 @@
-"""Tests for meddiff.modelcard: the README.md model card that training writes into every run folder."""
+"""Tests for meddiff.modelcard: the README.md model card that training writes into every run folder, and the card
+the web page shows."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 
 from meddiff.errors import RunError
-from meddiff.modelcard import describe_source, model_card_text, write_model_card
+from meddiff.modelcard import describe_source, model_card_text, shown_card, write_model_card
 
 
 def _copy_run(run: Path, dest: Path) -> Path:
@@ -63,5 +65,17 @@ def test_data_sources_never_show_a_local_path() -> None:
 
 
 def test_a_folder_without_a_run_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(RunError, match=r"no meddiff.json; is this a meddiff run folder"):
+    with pytest.raises(RunError, match=r"meddiff.json: missing; is this a meddiff run folder"):
         write_model_card(tmp_path)
+
+
+def test_shown_card_is_the_readme_or_else_the_card_built_from_the_record(trained_run: Path, image_folder: Path,
+                                                                        tmp_path: Path) -> None:
+    shutil.copy(trained_run / "meddiff.json", tmp_path / "meddiff.json")  # a run folder without README.md
+    card, source = shown_card(tmp_path, 200_000)
+    assert source == "meddiff.json" and card == model_card_text(tmp_path)
+    assert "class-conditional, 2 classes" in card and "| a | 8 |" in card and "**synthetic**" in card
+    assert str(image_folder) not in card and str(trained_run) not in card and not re.search(r"\d{3}\.png", card)
+    (tmp_path / "README.md").write_text("# My model\nIntended use: research.\n")
+    assert shown_card(tmp_path, 200_000) == ("# My model\nIntended use: research.\n", "README.md")
+    assert shown_card(tmp_path, 4) == ("# My", "README.md"), "cut at max_chars"

@@ -22,12 +22,12 @@ import pytest
 from PIL import Image
 
 from meddiff import serve as serve_mod
-from meddiff.checkpoint import read_json
 from meddiff.cli import main
 from meddiff.config import default_sampler
 from meddiff.errors import ConfigError
 from meddiff.sample import generate, load_run
-from meddiff.serve import GenerateRequest, ServeConfig, make_server, model_card, parse_request, request_defaults
+from meddiff.modelcard import shown_card
+from meddiff.serve import GenerateRequest, ServeConfig, make_server, parse_request, request_defaults
 
 CLASSES = ("a", "b")
 SEED_DEFAULTS = request_defaults("seed")  # the seed preset's sampler: DDIM, 20 steps
@@ -167,17 +167,6 @@ def test_unconditional_model_takes_no_class() -> None:
         parse_request({"class": "a"}, (), SEED_DEFAULTS)
 
 
-def test_model_card_summary_names_classes_but_no_files(trained_run: Path, image_folder: Path, tmp_path: Path) -> None:
-    record = read_json(trained_run / "meddiff.json")
-    card, source = model_card(tmp_path, record)  # a run folder without README.md
-    assert source == "summary" and card.startswith("# Model card")
-    assert "- Architecture: preset tiny, 32 px, class-conditional (2 classes)" in card
-    assert "a (8 images), b (8 images)" in card and "16 images" in card and "**synthetic**" in card
-    assert str(image_folder) not in card and str(trained_run) not in card and not re.search(r"\d{3}\.png", card)
-    (tmp_path / "README.md").write_text("# My model\nIntended use: research.\n")
-    assert model_card(tmp_path, record) == ("# My model\nIntended use: research.\n", "README.md")
-
-
 # --- the HTTP API --------------------------------------------------------------------------------------------
 
 def test_page_and_info(server: serve_mod.Server) -> None:
@@ -190,7 +179,7 @@ def test_page_and_info(server: serve_mod.Server) -> None:
     assert info["limits"]["n"] == [1, 64] and info["limits"]["steps"] == [1, 200]
     assert (info["defaults"]["sampler"], info["defaults"]["steps"]) == default_sampler("tiny") == ("unipc", 10)
     run = Path(server.app.cfg.run)  # README.md when training wrote one, else the summary
-    assert (info["card"], info["card_source"]) == model_card(run, read_json(run / "meddiff.json"))
+    assert (info["card"], info["card_source"]) == shown_card(run, serve_mod.MAX_CARD)
 
 
 def test_server_listens_on_loopback_by_default() -> None:

@@ -18,9 +18,9 @@ import torch
 from safetensors.torch import load_file
 
 import meddiff.train as T
-from meddiff import checkpoint as ckpt
+from meddiff import runfolder
 from meddiff.cli import main as cli_main
-from meddiff.config import TrainConfig, model_config, to_json
+from meddiff.config import TrainConfig, model_config
 from meddiff.data.dataset import ImageSet
 from meddiff.errors import ConfigError, DataError, RunError
 from meddiff.model import build_unet
@@ -37,7 +37,7 @@ def _unet_weights(run: Path, folder: str = "unet") -> dict[str, torch.Tensor]:
 
 
 def _raw_weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(ckpt.latest_checkpoint(run) / "model.safetensors"))
+    return load_file(str(runfolder.latest_checkpoint(run) / "model.safetensors"))
 
 
 def _assert_bit_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -78,7 +78,7 @@ def test_run_record_and_log(trained_run: Path) -> None:
     assert [x["step"] for x in val_lines] == [3, 6]
     assert all(math.isfinite(x["val_loss"]) for x in val_lines)
     assert (trained_run / "best" / UNET_FILE).is_file()
-    assert ckpt.latest_checkpoint(trained_run).name == "step_00000006"
+    assert runfolder.latest_checkpoint(trained_run).name == "step_00000006"
 
 
 def test_unconditional_run_has_no_class_embedding(uncond_run: Path) -> None:
@@ -103,9 +103,10 @@ def test_patched_model_folder_gives_full_size_images(tmp_path: Path) -> None:
 
     cfg = TrainConfig(data="unused", out=str(tmp_path), preset="lean", size=16).resolve()
     mcfg = model_config("lean", 16)
-    ckpt.write_json(tmp_path / T.RUN_FILE, {"train": to_json(cfg), "model": to_json(mcfg), "class_names": ["all"]})
+    record = runfolder.RunRecord(train=cfg, model=mcfg, class_names=("all",))
+    runfolder.write_record(tmp_path, record)
     torch.manual_seed(0)
-    T.save_model_folder(tmp_path, build_unet(mcfg), cfg)
+    runfolder.save_model_folder(tmp_path, build_unet(mcfg), record)
     assert json.loads((tmp_path / "model_index.json").read_text())["_class_name"] == "MeddiffPipeline"
     pipe = MeddiffPipeline.from_pretrained(str(tmp_path))
     pipe.set_progress_bar_config(disable=True)
@@ -157,8 +158,8 @@ def test_skipped_files_are_counted_on_the_console_and_listed_in_the_run(tmp_path
     (data / "a" / "notes.txt").write_text("hello")
     out, lines = tmp_path / "run", []
     T.train(train_config(data, out, max_steps=1, val_every=1), echo=lines.append)
-    assert f"skipped 2 of 6 files (unreadable or not images); listed in {out / T.SKIPPED_FILE}" in lines
-    listing = (out / T.SKIPPED_FILE).read_text().splitlines()
+    assert f"skipped 2 of 6 files (unreadable or not images); listed in {out / runfolder.SKIPPED_FILE}" in lines
+    listing = (out / runfolder.SKIPPED_FILE).read_text().splitlines()
     assert listing[0] == "a/broken.png: not a PNG file: cannot identify image"
     assert listing[1].startswith("a/notes.txt: not an image format") and len(listing) == 2
 
@@ -243,7 +244,7 @@ def test_sigterm_mid_run_checkpoints_and_resume_is_bit_exact(tmp_path: Path, ima
     result = T.train(train_config(image_folder, out, **RESUME), echo=_quiet)
     monkeypatch.setattr(T, "step_draws", real_draws)
     assert result.stopped == "interrupted" and result.steps == 3
-    assert ckpt.latest_checkpoint(out).name == "step_00000003"
+    assert runfolder.latest_checkpoint(out).name == "step_00000003"
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL or callable(signal.getsignal(signal.SIGTERM))
 
     result = T.train(TrainConfig(data="", out=str(out), progress=False), resume=True, echo=_quiet)
@@ -299,7 +300,7 @@ def test_resume_uses_the_folder_given_not_the_stored_path(tmp_path: Path, image_
     result = T.train(TrainConfig(data="", out=str(new), progress=False), resume=True, echo=_quiet)
     assert result.steps == 3 and Path(result.run) == new
     assert not old.exists()
-    assert ckpt.latest_checkpoint(new).name == "step_00000003"
+    assert runfolder.latest_checkpoint(new).name == "step_00000003"
 
 
 def _cli_train_args(data: Path, out: Path, cache: Path) -> list[str]:
@@ -341,7 +342,7 @@ def test_sigterm_to_the_cli_saves_a_checkpoint_and_resume_matches(tmp_path: Path
     assert result["stopped"] == "interrupted" and 1 <= result["steps"] < 16
     assert f"interrupted at step {result['steps']}; a checkpoint is saved. Continue with: meddiff train --resume" \
         in stdout
-    assert ckpt.latest_checkpoint(out).name == f"step_{result['steps']:08d}"
+    assert runfolder.latest_checkpoint(out).name == f"step_{result['steps']:08d}"
 
     assert cli_main(["train", "--resume", str(out)]) == 0
     capsys.readouterr()
@@ -368,7 +369,7 @@ def test_non_finite_loss_raises_and_keeps_the_last_checkpoint(tmp_path: Path, im
                 echo=_quiet)
     after = {str(p): p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()}
     assert after == snapshots[-1] and after, "the checkpoint before the failure must be untouched"
-    assert [p.name for p in ckpt.complete_checkpoints(out)] == ["step_00000001"]
+    assert [p.name for p in runfolder.complete_checkpoints(out)] == ["step_00000001"]
     assert not (out / "unet").exists()
 
 

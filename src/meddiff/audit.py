@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import atomic_folder
+from .atomic import atomic_folder
 from .config import HELDOUT_SPLITS
 from .data.dataset import split
 from .errors import ConfigError, DataError

@@ -96,13 +96,15 @@ def train_minutes(cfg: DemoConfig, n_samples: int, spent_s: float) -> float:
 
 
 def _check(cfg: DemoConfig) -> None:
+    from .runfolder import has_record  # loads torch: not when the CLI builds its --help
+
     for flag, value, ok, allowed in (("--per-class", cfg.per_class, cfg.per_class >= 1, "a positive whole number"),
                                      ("--guidance", cfg.guidance, cfg.guidance >= 0, "≥ 0 (1 = no guidance)"),
                                      ("--max-steps", cfg.max_steps, cfg.max_steps >= 1, "a positive whole number"),
                                      ("--minutes", cfg.minutes, cfg.minutes > 0, "positive")):
         if not ok:
             raise ConfigError(f"{flag} {value:g}: must be {allowed}")
-    if (Path(cfg.out) / "run" / "meddiff.json").exists():
+    if has_record(Path(cfg.out) / "run"):
         raise RunError(f"--out {cfg.out}: already holds a demo run; choose another --out or delete it")
 
 

@@ -1,34 +1,24 @@
-"""A run folder's record (meddiff.json) + optional metrics → the model card, RUN/README.md (Markdown).
+"""A run's record (meddiff.json) + optional metrics → the model card, RUN/README.md (Markdown); and the card a
+page shows (`shown_card`: the README.md as written, else the card built from the record).
 
 The card holds only what the record holds that is safe to share: architecture, settings, counts per class,
 image sizes and formats, timing, metrics. Never a data path, a file name or anything read from a patient's file.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
-from .atomic import write_text
+from safetensors import SafetensorError, safe_open
 
-RUN_FILE = "meddiff.json"
-CARD_FILE = "README.md"
+from . import runfolder
+from .atomic import write_text
+from .runfolder import RunRecord
 
 SYNTHETIC = ("Every image this model generates is **synthetic**: it does not show a real patient, it is not a "
              "measurement, and it must never be presented or archived as one. meddiff marks the images it "
              "writes as synthetic (PNG text chunks; DICOM Secondary Capture with Conversion Type `SYN`).")
-
-
-def _read_record(run: Path) -> dict[str, Any]:
-    from .errors import RunError
-
-    try:
-        return json.loads((run / RUN_FILE).read_text())
-    except FileNotFoundError:
-        raise RunError(f"{run}: no {RUN_FILE}; is this a meddiff run folder?") from None
-    except (OSError, ValueError) as err:
-        raise RunError(f"{run / RUN_FILE}: unreadable JSON ({err})") from None
 
 
 def _fmt(value: Any) -> str:
@@ -45,11 +35,10 @@ def _table(rows: list[tuple[str, Any]], head: tuple[str, str] = ("", "")) -> str
     return "\n".join(lines)
 
 
-def count_parameters(weights: Path) -> int | None:
-    """Parameters in a safetensors file, read from its header alone (no tensors loaded)."""
+def parameters_in_file(weights: Path) -> int | None:
+    """Parameters stored in a safetensors file, read from its header alone (no tensors loaded); None when the
+    file is missing or unreadable. (model.count_parameters counts a module's.)"""
     try:
-        from safetensors import safe_open
-
         with safe_open(str(weights), framework="np") as f:
             total = 0
             for key in f.keys():
@@ -58,7 +47,7 @@ def count_parameters(weights: Path) -> int | None:
                     n *= d
                 total += n
         return total
-    except (OSError, ValueError, ImportError):
+    except (OSError, ValueError, SafetensorError):
         return None
 
 
@@ -82,25 +71,24 @@ def describe_source(spec: str) -> str:
     return "a local image folder (its path and file names are deliberately not recorded in this card)"
 
 
-def _model_section(record: dict[str, Any], run: Path) -> str:
-    m, t = record["model"], record["train"]
-    n_params = count_parameters(run / "unet" / "diffusion_pytorch_model.safetensors")
-    classes = record.get("class_names", [])
-    rows = [("preset", t.get("preset")), ("backbone", "diffusers UNet2DModel, 1 channel"),
-            ("image size", f"{m['sample_size']} x {m['sample_size']} px"),
-            ("block widths", m["block_out_channels"]), ("layers per block", m["layers_per_block"]),
-            ("down blocks", m["down_block_types"]), ("up blocks", m["up_block_types"]),
-            ("patch size", f"{m.get('patch_size', 1)} (space-to-depth)" if m.get("patch_size", 1) > 1 else 1),
+def _model_section(record: RunRecord, run: Path) -> str:
+    m = record.model
+    n_params = parameters_in_file(runfolder.weights_file(run, "ema"))
+    rows = [("preset", record.train.preset), ("backbone", "diffusers UNet2DModel, 1 channel"),
+            ("image size", f"{m.sample_size} x {m.sample_size} px"),
+            ("block widths", m.block_out_channels), ("layers per block", m.layers_per_block),
+            ("down blocks", m.down_block_types), ("up blocks", m.up_block_types),
+            ("patch size", f"{m.patch_size} (space-to-depth)" if m.patch_size > 1 else 1),
             ("parameters", f"{n_params / 1e6:.2f} M" if n_params else None),
-            ("conditioning", f"class-conditional, {m['num_classes']} classes + a null class for classifier-free "
-                             "guidance" if m.get("num_classes") else "unconditional"),
-            ("classes", classes if m.get("num_classes") else None)]
+            ("conditioning", f"class-conditional, {m.num_classes} classes + a null class for classifier-free "
+                             "guidance" if m.num_classes else "unconditional"),
+            ("classes", record.class_names if m.num_classes else None)]
     return "## Model\n\n" + _table(rows, ("", "value"))
 
 
-def _data_section(record: dict[str, Any]) -> str:
-    s, split = record.get("data", {}), record.get("split", {})
-    text = [f"## Training data\n\nSource: {describe_source(record['train'].get('data', ''))}.\n",
+def _data_section(record: RunRecord) -> str:
+    s, split = record.data, record.split
+    text = [f"## Training data\n\nSource: {describe_source(record.train.data)}.\n",
             f"{s.get('images', '?')} images, resized to {s.get('size', '?')} px; "
             f"{split.get('train', '?')} used for training and {split.get('val', '?')} held out for validation "
             f"(split by patient/volume folder where the data have one); {s.get('skipped', 0)} file(s) skipped "
@@ -114,20 +102,19 @@ def _data_section(record: dict[str, Any]) -> str:
     return "\n".join(text)
 
 
-def _training_section(record: dict[str, Any]) -> str:
-    t, r = record["train"], record.get("result") or {}
+def _training_section(record: RunRecord) -> str:
+    t, r = record.train, record.result
     keys = ("batch_size", "micro_batch", "lr", "lr_schedule", "warmup_steps", "weight_decay", "ema_decay",
             "objective", "loss_weighting", "beta_schedule", "num_train_timesteps", "zero_terminal_snr",
             "timestep_spacing", "grad_clip", "flip", "cond_drop_prob", "val_fraction", "precision", "seed")
-    rows = [(k.replace("_", " "), t.get(k)) for k in keys]
-    rows.append(("stopping rule", ", ".join(f"{k.replace('_', ' ')} {t[k]}" for k in
-                                            ("max_steps", "epochs", "max_minutes") if t.get(k) is not None)))
+    rows = [(k.replace("_", " "), getattr(t, k)) for k in keys]
+    rows.append(("stopping rule", ", ".join(f"{k.replace('_', ' ')} {getattr(t, k)}" for k in
+                                            ("max_steps", "epochs", "max_minutes") if getattr(t, k) is not None)))
     if r:
-        rows += [("steps", r.get("steps")), ("images seen", r.get("images_seen")),
-                 ("training time", _duration(r.get("seconds"))),
-                 ("throughput", f"{r['train_img_per_s']:.1f} images/s" if r.get("train_img_per_s") else None),
-                 ("stopped by", r.get("stopped"))]
-    rows += [("hardware", record.get("hardware")), ("meddiff version", record.get("meddiff_version"))]
+        rows += [("steps", r.steps), ("images seen", r.images_seen), ("training time", _duration(r.seconds)),
+                 ("throughput", f"{r.train_img_per_s:.1f} images/s" if r.train_img_per_s else None),
+                 ("stopped by", r.stopped)]
+    rows += [("hardware", record.hardware), ("meddiff version", record.meddiff_version)]
     status = "" if r else "\nTraining had not finished when this card was written.\n"
     return "## Training\n\n" + _table(rows, ("setting", "value")) + "\n" + status
 
@@ -148,10 +135,10 @@ def _flatten(metrics: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]
     return rows
 
 
-def _metrics_section(record: dict[str, Any], metrics: dict[str, Any] | None) -> str:
-    r = record.get("result") or {}
-    rows = [("training loss (mean of the last 50 steps)", r.get("final_loss")),
-            ("best validation loss (eps-MSE at fixed noise)", r.get("best_val_loss"))]
+def _metrics_section(record: RunRecord, metrics: dict[str, Any] | None) -> str:
+    r = record.result
+    rows = [("training loss (mean of the last 50 steps)", r.final_loss if r else None),
+            ("best validation loss (eps-MSE at fixed noise)", r.best_val_loss if r else None)]
     text = "## Metrics\n\n" + _table(rows, ("loss", "value")) + "\n"
     if metrics:
         text += ("\nEvaluation (numbers are comparable only with numbers of the same protocol):\n\n"
@@ -161,15 +148,14 @@ def _metrics_section(record: dict[str, Any], metrics: dict[str, Any] | None) -> 
     return text
 
 
-def _usage_section(record: dict[str, Any]) -> str:
-    m = record["model"]
-    classes = record.get("class_names", [])
-    if not m.get("num_classes") and m.get("patch_size", 1) == 1:
+def _usage_section(record: RunRecord) -> str:
+    m, classes = record.model, record.class_names
+    if not m.num_classes and m.patch_size == 1:
         load = ("from diffusers import DDIMPipeline\n"
                 "pipe = DDIMPipeline.from_pretrained(\"THIS_FOLDER\")\n"
                 "images = pipe(batch_size=4, num_inference_steps=50).images")
     else:
-        pick = f", class_name=\"{classes[0]}\", guidance_scale=2.0" if m.get("num_classes") and classes else ""
+        pick = f", class_name=\"{classes[0]}\", guidance_scale=2.0" if m.num_classes and classes else ""
         load = ("from meddiff.pipeline import MeddiffPipeline\n"
                 "pipe = MeddiffPipeline.from_pretrained(\"THIS_FOLDER\")\n"
                 f"images = pipe(batch_size=4, num_inference_steps=50{pick}).images")
@@ -178,8 +164,8 @@ def _usage_section(record: dict[str, Any]) -> str:
             f"```python\n{load}\n```\n")
 
 
-def _use_and_limits(record: dict[str, Any]) -> str:
-    s = record.get("data", {})
+def _use_and_limits(record: RunRecord) -> str:
+    s = record.data
     return f"""## Intended use
 
 Research on generative models for medical images: method development, teaching, benchmarking, and experiments
@@ -206,24 +192,32 @@ source of anatomical or physical measurements (intensities are not calibrated, e
 """
 
 
-def model_card_text(run: str | Path, metrics: dict[str, Any] | None = None) -> str:
-    """The model card of a run folder as Markdown (with a Hugging Face metadata header)."""
+def model_card_text(run: str | Path, metrics: dict[str, Any] | None = None, record: RunRecord | None = None) -> str:
+    """The model card of a run folder as Markdown (with a Hugging Face metadata header); `record`: the run's
+    record when the caller holds it, else it is read."""
     run = Path(run)
-    record = _read_record(run)
-    m = record["model"]
+    record = record or runfolder.read_record(run)
+    m = record.model
     header = ("---\nlibrary_name: diffusers\npipeline_tag: unconditional-image-generation\n"
               "tags:\n- meddiff\n- medical-imaging\n- diffusion\n- synthetic-data\n---\n")
-    kind = "class-conditional" if m.get("num_classes") else "unconditional"
-    title = (f"# meddiff diffusion model ({kind}, {m['sample_size']} px, preset "
-             f"{record['train'].get('preset', '?')})\n\nA denoising diffusion model trained with meddiff that "
+    kind = "class-conditional" if m.num_classes else "unconditional"
+    title = (f"# meddiff diffusion model ({kind}, {m.sample_size} px, preset "
+             f"{record.train.preset})\n\nA denoising diffusion model trained with meddiff that "
              f"generates single-channel medical-style images. {SYNTHETIC}\n")
     parts = [header, title, _model_section(record, run), _data_section(record), _training_section(record),
              _metrics_section(record, metrics), _usage_section(record), _use_and_limits(record)]
     return "\n".join(p.rstrip() + "\n" for p in parts)
 
 
-def write_model_card(run: Path, metrics: dict[str, Any] | None = None) -> Path:
-    """Write RUN/README.md (atomically) from the run's meddiff.json and optional evaluation metrics."""
-    run = Path(run)
-    text = model_card_text(run, metrics)
-    return write_text(run / CARD_FILE, text)
+def write_model_card(run: str | Path, metrics: dict[str, Any] | None = None, record: RunRecord | None = None) -> Path:
+    """Write RUN/README.md (atomically) from the run's record and optional evaluation metrics."""
+    return write_text(runfolder.card_path(run), model_card_text(run, metrics, record))
+
+
+def shown_card(run: str | Path, max_chars: int) -> tuple[str, str]:
+    """(Markdown, source) for a page: RUN/README.md as written, cut at `max_chars` (source "README.md"), else,
+    for a run without one (training not finished), the card built from its record (source "meddiff.json")."""
+    card = runfolder.card_path(run)
+    if card.is_file():
+        return card.read_text(encoding="utf-8", errors="replace")[:max_chars], card.name
+    return model_card_text(run), runfolder.RECORD_FILE

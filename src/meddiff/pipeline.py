@@ -7,22 +7,21 @@ its images equal `meddiff sample --sampler ddim` (or any sampler swapped in) for
 """
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline, ImagePipelineOutput, UNet2DModel
+from diffusers import DDIMScheduler, DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from diffusers.utils import is_accelerate_available
 from diffusers.utils.torch_utils import randn_tensor
 
-from . import checkpoint as ckpt
-from .errors import ConfigError, RunError
+from . import runfolder
+from .atomic import atomic_folder, write_json, write_text
+from .errors import ConfigError
 from .model import Denoiser
+from .modelcard import model_card_text
 from .sample import sample_loop
-
-RUN_FILE = "meddiff.json"
 
 
 class MeddiffPipeline(DiffusionPipeline):
@@ -42,12 +41,10 @@ class MeddiffPipeline(DiffusionPipeline):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> "MeddiffPipeline":
         """diffusers' loader; on a meddiff run folder, the class names and patch size come from its meddiff.json."""
-        record_path = Path(pretrained_model_name_or_path) / RUN_FILE
-        if record_path.is_file() and "class_names" not in kwargs:
-            record = ckpt.read_json(record_path)
-            conditional = record["model"].get("num_classes", 0) > 0
-            kwargs["class_names"] = record["class_names"] if conditional else []
-            kwargs.setdefault("patch_size", record["model"].get("patch_size", 1))
+        if runfolder.has_record(pretrained_model_name_or_path) and "class_names" not in kwargs:
+            record = runfolder.read_record(pretrained_model_name_or_path)
+            kwargs["class_names"] = list(record.class_names) if record.conditional else []
+            kwargs.setdefault("patch_size", record.model.patch_size)
         # diffusers asks users without `accelerate` to install it on every load unless told not to use it
         kwargs.setdefault("low_cpu_mem_usage", is_accelerate_available())
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
@@ -94,33 +91,22 @@ class MeddiffPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=image) if return_dict else (image,)
 
 
-def _model_index(record: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """(pipeline class, model_index.json) of an exported run."""
-    return ckpt.model_index(record["model"], record["class_names"])
-
-
 def export_diffusers(run: str | Path, out: str | Path, weights: str = "ema") -> tuple[Path, str]:
     """Write a run's model as a diffusers folder (unet/, scheduler/ as DDIMScheduler, model_index.json, the model
     card README.md) → (folder, pipeline class name). weights: "ema" (the run's exported model) or "best"."""
     run, out = Path(run), Path(out)
-    record = ckpt.read_json(run / RUN_FILE)
-    source = {"ema": run / "unet", "best": run / "best"}.get(weights)
-    if source is None:
-        raise ConfigError(f"--weights {weights!r}: choose from ema, best")
-    if not (source / "config.json").is_file():
-        raise RunError(f"{run}: {source.name}/ is missing; has training finished (or validated, for best)?")
+    record = runfolder.read_record(run)
+    source = runfolder.weights_folder(run, weights)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"OUT_DIR {out}: exists and is not an empty folder; choose a new folder")
-    pipeline, index = _model_index(record)
-    with ckpt.atomic_folder(out) as tmp:
-        shutil.copytree(source, tmp / "unet")
-        DDIMScheduler.from_config(DDPMScheduler.load_config(run / "scheduler")).save_pretrained(tmp / "scheduler")
-        (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-        card = run / "README.md"
+    pipeline, index = runfolder.model_index(record.model, record.class_names)
+    with atomic_folder(out) as tmp:  # the export has the diffusers layout of a run's model, under its names
+        shutil.copytree(source, tmp / runfolder.UNET_DIR)
+        DDIMScheduler.from_config(runfolder.scheduler_config(run)).save_pretrained(tmp / runfolder.SCHEDULER_DIR)
+        write_json(tmp / runfolder.MODEL_INDEX_FILE, index)
+        card = runfolder.card_path(run)
         if card.is_file():
-            shutil.copyfile(card, tmp / "README.md")
+            shutil.copyfile(card, tmp / runfolder.CARD_FILE)
         else:
-            from .modelcard import model_card_text
-
-            (tmp / "README.md").write_text(model_card_text(run), encoding="utf-8")
+            write_text(tmp / runfolder.CARD_FILE, model_card_text(run, record=record))
     return out, pipeline

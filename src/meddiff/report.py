@@ -8,13 +8,13 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from . import runfolder
 from .atomic import write_text
 from .audit import Privacy
 from .errors import RunError
@@ -143,16 +143,9 @@ def histogram_plot(real: np.ndarray, fake: np.ndarray) -> str:
 
 
 def read_loss_log(run_dir: str | Path) -> dict[str, list[float]]:
-    """RUN_DIR/log.jsonl → {"step", "loss", "val_step", "val_loss"}: the training loss and validation loss lines."""
-    path = Path(run_dir) / "log.jsonl"
-    if not path.is_file():
-        raise RunError(f"--run {run_dir}: no log.jsonl; expected a run folder written by meddiff train")
+    """A run's log → {"step", "loss", "val_step", "val_loss"}: the training loss and validation loss lines."""
     out: dict[str, list[float]] = {"step": [], "loss": [], "val_step": [], "val_loss": []}
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut off by an interrupted run
+    for rec in runfolder.read_log(run_dir):
         if "loss" in rec:
             out["step"].append(rec["step"])
             out["loss"].append(rec["loss"])
@@ -160,7 +153,7 @@ def read_loss_log(run_dir: str | Path) -> dict[str, list[float]]:
             out["val_step"].append(rec["step"])
             out["val_loss"].append(rec["val_loss"])
     if not out["loss"]:
-        raise RunError(f"--run {run_dir}: log.jsonl holds no loss lines yet")
+        raise RunError(f"--run {run_dir}: {runfolder.LOG_FILE} holds no loss lines yet")
     return out
 
 

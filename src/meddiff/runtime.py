@@ -1,5 +1,5 @@
-"""The hardware a run lands on: device choice, the precision it supports, the CPU threads the load leaves, and a
-one-line description for logs."""
+"""The hardware a run lands on: device choice, the precision it supports, the CPU threads the load leaves, a
+one-line description for logs, and the progress bar that long loops (training, sampling) show on the terminal."""
 from __future__ import annotations
 
 import contextlib
@@ -7,6 +7,7 @@ import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -165,3 +166,12 @@ def init_distributed(dist: Dist, device_name: str = "auto", timeout_s: float = 1
         td.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=dist.rank, world_size=dist.world,
                               timeout=datetime.timedelta(seconds=timeout_s))
     return device
+
+
+def progress_bar(enabled: bool, total: int | None, initial: int, unit: str) -> Any:
+    """A tqdm bar counting `unit`s from `initial` to `total` (None: open-ended), or None when disabled."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm  # the bar's module loads only when a loop shows one
+
+    return tqdm(total=total, initial=initial, unit=unit, dynamic_ncols=True)

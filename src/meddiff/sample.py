@@ -19,11 +19,11 @@ import torch
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
                        HeunDiscreteScheduler, UNet2DModel, UniPCMultistepScheduler)
 
-from . import checkpoint as ckpt
-from .config import SAMPLERS, ModelConfig, SampleConfig, TrainConfig, default_sampler, from_json
-from .errors import ConfigError, RunError
+from . import runfolder
+from .config import SAMPLERS, ModelConfig, SampleConfig, TrainConfig, default_sampler
+from .errors import ConfigError
 from .model import Denoiser, null_class, with_meddiff_attention
-from .runtime import Dist, describe, pick_device, pick_precision
+from .runtime import Dist, describe, pick_device, pick_precision, progress_bar
 
 _SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
     "ddpm": (DDPMScheduler, {}),
@@ -66,26 +66,10 @@ def model_id(weights_file: Path) -> str:
 def load_run(run: str | Path, weights: str = "ema", device: torch.device | str = "cpu") -> LoadedRun:
     """Load a run folder. weights: "ema" (the exported model: EMA weights when the run kept an EMA), "best"
     (lowest validation loss) or "raw" (the last checkpoint's non-averaged weights)."""
-    run = Path(run)
-    record = ckpt.read_json(run / "meddiff.json")
-    folder = {"ema": run / "unet", "best": run / "best"}.get(weights)
-    if weights == "raw":
-        last = ckpt.latest_checkpoint(run)
-        if last is None:
-            raise RunError(f"--run {run}: no complete checkpoint for --weights raw")
-        unet = UNet2DModel.from_pretrained(run / "unet", low_cpu_mem_usage=False)
-        unet.load_state_dict(ckpt.load_checkpoint(last)[0]["model"])
-        wfile = last / "model.safetensors"
-    elif folder is None:
-        raise ConfigError(f"--weights {weights!r}: choose from ema, best, raw")
-    elif not (folder / "config.json").exists():
-        raise RunError(f"--run {run}: {folder.name}/ is missing; has training finished or validated yet?")
-    else:
-        unet = UNet2DModel.from_pretrained(folder, low_cpu_mem_usage=False)
-        wfile = folder / "diffusion_pytorch_model.safetensors"
-    sched_cfg = dict(DDPMScheduler.load_config(run / "scheduler"))
-    return LoadedRun(with_meddiff_attention(unet).to(device).eval(), sched_cfg, tuple(record["class_names"]),
-                     from_json(ModelConfig, record["model"]), from_json(TrainConfig, record["train"]), model_id(wfile))
+    record = runfolder.read_record(run)
+    unet, wfile = runfolder.load_unet(run, weights)
+    return LoadedRun(with_meddiff_attention(unet).to(device).eval(), runfolder.scheduler_config(run),
+                     record.class_names, record.model, record.train, model_id(wfile))
 
 
 def make_scheduler(name: str, config: dict[str, Any], steps: int) -> Any:
@@ -245,7 +229,7 @@ def sample_to_folder(cfg: SampleConfig, echo: Callable[[str], None] = print, dis
     todo = remaining[dist.rank::dist.world]
     echo(f"sampling {len(remaining)} of {len(jobs)} images ({len(jobs) - len(remaining)} already done) with {cfg.sampler}, "
          f"{cfg.steps} steps, guidance {cfg.guidance}; {describe(device, precision)}")
-    bar = _bar(cfg, len(jobs), len(jobs) - len(remaining)) if dist.main else None
+    bar = progress_bar(cfg.progress, len(jobs), len(jobs) - len(remaining), "img") if dist.main else None
     t0 = time.time()
     for lo in range(0, len(todo), cfg.batch_size):
         chunk = todo[lo:lo + cfg.batch_size]
@@ -290,10 +274,3 @@ def _write_grid(out: Path, jobs: list[tuple[str, int, int | None]], suffix: str,
 def _quiet(_message: str) -> None:
     pass
 
-
-def _bar(cfg: SampleConfig, total: int, initial: int) -> Any:
-    if not cfg.progress:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=initial, unit="img", dynamic_ncols=True)

@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable
 from urllib.parse import urlsplit
 
-from . import checkpoint as ckpt
 from . import export
 from .atomic import write_file
 from .config import SAMPLERS, default_sampler
 from .errors import ConfigError, MeddiffError, RunError
+from .modelcard import shown_card
 from .runtime import pick_device, pick_precision
 from .sample import LoadedRun, class_index, generate, load_run
 from .serve_page import CSP, PAGE, SCRIPT
@@ -144,37 +144,6 @@ def parse_request(body: Any, classes: tuple[str, ...], defaults: dict[str, Any])
                            fmt=_choice(body, "format", SERVE_FORMATS))
 
 
-# --- model card ---------------------------------------------------------------------------------------------
-
-def model_card(run_dir: Path, record: dict[str, Any]) -> tuple[str, str]:
-    """(Markdown text, source): RUN/README.md when present, else a summary of meddiff.json (source "summary").
-
-    The summary names the architecture, classes and counts, never a path or a file name.
-    """
-    readme = Path(run_dir) / "README.md"
-    if readme.is_file():
-        return readme.read_text(encoding="utf-8", errors="replace")[:MAX_CARD], "README.md"
-    train, model, data = record.get("train", {}), record.get("model", {}), record.get("data", {})
-    classes = list(record.get("class_names", []))
-    counts = data.get("classes", {})
-    kind = f"class-conditional ({len(classes)} classes)" if model.get("num_classes") else "unconditional"
-    lines = ["# Model card", "", "A summary of meddiff.json: this run folder has no README.md.", "",
-             f"- Architecture: preset {train.get('preset', '?')}, {model.get('sample_size', '?')} px, {kind}",
-             f"- Objective: {train.get('objective', '?')}; beta schedule {train.get('beta_schedule', '?')}",
-             "- Classes: " + ", ".join(f"{c} ({counts[c]} images)" if c in counts else c for c in classes),
-             f"- Data: {data.get('images', '?')} images; formats "
-             + (", ".join(f"{k} {v}" for k, v in data.get("formats", {}).items()) or "?")
-             + f"; {data.get('skipped', 0)} file(s) skipped"]
-    split, result = record.get("split", {}), record.get("result") or {}
-    if split:
-        lines.append(f"- Split: {split.get('train', '?')} training, {split.get('val', '?')} held-out images")
-    if result:
-        lines.append(f"- Training: {result.get('steps', '?')} steps, {result.get('images_seen', '?')} images seen, "
-                     f"stopped by {result.get('stopped', '?')}")
-    lines += ["", "Every image generated here is **synthetic**: it is not an image of a real patient."]
-    return "\n".join(lines), "summary"
-
-
 # --- jobs ---------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -202,7 +171,7 @@ class App:
         self.run: LoadedRun = load_run(cfg.run, cfg.weights, self.device)
         self.classes: tuple[str, ...] = self.run.class_names if self.run.conditional else ()
         self.defaults = request_defaults(self.run.train.preset)
-        self.card, self.card_source = model_card(Path(cfg.run), ckpt.read_json(Path(cfg.run) / "meddiff.json"))
+        self.card, self.card_source = shown_card(cfg.run, MAX_CARD)
         self.out = Path(cfg.out).resolve()
         try:
             self.out.mkdir(parents=True, exist_ok=True)

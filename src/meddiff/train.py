@@ -7,45 +7,29 @@ micro-batch size. Model, EMA and optimizer state are checkpointed as safetensors
 from __future__ import annotations
 
 import copy
-import json
 import math
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
-from diffusers import DDPMScheduler
 
-from . import checkpoint as ckpt
-from .config import ModelConfig, TrainConfig, from_json, model_config, to_json
+from . import __version__, runfolder
+from .config import ModelConfig, TrainConfig, model_config
 from .data.dataset import ImageSet, load_data, skipped_listing, split
-from .diffusion import alphas_cumprod, diffusers_scheduler_config, diffusion_loss, predicted_eps, q_sample
+from .diffusion import alphas_cumprod, diffusion_loss, predicted_eps, q_sample
 from .errors import ConfigError, RunError
-from .model import build_unet, denoise, null_class
-from .runtime import Dist, autocast, describe, pick_device, pick_precision
+from .model import build_unet, count_parameters, denoise, null_class
+from .modelcard import write_model_card
+from .runfolder import RunRecord, TrainResult  # TrainResult: stored in the run record, returned by train()
+from .runtime import Dist, autocast, describe, pick_device, pick_precision, progress_bar
 
-RUN_FILE = "meddiff.json"
-LOG_FILE = "log.jsonl"
-SKIPPED_FILE = "skipped.txt"     # the data files left out, `relative/path: reason` per line
 VAL_TIMESTEPS_PER_IMAGE = 4
 MAX_VAL_IMAGES = 64
 ETA_STEPS = (10, 40)  # the ETA times the steps between these (counted from the start): past the first steps' warm-up
-
-
-@dataclass
-class TrainResult:
-    run: Path
-    steps: int
-    images_seen: int
-    seconds: float
-    train_img_per_s: float
-    final_loss: float
-    best_val_loss: float | None
-    peak_rss_mib: float | None
-    stopped: str                     # "max-steps" | "epochs" | "max-minutes" | "early-stopping" | "interrupted"
 
 
 # ---------------------------------------------------------------- pure helpers: schedule, data order, draws
@@ -195,40 +179,25 @@ def auto_micro_batch(unet: torch.nn.Module, mcfg: ModelConfig, batch: int, devic
 
 # ---------------------------------------------------------------- run folder
 
-def save_model_folder(run: Path, unet: torch.nn.Module, cfg: TrainConfig, name: str = "unet") -> None:
-    """The diffusers layout (unet/ + scheduler/ + model_index.json) that DDIMPipeline.from_pretrained loads
-    (MeddiffPipeline for class-conditional or patched models)."""
-    run = Path(run)
-    with ckpt.atomic_folder(run / name) as tmp:
-        unet.save_pretrained(tmp, safe_serialization=True)
-    sched = DDPMScheduler(**diffusers_scheduler_config(cfg.beta_schedule, cfg.num_train_timesteps, cfg.objective,
-                                                      cfg.zero_terminal_snr, cfg.timestep_spacing))
-    with ckpt.atomic_folder(run / "scheduler") as tmp:
-        sched.save_pretrained(tmp)
-    record = ckpt.read_json(run / RUN_FILE)
-    ckpt.write_json(run / "model_index.json", ckpt.model_index(record["model"], record["class_names"])[1])
-
-
 STOP_FIELDS = ("epochs", "max_steps", "max_minutes", "patience")
 
 
-def _prepare_run(cfg: TrainConfig, resume: bool, main: bool = True) -> tuple[TrainConfig, dict[str, Any] | None]:
+def _prepare_run(cfg: TrainConfig, resume: bool, main: bool = True) -> tuple[TrainConfig, RunRecord | None]:
     """Check the run folder; on resume, return the stored config (no flags needed; stopping criteria given in
     `cfg` replace the stored ones, to extend a run) and the run record. Only the main process writes."""
     run = Path(cfg.out)
-    record_path = run / RUN_FILE
     if resume:
-        record = ckpt.read_json(record_path)
-        stored = from_json(TrainConfig, record["train"])
+        record = runfolder.read_record(run)
+        stored = record.train
         given = {k: getattr(cfg, k) for k in STOP_FIELDS if getattr(cfg, k) is not None}
         if set(given) & set(STOP_FIELDS[:3]):  # a new stopping rule replaces the old one
             stored = _replace(stored, **{k: None for k in STOP_FIELDS[:3]})
         stored = _replace(stored, **given, out=str(run), progress=cfg.progress)  # the folder given, even if moved
         if given and main:  # so that a second interruption resumes towards the extended goal
-            record["train"] = to_json(stored)
-            ckpt.write_json(record_path, record)
+            record = replace(record, train=stored)
+            runfolder.write_record(run, record)
         return stored, record
-    if main and record_path.exists():
+    if main and runfolder.has_record(run):
         raise ConfigError(f"--out {run}: already holds a meddiff run; continue it with `meddiff train --resume {run}`"
                           " or choose another --out")
     return cfg.resolve(), None
@@ -267,20 +236,20 @@ def _checkpoint_state(step: int, images_seen: int, elapsed: float, best: float |
 
 def _save(run: Path, cfg: TrainConfig, step: int, unet: torch.nn.Module, ema: torch.nn.Module | None,
           opt: torch.optim.Optimizer, state: dict[str, Any]) -> Path:
-    opt_tensors, opt_meta = ckpt.optimizer_tensors(opt)
-    weights = {"model": ckpt.state_dict_cpu(unet), "optimizer": opt_tensors}
+    opt_tensors, opt_meta = runfolder.optimizer_tensors(opt)
+    weights = {"model": runfolder.state_dict_cpu(unet), "optimizer": opt_tensors}
     if ema is not None:
-        weights["ema"] = ckpt.state_dict_cpu(ema)
-    return ckpt.save_checkpoint(run, step, weights, {**state, "optimizer": opt_meta}, keep=cfg.keep_checkpoints)
+        weights["ema"] = runfolder.state_dict_cpu(ema)
+    return runfolder.save_checkpoint(run, step, weights, {**state, "optimizer": opt_meta}, keep=cfg.keep_checkpoints)
 
 
 def _restore(folder: Path, unet: torch.nn.Module, ema: torch.nn.Module | None,
              opt: torch.optim.Optimizer) -> dict[str, Any]:
-    weights, state = ckpt.load_checkpoint(folder)
+    weights, state = runfolder.load_checkpoint(folder)
     unet.load_state_dict(weights["model"])
     if ema is not None:
         ema.load_state_dict(weights["ema"])
-    ckpt.load_optimizer(opt, weights["optimizer"], state["optimizer"])
+    runfolder.load_optimizer(opt, weights["optimizer"], state["optimizer"])
     return state
 
 
@@ -302,11 +271,6 @@ def eta_line(step: int, total: int, s_per_step: float, seconds_left: float | Non
         line += (f"; the time limit ({seconds_left / 60:.1f} min left) will stop training near step "
                  f"{step + int(seconds_left / s_per_step)}")
     return line
-
-
-def _log_line(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 # ---------------------------------------------------------------- the loop
@@ -332,25 +296,25 @@ def train(cfg: TrainConfig, data: ImageSet | None = None, *, resume: bool = Fals
     if data.images.shape[-1] != cfg.size:
         raise ConfigError(f"--size {cfg.size}: the data given are {data.images.shape[-1]} px")
     conditional = cfg.conditional == "on" or (cfg.conditional == "auto" and len(data.class_names) > 1)
-    mcfg: ModelConfig = (from_json(ModelConfig, record["model"]) if record else
+    mcfg: ModelConfig = (record.model if record else
                          model_config(cfg.preset, cfg.size, len(data.class_names) if conditional else 0))
-    if record and tuple(record["class_names"]) != data.class_names:
+    if record and record.class_names != data.class_names:
         raise RunError(f"--resume {run}: the data's classes {list(data.class_names)} differ from the run's "
-                       f"{record['class_names']}")
+                       f"{list(record.class_names)}")
     train_idx, val_idx = split(data, cfg.val_fraction, cfg.seed)
     if len(train_idx) == 0:
         raise ConfigError(f"--data {cfg.data}: no training images left after the validation split")
     if record is None and dist.main:
         run.mkdir(parents=True, exist_ok=True)  # only now, so that a failed start leaves no empty run folder
-        record = dict(train=to_json(cfg), model=to_json(mcfg), class_names=list(data.class_names),
-                      data=data.summary, split=dict(train=len(train_idx), val=len(val_idx)),
-                      hardware=describe(device, precision), processes=dist.world, meddiff_version=_version())
-        ckpt.write_json(run / RUN_FILE, record)
+        record = RunRecord(train=cfg, model=mcfg, class_names=tuple(data.class_names), data=data.summary,
+                           split=dict(train=len(train_idx), val=len(val_idx)), hardware=describe(device, precision),
+                           processes=dist.world, meddiff_version=__version__)
+        runfolder.write_record(run, record)
     if data.skipped and dist.main:
-        (run / SKIPPED_FILE).write_text(skipped_listing(data, cfg.data))
+        listing = runfolder.write_skipped(run, skipped_listing(data, cfg.data))
         files = data.summary.get("files")
         echo(f"skipped {len(data.skipped)}{f' of {files}' if files else ''} files (unreadable or not images); "
-             f"listed in {run / SKIPPED_FILE}")
+             f"listed in {listing}")
 
     unet = build_unet(mcfg).to(device)
     if cfg.grad_checkpointing:
@@ -380,17 +344,17 @@ def train(cfg: TrainConfig, data: ImageSet | None = None, *, resume: bool = Fals
     ckpt_every = cfg.checkpoint_every or val_every
 
     step, images_seen, elapsed0, best, bad_evals, losses = 0, 0, 0.0, None, 0, []
-    last = ckpt.latest_checkpoint(run) if resume else None
+    last = runfolder.latest_checkpoint(run) if resume else None
     if last is not None:
         st = _restore(last, unet, ema, opt)
         step, images_seen, elapsed0 = st["step"], st["images_seen"], st["elapsed"]
         best, bad_evals, losses = st["best_val_loss"], st["bad_evals"], list(st["recent_losses"])
         echo(f"resuming {run} at step {step}")
-    echo(f"training {cfg.preset} ({sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M parameters) on "
+    echo(f"training {cfg.preset} ({count_parameters(unet) / 1e6:.2f} M parameters) on "
          f"{len(train_idx)} images ({len(val_idx)} held out), {len(data.class_names)} class(es)"
          f"{' conditional' if conditional else ''}; {describe(device, precision)}")
 
-    bar = _progress(cfg, total, step) if dist.main else None
+    bar = progress_bar(cfg.progress, total, step, "step") if dist.main else None
     t_start, stopped, seen_at_start, step_at_start, t_eta = time.time(), None, images_seen, step, 0.0
     with _StopFlag() as flag:
         while True:
@@ -433,7 +397,7 @@ def train(cfg: TrainConfig, data: ImageSet | None = None, *, resume: bool = Fals
             if dist.active:
                 step_loss = _allreduce_grads(unet, step_loss, device)
             if not math.isfinite(step_loss):
-                latest = ckpt.latest_checkpoint(run)
+                latest = runfolder.latest_checkpoint(run)
                 raise RunError(f"step {step}: the loss is {step_loss} (not finite); stopped without saving. "
                                f"The last good checkpoint is {latest or 'none yet'}; lower --lr or use --precision fp32")
             if scaler:
@@ -453,7 +417,7 @@ def train(cfg: TrainConfig, data: ImageSet | None = None, *, resume: bool = Fals
             rate = (images_seen - seen_at_start) / max(time.time() - t_start, 1e-9)
             if step % 10 == 0 or step == 1:
                 if dist.main:
-                    _log_line(run / LOG_FILE, dict(step=step, loss=float(np.mean(losses[-10:])), lr=lr,
+                    runfolder.append_log(run, dict(step=step, loss=float(np.mean(losses[-10:])), lr=lr,
                                                    img_per_s=rate, elapsed=elapsed))
             if step - step_at_start == ETA_STEPS[0]:
                 t_eta = time.time()
@@ -469,11 +433,11 @@ def train(cfg: TrainConfig, data: ImageSet | None = None, *, resume: bool = Fals
                 v = validation_loss(ema or unet, val_images, val_labels if conditional else None, alpha_bar,
                                     cfg.objective, cfg.seed, patch_size=mcfg.patch_size)
                 if dist.main:
-                    _log_line(run / LOG_FILE, dict(step=step, val_loss=v, elapsed=elapsed))
+                    runfolder.append_log(run, dict(step=step, val_loss=v, elapsed=elapsed))
                 if best is None or v < best:
                     best, bad_evals = v, 0
                     if dist.main:
-                        save_model_folder(run, ema or unet, cfg, name="best")
+                        runfolder.save_model_folder(run, ema or unet, record, weights="best")
                 else:
                     bad_evals += 1
                 if cfg.patience is not None and bad_evals > cfg.patience:
@@ -496,14 +460,12 @@ def train(cfg: TrainConfig, data: ImageSet | None = None, *, resume: bool = Fals
         return result
     if stopped != "interrupted":
         state = _checkpoint_state(step, images_seen, elapsed, best, bad_evals, losses)
-        if ckpt.latest_checkpoint(run) is None or ckpt.latest_checkpoint(run).name != f"step_{step:08d}":
+        if runfolder.latest_checkpoint(run) != runfolder.checkpoint_folder(run, step):
             _save(run, cfg, step, unet, ema, opt, state)
-    save_model_folder(run, ema or unet, cfg)
-    record = ckpt.read_json(run / RUN_FILE)
-    record["result"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in result.__dict__.items()}
-    ckpt.write_json(run / RUN_FILE, record)
-    from .modelcard import write_model_card  # the model card (README.md) reads the record just written
-    write_model_card(run)
+    runfolder.save_model_folder(run, ema or unet, record)
+    record = replace(record, result=result)
+    runfolder.write_record(run, record)
+    write_model_card(run, record=record)
     _barrier(dist)
     return result
 
@@ -567,24 +529,7 @@ def peak_rss_mib() -> float | None:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _progress(cfg: TrainConfig, total: int | None, start: int) -> Any:
-    if not cfg.progress:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
-
-
 def _replace(cfg: TrainConfig, **changes: Any) -> TrainConfig:
     import dataclasses
 
     return dataclasses.replace(cfg, **changes)
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("meddiff")
-    except PackageNotFoundError:
-        return "unknown"
