@@ -12,7 +12,8 @@ requested class, with each classifier's accuracy on held-out real images:
   histogram  logistic regression on intensity histograms + gradient statistics (the phantom tests' kind),
              which keys on texture and so under-rates smooth samples; kept as a second opinion.
 Also reported: modality accuracy (the right modality, whatever the finding) and, within the right modality,
-finding accuracy (normal vs abnormal).
+finding accuracy (normal vs abnormal). The judge's overall share comes with a 95 % bootstrap interval over
+samples. Writes benchmarks/results/conditional_classes.json (and OUT/conditional.json).
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+import _results as R
 
 
 def features(images: np.ndarray) -> np.ndarray:
@@ -106,7 +109,9 @@ def main() -> None:
                     help="CNN judge epochs (20 on 3,000 phantoms: 95.6 %% on held-out real, ~3.5 min on 2 threads)")
     ap.add_argument("--train-extra", default="",
                     help="extra flags for meddiff train, one quoted string after '=': --train-extra='--loss-weighting min-snr'")
+    R.add_results_arg(ap, "conditional_classes")
     a = ap.parse_args()
+    mach = R.machine("auto (meddiff train --precision auto)")
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -142,18 +147,23 @@ def main() -> None:
                         sampler=a.sampler, steps=a.steps, progress=False)
     sample_to_folder(scfg)
     per_class: dict[str, dict] = {"cnn": {}, "histogram": {}}
+    judged = []  # (class, cnn prediction) of every sample
     for k, name in enumerate(names):
         imgs = images01(str(samples / name), a.size)
-        per_class["cnn"][name] = breakdown(cnn_predict(cnn, imgs), k, names)
+        pred = cnn_predict(cnn, imgs)
+        judged += [dict(requested=name, cnn=names[int(p)]) for p in pred]
+        per_class["cnn"][name] = breakdown(pred, k, names)
         per_class["histogram"][name] = breakdown(hist.predict(features(imgs)), k, names)
     summary = {who: {m: float(np.mean([v[m] for v in d.values()])) for m in next(iter(d.values()))}
                for who, d in per_class.items()}
     result = dict(cpu=cpu_model(), run=str(run), guidance=a.guidance, sampler=a.sampler or "default",
                   steps=a.steps, per_class_n=a.per_class, classifier_accuracy_on_real=real_acc,
                   cnn_train_seconds=cnn_seconds, sample_accuracy_per_class=per_class, sample_accuracy_mean=summary)
+    result["cnn_accuracy"] = R.bootstrap_mean([j["requested"] == j["cnn"] for j in judged])
     out.mkdir(parents=True, exist_ok=True)
     (out / "conditional.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
+    R.write_results(a.results, "conditional_classes", mach, vars(a), judged, result)
 
 
 if __name__ == "__main__":

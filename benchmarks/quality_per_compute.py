@@ -1,21 +1,28 @@
 #!/usr/bin/env python3
-"""Quality per compute, side by side in one run: the seed recipe (../shared/baselines/seed_recipe.py) against
-meddiff's default recipe on the same images and the same CPU cores, then the same sampler (DDIM, 20 steps)
-and the same metrics for every model.
+"""Quality per compute, one command: the seed recipe (../shared/baselines/seed_recipe.py) against meddiff's
+default recipe, trained side by side on the same training slices, one thread each, then sampled with the same
+sampler and seeds and scored against held-out slices that neither saw.
 
-    python benchmarks/quality_per_compute.py --data builtin:mni-mri --size 64 \
-        --seed-minutes 30 --meddiff-minutes 3,30 --n 64 --out bench_out/qpc
+    python benchmarks/quality_per_compute.py                     # --minutes 2,4,20 (about 45 min on 2 cores)
+    python benchmarks/quality_per_compute.py --minutes 3,30
+    python benchmarks/quality_per_compute.py --quick             # seconds: a smoke test, not a figure
 
-The seed recipe and the longest meddiff run train at the same time, one thread each (OMP_NUM_THREADS=1), so
-both see the same machine; shorter meddiff runs follow, also on one thread. Snapshots of the seed run at the
-meddiff budgets give the seed's quality at equal time. Prints one JSON document and writes
-OUT/results.json, each model's samples as OUT/<row>_samples.npy (uint8) and OUT/grid.png (one row per model).
+Data: `builtin:mni-mri` split by benchmarks/_heldout.py (whole 8-slice slabs held out, a guard band of dropped
+slices between them and the training slices). Both recipes train on the same training slices (8-bit, as the
+seed reads them); meddiff keeps its own validation share of them for early stopping, as it always does.
+Training: the seed recipe trains for the longest budget, saving snapshots at the shorter ones, while meddiff's
+longest run trains beside it (one thread each); meddiff's shorter budgets (its cosine schedule depends on the
+budget, so they are separate runs) follow two at a time, one thread each.
+Scoring: every model sampled by meddiff's DDIM 20 (diffusers' DDIMScheduler) with seeds 0..n-1; KID, FID
+(random-conv features) and SSIM to the nearest held-out slice with 95 % bootstrap intervals, the share of
+samples that copy a training slice, and the eps-MSE on the held-out slices at the seed's noise levels (512
+draws) with its interval; the real-vs-real reference (two held-out halves) in the same table.
+Writes benchmarks/results/quality_per_compute.json, OUT/ (runs, samples) and docs/qpc_grid.png.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -24,25 +31,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-SEED_SCRIPT = ROOT.parent / "shared" / "baselines" / "seed_recipe.py"
+import _results as R
+from _heldout import HeldOutSplit, mni_split, reference_rows, score_heldout
+from _seed import one_thread_env, seed_as_run, start_seed_train
+
 BANDS = ((0, 25), (25, 100), (100, 250), (250, 1000))  # seed (linear) timesteps: low noise → pure noise
+VAL_REPS = 16  # draws per held-out slice: 32 slices x 16 = 512 draws
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def start_seed(images: Path, size: int, minutes: float, snaps: list[float], out: Path) -> subprocess.Popen:
-    cmd = [sys.executable, str(SEED_SCRIPT), "train", "--images", str(images), "--size", str(size), "--arch", "small",
-           "--seconds", str(minutes * 60), "--snapshots", ",".join(str(int(s * 60)) for s in snaps), "--out", str(out)]
-    return subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, text=True)
-
-
-def start_meddiff(data: str, size: int, minutes: float, out: Path, extra: list[str]) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "meddiff.cli", "train", "--data", data, "--size", str(size), "--max-minutes",
+def start_meddiff(data: Path, size: int, minutes: float, out: Path, extra: list[str]) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "meddiff.cli", "train", "--data", str(data), "--size", str(size), "--max-minutes",
            str(minutes), "--out", str(out), "--no-progress", *extra]
-    return subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, env=one_thread_env(), stdout=subprocess.PIPE, text=True)
 
 
 def last_json(proc: subprocess.Popen) -> dict:
@@ -52,185 +52,140 @@ def last_json(proc: subprocess.Popen) -> dict:
     return json.loads([line for line in out.splitlines() if line.startswith("{")][-1])
 
 
-def seed_samples(run: Path, n: int) -> tuple[np.ndarray, float]:
-    t0 = time.time()
-    subprocess.run([sys.executable, str(SEED_SCRIPT), "sample", "--out", str(run), "--n", str(n), "--steps", "20"],
-                   check=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL)
-    return np.load(run / "samples.npy").astype(np.float32) / 255.0, time.time() - t0
+def write_training_data(split: HeldOutSplit, out: Path) -> tuple[Path, Path]:
+    """The training slices as 8-bit images twice: out/train_images.npy (the seed reads it) and a PNG folder
+    out/train_png/ (meddiff reads it): the same pixels for both."""
+    from PIL import Image
+
+    u8 = (split.images[split.train] * 255).round().astype(np.uint8)
+    npy, folder = out / "train_images.npy", out / "train_png"
+    np.save(npy, u8)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, im in zip(split.train, u8):
+        Image.fromarray(im).save(folder / f"slice_{i:03d}.png")
+    return npy, folder
 
 
-def meddiff_samples(run: Path, n: int) -> tuple[np.ndarray, float]:
-    from meddiff.sample import generate, load_run
+def train_all(out: Path, budgets: list[float], size: int, extra: list[str], npy: Path, png: Path) -> dict:
+    """Seed (longest, with snapshots) beside meddiff's longest; then meddiff's shorter budgets two at a time."""
+    longest = budgets[-1]
+    procs = {"seed": start_seed_train(npy, size, longest, budgets[:-1], out / "seed"),
+             f"meddiff_{longest:g}min": start_meddiff(png, size, longest, out / f"meddiff_{longest:g}min", extra)}
+    stats = {name: last_json(p) for name, p in procs.items()}
+    rest = budgets[:-1]
+    for i in range(0, len(rest), 2):
+        pair = {f"meddiff_{m:g}min": start_meddiff(png, size, m, out / f"meddiff_{m:g}min", extra)
+                for m in rest[i:i + 2]}
+        stats.update({name: last_json(p) for name, p in pair.items()})
+    return stats
 
-    loaded = load_run(run)
-    t0 = time.time()
-    imgs = np.concatenate([generate(loaded, list(range(i, min(i + 16, n))), None, "ddim", 20)
-                           for i in range(0, n, 16)])
-    return imgs, time.time() - t0
 
-
-def val_loss_of(unet_dir: Path, val: torch.Tensor, objective: str, schedule: str, patch: int) -> dict:
-    """Two eps-MSE validation losses, same images, noise and draws for every model: at its own schedule's
-    evenly spaced timesteps (what a run logs for early stopping), and at the seed's (linear) schedule's noise
-    levels, each model told its own timestep for them: the like-for-like comparison across schedules."""
+def val_losses(unet_dir: Path, held: torch.Tensor, objective: str, schedule: str, patch: int) -> dict:
+    """eps-MSE on the held-out slices at the seed's (linear) noise levels, each model told its own timestep for
+    them; same images, noise and draws for every model. Mean, 95 % bootstrap interval over draws, by band."""
     from diffusers import UNet2DModel
 
     from meddiff.diffusion import alphas_cumprod
-    from meddiff.train import validation_loss, validation_losses
+    from meddiff.train import validation_losses
 
-    unet = UNet2DModel.from_pretrained(unet_dir).eval()
-    ab = alphas_cumprod(schedule, 1000).float()
-    seed_levels = alphas_cumprod("linear", 1000).float()
-    # where the seed-level loss comes from: 32 draws per image, grouped by the seed's timestep
-    t, losses = validation_losses(unet, val, None, ab, objective, seed=1, patch_size=patch,
-                                  noise_levels=seed_levels, reps=32)
-    bands = {f"t{lo}-{hi - 1}": float(losses[(t >= lo) & (t < hi)].mean()) for lo, hi in BANDS}
-    return dict(val_loss_eps=validation_loss(unet, val, None, ab, objective, seed=0, patch_size=patch),
-                val_loss_eps_seed_levels=validation_loss(unet, val, None, ab, objective, seed=0,
-                                                         patch_size=patch, noise_levels=seed_levels),
-                val_loss_eps_seed_levels_32=float(losses.mean()), val_loss_eps_seed_levels_by_band=bands)
+    unet = UNet2DModel.from_pretrained(unet_dir, low_cpu_mem_usage=False).eval()
+    t, losses = validation_losses(unet, held, None, alphas_cumprod(schedule, 1000).float(), objective, seed=1,
+                                  patch_size=patch, noise_levels=alphas_cumprod("linear", 1000).float(), reps=VAL_REPS)
+    losses, t = losses.numpy(), t.numpy()
+    band = {f"t{lo}-{hi - 1}": float(losses[(t >= lo) & (t < hi)].mean()) for lo, hi in BANDS}
+    boot = R.bootstrap_mean(losses)
+    return dict(val_eps_mse=boot["value"], val_eps_mse_ci95=boot["ci95"], val_draws=boot["n"],
+                val_eps_mse_by_band=band)
 
 
-def score(fake: np.ndarray, real: np.ndarray, heldout: np.ndarray | None = None) -> dict:
-    """fake, real (training), heldout: (N, H, W) float in [0, 1]. With held-out images, also the share of samples
-    that copy a training image (nearest NCC above the 0.99 quantile of the held-out images' own nearest NCC)."""
-    from meddiff.metrics.features import get_extractor
-    from meddiff.metrics.fid import compute_stats, feature_scores
-    from meddiff.metrics.memorization import memorization_report
-    from meddiff.metrics.ssim import ssim_figure
-
-    s, _, _ = ssim_figure(fake, real)
-    extractor = get_extractor("randconv", resolution=fake.shape[-1])
-    f = feature_scores(compute_stats(fake, extractor), compute_stats(real, extractor),
-                       kid_subset_size=min(len(fake), len(real)))
-    q = dict(ssim_mean=s.value, ssim_ci95=list(s.interval), ssim_reference=s.reference,
-             kid=f["kid"], fid=f["fid"], feature_protocol=f["protocol"])
-    if heldout is not None:
-        m = memorization_report(fake, real, heldout, size=fake.shape[-1])
-        q.update(copies_share=m.flagged_share, copies_threshold_ncc=m.threshold,
-                 train_copied_share=m.train_copied_share, memorization_protocol=m.protocol)
-    return q
-
-
-def write_grid(out: Path, samples: dict[str, np.ndarray], per_row: int = 10) -> None:
-    """OUT/grid.png: the first `per_row` samples of every model, one labelled row each (seeds 0..per_row-1)."""
-    from meddiff.export import make_grid, save_png
-
-    names = list(samples)
-    tiles = np.concatenate([samples[k][:per_row] for k in names])
-    save_png(make_grid(tiles, ncols=per_row, row_labels=[k.replace("_", " ") for k in names]), out / "grid.png")
-
-
-def seed_as_run(unet_dir: Path):
-    """A seed-recipe UNet wrapped for meddiff's sampler (linear schedule, eps prediction)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from sampling_speed import wrap
-
-    return wrap(unet_dir)
-
-
-def score_existing(out: Path, budgets: list[float], a: argparse.Namespace, real: np.ndarray, val: torch.Tensor,
-                   results: dict) -> None:
-    """Every model sampled with the same DDIM-20 code and seeds, then scored alike."""
-    from meddiff.sample import generate, load_run
-
-    heldout = ((val[:, 0] + 1) / 2).numpy()
-    results["sampler"] = "DDIM 20 steps (diffusers DDIMScheduler via meddiff.sample.generate), seeds 0..n-1"
-    results["rows"], grids = {}, {}
+def models(out: Path, budgets: list[float], longest: float) -> dict[str, dict]:
+    """Every model to score: name → unet folder, how to sample it, its objective/schedule/patch size."""
+    rows = {}
     for m in budgets:
-        snap = out / "seed" / f"snap_{int(m * 60)}s"
-        candidates = [("seed", snap / "unet" if (snap / "unet").exists() else out / "seed" / "unet", "eps", "linear", 1)]
+        snap = out / "seed" / f"snap_{int(round(m * 60))}s"
+        unet = snap / "unet" if m < longest else out / "seed" / "unet"
+        if not (unet / "config.json").exists():
+            raise SystemExit(f"{unet} is missing: the seed run saved no weights at {m:g} min (no step finished?)")
+        rows[f"seed_{m:g}min"] = dict(who="seed", minutes=m, unet=unet, objective="eps", schedule="linear", patch=1)
         run = out / f"meddiff_{m:g}min"
         rec = json.loads((run / "meddiff.json").read_text())
-        candidates.append(("meddiff", run / "unet", rec["train"]["objective"], rec["train"]["beta_schedule"],
-                           rec["model"].get("patch_size", 1)))
-        for who, unet_dir, objective, schedule, patch in candidates:
-            loaded = seed_as_run(unet_dir) if who == "seed" else load_run(run)
-            t0 = time.time()
-            imgs = np.concatenate([generate(loaded, list(range(i, min(i + 8, a.n))), None, "ddim", 20)
-                                   for i in range(0, a.n, 8)])
-            q = score(imgs, real, heldout)
-            q["sample_img_per_s_ddim20"] = a.n / (time.time() - t0)
-            q.update(val_loss_of(unet_dir, val, objective, schedule, patch))
-            if who == "meddiff":
-                q.update({k: rec["result"][k] for k in ("train_img_per_s", "images_seen", "steps", "peak_rss_mib")})
-            results["rows"][f"{who}_{m:g}min"] = q
-            np.save(out / f"{who}_{m:g}min_samples.npy", (imgs * 255).round().astype(np.uint8))
-            grids[f"{who}_{m:g}min"] = imgs
-            print(f"{who}_{m:g}min", json.dumps(q), flush=True)
-    write_grid(out, grids)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
+        rows[f"meddiff_{m:g}min"] = dict(who="meddiff", minutes=m, unet=run / "unet", run=run,
+                                         objective=rec["train"]["objective"], schedule=rec["train"]["beta_schedule"],
+                                         patch=rec["model"].get("patch_size", 1), hardware=rec.get("hardware"),
+                                         result=rec.get("result", {}))
+    return rows
+
+
+def sample(row: dict, n: int) -> np.ndarray:
+    from meddiff.sample import generate, load_run
+
+    loaded = seed_as_run(row["unet"]) if row["who"] == "seed" else load_run(row["run"])
+    return np.concatenate([generate(loaded, list(range(i, min(i + 8, n))), None, "ddim", 20) for i in range(0, n, 8)])
+
+
+def write_grid(path: Path, samples: dict[str, np.ndarray], per_row: int = 10) -> None:
+    """The first `per_row` samples of every model (seeds 0..per_row-1), one labelled row each."""
+    from meddiff.export import make_grid, save_png
+
+    tiles = np.concatenate([s[:per_row] for s in samples.values()])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_png(make_grid(tiles, ncols=min(per_row, min(len(s) for s in samples.values())),
+                       row_labels=[k.replace("_", " ") for k in samples]), path)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default="builtin:mni-mri")
+    ap.add_argument("--minutes", default="2,4,20", help="training budgets, comma-separated; each side gets each")
     ap.add_argument("--size", type=int, default=64)
-    ap.add_argument("--seed-minutes", type=float, default=30)
-    ap.add_argument("--meddiff-minutes", default="3,30")
-    ap.add_argument("--n", type=int, default=64)
-    ap.add_argument("--out", default="bench_out/qpc")
-    ap.add_argument("--meddiff-args", default="", help="extra flags for meddiff train, one quoted string after '=': --meddiff-args='--preset small'")
-    ap.add_argument("--score-only", action="store_true",
-                    help="skip training: score the runs already in --out, every model sampled by meddiff's DDIM 20")
+    ap.add_argument("--n", type=int, default=64, help="samples per model (seeds 0..n-1)")
+    ap.add_argument("--holdout-every", type=int, default=4, help="hold out every k-th 8-slice slab")
+    ap.add_argument("--guard", type=int, default=4, help="training slices this close to a held-out one are dropped")
+    ap.add_argument("--bootstrap", type=int, default=200, help="resamples of the KID/FID intervals")
+    ap.add_argument("--out", default="bench_out/qpc", help="work folder: training data, runs, samples")
+    ap.add_argument("--grid", default=str(R.ROOT / "docs" / "qpc_grid.png"))
+    ap.add_argument("--meddiff-args", default="",
+                    help="extra flags for meddiff train, one quoted string after '=': --meddiff-args='--preset small'")
+    ap.add_argument("--score-only", action="store_true", help="skip training: score the runs already in --out")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke test: 32 px, --minutes 0.05,0.1, n 8, results and grid under --out")
+    R.add_results_arg(ap, "quality_per_compute")
     a = ap.parse_args()
-    from meddiff.data.dataset import load_data, split
-    from meddiff.runtime import cpu_model
-
+    if a.quick:
+        a.size, a.n, a.bootstrap, a.out = 32, 8, 20, a.out if a.out != "bench_out/qpc" else "bench_out/qpc_quick"
+        a.minutes = a.minutes if a.minutes != "2,4,20" else "0.05,0.1"
+        a.grid, a.results = str(Path(a.out) / "grid.png"), str(Path(a.out) / "results.json")
+        a.meddiff_args = a.meddiff_args or "--preset tiny --val-every 2"
+    budgets = sorted(float(m) for m in a.minutes.split(","))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    budgets = sorted(float(m) for m in a.meddiff_minutes.split(","))
-    data = load_data(a.data, a.size)
-    train_idx, val_idx = split(data, 0.1, 0)
-    real = ((data.images[:, 0] + 1) / 2).numpy()
-    np.save(out / "train_images.npy", (real[train_idx] * 255).round().astype(np.uint8))  # the seed sees the same split
-    val = data.images[val_idx]
-
-    seed_run = out / "seed"
-    if a.score_only:
-        score_existing(out, budgets, a, real[train_idx], val, dict(cpu=cpu_model(), data=a.data, size=a.size, n=a.n,
-                                                                   n_train=len(train_idx), n_val=len(val_idx)))
-        return
-    procs = {"seed": start_seed(out / "train_images.npy", a.size, a.seed_minutes, budgets, seed_run)}
-    longest = budgets[-1]
-    procs[f"meddiff_{longest:g}min"] = start_meddiff(a.data, a.size, longest, out / f"meddiff_{longest:g}min",
-                                                     a.meddiff_args.split())
-    train_stats = {name: last_json(p) for name, p in procs.items()}
-    for m in budgets[:-1]:
-        train_stats[f"meddiff_{m:g}min"] = last_json(start_meddiff(a.data, a.size, m, out / f"meddiff_{m:g}min",
-                                                                   a.meddiff_args.split()))
-    rows = {}
-    for m in budgets:
-        snap = seed_run / f"snap_{int(m * 60)}s"
-        if m >= a.seed_minutes or not (snap / "unet").exists():
-            snap = seed_run
-        imgs, secs = seed_samples(snap, a.n)
-        rows[f"seed_{m:g}min"] = dict(images=imgs, sample_s=secs, unet=snap / "unet", objective="eps",
-                                      schedule="linear", patch=1, train=train_stats["seed"])
-        run = out / f"meddiff_{m:g}min"
-        record = json.loads((run / "meddiff.json").read_text())
-        imgs, secs = meddiff_samples(run, a.n)
-        rows[f"meddiff_{m:g}min"] = dict(images=imgs, sample_s=secs, unet=run / "unet",
-                                         objective=record["train"]["objective"],
-                                         schedule=record["train"]["beta_schedule"],
-                                         patch=record["model"].get("patch_size", 1), train=train_stats[f"meddiff_{m:g}min"],
-                                         hardware=record.get("hardware"))
-    # the seed recipe is fp32 by definition; meddiff's precision is its own choice (auto), read from its run record
-    results = dict(cpu=cpu_model(), threads_per_run=1, precision=dict(
-                       seed="fp32", meddiff=rows[f"meddiff_{budgets[-1]:g}min"]["hardware"]),
-                   data=a.data, size=a.size, n=a.n,
-                   n_train=len(train_idx), n_val=len(val_idx), rows={})
-    for name, r in rows.items():
-        q = score(r["images"], real[train_idx], real[val_idx])
-        q.update(val_loss_of(r["unet"], val, r["objective"], r["schedule"], r["patch"]))
-        q["train_img_per_s"] = r["train"]["train_img_per_s"]
-        q["peak_rss_mib"] = r["train"].get("peak_rss_mib")
-        q["sample_img_per_s_ddim20"] = a.n / r["sample_s"]
-        results["rows"][name] = q
-        np.save(out / f"{name}_samples.npy", (r["images"] * 255).round().astype(np.uint8))
-    write_grid(out, {name: r["images"] for name, r in rows.items()})
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    print(json.dumps(results, indent=2))
+    split = mni_split(a.size, a.holdout_every, a.guard)
+    npy, png = write_training_data(split, out)
+    train_stats = {} if a.score_only else train_all(out, budgets, a.size, a.meddiff_args.split(), npy, png)
+    rows = models(out, budgets, budgets[-1])
+    mach = R.machine(dict(seed="fp32", meddiff=next(r["hardware"] for r in rows.values() if r["who"] == "meddiff")))
+    held = torch.from_numpy(split.images[split.heldout])[:, None] * 2 - 1
+    runs, samples, summary_rows = [], {}, {}
+    for name, row in rows.items():
+        t0 = time.time()
+        imgs = sample(row, a.n)
+        q = dict(minutes=row["minutes"], who=row["who"], sample_img_per_s_ddim20=a.n / (time.time() - t0),
+                 **score_heldout(imgs, split, n_boot=a.bootstrap),
+                 **val_losses(row["unet"], held, row["objective"], row["schedule"], row["patch"]))
+        trained = train_stats.get("seed" if row["who"] == "seed" else name, row.get("result", {}))
+        q.update({k: trained.get(k) for k in ("train_img_per_s", "images_seen", "steps", "peak_rss_mib")})
+        if row["who"] == "seed":
+            q["images_seen"] = q["steps"] = None  # the seed's counts are those of its whole (longest) run
+        np.save(out / f"{name}_samples.npy", (imgs * 255).round().astype(np.uint8))
+        samples[name] = imgs
+        summary_rows[name] = q
+        runs.append(dict(model=name, unet=str(row["unet"]), training=trained, **q))
+        print(name, json.dumps({k: v for k, v in q.items() if k != "ssim_per_sample"}), flush=True)
+    order = [f"{who}_{m:g}min" for m in budgets for who in ("seed", "meddiff")]
+    write_grid(Path(a.grid), {k: samples[k] for k in order})
+    summary = dict(rows=summary_rows, order=order, reference=reference_rows(split, a.bootstrap),
+                   heldout=split.description, sampler="DDIM 20 (diffusers DDIMScheduler via meddiff.sample.generate)",
+                   threads_per_run=1, grid=str(a.grid), budgets=budgets)
+    R.write_results(a.results, "quality_per_compute", mach, vars(a), runs, summary)
 
 
 if __name__ == "__main__":

@@ -1,44 +1,57 @@
 #!/usr/bin/env python3
-"""Training throughput and peak memory, side by side with the seed recipe, each case in its own process.
+"""Training throughput and peak memory, side by side with the seed recipe.
 
-    python benchmarks/train_speed.py                    # small@64 and seed@128, batch 10, + memory case
-    python benchmarks/train_speed.py --cases small64     # one case
+    python benchmarks/train_speed.py                       # small64, lean64, seed128, mem128; 5 repeats
+    python benchmarks/train_speed.py --cases small64 --repeats 7
+    python benchmarks/train_speed.py --quick               # seconds: a smoke test, not a figure
 
-Cases:
-  small64 / seed128   same architecture, same batch (10): seed recipe vs meddiff's training step
-                      (fused AdamW, precision auto, EMA update included) → the img/s ratio
-  small64cl / seed128cl  the same with the UNet in channels-last memory format (`--channels-last`)
-  lean64              meddiff's default preset at 64 px, batch 16, against the seed's small@64
-  mem128              `seed` preset at 128 px with effective batch 64 (micro-batch 4 + gradient checkpointing)
-                      against the seed recipe's peak memory at batch 10
-Prints the CPU model and precision; writes OUT (default bench_out/train_speed.json).
+Throughput cases run both sides in this one process on --threads threads (1: one thread each, as on a
+2-core machine), interleaved: after one warm-up step each, round r times --steps steps of the seed
+recipe's step, then --steps of meddiff's, before round r + 1. Reported: median img/s with min/max per side,
+and meddiff/seed as the ratio of medians with a 95 % bootstrap interval over rounds (a tie when it holds 1).
+
+  small64 / seed128        same architecture, same batch (10): the seed recipe's step (seed_recipe.py's
+                           `speed`, fp32) vs meddiff's training step (fused AdamW, --precision, EMA update)
+  small64cl / seed128cl    the same with meddiff's UNet in channels-last memory format (`--channels-last`)
+  lean64                   meddiff's default preset at 64 px, batch 16, against the seed's small@64
+  mem128                   peak memory, each side in its own fresh process (peak RSS is per process): the
+                           `seed` preset at 128 px with effective batch --mem-batch (micro-batch 4 + gradient
+                           checkpointing) against the seed recipe at batch 10; --mem-repeats processes a side
+Writes benchmarks/results/train_speed.json.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
 import sys
-import time
-from pathlib import Path
+from typing import Callable
 
-ROOT = Path(__file__).resolve().parents[1]
-SEED_SCRIPT = ROOT.parent / "shared" / "baselines" / "seed_recipe.py"
+import torch
+
+import _results as R
+from _seed import seed_stepper
+
+# case → (seed arch, seed size, seed batch) and meddiff (preset, size, batch, channels_last)
+THROUGHPUT = {
+    "small64": (("small", 64, 10), ("small", 64, 10, False)),
+    "small64cl": (("small", 64, 10), ("small", 64, 10, True)),
+    "lean64": (("small", 64, 10), ("lean", 64, 16, False)),
+    "seed128": (("seed", 128, 10), ("seed", 128, 10, False)),
+    "seed128cl": (("seed", 128, 10), ("seed", 128, 10, True)),
+}
 
 
-def meddiff_step_speed(preset: str, size: int, batch: int, micro: int, steps: int, grad_ckpt: bool,
-                       channels_last: bool = False, precision_flag: str = "auto") -> dict:
-    """meddiff's training step (as in train.py) on random data: img/s and peak RSS of this process."""
-    import copy
-
-    import torch
-
+def meddiff_stepper(preset: str, size: int, batch: int, micro: int, grad_ckpt: bool, channels_last: bool,
+                    precision_flag: str) -> tuple[Callable[[], None], str]:
+    """meddiff's training step (as in train.py) on random data → (step, hardware description)."""
     from meddiff.config import TrainConfig, model_config
     from meddiff.diffusion import alphas_cumprod, diffusion_loss, q_sample
     from meddiff.model import build_unet, denoise
     from meddiff.runtime import autocast, describe, pick_device, pick_precision
-    from meddiff.train import ema_update, make_optimizer, peak_rss_mib
+    from meddiff.train import ema_update, make_optimizer
 
     cfg = TrainConfig(data="", out="", preset=preset, size=size, batch_size=batch).resolve()
     device = pick_device("auto")
@@ -53,8 +66,9 @@ def meddiff_step_speed(preset: str, size: int, batch: int, micro: int, steps: in
     opt = make_optimizer(unet, cfg)
     ab = alphas_cumprod(cfg.beta_schedule, 1000).float().to(device)
     x = torch.randn(batch, 1, size, size, device=device)
+    k = [0]
 
-    def step(k: int) -> None:
+    def step() -> None:
         opt.zero_grad(set_to_none=True)
         for lo in range(0, batch, micro):
             x0 = x[lo:lo + micro]
@@ -63,84 +77,114 @@ def meddiff_step_speed(preset: str, size: int, batch: int, micro: int, steps: in
                 pred = denoise(unet, q_sample(x0, eps, ab[t]), t, None, mcfg.patch_size)
             (diffusion_loss(pred, x0, eps, ab[t], cfg.objective, cfg.loss_weighting).sum() / batch).backward()
         opt.step()
-        ema_update(ema, unet, cfg.ema_decay, k)
-
-    t0 = time.time()
-    step(0)
-    if steps:
-        t0 = time.time()
-        for k in range(steps):
-            step(k + 1)
-    return dict(who="meddiff", preset=preset, size=size, batch=batch, micro_batch=micro, grad_checkpointing=grad_ckpt,
-                channels_last=channels_last,
-                train_img_per_s=max(steps, 1) * batch / (time.time() - t0), peak_rss_mib=peak_rss_mib(),
-                hardware=describe(device, precision))
+        ema_update(ema, unet, cfg.ema_decay, k[0])
+        k[0] += 1
+    return step, describe(device, precision)
 
 
-def run_case(argv: list[str]) -> dict:
+def throughput_case(case: str, steps: int, repeats: int, precision: str) -> tuple[list[dict], dict]:
+    (arch, s_size, s_batch), (preset, m_size, m_batch, cl) = THROUGHPUT[case]
+    seed_step = seed_stepper(arch, s_size, s_batch)
+    med_step, hardware = meddiff_stepper(preset, m_size, m_batch, m_batch, False, cl, precision)
+
+    def block(step: Callable[[], None]) -> Callable[[], None]:
+        return lambda: [step() for _ in range(steps)]
+
+    timed = {"seed": R.stopwatch(block(seed_step)), "meddiff": R.stopwatch(block(med_step))}
+    # warm-up: one round of single steps (allocator, kernels), then the timed rounds
+    seed_step(), med_step()
+    runs = R.interleaved(["seed", "meddiff"], timed, repeats, warmup=0, echo=lambda m: print(f"{case}: {m}"))
+    for r in runs:
+        r.update(case=case, img_per_s=steps * (s_batch if r["setting"] == "seed" else m_batch) / r["seconds"])
+    ips = {who: R.per_round(runs, who, "img_per_s") for who in ("seed", "meddiff")}
+    summary = dict(seed=dict(arch=arch, size=s_size, batch=s_batch, precision="fp32",
+                             img_per_s=R.median_spread(ips["seed"])),
+                   meddiff=dict(preset=preset, size=m_size, batch=m_batch, channels_last=cl, hardware=hardware,
+                                img_per_s=R.median_spread(ips["meddiff"])),
+                   ratio=R.ratio_of_medians(ips["meddiff"], ips["seed"]))
+    summary["verdict"] = R.verdict(summary["ratio"]["ci95"], 1.0)
+    return runs, summary
+
+
+def _last_json(argv: list[str]) -> dict:
     out = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if out.returncode:
         raise SystemExit(f"{' '.join(argv)} failed:\n{out.stderr[-3000:]}")
     return json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
 
 
-def seed_case(arch: str, size: int, batch: int, steps: int) -> dict:
-    r = run_case([sys.executable, str(SEED_SCRIPT), "speed", "--arch", arch, "--size", str(size), "--batch",
-                  str(batch), "--steps", str(steps)])
-    return {"who": "seed", **r}
+def memory_case(mem_batch: int, repeats: int, precision: str, size: int = 128) -> tuple[list[dict], dict]:
+    """Peak RSS, each side in fresh processes, alternating: seed recipe batch 10 vs meddiff micro-batch 4."""
+    from _results import SEED_SCRIPT
+
+    runs = []
+    for r in range(repeats):
+        seed = _last_json([sys.executable, str(SEED_SCRIPT), "speed", "--arch", "seed", "--size", str(size),
+                           "--batch", "10", "--steps", "1"])
+        med = _last_json([sys.executable, __file__, "--inner-mem", json.dumps([size, mem_batch, precision])])
+        runs += [dict(case="mem128", size=size, setting="seed", round=r, warmup=False, peak_rss_mib=seed["peak_rss_mib"]),
+                 dict(case="mem128", size=size, setting="meddiff", round=r, warmup=False, peak_rss_mib=med["peak_rss_mib"],
+                      hardware=med["hardware"])]
+    mem = {who: R.per_round(runs, who, "peak_rss_mib") for who in ("seed", "meddiff")}
+    summary = dict(seed=dict(arch="seed", size=size, batch=10, peak_rss_mib=R.median_spread(mem["seed"])),
+                   meddiff=dict(preset="seed", size=size, batch=mem_batch, micro_batch=4, grad_checkpointing=True,
+                                peak_rss_mib=R.median_spread(mem["meddiff"])),
+                   ratio=dict(ratio=float(R.median_spread(mem["meddiff"])["median"]
+                                          / R.median_spread(mem["seed"])["median"]), what="peak RSS meddiff / seed"))
+    return runs, summary
 
 
-def meddiff_case(preset: str, size: int, batch: int, micro: int, steps: int, grad_ckpt: bool,
-                 channels_last: bool = False, precision: str = "auto") -> dict:
-    return run_case([sys.executable, __file__, "--inner",
-                     json.dumps([preset, size, batch, micro, steps, grad_ckpt, channels_last, precision])])
+def _inner_mem(size: int, mem_batch: int, precision: str) -> None:
+    from meddiff.train import peak_rss_mib
+
+    # peak memory is set by the micro-batch (4) and checkpointing, not by how many micro-batches accumulate
+    step, hardware = meddiff_stepper("seed", size, mem_batch, 4, True, False, precision)
+    step()
+    print(json.dumps(dict(peak_rss_mib=peak_rss_mib(), hardware=hardware)))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default="small64,lean64,seed128,mem128")
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--out", default="bench_out/train_speed.json")
+    ap.add_argument("--steps", type=int, default=3, help="training steps per timed repeat")
+    ap.add_argument("--repeats", type=int, default=5, help="timed rounds per throughput case (after warm-up)")
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--mem-batch", type=int, default=64, help="effective batch of the mem128 case")
+    ap.add_argument("--mem-size", type=int, default=128, help="image size of the mem128 case (smaller: a smoke test)")
+    ap.add_argument("--mem-repeats", type=int, default=2, help="fresh processes per side in the mem128 case")
     ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                     help="meddiff's precision (auto: bf16 only on CUDA or a CPU with AMX/AVX512-BF16); the seed is fp32")
-    ap.add_argument("--inner", help=argparse.SUPPRESS)
+    ap.add_argument("--quick", action="store_true", help="smoke test: small64 and lean64, 1 step, 1 repeat")
+    ap.add_argument("--inner-mem", help=argparse.SUPPRESS)
+    R.add_results_arg(ap, "train_speed")
     a = ap.parse_args()
-    if a.inner:
-        print(json.dumps(meddiff_step_speed(*json.loads(a.inner))))
+    torch.set_num_threads(a.threads)
+    if a.inner_mem:
+        _inner_mem(*json.loads(a.inner_mem))
         return
-    from meddiff.runtime import cpu_model
+    if a.quick:
+        a.cases, a.steps, a.repeats = "small64,lean64", 1, 1
+    from meddiff.runtime import pick_device, pick_precision
 
-    results: dict = {"cpu": cpu_model(), "cases": {}}
-    cases = a.cases.split(",")
-    seed_small = seed_case("small", 64, 10, a.steps) if {"small64", "small64cl", "lean64"} & set(cases) else None
-    seed_big = seed_case("seed", 128, 10, a.steps) if {"seed128", "seed128cl", "mem128"} & set(cases) else None
-    for case in cases:
-        if case in ("small64", "small64cl"):
-            m = meddiff_case("small", 64, 10, 10, a.steps, False, case.endswith("cl"), precision=a.precision)
-            base = seed_small
-        elif case == "lean64":
-            m = meddiff_case("lean", 64, 16, 16, a.steps, False, precision=a.precision)
-            base = seed_small
-        elif case in ("seed128", "seed128cl"):
-            m = meddiff_case("seed", 128, 10, 10, a.steps, False, case.endswith("cl"), precision=a.precision)
-            base = seed_big
-        elif case == "mem128":
-            # peak memory is set by the micro-batch (4) and checkpointing, not by how many micro-batches are
-            # accumulated: --mem-batch 64 measures the issue's effective batch, 8 the same peak in 1/8 the time
-            m = meddiff_case("seed", 128, a.mem_batch, 4, 0, True, precision=a.precision)
-            base = seed_big
+    mach = R.machine(dict(seed="fp32", meddiff=pick_precision(a.precision, pick_device("auto"))))
+    runs, summary = [], {}
+    for case in a.cases.split(","):
+        if case == "mem128":
+            case_runs, summary[case] = memory_case(a.mem_batch, a.mem_repeats, a.precision, a.mem_size)
+            s = summary[case]
+            print(f"{case}: peak RSS meddiff {s['meddiff']['peak_rss_mib']['median']:.0f} MiB vs seed "
+                  f"{s['seed']['peak_rss_mib']['median']:.0f} MiB (x{s['ratio']['ratio']:.2f})", flush=True)
+        elif case in THROUGHPUT:
+            case_runs, summary[case] = throughput_case(case, a.steps, a.repeats, a.precision)
+            s = summary[case]
+            print(f"{case}: meddiff {s['meddiff']['img_per_s']['median']:.2f} img/s vs seed "
+                  f"{s['seed']['img_per_s']['median']:.2f}: x{s['ratio']['ratio']:.2f} "
+                  f"{s['ratio']['ci95']} ({s['verdict']}); "
+                  f"{s['meddiff']['hardware']}", flush=True)
         else:
-            raise SystemExit(f"unknown case {case!r}")
-        results["cases"][case] = dict(seed=base, meddiff=m,
-                                      img_per_s_ratio=m["train_img_per_s"] / base["train_img_per_s"],
-                                      peak_memory_ratio=m["peak_rss_mib"] / base["peak_rss_mib"])
-        print(f"{case}: meddiff {m['train_img_per_s']:.2f} img/s vs seed {base['train_img_per_s']:.2f} "
-              f"(x{results['cases'][case]['img_per_s_ratio']:.2f}); peak RSS {m['peak_rss_mib']:.0f} vs "
-              f"{base['peak_rss_mib']:.0f} MiB (x{results['cases'][case]['peak_memory_ratio']:.2f}); "
-              f"{m['hardware']}", flush=True)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(results, indent=2))
+            raise SystemExit(f"--cases: unknown case {case!r}; choose from {', '.join([*THROUGHPUT, 'mem128'])}")
+        runs += case_runs
+    R.write_results(a.results, "train_speed", mach, vars(a), runs, dict(cases=summary))
 
 
 if __name__ == "__main__":

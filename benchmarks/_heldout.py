@@ -1,0 +1,102 @@
+"""Held-out quality for the benchmarks: which `builtin:mni-mri` slices train and which are held out (whole slabs,
+with a guard band of dropped slices between), and scoring a generated set against the held-out images with
+bootstrap intervals, beside the real-vs-real reference (two disjoint held-out halves).
+
+Why slabs: the MNI152 template is one brain (the only T1 volume nilearn ships offline; its grey/white-matter
+maps are the same brain), so no held-out *subject* exists locally. Adjacent 1 mm axial slices are near copies
+of each other, so the held-out slabs are kept `guard` slices away from every training slice. With the defaults
+(every 4th 8-slice slab held out, guard 4) 32 slices are held out, 73 train, 32 are dropped; a held-out slice
+is at least 5 mm and on average 8.5 mm from the nearest training slice.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class HeldOutSplit:
+    """Images (N, H, W) float32 in [0, 1] and which of them train, which are held out (two halves)."""
+
+    images: np.ndarray
+    train: np.ndarray      # indices
+    heldout: np.ndarray    # indices
+    half_a: np.ndarray     # indices into images: held-out slabs 1, 3, 5 …
+    half_b: np.ndarray     # held-out slabs 2, 4, 6 …
+    description: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(description=self.description, n_train=len(self.train), n_heldout=len(self.heldout),
+                    n_half_a=len(self.half_a), n_half_b=len(self.half_b),
+                    train=self.train.tolist(), heldout=self.heldout.tolist())
+
+
+def mni_split(size: int, every: int = 4, guard: int = 4) -> HeldOutSplit:
+    """`builtin:mni-mri` at `size` px: every `every`-th slab of 8 axial slices (starting with the 4th, so the
+    thin end slabs train) is held out; training slices closer than `guard` slices to a held-out one are dropped."""
+    from meddiff.data.dataset import load_data
+
+    data = load_data("builtin:mni-mri", size)
+    images = ((data.images[:, 0] + 1) / 2).numpy()
+    groups = np.asarray(data.groups)
+    slabs = np.unique(groups)
+    held_slabs = slabs[every - 1::every]
+    if len(held_slabs) < 2:
+        raise ValueError(f"--holdout-every {every}: leaves {len(held_slabs)} held-out slab(s); need 2 or more")
+    # consecutive images are consecutive 1 mm slices (dataset.py keeps every brain slice, in order)
+    pos = np.arange(len(images))
+    held = np.isin(groups, held_slabs)
+    dist = np.abs(pos[:, None] - pos[held][None, :]).min(axis=1)
+    train = pos[(~held) & (dist > guard)]
+    which = np.searchsorted(held_slabs, groups[held])
+    half_a, half_b = pos[held][which % 2 == 0], pos[held][which % 2 == 1]
+    desc = (f"builtin:mni-mri at {size} px: 8-slice axial slabs {held_slabs.tolist()} held out "
+            f"({held.sum()} slices), training slices at least {guard + 1} slices (mm) from any held-out one "
+            f"({len(train)} slices; {len(images) - held.sum() - len(train)} dropped as guard)")
+    return HeldOutSplit(images, train, pos[held], half_a, half_b, desc)
+
+
+def _feature_figures(fake: np.ndarray, real: np.ndarray, extractor: Any, n_boot: int) -> dict[str, Any]:
+    from meddiff.metrics.fid import compute_stats, feature_scores
+    from meddiff.metrics.intervals import fid_interval, kid_interval
+
+    fs, rs = compute_stats(fake, extractor), compute_stats(real, extractor)
+    f = feature_scores(fs, rs, kid_subset_size=min(len(fake), len(real)))
+    return dict(kid=f["kid"], kid_ci95=kid_interval(fs.features, rs.features, n_boot=n_boot),
+                fid=f["fid"], fid_ci95=fid_interval(fs.features, rs.features, n_boot=n_boot),
+                feature_protocol=f["protocol"])
+
+
+def score_heldout(fake: np.ndarray, split: HeldOutSplit, n_boot: int = 200) -> dict[str, Any]:
+    """fake (N, H, W) in [0, 1] → KID, FID (random-conv features) and SSIM to the nearest held-out image, each
+    with its 95 % bootstrap interval, and the share of samples that copy a training slice."""
+    from meddiff.metrics.features import get_extractor
+    from meddiff.metrics.memorization import memorization_report
+    from meddiff.metrics.ssim import bootstrap_ci, nearest_ssim
+
+    heldout, train = split.images[split.heldout], split.images[split.train]
+    extractor = get_extractor("randconv", resolution=fake.shape[-1])
+    nearest, _ = nearest_ssim(fake, heldout)
+    m = memorization_report(fake, train, heldout, size=fake.shape[-1])
+    return dict(n_fake=len(fake), n_real=len(heldout), **_feature_figures(fake, heldout, extractor, n_boot),
+                ssim=float(nearest.mean()), ssim_ci95=bootstrap_ci(nearest), ssim_per_sample=nearest.tolist(),
+                copies_share=m.flagged_share, copies_threshold_ncc=m.threshold)
+
+
+def reference_rows(split: HeldOutSplit, n_boot: int = 200) -> dict[str, dict[str, Any]]:
+    """The same figures for real images: held-out half A against half B (what a perfect model reaches at
+    these counts), and the training slices against the held-out set (what copying the training set reaches)."""
+    from meddiff.metrics.features import get_extractor
+    from meddiff.metrics.ssim import bootstrap_ci, nearest_ssim
+
+    ims = split.images
+    extractor = get_extractor("randconv", resolution=ims.shape[-1])
+    rows = {}
+    for name, fake, real in (("real vs real (held-out half A vs half B)", ims[split.half_a], ims[split.half_b]),
+                             ("training slices vs held-out (a copier)", ims[split.train], ims[split.heldout])):
+        nearest, _ = nearest_ssim(fake, real)
+        rows[name] = dict(n_fake=len(fake), n_real=len(real), **_feature_figures(fake, real, extractor, n_boot),
+                          ssim=float(nearest.mean()), ssim_ci95=bootstrap_ci(nearest))
+    return rows

@@ -1,0 +1,282 @@
+#!/usr/bin/env python3
+"""Render the benchmark tables from the raw results: benchmarks/results/<figure>.json → the blocks between
+`<!-- render:<figure> -->` and `<!-- /render -->` in docs/benchmarks.md, and `<!-- render:readme -->` in
+README.md ("What it reaches"). Tables are never typed by hand.
+
+    python benchmarks/render.py            # rewrite the blocks in place
+    python benchmarks/render.py --check    # exit 1 when a block is not what the results give (for CI)
+
+Rules: every figure is shown with its interval; a figure whose interval holds the baseline (a ratio of 1, or
+the other side's value) reads "tie" and is never bold; every table names the one command that reproduces it;
+a figure without a results file reads "not yet rerun — run `<command>`".
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+# figure → the one command (from a clean checkout, at the repository root) that writes its results file
+COMMANDS = {
+    "quality_per_compute": "python benchmarks/quality_per_compute.py --minutes 2,4,20",
+    "train_speed": "python benchmarks/train_speed.py",
+    "sampling_speed": "python benchmarks/sampling_speed.py",
+    "sampler_quality": "python benchmarks/sampler_quality.py --run bench_out/qpc/meddiff_20min",
+    "conditional_classes": "python benchmarks/conditional_classes.py",
+}
+
+
+def ci(value: float | None, interval: list[float] | None, digits: int = 3) -> str:
+    if value is None:
+        return "—"
+    text = f"{value:.{digits}g}"
+    if not interval:
+        return text + " (no interval)"
+    return f"{text} [{interval[0]:.{digits}g}, {interval[1]:.{digits}g}]"
+
+
+def spread(s: dict[str, float], digits: int = 3) -> str:
+    return f"{s['median']:.{digits}g} ({s['min']:.{digits}g}–{s['max']:.{digits}g}, n={s['n']})"
+
+
+def ratio_cell(r: dict[str, Any], verdict: str | None = None) -> str:
+    """'1.13x [1.05, 1.20]', bold only when the interval excludes 1 in meddiff's favour; else named a tie."""
+    lo_hi = r.get("ci95")
+    text = f"{r['ratio']:.3g}x" + (f" [{lo_hi[0]:.2f}, {lo_hi[1]:.2f}]" if lo_hi else " (no interval)")
+    verdict = verdict or ("no interval" if not lo_hi else "tie" if lo_hi[0] <= 1 <= lo_hi[1]
+                          else "win" if lo_hi[0] > 1 else "loss")
+    return f"**{text}**" if verdict == "win" else f"{text}, {verdict}"
+
+
+def compare(mine: dict, other: dict, key: str, lower_is_better: bool) -> str:
+    """A score cell for meddiff against the seed at the same budget: bold only when meddiff's interval excludes
+    the seed's value on the better side and the seed's interval excludes meddiff's; else marked a tie."""
+    cell = ci(mine[key], mine.get(key + "_ci95"))
+    a, b = mine[key], other[key]
+    ia, ib = mine.get(key + "_ci95"), other.get(key + "_ci95")
+    if not ia or not ib or ia[0] <= b <= ia[1] or ib[0] <= a <= ib[1]:
+        return cell + ", tie"
+    better = a < b if lower_is_better else a > b
+    return f"**{cell}**" if better else cell
+
+
+def command_line(doc: dict[str, Any], figure: str) -> str:
+    m = doc["machine"]
+    dirty = " (uncommitted changes)" if m.get("dirty") else ""
+    return (f"*Reproduce: `{doc['command']}` — {m['cpu']}, {m.get('gpu') or 'no GPU'}, {m['torch_threads']} "
+            f"thread(s), precision {m['precision']}, commit {str(m.get('commit'))[:10]}{dirty}, {m['started']}; "
+            f"raw results: `benchmarks/results/{figure}.json`.*")
+
+
+# ---------------------------------------------------------------- one renderer per figure
+
+def render_quality_per_compute(doc: dict) -> list[str]:
+    s = doc["summary"]
+    lines = [f"Held-out set: {s['heldout']}. Sampler: {s['sampler']}, n = {doc['settings']['n']} per model.", "",
+             "| model | training | train img/s | peak RSS MiB | KID ↓ | FID (randconv) ↓ | SSIM to nearest held-out | "
+             "held-out eps-MSE at the seed's levels ↓ | copies of training slices ↓ |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name in s["order"]:
+        r = s["rows"][name]
+        other = s["rows"][name.replace("meddiff_", "seed_") if r["who"] == "meddiff" else name.replace("seed_", "meddiff_")]
+        cells = [compare(r, other, k, low) for k, low in (("kid", True), ("fid", True), ("ssim", False),
+                                                          ("val_eps_mse", True))] if r["who"] == "meddiff" else \
+            [ci(r[k], r.get(k + "_ci95")) for k in ("kid", "fid", "ssim", "val_eps_mse")]
+        steps = f" ({r['steps']:,} steps)" if r.get("steps") else ""
+        lines.append(f"| {'seed recipe' if r['who'] == 'seed' else 'meddiff default'} | {r['minutes']:g} min{steps} | "
+                     f"{r['train_img_per_s']:.3g} | {r['peak_rss_mib']:,.0f} | " + " | ".join(cells)
+                     + f" | {r['copies_share']:.0%} |")
+    for name, r in s["reference"].items():
+        lines.append(f"| {name} | — | — | — | {ci(r['kid'], r['kid_ci95'])} | {ci(r['fid'], r['fid_ci95'])} | "
+                     f"{ci(r['ssim'], r['ssim_ci95'])} | — | — |")
+    grid = Path(s["grid"])
+    return lines + (["", f"![seed recipe vs meddiff at each budget]({grid.name})"] if grid.parent.name == "docs" else [])
+
+
+def render_train_speed(doc: dict) -> list[str]:
+    lines = ["| case | seed recipe img/s, median (min–max) | meddiff img/s, median (min–max) | meddiff / seed [95 % CI] |",
+             "| --- | --- | --- | --- |"]
+    for case, c in doc["summary"]["cases"].items():
+        if case == "mem128":
+            continue
+        m = c["meddiff"]
+        what = (f"`{m['preset']}` @ {m['size']} px, batch {m['batch']}{', channels-last' if m['channels_last'] else ''}"
+                f" vs seed `{c['seed']['arch']}` @ {c['seed']['size']}, batch {c['seed']['batch']}; {m['hardware']}")
+        lines.append(f"| {what} | {spread(c['seed']['img_per_s'])} | {spread(m['img_per_s'])} | "
+                     f"{ratio_cell(c['ratio'], c.get('verdict'))} |")
+    if "mem128" in doc["summary"]["cases"]:
+        c = doc["summary"]["cases"]["mem128"]
+        lines += ["", "| memory case | seed recipe peak RSS MiB | meddiff peak RSS MiB | meddiff / seed |",
+                  "| --- | --- | --- | --- |",
+                  f"| `seed` @ {c['seed']['size']} px: seed batch 10 vs meddiff effective batch {c['meddiff']['batch']} "
+                  f"(micro-batch 4 + gradient checkpointing) | {spread(c['seed']['peak_rss_mib'], 5)} | "
+                  f"{spread(c['meddiff']['peak_rss_mib'], 5)} | {c['ratio']['ratio']:.2f}x |"]
+    return lines
+
+
+def render_sampling_speed(doc: dict) -> list[str]:
+    s = doc["summary"]
+    lines = [f"One thread; settings interleaved, {doc['settings']['repeats']} timed rounds of "
+             f"{doc['settings']['n_time']} images after a warm-up; quality: n = {doc['settings']['n']} against "
+             f"{s['heldout']}.", "",
+             "| setting | UNet calls (full) | img/s, median (min–max) | speed-up [95 % CI] | call-ratio limit | "
+             "KID ↓ | SSIM to nearest held-out |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, r in s["rows"].items():
+        flag = " ⚠ exceeds the limit" if r["exceeds_call_ratio"] else ""
+        speed = "1.0x (baseline)" if name == s["baseline"] else ratio_cell(r["speedup"], r.get("verdict")) + flag
+        lines.append(f"| {name} | {r['unet_calls']} ({r['full_unet_calls']}) | {spread(r['img_per_s'])} | {speed} | {r['speedup_limit']:.2f}x | "
+                     f"{ci(r['kid'], r['kid_ci95'])} | {ci(r['ssim'], r['ssim_ci95'])} |")
+    for name, r in s["reference"].items():
+        lines.append(f"| {name} | — | — | — | — | {ci(r['kid'], r['kid_ci95'])} | {ci(r['ssim'], r['ssim_ci95'])} |")
+    return lines + [f"\nWarning: {w}" for w in s["warnings"]]
+
+
+def render_sampler_quality(doc: dict) -> list[str]:
+    s = doc["summary"]
+    lines = [f"Run `{s['run']}`, n = {doc['settings']['n']} per setting, against {s['heldout']}.", "",
+             "| sampler | steps | KID ↓ | FID (randconv) ↓ | SSIM to nearest held-out | img/s (one pass) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in s["rows"]:
+        lines.append(f"| {r['sampler']} | {r['steps']} | {ci(r['kid'], r['kid_ci95'])} | {ci(r['fid'], r['fid_ci95'])}"
+                     f" | {ci(r['ssim'], r['ssim_ci95'])} | {r['img_per_s']:.3g} |")
+    for name, r in s["reference"].items():
+        lines.append(f"| {name} | — | {ci(r['kid'], r['kid_ci95'])} | {ci(r['fid'], r['fid_ci95'])} | "
+                     f"{ci(r['ssim'], r['ssim_ci95'])} | — |")
+    return lines
+
+
+def render_conditional_classes(doc: dict) -> list[str]:
+    s = doc["summary"]
+    acc, mean = s["cnn_accuracy"], s["sample_accuracy_mean"]["cnn"]
+    return ["| judged the requested class (CNN) [95 % CI] | right modality | right finding, given modality | "
+            "CNN on held-out real phantoms |", "| --- | --- | --- | --- |",
+            f"| {ci(acc['value'], acc['ci95'])} of {acc['n']} | {mean['modality']:.1%} | "
+            f"{mean['finding_given_modality']:.1%} | {s['classifier_accuracy_on_real']['cnn']:.1%} |"]
+
+
+RENDERERS: dict[str, Callable[[dict], list[str]]] = {
+    "quality_per_compute": render_quality_per_compute, "train_speed": render_train_speed,
+    "sampling_speed": render_sampling_speed, "sampler_quality": render_sampler_quality,
+    "conditional_classes": render_conditional_classes,
+}
+
+
+def load(figure: str, results: Path) -> dict | None:
+    path = results / f"{figure}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def not_yet(figure: str) -> list[str]:
+    return [f"*Not yet rerun — run `{COMMANDS[figure]}`.*"]
+
+
+def render_figure(figure: str, results: Path) -> str:
+    doc = load(figure, results)
+    if doc is None:
+        return "\n".join(not_yet(figure))
+    return "\n".join([*RENDERERS[figure](doc), "", command_line(doc, figure)])
+
+
+# ---------------------------------------------------------------- the README's "What it reaches" rows
+
+def readme_rows(results: Path) -> list[str]:
+    rows = ["| what | seed recipe | meddiff | reproduce |", "| --- | --- | --- | --- |"]
+    q = load("quality_per_compute", results)
+    if q:
+        s = q["summary"]
+        for key, what, low in (("kid", "brain MRI, 64 px, KID against held-out slabs ↓", True),
+                               ("ssim", "same: SSIM to the nearest held-out slice", False),
+                               ("val_eps_mse", "same: held-out eps-MSE at the seed's noise levels ↓", True)):
+            seed = "; ".join(f"{ci(s['rows'][f'seed_{m:g}min'][key], s['rows'][f'seed_{m:g}min'].get(key + '_ci95'))}"
+                             f" after {m:g} min" for m in s["budgets"])
+            med = "; ".join(f"{compare(s['rows'][f'meddiff_{m:g}min'], s['rows'][f'seed_{m:g}min'], key, low)} after "
+                            f"{m:g} min" for m in s["budgets"])
+            rows.append(f"| {what} | {seed} | {med} | `{q['command']}` |")
+        last = s["budgets"][-1]
+        rows.append(f"| same: samples that copy a training slice | "
+                    f"{s['rows'][f'seed_{last:g}min']['copies_share']:.0%} | "
+                    + ", ".join(f"{s['rows'][f'meddiff_{m:g}min']['copies_share']:.0%} after {m:g} min"
+                                for m in s["budgets"]) + f" | `{q['command']}` |")
+    else:
+        rows.append(f"| brain MRI quality per compute (KID, SSIM, held-out loss, copies) | — | — | "
+                    f"not yet rerun — run `{COMMANDS['quality_per_compute']}` |")
+    t = load("train_speed", results)
+    if t:
+        for case, c in t["summary"]["cases"].items():
+            if case == "mem128":
+                rows.append(f"| peak memory, `seed` UNet at {c['seed']['size']} px | batch 10: "
+                            f"{c['seed']['peak_rss_mib']['median']:,.0f} MiB | effective batch {c['meddiff']['batch']} "
+                            f"(micro-batch 4 + gradient checkpointing): {c['meddiff']['peak_rss_mib']['median']:,.0f} MiB"
+                            f" ({c['ratio']['ratio']:.2f}x) | `{t['command']}` |")
+            else:
+                rows.append(f"| training img/s, `{c['meddiff']['preset']}` vs seed `{c['seed']['arch']}` @ "
+                            f"{c['meddiff']['size']} px ({c['meddiff']['hardware']}) | 1.0x | "
+                            f"{ratio_cell(c['ratio'], c.get('verdict'))} | `{t['command']}` |")
+    else:
+        rows.append(f"| training img/s and peak memory, same UNet | — | — | not yet rerun — run "
+                    f"`{COMMANDS['train_speed']}` |")
+    sp = load("sampling_speed", results)
+    if sp:
+        for name, r in sp["summary"]["rows"].items():
+            if name != sp["summary"]["baseline"]:
+                rows.append(f"| sampling, same weights: {name} (KID {ci(r['kid'], r['kid_ci95'])}) | DDIM 20, 1.0x | "
+                            f"{ratio_cell(r['speedup'], r.get('verdict'))} (limit {r['speedup_limit']:.2f}x) | "
+                            f"`{sp['command']}` |")
+    else:
+        rows.append(f"| sampling speed, same weights | — | — | not yet rerun — run `{COMMANDS['sampling_speed']}` |")
+    c = load("conditional_classes", results)
+    if c:
+        acc = c["summary"]["cnn_accuracy"]
+        rows.append(f"| 8 classes, one model: samples judged the requested class | cannot condition | "
+                    f"{ci(acc['value'], acc['ci95'])} | `{c['command']}` |")
+    else:
+        rows.append(f"| 8 classes, one model: samples judged the requested class | cannot condition | — | "
+                    f"not yet rerun — run `{COMMANDS['conditional_classes']}` |")
+    return rows
+
+
+# ---------------------------------------------------------------- the blocks in the files
+
+BLOCK = re.compile(r"(<!-- render:(?P<name>[a-z_]+) -->\n)(?P<body>.*?)(<!-- /render -->)", re.S)
+
+
+def fill(text: str, results: Path) -> str:
+    def body(m: re.Match) -> str:
+        name = m.group("name")
+        if name == "readme":
+            content = "\n".join(readme_rows(results))
+        elif name in RENDERERS:
+            content = render_figure(name, results)
+        else:
+            raise SystemExit(f"unknown render block {name!r}; known: readme, {', '.join(RENDERERS)}")
+        return f"{m.group(1)}{content}\n{m.group(4)}"
+    return BLOCK.sub(body, text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--results", default=str(RESULTS), help="folder of <figure>.json files")
+    ap.add_argument("--files", default="docs/benchmarks.md,README.md", help="files with render blocks")
+    ap.add_argument("--check", action="store_true", help="change nothing; exit 1 when a block is out of date")
+    a = ap.parse_args()
+    stale = []
+    for name in a.files.split(","):
+        path = ROOT / name
+        old = path.read_text()
+        new = fill(old, Path(a.results))
+        if new != old:
+            stale.append(name)
+            if not a.check:
+                path.write_text(new)
+    print(("out of date: " if a.check else "rewrote: ") + (", ".join(stale) or "nothing"))
+    sys.exit(1 if a.check and stale else 0)
+
+
+if __name__ == "__main__":
+    main()
