@@ -1,19 +1,23 @@
 #!/usr/bin/env python3
 """Which objective, schedule and loss weighting should be the default? Same preset, same data, same time
 budget, one CPU thread each (two runs at a time), then the same validation loss (eps-MSE at fixed noise and
-timesteps, v-predictions converted) and the same sampler (DDIM 20) and metrics for each.
+timesteps, v-predictions converted) and the same sampler (DDIM 20) and metrics for each, all on the held-out
+MNI slabs of benchmarks/_heldout.py (training on the training slices only), with intervals.
 
-    python benchmarks/objectives.py --data builtin:mni-mri --minutes 3 --n 32 --out bench_out/objectives
+    python benchmarks/objectives.py --minutes 3 --n 64
+Writes benchmarks/results/objectives.json.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_per_compute import last_json, meddiff_samples, score, start_meddiff, val_loss_of  # noqa: E402
+import torch
+
+import _results as R
+from _heldout import mni_split, reference_rows, score_heldout
+from quality_per_compute import last_json, sample, start_meddiff, val_losses, write_training_data
 
 VARIANTS = {
     "eps, linear, no weighting (the seed's objective)": ["--objective", "eps", "--beta-schedule", "linear",
@@ -27,23 +31,21 @@ VARIANTS = {
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default="builtin:mni-mri")
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--minutes", type=float, default=3)
-    ap.add_argument("--n", type=int, default=32)
+    ap.add_argument("--n", type=int, default=64)
+    ap.add_argument("--bootstrap", type=int, default=200)
     ap.add_argument("--out", default="bench_out/objectives")
     ap.add_argument("--variants", default=None,
                     help="comma-separated indices into the variant list (default all): "
                          + "; ".join(f"{i}: {n}" for i, n in enumerate(VARIANTS)))
+    R.add_results_arg(ap, "objectives")
     a = ap.parse_args()
-    from meddiff.data.dataset import load_data, split
-    from meddiff.runtime import cpu_model
-
     out = Path(a.out)
-    data = load_data(a.data, a.size)
-    train_idx, val_idx = split(data, 0.1, 0)
-    images01 = ((data.images[:, 0] + 1) / 2).numpy()
-    real, heldout = images01[train_idx], images01[val_idx]
+    out.mkdir(parents=True, exist_ok=True)
+    split = mni_split(a.size)
+    _npy, png = write_training_data(split, out)
+    held = torch.from_numpy(split.images[split.heldout])[:, None] * 2 - 1
     names = list(VARIANTS)
     if a.variants:
         try:
@@ -52,21 +54,23 @@ def main() -> None:
             raise SystemExit(f"--variants {a.variants}: expected indices 0-{len(names) - 1}, comma-separated")
     stats = {}
     for i in range(0, len(names), 2):  # two runs side by side, one thread each
-        procs = {n: start_meddiff(a.data, a.size, a.minutes, out / f"v{list(VARIANTS).index(n)}", VARIANTS[n])
+        procs = {n: start_meddiff(png, a.size, a.minutes, out / f"v{list(VARIANTS).index(n)}", VARIANTS[n])
                  for n in names[i:i + 2]}
         stats.update({n: last_json(p) for n, p in procs.items()})
     rows = {}
+    mach = None
     for n in names:
         run = out / f"v{list(VARIANTS).index(n)}"
         rec = json.loads((run / "meddiff.json").read_text())
-        imgs, _ = meddiff_samples(run, a.n)
-        q = score(imgs, real, heldout)
-        q.update(val_loss_of(run / "unet", data.images[val_idx], rec["train"]["objective"],
-                             rec["train"]["beta_schedule"], rec["model"]["patch_size"]))
+        mach = mach or R.machine(rec.get("hardware") or "auto")
+        q = score_heldout(sample(dict(who="meddiff", run=run), a.n), split, n_boot=a.bootstrap)
+        q.update(val_losses(run / "unet", held, rec["train"]["objective"], rec["train"]["beta_schedule"],
+                            rec["model"]["patch_size"]))
         q["steps"] = stats[n]["steps"]
         rows[n] = q
-        print(n, json.dumps(q), flush=True)
-    (out / "objectives.json").write_text(json.dumps(dict(cpu=cpu_model(), minutes=a.minutes, precision=stats[names[0]].get("precision"), rows=rows), indent=2))
+        print(n, json.dumps({k: v for k, v in q.items() if k != "ssim_per_sample"}), flush=True)
+    summary = dict(rows=rows, reference=reference_rows(split, a.bootstrap), heldout=split.description)
+    R.write_results(a.results, "objectives", mach, vars(a), list(stats.values()), summary)
 
 
 if __name__ == "__main__":
