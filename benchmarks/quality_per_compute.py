@@ -40,8 +40,8 @@ VAL_REPS = 16  # draws per held-out slice: 32 slices x 16 = 512 draws
 
 
 def start_meddiff(data: Path, size: int, minutes: float, out: Path, extra: list[str]) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "meddiff.cli", "train", "--data", str(data), "--size", str(size), "--max-minutes",
-           str(minutes), "--out", str(out), "--no-progress", *extra]
+    cmd = [sys.executable, "-m", "meddiff.cli", "train", "--threads", "1", "--data", str(data), "--size", str(size),
+           "--max-minutes", str(minutes), "--out", str(out), "--no-progress", *extra]
     return subprocess.Popen(cmd, env=one_thread_env(), stdout=subprocess.PIPE, text=True)
 
 
