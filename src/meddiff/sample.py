@@ -132,10 +132,14 @@ def sample_loop(scheduler: Any, denoiser: Callable[[torch.Tensor, torch.Tensor],
     `progress` wraps the timesteps (a progress bar)."""
     takes = set(inspect.signature(scheduler.step).parameters)
     extra = {k: v for k, v in (("eta", eta), ("generator", generators)) if k in takes and v is not None}
+    # DDPM (and DDIM with eta > 0) draw step noise in the model output's dtype: they get the output in float32, as
+    # in diffusers' pipelines, so that a seed gives their image (float64 draws are another random stream); the
+    # others get float64, which Euler and Heun need at sigma_max
+    noisy = isinstance(scheduler, DDPMScheduler) or (eta > 0 and "eta" in takes)
     x = noise.double() * scheduler.init_noise_sigma
     for t in progress(scheduler.timesteps):
         out = denoiser(scheduler.scale_model_input(x, t), t.to(x.device).expand(len(x)))
-        x = scheduler.step(out.double(), t, x, **extra).prev_sample
+        x = scheduler.step(out.float() if noisy else out.double(), t, x, **extra).prev_sample
     return ((x.clamp(-1, 1) + 1) / 2).float()
 
 
