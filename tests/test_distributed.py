@@ -3,6 +3,7 @@ and a lost rank ends the run with an error, leaving its last complete checkpoint
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -111,6 +112,26 @@ def test_two_processes_train_the_same_weights_as_one(runs: dict[str, Path]) -> N
     one, two, other_seed = _weights(runs["one"], 4), _weights(runs["two"], 4), _weights(runs["seed1"], 4)
     assert _max_diff(one, two) < 1e-4
     assert _max_diff(one, other_seed) > 100 * max(_max_diff(one, two), 1e-7)
+
+
+def _logged_losses(run: Path) -> tuple[list[tuple[int, float, float]], list[float]]:
+    """(step, loss, lr) of each training line of RUN/log.jsonl, and the loss of every step the last checkpoint kept."""
+    lines = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    logged = [(r["step"], r["loss"], r["lr"]) for r in lines if "loss" in r]
+    return logged, list(load_checkpoint(latest_checkpoint(run))[1]["recent_losses"])
+
+
+def test_two_processes_log_the_losses_of_one(runs: dict[str, Path]) -> None:
+    # Catches a logged loss that is one rank's share instead of the global batch's (half of it, with two ranks),
+    # or that is averaged over ranks twice, and a step that the two runs number differently.
+    (log_one, steps_one), (log_two, steps_two) = _logged_losses(runs["one"]), _logged_losses(runs["two"])
+    assert log_one and [r[0] for r in log_one] == [r[0] for r in log_two]
+    for (step, a, lr_a), (_, b, lr_b) in zip(log_one, log_two):
+        assert b == pytest.approx(a, rel=1e-5), f"step {step}: loss {a} on one process, {b} on two"
+        assert lr_a == lr_b
+    assert len(steps_one) == 4 and steps_two == pytest.approx(steps_one, rel=1e-5)
+    _, steps_other_seed = _logged_losses(runs["seed1"])
+    assert steps_other_seed != pytest.approx(steps_one, rel=1e-3)  # the comparison can tell runs apart
 
 
 def test_a_checkpoint_written_by_two_processes_resumes_on_one(runs: dict[str, Path]) -> None:
