@@ -157,6 +157,24 @@ def test_ddpm_equals_diffusers_ddpm_pipeline(uncond_run: Path, uncond: LoadedRun
     np.testing.assert_allclose(generate(uncond, SEEDS, None, "ddpm", 4), want[..., 0], atol=1e-5, rtol=0)
 
 
+def test_stochastic_ddim_through_meddiffs_pipeline_equals_diffusers(uncond_run: Path, uncond: LoadedRun) -> None:
+    # DDIM with eta = 1 draws step noise like DDPM: catches noise drawn in another dtype or order than diffusers'
+    # DDIMPipeline draws it for the same per-image generators.
+    from diffusers import DDIMScheduler
+
+    from meddiff.pipeline import MeddiffPipeline
+
+    scheduler = DDIMScheduler.from_pretrained(str(uncond_run / "scheduler"))
+    images = {}
+    for name, pipe in (("diffusers", DDIMPipeline(unet=uncond.unet, scheduler=scheduler)),
+                       ("meddiff", MeddiffPipeline(unet=uncond.unet, scheduler=scheduler))):
+        pipe.set_progress_bar_config(disable=True)
+        gens = [torch.Generator().manual_seed(s) for s in SEEDS]
+        images[name] = pipe(batch_size=len(SEEDS), num_inference_steps=4, generator=gens, eta=1.0,
+                            output_type="np").images
+    np.testing.assert_allclose(images["meddiff"], images["diffusers"], atol=1e-5, rtol=0)
+
+
 REFERENCE_SCHEDULERS = {
     "dpmpp-2m": (DPMSolverMultistepScheduler, dict(algorithm_type="dpmsolver++", solver_order=2)),
     "unipc": (UniPCMultistepScheduler, {}),
