@@ -3,7 +3,6 @@ and a lost rank ends the run with an error, leaving its last complete checkpoint
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -17,7 +16,7 @@ from typing import Callable, Iterator
 import pytest
 from safetensors.torch import load_file
 
-from meddiff.runfolder import latest_checkpoint, load_checkpoint, read_json
+from meddiff.runfolder import latest_checkpoint, load_checkpoint, read_json, read_log
 
 TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
 TRAIN = ["--preset", "tiny", "--size", "32", "--batch-size", "8", "--lr-schedule", "constant", "--warmup-steps", "1",
@@ -116,8 +115,7 @@ def test_two_processes_train_the_same_weights_as_one(runs: dict[str, Path]) -> N
 
 def _logged_losses(run: Path) -> tuple[list[tuple[int, float, float]], list[float]]:
     """(step, loss, lr) of each training line of RUN/log.jsonl, and the loss of every step the last checkpoint kept."""
-    lines = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
-    logged = [(r["step"], r["loss"], r["lr"]) for r in lines if "loss" in r]
+    logged = [(r["step"], r["loss"], r["lr"]) for r in read_log(run) if "loss" in r]
     return logged, list(load_checkpoint(latest_checkpoint(run))[1]["recent_losses"])
 
 

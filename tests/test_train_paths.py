@@ -3,16 +3,15 @@ the CPU, gradient checkpointing, `--micro-batch auto`, and the precision `auto` 
 of the tiny model with a plain fp32 run of the same seed; each says which bug it would catch."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import meddiff.runtime as R
 import meddiff.train as T
+from meddiff import runfolder
 from meddiff.config import model_config
 from meddiff.errors import ConfigError
 from meddiff.model import build_unet
@@ -30,11 +29,10 @@ def _quiet(_line: str) -> None:
 def _run(image_folder: Path, out: Path, train_config, echo=_quiet, **changes: Any) -> dict[str, Any]:
     """Train the tiny model for STEPS steps → its result, per-step weights, logged losses and run record."""
     result = T.train(train_config(image_folder, out, **{**FAST, **changes}), echo=echo)
-    weights = {s: load_file(str(out / "checkpoints" / f"step_{s:08d}" / "model.safetensors"))
+    weights = {s: runfolder.load_checkpoint(runfolder.checkpoint_folder(out, s))[0]["model"]
                for s in range(1, STEPS + 1)}
-    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    return dict(result=result, weights=weights, log=[r for r in log if "loss" in r],
-                record=json.loads((out / "meddiff.json").read_text()))
+    return dict(result=result, weights=weights, log=[r for r in runfolder.read_log(out) if "loss" in r],
+                record=runfolder.read_record(out))
 
 
 def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -62,7 +60,7 @@ def fp32(tmp_path_factory: pytest.TempPathFactory, image_folder: Path, train_con
 def test_fp32_reference_steps_move_the_weights(fp32: dict[str, Any]) -> None:
     w = fp32["weights"]
     assert _max_diff(w[1], w[STEPS]) > 1e-3, "three steps at lr 1e-3 left the weights where they were"
-    assert fp32["record"]["hardware"].endswith(", fp32")
+    assert fp32["record"].hardware.endswith(", fp32")
 
 
 # ---------------------------------------------------------------- bf16 and channels-last on the CPU
@@ -73,7 +71,7 @@ def test_bf16_training_step_on_cpu_is_finite_and_close_to_fp32(tmp_path: Path, i
     # or is cast away under autocast (non-finite loss, or weights that do not move), and a bf16 step that learns
     # something else than the fp32 step (weights far from fp32's, relative to how far the steps moved them).
     bf16 = _run(image_folder, tmp_path / "bf16", train_config, precision="bf16")
-    assert bf16["record"]["hardware"].endswith(", bf16")
+    assert bf16["record"].hardware.endswith(", bf16")
     losses = [r["loss"] for r in bf16["log"]]
     assert losses and all(torch.isfinite(torch.tensor(losses)))
     assert bf16["result"].final_loss == pytest.approx(fp32["result"].final_loss, rel=0.02)
