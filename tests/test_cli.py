@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from meddiff.cli import main
+from meddiff.cli import _parser, main
+from meddiff.config import SampleConfig, TrainConfig, options
+from meddiff.demo import DemoConfig
 
 
 @pytest.fixture(autouse=True)
@@ -49,10 +51,10 @@ def test_help_exits_zero_and_shows_examples(argv: list[str], capsys: pytest.Capt
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["train", "--data", "D", "--out", "O", "--preset", "huge"], "train: argument --preset: invalid choice: 'huge'"),
-    (["sample", "--run", "r", "--out", "o", "--steps", "0"], "sample: argument --steps: 0 must be at least 1"),
-    (["sample", "--run", "r", "--out", "o", "--sampler", "plms"], "argument --sampler: invalid choice: 'plms'"),
-    (["sample", "--run", "r", "--out", "o", "--n", "two"], "'two' is not a whole number"),
+    (["train", "--data", "D", "--out", "O", "--preset", "huge"], "--preset 'huge': choose from seed, small, lean"),
+    (["sample", "--run", "r", "--out", "o", "--steps", "0"], "--steps 0: must be a whole number from 1 to 1000"),
+    (["sample", "--run", "r", "--out", "o", "--sampler", "plms"], "--sampler 'plms': choose from ddpm, ddim"),
+    (["sample", "--run", "r", "--out", "o", "--n", "two"], "--n 'two': must be a whole number"),
     (["train", "--data", "DATA", "--out", "OUT", "--max-steps", "5", "--epochs", "2"], "not allowed with argument"),
     ([], "the following arguments are required: COMMAND"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
@@ -79,7 +81,8 @@ def test_resume_refuses_flags_it_would_ignore(trained_run: Path, capsys: pytest.
     before = (trained_run / "meddiff.json").read_text()
     code, _out, err = _run(["train", "--resume", str(trained_run), "--max-steps", "20", "--lr", "0.1",
                             "--preset", "seed"], capsys)
-    _assert_one_line_error(code, err, f"train --resume {trained_run}: takes no other flags than --max-steps")
+    _assert_one_line_error(code, err, f"train --resume {trained_run}: takes no other flags than --epochs, --max-steps, "
+                                      "--max-minutes, --patience")
     assert "(got --preset, --lr)" in err
     assert (trained_run / "meddiff.json").read_text() == before
 
@@ -168,7 +171,7 @@ def test_a_real_subprocess_prints_one_line_and_no_traceback(tmp_path: Path) -> N
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.splitlines() == [
-        "meddiff: error: sample: argument --steps: 0 must be at least 1 (see meddiff sample --help)"]
+        "meddiff: error: --steps 0: must be a whole number from 1 to 1000"]
 
 
 def test_info_lists_classes_formats_and_skipped_files(tmp_path: Path, png_writer,
@@ -264,4 +267,28 @@ def test_train_flags_reach_the_run_record(image_folder: Path, tmp_path: Path, ca
     assert (recorded["loss_weighting"], recorded["min_snr_gamma"]) == ("min-snr", 2.5)
     code, _, err = _run(["train", "--data", str(image_folder), "--out", str(tmp_path / "bad"), "--preset", "tiny",
                          "--min-snr-gamma", "-1"], capsys)
-    _assert_one_line_error(code, err, "--min-snr-gamma -1.0: must be positive")
+    _assert_one_line_error(code, err, "--min-snr-gamma -1.0: must be a number > 0")
+
+
+@pytest.mark.parametrize("argv, cls, required", [
+    (["train"], TrainConfig, dict(data="d", out="o")),
+    (["sample", "--run", "r", "--out", "o"], SampleConfig, dict(run="r", out="o")),
+    (["demo"], DemoConfig, {}),
+])
+def test_flags_are_derived_from_the_config_table(argv: list[str], cls: type, required: dict) -> None:
+    args = vars(_parser().parse_args(argv))
+    offered = {f.name: f for f, opt in options(cls) if opt.cli}
+    hidden = {f.name for f, opt in options(cls) if not opt.cli}
+    assert hidden.isdisjoint(args)
+    values = {name: args[name] for name in offered}
+    if cls is not SampleConfig:
+        values.update(required)
+    assert cls(**values) == cls(**required)  # every default comes from the dataclass
+    for name, f in offered.items():
+        assert f.metadata["option"].help, f"{name} has no help text"
+
+
+def test_micro_batch_auto_and_flip_flags_reach_the_config() -> None:
+    args = _parser().parse_args(["train", "--micro-batch", "auto", "--no-flip", "--no-progress"])
+    assert (args.micro_batch, args.flip, args.progress) == (0, False, False)
+    assert _parser().parse_args(["train", "--flip"]).flip is True

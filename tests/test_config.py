@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from meddiff.config import (ARCHITECTURES, DEFAULT_PRESET, RECIPES, ModelConfig, SampleConfig, TrainConfig,
-                            from_json, model_config, to_json)
+from meddiff.config import (ARCHITECTURES, DEFAULT_PRESET, POSITIVE, RECIPES, RESUME_FIELDS, STOP_RULES, Bounds,
+                            ModelConfig, Option, SampleConfig, TrainConfig, from_json, model_config, options, to_json)
 from meddiff.errors import ConfigError
 
 
@@ -48,27 +48,27 @@ def test_every_preset_resolves_and_builds_its_model_config() -> None:
 
 
 @pytest.mark.parametrize("changes, match", [
-    (dict(preset="huge"), r"--preset 'huge': unknown preset; choose from seed, small, lean, tiny"),
+    (dict(preset="huge"), r"--preset 'huge': choose from seed, small, lean, tiny"),
     (dict(objective="x0"), r"--objective 'x0': choose from eps, v"),
     (dict(loss_weighting="p2"), r"--loss-weighting 'p2': choose from none, min-snr"),
-    (dict(min_snr_gamma=0.0), r"--min-snr-gamma 0.0: must be positive"),
+    (dict(min_snr_gamma=0.0), r"--min-snr-gamma 0.0: must be a number > 0"),
     (dict(beta_schedule="sigmoid"), r"--beta-schedule 'sigmoid': choose from linear, cosine"),
     (dict(lr_schedule="step"), r"--lr-schedule 'step'"),
     (dict(timestep_spacing="even"), r"--timestep-spacing 'even'"),
     (dict(precision="fp8"), r"--precision 'fp8'"),
     (dict(device="tpu"), r"--device 'tpu'"),
     (dict(conditional="yes"), r"--conditional 'yes'"),
-    (dict(size=20), r"--size 20: must be a multiple of 8 between 16 and 1024"),
+    (dict(size=20), r"--size 20: must be a multiple of 8 from 16 to 1024"),
     (dict(size=8), r"--size 8: must be a multiple of 8"),
     (dict(size=2048), r"--size 2048"),
-    (dict(batch_size=0), r"--batch-size 0: must be a positive whole number"),
-    (dict(max_steps=0), r"--max-steps 0: must be a positive whole number"),
+    (dict(batch_size=0), r"--batch-size 0: must be a whole number ≥ 1"),
+    (dict(max_steps=0), r"--max-steps 0: must be a whole number ≥ 1"),
     (dict(epochs=-1), r"--epochs -1"),
     (dict(batch_size=4, micro_batch=8), r"--micro-batch 8: must not exceed --batch-size 4"),
-    (dict(lr=0.0), r"--lr 0.0: must be positive"),
-    (dict(ema_decay=1.0), r"--ema-decay 1.0: must be in \[0, 1\)"),
-    (dict(val_fraction=0.5), r"--val-fraction 0.5: must be in \[0, 0.5\)"),
-    (dict(max_minutes=0.0), r"--max-minutes 0.0: must be positive"),
+    (dict(lr=0.0), r"--lr 0.0: must be a number > 0"),
+    (dict(ema_decay=1.0), r"--ema-decay 1.0: must be a number in \[0, 1\)"),
+    (dict(val_fraction=0.5), r"--val-fraction 0.5: must be a number in \[0, 0.5\)"),
+    (dict(max_minutes=0.0), r"--max-minutes 0.0: must be a number > 0"),
 ])
 def test_validation_errors_name_the_flag_and_value(changes: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
@@ -131,3 +131,73 @@ def test_configs_are_frozen() -> None:
     cfg = _cfg()
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.lr = 1.0  # type: ignore[misc]
+
+
+def test_every_recipe_value_is_an_option_with_a_default_recipe() -> None:
+    with_recipe = {f.name for f, opt in options(TrainConfig) if opt.recipe is not None}
+    for preset, recipe in RECIPES.items():
+        assert set(recipe) <= with_recipe, preset
+    assert _cfg(preset="small").resolve().lr == {f.name: o.recipe for f, o in options(TrainConfig)}["lr"]
+
+
+def test_stopping_rules_have_one_home() -> None:
+    assert STOP_RULES == ("epochs", "max_steps", "max_minutes")
+    assert RESUME_FIELDS == (*STOP_RULES, "patience")
+
+
+@pytest.mark.parametrize("opt, raw, kind, expected", [
+    (Option("", bounds=POSITIVE), "2.5", float, 2.5),
+    (Option("", bounds=POSITIVE), 3, float, 3.0),
+    (Option("", bounds=Bounds(1, 64, whole=True)), " +7", int, 7),
+    (Option("", bounds=Bounds(1, 9, whole=True), auto=0), "auto", int, 0),
+    (Option("", choices=("a", "b")), "b", str, "b"),
+    (Option("", choices=("cpu",), pattern=("cuda:N", r"cuda:\d")), "cuda:3", str, "cuda:3"),
+])
+def test_option_parses_text_and_json_values(opt: Option, raw: object, kind: type, expected: object) -> None:
+    assert opt.parse("--x", raw, kind) == expected
+
+
+@pytest.mark.parametrize("opt, raw, kind, message", [
+    (Option("", bounds=POSITIVE), "nan", float, r"--x nan: must be a number > 0"),
+    (Option("", bounds=POSITIVE), "-inf", float, r"--x -inf: must be a number > 0"),
+    (Option("", bounds=POSITIVE), "lots", float, r"--x 'lots': must be a number > 0"),
+    (Option("", bounds=Bounds(0, 1, hi_open=True)), "1", float, r"--x 1.0: must be a number in \[0, 1\)"),
+    (Option("", bounds=Bounds(1, 64, whole=True)), "1e20", int, r"--x '1e20': must be a whole number from 1 to 64"),
+    (Option("", bounds=Bounds(1, 64, whole=True)), 2.0, int, r"--x 2.0: must be a whole number from 1 to 64"),
+    (Option("", bounds=Bounds(1, 64, whole=True)), True, int, r"--x True: must be a whole number"),
+    (Option("", bounds=Bounds(16, 64, whole=True, step=8)), "20", int, r"--x 20: must be a multiple of 8 from 16"),
+    (Option("", bounds=Bounds(1, 9, whole=True), auto=0), "-1", int, r"--x -1: must be a whole number from 1 to 9 "
+                                                                      r"or auto"),
+    (Option("", choices=("a", "b")), 5, str, r"--x 5: choose from a, b"),
+    (Option("", choices=("cpu",), pattern=("cuda:N", r"cuda:\d")), "tpu", str, r"--x 'tpu': choose from cpu, cuda:N"),
+])
+def test_option_refusals_name_the_value_and_what_is_allowed(opt: Option, raw: object, kind: type,
+                                                            message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        opt.parse("--x", raw, kind)
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(fmt="gif"), r"--format 'gif': choose from png, png16, dicom, nifti"),
+    (dict(n=0), r"--n 0: must be a whole number ≥ 1"),
+    (dict(guidance=float("nan")), r"--guidance nan: must be a number ≥ 0"),
+    (dict(steps=1001), r"--steps 1001: must be a whole number from 1 to 1000"),
+    (dict(sampler="plms"), r"--sampler 'plms': choose from ddpm"),
+    (dict(seed=-1), r"--seed -1: must be a whole number from 0 to"),
+    (dict(device="tpu"), r"--device 'tpu': choose from auto, cpu, cuda, cuda:N"),
+])
+def test_sample_config_checks_itself(changes: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        SampleConfig(run="r", out="o", **changes)
+    with pytest.raises(ConfigError, match=match):  # a config read back from JSON is checked too
+        from_json(SampleConfig, {**to_json(SampleConfig(run="r", out="o")), **changes})
+
+
+def test_web_limits_lie_inside_the_sample_limits() -> None:
+    webbed = {f.name: opt for f, opt in options(SampleConfig) if opt.web is not None}
+    assert set(webbed) == {"n", "steps", "seed", "guidance", "fmt"}
+    for name, opt in webbed.items():
+        if isinstance(opt.web, Bounds):
+            assert opt.bounds.lo <= opt.web.lo and opt.web.hi <= opt.bounds.hi, name
+        else:
+            assert set(opt.web) <= set(opt.choices), name

@@ -158,7 +158,7 @@ def test_scheduler_errors() -> None:
     config = dict(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon")
     with pytest.raises(ConfigError, match=r"--sampler 'plms': choose from ddpm, ddim, dpmpp-2m, unipc, euler, heun"):
         make_scheduler("plms", config, 10)
-    with pytest.raises(ConfigError, match=r"--steps 0: must be between 1 and 1000"):
+    with pytest.raises(ConfigError, match=r"--steps 0: must be a whole number from 1 to 1000"):
         make_scheduler("ddim", config, 0)
     with pytest.raises(ConfigError, match=r"--steps 1001"):
         make_scheduler("ddim", config, 1001)
@@ -167,8 +167,8 @@ def test_scheduler_errors() -> None:
 
 @pytest.mark.parametrize("changes, match", [
     (dict(fmt="jpeg"), r"--format 'jpeg': choose from png, png16, dicom, nifti"),
-    (dict(n=0), r"--n 0 .*must be positive whole numbers"),
-    (dict(guidance=-1.0), r"--guidance -1.0: must be ≥ 0"),
+    (dict(n=0), r"--n 0: must be a whole number ≥ 1"),
+    (dict(guidance=-1.0), r"--guidance -1.0: must be a number ≥ 0"),
     (dict(weights="last"), r"--weights 'last': choose from ema, best, raw"),
     (dict(class_name="zebra"), r"--class 'zebra': unknown class"),
 ])

@@ -5,15 +5,18 @@ Errors users can cause are printed as one line (`meddiff: error: …`) with a no
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
-from .config import ARCHITECTURES, DEFAULT_PRESET, HELDOUT_SPLITS, SAMPLERS, SampleConfig, TrainConfig
+from .config import (COUNT, DEFAULT_PRESET, HELDOUT_SPLITS, RECIPES, RESUME_FIELDS, SEEDS, Bounds, Option, SampleConfig,
+                     TrainConfig, field_type, flag, options, show)
 from .demo import DemoConfig
-from .errors import MeddiffError
+from .errors import ConfigError, MeddiffError
 
 HELDOUT_SPLIT_HELP = ("how images the model never saw are held out of a set (the copy threshold's part of --train "
                       "when --real holds too few such images; evaluate's classifier test): group (default) keeps a "
@@ -72,16 +75,6 @@ def default_cache_dir() -> str:
     return os.path.join(base, "meddiff")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
 THREADS_HELP = ("CPU threads for torch (default: OMP_NUM_THREADS when set, else the CPUs this process may use less "
                 "those other processes keep busy, from the load average)")
 
@@ -99,18 +92,87 @@ def _set_threads(a: argparse.Namespace) -> None:
         torch.set_num_threads(threads_from_load())
 
 
-def _micro_batch(text: str) -> int:
-    """'auto' → 0 (TrainConfig's code for "find the largest that fits"), else a positive whole number."""
-    return 0 if text == "auto" else _positive_int(text)
+def _add_threads(parser: argparse.ArgumentParser) -> None:
+    _number(parser, "--threads", bounds=Bounds(1, 1024, whole=True), help=THREADS_HELP)
 
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (`meddiff: error: …`) like every other error (rule 6)."""
 
     def error(self, message: str) -> NoReturn:
+        own = re.fullmatch(r"argument [^:]+: (--\S+ .*)", message)  # an option's own check, as the library words it
+        if own:
+            self.exit(2, f"meddiff: error: {own[1]}\n")
         where = self.prog.removeprefix("meddiff").strip()
         self.exit(2, f"meddiff: error: {where + ': ' if where else ''}{message} "
                      f"(see {self.prog} --help)\n")
+
+
+# --- flags derived from the config dataclasses' options (config.Option) -------------------------------------
+
+def _value_type(name: str, opt: Option, type_: type) -> Callable[[str], Any]:
+    """argparse's `type`: the option's own parser, so a flag is refused with the library's message."""
+    def parse(text: str) -> Any:
+        try:
+            return opt.parse(name, text, type_)
+        except ConfigError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+    return parse
+
+
+def _default_text(cls: type, f: dataclasses.Field, opt: Option) -> str:
+    """' (default 64; seed 128, tiny 32)' from the presets' recipes, ' (default 5)' from the field, or ''."""
+    if opt.recipe is not None:
+        values = {p: {f.name: opt.recipe, **RECIPES[p]}[f.name] for p in RECIPES}
+        main = values[DEFAULT_PRESET]
+        others = ", ".join(f"{p} {_plain(v)}" for p, v in values.items() if v != main)
+        return f" (default {_plain(main)}{'; ' + others if others else ''})"
+    if f.default in (None, dataclasses.MISSING) or isinstance(f.default, bool):
+        return ""
+    return f" (default {_plain(f.default)})"
+
+
+def _plain(value: Any) -> str:
+    return "on" if value is True else "off" if value is False else show(value).strip("'")
+
+
+def _add_options(parser: argparse.ArgumentParser, cls: type, *, optional: tuple[str, ...] = (),
+                 shown: dict[str, str] | None = None) -> None:
+    """One flag for every option of a config dataclass that the CLI offers: name, type, choices, default and
+    help all come from the dataclass (fields without a default are required unless named in `optional`).
+    `shown`: defaults the CLI fills in at the edge (e.g. the cache folder), for the help text."""
+    groups: dict[str, Any] = {}
+    for f, opt in options(cls):
+        if not opt.cli:
+            continue
+        if opt.group and opt.group not in groups:
+            groups[opt.group] = parser.add_mutually_exclusive_group()
+        target = groups[opt.group] if opt.group else parser
+        required = f.default is dataclasses.MISSING and f.name not in optional
+        default = None if f.default is dataclasses.MISSING else f.default
+        text = (opt.help + (f" (default {shown[f.name]})" if shown and f.name in shown
+                            else _default_text(cls, f, opt))).replace("%", "%%")
+        type_ = field_type(cls, f)
+        if type_ is bool and default is True:
+            target.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=text)
+        elif type_ is bool:
+            action = argparse.BooleanOptionalAction if default is None else "store_true"
+            target.add_argument(flag(f), dest=f.name, action=action, default=default, help=text)
+        else:
+            metavar = "{" + ",".join(opt.choices) + "}" if opt.choices and not opt.pattern else None
+            target.add_argument(*(opt.flags or (flag(f),)), dest=f.name, default=default, required=required,
+                                metavar=metavar, help=text,
+                                type=_value_type(flag(f), opt, type_) if opt.choices or type_ is not str else None)
+
+
+def _number(parser: Any, *flags: str, bounds: Bounds = COUNT, kind: type = int, **how: Any) -> None:
+    """A numeric flag outside the config dataclasses, parsed and checked the same way."""
+    parser.add_argument(*flags, type=_value_type(flags[0], Option(help="", bounds=bounds), kind), **how)
+
+
+def _given(a: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The values of a config's CLI options in parsed flags, by field name."""
+    return {f.name: getattr(a, f.name) for f, opt in options(cls) if opt.cli}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -124,23 +186,23 @@ def _parser() -> argparse.ArgumentParser:
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     ev.add_argument("--real", required=True, help="real images: a folder or builtin:…")
     ev.add_argument("--fake", required=True, help="generated images: a folder")
-    ev.add_argument("--size", type=_positive_int, help="compare at this size (default: the generated images' size)")
+    _number(ev, "--size", help="compare at this size (default: the generated images' size)")
     ev.add_argument("--json", help="also write the figures to this JSON file")
-    ev.add_argument("--seed", type=int, default=0, help="seed of the bootstrap and the real-halves split")
+    _number(ev, "--seed", bounds=SEEDS, default=0, help="seed of the bootstrap and the real-halves split")
     ev.add_argument("--train", help="the model's training images: audit the generated ones for copies")
     ev.add_argument("--report", metavar="DIR", help="write a self-contained HTML report (DIR/index.html)")
     ev.add_argument("--run", metavar="RUN_DIR", help="the run folder: its training loss curve goes into the report")
     ev.add_argument("--utility", action="store_true",
                     help="train a classifier on real, synthetic and both; test each on held-out real images")
-    ev.add_argument("--label-depth", type=_positive_int,
-                    help="folder levels naming a class (default: 1 for --real, as deep as its classes for the rest)")
+    _number(ev, "--label-depth",
+            help="folder levels naming a class (default: 1 for --real, as deep as its classes for the rest)")
     ev.add_argument("--features", choices=["randconv", "inception"], default="randconv",
                     help="feature network of FID/KID/PRDC (inception: local torch-fidelity weights only)")
     ev.add_argument("--inception-weights", metavar="PATH", help="the FID Inception weights file (implies --features inception)")
-    ev.add_argument("--bootstrap", type=_positive_int, default=200, help="bootstrap resamples of every interval")
+    _number(ev, "--bootstrap", default=200, help="bootstrap resamples of every interval")
     ev.add_argument("--heldout-split", choices=HELDOUT_SPLITS, default="group", help=HELDOUT_SPLIT_HELP)
     ev.add_argument("--cache-dir", default=None, help=f"image and feature cache (default {default_cache_dir()})")
-    ev.add_argument("--threads", type=_positive_int, help=THREADS_HELP)
+    _add_threads(ev)
     au = sub.add_parser("audit", help="copy the generated images that are not copies of training images into a "
                         "shareable folder", epilog="examples:\n  meddiff audit --fake synthetic/ --train train/ "
                         "--real heldout/ --out shareable/\n  meddiff audit --fake ph/ --train "
@@ -150,15 +212,15 @@ def _parser() -> argparse.ArgumentParser:
     au.add_argument("--train", required=True, help="the model's training images: a folder or builtin:…")
     au.add_argument("--real", required=True, help="real images the model never saw, to set the copy threshold")
     au.add_argument("--out", required=True, help="the shareable folder (must not exist or be empty)")
-    au.add_argument("--size", type=_positive_int, help="compare at this size (default: the generated images' size)")
-    au.add_argument("--label-depth", type=_positive_int, default=1)
+    _number(au, "--size", help="compare at this size (default: the generated images' size)")
+    _number(au, "--label-depth", default=1)
     au.add_argument("--heldout-split", choices=HELDOUT_SPLITS, default="group", help=HELDOUT_SPLIT_HELP)
     au.add_argument("--cache-dir", default=None, help=f"image cache (default {default_cache_dir()})")
     info = sub.add_parser("info", help="what the loader sees in a data path", epilog=INFO_EXAMPLES,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     info.add_argument("path", help="a folder or builtin:…")
-    info.add_argument("--label-depth", type=_positive_int, default=1)
-    info.add_argument("--size", type=_positive_int, default=64)
+    _number(info, "--label-depth", default=1)
+    _number(info, "--size", default=64)
     _add_demo(sub)
     data = sub.add_parser("data", help="built-in and public data sets", epilog=DATA_EXAMPLES,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -166,9 +228,9 @@ def _parser() -> argparse.ArgumentParser:
     exp = dsub.add_parser("export", help="write a built-in data set as PNGs in class folders", epilog=DATA_EXAMPLES,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     exp.add_argument("spec", help="builtin:phantoms, builtin:ct, builtin:xray, builtin:mri, builtin:us, builtin:mni-mri")
-    exp.add_argument("--n", type=_positive_int, default=200)
-    exp.add_argument("--size", type=_positive_int, default=128)
-    exp.add_argument("--seed", type=int, default=0)
+    _number(exp, "--n", default=200)
+    _number(exp, "--size", default=128)
+    _number(exp, "--seed", bounds=SEEDS, default=0)
     exp.add_argument("--out", required=True)
     _add_fetch(dsub)
     _add_export_diffusers(sub)
@@ -188,7 +250,7 @@ def _add_fetch(dsub: Any) -> None:
                     help="which official split to write (default train: keep test images for evaluation)")
     fe.add_argument("--url-base", default=ZENODO, help="a mirror holding the official files (default Zenodo)")
     fe.add_argument("--download-dir", help=f"where the .npz is kept (default {default_cache_dir()}/medmnist)")
-    fe.add_argument("--retries", type=_positive_int, default=3)
+    _number(fe, "--retries", default=3)
 
 
 def _add_export_diffusers(sub: Any) -> None:
@@ -203,76 +265,16 @@ def _add_export_diffusers(sub: Any) -> None:
 def _add_train(sub: Any) -> None:
     tr = sub.add_parser("train", help="train a diffusion model on a data folder or built-in data",
                         epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    tr.add_argument("--data", help="a folder of images (sub-folders = classes) or builtin:mni-mri, builtin:phantoms …")
-    tr.add_argument("--out", help="the run folder to create")
     tr.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run (no other flags needed)")
-    tr.add_argument("--preset", choices=sorted(ARCHITECTURES), default=DEFAULT_PRESET,
-                    help=f"architecture + recipe (default {DEFAULT_PRESET}; seed = the student project exactly)")
-    tr.add_argument("--size", type=_positive_int, help="image size in px (preset default: seed 128, small/lean 64)")
-    tr.add_argument("--batch-size", type=_positive_int, help="effective (global) batch size")
-    tr.add_argument("--micro-batch", type=_micro_batch,
-                    help="images per forward pass (gradients accumulate to --batch-size), or auto: the largest that fits")
-    stop = tr.add_mutually_exclusive_group()
-    stop.add_argument("--epochs", type=_positive_int)
-    stop.add_argument("--max-steps", type=_positive_int)
-    stop.add_argument("--max-minutes", type=float)
-    tr.add_argument("--lr", type=float)
-    tr.add_argument("--lr-schedule", choices=["cosine", "constant"])
-    tr.add_argument("--warmup-steps", type=int)
-    tr.add_argument("--ema-decay", type=float, help="0 turns the EMA off")
-    tr.add_argument("--objective", choices=["eps", "v"])
-    tr.add_argument("--loss-weighting", choices=["none", "min-snr"],
-                    help="none (default): the objective's plain MSE; min-snr: min-SNR-gamma (--min-snr-gamma)")
-    tr.add_argument("--min-snr-gamma", type=float, default=5.0, help="gamma of --loss-weighting min-snr (default 5)")
-    tr.add_argument("--beta-schedule", choices=["linear", "cosine"])
-    tr.add_argument("--zero-terminal-snr", action="store_true")
-    tr.add_argument("--num-train-timesteps", type=_positive_int, default=1000)
-    tr.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None, help="random horizontal flips")
-    tr.add_argument("--conditional", choices=["auto", "on", "off"], default="auto")
-    tr.add_argument("--label-depth", type=_positive_int, default=1, help="folder levels naming a class (2: xray/normal)")
-    tr.add_argument("--val-fraction", type=float, default=0.1)
-    tr.add_argument("--val-every", type=_positive_int)
-    tr.add_argument("--patience", type=int, help="stop after this many evaluations without improvement")
-    tr.add_argument("--grad-checkpointing", action="store_true")
-    tr.add_argument("--channels-last", action="store_true",
-                    help="UNet in channels-last memory format; on AMX CPUs under bf16 it trains the `seed` UNet at "
-                         "128 px 1.26x faster, at 64 px it is slower (docs/benchmarks.md)")
-    tr.add_argument("--compile", action="store_true", help="torch.compile the UNet")
-    tr.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
-    tr.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    tr.add_argument("--threads", type=_positive_int, help=THREADS_HELP)
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--crop", action="store_true", help="centre-crop to square instead of padding")
-    tr.add_argument("--cache-dir", default=None, help=f"preprocessed-image cache (default {default_cache_dir()})")
-    tr.add_argument("--no-progress", action="store_true")
+    _add_options(tr, TrainConfig, optional=("data", "out"), shown={"cache_dir": default_cache_dir()})
+    _add_threads(tr)
 
 
 def _add_sample(sub: Any) -> None:
     sa = sub.add_parser("sample", help="generate images from a trained run", epilog=SAMPLE_EXAMPLES,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    sa.add_argument("--run", "--run-dir", dest="run", required=True,
-                    help="a run folder written by meddiff train (under torchrun write --run-dir: torchrun "
-                         "takes --run for its own --run-path)")
-    sa.add_argument("--out", required=True)
-    sa.add_argument("--n", "--count", dest="n", type=_positive_int, default=4,
-                    help="number of images (under torchrun write --count: torchrun reads --n as its own option)")
-    sa.add_argument("--steps", type=_positive_int, default=None,
-                    help="sampler steps (default 10; 20 for seed-preset runs)")
-    sa.add_argument("--sampler", choices=SAMPLERS, default=None,
-                    help="default unipc (at 10 steps it beats DDIM at 20, docs/benchmarks.md); ddim for seed-preset runs")
-    sa.add_argument("--seed", type=int, default=0)
-    sa.add_argument("--batch-size", type=_positive_int, default=16)
-    sa.add_argument("--class", dest="class_name", help="a class the model knows, e.g. xray/pneumonia")
-    sa.add_argument("--per-class", type=_positive_int, help="N images of each class, in class folders")
-    sa.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
-    sa.add_argument("--format", dest="fmt", default="png", help="png, png16, dicom or nifti")
-    sa.add_argument("--weights", choices=["ema", "best", "raw"], default="ema")
-    sa.add_argument("--cache-interval", type=_positive_int, default=1,
-                    help="DeepCache feature reuse: full UNet every N model calls (1 = off; 2-3 is ~1.5-2x faster)")
-    sa.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
-    sa.add_argument("--device", default="auto")
-    sa.add_argument("--threads", type=_positive_int, help=THREADS_HELP)
-    sa.add_argument("--no-progress", action="store_true")
+    _add_options(sa, SampleConfig)
+    _add_threads(sa)
 
 
 def _dist_from_env() -> Any:
@@ -283,40 +285,31 @@ def _dist_from_env() -> Any:
     return Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
 
 
-RESUME_FLAGS = ("epochs", "max_steps", "max_minutes", "patience", "no_progress")  # may extend a resumed run
-
-
 def cmd_train(a: argparse.Namespace) -> int:
     from .runtime import init_distributed
     from .train import train
 
-    names = ["preset", "size", "batch_size", "micro_batch", "epochs", "max_steps", "max_minutes", "lr",
-             "lr_schedule", "warmup_steps", "ema_decay", "objective", "loss_weighting", "min_snr_gamma",
-             "beta_schedule",
-             "zero_terminal_snr", "num_train_timesteps", "flip", "conditional", "label_depth", "val_fraction",
-             "val_every", "patience", "grad_checkpointing", "channels_last", "compile", "precision", "device",
-             "seed", "crop"]
+    given = _given(a, TrainConfig)
     if a.resume:
         # the run continues with its stored settings: a flag given here would be silently ignored, so refuse it
-        # (stopping criteria excepted: they extend the run)
+        # (stopping criteria excepted: they extend the run; and whether to show progress)
         defaults = vars(_parser().parse_args(["train"]))
-        given = [n for n in names + ["data", "out", "cache_dir"] if getattr(a, n) != defaults[n]
-                 and n not in RESUME_FLAGS]
-        if given:
-            raise MeddiffError(f"train --resume {a.resume}: takes no other flags than --max-steps, --epochs, "
-                               f"--max-minutes, --patience (got {', '.join('--' + n.replace('_', '-') for n in given)})"
-                               "; the run continues with the settings stored in its meddiff.json")
+        fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+        refused = [flag(fields[n]) for n, v in given.items()
+                   if v != defaults[n] and n not in (*RESUME_FIELDS, "progress")]
+        if refused:
+            allowed = ", ".join(flag(fields[n]) for n in RESUME_FIELDS)
+            raise MeddiffError(f"train --resume {a.resume}: takes no other flags than {allowed} (got "
+                               f"{', '.join(refused)}); the run continues with the settings stored in its meddiff.json")
     elif not a.data or not a.out:
         raise MeddiffError("train: --data and --out are required (or --resume RUN_DIR)")
     dist = _dist_from_env()
     device = init_distributed(dist, a.device) if dist.active else None
     if a.resume:
-        cfg = TrainConfig(data="", out=a.resume, epochs=a.epochs, max_steps=a.max_steps, max_minutes=a.max_minutes,
-                          patience=a.patience, progress=not a.no_progress)
+        cfg = TrainConfig(data="", out=a.resume, progress=a.progress, **{n: given[n] for n in RESUME_FIELDS})
         result = train(cfg, resume=True, dist=dist, device=device)
     else:
-        cfg = TrainConfig(data=a.data, out=a.out, cache_dir=a.cache_dir or default_cache_dir(),
-                          progress=not a.no_progress, **{n: getattr(a, n) for n in names})
+        cfg = TrainConfig(**{**given, "cache_dir": a.cache_dir or default_cache_dir()})
         result = train(cfg, dist=dist, device=device)
     if not dist.main:
         return 0
@@ -328,14 +321,10 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 
 def cmd_sample(a: argparse.Namespace) -> int:
+    from .runtime import init_distributed
     from .sample import sample_to_folder
 
-    cfg = SampleConfig(run=a.run, out=a.out, n=a.n, steps=a.steps, sampler=a.sampler, seed=a.seed,
-                       batch_size=a.batch_size, class_name=a.class_name, per_class=a.per_class, guidance=a.guidance,
-                       fmt=a.fmt, weights=a.weights, precision=a.precision, device=a.device, progress=not a.no_progress,
-                       cache_interval=a.cache_interval)
-    from .runtime import init_distributed
-
+    cfg = SampleConfig(**_given(a, SampleConfig))
     dist = _dist_from_env()
     device = init_distributed(dist, a.device) if dist.active else None
     result = sample_to_folder(cfg, dist=dist, device=device)
@@ -444,37 +433,17 @@ def cmd_export_diffusers(a: argparse.Namespace) -> int:
 
 
 def _add_demo(sub: Any) -> None:
-    d = DemoConfig
     de = sub.add_parser("demo", help="train one class-conditional model on MedPhantom-4 (3,000 steps, ~9 min on "
                         "a 2-core Zen 5 CPU), then sample a grid with one row per class, evaluate it and write the report",
                         epilog=DEMO_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    de.add_argument("--data", default=d.data, help=f"training data with 2 or more classes (default {d.data}: CT, "
-                    "X-ray, MRI, ultrasound, each normal and abnormal)")
-    de.add_argument("--real", help="real images to evaluate against (default: the built-in set rendered with the "
-                    "next seed, at most 400 images the model never saw)")
-    de.add_argument("--max-steps", type=_positive_int, default=d.max_steps,
-                    help=f"training steps (default {d.max_steps}): a fixed amount of work, so a slower or busier "
-                    "machine takes longer instead of drawing a worse model")
-    de.add_argument("--minutes", type=float, default=d.minutes,
-                    help=f"safety stop for the whole demo (default {d.minutes:g}): training stops early when what "
-                    "data, sampling and evaluation leave of it runs out, and the demo says the model is under-trained")
-    de.add_argument("--out", default=d.out)
-    de.add_argument("--per-class", type=_positive_int, default=d.per_class, help="samples of each class: one grid row")
-    de.add_argument("--guidance", type=float, default=d.guidance, help="classifier-free guidance scale (1 = none)")
-    de.add_argument("--preset", choices=sorted(ARCHITECTURES), default=d.preset)
-    de.add_argument("--seed", type=int, default=d.seed)
-    de.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
-    de.add_argument("--threads", type=_positive_int, help=THREADS_HELP)
-    de.add_argument("--cache-dir", default=None, help=f"image and feature cache (default {default_cache_dir()})")
-    de.add_argument("--no-progress", action="store_true")
+    _add_options(de, DemoConfig, shown={"cache_dir": default_cache_dir()})
+    _add_threads(de)
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import key_figures, run_demo
 
-    cfg = DemoConfig(out=a.out, data=a.data, real=a.real, minutes=a.minutes, max_steps=a.max_steps,
-                     preset=a.preset, per_class=a.per_class, guidance=a.guidance, seed=a.seed, device=a.device,
-                     cache_dir=a.cache_dir or default_cache_dir(), progress=not a.no_progress)
+    cfg = DemoConfig(**{**_given(a, DemoConfig), "cache_dir": a.cache_dir or default_cache_dir()})
     result = run_demo(cfg)
     t, res = result.train, result.evaluation.figures
     print(f"demo: {t.steps} training steps ({t.images_seen} images, {t.train_img_per_s:.1f} img/s, "
@@ -488,27 +457,17 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return 0
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{value} must be between 0 (any free port) and 65535")
-    return value
-
-
 def _add_serve(sub: Any) -> None:
     se = sub.add_parser("serve", help="a local web page that generates images from a trained run",
                         epilog="examples:\n  meddiff serve --run runs/ph\n  meddiff serve --run runs/ph --port 8000 "
                                "--out served/\n", formatter_class=argparse.RawDescriptionHelpFormatter)
     se.add_argument("--run", required=True, help="a run folder written by meddiff train")
     se.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    se.add_argument("--port", type=_port, default=7860)
+    _number(se, "--port", bounds=Bounds(0, 65535, whole=True), default=7860, help="0: any free port")
     se.add_argument("--out", help="folder the batches are written into (default: a new temporary folder)")
     se.add_argument("--weights", choices=["ema", "best", "raw"], default="ema")
     se.add_argument("--device", default="auto")
-    se.add_argument("--threads", type=_positive_int, help=THREADS_HELP)
+    _add_threads(se)
 
 
 def cmd_serve(a: argparse.Namespace) -> int:

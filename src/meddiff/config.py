@@ -1,19 +1,181 @@
-"""Every option as a frozen dataclass, and the presets (seed, small, lean, tiny) that fill them.
+"""Every option in one table: frozen config dataclasses whose fields carry their help, choices and limits (an
+`Option` in the field's metadata), the presets (seed, small, lean, tiny) that fill them, and the checks.
 
-CLI flags → `TrainConfig` / `SampleConfig`; a run folder stores them as JSON (`meddiff.json`)
-so that resume and sampling need no flags.
+The CLI derives its flags from these fields, the library validates with them, and the web page parses its
+requests with the same limits, so a number is refused with the same message wherever it comes from.
+A run folder stores the configs as JSON (`meddiff.json`) so that resume and sampling need no flags.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+import math
+import re
+import typing
+from dataclasses import MISSING, dataclass
 from typing import Any
 
 from .errors import ConfigError
 
 _ATTN_DOWN, _DOWN = "AttnDownBlock2D", "DownBlock2D"
 _ATTN_UP, _UP = "AttnUpBlock2D", "UpBlock2D"
+
+
+# --- options: limits, choices, help ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Bounds:
+    """The numbers an option allows: finite, lo ≤ value ≤ hi (strict where open), whole numbers only when
+    `whole`, and multiples of `step`."""
+
+    lo: float = -math.inf
+    hi: float = math.inf
+    whole: bool = False
+    lo_open: bool = False
+    hi_open: bool = False
+    step: int = 1
+
+    def allows(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if isinstance(value, float) and (self.whole or not math.isfinite(value)):
+            return False
+        above = value > self.lo if self.lo_open else value >= self.lo
+        below = value < self.hi if self.hi_open else value <= self.hi
+        return above and below and (self.step == 1 or value % self.step == 0)
+
+    def describe(self) -> str:
+        """'a whole number from 1 to 1000', 'a number in [0, 1)', 'a number > 0', 'a multiple of 8 from 16 to 1024'."""
+        kind = f"a multiple of {self.step}" if self.step > 1 else "a whole number" if self.whole else "a number"
+        lo, hi = show(self.lo), show(self.hi)
+        if self.hi == math.inf:
+            return kind if self.lo == -math.inf else f"{kind} {'>' if self.lo_open else '≥'} {lo}"
+        if self.lo == -math.inf:
+            return f"{kind} {'<' if self.hi_open else '≤'} {hi}"
+        if not (self.lo_open or self.hi_open):
+            return f"{kind} from {lo} to {hi}"
+        return f"{kind} in {'(' if self.lo_open else '['}{lo}, {hi}{')' if self.hi_open else ']'}"
+
+
+def show(value: Any) -> str:
+    """A value for a message: numbers as Python writes them (0.0001, 1e+20, nan), text quoted, anything long cut
+    short."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        text = str(value) if abs(value) < 10**30 else f"{float(value):.3g}"
+    else:
+        text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+_WHOLE = re.compile(r"\s*[+-]?\d{1,40}\s*")
+
+
+@dataclass(frozen=True)
+class Option:
+    """How a config field is offered and checked: its help, choices or bounds, the flag(s) that set it."""
+
+    help: str
+    flags: tuple[str, ...] = ()              # () → "--" + the field's name with dashes
+    choices: tuple[str, ...] | None = None
+    pattern: tuple[str, str] | None = None   # (how it reads, regular expression) text outside `choices` may match
+    bounds: Bounds | None = None
+    auto: int | None = None                  # the value the word "auto" stands for (--micro-batch auto → 0)
+    recipe: Any = None                       # TrainConfig: meddiff's default where the preset's recipe sets none
+    group: str | None = None                 # the options of one group exclude each other (the stopping rules)
+    cli: bool = True                         # False: set from Python only
+    web: Bounds | tuple[str, ...] | None = None  # narrower bounds or choices for one request of the web page
+
+    def allows(self, value: Any) -> bool:
+        if self.auto is not None and value == self.auto and not isinstance(value, bool):
+            return True
+        if self.choices is not None and value not in self.choices:
+            return bool(self.pattern and isinstance(value, str) and re.fullmatch(self.pattern[1], value))
+        return self.bounds is None or self.bounds.allows(value)
+
+    def allowed(self) -> str:
+        """What the option takes, for messages: 'choose from a, b' or 'must be a number > 0'."""
+        if self.choices is not None:
+            return f"choose from {', '.join(self.choices + self.pattern[:1] if self.pattern else self.choices)}"
+        return f"must be {(self.bounds or Bounds()).describe()}{' or auto' if self.auto is not None else ''}"
+
+    def check(self, name: str, value: Any) -> None:
+        """ConfigError `<name> <value>: <what is allowed>` unless the value is allowed (None always is)."""
+        if value is not None and not self.allows(value):
+            raise ConfigError(f"{name} {show(value)}: {self.allowed()}")
+
+    def parse(self, name: str, raw: Any, kind: type) -> Any:
+        """Text (a flag, a form field) or a JSON value → a checked value of `kind` (int, float or str), or the
+        ConfigError `check` gives. The word "auto" stands for `auto` where that is set."""
+        if self.auto is not None and raw == "auto":
+            return self.auto
+        value = _coerce(raw, kind)
+        if value is None:
+            raise ConfigError(f"{name} {show(raw)}: {self.allowed()}")
+        self.check(name, value)
+        return value
+
+
+def _coerce(raw: Any, kind: type) -> Any:
+    """raw as an int, float or str, or None when it is not one (True is not a number, 2.5 not a whole one)."""
+    if isinstance(raw, bool):
+        return None
+    if kind is int:
+        return raw if isinstance(raw, int) else int(raw) if isinstance(raw, str) and _WHOLE.fullmatch(raw) else None
+    if kind is float:
+        if isinstance(raw, (int, float)):
+            return float(raw)
+        try:
+            return float(raw) if isinstance(raw, str) and len(raw) <= 64 else None
+        except ValueError:
+            return None
+    return raw if isinstance(raw, str) else None
+
+
+def check_value(name: str, value: Any, *, bounds: Bounds | None = None,
+                choices: tuple[str, ...] | None = None) -> None:
+    """Option.check for a value that is no config field (a function's argument)."""
+    Option("", choices=choices, bounds=bounds).check(name, value)
+
+
+def option(default: Any = MISSING, help: str = "", **how: Any) -> Any:  # noqa: A002 (argparse's word)
+    """A dataclass field with its Option: `lr: float | None = option(None, "peak learning rate", bounds=...)`."""
+    return dataclasses.field(default=default, metadata={"option": Option(help=help, **how)})
+
+
+def options(cls: Any) -> list[tuple[dataclasses.Field, Option]]:
+    """The fields of a config dataclass (or instance) that carry an Option, in order."""
+    return [(f, f.metadata["option"]) for f in dataclasses.fields(cls) if "option" in f.metadata]
+
+
+def flag(f: dataclasses.Field) -> str:
+    """The field's flag as users write it: its Option's first flag, else --the-field-name."""
+    opt = f.metadata.get("option")
+    return opt.flags[0] if opt and opt.flags else "--" + f.name.replace("_", "-")
+
+
+def field_type(cls: Any, f: dataclasses.Field) -> type:
+    """The plain type of a field: int, float, str or bool (`int | None` → int)."""
+    hints = typing.get_type_hints(cls if isinstance(cls, type) else type(cls))
+    return next(t for t in typing.get_args(hints[f.name]) or (hints[f.name],) if t is not type(None))
+
+
+def validate_options(cfg: Any) -> None:
+    """Check every set field of a config against its Option; ConfigError names the flag, value and limits."""
+    for f, opt in options(cfg):
+        opt.check(flag(f), getattr(cfg, f.name))
+
+
+class Checked:
+    """A config dataclass that checks its options whenever it is made (CLI, Python API, JSON, replace())."""
+
+    def __post_init__(self) -> None:
+        validate_options(self)
+
+
+SEEDS = Bounds(0, 2**63 - 1, whole=True)
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+CUDA_N = ("cuda:N", r"cuda:\d{1,3}")
+COUNT = Bounds(1, math.inf, whole=True)
 
 
 @dataclass(frozen=True)
@@ -65,7 +227,8 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
     ),
 }
 
-# Training defaults per preset. `seed` reproduces the student project's recipe exactly.
+# Training defaults per preset, over the `recipe` of each TrainConfig option. `seed` reproduces the student
+# project's recipe exactly.
 RECIPES: dict[str, dict[str, Any]] = {
     "seed": dict(size=128, batch_size=10, lr=1e-4, lr_schedule="constant", warmup_steps=0, warmup_fraction=0.0,
                  ema_decay=0.0,
@@ -76,130 +239,138 @@ RECIPES: dict[str, dict[str, Any]] = {
     "tiny": dict(size=32, batch_size=8),
 }
 DEFAULT_PRESET = "lean"
+PRESETS: tuple[str, ...] = tuple(ARCHITECTURES)
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
+SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpmpp-2m", "unipc", "euler", "heun")
+HELDOUT_SPLITS: tuple[str, ...] = ("group", "contiguous")  # held out by group, or in runs of consecutive images
+FORMATS: tuple[str, ...] = ("png", "png16", "dicom", "nifti")
+WEIGHTS: tuple[str, ...] = ("ema", "best", "raw")
+POSITIVE = Bounds(0, math.inf, lo_open=True)
+STEPS = Bounds(1, 1000, whole=True)
+GUIDANCE = Bounds(0, math.inf)
+_SHARE = Bounds(0, 1, hi_open=True)
+_ZERO_UP = Bounds(0, math.inf)
+_WHOLE_ZERO_UP = Bounds(0, math.inf, whole=True)
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Everything `meddiff train` needs. `None` means "the preset's value"; see `resolve()`."""
+class TrainConfig(Checked):
+    """Everything `meddiff train` needs. `None` means "the preset's value": its recipe (RECIPES), else the
+    option's `recipe`; `resolve()` fills them in. Every set value is checked on construction."""
 
-    data: str
-    out: str
-    preset: str = DEFAULT_PRESET
-    size: int | None = None
-    batch_size: int | None = None
-    micro_batch: int | None = None          # None: whole batch at once; 0: "auto" (largest that fits the device)
-    epochs: int | None = None
-    max_steps: int | None = None
-    max_minutes: float | None = None
-    lr: float | None = None
-    lr_schedule: str | None = None          # "cosine" (after warm-up) | "constant"
-    warmup_steps: int | None = None         # linear warm-up steps; 0 → warm up over warmup_fraction of the run
-    warmup_fraction: float | None = None
-    weight_decay: float | None = None
-    ema_decay: float | None = None          # 0 turns EMA off
-    objective: str | None = None            # "eps" | "v"
-    loss_weighting: str | None = None       # "none" | "min-snr"
-    min_snr_gamma: float = 5.0
-    beta_schedule: str | None = None        # "linear" | "cosine"
-    zero_terminal_snr: bool = False
-    timestep_spacing: str | None = None     # how samplers place their steps: "trailing" | "leading" | "linspace"
-    grad_clip: float | None = None          # max gradient norm; 0 turns clipping off
-    num_train_timesteps: int = 1000
-    flip: bool | None = None                # random horizontal flips
-    conditional: str = "auto"               # "auto" (when >1 class) | "on" | "off"
-    cond_drop_prob: float = 0.1
-    val_fraction: float = 0.1
-    val_every: int | None = None            # steps; None → about 10 evaluations per run
-    patience: int | None = None             # evaluations without improvement before stopping
-    checkpoint_every: int | None = None     # steps; None → with each evaluation
-    keep_checkpoints: int = 2
-    grad_checkpointing: bool = False
-    channels_last: bool = False
-    compile: bool = False
-    label_depth: int = 1                    # folder levels that name a class: 2 for data/xray/pneumonia/…
-    precision: str = "auto"                 # "auto" | "fp32" | "bf16" | "fp16"
-    device: str = "auto"
-    seed: int = 0
-    crop: bool = False                      # centre-crop instead of padding to a square
-    cache_dir: str | None = None
-    progress: bool = True
+    data: str = option(help="a folder of images (sub-folders = classes) or builtin:mni-mri, builtin:phantoms …")
+    out: str = option(help="the run folder to create")
+    preset: str = option(DEFAULT_PRESET, "architecture + recipe (seed = the student project exactly)",
+                         choices=PRESETS)
+    size: int | None = option(None, "image size in px", bounds=Bounds(16, 1024, whole=True, step=8), recipe=64)
+    batch_size: int | None = option(None, "effective (global) batch size", bounds=COUNT, recipe=16)
+    micro_batch: int | None = option(None, "images per forward pass (gradients accumulate to --batch-size), or "
+                                     "auto: the largest that fits the device", bounds=COUNT, auto=0)
+    epochs: int | None = option(None, "stop after this many passes over the training images", bounds=COUNT,
+                                group="stop")
+    max_steps: int | None = option(None, "stop after this many optimizer steps", bounds=COUNT, group="stop")
+    max_minutes: float | None = option(None, "stop after this many minutes of training", bounds=POSITIVE,
+                                       group="stop")
+    lr: float | None = option(None, "peak learning rate of AdamW", bounds=POSITIVE, recipe=1e-3)
+    lr_schedule: str | None = option(None, "learning rate after the warm-up: cosine decay to zero or constant",
+                                     choices=("cosine", "constant"), recipe="cosine")
+    warmup_steps: int | None = option(None, "linear learning-rate warm-up steps; 0: warm up over the recipe's "
+                                      "share of the run (5 %, none for seed)", bounds=_WHOLE_ZERO_UP, recipe=0)
+    warmup_fraction: float | None = option(None, "share of the run to warm up over when warmup_steps is 0",
+                                           bounds=_SHARE, recipe=0.05, cli=False)
+    weight_decay: float | None = option(None, "AdamW's weight decay", bounds=_ZERO_UP, recipe=0.01, cli=False)
+    ema_decay: float | None = option(None, "decay of the weights' exponential moving average (0 turns it off)",
+                                     bounds=_SHARE, recipe=0.999)
+    # plain v-MSE (= eps-MSE + x_0-MSE), not min-SNR-5: on 121 MRI slices it copied no training slice in 20
+    # minutes where min-SNR-5 copied 83 %, with a lower validation loss (docs/benchmarks.md, objectives)
+    objective: str | None = option(None, "what the UNet predicts: eps (the noise) or v (the velocity)",
+                                   choices=("eps", "v"), recipe="v")
+    loss_weighting: str | None = option(None, "none: the objective's plain MSE; min-snr: min-SNR-gamma "
+                                        "(--min-snr-gamma)", choices=("none", "min-snr"), recipe="none")
+    min_snr_gamma: float = option(5.0, "gamma of --loss-weighting min-snr", bounds=POSITIVE)
+    beta_schedule: str | None = option(None, "noise schedule", choices=("linear", "cosine"), recipe="cosine")
+    zero_terminal_snr: bool = option(False, "rescale the noise schedule so that its last step is pure noise")
+    timestep_spacing: str | None = option(None, "how samplers place their steps", recipe="trailing",
+                                          choices=("trailing", "leading", "linspace"), cli=False)
+    grad_clip: float | None = option(None, "max gradient norm; 0 turns clipping off", bounds=_ZERO_UP,
+                                     recipe=1.0, cli=False)
+    num_train_timesteps: int = option(1000, "diffusion steps of the noise schedule", bounds=COUNT)
+    flip: bool | None = option(None, "random horizontal flips", recipe=True)
+    conditional: str = option("auto", "class conditioning: auto (when there are 2 or more classes), on or off",
+                              choices=("auto", "on", "off"))
+    cond_drop_prob: float = option(0.1, "share of labels replaced by the null class, for guidance", bounds=_SHARE,
+                                   cli=False)
+    label_depth: int = option(1, "folder levels naming a class (2: xray/normal)", bounds=COUNT)
+    val_fraction: float = option(0.1, "share of the images held out for the validation loss",
+                                 bounds=Bounds(0, 0.5, hi_open=True))
+    val_every: int | None = option(None, "steps between validations (default: about 10 in a run)", bounds=COUNT)
+    patience: int | None = option(None, "stop after this many evaluations without improvement",
+                                  bounds=_WHOLE_ZERO_UP)
+    checkpoint_every: int | None = option(None, "steps between checkpoints (default: with each validation)",
+                                          bounds=COUNT, cli=False)
+    keep_checkpoints: int = option(2, "checkpoints kept", bounds=COUNT, cli=False)
+    grad_checkpointing: bool = option(False, "recompute activations in the backward pass: less memory, slower")
+    channels_last: bool = option(False, "UNet in channels-last memory format; on AMX CPUs under bf16 it trains "
+                                 "the `seed` UNet at 128 px 1.26x faster, at 64 px it is slower (docs/benchmarks.md)")
+    compile: bool = option(False, "torch.compile the UNet")
+    precision: str = option("auto", "auto: bf16 where the hardware runs it fast, else fp32", choices=PRECISIONS)
+    device: str = option("auto", "auto, cpu, cuda or cuda:N", choices=DEVICES, pattern=CUDA_N)
+    seed: int = option(0, "seed of every random draw (data order, split, noise, flips)", bounds=SEEDS)
+    crop: bool = option(False, "centre-crop to square instead of padding")
+    cache_dir: str | None = option(None, "preprocessed-image cache")
+    progress: bool = option(True, "no progress bar")
 
     def resolve(self) -> "TrainConfig":
-        """Fill every `None` from the preset's recipe and meddiff's defaults; validate."""
-        if self.preset not in ARCHITECTURES:
-            raise ConfigError(f"--preset {self.preset!r}: unknown preset; choose from {', '.join(ARCHITECTURES)}")
-        # plain v-MSE (= eps-MSE + x_0-MSE), not min-SNR-5: on 121 MRI slices it copied no training slice in 20
-        # minutes where min-SNR-5 copied 83 %, with a lower validation loss (docs/benchmarks.md, objectives)
-        base = dict(size=64, batch_size=16, lr=1e-3, lr_schedule="cosine", warmup_steps=0, warmup_fraction=0.05,
-                    weight_decay=0.01,
-                    ema_decay=0.999, objective="v", loss_weighting="none", beta_schedule="cosine", flip=True,
-                    grad_clip=1.0, timestep_spacing="trailing")
+        """Fill every `None` from the preset's recipe and the options' recipes; validate."""
+        base = {f.name: opt.recipe for f, opt in options(self) if opt.recipe is not None}
         base.update(RECIPES[self.preset])
         filled = {k: (getattr(self, k) if getattr(self, k) is not None else v) for k, v in base.items()}
         cfg = dataclasses.replace(self, **filled)
-        cfg._validate()
+        if cfg.micro_batch and cfg.micro_batch > cfg.batch_size:
+            raise ConfigError(f"--micro-batch {cfg.micro_batch}: must not exceed --batch-size {cfg.batch_size}")
         return cfg
 
-    def _validate(self) -> None:
-        _choice("--objective", self.objective, ("eps", "v"))
-        _choice("--loss-weighting", self.loss_weighting, ("none", "min-snr"))
-        _choice("--beta-schedule", self.beta_schedule, ("linear", "cosine"))
-        _choice("--lr-schedule", self.lr_schedule, ("cosine", "constant"))
-        _choice("--timestep-spacing", self.timestep_spacing, ("trailing", "leading", "linspace"))
-        _choice("--precision", self.precision, ("auto", "fp32", "bf16", "fp16"))
-        if not self.device.startswith("cuda:"):
-            _choice("--device", self.device, ("auto", "cpu", "cuda"))
-        _choice("--conditional", self.conditional, ("auto", "on", "off"))
-        if not 16 <= self.size <= 1024 or self.size % 8:
-            raise ConfigError(f"--size {self.size}: must be a multiple of 8 between 16 and 1024")
-        if self.micro_batch is not None and self.micro_batch < 0:
-            raise ConfigError(f"--micro-batch {self.micro_batch}: must be a positive whole number or auto")
-        for flag, value in (("--batch-size", self.batch_size), ("--epochs", self.epochs), ("--max-steps", self.max_steps)):
-            if value is not None and value < 1:
-                raise ConfigError(f"{flag} {value}: must be a positive whole number")
-        if self.micro_batch and self.micro_batch > self.batch_size:
-            raise ConfigError(f"--micro-batch {self.micro_batch}: must not exceed --batch-size {self.batch_size}")
-        for flag, value in (("--patience", self.patience), ("--warmup-steps", self.warmup_steps)):
-            if value is not None and value < 0:
-                raise ConfigError(f"{flag} {value}: must be zero or a positive whole number")
-        if self.lr <= 0:
-            raise ConfigError(f"--lr {self.lr}: must be positive")
-        if self.min_snr_gamma <= 0:
-            raise ConfigError(f"--min-snr-gamma {self.min_snr_gamma}: must be positive")
-        if not 0 <= self.ema_decay < 1:
-            raise ConfigError(f"--ema-decay {self.ema_decay}: must be in [0, 1)")
-        if not 0 <= self.val_fraction < 0.5:
-            raise ConfigError(f"--val-fraction {self.val_fraction}: must be in [0, 0.5)")
-        if self.max_minutes is not None and self.max_minutes <= 0:
-            raise ConfigError(f"--max-minutes {self.max_minutes}: must be positive")
+
+STOP_RULES: tuple[str, ...] = tuple(f.name for f, opt in options(TrainConfig) if opt.group == "stop")
+RESUME_FIELDS: tuple[str, ...] = (*STOP_RULES, "patience")  # what `train --resume` may change: when to stop
 
 
 @dataclass(frozen=True)
-class SampleConfig:
-    """Everything `meddiff sample` needs."""
+class SampleConfig(Checked):
+    """Everything `meddiff sample` needs; checked on construction. `web`: what one request of `meddiff serve`'s
+    page may ask for, where that is narrower (a cap on the work a web client can queue)."""
 
-    run: str
-    out: str
-    n: int = 4
-    steps: int | None = None                # None: 10, or 20 for the seed preset
-    sampler: str | None = None              # None: unipc (beats DDIM-20 at 10 steps, docs/benchmarks.md), or
-                                            # ddim for runs of the seed preset (the student project's sampler)
-    seed: int = 0
-    batch_size: int = 16
-    class_name: str | None = None           # one class of the run; None → unconditional / all classes
-    per_class: int | None = None            # N images for each class into class folders
-    guidance: float = 1.0
-    fmt: str = "png"
-    weights: str = "ema"                    # "ema" | "raw" | "best"
-    cache_interval: int = 1                 # DeepCache: run the full UNet every N model calls (1 = off)
-    precision: str = "auto"
-    device: str = "auto"
-    grid: bool = True
-    progress: bool = True
+    run: str = option(help="a run folder written by meddiff train (under torchrun write --run-dir: torchrun "
+                      "takes --run for its own --run-path)", flags=("--run", "--run-dir"))
+    out: str = option(help="the folder the images are written into")
+    n: int = option(4, "number of images (under torchrun write --count: torchrun reads --n as its own option)",
+                    flags=("--n", "--count"), bounds=COUNT, web=Bounds(1, 64, whole=True))
+    steps: int | None = option(None, "sampler steps (default 10; 20 for seed-preset runs)", bounds=STEPS,
+                               web=Bounds(1, 200, whole=True))
+    sampler: str | None = option(None, "default unipc (at 10 steps it beats DDIM at 20, docs/benchmarks.md); "
+                                 "ddim for seed-preset runs", choices=SAMPLERS)
+    seed: int = option(0, "seed of the first image; image i has seed + i", bounds=SEEDS,
+                       web=Bounds(0, 2**32 - 1, whole=True))
+    batch_size: int = option(16, "images per forward pass", bounds=COUNT)
+    class_name: str | None = option(None, "a class the model knows, e.g. xray/pneumonia", flags=("--class",))
+    per_class: int | None = option(None, "N images of each class, in class folders", bounds=COUNT)
+    guidance: float = option(1.0, "classifier-free guidance scale (1 = none)", bounds=GUIDANCE, web=Bounds(0, 20))
+    fmt: str = option("png", "file format", flags=("--format",), choices=FORMATS, web=("png", "dicom"))
+    weights: str = option("ema", "ema: the averaged weights, best: the lowest validation loss, raw: the last "
+                          "checkpoint's", choices=WEIGHTS)
+    cache_interval: int = option(1, "DeepCache feature reuse: full UNet every N model calls (1 = off; 2-3 is "
+                                 "~1.5-2x faster)", bounds=COUNT)
+    precision: str = option("auto", "auto: bf16 where the hardware runs it fast, else fp32", choices=PRECISIONS)
+    device: str = option("auto", "auto, cpu, cuda or cuda:N", choices=DEVICES, pattern=CUDA_N)
+    grid: bool = option(True, "write grid.png", cli=False)
+    progress: bool = option(True, "no progress bar")
 
 
-SAMPLERS = ("ddpm", "ddim", "dpmpp-2m", "unipc", "euler", "heun")
-HELDOUT_SPLITS = ("group", "contiguous")  # how images are held out: by group, or in runs of consecutive images
+def web_option(opt: Option) -> Option:
+    """The option as `meddiff serve`'s page offers it: its `web` bounds or choices in place of the CLI's."""
+    if isinstance(opt.web, Bounds):
+        return dataclasses.replace(opt, bounds=opt.web)
+    return dataclasses.replace(opt, choices=opt.web) if opt.web else opt
 
 
 def default_sampler(preset: str) -> tuple[str, int]:
@@ -207,15 +378,9 @@ def default_sampler(preset: str) -> tuple[str, int]:
     return ("ddim", 20) if preset == "seed" else ("unipc", 10)
 
 
-def _choice(flag: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{flag} {value!r}: choose from {', '.join(allowed)}")
-
-
 def model_config(preset: str, size: int, num_classes: int = 0) -> ModelConfig:
     """The UNet of a preset at an image size."""
-    if preset not in ARCHITECTURES:
-        raise ConfigError(f"--preset {preset!r}: unknown preset; choose from {', '.join(ARCHITECTURES)}")
+    check_value("--preset", preset, choices=PRESETS)
     arch = ARCHITECTURES[preset]
     factor = 2 ** (len(arch["block_out_channels"]) - 1) * arch.get("patch_size", 1)
     if size % factor:
@@ -236,5 +401,6 @@ def from_json(cls: type, data: dict[str, Any]) -> Any:
     return cls(**kwargs)
 
 
-__all__ = ["ModelConfig", "TrainConfig", "SampleConfig", "ARCHITECTURES", "RECIPES", "SAMPLERS",
-           "DEFAULT_PRESET", "model_config", "to_json", "from_json"]
+__all__ = ["ModelConfig", "TrainConfig", "SampleConfig", "Option", "Bounds", "ARCHITECTURES", "RECIPES", "SAMPLERS",
+           "FORMATS", "DEFAULT_PRESET", "STOP_RULES", "RESUME_FIELDS", "model_config", "option", "options",
+           "to_json", "from_json"]

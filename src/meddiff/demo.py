@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Callable
 from urllib.parse import urlencode
 
 from .atomic import write_bytes, write_json
-from .config import DEFAULT_PRESET, SampleConfig, TrainConfig
+from .config import (COUNT, CUDA_N, DEFAULT_PRESET, DEVICES, GUIDANCE, POSITIVE, PRESETS, SEEDS, Checked,
+                     SampleConfig, TrainConfig, option)
 from .errors import ConfigError, RunError
 
 if TYPE_CHECKING:  # the heavy modules load when the demo runs, not when the CLI builds its --help
@@ -35,25 +36,30 @@ DEMO_MINUTES = 60.0
 
 
 @dataclass(frozen=True)
-class DemoConfig:
-    """Everything `meddiff demo` needs. Training runs `max_steps` steps: the same work, and so the same result,
-    on any machine. `minutes` is only a safety stop for the whole demo: training stops early when what preparing
-    the data and an estimate of sampling and evaluation (SAMPLE_SECONDS a sample, EVAL_SECONDS) leave of it runs
-    out, and the demo then says that its samples come from an under-trained model."""
+class DemoConfig(Checked):
+    """Everything `meddiff demo` needs; checked on construction. Training runs `max_steps` steps: the same work,
+    and so the same result, on any machine. `minutes` is only a safety stop for the whole demo: training stops
+    early when what preparing the data and an estimate of sampling and evaluation (SAMPLE_SECONDS a sample,
+    EVAL_SECONDS) leave of it runs out, and the demo then says that its samples come from an under-trained model."""
 
-    out: str = "demo"
-    data: str = DEMO_DATA
-    real: str | None = None          # None: see heldout_spec (images the model never saw)
-    minutes: float = DEMO_MINUTES
-    max_steps: int = DEMO_STEPS
-    preset: str = DEFAULT_PRESET
-    per_class: int = 6
-    guidance: float = 2.0
-    n_boot: int = 100                # bootstrap resamples of the evaluation's intervals
-    seed: int = 0
-    device: str = "auto"
-    cache_dir: str | None = None
-    progress: bool = True
+    out: str = option("demo", "the folder the demo writes into")
+    data: str = option(DEMO_DATA, "training data with 2 or more classes; MedPhantom-4, the default, holds CT, "
+                       "X-ray, MRI and ultrasound, each normal and abnormal")
+    real: str | None = option(None, "real images to evaluate against (default: the built-in set rendered with the "
+                              "next seed, at most 400 images the model never saw)")
+    minutes: float = option(DEMO_MINUTES, "safety stop for the whole demo: training stops early when what data, "
+                            "sampling and evaluation leave of it runs out, and the demo says the model is "
+                            "under-trained", bounds=POSITIVE)
+    max_steps: int = option(DEMO_STEPS, "training steps: a fixed amount of work, so a slower or busier machine "
+                            "takes longer instead of drawing a worse model", bounds=COUNT)
+    preset: str = option(DEFAULT_PRESET, "architecture + recipe", choices=PRESETS)
+    per_class: int = option(6, "samples of each class: one grid row", bounds=COUNT)
+    guidance: float = option(2.0, "classifier-free guidance scale (1 = none)", bounds=GUIDANCE)
+    n_boot: int = option(100, "bootstrap resamples of the evaluation's intervals", bounds=COUNT, cli=False)
+    seed: int = option(0, "seed of training and sampling", bounds=SEEDS)
+    device: str = option("auto", "auto, cpu, cuda or cuda:N", choices=DEVICES, pattern=CUDA_N)
+    cache_dir: str | None = option(None, "image and feature cache")
+    progress: bool = option(True, "no progress bar")
 
 
 @dataclass
@@ -98,12 +104,6 @@ def train_minutes(cfg: DemoConfig, n_samples: int, spent_s: float) -> float:
 def _check(cfg: DemoConfig) -> None:
     from .runfolder import has_record  # loads torch: not when the CLI builds its --help
 
-    for flag, value, ok, allowed in (("--per-class", cfg.per_class, cfg.per_class >= 1, "a positive whole number"),
-                                     ("--guidance", cfg.guidance, cfg.guidance >= 0, "≥ 0 (1 = no guidance)"),
-                                     ("--max-steps", cfg.max_steps, cfg.max_steps >= 1, "a positive whole number"),
-                                     ("--minutes", cfg.minutes, cfg.minutes > 0, "positive")):
-        if not ok:
-            raise ConfigError(f"{flag} {value:g}: must be {allowed}")
     if has_record(Path(cfg.out) / "run"):
         raise RunError(f"--out {cfg.out}: already holds a demo run; choose another --out or delete it")
 

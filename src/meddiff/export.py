@@ -27,10 +27,10 @@ from pydicom.uid import (PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, Sec
 
 from . import __version__
 from .atomic import write_file
+from .config import FORMATS
 from .data.cache import to_uint16
 from .errors import ConfigError, DataError, RunError
 
-FORMATS: tuple[str, ...] = ("png", "png16", "dicom", "nifti")
 SUFFIX: dict[str, str] = {"png": ".png", "png16": ".png", "dicom": ".dcm", "nifti": ".nii.gz"}
 GRID_PAD_VALUE = 255  # white lines: most medical images have a black background
 MANIFEST_NAME = "manifest.csv"

@@ -31,9 +31,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_folder, write_json, write_text
-from .config import ModelConfig, TrainConfig, from_json, to_json
+from .config import WEIGHTS, ModelConfig, TrainConfig, check_value, from_json, to_json
 from .diffusion import diffusers_scheduler_config
-from .errors import ConfigError, MeddiffError, RunError
+from .errors import MeddiffError, RunError
 
 RECORD_FILE = "meddiff.json"
 UNET_DIR, BEST_DIR, SCHEDULER_DIR = "unet", "best", "scheduler"   # also the folder names of a diffusers export
@@ -44,7 +44,6 @@ LOG_FILE = "log.jsonl"
 SKIPPED_FILE = "skipped.txt"     # the data files left out, `relative/path: reason` per line
 CKPT_DIR = "checkpoints"
 STATE_FILE = "state.json"
-WEIGHTS = ("ema", "best", "raw")   # ema: unet/ (the EMA when kept); best: best/; raw: the last checkpoint's model
 _FOLDERS = {"ema": UNET_DIR, "best": BEST_DIR}
 
 
@@ -183,8 +182,7 @@ def read_log(run: str | Path) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------- the model: weights folders, scheduler
 
 def _check_weights(weights: str, allowed: tuple[str, ...]) -> None:
-    if weights not in allowed:
-        raise ConfigError(f"--weights {weights!r}: choose from {', '.join(allowed)}")
+    check_value("--weights", weights, choices=allowed)
 
 
 def weights_file(run: str | Path, weights: str = "ema") -> Path:

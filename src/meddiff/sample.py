@@ -20,7 +20,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
                        HeunDiscreteScheduler, UNet2DModel, UniPCMultistepScheduler)
 
 from . import runfolder
-from .config import SAMPLERS, ModelConfig, SampleConfig, TrainConfig, default_sampler
+from .config import SAMPLERS, STEPS, ModelConfig, SampleConfig, TrainConfig, check_value, default_sampler
 from .errors import ConfigError
 from .model import Denoiser, null_class, with_meddiff_attention
 from .runtime import Dist, describe, pick_device, pick_precision, progress_bar
@@ -33,7 +33,6 @@ _SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
     "euler": (EulerDiscreteScheduler, {}),
     "heun": (HeunDiscreteScheduler, {}),
 }
-MAX_STEPS = 1000
 GRID_MAX_IMAGES = 256  # grid.png is written for requests of up to this many images
 GRID_ROW_MAX = 32  # a per-class grid keeps one row per class up to this many images a class
 
@@ -74,10 +73,8 @@ def load_run(run: str | Path, weights: str = "ema", device: torch.device | str =
 
 def make_scheduler(name: str, config: dict[str, Any], steps: int) -> Any:
     """A diffusers scheduler of the named kind sharing the run's noise schedule, set to `steps` steps."""
-    if name not in _SCHEDULERS:
-        raise ConfigError(f"--sampler {name!r}: choose from {', '.join(SAMPLERS)}")
-    if not 1 <= steps <= MAX_STEPS:
-        raise ConfigError(f"--steps {steps}: must be between 1 and {MAX_STEPS}")
+    check_value("--sampler", name, choices=SAMPLERS)
+    check_value("--steps", steps, bounds=STEPS)
     cls, extra = _SCHEDULERS[name]
     sched = cls.from_config(config, **extra)
     sched.set_timesteps(steps)
@@ -209,13 +206,6 @@ def sample_to_folder(cfg: SampleConfig, echo: Callable[[str], None] = print, dis
     Under torchrun each rank takes every world-th remaining image; the images do not depend on the split."""
     from . import export
 
-    if cfg.fmt not in export.FORMATS:
-        raise ConfigError(f"--format {cfg.fmt!r}: choose from {', '.join(export.FORMATS)}")
-    if cfg.n < 1 or (cfg.per_class is not None and cfg.per_class < 1) or cfg.batch_size < 1:
-        raise ConfigError(f"--n {cfg.n} / --per-class {cfg.per_class} / --batch-size {cfg.batch_size}: "
-                          "must be positive whole numbers")
-    if cfg.guidance < 0:
-        raise ConfigError(f"--guidance {cfg.guidance}: must be ≥ 0 (1 = no guidance)")
     device = device or pick_device(cfg.device)
     precision = pick_precision(cfg.precision, device)
     if not dist.main:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import math
 import queue
 import re
 import secrets
@@ -26,18 +25,21 @@ from urllib.parse import urlsplit
 
 from . import export
 from .atomic import write_file
-from .config import SAMPLERS, default_sampler
+from .config import SAMPLERS, SampleConfig, default_sampler, field_type, flag, options, show, web_option
 from .errors import ConfigError, MeddiffError, RunError
 from .modelcard import shown_card
 from .runtime import pick_device, pick_precision
 from .sample import LoadedRun, class_index, generate, load_run
 from .serve_page import CSP, PAGE, SCRIPT
 
-LIMITS: dict[str, tuple[float, float]] = {"n": (1, 64), "steps": (1, 200), "guidance": (0.0, 20.0),
-                                          "seed": (0, 2**32 - 1)}
-DEFAULTS: dict[str, Any] = {"n": 4, "guidance": 1.0, "seed": 0, "format": "png"}  # + the run's sampler and steps
-SERVE_FORMATS: tuple[str, ...] = ("png", "dicom")
 FIELDS: tuple[str, ...] = ("class", "n", "sampler", "steps", "guidance", "seed", "format")
+# each field of a request is a SampleConfig option (its flag without dashes), with the web page's narrower limits
+_OPTIONS = {flag(f).lstrip("-"): (f, web_option(opt)) for f, opt in options(SampleConfig)
+            if flag(f).lstrip("-") in FIELDS}
+LIMITS: dict[str, tuple[float, float]] = {k: (o.bounds.lo, o.bounds.hi) for k, (_f, o) in _OPTIONS.items() if o.bounds}
+SERVE_FORMATS: tuple[str, ...] = _OPTIONS["format"][1].choices or ()
+DEFAULTS: dict[str, Any] = {k: f.default for k, (f, _o) in _OPTIONS.items()   # + the run's sampler and steps
+                            if f.default is not None}
 MAX_PENDING = 8            # queued or running jobs; more is refused (HTTP 429) rather than piling up work
 MAX_BODY = 16 * 1024       # bytes of a POST body
 MAX_CARD = 200 * 1024      # characters of README.md shown
@@ -73,49 +75,16 @@ class GenerateRequest:
 
 # --- request validation -----------------------------------------------------------------------------------
 
-def _show(value: Any) -> str:
-    """A received value for a message, cut short: a message never echoes a whole request back."""
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
 def request_defaults(preset: str) -> dict[str, Any]:
     """The form's defaults for a run of `preset`: DEFAULTS plus `config.default_sampler`'s sampler and steps."""
     sampler, steps = default_sampler(preset)
     return {**DEFAULTS, "sampler": sampler, "steps": steps}
 
 
-def _whole(body: dict[str, Any], key: str) -> int:
-    lo, hi = (int(v) for v in LIMITS[key])
-    value = body[key]
-    text = value.strip() if isinstance(value, str) else None
-    if isinstance(value, bool) or not (isinstance(value, int) or (text and re.fullmatch(r"[+-]?\d{1,20}", text))):
-        raise ConfigError(f"{key}: {_show(value)} is not a whole number; use {lo} to {hi}")
-    number = int(value)
-    if not lo <= number <= hi:
-        raise ConfigError(f"{key}: {number} is out of range; use {lo} to {hi}")
-    return number
-
-
-def _number(body: dict[str, Any], key: str) -> float:
-    lo, hi = LIMITS[key]
-    value = body[key]
-    try:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)) or len(str(value)) > 32:
-            raise ValueError
-        number = float(value)
-    except ValueError:
-        raise ConfigError(f"{key}: {_show(value)} is not a number; use {lo:g} to {hi:g}") from None
-    if not (math.isfinite(number) and lo <= number <= hi):
-        raise ConfigError(f"{key}: {_show(value)} is out of range; use {lo:g} to {hi:g}")
-    return number
-
-
-def _choice(body: dict[str, Any], key: str, allowed: tuple[str, ...]) -> str:
-    value = body[key]
-    if value not in allowed:
-        raise ConfigError(f"{key}: {_show(value)} is not available; choose from {', '.join(allowed)}")
-    return value
+def _field(body: dict[str, Any], key: str) -> Any:
+    """One field of a request (a JSON value or the text an HTML form holds), parsed and checked like its flag."""
+    f, opt = _OPTIONS[key]
+    return opt.parse(key, body[key], field_type(SampleConfig, f))
 
 
 def parse_request(body: Any, classes: tuple[str, ...], defaults: dict[str, Any]) -> GenerateRequest:
@@ -129,19 +98,19 @@ def parse_request(body: Any, classes: tuple[str, ...], defaults: dict[str, Any])
         raise ConfigError(f"request: expected a JSON object with fields {', '.join(FIELDS)}")
     unknown = sorted(str(k) for k in body if k not in FIELDS)
     if unknown:
-        raise ConfigError(f"request: unknown field(s) {', '.join(map(_show, unknown))}; allowed: {', '.join(FIELDS)}")
+        raise ConfigError(f"request: unknown field(s) {', '.join(map(show, unknown))}; allowed: {', '.join(FIELDS)}")
     body = {**defaults, **body}
     name = body.get("class")
     if classes and name not in classes:
-        raise ConfigError(f"class: {_show(name)} is not a class this model knows; choose from {', '.join(classes)}")
+        raise ConfigError(f"class {show(name)}: not a class this model knows; choose from {', '.join(classes)}")
     if not classes and name not in (None, ""):
-        raise ConfigError(f"class: {_show(name)} given, but this model is unconditional (it knows no classes)")
-    n, seed = _whole(body, "n"), _whole(body, "seed")
+        raise ConfigError(f"class {show(name)}: given, but this model is unconditional (it knows no classes)")
+    n, seed = _field(body, "n"), _field(body, "seed")
     if seed + n - 1 > LIMITS["seed"][1]:
-        raise ConfigError(f"seed: {seed} + {n} images runs past the largest seed {int(LIMITS['seed'][1])}")
-    return GenerateRequest(class_name=name if classes else None, n=n, sampler=_choice(body, "sampler", SAMPLERS),
-                           steps=_whole(body, "steps"), guidance=_number(body, "guidance"), seed=seed,
-                           fmt=_choice(body, "format", SERVE_FORMATS))
+        raise ConfigError(f"seed {seed}: with {n} images it runs past the largest seed {int(LIMITS['seed'][1])}")
+    return GenerateRequest(class_name=name if classes else None, n=n, sampler=_field(body, "sampler"),
+                           steps=_field(body, "steps"), guidance=_field(body, "guidance"), seed=seed,
+                           fmt=_field(body, "format"))
 
 
 # --- jobs ---------------------------------------------------------------------------------------------------

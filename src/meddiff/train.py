@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from . import __version__, runfolder
-from .config import ModelConfig, TrainConfig, model_config
+from .config import RESUME_FIELDS, STOP_RULES, ModelConfig, TrainConfig, model_config
 from .data.dataset import ImageSet, load_data, skipped_listing, split
 from .diffusion import alphas_cumprod, diffusion_loss, predicted_eps, q_sample
 from .errors import ConfigError, RunError
@@ -179,9 +179,6 @@ def auto_micro_batch(unet: torch.nn.Module, mcfg: ModelConfig, batch: int, devic
 
 # ---------------------------------------------------------------- run folder
 
-STOP_FIELDS = ("epochs", "max_steps", "max_minutes", "patience")
-
-
 def _prepare_run(cfg: TrainConfig, resume: bool, main: bool = True) -> tuple[TrainConfig, RunRecord | None]:
     """Check the run folder; on resume, return the stored config (no flags needed; stopping criteria given in
     `cfg` replace the stored ones, to extend a run) and the run record. Only the main process writes."""
@@ -189,9 +186,9 @@ def _prepare_run(cfg: TrainConfig, resume: bool, main: bool = True) -> tuple[Tra
     if resume:
         record = runfolder.read_record(run)
         stored = record.train
-        given = {k: getattr(cfg, k) for k in STOP_FIELDS if getattr(cfg, k) is not None}
-        if set(given) & set(STOP_FIELDS[:3]):  # a new stopping rule replaces the old one
-            stored = _replace(stored, **{k: None for k in STOP_FIELDS[:3]})
+        given = {k: getattr(cfg, k) for k in RESUME_FIELDS if getattr(cfg, k) is not None}
+        if set(given) & set(STOP_RULES):  # a new stopping rule replaces the old one
+            stored = _replace(stored, **{k: None for k in STOP_RULES})
         stored = _replace(stored, **given, out=str(run), progress=cfg.progress)  # the folder given, even if moved
         if given and main:  # so that a second interruption resumes towards the extended goal
             record = replace(record, train=stored)
