@@ -1,6 +1,7 @@
 """Tests for meddiff.cli: help texts, one-line errors without tracebacks, info, sample → evaluate, data export."""
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import subprocess
@@ -267,7 +268,7 @@ def test_train_flags_reach_the_run_record(image_folder: Path, tmp_path: Path, ca
     assert (recorded["loss_weighting"], recorded["min_snr_gamma"]) == ("min-snr", 2.5)
     code, _, err = _run(["train", "--data", str(image_folder), "--out", str(tmp_path / "bad"), "--preset", "tiny",
                          "--min-snr-gamma", "-1"], capsys)
-    _assert_one_line_error(code, err, "--min-snr-gamma -1.0: must be a number > 0")
+    _assert_one_line_error(code, err, "--min-snr-gamma -1.0: must be a number in (0, 10000]")
 
 
 @pytest.mark.parametrize("argv, cls, required", [
@@ -292,3 +293,79 @@ def test_micro_batch_auto_and_flip_flags_reach_the_config() -> None:
     args = _parser().parse_args(["train", "--micro-batch", "auto", "--no-flip", "--no-progress"])
     assert (args.micro_batch, args.flip, args.progress) == (0, False, False)
     assert _parser().parse_args(["train", "--flip"]).flip is True
+
+
+_TRAIN = ["train", "--data", "builtin:ct?n=8", "--out", "OUT", "--preset", "tiny", "--no-progress"]
+_SAMPLE = ["sample", "--run", "RUN", "--out", "OUT", "--no-progress"]
+_DEMO = ["demo", "--out", "OUT", "--no-progress"]
+
+
+@pytest.mark.parametrize("argv, match", [
+    *[([*_TRAIN, flag, value], f"{flag} {shown}: must be") for flag, value, shown in [
+        ("--lr", "nan", "nan"), ("--lr", "inf", "inf"), ("--lr", "-1", "-1.0"), ("--lr", "1e9", "1000000000.0"),
+        ("--max-minutes", "nan", "nan"), ("--max-minutes", "inf", "inf"), ("--max-minutes", "-5", "-5.0"),
+        ("--min-snr-gamma", "nan", "nan"), ("--ema-decay", "inf", "inf"), ("--ema-decay", "1", "1.0"),
+        ("--val-fraction", "nan", "nan"), ("--val-fraction", "-0.1", "-0.1"),
+        ("--seed", "1e20", "'1e20'"), ("--seed", "-1", "-1"),
+        ("--seed", "18446744073709551616", "18446744073709551616"),
+        ("--size", "100000", "100000"), ("--size", "20", "20"), ("--batch-size", "0", "0"),
+        ("--batch-size", "1000000", "1000000"), ("--micro-batch", "-1", "-1"), ("--epochs", "1e30", "'1e30'"),
+        ("--max-steps", "99999999999", "99999999999"), ("--warmup-steps", "-1", "-1"),
+        ("--num-train-timesteps", "0", "0"), ("--label-depth", "100", "100"), ("--val-every", "0", "0"),
+        ("--patience", "-1", "-1")]],
+    ([*_TRAIN, "--device", "tpu"], "--device 'tpu': choose from auto, cpu, cuda, cuda:N"),
+    ([*_TRAIN, "--size", "40", "--preset", "lean"], "--size 40: preset 'lean' reduces the image by 16"),
+    ([*_TRAIN[:2], "builtin:ct?n=1e12", *_TRAIN[3:]], "n='1e12' must be a whole number from 1 to 1000000"),
+    ([*_TRAIN[:2], "builtin:ct?n=99999999999", *_TRAIN[3:]], "n='99999999999' must be a whole number"),
+    ([*_TRAIN[:2], "builtin:ct?size=100000", *_TRAIN[3:]], "size='100000' must be a whole number from 32 to 256"),
+    ([*_TRAIN[:2], "builtin:ct?n=100000", *_TRAIN[3:]], "100000 images need about"),
+    *[([*_SAMPLE, flag, value], f"{flag} {shown}: must be") for flag, value, shown in [
+        ("--n", "1e11", "'1e11'"), ("--n", "0", "0"), ("--n", "99999999999", "99999999999"),
+        ("--steps", "nan", "'nan'"), ("--steps", "5000", "5000"), ("--guidance", "nan", "nan"),
+        ("--guidance", "inf", "inf"), ("--guidance", "-1", "-1.0"), ("--guidance", "1e9", "1000000000.0"),
+        ("--seed", "1e20", "'1e20'"), ("--seed", "-1", "-1"), ("--batch-size", "0", "0"),
+        ("--cache-interval", "0", "0")]],
+    ([*_SAMPLE, "--seed", str(2**63 - 1), "--n", "2"], f"--seed {2**63 - 1}: with --n 2 the seeds run past"),
+    *[([*_DEMO, flag, value], f"{flag} {shown}: must be") for flag, value, shown in [
+        ("--minutes", "nan", "nan"), ("--minutes", "inf", "inf"), ("--minutes", "0", "0.0"),
+        ("--per-class", "0", "0"), ("--guidance", "nan", "nan"), ("--seed", "-1", "-1"), ("--max-steps", "0", "0")]],
+    (["evaluate", "--real", "OUT", "--fake", "OUT", "--size", "100000"], "--size 100000: must be"),
+    (["evaluate", "--real", "OUT", "--fake", "OUT", "--bootstrap", "1e9"], "--bootstrap '1e9': must be"),
+    (["evaluate", "--real", "OUT", "--fake", "OUT", "--seed", "nan"], "--seed 'nan': must be"),
+    (["audit", "--fake", "F", "--train", "T", "--real", "R", "--out", "OUT", "--size", "0"], "--size 0: must be"),
+    (["info", "builtin:ct?n=1e12"], "n='1e12' must be a whole number"),
+    (["info", "builtin:ct?n=8", "--size", "100000"], "--size 100000: must be"),
+    (["info", "builtin:ct?n=100000"], "100000 images need about"),
+    (["data", "export", "builtin:ct", "--out", "OUT", "--n", "1e11"], "--n '1e11': must be"),
+    (["data", "export", "builtin:ct", "--out", "OUT", "--n", "0"], "--n 0: must be"),
+    (["data", "export", "builtin:ct", "--out", "OUT", "--size", "300"], "--size 300: must be a whole number from 32"),
+    (["data", "export", "builtin:ct", "--out", "OUT", "--n", "100000"], "100000 images need about"),
+    (["data", "export", "builtin:ct", "--out", "OUT", "--seed", "-1"], "--seed -1: must be"),
+    (["data", "fetch", "pneumoniamnist", "--out", "OUT", "--retries", "0"], "--retries 0: must be"),
+    (["serve", "--run", "RUN", "--port", "-1"], "--port -1: must be a whole number from 0 to 65535"),
+])
+def test_bad_numbers_stop_at_the_edge_in_one_line(argv: list[str], match: str, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import meddiff.data.dataset as dataset
+
+    monkeypatch.setattr(dataset, "available_memory", lambda device: 2**30)  # 1 GiB free, on any machine
+    out = tmp_path / "out"
+    argv = [str(out) if a == "OUT" else str(tmp_path / "run") if a == "RUN" else a for a in argv]
+    code, _out, err = _run(argv, capsys)
+    _assert_one_line_error(code, err, match)
+    assert not out.exists(), "nothing may be written before a bad number is refused"
+
+
+def test_every_flag_of_every_command_has_a_help_text() -> None:
+    def walk(parser: argparse.ArgumentParser, where: str) -> list[str]:
+        missing = []
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    missing += walk(sub, f"{where} {name}")
+            elif not action.help:
+                missing.append(f"{where}: {'/'.join(action.option_strings) or action.dest}")
+        return missing
+
+    assert walk(_parser(), "meddiff") == []

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import meddiff.data.readers as readers
-from meddiff.data import cache
+from meddiff.data import cache, dataset
 from meddiff.data.dataset import (ImageSet, contiguous_runs, export_builtin, load_data, parse_spec, skipped_listing,
                                   split, to_square)
 from meddiff.errors import ConfigError, DataError
@@ -105,10 +105,17 @@ def test_missing_folder_and_plain_file_are_data_errors(tmp_path: Path, png_write
 
 @pytest.mark.parametrize("spec, match", [
     ("builtin:cats", r"--data 'builtin:cats': unknown built-in data set 'cats'; choose from builtin:mni-mri"),
-    ("builtin:phantoms?n=0", r"n='0' must be a positive whole number"),
-    ("builtin:phantoms?n=ten", r"n='ten' must be a positive whole number"),
-    ("builtin:phantoms?n=-3", r"n='-3' must be a positive whole number"),
-    ("builtin:phantoms?n=", r"n='' must be a positive whole number"),
+    ("builtin:phantoms?n=0", r"n='0' must be a whole number from 1 to 1000000"),
+    ("builtin:phantoms?n=ten", r"n='ten' must be a whole number from 1 to 1000000"),
+    ("builtin:phantoms?n=-3", r"n='-3' must be a whole number from 1 to 1000000"),
+    ("builtin:phantoms?n=", r"n='' must be a whole number"),
+    ("builtin:phantoms?n=1e12", r"--data 'builtin:phantoms\?n=1e12': n='1e12' must be a whole number from 1 to"),
+    ("builtin:phantoms?n=1000001", r"n='1000001' must be a whole number from 1 to 1000000"),
+    ("builtin:phantoms?n=nan", r"n='nan' must be a whole number"),
+    ("builtin:phantoms?n=²", r"n='²' must be a whole number"),
+    ("builtin:ct?size=100000", r"size='100000' must be a whole number from 32 to 256"),
+    ("builtin:ct?seed=99999999999999999999", r"seed='99999999999999999999' must be a whole number from 0 to "
+                                             r"9223372036854775807"),
     ("builtin:ct?count=3", r"unknown parameter\(s\) count; allowed: n, size, seed"),
     ("builtin:ct?n", r"--data 'builtin:ct\?n': malformed parameters"),
 ])
@@ -134,8 +141,35 @@ def test_spec_parsing() -> None:
 
 
 def test_phantom_render_size_is_checked() -> None:
-    with pytest.raises(DataError, match=r"size=16 must be between 32 and 256"):
+    with pytest.raises(DataError, match=r"size='16' must be a whole number from 32 to 256"):
         load_data("builtin:xray?n=2&size=16", 32)
+    assert parse_spec("builtin:ct?seed=0")[2] == {"seed": "0"}
+
+
+def test_memory_is_estimated_before_rendering(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dataset, "available_memory", lambda device: 2**30)
+    monkeypatch.setattr(dataset, "render_phantoms", _must_not_render)
+    with pytest.raises(DataError, match=r"--data 'builtin:ct\?n=100000': 100000 images need about 6\.1 GiB of "
+                                        r"memory and 1\.0 GiB are available"):
+        load_data("builtin:ct?n=100000", 64, cache_dir=tmp_path / "cache")
+    with pytest.raises(DataError, match=r"--n 100000: 100000 images need about 1\.5 GiB"):
+        export_builtin("builtin:ct", tmp_path / "out", n=100000, size=64)
+    assert not (tmp_path / "out").exists()
+
+
+def _must_not_render(*_args: object, **_kw: object) -> None:
+    raise AssertionError("rendered although the memory estimate should have refused")
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(n=0), r"--n 0: must be a whole number from 1 to 1000000"),
+    (dict(size=300), r"--size 300: must be a whole number from 32 to 256"),
+    (dict(seed=-1), r"--seed -1: must be a whole number from 0 to"),
+])
+def test_export_builtin_checks_its_numbers(tmp_path: Path, change: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        export_builtin("builtin:ct", tmp_path / "out", **{"n": 2, "size": 32, **change})
+    assert not (tmp_path / "out").exists()
 
 
 def test_second_load_hits_the_cache_and_a_changed_file_invalidates_it(tmp_path: Path, png_writer,

@@ -85,9 +85,9 @@ def test_demo_checks_real_images_before_training(tmp_path: Path, png_writer) -> 
 
 
 @pytest.mark.parametrize("change, match", [
-    (dict(per_class=0), r"--per-class 0: must be a whole number ≥ 1"),
-    (dict(guidance=-1.0), r"--guidance -1.0: must be a number ≥ 0"),
-    (dict(minutes=0.0), r"--minutes 0.0: must be a number > 0"),
+    (dict(per_class=0), r"--per-class 0: must be a whole number from 1 to 1000000"),
+    (dict(guidance=-1.0), r"--guidance -1.0: must be a number from 0 to 100"),
+    (dict(minutes=0.0), r"--minutes 0.0: must be a number in \(0, 1000000\]"),
 ])
 def test_demo_refuses_bad_settings_before_any_work(tmp_path: Path, change: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):

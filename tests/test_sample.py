@@ -167,8 +167,8 @@ def test_scheduler_errors() -> None:
 
 @pytest.mark.parametrize("changes, match", [
     (dict(fmt="jpeg"), r"--format 'jpeg': choose from png, png16, dicom, nifti"),
-    (dict(n=0), r"--n 0: must be a whole number ≥ 1"),
-    (dict(guidance=-1.0), r"--guidance -1.0: must be a number ≥ 0"),
+    (dict(n=0), r"--n 0: must be a whole number from 1 to 1000000"),
+    (dict(guidance=-1.0), r"--guidance -1.0: must be a number from 0 to 100"),
     (dict(weights="last"), r"--weights 'last': choose from ema, best, raw"),
     (dict(class_name="zebra"), r"--class 'zebra': unknown class"),
 ])

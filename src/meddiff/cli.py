@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
-from .config import (COUNT, DEFAULT_PRESET, HELDOUT_SPLITS, RECIPES, RESUME_FIELDS, SEEDS, Bounds, Option, SampleConfig,
-                     TrainConfig, field_type, flag, options, show)
+from .config import (DEFAULT_PRESET, DEPTH, HELDOUT_SPLITS, IMAGE_SIZE, IMAGES, RECIPES, RESAMPLES, RESUME_FIELDS,
+                     SEEDS, Bounds, Option, SampleConfig, TrainConfig, field_type, flag, options, show)
 from .demo import DemoConfig
 from .errors import ConfigError, MeddiffError
 
@@ -165,8 +165,8 @@ def _add_options(parser: argparse.ArgumentParser, cls: type, *, optional: tuple[
                                 type=_value_type(flag(f), opt, type_) if opt.choices or type_ is not str else None)
 
 
-def _number(parser: Any, *flags: str, bounds: Bounds = COUNT, kind: type = int, **how: Any) -> None:
-    """A numeric flag outside the config dataclasses, parsed and checked the same way."""
+def _number(parser: Any, *flags: str, bounds: Bounds, kind: type = int, **how: Any) -> None:
+    """A numeric flag outside the config dataclasses, parsed and checked the same way (config's limits)."""
     parser.add_argument(*flags, type=_value_type(flags[0], Option(help="", bounds=bounds), kind), **how)
 
 
@@ -186,7 +186,7 @@ def _parser() -> argparse.ArgumentParser:
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     ev.add_argument("--real", required=True, help="real images: a folder or builtin:…")
     ev.add_argument("--fake", required=True, help="generated images: a folder")
-    _number(ev, "--size", help="compare at this size (default: the generated images' size)")
+    _number(ev, "--size", bounds=IMAGE_SIZE, help="compare at this size (default: the generated images' size)")
     ev.add_argument("--json", help="also write the figures to this JSON file")
     _number(ev, "--seed", bounds=SEEDS, default=0, help="seed of the bootstrap and the real-halves split")
     ev.add_argument("--train", help="the model's training images: audit the generated ones for copies")
@@ -194,12 +194,12 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--run", metavar="RUN_DIR", help="the run folder: its training loss curve goes into the report")
     ev.add_argument("--utility", action="store_true",
                     help="train a classifier on real, synthetic and both; test each on held-out real images")
-    _number(ev, "--label-depth",
+    _number(ev, "--label-depth", bounds=DEPTH,
             help="folder levels naming a class (default: 1 for --real, as deep as its classes for the rest)")
     ev.add_argument("--features", choices=["randconv", "inception"], default="randconv",
                     help="feature network of FID/KID/PRDC (inception: local torch-fidelity weights only)")
     ev.add_argument("--inception-weights", metavar="PATH", help="the FID Inception weights file (implies --features inception)")
-    _number(ev, "--bootstrap", default=200, help="bootstrap resamples of every interval")
+    _number(ev, "--bootstrap", bounds=RESAMPLES, default=200, help="bootstrap resamples of every interval")
     ev.add_argument("--heldout-split", choices=HELDOUT_SPLITS, default="group", help=HELDOUT_SPLIT_HELP)
     ev.add_argument("--cache-dir", default=None, help=f"image and feature cache (default {default_cache_dir()})")
     _add_threads(ev)
@@ -212,15 +212,15 @@ def _parser() -> argparse.ArgumentParser:
     au.add_argument("--train", required=True, help="the model's training images: a folder or builtin:…")
     au.add_argument("--real", required=True, help="real images the model never saw, to set the copy threshold")
     au.add_argument("--out", required=True, help="the shareable folder (must not exist or be empty)")
-    _number(au, "--size", help="compare at this size (default: the generated images' size)")
-    _number(au, "--label-depth", default=1)
+    _number(au, "--size", bounds=IMAGE_SIZE, help="compare at this size (default: the generated images' size)")
+    _number(au, "--label-depth", bounds=DEPTH, default=1, help="folder levels naming a class (default 1)")
     au.add_argument("--heldout-split", choices=HELDOUT_SPLITS, default="group", help=HELDOUT_SPLIT_HELP)
     au.add_argument("--cache-dir", default=None, help=f"image cache (default {default_cache_dir()})")
     info = sub.add_parser("info", help="what the loader sees in a data path", epilog=INFO_EXAMPLES,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     info.add_argument("path", help="a folder or builtin:…")
-    _number(info, "--label-depth", default=1)
-    _number(info, "--size", default=64)
+    _number(info, "--label-depth", bounds=DEPTH, default=1, help="folder levels naming a class (default 1)")
+    _number(info, "--size", bounds=IMAGE_SIZE, default=64, help="read the images at this size (default 64)")
     _add_demo(sub)
     data = sub.add_parser("data", help="built-in and public data sets", epilog=DATA_EXAMPLES,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -228,10 +228,11 @@ def _parser() -> argparse.ArgumentParser:
     exp = dsub.add_parser("export", help="write a built-in data set as PNGs in class folders", epilog=DATA_EXAMPLES,
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     exp.add_argument("spec", help="builtin:phantoms, builtin:ct, builtin:xray, builtin:mri, builtin:us, builtin:mni-mri")
-    _number(exp, "--n", default=200)
-    _number(exp, "--size", default=128)
-    _number(exp, "--seed", bounds=SEEDS, default=0)
-    exp.add_argument("--out", required=True)
+    _number(exp, "--n", bounds=IMAGES, default=200, help="number of images (default 200)")
+    _number(exp, "--size", bounds=IMAGE_SIZE, default=128,
+            help="image size in px (default 128; the phantoms render at 32 to 256)")
+    _number(exp, "--seed", bounds=SEEDS, default=0, help="seed of the rendering (default 0)")
+    exp.add_argument("--out", required=True, help="folder for the PNG class folders")
     _add_fetch(dsub)
     _add_export_diffusers(sub)
     _add_serve(sub)
@@ -250,16 +251,18 @@ def _add_fetch(dsub: Any) -> None:
                     help="which official split to write (default train: keep test images for evaluation)")
     fe.add_argument("--url-base", default=ZENODO, help="a mirror holding the official files (default Zenodo)")
     fe.add_argument("--download-dir", help=f"where the .npz is kept (default {default_cache_dir()}/medmnist)")
-    _number(fe, "--retries", default=3)
+    _number(fe, "--retries", bounds=Bounds(1, 100, whole=True), default=3,
+            help="download attempts before giving up (default 3)")
 
 
 def _add_export_diffusers(sub: Any) -> None:
     ex = sub.add_parser("export-diffusers", help="write a run as a diffusers pipeline folder",
                         epilog="examples:\n  meddiff export-diffusers runs/mri exported/mri\n",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    ex.add_argument("run", metavar="RUN_DIR")
-    ex.add_argument("out", metavar="OUT_DIR")
-    ex.add_argument("--weights", choices=["ema", "best"], default="ema")
+    ex.add_argument("run", metavar="RUN_DIR", help="a run folder written by meddiff train")
+    ex.add_argument("out", metavar="OUT_DIR", help="the pipeline folder to write")
+    ex.add_argument("--weights", choices=["ema", "best"], default="ema",
+                    help="ema: the averaged weights, best: the lowest validation loss (default ema)")
 
 
 def _add_train(sub: Any) -> None:
@@ -465,8 +468,9 @@ def _add_serve(sub: Any) -> None:
     se.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     _number(se, "--port", bounds=Bounds(0, 65535, whole=True), default=7860, help="0: any free port")
     se.add_argument("--out", help="folder the batches are written into (default: a new temporary folder)")
-    se.add_argument("--weights", choices=["ema", "best", "raw"], default="ema")
-    se.add_argument("--device", default="auto")
+    se.add_argument("--weights", choices=["ema", "best", "raw"], default="ema",
+                    help="ema: the averaged weights, best: the lowest validation loss, raw: the last checkpoint's")
+    se.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     _add_threads(se)
 
 

@@ -172,10 +172,30 @@ class Checked:
         validate_options(self)
 
 
-SEEDS = Bounds(0, 2**63 - 1, whole=True)
+# --- limits: each number an option takes is finite and inside one of these; absurd values stop at the edge ----
+SEEDS = Bounds(0, 2**63 - 1, whole=True)        # numpy's and torch's generators take each of these
+MAX_IMAGES = 1_000_000                           # images one request asks for, or one built-in data set holds
+IMAGES = Bounds(1, MAX_IMAGES, whole=True)
+BATCH = Bounds(1, 4096, whole=True)
+IMAGE_SIZE = Bounds(8, 1024, whole=True)         # px, where images are compared or read at a size
+STEP_COUNT = Bounds(1, 10**9, whole=True)        # optimizer steps, and steps between validations or saves
+WARMUP = Bounds(0, 10**9, whole=True)
+EPOCHS = Bounds(1, 10**6, whole=True)
+PATIENCE = Bounds(0, 10**6, whole=True)
+MINUTES = Bounds(0, 10**6, lo_open=True)         # about two years
+LEARNING_RATE = Bounds(0, 10, lo_open=True)
+GAMMA = Bounds(0, 10**4, lo_open=True)
+TIMESTEPS = Bounds(1, 100_000, whole=True)
+STEPS = Bounds(1, 1000, whole=True)              # sampler steps
+GUIDANCE = Bounds(0, 100)
+CACHE_INTERVAL = Bounds(1, 1000, whole=True)
+DEPTH = Bounds(1, 32, whole=True)                # folder levels naming a class
+KEEP = Bounds(1, 1000, whole=True)
+RESAMPLES = Bounds(1, 100_000, whole=True)       # bootstrap resamples
+SHARE = Bounds(0, 1, hi_open=True)
+NON_NEGATIVE = Bounds(0, 10**6)
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 CUDA_N = ("cuda:N", r"cuda:\d{1,3}")
-COUNT = Bounds(1, math.inf, whole=True)
 
 
 @dataclass(frozen=True)
@@ -245,12 +265,6 @@ SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpmpp-2m", "unipc", "euler", "heun
 HELDOUT_SPLITS: tuple[str, ...] = ("group", "contiguous")  # held out by group, or in runs of consecutive images
 FORMATS: tuple[str, ...] = ("png", "png16", "dicom", "nifti")
 WEIGHTS: tuple[str, ...] = ("ema", "best", "raw")
-POSITIVE = Bounds(0, math.inf, lo_open=True)
-STEPS = Bounds(1, 1000, whole=True)
-GUIDANCE = Bounds(0, math.inf)
-_SHARE = Bounds(0, 1, hi_open=True)
-_ZERO_UP = Bounds(0, math.inf)
-_WHOLE_ZERO_UP = Bounds(0, math.inf, whole=True)
 
 
 @dataclass(frozen=True)
@@ -263,52 +277,52 @@ class TrainConfig(Checked):
     preset: str = option(DEFAULT_PRESET, "architecture + recipe (seed = the student project exactly)",
                          choices=PRESETS)
     size: int | None = option(None, "image size in px", bounds=Bounds(16, 1024, whole=True, step=8), recipe=64)
-    batch_size: int | None = option(None, "effective (global) batch size", bounds=COUNT, recipe=16)
+    batch_size: int | None = option(None, "effective (global) batch size", bounds=BATCH, recipe=16)
     micro_batch: int | None = option(None, "images per forward pass (gradients accumulate to --batch-size), or "
-                                     "auto: the largest that fits the device", bounds=COUNT, auto=0)
-    epochs: int | None = option(None, "stop after this many passes over the training images", bounds=COUNT,
+                                     "auto: the largest that fits the device", bounds=BATCH, auto=0)
+    epochs: int | None = option(None, "stop after this many passes over the training images", bounds=EPOCHS,
                                 group="stop")
-    max_steps: int | None = option(None, "stop after this many optimizer steps", bounds=COUNT, group="stop")
-    max_minutes: float | None = option(None, "stop after this many minutes of training", bounds=POSITIVE,
+    max_steps: int | None = option(None, "stop after this many optimizer steps", bounds=STEP_COUNT, group="stop")
+    max_minutes: float | None = option(None, "stop after this many minutes of training", bounds=MINUTES,
                                        group="stop")
-    lr: float | None = option(None, "peak learning rate of AdamW", bounds=POSITIVE, recipe=1e-3)
+    lr: float | None = option(None, "peak learning rate of AdamW", bounds=LEARNING_RATE, recipe=1e-3)
     lr_schedule: str | None = option(None, "learning rate after the warm-up: cosine decay to zero or constant",
                                      choices=("cosine", "constant"), recipe="cosine")
     warmup_steps: int | None = option(None, "linear learning-rate warm-up steps; 0: warm up over the recipe's "
-                                      "share of the run (5 %, none for seed)", bounds=_WHOLE_ZERO_UP, recipe=0)
+                                      "share of the run (5 %, none for seed)", bounds=WARMUP, recipe=0)
     warmup_fraction: float | None = option(None, "share of the run to warm up over when warmup_steps is 0",
-                                           bounds=_SHARE, recipe=0.05, cli=False)
-    weight_decay: float | None = option(None, "AdamW's weight decay", bounds=_ZERO_UP, recipe=0.01, cli=False)
+                                           bounds=SHARE, recipe=0.05, cli=False)
+    weight_decay: float | None = option(None, "AdamW's weight decay", bounds=NON_NEGATIVE, recipe=0.01, cli=False)
     ema_decay: float | None = option(None, "decay of the weights' exponential moving average (0 turns it off)",
-                                     bounds=_SHARE, recipe=0.999)
+                                     bounds=SHARE, recipe=0.999)
     # plain v-MSE (= eps-MSE + x_0-MSE), not min-SNR-5: on 121 MRI slices it copied no training slice in 20
     # minutes where min-SNR-5 copied 83 %, with a lower validation loss (docs/benchmarks.md, objectives)
     objective: str | None = option(None, "what the UNet predicts: eps (the noise) or v (the velocity)",
                                    choices=("eps", "v"), recipe="v")
     loss_weighting: str | None = option(None, "none: the objective's plain MSE; min-snr: min-SNR-gamma "
                                         "(--min-snr-gamma)", choices=("none", "min-snr"), recipe="none")
-    min_snr_gamma: float = option(5.0, "gamma of --loss-weighting min-snr", bounds=POSITIVE)
+    min_snr_gamma: float = option(5.0, "gamma of --loss-weighting min-snr", bounds=GAMMA)
     beta_schedule: str | None = option(None, "noise schedule", choices=("linear", "cosine"), recipe="cosine")
     zero_terminal_snr: bool = option(False, "rescale the noise schedule so that its last step is pure noise")
     timestep_spacing: str | None = option(None, "how samplers place their steps", recipe="trailing",
                                           choices=("trailing", "leading", "linspace"), cli=False)
-    grad_clip: float | None = option(None, "max gradient norm; 0 turns clipping off", bounds=_ZERO_UP,
+    grad_clip: float | None = option(None, "max gradient norm; 0 turns clipping off", bounds=NON_NEGATIVE,
                                      recipe=1.0, cli=False)
-    num_train_timesteps: int = option(1000, "diffusion steps of the noise schedule", bounds=COUNT)
+    num_train_timesteps: int = option(1000, "diffusion steps of the noise schedule", bounds=TIMESTEPS)
     flip: bool | None = option(None, "random horizontal flips", recipe=True)
     conditional: str = option("auto", "class conditioning: auto (when there are 2 or more classes), on or off",
                               choices=("auto", "on", "off"))
-    cond_drop_prob: float = option(0.1, "share of labels replaced by the null class, for guidance", bounds=_SHARE,
+    cond_drop_prob: float = option(0.1, "share of labels replaced by the null class, for guidance", bounds=SHARE,
                                    cli=False)
-    label_depth: int = option(1, "folder levels naming a class (2: xray/normal)", bounds=COUNT)
+    label_depth: int = option(1, "folder levels naming a class (2: xray/normal)", bounds=DEPTH)
     val_fraction: float = option(0.1, "share of the images held out for the validation loss",
                                  bounds=Bounds(0, 0.5, hi_open=True))
-    val_every: int | None = option(None, "steps between validations (default: about 10 in a run)", bounds=COUNT)
+    val_every: int | None = option(None, "steps between validations (default: about 10 in a run)", bounds=STEP_COUNT)
     patience: int | None = option(None, "stop after this many evaluations without improvement",
-                                  bounds=_WHOLE_ZERO_UP)
+                                  bounds=PATIENCE)
     checkpoint_every: int | None = option(None, "steps between checkpoints (default: with each validation)",
-                                          bounds=COUNT, cli=False)
-    keep_checkpoints: int = option(2, "checkpoints kept", bounds=COUNT, cli=False)
+                                          bounds=STEP_COUNT, cli=False)
+    keep_checkpoints: int = option(2, "checkpoints kept", bounds=KEEP, cli=False)
     grad_checkpointing: bool = option(False, "recompute activations in the backward pass: less memory, slower")
     channels_last: bool = option(False, "UNet in channels-last memory format; on AMX CPUs under bf16 it trains "
                                  "the `seed` UNet at 128 px 1.26x faster, at 64 px it is slower (docs/benchmarks.md)")
@@ -328,6 +342,7 @@ class TrainConfig(Checked):
         cfg = dataclasses.replace(self, **filled)
         if cfg.micro_batch and cfg.micro_batch > cfg.batch_size:
             raise ConfigError(f"--micro-batch {cfg.micro_batch}: must not exceed --batch-size {cfg.batch_size}")
+        model_config(cfg.preset, cfg.size)  # the preset's UNet takes this size: known now, before any work
         return cfg
 
 
@@ -344,26 +359,31 @@ class SampleConfig(Checked):
                       "takes --run for its own --run-path)", flags=("--run", "--run-dir"))
     out: str = option(help="the folder the images are written into")
     n: int = option(4, "number of images (under torchrun write --count: torchrun reads --n as its own option)",
-                    flags=("--n", "--count"), bounds=COUNT, web=Bounds(1, 64, whole=True))
+                    flags=("--n", "--count"), bounds=IMAGES, web=Bounds(1, 64, whole=True))
     steps: int | None = option(None, "sampler steps (default 10; 20 for seed-preset runs)", bounds=STEPS,
                                web=Bounds(1, 200, whole=True))
     sampler: str | None = option(None, "default unipc (at 10 steps it beats DDIM at 20, docs/benchmarks.md); "
                                  "ddim for seed-preset runs", choices=SAMPLERS)
     seed: int = option(0, "seed of the first image; image i has seed + i", bounds=SEEDS,
                        web=Bounds(0, 2**32 - 1, whole=True))
-    batch_size: int = option(16, "images per forward pass", bounds=COUNT)
+    batch_size: int = option(16, "images per forward pass", bounds=BATCH)
     class_name: str | None = option(None, "a class the model knows, e.g. xray/pneumonia", flags=("--class",))
-    per_class: int | None = option(None, "N images of each class, in class folders", bounds=COUNT)
+    per_class: int | None = option(None, "N images of each class, in class folders", bounds=IMAGES)
     guidance: float = option(1.0, "classifier-free guidance scale (1 = none)", bounds=GUIDANCE, web=Bounds(0, 20))
     fmt: str = option("png", "file format", flags=("--format",), choices=FORMATS, web=("png", "dicom"))
     weights: str = option("ema", "ema: the averaged weights, best: the lowest validation loss, raw: the last "
                           "checkpoint's", choices=WEIGHTS)
     cache_interval: int = option(1, "DeepCache feature reuse: full UNet every N model calls (1 = off; 2-3 is "
-                                 "~1.5-2x faster)", bounds=COUNT)
+                                 "~1.5-2x faster)", bounds=CACHE_INTERVAL)
     precision: str = option("auto", "auto: bf16 where the hardware runs it fast, else fp32", choices=PRECISIONS)
     device: str = option("auto", "auto, cpu, cuda or cuda:N", choices=DEVICES, pattern=CUDA_N)
     grid: bool = option(True, "write grid.png", cli=False)
     progress: bool = option(True, "no progress bar")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.seed + self.n - 1 > SEEDS.hi:
+            raise ConfigError(f"--seed {self.seed}: with --n {self.n} the seeds run past the largest, {SEEDS.hi}")
 
 
 def web_option(opt: Option) -> Option:

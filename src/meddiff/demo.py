@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Callable
 from urllib.parse import urlencode
 
 from .atomic import write_bytes, write_json
-from .config import (COUNT, CUDA_N, DEFAULT_PRESET, DEVICES, GUIDANCE, POSITIVE, PRESETS, SEEDS, Checked,
-                     SampleConfig, TrainConfig, option)
+from .config import (CUDA_N, DEFAULT_PRESET, DEVICES, GUIDANCE, IMAGES, MINUTES, PRESETS, RESAMPLES, SEEDS,
+                     STEP_COUNT, Checked, SampleConfig, TrainConfig, option)
 from .errors import ConfigError, RunError
 
 if TYPE_CHECKING:  # the heavy modules load when the demo runs, not when the CLI builds its --help
@@ -49,13 +49,13 @@ class DemoConfig(Checked):
                               "next seed, at most 400 images the model never saw)")
     minutes: float = option(DEMO_MINUTES, "safety stop for the whole demo: training stops early when what data, "
                             "sampling and evaluation leave of it runs out, and the demo says the model is "
-                            "under-trained", bounds=POSITIVE)
+                            "under-trained", bounds=MINUTES)
     max_steps: int = option(DEMO_STEPS, "training steps: a fixed amount of work, so a slower or busier machine "
-                            "takes longer instead of drawing a worse model", bounds=COUNT)
+                            "takes longer instead of drawing a worse model", bounds=STEP_COUNT)
     preset: str = option(DEFAULT_PRESET, "architecture + recipe", choices=PRESETS)
-    per_class: int = option(6, "samples of each class: one grid row", bounds=COUNT)
+    per_class: int = option(6, "samples of each class: one grid row", bounds=IMAGES)
     guidance: float = option(2.0, "classifier-free guidance scale (1 = none)", bounds=GUIDANCE)
-    n_boot: int = option(100, "bootstrap resamples of the evaluation's intervals", bounds=COUNT, cli=False)
+    n_boot: int = option(100, "bootstrap resamples of the evaluation's intervals", bounds=RESAMPLES, cli=False)
     seed: int = option(0, "seed of training and sampling", bounds=SEEDS)
     device: str = option("auto", "auto, cpu, cuda or cuda:N", choices=DEVICES, pattern=CUDA_N)
     cache_dir: str | None = option(None, "image and feature cache")

@@ -20,7 +20,8 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
                        HeunDiscreteScheduler, UNet2DModel, UniPCMultistepScheduler)
 
 from . import runfolder
-from .config import SAMPLERS, STEPS, ModelConfig, SampleConfig, TrainConfig, check_value, default_sampler
+from .config import (MAX_IMAGES, SAMPLERS, SEEDS, STEPS, ModelConfig, SampleConfig, TrainConfig, check_value,
+                     default_sampler)
 from .errors import ConfigError
 from .model import Denoiser, null_class, with_meddiff_attention
 from .runtime import Dist, describe, pick_device, pick_precision, progress_bar
@@ -165,6 +166,10 @@ def plan(run: LoadedRun, cfg: SampleConfig) -> list[tuple[str, int, int | None]]
         names = [cfg.class_name] if cfg.class_name else list(run.class_names)
         if not run.conditional:
             raise ConfigError("--per-class: this model is unconditional; use --n")
+        total = cfg.per_class * len(names)
+        if total > MAX_IMAGES or cfg.seed + total - 1 > SEEDS.hi:
+            raise ConfigError(f"--per-class {cfg.per_class}: {total} images for {len(names)} classes; at most "
+                              f"{MAX_IMAGES} in all, with seeds up to {SEEDS.hi}")
         jobs = [(f"{c}/seed{cfg.seed + k * cfg.per_class + j:06d}", cfg.seed + k * cfg.per_class + j,
                  class_index(run, c)) for k, c in enumerate(names) for j in range(cfg.per_class)]
         return jobs

@@ -19,12 +19,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import HELDOUT_SPLITS
+from ..config import HELDOUT_SPLITS, IMAGE_SIZE, IMAGES, SEEDS, Bounds, check_value, show
 from ..errors import ConfigError, DataError, UnreadableFile
+from ..runtime import available_memory
 from . import cache
 from .folders import write_class_folders
 
 BUILTINS = ("mni-mri", "phantoms", "ct", "xray", "mri", "us")
+# the parameters of `builtin:…?n=…&size=…&seed=…`; size is the phantoms' render size (MedPhantom-4's range)
+BUILTIN_PARAMS: dict[str, Bounds] = {"n": IMAGES, "size": Bounds(32, 256, whole=True), "seed": SEEDS}
 CONTIGUOUS_RUNS = 10  # runs a "contiguous" split cuts a set into
 
 
@@ -56,12 +59,13 @@ def parse_spec(spec: str, flag: str = "--data") -> tuple[str, str, dict[str, str
         except ValueError:
             raise DataError(f"{flag} {spec!r}: malformed parameters {query!r}; expected e.g. "
                             f"builtin:{name}?n=200&seed=1") from None
-        unknown = set(params) - {"n", "size", "seed"}
+        unknown = set(params) - set(BUILTIN_PARAMS)
         if unknown:
             raise DataError(f"{flag} {spec!r}: unknown parameter(s) {', '.join(sorted(unknown))}; allowed: n, size, seed")
         for k, v in params.items():
-            if not v.isdigit() or int(v) < 1:
-                raise DataError(f"{flag} {spec!r}: {k}={v!r} must be a positive whole number")
+            bounds = BUILTIN_PARAMS[k]
+            if not (v.isascii() and v.isdigit() and len(v) <= 20 and bounds.allows(int(v))):
+                raise DataError(f"{flag} {spec!r}: {k}={show(v)} must be {bounds.describe()}")
         return "builtin", name, params
     if spec.startswith("medmnist:"):
         path, params = _parse_medmnist(spec, flag)
@@ -243,6 +247,14 @@ def _medmnist_file(path: Path, part: str, size: int, crop: bool) -> tuple[np.nda
 
 # ---------------------------------------------------------------- public entry points
 
+def check_memory(what: str, n: int, need: int) -> None:
+    """DataError before `n` images that need `need` bytes are made, when the system has less memory free."""
+    free = available_memory(torch.device("cpu"))
+    if need > free:
+        raise DataError(f"{what}: {n} images need about {need / 2**30:.1f} GiB of memory and "
+                        f"{free / 2**30:.1f} GiB are available; ask for fewer or smaller images")
+
+
 def load_data(spec: str, size: int, *, crop: bool = False, label_depth: int = 1,
               cache_dir: str | Path | None = None, nifti_axis: str = "axial",
               exclude: tuple[str, ...] = (), flag: str = "--data") -> ImageSet:
@@ -268,8 +280,9 @@ def load_data(spec: str, size: int, *, crop: bool = False, label_depth: int = 1,
     else:
         n, seed = int(params.get("n", 400)), int(params.get("seed", 0))
         render_size = int(params.get("size", size))
-        if not 32 <= render_size <= 256:
-            raise DataError(f"{flag} {spec!r}: size={render_size} must be between 32 and 256")
+        if not BUILTIN_PARAMS["size"].allows(render_size):
+            raise DataError(f"{flag} {spec!r}: size={render_size} must be {BUILTIN_PARAMS['size'].describe()}")
+        check_memory(f"{flag} {spec!r}", n, n * (render_size**2 * 4 + size**2 * 12))
         stored, side = cache.load_or_build(Path(cache_dir) if cache_dir else None,
                                            cache.cache_key("phantoms", name, n, seed, render_size, size),
                                            lambda: _phantoms(name, n, seed, render_size, size))
@@ -338,11 +351,15 @@ def export_builtin(spec: str, out: str | Path, n: int, size: int, seed: int = 0)
         raise DataError(f"{spec!r}: data export takes a built-in data set (builtin:…)")
     if params:
         raise DataError(f"{spec!r}: give --n, --size and --seed as flags, not in the spec")
-    if name == "mni-mri":
+    check_value("--n", n, bounds=IMAGES)
+    check_value("--seed", seed, bounds=SEEDS)
+    check_value("--size", size, bounds=IMAGE_SIZE if name == "mni-mri" else BUILTIN_PARAMS["size"])
+    if name == "mni-mri":  # at most the template's ~190 axial slices, whatever n asks for
         stored, side = _mni_slices(size, n)
         images = list(cache.from_uint16(stored))
         classes = ["mri"] * len(images)
     else:
+        check_memory(f"--n {n}", n, n * size**2 * 4)
         images = render_phantoms(name, n, seed, size)
         classes = [f"{m}/{'abnormal' if a else 'normal'}" for m, _i, a in phantom_items(name, n)]
     return write_class_folders(out, ((cls, f"{i:06d}", np.round(np.clip(image, 0, 1) * 255).astype(np.uint8))
