@@ -106,12 +106,11 @@ def test_sample_errors_are_one_line(trained_run: Path, uncond_run: Path, tmp_pat
     _assert_one_line_error(code, err, "meddiff.json: missing")
 
 
-
 @pytest.mark.parametrize("value", ["0", "-2"])
 @pytest.mark.parametrize("command", ["train", "sample", "evaluate", "demo", "serve"])
 def test_threads_below_one_are_refused_in_one_line(command: str, value: str, capsys: pytest.CaptureFixture) -> None:
     code, _out, err = _run([command, "--threads", value], capsys)
-    _assert_one_line_error(code, err, f"argument --threads: {value} must be at least 1")
+    _assert_one_line_error(code, err, f"--threads {value}: must be a whole number from 1 to 1024")
 
 
 @pytest.mark.parametrize("argv, omp, expected", [

@@ -127,7 +127,7 @@ def test_builtin_spec_errors(spec: str, match: str) -> None:
 def test_errors_name_the_flag_the_spec_came_from(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"^--real 'builtin:cats': unknown built-in data set"):
         parse_spec("builtin:cats", flag="--real")
-    with pytest.raises(DataError, match=r"^--train 'builtin:xray\?n=2&size=16': size=16 must be between 32"):
+    with pytest.raises(DataError, match=r"^--train 'builtin:xray\?n=2&size=16': size='16' must be a whole number from 32"):
         load_data("builtin:xray?n=2&size=16", 32, flag="--train")
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=r"^--fake '.*empty': no readable images found"):

@@ -437,7 +437,8 @@ def cmd_export_diffusers(a: argparse.Namespace) -> int:
 
 def _add_demo(sub: Any) -> None:
     de = sub.add_parser("demo", help="train one class-conditional model on MedPhantom-4 (3,000 steps, ~9 min on "
-                        "a 2-core Zen 5 CPU), then sample a grid with one row per class, evaluate it and write the report",
+                        "a 2-core Zen 5 CPU), then sample a grid with one row per class, evaluate it and write the "
+                        "report",
                         epilog=DEMO_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_options(de, DemoConfig, shown={"cache_dir": default_cache_dir()})
     _add_threads(de)
