@@ -222,6 +222,10 @@ def sample_to_folder(cfg: SampleConfig, echo: Callable[[str], None] = print, dis
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     manifest, done = _manifests(out, dist)
+    if dist.active:  # every rank must split the same list: none may start writing before all have read the folder
+        import torch.distributed as td
+
+        td.barrier()
     jobs = plan(run, cfg)
     suffix = export.SUFFIX[cfg.fmt]
     remaining = [j for j in jobs if f"{j[0]}{suffix}" not in done]
