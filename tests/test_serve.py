@@ -27,7 +27,8 @@ from meddiff.config import default_sampler
 from meddiff.errors import ConfigError
 from meddiff.sample import generate, load_run
 from meddiff.modelcard import shown_card
-from meddiff.serve import GenerateRequest, ServeConfig, make_server, parse_request, request_defaults
+from meddiff.serve import (GenerateRequest, ServeConfig, check_budget, make_server, parse_request, request_cost,
+                           request_defaults)
 
 CLASSES = ("a", "b")
 SEED_DEFAULTS = request_defaults("seed")  # the seed preset's sampler: DDIM, 20 steps
@@ -41,9 +42,10 @@ def _quiet(_line: str) -> None:
 
 
 @contextlib.contextmanager
-def _serving(run: Path, out: Path) -> Iterator[serve_mod.Server]:
-    """The app on a free port of 127.0.0.1, served from a thread."""
-    srv = make_server(ServeConfig(run=str(run), out=str(out), port=0, device="cpu", precision="fp32"), echo=_quiet)
+def _serving(run: Path, out: Path, **changes: Any) -> Iterator[serve_mod.Server]:
+    """The app on a free port of 127.0.0.1 (or as `changes` say), served from a thread."""
+    cfg = ServeConfig(run=str(run), out=str(out), **{"port": 0, "device": "cpu", "precision": "fp32", **changes})
+    srv = make_server(cfg, echo=_quiet)
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
@@ -68,7 +70,7 @@ def uncond_server(uncond_run: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 def _call(srv: serve_mod.Server, method: str, path: str, body: Any = None,
           headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-    """One raw HTTP exchange (the path is sent exactly as given); returns (status, headers, body)."""
+    """One raw HTTP exchange with 127.0.0.1 (the path is sent exactly as given); returns (status, headers, body)."""
     conn = http.client.HTTPConnection("127.0.0.1", srv.server_address[1], timeout=60)
     try:
         if body is not None and not isinstance(body, (bytes, str)):
@@ -285,6 +287,176 @@ def test_cli_serve_reports_a_missing_run_in_one_line(tmp_path: Path, capsys: pyt
         main(["serve", "--run", str(tmp_path), "--port", "70000"])
     assert exit_info.value.code == 2
     assert "--port 70000: must be a whole number from 0 to 65535" in capsys.readouterr().err
+
+
+# --- compute budget, cancellation, kept jobs, remote opt-in ---------------------------------------------------
+
+def test_request_cost_counts_unet_evaluations_times_pixels() -> None:
+    req = GenerateRequest("a", 64, "heun", 200, 20.0, 0, "png")
+    assert request_cost(req, 64) == 64 * 200 * 2 * 2 * 64 * 64  # Heun: 2 evaluations a step; guidance: 2 passes
+    assert request_cost(GenerateRequest("a", 4, "ddim", 20, 1.0, 0, "png"), 128) == 4 * 20 * 128 * 128
+    assert request_cost(GenerateRequest(None, 4, "ddim", 20, 3.0, 0, "png"), 128) == 4 * 20 * 128 * 128  # uncond.
+    with pytest.raises(ConfigError, match=r"request: 64 images × 200 steps × 2 \(heun\) × 2 \(guidance\) at 64×64 px "
+                                          r"is 209\.7 M pixel-evaluations; one request may use at most 25 M: use at "
+                                          r"most 7 images or at most 23 steps for 64 images or guidance 1"):
+        check_budget(req, 64, 25.0)
+    budget = ServeConfig(run="r", out="o").compute_budget
+    for preset in ("seed", "lean"):  # the page's defaults, with guidance, fit 2x over even at 256 px
+        d = request_defaults(preset)
+        default = GenerateRequest("a", d["n"], d["sampler"], d["steps"], 3.0, 0, "png")
+        assert 2 * check_budget(default, 256, budget) <= budget * 1e6
+
+
+def test_an_over_budget_request_gets_400_and_writes_nothing(server: serve_mod.Server) -> None:
+    before = sorted(p.name for p in server.app.out.iterdir())
+    status, body = _post(server, {"class": "a", "n": 64, "steps": 200, "sampler": "heun", "guidance": 20})
+    assert status == 400 and "at most 25 M" in body["error"] and "at most 30 images" in body["error"]
+    assert sorted(p.name for p in server.app.out.iterdir()) == before
+
+
+class _SlowGenerate:
+    """Stands in for sample.generate: each image waits until the test lets it through (gate.release)."""
+
+    def __init__(self) -> None:
+        self.calls, self.gate = 0, threading.Semaphore(0)
+
+    @contextlib.contextmanager
+    def installed(self, monkeypatch: pytest.MonkeyPatch) -> Iterator["_SlowGenerate"]:
+        monkeypatch.setattr(serve_mod, "generate", self)
+        try:
+            yield self
+        finally:
+            self.gate.release(10_000)  # whatever happened, let the worker finish
+
+    def __call__(self, run: Any, seeds: list[int], *args: Any, **kwargs: Any) -> np.ndarray:
+        self.calls += 1
+        assert self.gate.acquire(timeout=60), "the test never let this image through"
+        return np.zeros((len(seeds), 32, 32), np.float32)
+
+
+def _state(srv: serve_mod.Server, job_id: str) -> tuple[int, dict[str, Any]]:
+    status, _, data = _call(srv, "GET", f"/api/jobs/{job_id}")
+    return status, json.loads(data)
+
+
+def _wait_for(srv: serve_mod.Server, job_id: str, *statuses: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 60  # a guard against a hang, not a timing check
+    while (state := _state(srv, job_id)[1])["status"] not in statuses:
+        assert time.monotonic() < deadline, state
+        time.sleep(0.02)
+    return state
+
+
+def test_jobs_can_be_cancelled_queued_or_running(trained_run: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    with _serving(trained_run, tmp_path / "out") as srv, _SlowGenerate().installed(monkeypatch) as slow:
+        first = _post(srv, {"class": "a", "n": 3, "steps": 1})[1]["id"]
+        second = _post(srv, {"class": "a", "n": 2, "steps": 1})[1]["id"]
+        _wait_for(srv, first, "running")
+        status, _, data = _call(srv, "DELETE", f"/api/jobs/{second}")  # queued: never starts
+        assert status == 202 and json.loads(data) == {"id": second, "status": "cancelled"}
+        assert _state(srv, second)[1]["status"] == "cancelled"
+        assert _call(srv, "DELETE", f"/api/jobs/{first}")[0] == 202  # running: stops after its current image
+        assert _state(srv, first)[1]["status"] == "cancelled"
+        slow.gate.release(5)
+        deadline = time.monotonic() + 60
+        while srv.app._current is not None or slow.calls < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        state = _state(srv, first)[1]
+        assert (state["status"], state["done"], state["zip"]) == ("cancelled", 1, None) and slow.calls == 1
+        assert not any((srv.app.out / second).iterdir()), "a cancelled queued job writes nothing"
+        # DELETE of a finished job forgets it and deletes its folder
+        status, _, data = _call(srv, "DELETE", f"/api/jobs/{first}")
+        assert status == 200 and json.loads(data)["status"] == "deleted"
+        assert _state(srv, first)[0] == 404 and not (srv.app.out / first).exists()
+        assert _call(srv, "DELETE", "/api/jobs/0123456789abcdef")[0] == 404
+
+
+def test_the_queue_has_a_compute_budget(trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with _serving(trained_run, tmp_path / "out", compute_budget=0.01) as srv, \
+            _SlowGenerate().installed(monkeypatch) as slow:  # a budget of 10 000: 9 images of 1 step
+        ids = [_post(srv, {"class": "a", "n": 9, "steps": 1})[1]["id"] for _ in range(4)]  # 4 x 9 216
+        status, body = _post(srv, {"class": "a", "n": 9, "steps": 1})
+        assert status == 429 and "0.03686 M pixel-evaluations are queued and this batch needs 0.009216 M (at most " \
+            "0.04 M in all)" in body["error"]
+        assert _post(srv, {"class": "a", "n": 10, "steps": 1})[0] == 400  # over one request's budget
+        for job_id in ids:
+            _call(srv, "DELETE", f"/api/jobs/{job_id}")
+        slow.gate.release(1)
+        _wait_for(srv, ids[0], "cancelled")
+        assert _post(srv, {"class": "a", "n": 9, "steps": 1})[0] == 202  # cancelled work no longer counts
+
+
+def test_only_the_newest_jobs_keep_their_folders(trained_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    (out / "0123456789abcdef").mkdir()  # looks like a job folder, but not one of this server's
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "keep.txt").write_text("keep")
+    with _serving(trained_run, out, keep_jobs=2) as srv:
+        ids = [_finish(srv, {"class": "a", "n": 1, "steps": 1, "seed": k})["id"] for k in range(3)]
+        assert not (out / ids[0]).exists() and _state(srv, ids[0])[0] == 404
+        assert (out / ids[1]).is_dir() and (out / ids[2]).is_dir()
+        shutil.rmtree(out / ids[1])  # a job folder swapped for a link: pruning must not follow it
+        (out / ids[1]).symlink_to(precious, target_is_directory=True)
+        _finish(srv, {"class": "a", "n": 1, "steps": 1})
+        assert _state(srv, ids[1])[0] == 404 and (precious / "keep.txt").read_text() == "keep"
+    assert (out / "notes.txt").read_text() == "mine" and (out / "0123456789abcdef").is_dir()
+    assert sum(len(p.name) == 16 for p in out.iterdir()) == 4  # 2 kept + the link left alone + the stranger
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["--host", "0.0.0.0"], 1, r"--host '0.0.0.0' lets other machines reach the server; add --allow-remote"),
+    (["--device", "bogus"], 1, r"--device 'bogus': not a device; use auto, cpu, cuda or cuda:N"),
+    (["--keep-jobs", "0"], 2, r"--keep-jobs 0: must be a whole number from 1 to 10000"),
+    (["--compute-budget", "nan"], 2, r"--compute-budget nan: must be a number in \(0, 1000000\]"),
+])
+def test_cli_serve_refuses_bad_options_in_one_line(trained_run: Path, tmp_path: Path, args: list[str], code: int,
+                                                   message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["serve", "--run", str(trained_run), "--out", str(tmp_path / "o"), "--port", "0", *args]
+    if code == 1:
+        assert main(argv) == 1
+    else:
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == code
+    err = capsys.readouterr().err
+    assert re.fullmatch(f"meddiff: error: {message}.*\n", err) and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
+    (tmp_path / "file").write_text("x")
+    assert main(["serve", "--run", str(trained_run), "--out", str(tmp_path / "file"), "--port", "0"]) == 1
+    assert "a file is in the way" in capsys.readouterr().err
+
+
+def test_serve_config_checks_its_own_limits() -> None:
+    with pytest.raises(ConfigError, match=r"--keep-jobs 0: must be a whole number from 1 to 10000"):
+        ServeConfig(run="r", out="o", keep_jobs=0)
+    with pytest.raises(ConfigError, match=r"--compute-budget inf: must be a number in \(0, 1000000\]"):
+        ServeConfig(run="r", out="o", compute_budget=float("inf"))
+    with pytest.raises(ConfigError, match=r"--host '192\.168\.1\.5' lets other machines reach the server"):
+        ServeConfig(run="r", out="o", host="192.168.1.5")
+    assert ServeConfig(run="r", out="o", host="192.168.1.5", allow_remote=True).allow_remote
+    assert ServeConfig(run="r", out="o", host="::1").host == "::1"  # loopback needs no opt-in
+
+
+def test_serve_off_loopback_prints_a_link_with_its_token(trained_run: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    lines: list[str] = []
+    tokens: list[str | None] = []
+
+    def stop_at_once(srv: serve_mod.Server, **_: Any) -> None:
+        tokens.append(srv.app.token)
+    monkeypatch.setattr(serve_mod.Server, "serve_forever", stop_at_once)
+    serve_mod.serve(ServeConfig(run=str(trained_run), out=str(tmp_path), host="0.0.0.0", port=0, allow_remote=True,
+                                device="cpu"), echo=lines.append)
+    token = tokens[0]
+    assert token and len(token) >= 40 and sum(token in line for line in lines) == 1
+    assert any(re.search(rf"http://0\.0\.0\.0:\d+/\?token={re.escape(token)} ", line) for line in lines)
+    serve_mod.serve(ServeConfig(run=str(trained_run), out=str(tmp_path), port=0, device="cpu"), echo=lines.append)
+    assert tokens[1] is None and "token" not in lines[-1]
 
 
 # --- the page in a real browser ---------------------------------------------------------------------------------

@@ -9,12 +9,14 @@ import dataclasses
 import json
 import os
 import re
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
-from .config import (DEFAULT_PRESET, DEPTH, HELDOUT_SPLITS, IMAGE_SIZE, IMAGES, RECIPES, RESAMPLES, RESUME_FIELDS,
-                     SEEDS, Bounds, Option, SampleConfig, TrainConfig, field_type, flag, options, show)
+from .config import (COMPUTE_BUDGET, DEFAULT_PRESET, DEPTH, HELDOUT_SPLITS, IMAGE_SIZE, IMAGES, JOBS_KEPT, RECIPES,
+                     RESAMPLES, RESUME_FIELDS, SEEDS, Bounds, Option, SampleConfig, TrainConfig, field_type, flag, options, show)
 from .demo import DemoConfig
 from .errors import ConfigError, MeddiffError
 
@@ -466,9 +468,18 @@ def _add_serve(sub: Any) -> None:
                         epilog="examples:\n  meddiff serve --run runs/ph\n  meddiff serve --run runs/ph --port 8000 "
                                "--out served/\n", formatter_class=argparse.RawDescriptionHelpFormatter)
     se.add_argument("--run", required=True, help="a run folder written by meddiff train")
-    se.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    se.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only); "
+                    "any other address needs --allow-remote")
+    se.add_argument("--allow-remote", action="store_true",
+                    help="let other machines reach the server: it prints a link with a secret token, and every "
+                         "request must carry that token")
     _number(se, "--port", bounds=Bounds(0, 65535, whole=True), default=7860, help="0: any free port")
     se.add_argument("--out", help="folder the batches are written into (default: a new temporary folder)")
+    _number(se, "--keep-jobs", bounds=JOBS_KEPT, default=20,
+            help="keep the files of the newest N batches; older finished ones are deleted (default 20)")
+    _number(se, "--compute-budget", bounds=COMPUTE_BUDGET, kind=float, default=25.0,
+            help="most work one batch may ask for, in millions of pixel-evaluations: images x steps x (2 for heun) "
+                 "x (2 with guidance) x pixels (default 25; the queue holds 4 such)")
     se.add_argument("--weights", choices=["ema", "best", "raw"], default="ema",
                     help="ema: the averaged weights, best: the lowest validation loss, raw: the last checkpoint's")
     se.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
@@ -481,12 +492,21 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from .serve import ServeConfig, serve
 
     out = a.out or tempfile.mkdtemp(prefix="meddiff-serve-")
+    if threading.current_thread() is threading.main_thread():  # `kill` stops it as Ctrl-C does: cleanly
+        previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        serve(ServeConfig(run=a.run, out=out, host=a.host, port=a.port, weights=a.weights, device=a.device))
+        serve(ServeConfig(run=a.run, out=out, host=a.host, port=a.port, weights=a.weights, device=a.device,
+                          allow_remote=a.allow_remote, keep_jobs=a.keep_jobs, compute_budget=a.compute_budget))
     finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
         if not a.out and not any(Path(out).iterdir()):  # nothing generated: leave no empty folder behind
             Path(out).rmdir()
     return 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {

@@ -194,6 +194,8 @@ KEEP = Bounds(1, 1000, whole=True)
 RESAMPLES = Bounds(1, 100_000, whole=True)       # bootstrap resamples
 SHARE = Bounds(0, 1, hi_open=True)
 NON_NEGATIVE = Bounds(0, 10**6)
+JOBS_KEPT = Bounds(1, 10_000, whole=True)         # meddiff serve --keep-jobs: batches whose folders are kept
+COMPUTE_BUDGET = Bounds(0, 10**6, lo_open=True)  # meddiff serve --compute-budget: millions of pixel-evaluations
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 CUDA_N = ("cuda:N", r"cuda:\d{1,3}")
 

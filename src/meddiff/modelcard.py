@@ -14,6 +14,7 @@ from safetensors import SafetensorError, safe_open
 
 from . import runfolder
 from .atomic import write_text
+from .confined import read_inside
 from .runfolder import RunRecord
 
 SYNTHETIC = ("Every image this model generates is **synthetic**: it does not show a real patient, it is not a "
@@ -216,8 +217,9 @@ def write_model_card(run: str | Path, metrics: dict[str, Any] | None = None, rec
 
 def shown_card(run: str | Path, max_chars: int) -> tuple[str, str]:
     """(Markdown, source) for a page: RUN/README.md as written, cut at `max_chars` (source "README.md"), else,
-    for a run without one (training not finished), the card built from its record (source "meddiff.json")."""
-    card = runfolder.card_path(run)
-    if card.is_file():
-        return card.read_text(encoding="utf-8", errors="replace")[:max_chars], card.name
+    for a run without one (training not finished) or whose README.md is a link or not a regular file inside the
+    run folder (`confined.read_inside`), the card built from its record (source "meddiff.json")."""
+    card = read_inside(run, runfolder.card_path(run).relative_to(run), 4 * max_chars)  # never through a link
+    if card is not None:
+        return card.decode("utf-8", errors="replace")[:max_chars], runfolder.CARD_FILE
     return model_card_text(run), runfolder.RECORD_FILE

@@ -1,36 +1,32 @@
 """`meddiff serve`: a run folder → a local web page that generates images (form → JSON job → PNG previews, zip).
 
-Standard library only (http.server; the page itself is in serve_page.py): one generation thread works through a
-small queue of jobs; every file it writes lies in a server-named job folder under the output folder, and
-requests only ever pick files by index.
+Standard library only (HTTP in serve_http.py, the page in serve_page.py): one generation thread works through a
+small queue of jobs, each within a compute budget; every file it writes lies in a server-named job folder under
+the output folder, only the last jobs' folders are kept, and requests only ever pick files by index.
 """
 from __future__ import annotations
 
-import ipaddress
-import json
 import queue
 import re
 import secrets
-import socket
+import shutil
 import sys
 import threading
 import traceback
 import zipfile
 from dataclasses import dataclass, field
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
-from urllib.parse import urlsplit
 
 from . import export
 from .atomic import write_file
-from .config import SAMPLERS, SampleConfig, default_sampler, field_type, flag, options, show, web_option
+from .config import (COMPUTE_BUDGET, JOBS_KEPT, SAMPLERS, SampleConfig, check_value, default_sampler, field_type, flag,
+                     options, show, web_option)
 from .errors import ConfigError, MeddiffError, RunError
 from .modelcard import shown_card
 from .runtime import pick_device, pick_precision
 from .sample import LoadedRun, class_index, generate, load_run
-from .serve_page import CSP, PAGE, SCRIPT
+from .serve_http import Server, is_loopback
 
 FIELDS: tuple[str, ...] = ("class", "n", "sampler", "steps", "guidance", "seed", "format")
 # each field of a request is a SampleConfig option (its flag without dashes), with the web page's narrower limits
@@ -41,9 +37,10 @@ SERVE_FORMATS: tuple[str, ...] = _OPTIONS["format"][1].choices or ()
 DEFAULTS: dict[str, Any] = {k: f.default for k, (f, _o) in _OPTIONS.items()   # + the run's sampler and steps
                             if f.default is not None}
 MAX_PENDING = 8            # queued or running jobs; more is refused (HTTP 429) rather than piling up work
-MAX_BODY = 16 * 1024       # bytes of a POST body
 MAX_CARD = 200 * 1024      # characters of README.md shown
-LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+QUEUE_BUDGETS = 4          # the queue holds at most this many requests' worth of compute (ServeConfig.compute_budget)
+EVALS_PER_STEP = {"heun": 2}  # UNet evaluations per step (Heun's 2nd-order correction); the others take one
+FINISHED = ("done", "error", "cancelled")
 _JOB_ID = re.compile(r"[0-9a-f]{16}")
 
 
@@ -58,6 +55,16 @@ class ServeConfig:
     weights: str = "ema"
     device: str = "auto"
     precision: str = "auto"
+    allow_remote: bool = False     # listen on an address other machines can reach; requests then need the token
+    keep_jobs: int = 20            # the newest jobs whose folders are kept; older finished ones are deleted
+    compute_budget: float = 25.0   # one request's work, in millions of pixel-evaluations (`request_cost`)
+
+    def __post_init__(self) -> None:
+        if not is_loopback(self.host) and not self.allow_remote:
+            raise ConfigError(f"--host {self.host!r} lets other machines reach the server; add --allow-remote to "
+                              "mean it (every request must then carry the token printed at start), or use 127.0.0.1")
+        check_value("--keep-jobs", self.keep_jobs, bounds=JOBS_KEPT)
+        check_value("--compute-budget", self.compute_budget, bounds=COMPUTE_BUDGET)
 
 
 @dataclass(frozen=True)
@@ -113,6 +120,30 @@ def parse_request(body: Any, classes: tuple[str, ...], defaults: dict[str, Any])
                            fmt=_field(body, "format"))
 
 
+# --- compute budget -----------------------------------------------------------------------------------------
+
+def request_cost(req: GenerateRequest, size: int) -> int:
+    """A request's work in pixel-evaluations: images × steps × UNet evaluations per step (2 for Heun) × 2 with
+    classifier-free guidance (a conditional and an unconditional pass) × size² pixels."""
+    guided = req.class_name is not None and req.guidance != 1.0
+    return req.n * req.steps * EVALS_PER_STEP.get(req.sampler, 1) * (2 if guided else 1) * size * size
+
+
+def check_budget(req: GenerateRequest, size: int, budget: float) -> int:
+    """request_cost, or ConfigError when it exceeds `budget` (millions of pixel-evaluations) saying how to fit."""
+    cost = request_cost(req, size)
+    if cost <= budget * 1e6:
+        return cost
+    guided = req.class_name is not None and req.guidance != 1.0
+    what = (f"{req.n} images × {req.steps} steps" + (" × 2 (heun)" if req.sampler in EVALS_PER_STEP else "")
+            + (" × 2 (guidance)" if guided else "") + f" at {size}×{size} px")
+    hints = [f"at most {n} images" for n in [int(budget * 1e6 // (cost // req.n))] if n >= 1]
+    hints += [f"at most {k} steps for {req.n} images" for k in [int(budget * 1e6 // (cost // req.steps))] if k >= 1]
+    hints += ["guidance 1 (half the work)"] if guided else []
+    raise ConfigError(f"request: {what} is {cost / 1e6:.4g} M pixel-evaluations; one request may use at most "
+                      f"{budget:g} M: use {' or '.join(hints) or 'a smaller request'}")
+
+
 # --- jobs ---------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -123,18 +154,22 @@ class Job:
     id: str
     request: GenerateRequest
     folder: Path
+    cost: int = 0              # pixel-evaluations (request_cost)
     files: list[str] = field(default_factory=list)
     previews: list[Path] = field(default_factory=list)
-    status: str = "queued"     # queued | running | done | error
+    status: str = "queued"     # queued | running | done | error | cancelled
     error: str | None = None
     zip_path: Path | None = None
 
 
 class App:
-    """The loaded model, the output folder and the jobs; one worker thread generates, one job at a time."""
+    """The loaded model, the output folder and the jobs; one worker thread generates, one job at a time.
+
+    Off loopback, `token` is the secret every request must carry (serve_http); on loopback it is None."""
 
     def __init__(self, cfg: ServeConfig, echo: Callable[[str], None] = print) -> None:
         self.cfg, self.echo = cfg, echo
+        self.token: str | None = None if is_loopback(cfg.host) else secrets.token_urlsafe(32)
         self.device = pick_device(cfg.device)
         self.precision = pick_precision(cfg.precision, self.device)
         self.run: LoadedRun = load_run(cfg.run, cfg.weights, self.device)
@@ -144,10 +179,16 @@ class App:
         self.out = Path(cfg.out).resolve()
         try:
             self.out.mkdir(parents=True, exist_ok=True)
+            probe = self.out / f".probe-{secrets.token_hex(8)}"  # can job folders be made here? (now, not later)
+            probe.mkdir()
+            probe.rmdir()
+        except (FileExistsError, NotADirectoryError):
+            raise RunError(f"--out {cfg.out}: a file is in the way; give a folder (new or existing)") from None
         except OSError as err:
-            raise RunError(f"--out {cfg.out}: cannot create the output folder ({err.strerror})") from None
+            raise RunError(f"--out {cfg.out}: cannot write into the output folder ({err.strerror or err})") from None
         self.lock = threading.Lock()
-        self.jobs: dict[str, Job] = {}
+        self.jobs: dict[str, Job] = {}   # in submission order: the oldest are pruned first
+        self._current: Job | None = None
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._stop = threading.Event()
         self._worker = threading.Thread(target=self._work, name="meddiff-generate", daemon=True)
@@ -159,21 +200,45 @@ class App:
         kind = f"{len(self.classes)} classes" if self.classes else "unconditional"
         return {"title": f"{self.run.model_id} · {size}×{size} px · {kind}", "classes": list(self.classes),
                 "samplers": list(SAMPLERS), "formats": list(SERVE_FORMATS), "defaults": self.defaults,
-                "limits": {k: list(v) for k, v in LIMITS.items()}, "card": self.card, "card_source": self.card_source}
+                "limits": {k: list(v) for k, v in LIMITS.items()}, "compute_budget": self.cfg.compute_budget,
+                "card": self.card, "card_source": self.card_source}
+
+    def job(self, job_id: str) -> Job | None:
+        """The job of that id, if this server still knows it."""
+        with self.lock:
+            return self.jobs.get(job_id) if _JOB_ID.fullmatch(job_id) else None
 
     def submit(self, body: Any) -> Job:
         """Validate a request and queue it; ConfigError (→ 400) or RunError (→ 429 busy)."""
         request = parse_request(body, self.classes, self.defaults)
+        cost = check_budget(request, self.run.model.sample_size, self.cfg.compute_budget)
         with self.lock:
-            pending = sum(j.status in ("queued", "running") for j in self.jobs.values())
-            if pending >= MAX_PENDING:
-                raise RunError(f"the server is busy with {pending} batches; try again when one has finished")
+            pending = [j for j in self.jobs.values() if j.status in ("queued", "running")]
+            if len(pending) >= MAX_PENDING:
+                raise RunError(f"the server is busy with {len(pending)} batches; try again when one has finished")
+            queued = sum(j.cost * (j.request.n - len(j.previews)) // j.request.n for j in pending)
+            if queued + cost > QUEUE_BUDGETS * self.cfg.compute_budget * 1e6:
+                raise RunError(f"the server is busy: {queued / 1e6:.4g} M pixel-evaluations are queued and this "
+                               f"batch needs {cost / 1e6:.4g} M (at most {QUEUE_BUDGETS * self.cfg.compute_budget:g} M "
+                               "in all); try again when a batch has finished")
             job_id = secrets.token_hex(8)
             folder = self.out / job_id  # the server's own name: nothing from the request reaches a path
             folder.mkdir()
-            job = self.jobs[job_id] = Job(job_id, request, folder)
+            job = self.jobs[job_id] = Job(job_id, request, folder, cost)
         self._queue.put(job)
         return job
+
+    def cancel(self, job: Job) -> str:
+        """Stop a queued job before it starts, a running one after its current image ("cancelled"); forget a
+        finished one and delete its folder ("deleted")."""
+        with self.lock:
+            if job.status in ("queued", "running"):
+                job.status = "cancelled"
+                return "cancelled"
+            forget = job is not self._current and self.jobs.pop(job.id, None) is not None
+        if forget:
+            self._remove(job.folder)
+        return "deleted" if forget else job.status
 
     def status(self, job: Job) -> dict[str, Any]:
         with self.lock:
@@ -192,27 +257,57 @@ class App:
     def _work(self) -> None:
         while (job := self._queue.get()) is not None and not self._stop.is_set():
             with self.lock:
-                job.status = "running"
+                if job.status != "queued":  # cancelled while it waited
+                    continue
+                job.status, self._current = "running", job
             try:
-                self._generate(job)
-                zip_path = self._zip(job)
+                zip_path = self._zip(job) if self._generate(job) else None
                 with self.lock:
-                    job.zip_path, job.status = zip_path, "done"
+                    if job.status == "running":
+                        job.zip_path, job.status = zip_path, "done"
             except Exception as err:  # the job fails, the server carries on
                 message = str(err) if isinstance(err, MeddiffError) else "generation failed; see the server's log"
                 if not isinstance(err, MeddiffError):
                     traceback.print_exc(file=sys.stderr)
                 with self.lock:
-                    job.status, job.error = "error", message
+                    if job.status == "running":
+                        job.status, job.error = "error", message
+            finally:
+                with self.lock:
+                    self._current = None
+                self._prune()
 
-    def _generate(self, job: Job) -> None:
-        """One image at a time, so that the page shows each as it finishes; image k has seed seed + k."""
+    def _prune(self) -> None:
+        """Forget finished jobs older than the newest `keep_jobs` and delete their folders."""
+        with self.lock:
+            old = list(self.jobs.values())[:-self.cfg.keep_jobs]
+            gone = [j for j in old if j.status in FINISHED and j is not self._current]
+            for job in gone:
+                del self.jobs[job.id]
+        for job in gone:
+            self._remove(job.folder)
+
+    def _remove(self, folder: Path) -> None:
+        """Delete a job folder: only a real folder with a server-made name directly inside the output folder."""
+        if folder.parent != self.out or not _JOB_ID.fullmatch(folder.name) or folder.is_symlink():
+            self.echo(f"warning: {folder} was left in place: not a job folder of this server")
+            return
+        try:
+            shutil.rmtree(folder)
+        except OSError as err:
+            self.echo(f"warning: could not delete {folder} ({err.strerror or err})")
+
+    def _generate(self, job: Job) -> bool:
+        """One image at a time, so that the page shows each as it finishes; image k has seed seed + k.
+        False when the job was cancelled before its last image."""
         req = job.request
         label = class_index(self.run, req.class_name)
         manifest = export.Manifest(job.folder)
         for k in range(req.n):
             if self._stop.is_set():
                 raise RunError("the server is shutting down")
+            if job.status != "running":
+                return False
             seed = req.seed + k
             image = generate(self.run, [seed], label, sampler=req.sampler, steps=req.steps, guidance=req.guidance,
                              precision=self.precision)[0]
@@ -228,6 +323,7 @@ class App:
             with self.lock:
                 job.files.append(name)
                 job.previews.append(preview)
+        return True
 
     def _zip(self, job: Job) -> Path:
         """The batch (files of the chosen format + manifest.csv) as one zip, written then renamed into place."""
@@ -239,175 +335,7 @@ class App:
         return write_file(job.folder / "batch.zip", write)
 
 
-# --- HTTP -----------------------------------------------------------------------------------------------------
-
-class HttpError(Exception):
-    """An answer other than 200 with a message for the page."""
-
-    def __init__(self, status: HTTPStatus, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
-def _host_name(header: str) -> str:
-    """'127.0.0.1:7860' → '127.0.0.1', '[::1]:7860' → '::1'."""
-    if header.startswith("["):
-        return header[1:].partition("]")[0]
-    return header.rpartition(":")[0] if header.count(":") == 1 else header
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: "Server"
-    server_version = "meddiff"
-    sys_version = ""
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        self._dispatch(self._get)
-
-    def do_POST(self) -> None:  # noqa: N802
-        self._dispatch(self._post)
-
-    def _not_allowed(self) -> None:
-        self._send_json({"error": f"method {self.command} is not allowed here: use GET or POST"},
-                        HTTPStatus.METHOD_NOT_ALLOWED)
-
-    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed  # noqa: N815
-
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        if isinstance(code, int) and code >= 400:  # the page polls: log only what went wrong
-            super().log_request(code, size)
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (http.server's signature)
-        self.server.app.echo(f"{self.address_string()} {format % args}")
-
-    def _dispatch(self, route: Callable[[str], None]) -> None:
-        try:
-            host = _host_name(self.headers.get("Host", ""))
-            # on loopback, a page on another site that resolves its name to 127.0.0.1 is refused (DNS rebinding)
-            if _is_loopback(self.server.app.cfg.host) and host not in LOOPBACK_NAMES:
-                raise HttpError(HTTPStatus.FORBIDDEN, f"Host {host[:60]!r} refused: open the page as http://127.0.0.1")
-            route(urlsplit(self.path).path)
-        except HttpError as err:
-            self._send_json({"error": str(err)}, err.status)
-        except MeddiffError as err:
-            self._send_json({"error": str(err)}, HTTPStatus.BAD_REQUEST)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-        except Exception:
-            traceback.print_exc(file=sys.stderr)
-            self._send_json({"error": "internal error; see the server's log"}, HTTPStatus.INTERNAL_SERVER_ERROR)
-
-    def _job(self, job_id: str) -> Job:
-        job = self.server.app.jobs.get(job_id) if _JOB_ID.fullmatch(job_id) else None
-        if job is None:
-            raise HttpError(HTTPStatus.NOT_FOUND, f"no batch {job_id[:40]!r} on this server")
-        return job
-
-    def _get(self, path: str) -> None:
-        app = self.server.app
-        if path in ("/", "/index.html"):
-            return self._send(PAGE.encode(), "text/html; charset=utf-8")
-        if path == "/favicon.ico":  # no icon, and no error in the browser's console either
-            self.send_response(HTTPStatus.NO_CONTENT)
-            return self.end_headers()
-        if path == "/app.js":
-            return self._send(SCRIPT.encode(), "text/javascript; charset=utf-8")
-        if path == "/api/info":
-            return self._send_json(app.info())
-        if m := re.fullmatch(r"/api/jobs/([^/]+)", path):
-            return self._send_json(app.status(self._job(m[1])))
-        if m := re.fullmatch(r"/jobs/([^/]+)/image/(\d{1,3})\.png", path):
-            job, k = self._job(m[1]), int(m[2])
-            with app.lock:
-                preview = job.previews[k] if k < len(job.previews) else None
-            if preview is None:
-                raise HttpError(HTTPStatus.NOT_FOUND, f"image {k} of batch {job.id} is not ready")
-            return self._send_file(preview, "image/png")
-        if m := re.fullmatch(r"/jobs/([^/]+)/batch\.zip", path):
-            job = self._job(m[1])
-            if job.zip_path is None:
-                raise HttpError(HTTPStatus.NOT_FOUND, f"batch {job.id} is not finished")
-            return self._send_file(job.zip_path, "application/zip",
-                                   {"Content-Disposition": f'attachment; filename="meddiff-{job.id}.zip"'})
-        raise HttpError(HTTPStatus.NOT_FOUND, f"no page at {path[:80]!r}")
-
-    def _post(self, path: str) -> None:
-        if path != "/api/jobs":
-            raise HttpError(HTTPStatus.NOT_FOUND, f"no page at {path[:80]!r}")
-        # a JSON content type cannot be sent across sites without a CORS preflight, which this server never grants
-        if self.headers.get_content_type() != "application/json":
-            raise HttpError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send the parameters as application/json")
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            raise HttpError(HTTPStatus.LENGTH_REQUIRED, "a Content-Length header is required") from None
-        if not 0 <= length <= MAX_BODY:
-            raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"request body of {length} bytes: at most {MAX_BODY}")
-        try:
-            body = json.loads(self.rfile.read(length).decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            raise HttpError(HTTPStatus.BAD_REQUEST, "request: the body is not valid JSON") from None
-        try:
-            job = self.server.app.submit(body)
-        except RunError as err:
-            raise HttpError(HTTPStatus.TOO_MANY_REQUESTS, str(err)) from None
-        self._send_json({"id": job.id, "url": f"/api/jobs/{job.id}"}, HTTPStatus.ACCEPTED)
-
-    def _send_file(self, path: Path, content_type: str, headers: dict[str, str] | None = None) -> None:
-        try:
-            payload = path.read_bytes()
-        except FileNotFoundError:
-            raise HttpError(HTTPStatus.NOT_FOUND, "this file was removed from the output folder") from None
-        self._send(payload, content_type, headers)
-
-    def _send_json(self, data: Any, status: HTTPStatus = HTTPStatus.OK) -> None:
-        self._send(json.dumps(data).encode(), "application/json", status=status)
-
-    def _send(self, payload: bytes, content_type: str, headers: dict[str, str] | None = None,
-              status: HTTPStatus = HTTPStatus.OK) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(payload)))
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Content-Type-Options", "nosniff")
-        self.send_header("Content-Security-Policy", CSP)
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        self.end_headers()
-        self.wfile.write(payload)
-
-
-class Server(ThreadingHTTPServer):
-    """The HTTP server with its App; `url` is where the page is."""
-
-    daemon_threads = True
-
-    def __init__(self, app: App) -> None:
-        self.app = app
-        self.address_family = socket.AF_INET6 if ":" in app.cfg.host else socket.AF_INET
-        try:
-            super().__init__((app.cfg.host, app.cfg.port), _Handler)
-        except OSError as err:
-            app.close()
-            raise RunError(f"--host {app.cfg.host} --port {app.cfg.port}: cannot listen there ({err.strerror}); "
-                           "choose another --port") from None
-
-    @property
-    def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{f'[{host}]' if ':' in str(host) else host}:{port}/"
-
-    def server_close(self) -> None:
-        super().server_close()
-        self.app.close()
-
+# --- serving ---------------------------------------------------------------------------------------------------
 
 def make_server(cfg: ServeConfig, echo: Callable[[str], None] = print) -> Server:
     """Load the run and bind (port 0: a free port); call serve_forever() on the result, then server_close()."""
@@ -417,9 +345,12 @@ def make_server(cfg: ServeConfig, echo: Callable[[str], None] = print) -> Server
 def serve(cfg: ServeConfig, echo: Callable[[str], None] = print) -> None:
     """Serve until Ctrl-C."""
     server = make_server(cfg, echo)
-    if not _is_loopback(cfg.host):
-        echo(f"warning: listening on {cfg.host}: anyone who can reach it can use the model and read its card")
-    echo(f"meddiff serve: {server.url} (batches are written under {server.app.out}); Ctrl-C stops")
+    url = server.url
+    if server.app.token is not None:
+        url += f"?token={server.app.token}"
+        echo(f"listening on {cfg.host}: other machines can reach the server; every request must carry the token in "
+             "this link (once opened, the browser keeps it in a cookie) or 'Authorization: Bearer TOKEN'")
+    echo(f"meddiff serve: {url} (batches are written under {server.app.out}); Ctrl-C stops")
     try:
         server.serve_forever()
     except KeyboardInterrupt:

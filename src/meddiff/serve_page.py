@@ -37,6 +37,7 @@ button { font-size: 1rem; padding: .35rem 1.2rem; }
     <option value="png">PNG</option><option value="dicom">DICOM</option>
   </select></label>
   <button id="generate" type="submit" disabled>Generate</button>
+  <button id="cancel" type="button" hidden>Cancel</button>
 </form>
 <p id="message" role="alert" hidden></p>
 <p><progress id="progress" value="0" max="1" hidden></progress> <span id="progress-text"></span></p>
@@ -72,6 +73,14 @@ function setProgress(done, total, text) {
   $("progress-text").textContent = text;
 }
 
+let following = null;  // the URL of the batch being shown, which Cancel stops
+
+async function cancel() {
+  if (!following) { return; }
+  $("cancel").disabled = true;
+  try { await getJSON(following, {method: "DELETE"}); } catch (e) { showMessage(e.message); }
+}
+
 async function follow(url) {
   let shown = 0;
   for (;;) {
@@ -84,6 +93,10 @@ async function follow(url) {
     const state = job.status === "queued" ? "waiting for the batch before it" : `${job.done} of ${job.total} images`;
     setProgress(job.done, job.total, state);
     if (job.status === "error") { throw new Error(job.error); }
+    if (job.status === "cancelled") {
+      setProgress(job.done, job.total, `cancelled after ${job.done} of ${job.total} images`);
+      return;
+    }
     if (job.status === "done") {
       $("download").href = job.zip; $("download").hidden = false;
       setProgress(job.done, job.total, `done: ${job.total} images`);
@@ -104,10 +117,11 @@ async function submit(event) {
     const job = await getJSON("/api/jobs", {method: "POST", headers: {"Content-Type": "application/json"},
                                             body: JSON.stringify(body)});
     setProgress(0, Number(body.n) || 1, "starting");
+    following = job.url; $("cancel").disabled = false; $("cancel").hidden = false;
     await follow(job.url);
   } catch (e) {
     showMessage(e.message); $("progress").hidden = true; $("progress-text").textContent = "";
-  } finally { $("generate").disabled = false; }
+  } finally { $("generate").disabled = false; $("cancel").hidden = true; following = null; }
 }
 
 // The model card is Markdown: headings, paragraphs, lists, tables, code blocks, **bold** and `code`, built as
@@ -178,6 +192,7 @@ async function init() {
     for (const [key, value] of Object.entries(info.defaults)) { $(key).value = value; }
     for (const [key, [lo, hi]] of Object.entries(info.limits)) { $(key).placeholder = `${lo} to ${hi}`; }
     $("form").addEventListener("submit", submit);
+    $("cancel").addEventListener("click", cancel);
     $("generate").disabled = false;
   } catch (e) { showMessage(`could not load the model: ${e.message}`); }
 }
