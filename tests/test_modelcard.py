@@ -3,6 +3,7 @@ the web page shows."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -79,3 +80,17 @@ def test_shown_card_is_the_readme_or_else_the_card_built_from_the_record(trained
     (tmp_path / "README.md").write_text("# My model\nIntended use: research.\n")
     assert shown_card(tmp_path, 200_000) == ("# My model\nIntended use: research.\n", "README.md")
     assert shown_card(tmp_path, 4) == ("# My", "README.md"), "cut at max_chars"
+
+
+def test_shown_card_never_follows_a_link_or_opens_a_fifo(trained_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(trained_run / "meddiff.json", run / "meddiff.json")
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:x:0:0")
+    built = model_card_text(run)
+    (run / "README.md").symlink_to(secret)  # a link out of the run folder: the card from the record instead
+    assert shown_card(run, 200_000) == (built, "meddiff.json")
+    (run / "README.md").unlink()
+    os.mkfifo(run / "README.md")  # would block a reader for ever
+    assert shown_card(run, 200_000) == (built, "meddiff.json")

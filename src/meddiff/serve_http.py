@@ -293,6 +293,7 @@ class Server(ThreadingHTTPServer):
     thread; the rest are answered 503 at once."""
 
     daemon_threads = True
+    request_queue_size = 128  # connections the kernel holds until accepted (socketserver's 5 drops a burst's SYNs)
 
     def __init__(self, app: "App") -> None:
         self.app = app
