@@ -92,7 +92,7 @@ def test_deeply_nested_json_gets_400(server: serve_http.Server, body: bytes) -> 
 def test_deep_json_under_the_limit_is_still_validated(server: serve_http.Server) -> None:
     body = json.dumps({"class": "a", "n": [[[[1]]]]}).encode()
     status, _, data = _call(server, "POST", "/api/jobs", body, {"Content-Type": "application/json"})
-    assert status == 400 and "n: [[[[1]]]] is not a whole number" in json.loads(data)["error"]
+    assert status == 400 and "n [[[[1]]]]: must be a whole number from 1 to 64" in json.loads(data)["error"]
 
 
 def test_head_answers_like_get_without_a_body(server: serve_http.Server) -> None:
