@@ -178,12 +178,12 @@ def judge(case: Case, work: Path, trap: NetTrap) -> Outcome:
     tail = "\n".join(err.strip().splitlines()[-3:])[-400:]
     res = Outcome(case.group, case.name, case.argv, "clean", code, round(seconds, 2), tail)
     lines = [ln for ln in err.splitlines() if ln.strip()]
-    if code is None:
+    if len(trap.hits) > hits_before:  # the worst outcome: data left the machine
+        res.verdict, res.detail = "network", "; ".join(trap.hits[hits_before:])[:200]
+    elif code is None:
         res.verdict = "hang"
     elif "Traceback (most recent call last)" in out + err:
         res.verdict = "traceback"
-    elif len(trap.hits) > hits_before:
-        res.verdict, res.detail = "network", "; ".join(trap.hits[hits_before:])[:200]
     elif case.expect == "error":
         if code == 0:
             res.verdict, res.detail = "unexpected", "exit 0 where an error was expected"
@@ -588,7 +588,7 @@ def serve_cases(fx: dict[str, Path], work: Path) -> list[Outcome]:
         record("5000-deep JSON body", 400 <= status < 500, "traceback", f"HTTP {status}")
         status, _ = _http(port, "HEAD", "/")
         record("HEAD /", status in (200, 405), "unexpected", f"HTTP {status}")
-        heavy = json.dumps({"n": 64, "sampler": "heun", "steps": 200, "guidance": 20, "seed": 0}).encode()
+        heavy = json.dumps({"class": "a", "n": 64, "sampler": "heun", "steps": 200, "guidance": 20, "seed": 0}).encode()
         status, body = _http(port, "POST", "/api/jobs", heavy, {"Content-Type": "application/json"})
         record("one request of hours of CPU (64 images x 200 Heun steps)", 400 <= status < 500, "unexpected",
                f"HTTP {status}: {body[:120]!r}")
@@ -613,7 +613,7 @@ def serve_cases(fx: dict[str, Path], work: Path) -> list[Outcome]:
         record("20 clients that send half a request", closed == len(slow), "hang",
                f"{closed} of {len(slow)} closed by the server within 45 s")
         # a job can be cancelled
-        small = json.dumps({"n": 8, "steps": 50, "seed": 0}).encode()
+        small = json.dumps({"class": "a", "n": 8, "steps": 50, "seed": 0}).encode()
         status, body = _http(port, "POST", "/api/jobs", small, {"Content-Type": "application/json"})
         if status == 202:
             job = json.loads(body)["id"]
