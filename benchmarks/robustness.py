@@ -274,6 +274,11 @@ ODD_FILES: dict[str, Callable[[Path], None]] = {
 
 # ----------------------------------------------------------------------------- the groups
 
+# entries an odd file makes `info` skip: a folder named like an image is walked into (it holds nothing), a loop of
+# two links is two unreadable names
+SKIPPED_BY = {"folder-named-png": 0, "symlink-loop": 2}
+
+
 def cli_cases(fx: dict[str, Path]) -> list[Case]:
     data, run = str(fx["data"]), str(fx["run"])
     base_train = ["train", "--data", data, "--preset", "tiny", "--size", "32", "--no-progress"]
@@ -453,8 +458,10 @@ def odd_file_cases(fx: dict[str, Path]) -> list[Case]:
         return setup
 
     for name, make in ODD_FILES.items():
-        def reported(_w: Path, out: str, _e: str) -> str | None:
-            return None if "skipped 1 file" in out else "the odd file is not reported as skipped"
+        expected = SKIPPED_BY.get(name, 1)
+
+        def reported(_w: Path, out: str, _e: str, expected: int = expected) -> str | None:
+            return None if f"skipped {expected} file" in out else f"not reported as {expected} skipped file(s)"
         cases.append(Case("files", f"info with {name}", ["info", f"data-{name}", "--size", "32"],
                           setup=folder_with(name, make), expect="ok", timeout=30, check=reported))
     def all_odd(work: Path) -> None:
@@ -466,7 +473,8 @@ def odd_file_cases(fx: dict[str, Path]) -> list[Case]:
 
     def train_reports(work: Path, out: str, err: str) -> str | None:
         said = out + err
-        if f"skipped {len(ODD_FILES)}" not in said and f"{len(ODD_FILES)} of" not in said:
+        n = sum(SKIPPED_BY.get(name, 1) for name in ODD_FILES)
+        if f"skipped {n} of" not in said and f"skipped {n} file" not in said:
             return "train does not say how many files it skipped"
         return None
     cases.append(Case("files", "train on a folder with every odd file", ["train", "--data", "data-all-odd", "--out",

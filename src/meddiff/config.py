@@ -109,8 +109,9 @@ class Option:
         if self.auto is not None and raw == "auto":
             return self.auto
         value = _coerce(raw, kind)
-        if value is None:
-            raise ConfigError(f"{name} {show(raw)}: {self.allowed()}")
+        spelled_auto = self.auto is not None and value == self.auto  # "0" is not the word auto: bounds apply
+        if value is None or (spelled_auto and not (self.bounds or Bounds()).allows(value)):
+            raise ConfigError(f"{name} {show(raw if value is None else value)}: {self.allowed()}")
         self.check(name, value)
         return value
 
