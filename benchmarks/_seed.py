@@ -74,7 +74,8 @@ def seed_as_run(unet_dir: Path) -> Any:
     from meddiff.diffusion import diffusers_scheduler_config
     from meddiff.sample import LoadedRun, model_id
 
-    unet = UNet2DModel.from_pretrained(unet_dir, low_cpu_mem_usage=False).eval()
+    unet = UNet2DModel.from_pretrained(unet_dir, low_cpu_mem_usage=False, local_files_only=True,
+                                        use_safetensors=True).eval()
     c = unet.config
     mcfg = ModelConfig(tuple(c.block_out_channels), tuple(c.down_block_types), tuple(c.up_block_types),
                        c.layers_per_block, c.sample_size)

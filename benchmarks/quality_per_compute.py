@@ -88,7 +88,8 @@ def val_losses(unet_dir: Path, held: torch.Tensor, objective: str, schedule: str
     from meddiff.diffusion import alphas_cumprod
     from meddiff.train import validation_losses
 
-    unet = UNet2DModel.from_pretrained(unet_dir, low_cpu_mem_usage=False).eval()
+    unet = UNet2DModel.from_pretrained(unet_dir, low_cpu_mem_usage=False, local_files_only=True,
+                                        use_safetensors=True).eval()
     t, losses = validation_losses(unet, held, None, alphas_cumprod(schedule, 1000).float(), objective, seed=1,
                                   patch_size=patch, noise_levels=alphas_cumprod("linear", 1000).float(), reps=VAL_REPS)
     losses, t = losses.numpy(), t.numpy()

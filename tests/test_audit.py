@@ -65,7 +65,7 @@ def test_audit_copies_only_the_images_that_are_not_training_copies(folders, tmp_
     assert manifest[0] == "file,class,seed" and sorted(r.split(",")[0] for r in manifest[1:]) == copied
     code, _, err = run_cli(["audit", "--fake", str(folders["mixed"]), "--train", str(folders["train"]), "--real",
                             str(folders["real"]), "--out", str(out)], capsys)
-    assert code != 0 and "not empty" in err
+    assert code != 0 and "exists and is not an empty folder" in err
 
 
 def test_the_library_call_reports_kept_and_flagged_files_relative_to_fake(folders, tmp_path):
@@ -80,7 +80,7 @@ def test_the_library_call_reports_kept_and_flagged_files_relative_to_fake(folder
 def test_an_out_that_is_a_file_is_refused_before_any_work(folders, tmp_path):
     target = tmp_path / "file"
     target.write_text("x")
-    with pytest.raises(ConfigError, match=r"--out .*file: a file; give a new folder"):
+    with pytest.raises(ConfigError, match=r"--out .*file: exists and is not a folder"):
         audit_folder(AuditConfig(fake=str(folders["mixed"]), train=str(folders["train"]), real=str(folders["real"]),
                                  out=str(target)))
 

@@ -87,6 +87,7 @@ def test_weights_lookup_names_the_folder_and_what_is_allowed(tmp_path: Path) -> 
         runfolder.load_unet(tmp_path, "last")
     with pytest.raises(RunError, match=r"best/ is missing; has training finished \(or validated, for best\)\?"):
         runfolder.weights_folder(tmp_path, "best")
+    runfolder.write_record(tmp_path, _record())
     with pytest.raises(RunError, match=r"no complete checkpoint for --weights raw"):
         runfolder.load_unet(tmp_path, "raw")
 

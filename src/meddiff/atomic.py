@@ -3,17 +3,29 @@ never half of one, and a writer that fails leaves the old version exactly as it 
 
 The rule: write into a temporary sibling (same folder, hidden, unique name), flush and fsync it, `os.replace` it
 onto the target, then fsync the parent folder so that the rename itself survives a power cut. Bottom level: it
-imports nothing from meddiff, so data/, metrics/, export, the run folder, report and serve all write through it.
+imports only meddiff.errors, so data/, metrics/, export, the run folder, report and serve all write through it.
+
+Also here, because they are the other half of "a failed write leaves the old state as it was": the check made
+before a command starts work on an output path (`check_out_dir`, `check_out_file`), the cleanup of temporaries
+that a killed writer left (`remove_temporaries`), and the one message for a full disk (`no_space_is_an_error`).
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import secrets
 import shutil
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
+
+from .errors import ConfigError, OutputError
+
+NO_SPACE = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})   # disk full, over `ulimit -f`, over quota
+# the temporary siblings this module makes (`.name.<pid>.<hex>.tmp` / `.old`), and any `.name.tmp…` alike
+_TEMPORARY = re.compile(r"^\..+\.(tmp|old)[^.]*$")
 
 
 def _sibling(target: Path, kind: str) -> Path:
@@ -119,3 +131,115 @@ def atomic_folder(target: str | Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- temporaries a killed writer left
+
+def is_temporary(name: str) -> bool:
+    """Whether a file or folder name is one of this module's temporary siblings (`.unet.123.ab12.tmp`, `.old`),
+    or named like one (`.best.tmp12345`)."""
+    return bool(_TEMPORARY.match(name))
+
+
+def remove_temporaries(folder: str | Path) -> list[Path]:
+    """Remove the temporary siblings that a killed writer left directly in `folder` → what was removed. Only
+    call it where no other writer is at work (a run folder at the start of training)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for p in sorted(folder.iterdir()):
+        if is_temporary(p.name):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+# ---------------------------------------------------------------- output paths and full disks
+
+def _first_existing(path: Path) -> Path:
+    """`path` or its nearest ancestor that exists (as anything: a folder, a file, a link)."""
+    for p in (path, *path.parents):
+        if os.path.lexists(p):
+            return p
+    return Path(".")
+
+
+def _check_creatable(path: Path, flag: str) -> None:
+    """That a folder can be made at `path` (which does not exist): make it and every missing parent, then remove
+    what was made, so that a command that fails later leaves nothing behind."""
+    made: list[Path] = []
+    try:
+        for p in reversed((path, *path.parents)):
+            if not os.path.lexists(p):
+                p.mkdir()
+                made.append(p)
+    except OSError as err:
+        raise ConfigError(f"{flag} {path}: cannot be created ({err.strerror}: {err.filename})") from None
+    finally:
+        for p in reversed(made):
+            with contextlib.suppress(OSError):
+                p.rmdir()
+
+
+def check_out_dir(path: str | Path, flag: str, empty: bool = False) -> Path:
+    """Check, before any work starts, that a command can write the folder `path` (given as `flag`): it is a
+    folder or can be made one (not a file, not under a file), writable, and with `empty` not holding anything.
+    ConfigError naming the flag, the path and what is wrong; nothing is left created."""
+    path = Path(path)
+    if path.is_dir():
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError(f"{flag} {path}: the folder is not writable")
+        if empty and any(path.iterdir()):
+            raise ConfigError(f"{flag} {path}: exists and is not an empty folder; choose a new folder")
+        return path
+    existing = _first_existing(path)
+    if existing == path:
+        raise ConfigError(f"{flag} {path}: exists and is not a folder; choose a folder name")
+    if not existing.is_dir():
+        raise ConfigError(f"{flag} {path}: {existing} is not a folder, so nothing can be made under it")
+    _check_creatable(path, flag)
+    return path
+
+
+def check_out_file(path: str | Path, flag: str) -> Path:
+    """Check, before any work starts, that a command can write the file `path` (given as `flag`): not a folder,
+    and its folder exists or can be made. ConfigError naming the flag, the path and what is wrong."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path}: is a folder; give a file name")
+    check_out_dir(path.parent, flag)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ConfigError(f"{flag} {path}: the file is not writable")
+    return path
+
+
+def no_space(err: BaseException) -> bool:
+    """Whether `err` says the disk is full, a file grew past `ulimit -f`, or a quota is spent: an OSError with
+    one of those numbers, or a writer (safetensors) that reports the OS error inside its message."""
+    if isinstance(err, OSError) and err.errno in NO_SPACE:
+        return True
+    found = re.search(r"os error (\d+)", str(err))
+    return bool(found) and int(found.group(1)) in NO_SPACE
+
+
+@contextlib.contextmanager
+def no_space_is_an_error(what: str, kept: str) -> Iterator[None]:
+    """Turn a full disk while writing `what` into one OutputError that says so and what is `kept` as it was."""
+    try:
+        yield
+    except Exception as err:
+        if not no_space(err):
+            raise
+        raise OutputError(f"no space left on the device while writing {what} ({_reason(err)}); {kept}") from None
+
+
+def _reason(err: BaseException) -> str:
+    number = err.errno if isinstance(err, OSError) and err.errno in NO_SPACE else None
+    if number is None:
+        found = re.search(r"os error (\d+)", str(err))
+        number = int(found.group(1)) if found else errno.ENOSPC
+    return os.strerror(number)

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .atomic import atomic_folder
+from .atomic import atomic_folder, check_out_dir
 from .config import HELDOUT_SPLITS
 from .data.dataset import split
 from .errors import ConfigError, DataError
@@ -161,13 +161,6 @@ class AuditResult:
     warning: str | None = None
 
 
-def _check_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out}: a file; give a new folder")
-    if out.is_dir() and any(out.iterdir()):
-        raise ConfigError(f"--out {out}: not empty; choose a new folder")
-
-
 def write_shareable(fake: Path, kept: list[Path], out: Path) -> None:
     """Copy the kept files (relative to `fake`) to `out` at their place, with the manifest rows of those files;
     `out` appears complete or not at all."""
@@ -183,7 +176,7 @@ def audit_folder(cfg: AuditConfig) -> AuditResult:
     """Screen every file of cfg.fake against cfg.train (threshold from real images the model never saw, see
     `heldout_split`) and write the files that are not copies to cfg.out."""
     out, fake = Path(cfg.out), Path(cfg.fake)
-    _check_out(out)
+    check_out_dir(out, "--out", empty=True)
     files, generated = read_generated(cfg.fake, cfg.size)
     size = generated.shape[-1]
     train = load_images(cfg.train, "--train", size, cfg.label_depth, cfg.cache_dir)

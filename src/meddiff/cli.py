@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
+from .atomic import check_out_dir, check_out_file, no_space, write_json
 from .config import (COMPUTE_BUDGET, DEFAULT_PRESET, DEPTH, HELDOUT_SPLITS, IMAGE_SIZE, IMAGES, JOBS_KEPT, RECIPES,
                      RESAMPLES, RESUME_FIELDS, SEEDS, Bounds, Option, SampleConfig, TrainConfig, field_type, flag, options, show)
 from .demo import DemoConfig
@@ -350,10 +351,14 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         raise MeddiffError(f"evaluate --run {a.run}: the loss curve goes into the report; add --report DIR")
     if a.run:
         read_loss_log(a.run)  # a wrong run folder fails now, not after the evaluation
+    if a.json:
+        check_out_file(a.json, "--json")
+    if a.report:
+        check_out_dir(a.report, "--report")
     result = evaluate(cfg)
     print("\n".join(summary_lines(result.figures)))
     if a.json:
-        Path(a.json).write_text(json.dumps(result.results, indent=2))
+        write_json(a.json, result.results)
     if a.report:
         print(f"report: {write_report(result, a.report, run_dir=a.run)}")
     return 0
@@ -409,6 +414,7 @@ def cmd_data_fetch(a: argparse.Namespace) -> int:
 
     from .data.medmnist import fetch, to_class_folders
 
+    check_out_dir(a.out, "--out")
     bar = tqdm(unit="B", unit_scale=True, dynamic_ncols=True, desc=a.name)
 
     def progress(done: int, total: int | None) -> None:
@@ -514,7 +520,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "data": cmd_data, "demo": cmd_demo, "export-diffusers": cmd_export_diffusers, "serve": cmd_serve}
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     try:
         if hasattr(args, "threads"):  # the commands that compute: train, sample, evaluate, demo, serve
@@ -523,9 +529,31 @@ def main(argv: list[str] | None = None) -> int:
     except MeddiffError as err:
         print(f"meddiff: error: {err}", file=sys.stderr)
         return 1
+    except OSError as err:
+        if isinstance(err, BrokenPipeError) or not no_space(err):
+            raise
+        print(f"meddiff: error: no space left on the device while writing {err.filename or 'a file'} "
+              f"({err.strerror})", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("meddiff: interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The `meddiff` command. A reader that stops early (`meddiff sample … | head -1`) ends it quietly with
+    SIGPIPE's exit status, 141, as well-kept Unix tools do, instead of a BrokenPipeError traceback."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # the rest of the output has nowhere to go: point stdout at /dev/null so the final flush cannot fail
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError):  # stdout is not a file descriptor (captured): nothing is left to flush
+            pass
+        return 141
 
 
 if __name__ == "__main__":

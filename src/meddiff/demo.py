@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 from urllib.parse import urlencode
 
-from .atomic import write_bytes, write_json
+from .atomic import check_out_dir, write_bytes, write_json
 from .config import (CUDA_N, DEFAULT_PRESET, DEVICES, GUIDANCE, IMAGES, MINUTES, PRESETS, RESAMPLES, SEEDS,
                      STEP_COUNT, Checked, SampleConfig, TrainConfig, option)
 from .errors import ConfigError, RunError
@@ -104,6 +104,7 @@ def train_minutes(cfg: DemoConfig, n_samples: int, spent_s: float) -> float:
 def _check(cfg: DemoConfig) -> None:
     from .runfolder import has_record  # loads torch: not when the CLI builds its --help
 
+    check_out_dir(cfg.out, "--out")
     if has_record(Path(cfg.out) / "run"):
         raise RunError(f"--out {cfg.out}: already holds a demo run; choose another --out or delete it")
 
@@ -121,7 +122,18 @@ def _check_grid_classes(cfg: DemoConfig, class_names: tuple[str, ...]) -> None:
 
 def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = print) -> DemoResult:
     """Prepare the data, train, sample cfg.per_class images of every class, evaluate them and write the report
-    into cfg.out: run/, samples/ (class folders + manifest), grid.png, eval.json, report/index.html."""
+    into cfg.out: run/, samples/ (class folders + manifest), grid.png, eval.json, report/index.html. A demo that
+    fails before its run is saved leaves no empty cfg.out behind."""
+    created = not Path(cfg.out).exists()
+    try:
+        return _run_demo(cfg, echo)
+    except BaseException:
+        if created and Path(cfg.out).is_dir() and not any(Path(cfg.out).iterdir()):
+            Path(cfg.out).rmdir()
+        raise
+
+
+def _run_demo(cfg: DemoConfig, echo: Callable[[str], None]) -> DemoResult:
     from .data.dataset import load_data
     from .evaluate import EvalConfig, evaluate
     from .imagesets import load_images

@@ -25,3 +25,8 @@ class ConfigError(MeddiffError):
 
 class RunError(MeddiffError):
     """A run folder is missing, incomplete or inconsistent, or training failed (non-finite loss)."""
+
+
+class OutputError(MeddiffError):
+    """The disk filled up (or a file grew past `ulimit -f`) while writing: the message names what was being
+    written and what is kept as it was."""

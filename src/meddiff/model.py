@@ -2,6 +2,8 @@
 conditioning, guidance, patches, DeepCache) that every sampler calls."""
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DModel
@@ -12,23 +14,21 @@ from .errors import ConfigError
 from .runtime import autocast
 
 
-def build_unet(cfg: ModelConfig) -> UNet2DModel:
-    """A single-channel UNet. With classes, an embedding of `num_classes + 1` rows: the last is the null class
+def unet_config(cfg: ModelConfig) -> dict[str, Any]:
+    """The diffusers `UNet2DModel` arguments of a ModelConfig: what `build_unet` builds and what a run's
+    unet/config.json must hold. With classes, an embedding of `num_classes + 1` rows: the last is the null class
     that classifier-free guidance trains with dropped labels and samples as the unconditional branch."""
     p = cfg.patch_size
-    unet = UNet2DModel(
-        sample_size=cfg.sample_size // p,
-        in_channels=p * p,
-        out_channels=p * p,
-        layers_per_block=cfg.layers_per_block,
-        block_out_channels=tuple(cfg.block_out_channels),
-        down_block_types=tuple(cfg.down_block_types),
-        up_block_types=tuple(cfg.up_block_types),
-        norm_num_groups=cfg.norm_num_groups,
-        attention_head_dim=cfg.attention_head_dim,
-        num_class_embeds=cfg.num_classes + 1 if cfg.num_classes else None,
-    )
-    return with_meddiff_attention(unet)
+    return dict(sample_size=cfg.sample_size // p, in_channels=p * p, out_channels=p * p,
+                layers_per_block=cfg.layers_per_block, block_out_channels=tuple(cfg.block_out_channels),
+                down_block_types=tuple(cfg.down_block_types), up_block_types=tuple(cfg.up_block_types),
+                norm_num_groups=cfg.norm_num_groups, attention_head_dim=cfg.attention_head_dim,
+                num_class_embeds=cfg.num_classes + 1 if cfg.num_classes else None)
+
+
+def build_unet(cfg: ModelConfig) -> UNet2DModel:
+    """A single-channel UNet (`unet_config`) with meddiff's attention processor."""
+    return with_meddiff_attention(UNet2DModel(**unet_config(cfg)))
 
 
 def with_meddiff_attention(unet: UNet2DModel) -> UNet2DModel:

@@ -7,6 +7,7 @@ its images equal `meddiff sample --sampler ddim` (or any sampler swapped in) for
 """
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,8 @@ from diffusers.utils import is_accelerate_available
 from diffusers.utils.torch_utils import randn_tensor
 
 from . import runfolder
-from .atomic import atomic_folder, write_json, write_text
-from .errors import ConfigError
+from .atomic import atomic_folder, check_out_dir, no_space_is_an_error, write_json, write_text
+from .errors import ConfigError, RunError
 from .model import Denoiser
 from .modelcard import model_card_text
 from .sample import sample_loop
@@ -40,14 +41,31 @@ class MeddiffPipeline(DiffusionPipeline):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> "MeddiffPipeline":
-        """diffusers' loader; on a meddiff run folder, the class names and patch size come from its meddiff.json."""
-        if runfolder.has_record(pretrained_model_name_or_path) and "class_names" not in kwargs:
-            record = runfolder.read_record(pretrained_model_name_or_path)
-            kwargs["class_names"] = list(record.class_names) if record.conditional else []
-            kwargs.setdefault("patch_size", record.model.patch_size)
+        """diffusers' loader. A local folder (a meddiff run or an exported pipeline) is loaded from its own files
+        only: the UNet and scheduler through `runfolder` (safetensors and JSON, checked against the run's
+        meddiff.json when there is one), nothing asked of the Hugging Face Hub; a damaged folder is a RunError
+        naming the file. On a run folder the class names and patch size come from its meddiff.json."""
+        path = pretrained_model_name_or_path
+        if os.path.isdir(path):
+            record = runfolder.read_record(path) if runfolder.has_record(path) else None
+            if record is not None and "class_names" not in kwargs:
+                kwargs["class_names"] = list(record.class_names) if record.conditional else []
+                kwargs.setdefault("patch_size", record.model.patch_size)
+            if "unet" not in kwargs:
+                kwargs["unet"] = runfolder.load_unet_folder(Path(path) / runfolder.UNET_DIR,
+                                                            record.model if record else None)[0]
+            if "scheduler" not in kwargs:
+                kwargs["scheduler"] = DDIMScheduler.from_config(runfolder.read_scheduler_config(
+                    Path(path) / runfolder.SCHEDULER_DIR, record.train if record else None))
+            kwargs.update(local_files_only=True, use_safetensors=True)
         # diffusers asks users without `accelerate` to install it on every load unless told not to use it
         kwargs.setdefault("low_cpu_mem_usage", is_accelerate_available())
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        if not os.path.isdir(path):
+            return super().from_pretrained(path, **kwargs)
+        try:
+            return super().from_pretrained(path, **kwargs)
+        except (OSError, ValueError, TypeError, KeyError) as err:
+            raise RunError(f"{path}: cannot be loaded as a pipeline ({runfolder.one_line(err)})") from None
 
     def _labels(self, class_name: str | list[str] | None, batch_size: int) -> torch.Tensor | None:
         names = list(self.config.class_names)
@@ -93,19 +111,23 @@ class MeddiffPipeline(DiffusionPipeline):
 
 def export_diffusers(run: str | Path, out: str | Path, weights: str = "ema") -> tuple[Path, str]:
     """Write a run's model as a diffusers folder (unet/, scheduler/ as DDIMScheduler, model_index.json, the model
-    card README.md) → (folder, pipeline class name). weights: "ema" (the run's exported model) or "best"."""
+    card README.md) → (folder, pipeline class name). weights: "ema" (the run's exported model) or "best".
+    The run is loaded (and so checked) first: a damaged run is a RunError and nothing is written."""
     run, out = Path(run), Path(out)
+    check_out_dir(out, "OUT_DIR", empty=True)
     record = runfolder.read_record(run)
-    source = runfolder.weights_folder(run, weights)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"OUT_DIR {out}: exists and is not an empty folder; choose a new folder")
+    _unet, source = runfolder.load_unet(run, weights, record)
+    schedule = runfolder.scheduler_config(run, record)
     pipeline, index = runfolder.model_index(record.model, record.class_names)
-    with atomic_folder(out) as tmp:  # the export has the diffusers layout of a run's model, under its names
-        shutil.copytree(source, tmp / runfolder.UNET_DIR)
-        DDIMScheduler.from_config(runfolder.scheduler_config(run)).save_pretrained(tmp / runfolder.SCHEDULER_DIR)
+    with no_space_is_an_error(f"{out}", "nothing was exported"), atomic_folder(out) as tmp:
+        unet_dir = tmp / runfolder.UNET_DIR  # only the two files that were checked: never a stray pickle
+        unet_dir.mkdir()
+        for name in (runfolder.UNET_CONFIG_FILE, runfolder.UNET_WEIGHTS_FILE):
+            shutil.copyfile(source.parent / name, unet_dir / name)
+        DDIMScheduler.from_config(schedule).save_pretrained(tmp / runfolder.SCHEDULER_DIR)
         write_json(tmp / runfolder.MODEL_INDEX_FILE, index)
         card = runfolder.card_path(run)
-        if card.is_file():
+        if card.is_file() and not card.is_symlink():
             shutil.copyfile(card, tmp / runfolder.CARD_FILE)
         else:
             write_text(tmp / runfolder.CARD_FILE, model_card_text(run, record=record))

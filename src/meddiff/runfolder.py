@@ -13,16 +13,21 @@ RUN/skipped.txt             the data files training left out (unreadable or not 
 RUN/README.md               the model card (modelcard.py writes it)
 ```
 Nothing is pickled: tensors go to safetensors, everything else to JSON, all through meddiff.atomic. Old
-checkpoints are pruned only after a new one is complete; "latest" is the newest complete one.
+checkpoints are pruned only after a new one is complete; "latest" is the newest complete one, and resume starts
+from the newest one that verifies. Loading reads only the run's own files (never the Hugging Face Hub, never a
+pickle) and checks them against the record: anything missing, damaged or not matching is a RunError naming the
+file.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import shutil
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import diffusers
 import torch
@@ -30,15 +35,20 @@ from diffusers import DDPMScheduler, UNet2DModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_folder, write_json, write_text
+from .atomic import atomic_folder, no_space_is_an_error, write_json, write_text
+from .atomic import remove_temporaries as _remove_temporaries
 from .config import WEIGHTS, ModelConfig, TrainConfig, check_value, from_json, to_json
-from .diffusion import diffusers_scheduler_config
+from .diffusion import DIFFUSERS_BETA_SCHEDULE, DIFFUSERS_PREDICTION, diffusers_scheduler_config
 from .errors import MeddiffError, RunError
+from .model import build_unet, unet_config
 
 RECORD_FILE = "meddiff.json"
 UNET_DIR, BEST_DIR, SCHEDULER_DIR = "unet", "best", "scheduler"   # also the folder names of a diffusers export
 MODEL_INDEX_FILE = "model_index.json"
 UNET_WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"         # diffusers' name inside unet/ and best/
+UNET_CONFIG_FILE = "config.json"
+SCHEDULER_CONFIG_FILE = "scheduler_config.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")       # never loaded: unpickling runs code
 CARD_FILE = "README.md"
 LOG_FILE = "log.jsonl"
 SKIPPED_FILE = "skipped.txt"     # the data files left out, `relative/path: reason` per line
@@ -103,16 +113,56 @@ class RunRecord:
         missing = [k for k in ("train", "model", "class_names") if k not in data]
         if missing:
             raise RunError(f"{source}: no {', '.join(missing)}; is this a meddiff run record?")
+        _check_types(TrainConfig, data["train"], source, "train")
+        _check_types(ModelConfig, data["model"], source, "model")
+        names = data["class_names"]
+        if not isinstance(names, list) or not all(isinstance(c, str) for c in names):
+            raise RunError(f"{source}: class_names is {_show(names)}; expected a list of names")
         try:
             result = data.get("result")
-            return cls(train=from_json(TrainConfig, data["train"]), model=from_json(ModelConfig, data["model"]),
-                       class_names=tuple(str(c) for c in data["class_names"]), data=dict(data.get("data") or {}),
-                       split=dict(data.get("split") or {}), hardware=str(data.get("hardware", "")),
-                       processes=int(data.get("processes", 1)),
-                       meddiff_version=str(data.get("meddiff_version", "unknown")),
-                       result=_result(result) if result else None)
+            record = cls(train=from_json(TrainConfig, data["train"]), model=from_json(ModelConfig, data["model"]),
+                         class_names=tuple(names), data=dict(data.get("data") or {}),
+                         split=dict(data.get("split") or {}), hardware=str(data.get("hardware", "")),
+                         processes=int(data.get("processes", 1)),
+                         meddiff_version=str(data.get("meddiff_version", "unknown")),
+                         result=_result(result) if result else None)
         except (TypeError, ValueError, AttributeError, MeddiffError) as err:
             raise RunError(f"{source}: not a valid meddiff run record ({err})") from None
+        if record.conditional and len(record.class_names) != record.model.num_classes:
+            raise RunError(f"{source}: {len(record.class_names)} class_names ({', '.join(record.class_names)}) for a "
+                           f"model of {record.model.num_classes} classes (model.num_classes); they must match")
+        return record
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _conforms(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a dataclass field's type (int, float, str, bool, None, tuple[X, ...], unions);
+    other types are not checked. A bool is not a number here, an int is a float."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        return any(_conforms(value, h) for h in args)
+    if origin is tuple:
+        items = args[:1] * len(value) if len(args) == 2 and args[1] is Ellipsis else args
+        return isinstance(value, (list, tuple)) and len(items) == len(value) and all(map(_conforms, value, items))
+    if hint is type(None):
+        return value is None
+    if hint in (int, float):
+        return isinstance(value, int if hint is int else (int, float)) and not isinstance(value, bool)
+    return isinstance(value, hint) if hint in (str, bool) else True
+
+
+def _check_types(cls: type, data: Any, source: Path | str, section: str) -> None:
+    """RunError naming the file and the field when `data` (a section of meddiff.json) does not fit `cls`."""
+    if not isinstance(data, dict):
+        raise RunError(f"{source}: {section} is {_show(data)}; expected a JSON object of {cls.__name__} fields")
+    for name, hint in typing.get_type_hints(cls).items():
+        if name in data and not _conforms(data[name], hint):
+            allowed = str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            raise RunError(f"{source}: {section}.{name} is {_show(data[name])}; expected {allowed}")
 
 
 def _result(data: dict[str, Any]) -> TrainResult:
@@ -135,7 +185,8 @@ def read_record(run: str | Path) -> RunRecord:
 
 
 def write_record(run: str | Path, record: RunRecord) -> None:
-    write_json(record_path(run), record.to_json())
+    with no_space_is_an_error(f"{record_path(run)}", "the previous one is intact"):
+        write_json(record_path(run), record.to_json())
 
 
 def read_json(path: str | Path) -> Any:
@@ -161,8 +212,9 @@ def write_skipped(run: str | Path, listing: str) -> Path:
 
 def append_log(run: str | Path, entry: dict[str, Any]) -> None:
     """Append one JSON line to RUN/log.jsonl."""
-    with open(Path(run) / LOG_FILE, "a") as f:
-        f.write(json.dumps(entry) + "\n")
+    with no_space_is_an_error(f"{Path(run) / LOG_FILE}", "the lines before are intact"):
+        with open(Path(run) / LOG_FILE, "a") as f:
+            f.write(json.dumps(entry) + "\n")
 
 
 def read_log(run: str | Path) -> list[dict[str, Any]]:
@@ -194,30 +246,125 @@ def weights_file(run: str | Path, weights: str = "ema") -> Path:
 def weights_folder(run: str | Path, weights: str = "ema") -> Path:
     """The diffusers folder of `weights`: ema → unet/, best → best/; RunError when training has not written it."""
     folder = weights_file(run, weights).parent
-    if not (folder / "config.json").is_file():
+    if not folder.is_dir():
         raise RunError(f"{run}: {folder.name}/ is missing; has training finished (or validated, for best)?")
     return folder
 
 
-def load_unet(run: str | Path, weights: str = "ema") -> tuple[UNet2DModel, Path]:
-    """(UNet on the CPU, its weights file) for `weights`: ema (unet/), best (best/) or raw (unet/'s architecture
-    with the last complete checkpoint's non-averaged weights)."""
+def one_line(err: BaseException, limit: int = 300) -> str:
+    """A library's (often multi-line) error message as one line for a RunError."""
+    text = "; ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def load_unet(run: str | Path, weights: str = "ema", record: RunRecord | None = None) -> tuple[UNet2DModel, Path]:
+    """(UNet on the CPU, its weights file) for `weights`: ema (unet/), best (best/) or raw (the record's
+    architecture with the newest verified checkpoint's non-averaged weights). Only the run's own safetensors
+    and JSON files are read; anything missing, damaged or not matching the record is a RunError naming the file."""
     _check_weights(weights, WEIGHTS)
     run = Path(run)
+    record = record or read_record(run)
     if weights != "raw":
-        folder = weights_folder(run, weights)
-        return UNet2DModel.from_pretrained(folder, low_cpu_mem_usage=False), folder / UNET_WEIGHTS_FILE
-    last = latest_checkpoint(run)
+        return load_unet_folder(weights_folder(run, weights), record.model)
+    last = newest_verified_checkpoint(run, need_weights=("model",))
     if last is None:
         raise RunError(f"--run {run}: no complete checkpoint for --weights raw")
-    unet = UNet2DModel.from_pretrained(run / UNET_DIR, low_cpu_mem_usage=False)
-    unet.load_state_dict(load_checkpoint(last)[0]["model"])
-    return unet, last / "model.safetensors"
+    unet = _build(record.model, record_path(run))
+    _load_weights(unet, last.weights["model"], last.folder / "model.safetensors")
+    return unet.eval(), last.folder / "model.safetensors"
 
 
-def scheduler_config(run: str | Path) -> dict[str, Any]:
-    """The run's noise schedule as a diffusers scheduler config (RUN/scheduler/)."""
-    return dict(DDPMScheduler.load_config(Path(run) / SCHEDULER_DIR))
+def load_unet_folder(folder: str | Path, model: ModelConfig | None = None) -> tuple[UNet2DModel, Path]:
+    """A diffusers UNet folder (config.json + diffusion_pytorch_model.safetensors) → (UNet on the CPU, weights
+    file), from these two local files only: nothing is fetched, no pickle is opened. With `model` (a run's
+    record) config.json must describe that architecture; the weights must fit it. RunError naming the file."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise RunError(f"{folder}: missing; is this a meddiff run or an exported pipeline folder?")
+    config_path = folder / UNET_CONFIG_FILE
+    config = read_json(config_path)
+    if not isinstance(config, dict):
+        raise RunError(f"{config_path}: expected a JSON object (a UNet2DModel config), got {_show(config)}")
+    if model is not None:
+        for key, want in unet_config(model).items():
+            got = config.get(key)
+            if (tuple(got) if isinstance(got, list) else got) != want:
+                raise RunError(f"{config_path}: {key} is {_show(got)}; the run's {RECORD_FILE} describes a model "
+                               f"with {key} {_show(want)}")
+    weights = folder / UNET_WEIGHTS_FILE
+    if not weights.is_file():
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise RunError(f"{folder / pickles[0]}: a pickle, which can run code when loaded; meddiff loads only "
+                           f"{UNET_WEIGHTS_FILE} (safetensors)")
+        raise RunError(f"{weights}: missing; has training finished?")
+    try:
+        unet = UNet2DModel.from_config(config)
+    except Exception as err:  # noqa: BLE001  diffusers raises many kinds on a config it cannot build
+        raise RunError(f"{config_path}: not a UNet2DModel config this diffusers can build ({one_line(err)})") from None
+    _load_weights(unet, _read_safetensors(weights, "weights"), weights)
+    return unet.eval(), weights
+
+
+def _build(model: ModelConfig, source: Path) -> UNet2DModel:
+    try:
+        return build_unet(model)
+    except Exception as err:  # noqa: BLE001  an edited record can describe a model diffusers cannot build
+        raise RunError(f"{source}: its model cannot be built ({one_line(err)})") from None
+
+
+def _read_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as err:
+        raise RunError(f"{path}: unreadable {what} ({one_line(err)})") from None
+
+
+def _load_weights(unet: torch.nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Every tensor of the module from `tensors`, exactly (same names, same shapes), or RunError naming `path`."""
+    try:
+        unet.load_state_dict(tensors, strict=True)
+    except RuntimeError as err:
+        lines = [ln.strip() for ln in str(err).splitlines()[1:] if ln.strip()]
+        raise RunError(f"{path}: the weights do not fit the model ({lines[0] if lines else one_line(err)})") from None
+
+
+def scheduler_config(run: str | Path, record: RunRecord | None = None) -> dict[str, Any]:
+    """The run's noise schedule as a diffusers scheduler config (RUN/scheduler/), checked against its record."""
+    run = Path(run)
+    return read_scheduler_config(run / SCHEDULER_DIR, (record or read_record(run)).train)
+
+
+def _check_schedule(config: dict[str, Any], path: Path, t: TrainConfig) -> None:
+    """The schedule in a scheduler config is the one the record says the model was trained with."""
+    try:
+        want = dict(num_train_timesteps=t.num_train_timesteps,
+                    beta_schedule=DIFFUSERS_BETA_SCHEDULE[t.beta_schedule] if t.beta_schedule else None,
+                    prediction_type=DIFFUSERS_PREDICTION[t.objective] if t.objective else None)
+    except KeyError as err:
+        raise RunError(f"{path.parent.parent / RECORD_FILE}: unknown schedule or objective {err}") from None
+    for key, value in want.items():
+        if value is not None and config.get(key) != value:
+            raise RunError(f"{path}: {key} is {_show(config.get(key))}; the run's {RECORD_FILE} trained with "
+                           f"{_show(value)}")
+
+
+def read_scheduler_config(folder: str | Path, train: TrainConfig | None = None) -> dict[str, Any]:
+    """A diffusers scheduler folder's scheduler_config.json → the config, read locally; with `train` (a run's
+    record) its schedule must be the one the model was trained with. RunError naming the file."""
+    path = Path(folder) / SCHEDULER_CONFIG_FILE
+    if not path.parent.is_dir():
+        raise RunError(f"{path.parent}: missing; is this a meddiff run or an exported pipeline folder?")
+    config = read_json(path)
+    if not isinstance(config, dict):
+        raise RunError(f"{path}: expected a JSON object (a scheduler config), got {_show(config)}")
+    if train is not None:
+        _check_schedule(config, path, train)
+    try:
+        DDPMScheduler.from_config(config)
+    except Exception as err:  # noqa: BLE001  diffusers raises many kinds on a config it cannot use
+        raise RunError(f"{path}: not a scheduler config diffusers can use ({one_line(err)})") from None
+    return dict(config)
 
 
 def model_index(model: ModelConfig, class_names: tuple[str, ...] | list[str]) -> tuple[str, dict[str, Any]]:
@@ -237,14 +384,16 @@ def save_model_folder(run: str | Path, unet: torch.nn.Module, record: RunRecord,
     diffusers layout that DDIMPipeline.from_pretrained loads (MeddiffPipeline for class-conditional or patched
     models)."""
     run = Path(run)
-    with atomic_folder(weights_file(run, weights).parent) as tmp:
+    folder = weights_file(run, weights).parent
+    with no_space_is_an_error(f"{folder}", f"the previous {folder.name}/ is intact"), atomic_folder(folder) as tmp:
         unet.save_pretrained(tmp, safe_serialization=True)
     t = record.train
     sched = DDPMScheduler(**diffusers_scheduler_config(t.beta_schedule, t.num_train_timesteps, t.objective,
                                                       t.zero_terminal_snr, t.timestep_spacing))
-    with atomic_folder(run / SCHEDULER_DIR) as tmp:
-        sched.save_pretrained(tmp)
-    write_json(run / MODEL_INDEX_FILE, model_index(record.model, record.class_names)[1])
+    with no_space_is_an_error(f"{run / SCHEDULER_DIR}", "the previous files are intact"):
+        with atomic_folder(run / SCHEDULER_DIR) as tmp:
+            sched.save_pretrained(tmp)
+        write_json(run / MODEL_INDEX_FILE, model_index(record.model, record.class_names)[1])
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -282,12 +431,14 @@ def checkpoint_folder(run: str | Path, step: int) -> Path:
 def save_checkpoint(run: str | Path, step: int, weights: dict[str, dict[str, torch.Tensor]], state: dict[str, Any],
                     keep: int = 2, protect: tuple[str, ...] = ()) -> Path:
     """Write run/checkpoints/step_XXXXXXXX/{<name>.safetensors…, state.json} atomically, then prune to `keep`
-    complete checkpoints (never those named in `protect`)."""
+    complete checkpoints (never those named in `protect`). A full disk is an OutputError; the checkpoints
+    already there are left exactly as they were."""
     target = checkpoint_folder(run, step)
-    with atomic_folder(target) as tmp:
-        for name, tensors in weights.items():
-            save_file(tensors, str(tmp / f"{name}.safetensors"))
-        write_json(tmp / STATE_FILE, state)
+    with no_space_is_an_error(f"checkpoint {target}", "the previous checkpoint is intact"):
+        with atomic_folder(target) as tmp:
+            for name, tensors in weights.items():
+                save_file(tensors, str(tmp / f"{name}.safetensors"))
+            write_json(tmp / STATE_FILE, state)
     complete = complete_checkpoints(run)
     for old in complete[:-keep] if keep > 0 else []:
         if old.name not in protect and old != target:
@@ -309,15 +460,75 @@ def latest_checkpoint(run: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_checkpoint(folder: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
-    """({name: tensors} for every .safetensors file, state dict) of one checkpoint folder; RunError when a file
-    is missing or damaged."""
+def load_checkpoint(folder: str | Path, need_weights: tuple[str, ...] = (),
+                    need_state: tuple[str, ...] = ()) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    """({name: tensors} for every .safetensors file, state dict) of one checkpoint folder; RunError naming the
+    file when one is missing or damaged, a weights file in `need_weights` is absent or state.json lacks a key
+    of `need_state`."""
     folder = Path(folder)
-    state = read_json(folder / STATE_FILE)
-    weights = {}
-    for p in sorted(folder.glob("*.safetensors")):
-        try:
-            weights[p.stem] = load_file(str(p))
-        except (OSError, SafetensorError) as err:
-            raise RunError(f"{p}: unreadable checkpoint weights ({err}); resume from an earlier checkpoint") from None
+    path = folder / STATE_FILE
+    state = read_json(path)
+    if not isinstance(state, dict):
+        raise RunError(f"{path}: expected a JSON object, got {_show(state)}")
+    missing = [k for k in need_state if k not in state]
+    if missing:
+        raise RunError(f"{path}: no {', '.join(missing)}")
+    weights = {p.stem: _read_safetensors(p, "checkpoint weights") for p in sorted(folder.glob("*.safetensors"))}
+    absent = [n for n in need_weights if n not in weights]
+    if absent:
+        raise RunError(f"{folder / (absent[0] + '.safetensors')}: missing")
     return weights, state
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint that verified: its folder, tensors and state, and the newer ones skipped as damaged."""
+
+    folder: Path
+    weights: dict[str, dict[str, torch.Tensor]]
+    state: dict[str, Any]
+    damaged: tuple[str, ...] = ()     # "step_00000008 is damaged (model.safetensors: …)", newest first
+
+
+def newest_verified_checkpoint(run: str | Path, need_weights: tuple[str, ...] = (),
+                               need_state: tuple[str, ...] = ()) -> Checkpoint | None:
+    """The newest complete checkpoint whose files all load, with the weights `need_weights` and the state keys
+    `need_state`; newer ones that do not verify are named in its `damaged`. None when there is no complete
+    checkpoint; RunError naming each when there are some and none verifies."""
+    damaged = []
+    for folder in reversed(complete_checkpoints(run)):
+        try:
+            weights, state = load_checkpoint(folder, need_weights, need_state)
+        except RunError as err:
+            damaged.append(f"{folder.name} is damaged ({str(err).replace(str(folder) + '/', '')})")
+            continue
+        return Checkpoint(folder, weights, state, tuple(damaged))
+    if damaged:
+        raise RunError(f"{run}: no checkpoint can be resumed from: {'; '.join(damaged)}")
+    return None
+
+
+# ---------------------------------------------------------------- what an interrupted or failed run leaves
+
+def remove_temporaries(run: str | Path) -> list[Path]:
+    """Remove the temporary folders and files (`.best.123.ab12.tmp`, `.unet.….old`) that a killed save left in
+    the run folder and its checkpoints/ → what was removed. Only at the start of training, the run's one writer."""
+    run = Path(run)
+    return _remove_temporaries(run) + _remove_temporaries(run / CKPT_DIR)
+
+
+def discard_unsaved_run(run: str | Path, created: bool) -> None:
+    """After training failed before its first complete checkpoint: remove what it wrote (the whole folder when it
+    `created` it), so that the next attempt with the same --out is not refused as "already holds a meddiff run".
+    A run with a complete checkpoint is kept: it can be resumed."""
+    run = Path(run)
+    if not run.is_dir() or complete_checkpoints(run):
+        return
+    if created:
+        shutil.rmtree(run, ignore_errors=True)
+        return
+    for name in (RECORD_FILE, LOG_FILE, SKIPPED_FILE, CARD_FILE, MODEL_INDEX_FILE):
+        (run / name).unlink(missing_ok=True)
+    for name in (UNET_DIR, BEST_DIR, SCHEDULER_DIR, CKPT_DIR):
+        shutil.rmtree(run / name, ignore_errors=True)
+    remove_temporaries(run)

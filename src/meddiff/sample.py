@@ -20,6 +20,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
                        HeunDiscreteScheduler, UNet2DModel, UniPCMultistepScheduler)
 
 from . import runfolder
+from .atomic import check_out_dir, no_space_is_an_error
 from .config import (MAX_IMAGES, SAMPLERS, SEEDS, STEPS, ModelConfig, SampleConfig, TrainConfig, check_value,
                      default_sampler)
 from .errors import ConfigError
@@ -67,8 +68,8 @@ def load_run(run: str | Path, weights: str = "ema", device: torch.device | str =
     """Load a run folder. weights: "ema" (the exported model: EMA weights when the run kept an EMA), "best"
     (lowest validation loss) or "raw" (the last checkpoint's non-averaged weights)."""
     record = runfolder.read_record(run)
-    unet, wfile = runfolder.load_unet(run, weights)
-    return LoadedRun(with_meddiff_attention(unet).to(device).eval(), runfolder.scheduler_config(run),
+    unet, wfile = runfolder.load_unet(run, weights, record)
+    return LoadedRun(with_meddiff_attention(unet).to(device).eval(), runfolder.scheduler_config(run, record),
                      record.class_names, record.model, record.train, model_id(wfile))
 
 
@@ -211,6 +212,7 @@ def sample_to_folder(cfg: SampleConfig, echo: Callable[[str], None] = print, dis
     Under torchrun each rank takes every world-th remaining image; the images do not depend on the split."""
     from . import export
 
+    check_out_dir(cfg.out, "--out")
     device = device or pick_device(cfg.device)
     precision = pick_precision(cfg.precision, device)
     if not dist.main:
@@ -219,8 +221,8 @@ def sample_to_folder(cfg: SampleConfig, echo: Callable[[str], None] = print, dis
     sampler, steps = sampler_and_steps(run, cfg.sampler, cfg.steps)
     cfg = dataclasses.replace(cfg, sampler=sampler, steps=steps)
     make_scheduler(cfg.sampler, run.scheduler_config, cfg.steps)  # validate before any work
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(cfg.out)  # made by the first image written: a request that fails before it leaves no folder
+    existed = next(p for p in (out, *out.parents) if p.exists())
     manifest, done = _manifests(out, dist)
     if dist.active:  # every rank must split the same list: none may start writing before all have read the folder
         import torch.distributed as td
@@ -243,8 +245,7 @@ def sample_to_folder(cfg: SampleConfig, echo: Callable[[str], None] = print, dis
             for (stem, seed, lab), img in zip(part, imgs):
                 name = run.class_names[lab] if lab is not None and lab < len(run.class_names) else None
                 info = export.SyntheticInfo(run.model_id, seed, name, cfg.sampler, cfg.steps, cfg.guidance)
-                export.write_image(img, out / f"{stem}{suffix}", cfg.fmt, info)
-                manifest.add(f"{stem}{suffix}", info, cfg.fmt)
+                _write_sample(img, out, f"{stem}{suffix}", cfg.fmt, info, manifest, existed)
         if bar is not None:
             bar.update(len(chunk) * dist.world)
     if bar is not None:
@@ -261,6 +262,24 @@ def sample_to_folder(cfg: SampleConfig, echo: Callable[[str], None] = print, dis
     return dict(out=str(out), written=len(remaining), skipped=len(jobs) - len(remaining), seconds=seconds,
                 img_per_s=len(remaining) / seconds if remaining and seconds > 0 else None, model_id=run.model_id,
                 hardware=describe(device, precision))
+
+
+def _write_sample(image: np.ndarray, out: Path, name: str, fmt: str, info: Any, manifest: Any, existed: Path) -> None:
+    """One image and its manifest row; a full disk is one OutputError, and the folders below `existed` (the
+    nearest one that was there before) that it leaves empty are removed."""
+    from . import export
+
+    try:
+        with no_space_is_an_error(f"{out / name}", "the images written before it are complete; the same command "
+                                  "continues after them once there is space"):
+            export.write_image(image, out / name, fmt, info)
+            manifest.add(name, info, fmt)
+    except BaseException:
+        for folder in (out / name).parents:  # only empty folders go (the first image's class folder and out)
+            if folder == existed or not folder.is_dir() or any(folder.iterdir()):
+                break
+            folder.rmdir()
+        raise
 
 
 def _write_grid(out: Path, jobs: list[tuple[str, int, int | None]], suffix: str, per_class: int | None) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 from . import export
-from .atomic import write_file
+from .atomic import check_out_dir, write_file
 from .config import (COMPUTE_BUDGET, JOBS_KEPT, SAMPLERS, SampleConfig, check_value, default_sampler, field_type, flag,
                      options, show, web_option)
 from .errors import ConfigError, MeddiffError, RunError
@@ -169,6 +169,7 @@ class App:
 
     def __init__(self, cfg: ServeConfig, echo: Callable[[str], None] = print) -> None:
         self.cfg, self.echo = cfg, echo
+        check_out_dir(cfg.out, "--out")  # before the model loads: a file in the way fails at once
         self.token: str | None = None if is_loopback(cfg.host) else secrets.token_urlsafe(32)
         self.device = pick_device(cfg.device)
         self.precision = pick_precision(cfg.precision, self.device)
@@ -177,15 +178,7 @@ class App:
         self.defaults = request_defaults(self.run.train.preset)
         self.card, self.card_source = shown_card(cfg.run, MAX_CARD)
         self.out = Path(cfg.out).resolve()
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-            probe = self.out / f".probe-{secrets.token_hex(8)}"  # can job folders be made here? (now, not later)
-            probe.mkdir()
-            probe.rmdir()
-        except (FileExistsError, NotADirectoryError):
-            raise RunError(f"--out {cfg.out}: a file is in the way; give a folder (new or existing)") from None
-        except OSError as err:
-            raise RunError(f"--out {cfg.out}: cannot write into the output folder ({err.strerror or err})") from None
+        self.out.mkdir(parents=True, exist_ok=True)
         self.lock = threading.Lock()
         self.jobs: dict[str, Job] = {}   # in submission order: the oldest are pruned first
         self._current: Job | None = None

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from . import __version__, runfolder
+from .atomic import check_out_dir
 from .config import RESUME_FIELDS, STOP_RULES, ModelConfig, TrainConfig, model_config
 from .data.dataset import ImageSet, load_data, skipped_listing, split
 from .diffusion import alphas_cumprod, diffusion_loss, predicted_eps, q_sample
@@ -194,6 +195,7 @@ def _prepare_run(cfg: TrainConfig, resume: bool, main: bool = True) -> tuple[Tra
             record = replace(record, train=stored)
             runfolder.write_record(run, record)
         return stored, record
+    check_out_dir(run, "--out")
     if main and runfolder.has_record(run):
         raise ConfigError(f"--out {run}: already holds a meddiff run; continue it with `meddiff train --resume {run}`"
                           " or choose another --out")
@@ -225,8 +227,12 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
+STATE_KEYS = ("step", "images_seen", "elapsed", "best_val_loss", "bad_evals", "recent_losses", "optimizer")
+
+
 def _checkpoint_state(step: int, images_seen: int, elapsed: float, best: float | None, bad_evals: int,
                       losses: list[float]) -> dict[str, Any]:
+    """A checkpoint's state.json (with "optimizer" added by `_save`): STATE_KEYS, all needed to resume."""
     return dict(step=step, images_seen=images_seen, elapsed=elapsed, best_val_loss=best, bad_evals=bad_evals,
                 recent_losses=losses[-50:])
 
@@ -240,14 +246,24 @@ def _save(run: Path, cfg: TrainConfig, step: int, unet: torch.nn.Module, ema: to
     return runfolder.save_checkpoint(run, step, weights, {**state, "optimizer": opt_meta}, keep=cfg.keep_checkpoints)
 
 
-def _restore(folder: Path, unet: torch.nn.Module, ema: torch.nn.Module | None,
-             opt: torch.optim.Optimizer) -> dict[str, Any]:
-    weights, state = runfolder.load_checkpoint(folder)
-    unet.load_state_dict(weights["model"])
-    if ema is not None:
-        ema.load_state_dict(weights["ema"])
-    runfolder.load_optimizer(opt, weights["optimizer"], state["optimizer"])
-    return state
+def _restore(run: Path, unet: torch.nn.Module, ema: torch.nn.Module | None, opt: torch.optim.Optimizer,
+             echo: Callable[[str], None]) -> dict[str, Any] | None:
+    """Load the newest checkpoint that verifies into the modules → its state (None: no checkpoint yet); says
+    which newer ones were damaged and skipped."""
+    names = ("model", "optimizer") + (("ema",) if ema is not None else ())
+    last = runfolder.newest_verified_checkpoint(run, names, STATE_KEYS)
+    if last is None:
+        return None
+    if last.damaged:
+        echo(f"checkpoint {'; '.join(last.damaged)}; resuming from {last.folder.name}")
+    try:
+        unet.load_state_dict(last.weights["model"])
+        if ema is not None:
+            ema.load_state_dict(last.weights["ema"])
+        runfolder.load_optimizer(opt, last.weights["optimizer"], last.state["optimizer"])
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as err:
+        raise RunError(f"{last.folder}: does not fit this run's model ({runfolder.one_line(err)})") from None
+    return last.state
 
 
 def _stop_reason(cfg: TrainConfig, step: int, total: int | None, elapsed: float) -> str | None:
@@ -276,9 +292,25 @@ def train(cfg: TrainConfig, data: ImageSet | None = None, *, resume: bool = Fals
           echo: Callable[[str], None] = print, dist: Dist = Dist(), device: torch.device | None = None) -> TrainResult:
     """Train (or resume) a run. `data` may be given to skip loading `cfg.data` (notebooks, tests).
     With `dist` (several processes under torchrun, process group already initialised), every rank computes its
-    slice of the same global batch and gradients are summed with the engine's all-reduce; rank 0 writes."""
+    slice of the same global batch and gradients are summed with the engine's all-reduce; rank 0 writes.
+    A new run that fails before its first complete checkpoint leaves nothing that would block a second attempt."""
+    new_run = dist.main and not resume and not runfolder.has_record(cfg.out)
+    created = not Path(cfg.out).exists()
+    try:
+        return _train(cfg, data, resume, echo, dist, device)
+    except BaseException:
+        if new_run:
+            runfolder.discard_unsaved_run(cfg.out, created)
+        raise
+
+
+def _train(cfg: TrainConfig, data: ImageSet | None, resume: bool, echo: Callable[[str], None], dist: Dist,
+           device: torch.device | None) -> TrainResult:
     if dist.main:
         cfg, record = _prepare_run(cfg, resume)
+        if resume:
+            for p in runfolder.remove_temporaries(cfg.out):
+                echo(f"removed {p}, left behind by an interrupted save")
     _barrier(dist)
     if not dist.main:
         cfg, record = _prepare_run(cfg, resume, main=False)
@@ -341,9 +373,9 @@ def train(cfg: TrainConfig, data: ImageSet | None = None, *, resume: bool = Fals
     ckpt_every = cfg.checkpoint_every or val_every
 
     step, images_seen, elapsed0, best, bad_evals, losses = 0, 0, 0.0, None, 0, []
-    last = runfolder.latest_checkpoint(run) if resume else None
-    if last is not None:
-        st = _restore(last, unet, ema, opt)
+    st = _restore(run, unet, ema, opt, echo) if resume else None
+    saved_at = None if st is None else st["step"]  # the step of the newest checkpoint that verifies
+    if st is not None:
         step, images_seen, elapsed0 = st["step"], st["images_seen"], st["elapsed"]
         best, bad_evals, losses = st["best_val_loss"], st["bad_evals"], list(st["recent_losses"])
         echo(f"resuming {run} at step {step}")
@@ -443,6 +475,7 @@ def train(cfg: TrainConfig, data: ImageSet | None = None, *, resume: bool = Fals
             if dist.main and (step % ckpt_every == 0 or interrupted or stopped):
                 _save(run, cfg, step, unet, ema, opt,
                       _checkpoint_state(step, images_seen, elapsed, best, bad_evals, losses))
+                saved_at = step
             if interrupted:
                 stopped = "interrupted"
             if stopped:
@@ -457,7 +490,7 @@ def train(cfg: TrainConfig, data: ImageSet | None = None, *, resume: bool = Fals
         return result
     if stopped != "interrupted":
         state = _checkpoint_state(step, images_seen, elapsed, best, bad_evals, losses)
-        if runfolder.latest_checkpoint(run) != runfolder.checkpoint_folder(run, step):
+        if saved_at != step:  # not latest_checkpoint(): a damaged one skipped on resume may hold this step
             _save(run, cfg, step, unet, ema, opt, state)
     runfolder.save_model_folder(run, ema or unet, record)
     record = replace(record, result=result)

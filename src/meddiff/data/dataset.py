@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..atomic import check_out_dir
 from ..config import HELDOUT_SPLITS, IMAGE_SIZE, IMAGES, SEEDS, Bounds, check_value, show
 from ..errors import ConfigError, DataError, UnreadableFile
 from ..runtime import available_memory
@@ -346,6 +347,7 @@ def split(data: ImageSet, val_fraction: float, seed: int, by: str = "group") -> 
 def export_builtin(spec: str, out: str | Path, n: int, size: int, seed: int = 0) -> dict[str, int]:
     """Write a built-in data set as 8-bit PNGs in class folders (`ct/normal/000012.png`), so that any other tool
     trains on exactly the same images. Returns the count per class."""
+    check_out_dir(out, "--out")
     kind, name, params = parse_spec(spec)
     if kind != "builtin":
         raise DataError(f"{spec!r}: data export takes a built-in data set (builtin:…)")
