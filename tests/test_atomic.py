@@ -1,7 +1,9 @@
 """Tests for meddiff.atomic: whole files and folders or nothing, the old version kept when a writer fails, no
-temporary left behind, and the durability rule (the file and its folder are fsynced)."""
+temporary left behind, and the durability rule (the file and its folder are fsynced); the temporaries a killed
+writer leaves, output paths checked before any work, and a full disk as one error."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
@@ -10,6 +12,7 @@ from typing import BinaryIO
 import pytest
 
 from meddiff import atomic
+from meddiff.errors import ConfigError, OutputError
 
 
 class Halfway(RuntimeError):
@@ -127,3 +130,106 @@ def test_atomic_folder_puts_the_old_folder_back_if_the_final_rename_fails(tmp_pa
             (tmp / "w").write_bytes(b"new")
     assert (target / "w").read_bytes() == b"good"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+
+
+# ---------------------------------------------------------------- temporaries a killed writer left
+
+def test_the_writers_temporaries_are_recognised_and_removed_and_nothing_else(tmp_path: Path) -> None:
+    assert atomic.is_temporary(atomic._sibling(tmp_path / "unet", "tmp").name)
+    assert atomic.is_temporary(atomic._sibling(tmp_path / "meddiff.json", "old").name)
+    left = [tmp_path / ".best.tmp12345", tmp_path / ".unet.99.ab12cd34.old"]
+    for p in left:
+        p.mkdir()
+        (p / "diffusion_pytorch_model.safetensors").write_bytes(b"half")
+    (tmp_path / ".meddiff.json.99.ab12cd34.tmp").write_text("{")
+    kept = ["best", "notes.tmp", ".hidden", ".tmp", "log.jsonl"]
+    for name in kept:
+        (tmp_path / name).write_text("mine")
+    removed = atomic.remove_temporaries(tmp_path)
+    assert sorted(p.name for p in removed) == [".best.tmp12345", ".meddiff.json.99.ab12cd34.tmp",
+                                                ".unet.99.ab12cd34.old"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
+    assert atomic.remove_temporaries(tmp_path / "missing") == []
+
+
+# ---------------------------------------------------------------- output paths, checked before any work
+
+def test_an_out_folder_that_is_a_file_lies_under_a_file_or_cannot_be_made_is_refused(tmp_path: Path) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("a user's file\n")
+    with pytest.raises(ConfigError, match=r"^--out .*afile: exists and is not a folder; choose a folder name$"):
+        atomic.check_out_dir(afile, "--out")
+    with pytest.raises(ConfigError, match=r"^--out .*afile/sub/deeper: .*afile is not a folder, so nothing can be"):
+        atomic.check_out_dir(afile / "sub" / "deeper", "--out")
+    with pytest.raises(ConfigError, match=r"^--out /proc/meddiff-cannot/x: cannot be created \("):
+        atomic.check_out_dir("/proc/meddiff-cannot/x", "--out")
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "x.png").write_bytes(b"x")
+    assert atomic.check_out_dir(tmp_path / "used", "--out") == tmp_path / "used"
+    with pytest.raises(ConfigError, match=r"^OUT_DIR .*used: exists and is not an empty folder; choose a new"):
+        atomic.check_out_dir(tmp_path / "used", "OUT_DIR", empty=True)
+    assert afile.read_text() == "a user's file\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "used"]
+
+
+def test_a_new_out_folder_is_checked_by_making_it_and_nothing_is_left(tmp_path: Path) -> None:
+    target = tmp_path / "a" / "b" / "c"
+    assert atomic.check_out_dir(target, "--out") == target
+    assert list(tmp_path.iterdir()) == [], "the check leaves no folder behind"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into any folder")
+def test_a_folder_that_is_not_writable_is_refused(tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    try:
+        with pytest.raises(ConfigError, match=r"locked: the folder .*locked is not writable"):
+            atomic.check_out_dir(locked, "--out")
+        with pytest.raises(ConfigError, match=r"locked/new: cannot be created \(Permission denied"):
+            atomic.check_out_dir(locked / "new", "--out")
+    finally:
+        locked.chmod(0o700)
+
+
+def test_an_out_file_must_not_be_a_folder_or_under_a_file(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    assert atomic.check_out_file(tmp_path / "new" / "eval.json", "--json") == tmp_path / "new" / "eval.json"
+    with pytest.raises(ConfigError, match=r"^--json .*: is a folder; give a file name$"):
+        atomic.check_out_file(tmp_path, "--json")
+    with pytest.raises(ConfigError, match=r"^--json .*afile/eval.json: .*afile is not a folder"):
+        atomic.check_out_file(tmp_path / "afile" / "eval.json", "--json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+# ---------------------------------------------------------------- a full disk
+
+@pytest.mark.parametrize("error, reason", [
+    (OSError(errno.ENOSPC, "No space left on device"), "No space left on device"),
+    (OSError(errno.EFBIG, "File too large"), "File too large"),
+    (RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)"),
+     "No space left on device"),
+])
+def test_a_full_disk_is_one_output_error_saying_what_is_kept(error: Exception, reason: str) -> None:
+    with pytest.raises(OutputError, match=rf"^no space left on the device while writing X \({reason}\); Y is intact$"):
+        with atomic.no_space_is_an_error("X", "Y is intact"):
+            raise error
+
+
+def test_other_errors_pass_through_unchanged() -> None:
+    with pytest.raises(PermissionError):
+        with atomic.no_space_is_an_error("X", "Y"):
+            raise PermissionError(errno.EACCES, "Permission denied")
+
+
+def test_a_file_writer_that_fills_the_disk_halfway_leaves_the_old_file(tmp_path: Path) -> None:
+    path = tmp_path / "x.json"
+    atomic.write_json(path, {"old": True})
+
+    def fill(f: BinaryIO) -> None:
+        f.write(b'{"new": ')
+        raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(OutputError, match=r"while writing .*x.json \(No space left on device\); the old one"):
+        with atomic.no_space_is_an_error(str(path), "the old one is intact"):
+            atomic.write_file(path, fill)
+    assert json.loads(path.read_text()) == {"old": True}
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -369,3 +370,72 @@ def test_every_flag_of_every_command_has_a_help_text() -> None:
         return missing
 
     assert walk(_parser(), "meddiff") == []
+
+
+# ---------------------------------------------------------------- output paths, checked before any work
+
+def _out_commands(run: Path, data: Path, tmp: Path) -> dict[str, tuple[list[str], str]]:
+    """command → (its argv without the output path, the flag that names it): every command that writes."""
+    d, r = str(data), str(run)
+    return {
+        "train": (["train", "--data", d, "--preset", "tiny", "--size", "32", "--max-steps", "1", "--no-progress",
+                   "--out"], "--out"),
+        "sample": (["sample", "--run", r, "--n", "1", "--steps", "1", "--no-progress", "--out"], "--out"),
+        "audit": (["audit", "--fake", d, "--train", d, "--real", d, "--out"], "--out"),
+        "data export": (["data", "export", "builtin:phantoms", "--n", "8", "--size", "32", "--out"], "--out"),
+        "data fetch": (["data", "fetch", "pneumoniamnist", "--url-base", "http://127.0.0.1:9/", "--download-dir",
+                        str(tmp / "downloads"), "--out"], "--out"),
+        "demo": (["demo", "--preset", "tiny", "--max-steps", "1", "--no-progress", "--out"], "--out"),
+        "evaluate --report": (["evaluate", "--real", d, "--fake", d, "--report"], "--report"),
+        "evaluate --json": (["evaluate", "--real", d, "--fake", d, "--json"], "--json"),
+        "export-diffusers": (["export-diffusers", r], "OUT_DIR"),
+        "serve": (["serve", "--run", r, "--port", "0", "--out"], "--out"),
+    }
+
+
+@pytest.mark.parametrize("where, says", [
+    ("afile", "exists and is not a folder"),
+    ("afile/sub", "afile is not a folder, so nothing can be made under it"),
+    ("/proc/meddiff-cannot/x", "cannot be created ("),
+])
+@pytest.mark.parametrize("command", list(_out_commands(Path("r"), Path("d"), Path("t"))))
+def test_an_output_path_that_cannot_be_written_is_one_line_before_any_work(
+        command: str, where: str, says: str, trained_run: Path, image_folder: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    (work / "afile").write_text("a user's file\n")
+    argv, flag = _out_commands(trained_run, image_folder, tmp_path)[command]
+    if command == "evaluate --json":  # a file: one that exists is overwritten, a folder is not a file
+        where, says = {"afile": ("adir", "is a folder; give a file name")}.get(where, (where, says))
+        (work / "adir").mkdir()
+    before = sorted(tmp_path.rglob("*"))
+    code, _out, err = _run([*argv, where], capsys)
+    _assert_one_line_error(code, err, f"{flag} {where}: ")
+    assert says in err
+    assert (work / "afile").read_text() == "a user's file\n"
+    assert sorted(tmp_path.rglob("*")) == before, "nothing written, nothing created"
+
+
+def test_stdout_closed_by_the_reader_ends_quietly_with_sigpipes_status(image_folder: Path, tmp_path: Path) -> None:
+    """`meddiff info DIR | head -0`: the reader is gone before the first line; like a well-kept Unix tool, no
+    BrokenPipeError traceback, exit status 141 (128 + SIGPIPE)."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "meddiff.cli", "info", str(image_folder), "--size", "32"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert err == "", err
+
+
+def test_a_broken_pipe_in_process_returns_141(image_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    class Gone:
+        def write(self, _text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self) -> None:
+            raise BrokenPipeError(32, "Broken pipe")
+    monkeypatch.setattr(sys, "stdout", Gone())
+    assert main(["info", str(image_folder), "--size", "32"]) == 141

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import errno
 import logging
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from PIL import Image
 
 from meddiff.config import SAMPLERS, SampleConfig, TrainConfig, model_config
 from meddiff.diffusion import diffusers_scheduler_config
-from meddiff.errors import ConfigError, RunError
+from meddiff.errors import ConfigError, OutputError, RunError
 from meddiff.model import build_unet
 from meddiff.sample import (LoadedRun, class_index, generate, initial_noise, load_run, make_denoiser, make_scheduler,
                             model_id, plan, sample_loop, sample_to_folder, sampler_and_steps)
@@ -222,6 +223,48 @@ def test_rerun_skips_completed_files(trained_run: Path, tmp_path: Path) -> None:
     assert (third["written"], third["skipped"]) == (2, 2)
     assert lines[0].startswith("sampling 2 of 4 images (2 already done)")
     assert sorted(p.name for p in out.glob("seed*.png")) == [f"seed{s:06d}.png" for s in range(4)]
+
+
+def test_a_disk_that_fills_up_while_writing_samples_is_one_error_and_a_rerun_continues(
+        trained_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from meddiff import atomic, export
+
+    real_write, calls = export.write_image, []
+
+    def full_on_the_third(image: np.ndarray, path: Path, fmt: str, info: object) -> Path:
+        calls.append(path.name)
+        if len(calls) == 3:  # as the kernel does: part of the file, then ENOSPC
+            return atomic.write_file(path, lambda f: (f.write(b"\x89PNG half"),
+                                                               _raise(OSError(errno.ENOSPC, "No space left"))))
+        return real_write(image, path, fmt, info)
+    monkeypatch.setattr(export, "write_image", full_on_the_third)
+    out = tmp_path / "out"
+    with pytest.raises(OutputError, match=r"^no space left on the device while writing .*out/b/seed000002.png \(No "
+                                          r"space left on device\); the images written before it are complete"):
+        sample_to_folder(_cfg(trained_run, out, per_class=2, steps=1), echo=_quiet)
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == [
+        "a", "a/seed000000.png", "a/seed000001.png", "manifest.csv"], "no half file, no temporary, no empty b/"
+    monkeypatch.undo()
+    again = sample_to_folder(_cfg(trained_run, out, per_class=2, steps=1), echo=_quiet)
+    assert (again["written"], again["skipped"]) == (2, 2)
+
+
+def test_a_disk_full_at_the_first_image_leaves_no_folder(trained_run: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from meddiff import export
+
+    def full(image: np.ndarray, path: Path, fmt: str, info: object) -> Path:
+        path.parent.mkdir(parents=True)
+        raise OSError(errno.EFBIG, "File too large")
+    monkeypatch.setattr(export, "write_image", full)
+    out = tmp_path / "new" / "out"
+    with pytest.raises(OutputError, match=r"\(File too large\)"):
+        sample_to_folder(_cfg(trained_run, out, per_class=1, steps=1), echo=_quiet)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _raise(err: Exception) -> None:
+    raise err
 
 
 @pytest.mark.parametrize("n", [1, 3, 8])

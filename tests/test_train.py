@@ -1,6 +1,7 @@
 """Tests for meddiff.train: the run folder, diffusers compatibility, exact resume, interruption, failures."""
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -22,7 +23,7 @@ from meddiff import runfolder
 from meddiff.cli import main as cli_main
 from meddiff.config import TrainConfig, model_config
 from meddiff.data.dataset import ImageSet
-from meddiff.errors import ConfigError, DataError, RunError
+from meddiff.errors import ConfigError, DataError, OutputError, RunError
 from meddiff.model import build_unet
 
 UNET_FILE = "diffusion_pytorch_model.safetensors"
@@ -301,6 +302,78 @@ def test_resume_uses_the_folder_given_not_the_stored_path(tmp_path: Path, image_
     assert result.steps == 3 and Path(result.run) == new
     assert not old.exists()
     assert runfolder.latest_checkpoint(new).name == "step_00000003"
+
+
+def _cut_model(folder: Path) -> None:
+    (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:200])
+
+
+def _drop_images_seen(folder: Path) -> None:
+    state = json.loads((folder / "state.json").read_text())
+    del state["images_seen"]
+    (folder / "state.json").write_text(json.dumps(state))
+
+
+@pytest.mark.parametrize("damage, why", [(_cut_model, "model.safetensors: unreadable checkpoint weights ("),
+                                         (_drop_images_seen, "state.json: no images_seen")])
+def test_resume_falls_back_to_the_newest_checkpoint_that_verifies_bit_exactly(
+        tmp_path: Path, image_folder: Path, train_config, reference_run: Path, damage, why: str) -> None:
+    out = tmp_path / "run"
+    T.train(train_config(image_folder, out, **{**RESUME, "max_steps": 6}), echo=_quiet)  # checkpoints 3 and 6
+    damage(runfolder.checkpoint_folder(out, 6))
+    killed = [out / ".best.tmp12345", out / ".unet.4242.ab12cd34.old", out / "checkpoints" / ".step_00000009.1.ab.tmp"]
+    for folder in killed:
+        folder.mkdir()
+    lines: list[str] = []
+    result = T.train(TrainConfig(data="", out=str(out), max_steps=8, progress=False), resume=True,
+                     echo=lines.append)
+    assert [ln for ln in lines if ln.startswith("removed ")] == [
+        f"removed {p}, left behind by an interrupted save" for p in sorted(killed[:2]) + killed[2:]]
+    said = [ln for ln in lines if ln.startswith("checkpoint ")]
+    assert len(said) == 1 and said[0].startswith(f"checkpoint step_00000006 is damaged ({why}")
+    assert said[0].endswith("; resuming from step_00000003")
+    assert f"resuming {out} at step 3" in lines
+    assert result.steps == 8 and not any(p.exists() for p in killed)
+    _assert_bit_equal(_unet_weights(out), _unet_weights(reference_run))
+    _assert_bit_equal(_raw_weights(out), _raw_weights(reference_run))
+
+
+def test_resume_when_no_checkpoint_verifies_is_one_error_naming_each(tmp_path: Path, trained_run: Path) -> None:
+    out = tmp_path / "run"
+    shutil.copytree(trained_run, out)
+    for folder in runfolder.complete_checkpoints(out):
+        _cut_model(folder)
+    with pytest.raises(RunError, match=r"run: no checkpoint can be resumed from: step_00000006 is damaged \(model\."
+                                       r"safetensors: .*\); step_00000003 is damaged \(model.safetensors: .*\)$"):
+        T.train(TrainConfig(data="", out=str(out), max_steps=8, progress=False), resume=True, echo=_quiet)
+
+
+def test_a_new_run_whose_first_save_fails_leaves_no_folder(tmp_path: Path, image_folder: Path, train_config,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A half-made run folder would refuse the next attempt ("already holds a meddiff run")."""
+    def disk_full(*_args: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(runfolder, "write_json", disk_full)
+    out = tmp_path / "new" / "run"
+    with pytest.raises(OutputError, match=r"no space left on the device while writing .*run/meddiff.json \(No space "
+                                          r"left on device\); the previous one is intact"):
+        T.train(train_config(image_folder, out), echo=_quiet)
+    assert not out.exists()
+    monkeypatch.undo()
+    assert T.train(train_config(image_folder, out, max_steps=1), echo=_quiet).steps == 1
+
+
+def test_a_new_run_that_fails_before_its_first_checkpoint_leaves_nothing_behind(
+        tmp_path: Path, image_folder: Path, train_config, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(T, "diffusion_loss", lambda pred, *a, **k: pred.sum(dim=(1, 2, 3)) * float("nan"))
+    given = tmp_path / "given"
+    given.mkdir()
+    (given / "notes.txt").write_text("the user's")
+    for out in (tmp_path / "run", given):
+        with pytest.raises(RunError, match=r"step 0: the loss is nan"):
+            T.train(train_config(image_folder, out), echo=_quiet)
+    assert not (tmp_path / "run").exists()
+    assert [p.name for p in given.iterdir()] == ["notes.txt"]
 
 
 def _cli_train_args(data: Path, out: Path, cache: Path) -> list[str]:

@@ -168,9 +168,9 @@ def _first_existing(path: Path) -> Path:
     return Path(".")
 
 
-def _check_creatable(path: Path, flag: str) -> None:
+def _check_creatable(path: Path, flag: str, shown: Path) -> None:
     """That a folder can be made at `path` (which does not exist): make it and every missing parent, then remove
-    what was made, so that a command that fails later leaves nothing behind."""
+    what was made, so that a command that fails later leaves nothing behind. Errors name `flag` and `shown`."""
     made: list[Path] = []
     try:
         for p in reversed((path, *path.parents)):
@@ -178,11 +178,25 @@ def _check_creatable(path: Path, flag: str) -> None:
                 p.mkdir()
                 made.append(p)
     except OSError as err:
-        raise ConfigError(f"{flag} {path}: cannot be created ({err.strerror}: {err.filename})") from None
+        raise ConfigError(f"{flag} {shown}: cannot be created ({err.strerror}: {err.filename})") from None
     finally:
         for p in reversed(made):
             with contextlib.suppress(OSError):
                 p.rmdir()
+
+
+def _check_folder(path: Path, flag: str, shown: Path) -> None:
+    """That `path` is a writable folder or can be made one (not a file, nothing under a file)."""
+    if path.is_dir():
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError(f"{flag} {shown}: the folder {path} is not writable")
+        return
+    existing = _first_existing(path)
+    if existing == shown:
+        raise ConfigError(f"{flag} {shown}: exists and is not a folder; choose a folder name")
+    if not existing.is_dir():
+        raise ConfigError(f"{flag} {shown}: {existing} is not a folder, so nothing can be made under it")
+    _check_creatable(path, flag, shown)
 
 
 def check_out_dir(path: str | Path, flag: str, empty: bool = False) -> Path:
@@ -190,18 +204,9 @@ def check_out_dir(path: str | Path, flag: str, empty: bool = False) -> Path:
     folder or can be made one (not a file, not under a file), writable, and with `empty` not holding anything.
     ConfigError naming the flag, the path and what is wrong; nothing is left created."""
     path = Path(path)
-    if path.is_dir():
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise ConfigError(f"{flag} {path}: the folder is not writable")
-        if empty and any(path.iterdir()):
-            raise ConfigError(f"{flag} {path}: exists and is not an empty folder; choose a new folder")
-        return path
-    existing = _first_existing(path)
-    if existing == path:
-        raise ConfigError(f"{flag} {path}: exists and is not a folder; choose a folder name")
-    if not existing.is_dir():
-        raise ConfigError(f"{flag} {path}: {existing} is not a folder, so nothing can be made under it")
-    _check_creatable(path, flag)
+    _check_folder(path, flag, path)
+    if empty and path.is_dir() and any(path.iterdir()):
+        raise ConfigError(f"{flag} {path}: exists and is not an empty folder; choose a new folder")
     return path
 
 
@@ -211,7 +216,7 @@ def check_out_file(path: str | Path, flag: str) -> Path:
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{flag} {path}: is a folder; give a file name")
-    check_out_dir(path.parent, flag)
+    _check_folder(path.parent, flag, path)
     if path.exists() and not os.access(path, os.W_OK):
         raise ConfigError(f"{flag} {path}: the file is not writable")
     return path

@@ -551,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
             os.close(devnull)
-        except (OSError, ValueError):  # stdout is not a file descriptor (captured): nothing is left to flush
+        except (OSError, ValueError, AttributeError):  # stdout is no file descriptor (captured): nothing to flush
             pass
         return 141
 

@@ -52,11 +52,12 @@ class MeddiffPipeline(DiffusionPipeline):
                 kwargs["class_names"] = list(record.class_names) if record.conditional else []
                 kwargs.setdefault("patch_size", record.model.patch_size)
             if "unet" not in kwargs:
-                kwargs["unet"] = runfolder.load_unet_folder(Path(path) / runfolder.UNET_DIR,
-                                                            record.model if record else None)[0]
+                kwargs["unet"] = (runfolder.load_unet(path, "ema", record) if record else
+                                  runfolder.load_unet_folder(Path(path) / runfolder.UNET_DIR))[0]
             if "scheduler" not in kwargs:
-                kwargs["scheduler"] = DDIMScheduler.from_config(runfolder.read_scheduler_config(
-                    Path(path) / runfolder.SCHEDULER_DIR, record.train if record else None))
+                kwargs["scheduler"] = DDIMScheduler.from_config(
+                    runfolder.scheduler_config(path, record) if record else
+                    runfolder.read_scheduler_config(Path(path) / runfolder.SCHEDULER_DIR))
             kwargs.update(local_files_only=True, use_safetensors=True)
         # diffusers asks users without `accelerate` to install it on every load unless told not to use it
         kwargs.setdefault("low_cpu_mem_usage", is_accelerate_available())

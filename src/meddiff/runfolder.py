@@ -21,6 +21,7 @@ file.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import shutil
 import types
@@ -360,8 +361,13 @@ def read_scheduler_config(folder: str | Path, train: TrainConfig | None = None) 
         raise RunError(f"{path}: expected a JSON object (a scheduler config), got {_show(config)}")
     if train is not None:
         _check_schedule(config, path, train)
+    for name, param in inspect.signature(DDPMScheduler.__init__).parameters.items():
+        if name in config and type(param.default) in (bool, int, float, str):
+            hint = float if type(param.default) is float else type(param.default)
+            if not _conforms(config[name], hint):
+                raise RunError(f"{path}: {name} is {_show(config[name])}; expected {hint.__name__}")
     try:
-        DDPMScheduler.from_config(config)
+        DDPMScheduler.from_config(config).set_timesteps(min(10, int(config.get("num_train_timesteps", 10))))
     except Exception as err:  # noqa: BLE001  diffusers raises many kinds on a config it cannot use
         raise RunError(f"{path}: not a scheduler config diffusers can use ({one_line(err)})") from None
     return dict(config)
