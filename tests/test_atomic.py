@@ -183,7 +183,7 @@ def test_a_folder_that_is_not_writable_is_refused(tmp_path: Path) -> None:
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
     try:
-        with pytest.raises(ConfigError, match=r"locked: the folder .*locked is not writable"):
+        with pytest.raises(ConfigError, match=r"locked: cannot write into the folder .*locked \(Permission denied"):
             atomic.check_out_dir(locked, "--out")
         with pytest.raises(ConfigError, match=r"locked/new: cannot be created \(Permission denied"):
             atomic.check_out_dir(locked / "new", "--out")
@@ -233,3 +233,18 @@ def test_a_file_writer_that_fills_the_disk_halfway_leaves_the_old_file(tmp_path:
             atomic.write_file(path, fill)
     assert json.loads(path.read_text()) == {"old": True}
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+def test_a_read_only_folder_is_found_by_trying_even_for_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """os.access says yes to root on a read-only mount; making something there says no."""
+    real_mkdir = Path.mkdir
+
+    def read_only(self: Path, *args: object, **kwargs: object) -> None:
+        if self.parent == tmp_path:
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        real_mkdir(self, *args, **kwargs)
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    with pytest.raises(ConfigError, match=r"^--out .*: cannot write into the folder .* \(Read-only file system\)$"):
+        atomic.check_out_dir(tmp_path, "--out")
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []

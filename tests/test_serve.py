@@ -428,7 +428,7 @@ def test_cli_serve_refuses_bad_options_in_one_line(trained_run: Path, tmp_path: 
     assert not (tmp_path / "o").exists()
     (tmp_path / "file").write_text("x")
     assert main(["serve", "--run", str(trained_run), "--out", str(tmp_path / "file"), "--port", "0"]) == 1
-    assert "a file is in the way" in capsys.readouterr().err
+    assert "exists and is not a folder" in capsys.readouterr().err
 
 
 def test_serve_config_checks_its_own_limits() -> None:

@@ -188,8 +188,12 @@ def _check_creatable(path: Path, flag: str, shown: Path) -> None:
 def _check_folder(path: Path, flag: str, shown: Path) -> None:
     """That `path` is a writable folder or can be made one (not a file, nothing under a file)."""
     if path.is_dir():
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise ConfigError(f"{flag} {shown}: the folder {path} is not writable")
+        probe = _sibling(path / "probe", "tmp")  # can anything be made here (permissions, a read-only mount)?
+        try:
+            probe.mkdir()
+            probe.rmdir()
+        except OSError as err:
+            raise ConfigError(f"{flag} {shown}: cannot write into the folder {path} ({err.strerror})") from None
         return
     existing = _first_existing(path)
     if existing == shown:
