@@ -168,6 +168,11 @@ def _add_options(parser: argparse.ArgumentParser, cls: type, *, optional: tuple[
                                 type=_value_type(flag(f), opt, type_) if opt.choices or type_ is not str else None)
 
 
+def _command(sub: Any, name: str, *, help: str, epilog: str) -> argparse.ArgumentParser:
+    """A sub-command whose --help ends with its examples (`epilog`), line breaks kept."""
+    return sub.add_parser(name, help=help, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def _number(parser: Any, *flags: str, bounds: Bounds, kind: type = int, **how: Any) -> None:
     """A numeric flag outside the config dataclasses, parsed and checked the same way (config's limits)."""
     parser.add_argument(*flags, type=_value_type(flags[0], Option(help="", bounds=bounds), kind), **how)
@@ -184,9 +189,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(sub)
     _add_sample(sub)
-    ev = sub.add_parser("evaluate", help="quality, diversity, utility and privacy of generated images",
-                        epilog=EVAL_EXAMPLES,
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ev = _command(sub, "evaluate", help="quality, diversity, utility and privacy of generated images",
+                  epilog=EVAL_EXAMPLES)
     ev.add_argument("--real", required=True, help="real images: a folder or builtin:…")
     ev.add_argument("--fake", required=True, help="generated images: a folder")
     _number(ev, "--size", bounds=IMAGE_SIZE, help="compare at this size (default: the generated images' size)")
@@ -206,11 +210,10 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--heldout-split", choices=HELDOUT_SPLITS, default="group", help=HELDOUT_SPLIT_HELP)
     ev.add_argument("--cache-dir", default=None, help=f"image and feature cache (default {default_cache_dir()})")
     _add_threads(ev)
-    au = sub.add_parser("audit", help="copy the generated images that are not copies of training images into a "
-                        "shareable folder", epilog="examples:\n  meddiff audit --fake synthetic/ --train train/ "
-                        "--real heldout/ --out shareable/\n  meddiff audit --fake ph/ --train "
-                        "'builtin:phantoms?n=800' --real 'builtin:phantoms?n=400&seed=1' --out share/\n",
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    au = _command(sub, "audit", help="copy the generated images that are not copies of training images into a "
+                  "shareable folder", epilog="examples:\n  meddiff audit --fake synthetic/ --train train/ "
+                  "--real heldout/ --out shareable/\n  meddiff audit --fake ph/ --train "
+                  "'builtin:phantoms?n=800' --real 'builtin:phantoms?n=400&seed=1' --out share/\n")
     au.add_argument("--fake", required=True, help="generated images: a folder (class sub-folders are kept)")
     au.add_argument("--train", required=True, help="the model's training images: a folder or builtin:…")
     au.add_argument("--real", required=True, help="real images the model never saw, to set the copy threshold")
@@ -219,17 +222,14 @@ def _parser() -> argparse.ArgumentParser:
     _number(au, "--label-depth", bounds=DEPTH, default=1, help="folder levels naming a class (default 1)")
     au.add_argument("--heldout-split", choices=HELDOUT_SPLITS, default="group", help=HELDOUT_SPLIT_HELP)
     au.add_argument("--cache-dir", default=None, help=f"image cache (default {default_cache_dir()})")
-    info = sub.add_parser("info", help="what the loader sees in a data path", epilog=INFO_EXAMPLES,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    info = _command(sub, "info", help="what the loader sees in a data path", epilog=INFO_EXAMPLES)
     info.add_argument("path", help="a folder or builtin:…")
     _number(info, "--label-depth", bounds=DEPTH, default=1, help="folder levels naming a class (default 1)")
     _number(info, "--size", bounds=IMAGE_SIZE, default=64, help="read the images at this size (default 64)")
     _add_demo(sub)
-    data = sub.add_parser("data", help="built-in and public data sets", epilog=DATA_EXAMPLES,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = _command(sub, "data", help="built-in and public data sets", epilog=DATA_EXAMPLES)
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    exp = dsub.add_parser("export", help="write a built-in data set as PNGs in class folders", epilog=DATA_EXAMPLES,
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    exp = _command(dsub, "export", help="write a built-in data set as PNGs in class folders", epilog=DATA_EXAMPLES)
     exp.add_argument("spec", help="builtin:phantoms, builtin:ct, builtin:xray, builtin:mri, builtin:us, builtin:mni-mri")
     _number(exp, "--n", bounds=IMAGES, default=200, help="number of images (default 200)")
     _number(exp, "--size", bounds=IMAGE_SIZE, default=128,
@@ -245,8 +245,8 @@ def _parser() -> argparse.ArgumentParser:
 def _add_fetch(dsub: Any) -> None:
     from .data.medmnist import CATALOGUE, SIZES, ZENODO
 
-    fe = dsub.add_parser("fetch", help="download a MedMNIST+ set (MD5-verified, resumable) into class folders",
-                         epilog=DATA_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    fe = _command(dsub, "fetch", help="download a MedMNIST+ set (MD5-verified, resumable) into class folders",
+                  epilog=DATA_EXAMPLES)
     fe.add_argument("name", help=", ".join(CATALOGUE))
     fe.add_argument("--size", type=int, choices=SIZES, default=64, help="image size of the MedMNIST+ file")
     fe.add_argument("--out", required=True, help="folder for the PNG class folders")
@@ -259,9 +259,8 @@ def _add_fetch(dsub: Any) -> None:
 
 
 def _add_export_diffusers(sub: Any) -> None:
-    ex = sub.add_parser("export-diffusers", help="write a run as a diffusers pipeline folder",
-                        epilog="examples:\n  meddiff export-diffusers runs/mri exported/mri\n",
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ex = _command(sub, "export-diffusers", help="write a run as a diffusers pipeline folder",
+                  epilog="examples:\n  meddiff export-diffusers runs/mri exported/mri\n")
     ex.add_argument("run", metavar="RUN_DIR", help="a run folder written by meddiff train")
     ex.add_argument("out", metavar="OUT_DIR", help="the pipeline folder to write")
     ex.add_argument("--weights", choices=["ema", "best"], default="ema",
@@ -269,16 +268,15 @@ def _add_export_diffusers(sub: Any) -> None:
 
 
 def _add_train(sub: Any) -> None:
-    tr = sub.add_parser("train", help="train a diffusion model on a data folder or built-in data",
-                        epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    tr = _command(sub, "train", help="train a diffusion model on a data folder or built-in data",
+                  epilog=TRAIN_EXAMPLES)
     tr.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run (no other flags needed)")
     _add_options(tr, TrainConfig, optional=("data", "out"), shown={"cache_dir": default_cache_dir()})
     _add_threads(tr)
 
 
 def _add_sample(sub: Any) -> None:
-    sa = sub.add_parser("sample", help="generate images from a trained run", epilog=SAMPLE_EXAMPLES,
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sa = _command(sub, "sample", help="generate images from a trained run", epilog=SAMPLE_EXAMPLES)
     _add_options(sa, SampleConfig)
     _add_threads(sa)
 
@@ -371,12 +369,12 @@ def cmd_audit(a: argparse.Namespace) -> int:
                                       label_depth=a.label_depth, heldout_split=a.heldout_split,
                                       cache_dir=a.cache_dir or default_cache_dir()))
     n = len(result.kept) + len(result.flagged)
-    print(f"audit: {len(result.kept)} of {n} image(s) copied to {result.out}; {len(result.flagged)} flagged as "
-          f"copies of training images (NCC ≥ {result.copies.threshold:.3f}, threshold from {result.heldout})")
-    for f in result.flagged:
-        print(f"  flagged: {f}")
+    lines = [f"audit: {len(result.kept)} of {n} image(s) copied to {result.out}; {len(result.flagged)} flagged as "
+             f"copies of training images (NCC ≥ {result.copies.threshold:.3f}, threshold from {result.heldout})",
+             *(f"  flagged: {f}" for f in result.flagged)]
     if result.warning:
-        print(f"warning: {result.warning}")
+        lines.append(f"warning: {result.warning}")
+    print("\n".join(lines))
     return 0
 
 
@@ -385,14 +383,11 @@ def cmd_info(a: argparse.Namespace) -> int:
 
     data = load_data(a.path, a.size, label_depth=a.label_depth, cache_dir=default_cache_dir())
     s = data.summary
-    print(f"{s['images']} images in {len(data.class_names)} class(es)")
-    for name, count in s["classes"].items():
-        print(f"  class {name}: {count}")
-    for fmt, count in s["formats"].items():
-        print(f"  format {fmt}: {count}")
-    print(f"skipped {len(data.skipped)} file(s)")
-    for path, reason in data.skipped:
-        print(f"  {path}: {reason}")
+    print("\n".join([f"{s['images']} images in {len(data.class_names)} class(es)",
+                     *(f"  class {name}: {count}" for name, count in s["classes"].items()),
+                     *(f"  format {fmt}: {count}" for fmt, count in s["formats"].items()),
+                     f"skipped {len(data.skipped)} file(s)",
+                     *(f"  {path}: {reason}" for path, reason in data.skipped)]))
     return 0
 
 
@@ -444,10 +439,9 @@ def cmd_export_diffusers(a: argparse.Namespace) -> int:
 
 
 def _add_demo(sub: Any) -> None:
-    de = sub.add_parser("demo", help="train one class-conditional model on MedPhantom-4 (3,000 steps, ~9 min on "
-                        "a 2-core Zen 5 CPU), then sample a grid with one row per class, evaluate it and write the "
-                        "report",
-                        epilog=DEMO_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    de = _command(sub, "demo", help="train one class-conditional model on MedPhantom-4 (3,000 steps, ~9 min on "
+                  "a 2-core Zen 5 CPU), then sample a grid with one row per class, evaluate it and write the "
+                  "report", epilog=DEMO_EXAMPLES)
     _add_options(de, DemoConfig, shown={"cache_dir": default_cache_dir()})
     _add_threads(de)
 
@@ -470,9 +464,9 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def _add_serve(sub: Any) -> None:
-    se = sub.add_parser("serve", help="a local web page that generates images from a trained run",
-                        epilog="examples:\n  meddiff serve --run runs/ph\n  meddiff serve --run runs/ph --port 8000 "
-                               "--out served/\n", formatter_class=argparse.RawDescriptionHelpFormatter)
+    se = _command(sub, "serve", help="a local web page that generates images from a trained run",
+                  epilog="examples:\n  meddiff serve --run runs/ph\n  meddiff serve --run runs/ph --port 8000 "
+                         "--out served/\n")
     se.add_argument("--run", required=True, help="a run folder written by meddiff train")
     se.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only); "
                     "any other address needs --allow-remote")

@@ -216,38 +216,24 @@ class ModelConfig:
     patch_size: int = 1          # >1: the UNet sees (p*p, S/p, S/p) space-to-depth patches (Hoogeboom et al. 2023)
 
 
+def _unet(channels: tuple[int, ...], attention_at: int, layers: int, **extra: Any) -> dict[str, Any]:
+    """A UNet2DModel architecture with self-attention at one level (0 = the finest), mirrored on the way up."""
+    down = tuple(_ATTN_DOWN if level == attention_at else _DOWN for level in range(len(channels)))
+    up = tuple(_ATTN_UP if level == attention_at else _UP for level in reversed(range(len(channels))))
+    return dict(block_out_channels=channels, down_block_types=down, up_block_types=up, layers_per_block=layers,
+                **extra)
+
+
 ARCHITECTURES: dict[str, dict[str, Any]] = {
     # The slides' config: 6 levels, 3 layers a block, attention at one down and one up level (8x8 at 128 px).
-    "seed": dict(
-        block_out_channels=(128, 128, 256, 256, 512, 512),
-        down_block_types=(_DOWN, _DOWN, _DOWN, _DOWN, _ATTN_DOWN, _DOWN),
-        up_block_types=(_UP, _ATTN_UP, _UP, _UP, _UP, _UP),
-        layers_per_block=3,
-    ),
+    "seed": _unet((128, 128, 256, 256, 512, 512), attention_at=4, layers=3),
     # The seed's shape narrowed for CPU at 64 px: identical to `seed_recipe.py --arch small`.
-    "small": dict(
-        block_out_channels=(64, 128, 256, 256),
-        down_block_types=(_DOWN, _DOWN, _ATTN_DOWN, _DOWN),
-        up_block_types=(_UP, _ATTN_UP, _UP, _UP),
-        layers_per_block=2,
-    ),
+    "small": _unet((64, 128, 256, 256), attention_at=2, layers=2),
     # meddiff's CPU default: 2x2 space-to-depth patches, so the widest convolutions run at half resolution,
     # one layer per block and attention only at the coarsest level (4x4 at 64 px): ~5x the seed's small img/s.
-    "lean": dict(
-        block_out_channels=(64, 128, 128, 256),
-        down_block_types=(_DOWN, _DOWN, _DOWN, _ATTN_DOWN),
-        up_block_types=(_ATTN_UP, _UP, _UP, _UP),
-        layers_per_block=1,
-        patch_size=2,
-    ),
+    "lean": _unet((64, 128, 128, 256), attention_at=3, layers=1, patch_size=2),
     # For tests: well under 1 M parameters.
-    "tiny": dict(
-        block_out_channels=(16, 32),
-        down_block_types=(_DOWN, _ATTN_DOWN),
-        up_block_types=(_ATTN_UP, _UP),
-        layers_per_block=1,
-        norm_num_groups=8,
-    ),
+    "tiny": _unet((16, 32), attention_at=1, layers=1, norm_num_groups=8),
 }
 
 # Training defaults per preset, over the `recipe` of each TrainConfig option. `seed` reproduces the student

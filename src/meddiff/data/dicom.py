@@ -15,21 +15,8 @@ import numpy as np
 
 from meddiff.errors import UnreadableFile
 
-from .imagefile import (
-    IMAGE_SUFFIXES,
-    ImageReader,
-    Images,
-    Meta,
-    _check_declared_size,
-    _first_line,
-    _import_backend,
-    _luminance,
-    _min_max_to_unit,
-    _require_finite,
-    _scale_to_unit,
-    _suffix,
-    is_dicom_file,
-)
+from .imagefile import (IMAGE_SUFFIXES, ImageReader, Images, Meta, _check_declared_size, _first_line, _import_backend,
+                        _luminance, _min_max_to_unit, _require_finite, _scale_to_unit, _suffix, is_dicom_file)
 
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")

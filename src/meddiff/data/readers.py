@@ -15,26 +15,9 @@ from PIL import Image, UnidentifiedImageError
 from meddiff.errors import ConfigError, DataError, UnreadableFile
 
 from .dicom import DicomReader
-from .imagefile import (
-    IMAGE_SUFFIXES,
-    LUMA_601,
-    MAX_SIDE,
-    MAX_VALUES,
-    ImageReader,
-    Images,
-    Meta,
-    _check_declared_size,
-    _check_regular_file,
-    _first_line,
-    _import_backend,
-    _luminance,
-    _min_max_to_unit,
-    _not_regular_reason,
-    _require_finite,
-    _scale_to_unit,
-    _suffix,
-    is_dicom_file,
-)
+from .imagefile import (IMAGE_SUFFIXES, LUMA_601, MAX_SIDE, MAX_VALUES, ImageReader, Images, Meta, _check_declared_size,
+                        _check_regular_file, _first_line, _import_backend, _luminance, _min_max_to_unit,
+                        _not_regular_reason, _require_finite, _scale_to_unit, _suffix, is_dicom_file)
 
 __all__ = [
     "IMAGE_SUFFIXES",
