@@ -67,9 +67,6 @@ def show(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-_WHOLE = re.compile(r"\s*[+-]?\d{1,40}\s*")
-
-
 @dataclass(frozen=True)
 class Option:
     """How a config field is offered and checked: its help, choices or bounds, the flag(s) that set it."""
@@ -114,6 +111,9 @@ class Option:
             raise ConfigError(f"{name} {show(raw if value is None else value)}: {self.allowed()}")
         self.check(name, value)
         return value
+
+
+_WHOLE = re.compile(r"\s*[+-]?\d{1,40}\s*")  # a whole number as text: "12", " -3 " (not "1e3", not 41 digits)
 
 
 def _coerce(raw: Any, kind: type) -> Any:

@@ -139,7 +139,10 @@ def available_memory(device: torch.device) -> int:
 
 @dataclass(frozen=True)
 class Dist:
-    """Where this process sits in a multi-process run (torchrun): rank 0 of 1 for a plain run."""
+    """Where this process sits in a multi-process run (torchrun): rank 0 of 1 for a plain run.
+
+    `rank` numbers the processes 0 … `world` - 1 across machines; `local_rank` is the rank on this machine, which
+    picks its GPU."""
 
     rank: int = 0
     world: int = 1

@@ -20,14 +20,22 @@ def check_size(size: int) -> None:
         raise ConfigError(f"phantom size: got {size!r}; allowed: an integer from {MIN_SIZE} to {MAX_SIZE} pixels")
 
 
+# What every simulator returns: ((size, size) float32 image in [0, 1], (size, size) bool lesion mask, all False
+# for a normal image).
+Simulation = tuple[np.ndarray, np.ndarray]
+
+
 def grid(size: int, fov: float) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel-centre coordinates (x, y) of a `size`² image spanning `fov` units, origin at the centre."""
+    """Pixel-centre coordinates (x, y) of a `size`² image spanning `fov` units, origin at the centre; `size` is
+    checked here (`check_size`), where a simulator first turns it into pixels."""
+    check_size(size)
     c = ((np.arange(size, dtype=np.float32) + 0.5) / size - 0.5) * fov
     return np.meshgrid(c, c)
 
 
 def lesion_generator(rng: np.random.Generator) -> np.random.Generator:
-    """A child generator for lesion draws: spawning leaves `rng`'s own stream untouched, so twins stay twins."""
+    """A child generator for lesion draws: spawning leaves `rng`'s own stream untouched, so twins stay twins, and
+    the first spawn is the same child wherever in a simulator it happens."""
     return rng.spawn(1)[0]
 
 

@@ -12,7 +12,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.transform import iradon, radon
 
-from ._geometry import blob, check_size, grid, harmonics, lesion_generator, pick_inside
+from ._geometry import Simulation, blob, grid, harmonics, lesion_generator, pick_inside
 
 # Hounsfield units of the tissues drawn; ENHANCED replaces some in a contrast-enhanced (portal venous) scan.
 HU = dict(air=-1000.0, lung=-850.0, fat=-100.0, mix=-40.0, fluid=10.0, bowel=25.0, muscle=50.0,
@@ -36,11 +36,8 @@ class CTParams:
     mu_water: float = 0.19  # cm^-1, about 70 keV
 
 
-def simulate(rng: np.random.Generator, size: int, abnormal: bool,
-             params: CTParams = CTParams()) -> tuple[np.ndarray, np.ndarray]:
-    """One CT slice: ((size, size) float32 in [0, 1], (size, size) bool lesion mask, all False if normal)."""
-    check_size(size)
-    lesion_rng = lesion_generator(rng)
+def simulate(rng: np.random.Generator, size: int, abnormal: bool, params: CTParams = CTParams()) -> Simulation:
+    """One CT slice and its lesion mask."""
     x, y = grid(size, params.fov_cm)
     tissue = dict(HU, **ENHANCED) if rng.random() < params.contrast_fraction else dict(HU)
     thorax = rng.random() < params.thorax_fraction
@@ -48,7 +45,7 @@ def simulate(rng: np.random.Generator, size: int, abnormal: bool,
     lesion = np.zeros((size, size), dtype=np.float32)  # HU the lesion adds
     mask = np.zeros((size, size), dtype=bool)
     if abnormal:
-        lesion, mask = _add_lesion(lesion_rng, x, y, hu, organs, tissue, params)
+        lesion, mask = _add_lesion(lesion_generator(rng), x, y, hu, organs, tissue, params)
     recon_hu = _scan(rng, hu, lesion, params)
     low = params.window_level - params.window_width / 2
     image = np.clip((recon_hu - low) / params.window_width, 0.0, 1.0)

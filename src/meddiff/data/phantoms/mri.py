@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from ._geometry import blob, check_size, grid, harmonics, lesion_generator, pick_inside, smooth_field
+from ._geometry import Simulation, blob, check_size, grid, harmonics, lesion_generator, pick_inside, smooth_field
 
 # Relative signal of each tissue class: grey matter, white matter, CSF, cortical bone, diploe (marrow), scalp fat,
 # and the lesion relative to the brightest brain tissue (hyperintense in every contrast: enhancing tumour on T1,
@@ -51,11 +51,9 @@ def mni_template() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return tuple(np.asarray(img.dataobj, dtype=np.float32) for img in (gm, wm, brain))
 
 
-def simulate(rng: np.random.Generator, size: int, abnormal: bool,
-             params: MRIParams = MRIParams()) -> tuple[np.ndarray, np.ndarray]:
-    """One brain slice: ((size, size) float32 in [0, 1], (size, size) bool lesion mask, all False if normal)."""
+def simulate(rng: np.random.Generator, size: int, abnormal: bool, params: MRIParams = MRIParams()) -> Simulation:
+    """One brain slice and its lesion mask."""
     check_size(size)
-    lesion_rng = lesion_generator(rng)
     tissues = _head_slice(_level(rng.uniform(*params.slice_range))).astype(np.float32) / 255.0
     name = list(CONTRASTS)[rng.integers(len(CONTRASTS))]
     values = np.array(CONTRASTS[name], dtype=np.float32)
@@ -69,7 +67,7 @@ def simulate(rng: np.random.Generator, size: int, abnormal: bool,
     scale = float(np.percentile(signal * bias, 99.5)) * 1.3
     mask = np.zeros((size, size), dtype=bool)
     if abnormal:
-        weight, mask = _lesion(lesion_rng, wm, params)
+        weight, mask = _lesion(lesion_generator(rng), wm, params)
         signal = signal * (1.0 - weight) + values[6] * values[:6].max() * weight
     magnitude = np.sqrt((signal * bias + sigma * z[0]) ** 2 + (sigma * z[1]) ** 2)  # Rician
     return np.clip(magnitude / scale, 0.0, 1.0).astype(np.float32), mask

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage, signal
 
-from ._geometry import blob, check_size, grid, harmonics, lesion_generator, smooth_field
+from ._geometry import Simulation, blob, grid, harmonics, lesion_generator, smooth_field
 
 
 @dataclass(frozen=True)
@@ -32,15 +32,12 @@ class USParams:
     lesion_radius_cm: tuple[float, float] = (1.0, 1.7)
 
 
-def simulate(rng: np.random.Generator, size: int, abnormal: bool,
-             params: USParams = USParams()) -> tuple[np.ndarray, np.ndarray]:
+def simulate(rng: np.random.Generator, size: int, abnormal: bool, params: USParams = USParams()) -> Simulation:
     """One B-mode image: ((size, size) float32 in [0, 1], (size, size) bool mask, all False if normal).
 
     The mask marks the mass and the acoustic shadow or enhancement it casts behind it: the region
     the finding changes.
     """
-    check_size(size)
-    lesion_rng = lesion_generator(rng)
     geo = _geometry(rng, params)
     x, y = grid(size, geo["fov"])
     y = y + geo["fov"] / 2 - geo["apex"]  # y: cm below the fan's apex (x: cm right of it)
@@ -51,7 +48,7 @@ def simulate(rng: np.random.Generator, size: int, abnormal: bool,
     gain_slope = rng.uniform(-0.03, 0.03)  # imperfect time-gain compensation, Np/cm
     mask = np.zeros((size, size), dtype=bool)
     if abnormal:
-        echo, atten, mass, delta = _lesion(lesion_rng, x, y, geo, echo, atten, params)
+        echo, atten, mass, delta = _lesion(lesion_generator(rng), x, y, geo, echo, atten, params)
 
     def along_beams(a: np.ndarray) -> np.ndarray:
         return ndimage.map_coordinates(a, [rows, cols], order=1, mode="nearest")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from ._geometry import check_size, grid, lesion_generator, pick_inside, smooth_field
+from ._geometry import Simulation, grid, lesion_generator, pick_inside, smooth_field
 
 
 @dataclass(frozen=True)
@@ -32,11 +32,8 @@ class XrayParams:
     consolidation_radius_cm: tuple[float, float] = (5.0, 7.5)
 
 
-def simulate(rng: np.random.Generator, size: int, abnormal: bool,
-             params: XrayParams = XrayParams()) -> tuple[np.ndarray, np.ndarray]:
-    """One chest radiograph: ((size, size) float32 in [0, 1], (size, size) bool lesion mask, all False if normal)."""
-    check_size(size)
-    lesion_rng = lesion_generator(rng)
+def simulate(rng: np.random.Generator, size: int, abnormal: bool, params: XrayParams = XrayParams()) -> Simulation:
+    """One chest radiograph and its lesion mask."""
     x, y = grid(size, params.fov_cm)
     body, lung, bone, gas = _thicknesses(x, y, rng)
     dmu_lung = params.mu_tissue - params.mu_lung
@@ -50,7 +47,7 @@ def simulate(rng: np.random.Generator, size: int, abnormal: bool,
     scatter = params.scatter_to_primary * ndimage.gaussian_filter(source, sigma_px, mode="constant")
     mask = np.zeros((size, size), dtype=bool)
     if abnormal:
-        extra, mask = _lesion(lesion_rng, x, y, lung, params)
+        extra, mask = _lesion(lesion_generator(rng), x, y, lung, params)
         primary = np.exp(-(line + dmu_lung * extra))
     z = rng.standard_normal((size, size))
     detected = primary + scatter
