@@ -191,3 +191,17 @@ def test_a_held_out_reference_of_neighbouring_slices_is_reported_loudly(real_vol
     else:
         assert priv["heldout_near_duplicate_share"] < 0.5 and priv["heldout_warning"] is None
         assert "warning" not in out and "Warning:" not in page
+
+
+def test_set_figures_name_every_figure_once_in_report_order() -> None:
+    from meddiff.evaluate import FEATURE_FIGURES, SetFigures
+    from meddiff.evaluate import FIGURES as NAMES
+    from meddiff.metrics.figure import Figure
+
+    assert tuple(NAMES) == FIGURES and set(FEATURE_FIGURES) < set(NAMES)
+    fid = Figure(12.5, (10.0, 15.0), 3.0, {"n_fake": 4, "n_real": 5}, "randconv-64")
+    figs = SetFigures(4, 5, {"fid": fid})
+    assert figs.get("fid") is fid and figs.get("kid") is None
+    assert list(figs.figures_json()) == list(FIGURES) and figs.figures_json()["kid"] is None
+    with pytest.raises(KeyError, match="'fdi': not a figure; choose from ssim, ms_ssim, fid"):
+        figs.get("fdi")

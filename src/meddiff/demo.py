@@ -202,8 +202,8 @@ def _value_and_reference(fig: Figure | None, digits: int) -> tuple[str, str]:
 def key_figures(results: Results) -> list[str]:
     """The demo's few figures of an evaluation as printable lines, each with its real-image reference: SSIM to
     the nearest real image, KID, class consistency (overall and per class), the share flagged as copies."""
-    ssim, ssim_ref = _value_and_reference(results.overall.ssim, 3)
-    kid, kid_ref = _value_and_reference(results.overall.kid, 4)
+    ssim, ssim_ref = _value_and_reference(results.overall.get("ssim"), 3)
+    kid, kid_ref = _value_and_reference(results.overall.get("kid"), 4)
     cons, priv = results.class_consistency, results.privacy
     lines = [f"  SSIM to the nearest real image  {ssim:>7}   real vs real {ssim_ref}",
              f"  KID (lower is better)           {kid:>7}   real vs real {kid_ref}"]

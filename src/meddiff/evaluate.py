@@ -6,7 +6,7 @@ each figure is computed in meddiff.metrics, and this module only composes them.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,29 +47,41 @@ class EvalConfig:
         check_split(self.heldout_split)
 
 
+# Every figure of a generated set against a real set, in report order: name → (label, how it reads). Image-space
+# figures compare pixels (SSIM); feature-space ones compare the metric's features (`feature_figures`).
+IMAGE_FIGURES: dict[str, tuple[str, str]] = {
+    "ssim": ("SSIM to the nearest real image", "higher is closer to real; copies score 1"),
+    "ms_ssim": ("MS-SSIM among images (diversity)", "lower is more diverse; reference: among real images"),
+}
+FEATURE_FIGURES: dict[str, tuple[str, str]] = {
+    "fid": ("FID", "lower is better"),
+    "kid": ("KID", "lower is better"),
+    "precision": ("Precision", "fidelity: share of generated images inside the real manifold"),
+    "recall": ("Recall", "diversity: share of real images inside the generated manifold"),
+    "density": ("Density", "fidelity, robust to outliers (1 for matching sets)"),
+    "coverage": ("Coverage", "diversity, robust to outliers"),
+}
+FIGURES: dict[str, tuple[str, str]] = {**IMAGE_FIGURES, **FEATURE_FIGURES}
+
+
 @dataclass
 class SetFigures:
-    """The quality and diversity figures of one generated set against one real set; a figure the counts cannot
-    carry is None."""
+    """The figures (FIGURES) of one generated set against one real set; a figure the counts cannot carry is None
+    or absent."""
 
     n_fake: int
     n_real: int
-    ssim: Figure | None = None
-    ms_ssim: Figure | None = None
-    fid: Figure | None = None
-    kid: Figure | None = None
-    precision: Figure | None = None
-    recall: Figure | None = None
-    density: Figure | None = None
-    coverage: Figure | None = None
+    figures: dict[str, Figure | None] = field(default_factory=dict)
 
     def get(self, name: str) -> Figure | None:
-        """The figure called `name` ("ssim", "fid", …)."""
-        return getattr(self, name)
+        """The figure called `name` ("ssim", "fid", …); a KeyError for a name not in FIGURES."""
+        if name not in FIGURES:
+            raise KeyError(f"{name!r}: not a figure; choose from {', '.join(FIGURES)}")
+        return self.figures.get(name)
 
     def figures_json(self) -> dict[str, Any]:
         """{"ssim": {...} | None, "ms_ssim": …, …}: every figure, without the counts."""
-        return {f.name: json_or_none(getattr(self, f.name)) for f in fields(self) if f.name not in ("n_fake", "n_real")}
+        return {name: json_or_none(self.figures.get(name)) for name in FIGURES}
 
 
 @dataclass
@@ -146,7 +158,7 @@ def feature_figures(f_fake: np.ndarray, f_real: np.ndarray, protocol: str, cfg: 
     from .metrics.prdc import prdc_scores
 
     n = {"n_fake": len(f_fake), "n_real": len(f_real)}
-    out: dict[str, Figure | None] = dict.fromkeys(("fid", "kid", "precision", "recall", "density", "coverage"))
+    out: dict[str, Figure | None] = dict.fromkeys(FEATURE_FIGURES)
     if min(len(f_fake), len(f_real)) < 2:
         return out
     scores = feature_scores(FeatureStats.from_features(f_fake, protocol), FeatureStats.from_features(f_real, protocol),
@@ -176,8 +188,9 @@ def set_figures(fake: np.ndarray, real: np.ndarray, f_fake: np.ndarray, f_real: 
     from .metrics.ssim import ssim_figure
 
     ssim, values, index = ssim_figure(fake, real, cfg.seed, cfg.n_boot, cfg.ssim_shortlist)
-    figs = SetFigures(len(fake), len(real), ssim, diversity_figure(fake, real, pairs, cfg.seed, cfg.n_boot),
-                      **feature_figures(f_fake, f_real, protocol, cfg))
+    figs = SetFigures(len(fake), len(real), {"ssim": ssim,
+                                             "ms_ssim": diversity_figure(fake, real, pairs, cfg.seed, cfg.n_boot),
+                                             **feature_figures(f_fake, f_real, protocol, cfg)})
     return figs, values, index
 
 

@@ -18,19 +18,9 @@ from . import runfolder
 from .atomic import write_text
 from .audit import Privacy
 from .errors import RunError
-from .evaluate import Evaluation, Results, SetFigures
+from .evaluate import FIGURES, Evaluation, Results, SetFigures
 from .metrics.figure import Figure
 
-ROWS = (  # (key, label, which way is better)
-    ("ssim", "SSIM to the nearest real image", "higher is closer to real; copies score 1"),
-    ("ms_ssim", "MS-SSIM among images (diversity)", "lower is more diverse; reference: among real images"),
-    ("fid", "FID", "lower is better"),
-    ("kid", "KID", "lower is better"),
-    ("precision", "Precision", "fidelity: share of generated images inside the real manifold"),
-    ("recall", "Recall", "diversity: share of real images inside the generated manifold"),
-    ("density", "Density", "fidelity, robust to outliers (1 for matching sets)"),
-    ("coverage", "Coverage", "diversity, robust to outliers"),
-)
 MAX_PAIRS = 32   # closest generated/training pairs saved as PNGs
 SHOWN_PAIRS = 8  # of those, shown on the page
 GRID = 16        # images per class grid
@@ -70,7 +60,7 @@ def summary_lines(results: Results) -> list[str]:
     lines = [f"{c['fake']} generated vs {c['real']} real images at {results.size} px"
              + (f", {c['train']} training images" if "train" in c else "")
              + f"; features {results.protocol['features']}"]
-    for key, label, _ in ROWS:
+    for key, (label, _) in FIGURES.items():
         fig = results.overall.get(key)
         if fig:
             lines.append(f"  {label:<34} {_num(fig.value):>8} {_ci(fig):<20} real-vs-real {_num(fig.reference)}")
@@ -210,7 +200,7 @@ def _table(head: list[str], rows: list[list[str]], num: tuple[int, ...] = ()) ->
 def metrics_table(figs: SetFigures) -> str:
     """The metric rows of one set of figures: value, 95 % CI, the real-vs-real reference, image counts."""
     rows = []
-    for key, label, reads in ROWS:
+    for key, (label, reads) in FIGURES.items():
         fig = figs.get(key)
         if not fig:
             continue
