@@ -6,6 +6,7 @@ File names, MD5 checksums and label names are those of MedMNIST v3 (`medmnist/in
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import http.client
 import re
@@ -50,33 +51,55 @@ class MedMNISTSet:
         return f"{self.flag}.npz" if size == 28 else f"{self.flag}_{size}.npz"
 
 
+# The MD5 of every official file, as `md5sum` prints them (so `md5sum -c` can check a download folder).
+_MD5SUMS = """
+28209eda62fecd6e6a2d98b1501bb15f  pneumoniamnist.npz
+8f4eceb4ccffa70c672198ea285246c6  pneumoniamnist_64.npz
+05b46931834c231683c68f40c47b2971  pneumoniamnist_128.npz
+d6a3c71de1b945ea11211b03746c1fe1  pneumoniamnist_224.npz
+02c8a6516a18b556561a56cbdd36c4a8  chestmnist.npz
+9de6cd0b934ebb5b7426cfba5efbae16  chestmnist_64.npz
+db107e5590b27930b62dbaf558aebee3  chestmnist_128.npz
+45bd33e6f06c3e8cdb481c74a89152aa  chestmnist_224.npz
+750601b1f35ba3300ea97c75c52ff8f6  breastmnist.npz
+742edef2a1fd1524b2efff4bd7ba9364  breastmnist_64.npz
+363e4b3f8d712e9b5de15470a2aaadf1  breastmnist_128.npz
+b56378a6eefa9fed602bb16d192d4c8b  breastmnist_224.npz
+68e3f8846a6bd62f0c9bf841c0d9eacc  organamnist.npz
+2dcccc29b88e6da5a01161ef20cda288  organamnist_64.npz
+eeae80d0a227a8d099027e1b3cfd3b60  organamnist_128.npz
+50747347e05c87dd3aaf92c49f9f3170  organamnist_224.npz
+b9ceb9546e10131b32923c5bbeaea2b1  organcmnist.npz
+3ce34a8724ea6f548e6db4744d03b6a9  organcmnist_64.npz
+773c1f009daa3fe5d9a2a201b2a7ed94  organcmnist_128.npz
+050f5e875dc056f6768abf94ec9995d1  organcmnist_224.npz
+9ab87b696fb54e2a387ebe992d6ed5f1  organsmnist.npz
+53a6d115339d874c25e309a994ff46d3  organsmnist_64.npz
+ded0c5fa01a95dc4978b956f613e9b8e  organsmnist_128.npz
+b354719e553fbbb2513d5533f52a4cb1  organsmnist_224.npz
+"""
+_MD5 = {name: md5 for md5, name in (line.split() for line in _MD5SUMS.strip().splitlines())}
+
+
+def _entry(flag: str, title: str, modality: str, labels: tuple[str, ...], source: str,
+           multi_label: bool = False) -> MedMNISTSet:
+    """A catalogue entry, its checksums taken from _MD5SUMS by file name."""
+    entry = MedMNISTSet(flag, title, modality, labels, {}, source, multi_label=multi_label)
+    return dataclasses.replace(entry, md5={size: _MD5[entry.filename(size)] for size in SIZES})
+
+
 CATALOGUE: dict[str, MedMNISTSet] = {s.flag: s for s in (
-    MedMNISTSet("pneumoniamnist", "PneumoniaMNIST", "xray", ("normal", "pneumonia"),
-                {28: "28209eda62fecd6e6a2d98b1501bb15f", 64: "8f4eceb4ccffa70c672198ea285246c6",
-                 128: "05b46931834c231683c68f40c47b2971", 224: "d6a3c71de1b945ea11211b03746c1fe1"},
-                "5,856 paediatric chest X-rays (Kermany et al. 2018)"),
-    MedMNISTSet("chestmnist", "ChestMNIST", "xray",
-                ("atelectasis", "cardiomegaly", "effusion", "infiltration", "mass", "nodule", "pneumonia",
-                 "pneumothorax", "consolidation", "edema", "emphysema", "fibrosis", "pleural", "hernia"),
-                {28: "02c8a6516a18b556561a56cbdd36c4a8", 64: "9de6cd0b934ebb5b7426cfba5efbae16",
-                 128: "db107e5590b27930b62dbaf558aebee3", 224: "45bd33e6f06c3e8cdb481c74a89152aa"},
-                "NIH ChestX-ray14: 112,120 frontal chest X-rays, 14 text-mined findings", multi_label=True),
-    MedMNISTSet("breastmnist", "BreastMNIST", "ultrasound", ("malignant", "normal-or-benign"),
-                {28: "750601b1f35ba3300ea97c75c52ff8f6", 64: "742edef2a1fd1524b2efff4bd7ba9364",
-                 128: "363e4b3f8d712e9b5de15470a2aaadf1", 224: "b56378a6eefa9fed602bb16d192d4c8b"},
-                "780 breast ultrasound images (Al-Dhabyani et al. 2020, BUSI)"),
-    MedMNISTSet("organamnist", "OrganAMNIST", "ct", _ORGANS,
-                {28: "68e3f8846a6bd62f0c9bf841c0d9eacc", 64: "2dcccc29b88e6da5a01161ef20cda288",
-                 128: "eeae80d0a227a8d099027e1b3cfd3b60", 224: "50747347e05c87dd3aaf92c49f9f3170"},
-                "abdominal CT of the LiTS benchmark, axial organ crops"),
-    MedMNISTSet("organcmnist", "OrganCMNIST", "ct", _ORGANS,
-                {28: "b9ceb9546e10131b32923c5bbeaea2b1", 64: "3ce34a8724ea6f548e6db4744d03b6a9",
-                 128: "773c1f009daa3fe5d9a2a201b2a7ed94", 224: "050f5e875dc056f6768abf94ec9995d1"},
-                "abdominal CT of the LiTS benchmark, coronal organ crops"),
-    MedMNISTSet("organsmnist", "OrganSMNIST", "ct", _ORGANS,
-                {28: "9ab87b696fb54e2a387ebe992d6ed5f1", 64: "53a6d115339d874c25e309a994ff46d3",
-                 128: "ded0c5fa01a95dc4978b956f613e9b8e", 224: "b354719e553fbbb2513d5533f52a4cb1"},
-                "abdominal CT of the LiTS benchmark, sagittal organ crops"),
+    _entry("pneumoniamnist", "PneumoniaMNIST", "xray", ("normal", "pneumonia"),
+           "5,856 paediatric chest X-rays (Kermany et al. 2018)"),
+    _entry("chestmnist", "ChestMNIST", "xray",
+           ("atelectasis", "cardiomegaly", "effusion", "infiltration", "mass", "nodule", "pneumonia",
+            "pneumothorax", "consolidation", "edema", "emphysema", "fibrosis", "pleural", "hernia"),
+           "NIH ChestX-ray14: 112,120 frontal chest X-rays, 14 text-mined findings", multi_label=True),
+    _entry("breastmnist", "BreastMNIST", "ultrasound", ("malignant", "normal-or-benign"),
+           "780 breast ultrasound images (Al-Dhabyani et al. 2020, BUSI)"),
+    # One abdominal CT collection cut along three axes: OrganAMNIST, OrganCMNIST, OrganSMNIST.
+    *(_entry(f"organ{view[0]}mnist", f"Organ{view[0].upper()}MNIST", "ct", _ORGANS,
+             f"abdominal CT of the LiTS benchmark, {view} organ crops") for view in ("axial", "coronal", "sagittal")),
 )}
 
 
