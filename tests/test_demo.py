@@ -2,6 +2,7 @@
 training and the time budget's safety stop."""
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
@@ -11,7 +12,6 @@ from PIL import Image
 
 from meddiff.cli import main
 import meddiff.demo
-import meddiff.train
 from meddiff.demo import (DEMO_MINUTES, DEMO_STEPS, EVAL_SECONDS, SAMPLE_SECONDS, DemoConfig, heldout_spec, run_demo,
                           train_minutes)
 from meddiff.errors import ConfigError, DataError
@@ -106,7 +106,7 @@ def test_the_demo_trains_a_fixed_number_of_steps_with_the_minutes_as_a_safety_st
         seen.append(cfg)
         raise _Stop
 
-    monkeypatch.setattr(meddiff.train, "train", fake_train)
+    monkeypatch.setattr(importlib.import_module("meddiff.train"), "train", fake_train)  # the module
     cfg = DemoConfig(out=str(tmp_path / "demo"), data="builtin:phantoms?n=16", preset="tiny",
                      cache_dir=str(tmp_path / "cache"))
     assert (cfg.max_steps, cfg.minutes) == (DEMO_STEPS, DEMO_MINUTES)

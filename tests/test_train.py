@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import importlib
 import json
 import math
 import os
@@ -18,13 +19,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import meddiff.train as T
 from meddiff import runfolder
 from meddiff.cli import main as cli_main
 from meddiff.config import TrainConfig, model_config
 from meddiff.data.dataset import ImageSet
 from meddiff.errors import ConfigError, DataError, OutputError, RunError
 from meddiff.model import build_unet
+
+T = importlib.import_module("meddiff.train")  # the module: `meddiff.train` is the function
 
 UNET_FILE = "diffusion_pytorch_model.safetensors"
 

@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Callable, NoReturn
@@ -18,6 +19,7 @@ from typing import Any, Callable, NoReturn
 from .atomic import check_out_dir, check_out_file, no_space, write_json
 from .config import (COMPUTE_BUDGET, DEFAULT_PRESET, DEPTH, HELDOUT_SPLITS, IMAGE_SIZE, IMAGES, JOBS_KEPT, RECIPES,
                      RESAMPLES, RESUME_FIELDS, SEEDS, Bounds, Option, SampleConfig, TrainConfig, field_type, flag, options, show)
+from .data.medmnist import CATALOGUE, SIZES, ZENODO, fetch, to_class_folders
 from .demo import DemoConfig
 from .errors import ConfigError, MeddiffError
 
@@ -243,8 +245,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_fetch(dsub: Any) -> None:
-    from .data.medmnist import CATALOGUE, SIZES, ZENODO
-
     fe = _command(dsub, "fetch", help="download a MedMNIST+ set (MD5-verified, resumable) into class folders",
                   epilog=DATA_EXAMPLES)
     fe.add_argument("name", help=", ".join(CATALOGUE))
@@ -407,8 +407,6 @@ def cmd_data(a: argparse.Namespace) -> int:
 def cmd_data_fetch(a: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from .data.medmnist import fetch, to_class_folders
-
     check_out_dir(a.out, "--out")
     bar = tqdm(unit="B", unit_scale=True, dynamic_ncols=True, desc=a.name)
 
@@ -487,8 +485,6 @@ def _add_serve(sub: Any) -> None:
 
 
 def cmd_serve(a: argparse.Namespace) -> int:
-    import tempfile
-
     from .serve import ServeConfig, serve
 
     out = a.out or tempfile.mkdtemp(prefix="meddiff-serve-")

@@ -16,7 +16,16 @@ from .audit import Privacy, check_split, privacy_figures
 from .data.dataset import split
 from .errors import ConfigError
 from .imagesets import LabelledImages, check_class_folders, images01, load_images, native_size
+from .metrics.classifier import class_consistency, classifier_features, utility_study
+from .metrics.features import RandConvFeatures, get_extractor
+from .metrics.fid import FeatureStats, cached_stats, compute_stats, feature_scores
 from .metrics.figure import Figure, json_or_none
+from .metrics.intervals import fid_interval, kid_interval, prdc_intervals
+from .metrics.msssim import diversity_figure, n_scales
+from .metrics.msssim import protocol as msssim_protocol
+from .metrics.prdc import prdc_scores
+from .metrics.ssim import PROTOCOL as SSIM_PROTOCOL
+from .metrics.ssim import ssim_figure
 
 
 @dataclass(frozen=True)
@@ -153,10 +162,6 @@ def load_sets(cfg: EvalConfig, size: int) -> tuple[LabelledImages, LabelledImage
 def feature_figures(f_fake: np.ndarray, f_real: np.ndarray, protocol: str, cfg: EvalConfig) -> dict[str, Figure | None]:
     """FID, KID and precision/recall/density/coverage of features (N, D) and (M, D), each with its interval and the
     reference of two random halves of the real set; a figure the counts cannot carry is None."""
-    from .metrics.fid import FeatureStats, feature_scores
-    from .metrics.intervals import fid_interval, kid_interval, prdc_intervals
-    from .metrics.prdc import prdc_scores
-
     n = {"n_fake": len(f_fake), "n_real": len(f_real)}
     out: dict[str, Figure | None] = dict.fromkeys(FEATURE_FIGURES)
     if min(len(f_fake), len(f_real)) < 2:
@@ -184,9 +189,6 @@ def set_figures(fake: np.ndarray, real: np.ndarray, f_fake: np.ndarray, f_real: 
                 cfg: EvalConfig, pairs: int) -> tuple[SetFigures, np.ndarray, np.ndarray]:
     """Every quality and diversity figure of one generated set against one real set → (figures, nearest-real
     SSIM (N,), nearest-real index (N,))."""
-    from .metrics.msssim import diversity_figure
-    from .metrics.ssim import ssim_figure
-
     ssim, values, index = ssim_figure(fake, real, cfg.seed, cfg.n_boot, cfg.ssim_shortlist)
     figs = SetFigures(len(fake), len(real), {"ssim": ssim,
                                              "ms_ssim": diversity_figure(fake, real, pairs, cfg.seed, cfg.n_boot),
@@ -199,9 +201,6 @@ def set_figures(fake: np.ndarray, real: np.ndarray, f_fake: np.ndarray, f_real: 
 def _classifier_inputs(sets: dict[str, LabelledImages], cfg: EvalConfig, feats: dict[str, np.ndarray],
                        extractor: Any) -> dict[str, np.ndarray]:
     """The classifier's features of each set: random-conv features (reused when they are the metric's) + thumbnail."""
-    from .metrics.classifier import classifier_features
-    from .metrics.features import RandConvFeatures
-
     same = isinstance(extractor, RandConvFeatures) and extractor.resolution == 64
     conv = extractor if same else RandConvFeatures(64)
     return {k: classifier_features(s.images, feats[k] if same else conv(s.images)) for k, s in sets.items()}
@@ -222,8 +221,6 @@ def _heldout_mask(images: LabelledImages, cfg: EvalConfig) -> np.ndarray:
 def consistency_figures(fake: LabelledImages, lab: LabelledImages, flag: str, x: dict[str, np.ndarray], lab_key: str,
                         cfg: EvalConfig) -> dict:
     """Accuracy per requested class of a classifier fitted on the labelled real set `lab` (--train or --real)."""
-    from .metrics.classifier import class_consistency
-
     out = class_consistency(x[lab_key], lab.labels, x["fake"], _labels_in(fake, lab.class_names), lab.class_names,
                             _heldout_mask(lab, cfg), cfg.seed, cfg.n_boot)
     out["labelled_set"] = flag
@@ -232,8 +229,6 @@ def consistency_figures(fake: LabelledImages, lab: LabelledImages, flag: str, x:
 
 def utility_figures(fake: LabelledImages, real: LabelledImages, x: dict[str, np.ndarray], cfg: EvalConfig) -> dict:
     """Train-on-real, train-on-synthetic and train-on-both, each tested on held-out real images."""
-    from .metrics.classifier import utility_study
-
     out = utility_study(x["real"], real.labels, _heldout_mask(real, cfg), x["fake"],
                         _labels_in(fake, real.class_names), real.class_names, cfg.seed, cfg.n_boot)
     how = "by group" if cfg.heldout_split == "group" else "in runs of consecutive images"
@@ -271,9 +266,6 @@ class _Clock:
 
 def _features(sets: dict[str, LabelledImages], cfg: EvalConfig) -> tuple[Any, dict[str, np.ndarray]]:
     """The metric's extractor and each set's features; real and train statistics cached per set and protocol."""
-    from .metrics.features import get_extractor
-    from .metrics.fid import cached_stats, compute_stats
-
     extractor = get_extractor(cfg.features, cfg.feature_resolution, cfg.inception_weights)
     cache = Path(cfg.cache_dir) / "features" if cfg.cache_dir else None
     feats = {}
@@ -289,9 +281,6 @@ def _features(sets: dict[str, LabelledImages], cfg: EvalConfig) -> tuple[Any, di
 
 def evaluate(cfg: EvalConfig) -> Evaluation:
     """Every figure of `meddiff evaluate` (see docs/evaluation.md) → an Evaluation."""
-    from .metrics.msssim import n_scales, protocol as msssim_protocol
-    from .metrics.ssim import PROTOCOL as SSIM_PROTOCOL
-
     if cfg.n_boot < 10:
         raise ConfigError(f"bootstrap resamples: {cfg.n_boot}; allowed: 10 or more")
     clock = _Clock()
@@ -336,8 +325,6 @@ def evaluate_ssim(real: str, fake: str, size: int | None = None, seed: int = 0,
     """The SSIM figure (meddiff.metrics.ssim.ssim_figure, exhaustive search) under the seed project's keys:
     {"ssim_mean", "ssim_median", "ssim_ci95", "n_fake", "n_real", "band", "reference_real_halves",
     "reference_n_query", "reference_n_gallery", "protocol", "size"}."""
-    from .metrics.ssim import ssim_figure
-
     size = size or native_size(fake)
     fig, _, _ = ssim_figure(images01(fake, size, None), images01(real, size, cache_dir), seed=seed)
     return {"ssim_mean": fig.value, "ssim_median": fig.details["median"], "ssim_ci95": list(fig.interval or ()),

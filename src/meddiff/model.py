@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 from diffusers import UNet2DModel
 from diffusers.models.attention_processor import Attention
 
@@ -179,8 +180,6 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 def forward_flops(model: UNet2DModel) -> float:
     """Forward FLOPs for one image (2 x multiply-accumulates), counted by torch's FLOP counter."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     c, size = model.config.in_channels, model.config.sample_size
     x = torch.zeros(1, c, size, size)
     t = torch.zeros(1, dtype=torch.long)

@@ -15,6 +15,7 @@ from safetensors import SafetensorError, safe_open
 from . import runfolder
 from .atomic import write_text
 from .confined import read_inside
+from .data.medmnist import entry_for_file
 from .runfolder import RunRecord
 
 SYNTHETIC = ("Every image this model generates is **synthetic**: it does not show a real patient, it is not a "
@@ -58,8 +59,6 @@ def describe_source(spec: str) -> str:
     if spec.startswith("builtin:"):
         return f"meddiff's built-in data `{spec}` (simulated or public template images)"
     if spec.startswith("medmnist:"):
-        from .data.medmnist import entry_for_file
-
         path, _, query = spec[len("medmnist:"):].partition("?")
         entry = entry_for_file(path)
         split = dict(p.split("=", 1) for p in query.split("&") if "=" in p).get("split", "train")

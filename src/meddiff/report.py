@@ -13,12 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.figure import Figure as PlotFigure
+from PIL import Image
 
 from . import runfolder
 from .atomic import write_text
 from .audit import Privacy
 from .errors import RunError
 from .evaluate import FIGURES, Evaluation, Results, SetFigures
+from .export import make_grid, save_png
 from .metrics.figure import Figure
 
 MAX_PAIRS = 32   # closest generated/training pairs saved as PNGs
@@ -86,8 +89,6 @@ def summary_lines(results: Results) -> list[str]:
 # ---------------------------------------------------------------- pictures
 
 def _png_uri(image_u8: np.ndarray) -> str:
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(image_u8)).save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
@@ -106,8 +107,6 @@ def _img(uri: str, caption: str, width: int | None = None) -> str:
 
 
 def _grid(images: np.ndarray) -> np.ndarray:
-    from .export import make_grid
-
     return make_grid(images[:GRID], ncols=min(len(images[:GRID]), 8))
 
 
@@ -118,9 +117,7 @@ def _upscale(image_u8: np.ndarray, min_height: int = 128) -> np.ndarray:
 
 def histogram_plot(real: np.ndarray, fake: np.ndarray) -> str:
     """Intensity histograms of real and generated images (all pixels, 64 bins, density) → a PNG data URI."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 3.2))
+    fig = PlotFigure(figsize=(6, 3.2))
     ax = fig.add_subplot()
     bins = np.linspace(0, 1, 65)
     for data, name in ((real, "real"), (fake, "generated")):
@@ -149,9 +146,7 @@ def read_loss_log(run_dir: str | Path) -> dict[str, list[float]]:
 
 def loss_plot(log: dict[str, list[float]]) -> str:
     """Training and validation loss against the step → a PNG data URI."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 3.2))
+    fig = PlotFigure(figsize=(6, 3.2))
     ax = fig.add_subplot()
     ax.plot(log["step"], log["loss"], label="training loss (mean of 10 steps)")
     if log["val_loss"]:
@@ -166,8 +161,6 @@ def loss_plot(log: dict[str, list[float]]) -> str:
 def save_pairs(ev: Evaluation, out_dir: Path) -> list[tuple[str, str]]:
     """The generated images closest to a training image (by NCC) beside it, as PNGs in out_dir/pairs/ →
     [(data URI, caption)] of the first few, for the page."""
-    from .export import make_grid, save_png
-
     if ev.train is None or ev.figures.privacy is None:
         return []
     copies = ev.figures.privacy.copies
@@ -300,8 +293,6 @@ def _nearest_real_section(ev: Evaluation) -> str:
     if ev.nearest_real is None:
         return ""
     order = np.argsort(-ev.nearest_real_ssim, kind="stable")[:SHOWN_PAIRS]
-    from .export import make_grid
-
     figs = [_img(_png_uri(_upscale(make_grid(np.stack([ev.fake.images[g], ev.real.images[ev.nearest_real[g]]]),
                                              ncols=2))),
                  f"generated #{g} | real #{int(ev.nearest_real[g])}: SSIM {float(ev.nearest_real_ssim[g]):.3f}")

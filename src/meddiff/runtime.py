@@ -3,6 +3,7 @@ one-line description for logs, and the progress bar that long loops (training, s
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import platform
 from dataclasses import dataclass
@@ -10,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as td
+from tqdm.auto import tqdm
 
 from .errors import ConfigError
 
@@ -160,10 +163,6 @@ class Dist:
 def init_distributed(dist: Dist, device_name: str = "auto", timeout_s: float = 120.0) -> torch.device:
     """Join the process group torchrun set up (NCCL on CUDA, gloo on CPU) and return this rank's device.
     The timeout bounds every collective, so a lost peer ends the run with an error instead of a hang."""
-    import datetime
-
-    import torch.distributed as td
-
     device = pick_device(device_name)
     if device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
@@ -178,6 +177,4 @@ def progress_bar(enabled: bool, total: int | None, initial: int, unit: str) -> A
     """A tqdm bar counting `unit`s from `initial` to `total` (None: open-ended), or None when disabled."""
     if not enabled:
         return None
-    from tqdm.auto import tqdm  # the bar's module loads only when a loop shows one
-
     return tqdm(total=total, initial=initial, unit=unit, dynamic_ncols=True)

@@ -16,13 +16,15 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch.distributed as td
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
                        HeunDiscreteScheduler, UNet2DModel, UniPCMultistepScheduler)
 
-from . import runfolder
+from . import export, runfolder
 from .atomic import check_out_dir, no_space_is_an_error
 from .config import (MAX_IMAGES, SAMPLERS, SEEDS, STEPS, ModelConfig, SampleConfig, TrainConfig, check_value,
                      default_sampler)
+from .data.readers import read_file
 from .errors import ConfigError
 from .model import Denoiser, null_class, with_meddiff_attention
 from .runtime import Dist, describe, pick_device, pick_precision, progress_bar
@@ -181,8 +183,6 @@ def plan(run: LoadedRun, cfg: SampleConfig) -> list[tuple[str, int, int | None]]
 def _manifests(out: Path, dist: Dist) -> tuple[Any, set[str]]:
     """This process's manifest and the files already done according to every manifest in the folder (the
     merged one and per-rank parts a cut-off multi-process run left), so resume works at any world size."""
-    from . import export
-
     parts = [export.Manifest(out, p.name) for p in sorted(out.glob("manifest*.csv"))]
     done = set().union(*(m.done() for m in parts)) if parts else set()
     mine = export.Manifest(out) if not dist.active else export.Manifest(out, f"manifest.rank{dist.rank}.csv")
@@ -191,8 +191,6 @@ def _manifests(out: Path, dist: Dist) -> tuple[Any, set[str]]:
 
 def _merge_manifests(out: Path) -> None:
     """Rank 0, after every rank finished: fold the per-rank parts into manifest.csv, sorted by file."""
-    from . import export
-
     parts = sorted(out.glob("manifest.rank*.csv"))
     merged = export.Manifest(out)
     seen = {r["file"] for r in merged.rows()}
@@ -210,8 +208,6 @@ def sample_to_folder(cfg: SampleConfig, echo: Callable[[str], None] = print, dis
                      device: torch.device | None = None) -> dict[str, Any]:
     """Generate a request into cfg.out, streaming batches to disk; files already complete are skipped.
     Under torchrun each rank takes every world-th remaining image; the images do not depend on the split."""
-    from . import export
-
     check_out_dir(cfg.out, "--out")
     device = device or pick_device(cfg.device)
     precision = pick_precision(cfg.precision, device)
@@ -252,8 +248,6 @@ def sample_to_folder(cfg: SampleConfig, echo: Callable[[str], None] = print, dis
         bar.close()
     seconds = time.time() - t0
     if dist.active:
-        import torch.distributed as td
-
         td.barrier()
         if dist.main:
             _merge_manifests(out)
@@ -284,9 +278,6 @@ def _write_sample(image: np.ndarray, out: Path, name: str, fmt: str, info: Any, 
 
 def _write_grid(out: Path, jobs: list[tuple[str, int, int | None]], suffix: str, per_class: int | None) -> None:
     """grid.png of every image of the request; a per-class request gets one row per class, labelled with it."""
-    from . import export
-    from .data.readers import read_file
-
     images = [read_file(out / f"{stem}{suffix}")[0][0] for stem, _seed, _lab in jobs]
     ncols = per_class if per_class is not None and per_class <= GRID_ROW_MAX else None
     labels = [jobs[k][0].rpartition("/")[0] for k in range(0, len(jobs), ncols)] if ncols else None

@@ -7,6 +7,7 @@ micro-batch size. Model, EMA and optimizer state are checkpointed as safetensors
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import signal
 import time
@@ -16,6 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+import torch.distributed as td
 
 from . import __version__, runfolder
 from .atomic import check_out_dir
@@ -26,7 +28,7 @@ from .errors import ConfigError, RunError
 from .model import build_unet, count_parameters, denoise, null_class
 from .modelcard import write_model_card
 from .runfolder import RunRecord, TrainResult  # TrainResult: stored in the run record, returned by train()
-from .runtime import Dist, autocast, describe, pick_device, pick_precision, progress_bar
+from .runtime import Dist, autocast, available_memory, describe, pick_device, pick_precision, progress_bar
 
 VAL_TIMESTEPS_PER_IMAGE = 4
 MAX_VAL_IMAGES = 64
@@ -171,8 +173,6 @@ def activation_bytes_per_image(unet: torch.nn.Module, mcfg: ModelConfig, device:
 def auto_micro_batch(unet: torch.nn.Module, mcfg: ModelConfig, batch: int, device: torch.device, precision: str,
                      budget_fraction: float = 0.5) -> int:
     """The largest micro-batch whose activations fit in `budget_fraction` of the free memory (at least 1)."""
-    from .runtime import available_memory
-
     per_image = max(activation_bytes_per_image(unet, mcfg, device, precision), 1)
     fits = int(available_memory(device) * budget_fraction // (per_image * 1.3))  # 30 % for workspace and grads
     return max(1, min(batch, fits))
@@ -508,8 +508,6 @@ def _silent(_message: str) -> None:
 
 def _barrier(dist: Dist) -> None:
     if dist.active:
-        import torch.distributed as td
-
         td.barrier()
 
 
@@ -517,8 +515,6 @@ def _allreduce_grads(unet: torch.nn.Module, step_loss: float, device: torch.devi
     """Sum every rank's gradients (each already divided by the GLOBAL batch size, so the sum is the global
     mean) and the step loss, in one flat all-reduce of the engine; returns the global step loss. Ranks whose
     slice of a short last batch is empty contribute zeros."""
-    import torch.distributed as td
-
     params = [p for p in unet.parameters() if p.requires_grad]
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads] + [torch.tensor([step_loss], device=device, dtype=grads[0].dtype)])
@@ -534,8 +530,6 @@ def _any_rank(flag: bool, dist: Dist, device: torch.device) -> bool:
     """True on every rank when any rank saw Ctrl-C/SIGTERM, so all stop after the same step."""
     if not dist.active:
         return flag
-    import torch.distributed as td
-
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     td.all_reduce(t, op=td.ReduceOp.MAX)
     return bool(t.item())
@@ -543,8 +537,6 @@ def _any_rank(flag: bool, dist: Dist, device: torch.device) -> bool:
 
 def _rank0_float(value: float, dist: Dist, device: torch.device) -> float:
     """Rank 0's value on every rank (timed runs stop on rank 0's clock)."""
-    import torch.distributed as td
-
     t = torch.tensor([value], device=device, dtype=torch.float64)
     td.broadcast(t, src=0)
     return float(t.item())
@@ -560,6 +552,4 @@ def peak_rss_mib() -> float | None:
 
 
 def _replace(cfg: TrainConfig, **changes: Any) -> TrainConfig:
-    import dataclasses
-
     return dataclasses.replace(cfg, **changes)

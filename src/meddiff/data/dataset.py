@@ -25,6 +25,9 @@ from ..errors import ConfigError, DataError, UnreadableFile
 from ..runtime import available_memory
 from . import cache
 from .folders import write_class_folders
+from .medmnist import load_npz
+from .phantoms import MODALITIES, render
+from .readers import find_image_files, read_file
 
 BUILTINS = ("mni-mri", "phantoms", "ct", "xray", "mri", "us")
 # the parameters of `builtin:…?n=…&size=…&seed=…`; size is the phantoms' render size (MedPhantom-4's range)
@@ -125,8 +128,6 @@ def _group_of(rel: Path, label_depth: int, flat: bool) -> str:
 
 def _scan_folder(root: Path, label_depth: int, exclude: tuple[str, ...] = (),
                  flag: str = "--data") -> tuple[list[Path], list[tuple[str, str]], bool]:
-    from .readers import find_image_files
-
     if not root.exists():
         raise DataError(f"{flag} {str(root)!r}: no such file or folder")
     if not root.is_dir():
@@ -139,8 +140,6 @@ def _scan_folder(root: Path, label_depth: int, exclude: tuple[str, ...] = (),
 
 def _read_folder(root: Path, size: int, crop: bool, label_depth: int, nifti_axis: str,
                  exclude: tuple[str, ...] = (), flag: str = "--data") -> tuple[np.ndarray, dict[str, Any]]:
-    from .readers import read_file
-
     files, skipped, flat = _scan_folder(root, label_depth, exclude, flag)
     n_ignored = len(skipped)  # not image files: counted among the files seen
     images, classes, groups, formats, shapes = [], [], [], {}, {}
@@ -184,7 +183,7 @@ def _folder_key(root: Path, size: int, crop: bool, label_depth: int, nifti_axis:
 
 def _mni_slices(size: int, n: int | None) -> tuple[np.ndarray, dict[str, Any]]:
     """Axial slices of the 1 mm MNI152 T1 template (nilearn ships it), anterior up, slabs of 8 slices per group."""
-    from nilearn.datasets import load_mni152_template
+    from nilearn.datasets import load_mni152_template  # ~2 s to import: only when builtin:mni-mri is asked for
 
     vol = np.asarray(load_mni152_template(resolution=1).get_fdata(), np.float32)  # (x, y, z), RAS
     vol = vol / max(float(np.percentile(vol, 99.9)), 1e-6)
@@ -201,15 +200,11 @@ def _mni_slices(size: int, n: int | None) -> tuple[np.ndarray, dict[str, Any]]:
 def phantom_items(name: str, n: int) -> list[tuple[str, int, bool]]:
     """(modality, index, abnormal) for the i-th image of `builtin:<name>`: modalities and findings interleaved
     so that any n is balanced."""
-    from .phantoms import MODALITIES
-
     mods = MODALITIES if name == "phantoms" else (name,)
     return [(mods[i % len(mods)], i, bool((i // len(mods)) % 2)) for i in range(n)]
 
 
 def _render_one(item: tuple[str, int, bool, int, int]) -> np.ndarray:
-    from .phantoms import render
-
     modality, index, abnormal, seed, size = item
     return render(modality, index, seed, size, abnormal)
 
@@ -236,8 +231,6 @@ def _phantoms(name: str, n: int, seed: int, render_size: int, size: int) -> tupl
 def _medmnist_file(path: Path, part: str, size: int, crop: bool) -> tuple[np.ndarray, dict[str, Any]]:
     """A MedMNIST .npz split → uint16 images + sidecar; labels named from the catalogue (see medmnist.py).
     MedMNIST holds no patient ids, so each image is its own group."""
-    from .medmnist import load_npz
-
     images, labels, names = load_npz(path, part)
     out = [to_square(im.astype(np.float32) / 255.0, size, crop) for im in images]
     shape = "x".join(map(str, images.shape[1:]))

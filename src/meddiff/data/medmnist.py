@@ -21,6 +21,7 @@ import numpy as np
 
 from ..atomic import replace_file
 from ..errors import ConfigError, DataError
+from .imagefile import LUMA_601
 
 ZENODO = "https://zenodo.org/records/10519652/files"
 SIZES = (28, 64, 128, 224)
@@ -264,8 +265,6 @@ def load_npz(path: str | Path, split: str = "train") -> tuple[np.ndarray, np.nda
     split: "train", "val", "test" or "all" (the three concatenated). Label names come from the catalogue
     when the file has an official name, else "class-K". Multi-label sets (ChestMNIST) are folded by
     `fold_multi_label`. Colour images (N, H, W, 3) become BT.601 luminance, as the image readers do."""
-    from .readers import LUMA_601
-
     path = Path(path).expanduser()
     if split not in SPLITS + ("all",):
         raise ConfigError(f"split {split!r}: choose from train, val, test, all")
