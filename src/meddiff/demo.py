@@ -101,7 +101,7 @@ def train_minutes(cfg: DemoConfig, n_samples: int, spent_s: float) -> float:
     return left
 
 
-def _check(cfg: DemoConfig) -> None:
+def _refuse_existing_run(cfg: DemoConfig) -> None:
     from .runfolder import has_record  # loads torch: not when the CLI builds its --help
 
     check_out_dir(cfg.out, "--out")
@@ -142,7 +142,7 @@ def _run_demo(cfg: DemoConfig, echo: Callable[[str], None]) -> DemoResult:
     from .train import train
 
     t0 = time.perf_counter()
-    _check(cfg)
+    _refuse_existing_run(cfg)
     out = Path(cfg.out)
     run, samples = out / "run", out / "samples"
     real = cfg.real or heldout_spec(cfg.data)

@@ -31,7 +31,7 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _table(rows: list[tuple[str, Any]], head: tuple[str, str] = ("", "")) -> str:
+def _markdown_table(rows: list[tuple[str, Any]], head: tuple[str, str] = ("", "")) -> str:
     lines = [f"| {head[0]} | {head[1]} |", "| --- | --- |"]
     lines += [f"| {k} | {_fmt(v).replace('|', '/')} |" for k, v in rows if v is not None]
     return "\n".join(lines)
@@ -83,7 +83,7 @@ def _model_section(record: RunRecord, run: Path) -> str:
             ("conditioning", f"class-conditional, {m.num_classes} classes + a null class for classifier-free "
                              "guidance" if m.num_classes else "unconditional"),
             ("classes", record.class_names if m.num_classes else None)]
-    return "## Model\n\n" + _table(rows, ("", "value"))
+    return "## Model\n\n" + _markdown_table(rows, ("", "value"))
 
 
 def _data_section(record: RunRecord) -> str:
@@ -94,11 +94,11 @@ def _data_section(record: RunRecord) -> str:
             f"(split by patient/volume folder where the data have one); {s.get('skipped', 0)} file(s) skipped "
             "as unreadable.\n"]
     if s.get("classes"):
-        text.append(_table(list(s["classes"].items()), ("class", "images")) + "\n")
+        text.append(_markdown_table(list(s["classes"].items()), ("class", "images")) + "\n")
     if s.get("formats"):
-        text.append(_table(list(s["formats"].items()), ("format", "images")) + "\n")
+        text.append(_markdown_table(list(s["formats"].items()), ("format", "images")) + "\n")
     if s.get("source_shapes"):
-        text.append(_table(list(s["source_shapes"].items()), ("source size (H x W)", "images")) + "\n")
+        text.append(_markdown_table(list(s["source_shapes"].items()), ("source size (H x W)", "images")) + "\n")
     return "\n".join(text)
 
 
@@ -116,7 +116,7 @@ def _training_section(record: RunRecord) -> str:
                  ("stopped by", r.stopped)]
     rows += [("hardware", record.hardware), ("meddiff version", record.meddiff_version)]
     status = "" if r else "\nTraining had not finished when this card was written.\n"
-    return "## Training\n\n" + _table(rows, ("setting", "value")) + "\n" + status
+    return "## Training\n\n" + _markdown_table(rows, ("setting", "value")) + "\n" + status
 
 
 def _duration(seconds: float | None) -> str | None:
@@ -139,10 +139,10 @@ def _metrics_section(record: RunRecord, metrics: dict[str, Any] | None) -> str:
     r = record.result
     rows = [("training loss (mean of the last 50 steps)", r.final_loss if r else None),
             ("best validation loss (eps-MSE at fixed noise)", r.best_val_loss if r else None)]
-    text = "## Metrics\n\n" + _table(rows, ("loss", "value")) + "\n"
+    text = "## Metrics\n\n" + _markdown_table(rows, ("loss", "value")) + "\n"
     if metrics:
         text += ("\nEvaluation (numbers are comparable only with numbers of the same protocol):\n\n"
-                 + _table(_flatten(metrics), ("metric", "value")) + "\n")
+                 + _markdown_table(_flatten(metrics), ("metric", "value")) + "\n")
     else:
         text += "\nNo evaluation of generated images was recorded with this card (see `meddiff evaluate`).\n"
     return text

@@ -30,7 +30,7 @@ from ..errors import ConfigError, DataError
 from .figure import Figure
 from .ssim import DATA_RANGE, K1, K2, WINDOW, _Blur, _check_pair, _moments, bootstrap_ci, check_images
 
-WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+SCALE_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 _PIXEL_BUDGET = 2**21  # pixels of one batch of pairs (8 MiB per temporary)
 
 
@@ -40,14 +40,14 @@ def n_scales(h: int, w: int) -> int:
     if side < WINDOW:
         raise DataError(f"images of {h}x{w} px; MS-SSIM needs at least {WINDOW}x{WINDOW}")
     m = 1
-    while m < len(WEIGHTS) and side // 2**m >= WINDOW:
+    while m < len(SCALE_WEIGHTS) and side // 2**m >= WINDOW:
         m += 1
     return m
 
 
 def protocol(scales: int) -> str:
     """The recipe behind an MS-SSIM figure, recorded with it."""
-    return (f"ms-ssim: {scales} scale(s), weights {WEIGHTS[:scales]} renormalised, SSIM window of "
+    return (f"ms-ssim: {scales} scale(s), weights {SCALE_WEIGHTS[:scales]} renormalised, SSIM window of "
             "meddiff.metrics.ssim at each scale, 2x2 average pooling, negative terms clipped to 0")
 
 
@@ -74,7 +74,7 @@ def paired_ms_ssim(x: np.ndarray, y: np.ndarray, scales: int | None = None) -> n
     if not 1 <= m <= n_scales(*x.shape[1:]):
         raise ConfigError(f"MS-SSIM scales: {m}; allowed for {x.shape[1]}x{x.shape[2]} px: 1 to "
                           f"{n_scales(*x.shape[1:])}")
-    beta = torch.tensor(WEIGHTS[:m], dtype=torch.float64)
+    beta = torch.tensor(SCALE_WEIGHTS[:m], dtype=torch.float64)
     beta = (beta / beta.sum()).float()
     per = max(1, _PIXEL_BUDGET // (x.shape[1] * x.shape[2]))
     blurs: dict[tuple[int, int], _Blur] = {}
