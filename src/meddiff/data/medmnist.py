@@ -21,7 +21,6 @@ import numpy as np
 
 from ..atomic import replace_file
 from ..errors import ConfigError, DataError
-from .imagefile import LUMA_601
 
 ZENODO = "https://zenodo.org/records/10519652/files"
 SIZES = (28, 64, 128, 224)
@@ -265,6 +264,8 @@ def load_npz(path: str | Path, split: str = "train") -> tuple[np.ndarray, np.nda
     split: "train", "val", "test" or "all" (the three concatenated). Label names come from the catalogue
     when the file has an official name, else "class-K". Multi-label sets (ChestMNIST) are folded by
     `fold_multi_label`. Colour images (N, H, W, 3) become BT.601 luminance, as the image readers do."""
+    from .readers import LUMA_601  # Pillow and pydicom load when reading, not when the CLI builds its --help
+
     path = Path(path).expanduser()
     if split not in SPLITS + ("all",):
         raise ConfigError(f"split {split!r}: choose from train, val, test, all")
