@@ -23,11 +23,10 @@ from ..atomic import check_out_dir
 from ..config import HELDOUT_SPLITS, IMAGE_SIZE, IMAGES, SEEDS, Bounds, check_value, show
 from ..errors import ConfigError, DataError, UnreadableFile
 from ..runtime import available_memory
-from . import cache
+from . import cache, readers
 from .folders import write_class_folders
 from .medmnist import load_npz
 from .phantoms import MODALITIES, render
-from .readers import find_image_files, read_file
 
 BUILTINS = ("mni-mri", "phantoms", "ct", "xray", "mri", "us")
 # the parameters of `builtin:…?n=…&size=…&seed=…`; size is the phantoms' render size (MedPhantom-4's range)
@@ -132,7 +131,7 @@ def _scan_folder(root: Path, label_depth: int, exclude: tuple[str, ...] = (),
         raise DataError(f"{flag} {str(root)!r}: no such file or folder")
     if not root.is_dir():
         raise DataError(f"{flag} {str(root)!r}: not a folder (give a folder of images, or builtin:…)")
-    files, ignored = find_image_files(root)
+    files, ignored = readers.find_image_files(root)
     files = [f for f in files if f.name not in exclude]
     flat = all(len(f.relative_to(root).parts) <= label_depth for f in files)
     return files, [(str(p), r) for p, r in ignored], flat
@@ -145,7 +144,7 @@ def _read_folder(root: Path, size: int, crop: bool, label_depth: int, nifti_axis
     images, classes, groups, formats, shapes = [], [], [], {}, {}
     for path in files:
         try:
-            items = read_file(path, nifti_axis=nifti_axis)
+            items = readers.read_file(path, nifti_axis=nifti_axis)
         except UnreadableFile as err:
             skipped.append((err.path, err.reason))
             continue
