@@ -221,8 +221,6 @@ def sample_to_folder(cfg: SampleConfig, echo: Callable[[str], None] = print, dis
     existed = next(p for p in (out, *out.parents) if p.exists())
     manifest, done = _manifests(out, dist)
     if dist.active:  # every rank must split the same list: none may start writing before all have read the folder
-        import torch.distributed as td
-
         td.barrier()
     jobs = plan(run, cfg)
     suffix = export.SUFFIX[cfg.fmt]
