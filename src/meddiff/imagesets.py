@@ -49,7 +49,7 @@ def images01(spec: str, size: int, cache_dir: str | Path | None = None) -> np.nd
     return ((data.images[:, 0] + 1) / 2).clamp(0, 1).numpy()
 
 
-def _check_folder(folder: str, flag: str) -> None:
+def _require_folder(folder: str, flag: str) -> None:
     root = Path(folder).expanduser()
     if not root.is_dir():
         raise DataError(f"{flag} {folder!r}: {'not a folder' if root.exists() else 'no such folder'}")
@@ -57,7 +57,7 @@ def _check_folder(folder: str, flag: str) -> None:
 
 def native_size(folder: str, flag: str = "--fake") -> int:
     """The size of the first readable image in a folder (generated images are square at the training size)."""
-    _check_folder(folder, flag)
+    _require_folder(folder, flag)
     for f in find_image_files(Path(folder))[0]:
         if f.name in SAMPLE_EXTRAS:
             continue
@@ -71,7 +71,7 @@ def load_images(spec: str, flag: str, size: int, label_depth: int,
     """A data spec → LabelledImages at `size` px; errors name `flag` (--real, --fake, --train)."""
     kind, name, _ = parse_spec(spec, flag)
     if kind == "folder":
-        _check_folder(name, flag)
+        _require_folder(name, flag)
     data = load_data(spec, size, label_depth=label_depth, cache_dir=cache_dir, exclude=SAMPLE_EXTRAS, flag=flag)
     images = ((data.images[:, 0] + 1) / 2).clamp(0, 1).numpy()
     return LabelledImages(images, data.labels.numpy(), data.class_names, data)

@@ -259,8 +259,6 @@ def sample_to_folder(cfg: SampleConfig, echo: Callable[[str], None] = print, dis
 def _write_sample(image: np.ndarray, out: Path, name: str, fmt: str, info: Any, manifest: Any, existed: Path) -> None:
     """One image and its manifest row; a full disk is one OutputError, and the folders below `existed` (the
     nearest one that was there before) that it leaves empty are removed."""
-    from . import export
-
     try:
         with no_space_is_an_error(f"{out / name}", "the images written before it are complete; the same command "
                                   "continues after them once there is space"):
