@@ -200,6 +200,14 @@ def read_json(path: str | Path) -> Any:
         raise RunError(f"{path}: unreadable JSON ({err})") from None
 
 
+def read_json_object(path: str | Path, what: str = "") -> dict[str, Any]:
+    """A JSON object (`what` it should hold, for the message) from a run's file, or RunError naming the file."""
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise RunError(f"{path}: expected a JSON object{f' ({what})' if what else ''}, got {_show(data)}")
+    return data
+
+
 def card_path(run: str | Path) -> Path:
     return Path(run) / CARD_FILE
 
@@ -283,9 +291,7 @@ def load_unet_folder(folder: str | Path, model: ModelConfig | None = None) -> tu
     if not folder.is_dir():
         raise RunError(f"{folder}: missing; is this a meddiff run or an exported pipeline folder?")
     config_path = folder / UNET_CONFIG_FILE
-    config = read_json(config_path)
-    if not isinstance(config, dict):
-        raise RunError(f"{config_path}: expected a JSON object (a UNet2DModel config), got {_show(config)}")
+    config = read_json_object(config_path, "a UNet2DModel config")
     if model is not None:
         for key, want in unet_config(model).items():
             got = config.get(key)
@@ -356,9 +362,7 @@ def read_scheduler_config(folder: str | Path, train: TrainConfig | None = None) 
     path = Path(folder) / SCHEDULER_CONFIG_FILE
     if not path.parent.is_dir():
         raise RunError(f"{path.parent}: missing; is this a meddiff run or an exported pipeline folder?")
-    config = read_json(path)
-    if not isinstance(config, dict):
-        raise RunError(f"{path}: expected a JSON object (a scheduler config), got {_show(config)}")
+    config = read_json_object(path, "a scheduler config")
     if train is not None:
         _check_schedule(config, path, train)
     for name, param in inspect.signature(DDPMScheduler.__init__).parameters.items():
@@ -473,9 +477,7 @@ def load_checkpoint(folder: str | Path, need_weights: tuple[str, ...] = (),
     of `need_state`."""
     folder = Path(folder)
     path = folder / STATE_FILE
-    state = read_json(path)
-    if not isinstance(state, dict):
-        raise RunError(f"{path}: expected a JSON object, got {_show(state)}")
+    state = read_json_object(path)
     missing = [k for k in need_state if k not in state]
     if missing:
         raise RunError(f"{path}: no {', '.join(missing)}")
