@@ -185,6 +185,11 @@ def render_figure(figure: str, results: Path) -> str:
 
 # ---------------------------------------------------------------- the README's "What it reaches" rows
 
+def _not_rerun(what: str, figure: str, seed: str = "—") -> str:
+    """A README row for a figure without a results file: what it is and the command that produces it."""
+    return f"| {what} | {seed} | — | not yet rerun — run `{COMMANDS[figure]}` |"
+
+
 def readme_rows(results: Path) -> list[str]:
     rows = ["| what | seed recipe | meddiff | reproduce |", "| --- | --- | --- | --- |"]
     q = load("quality_per_compute", results)
@@ -204,8 +209,8 @@ def readme_rows(results: Path) -> list[str]:
                     + ", ".join(f"{s['rows'][f'meddiff_{m:g}min']['copies_share']:.0%} after {m:g} min"
                                 for m in s["budgets"]) + f" | `{q['command']}` |")
     else:
-        rows.append(f"| brain MRI quality per compute (KID, SSIM, held-out loss, copies) | — | — | "
-                    f"not yet rerun — run `{COMMANDS['quality_per_compute']}` |")
+        rows.append(_not_rerun("brain MRI quality per compute (KID, SSIM, held-out loss, copies)",
+                               "quality_per_compute"))
     t = load("train_speed", results)
     if t:
         for case, c in t["summary"]["cases"].items():
@@ -219,8 +224,7 @@ def readme_rows(results: Path) -> list[str]:
                             f"{c['meddiff']['size']} px ({c['meddiff']['hardware']}) | 1.0x | "
                             f"{ratio_cell(c['ratio'], c.get('verdict'))} | `{t['command']}` |")
     else:
-        rows.append(f"| training img/s and peak memory, same UNet | — | — | not yet rerun — run "
-                    f"`{COMMANDS['train_speed']}` |")
+        rows.append(_not_rerun("training img/s and peak memory, same UNet", "train_speed"))
     sp = load("sampling_speed", results)
     if sp:
         for name, r in sp["summary"]["rows"].items():
@@ -229,15 +233,15 @@ def readme_rows(results: Path) -> list[str]:
                             f"{ratio_cell(r['speedup'], r.get('verdict'))} (limit {r['speedup_limit']:.2f}x) | "
                             f"`{sp['command']}` |")
     else:
-        rows.append(f"| sampling speed, same weights | — | — | not yet rerun — run `{COMMANDS['sampling_speed']}` |")
+        rows.append(_not_rerun("sampling speed, same weights", "sampling_speed"))
     c = load("conditional_classes", results)
     if c:
         acc = c["summary"]["cnn_accuracy"]
         rows.append(f"| 8 classes, one model: samples judged the requested class | cannot condition | "
                     f"{ci(acc['value'], acc['ci95'])} | `{c['command']}` |")
     else:
-        rows.append(f"| 8 classes, one model: samples judged the requested class | cannot condition | — | "
-                    f"not yet rerun — run `{COMMANDS['conditional_classes']}` |")
+        rows.append(_not_rerun("8 classes, one model: samples judged the requested class", "conditional_classes",
+                               seed="cannot condition"))
     return rows
 
 

@@ -58,13 +58,12 @@ class MeddiffPipeline(DiffusionPipeline):
                 kwargs["scheduler"] = DDIMScheduler.from_config(
                     runfolder.scheduler_config(path, record) if record else
                     runfolder.read_scheduler_config(Path(path) / runfolder.SCHEDULER_DIR))
-            kwargs.update(local_files_only=True, use_safetensors=True)
         # diffusers asks users without `accelerate` to install it on every load unless told not to use it
         kwargs.setdefault("low_cpu_mem_usage", is_accelerate_available())
-        if not os.path.isdir(path):
+        if not os.path.isdir(path):  # a Hub name: the caller asked for the Hub (and may pass local_files_only)
             return super().from_pretrained(path, **kwargs)
         try:
-            return super().from_pretrained(path, **kwargs)
+            return super().from_pretrained(path, **{**kwargs, "local_files_only": True, "use_safetensors": True})
         except (OSError, ValueError, TypeError, KeyError) as err:
             raise RunError(f"{path}: cannot be loaded as a pipeline ({runfolder.one_line(err)})") from None
 
