@@ -175,7 +175,10 @@ def _check_creatable(path: Path, flag: str, shown: Path) -> None:
     try:
         for p in reversed((path, *path.parents)):
             if not os.path.lexists(p):
-                p.mkdir()
+                try:
+                    p.mkdir()
+                except FileExistsError:  # another process (a torchrun rank) made it meanwhile: not ours to remove
+                    continue
                 made.append(p)
     except OSError as err:
         raise ConfigError(f"{flag} {shown}: cannot be created ({err.strerror}: {err.filename})") from None
