@@ -118,3 +118,8 @@ def test_loading_a_pipeline_asks_for_no_accelerate(trained_run: Path, tmp_path: 
     for folder in (trained_run, tmp_path / "exported"):
         MeddiffPipeline.from_pretrained(folder)
     assert "accelerate" not in capfd.readouterr().err
+
+
+def test_a_missing_folder_is_not_looked_up_on_the_hub(tmp_path: Path) -> None:
+    with pytest.raises(RunError, match="no such folder .*local_files_only=False"):
+        MeddiffPipeline.from_pretrained(str(tmp_path / "no-such-run"))

@@ -60,7 +60,10 @@ class MeddiffPipeline(DiffusionPipeline):
                     runfolder.read_scheduler_config(Path(path) / runfolder.SCHEDULER_DIR))
         # diffusers asks users without `accelerate` to install it on every load unless told not to use it
         kwargs.setdefault("low_cpu_mem_usage", is_accelerate_available())
-        if not os.path.isdir(path):  # a Hub name: the caller asked for the Hub (and may pass local_files_only)
+        if not os.path.isdir(path):  # nothing leaves the machine unasked: the Hub only with local_files_only=False
+            if kwargs.get("local_files_only", True):
+                raise RunError(f"{path}: no such folder (to download a pipeline from the Hugging Face Hub, pass "
+                               "local_files_only=False)")
             return super().from_pretrained(path, **kwargs)
         try:
             return super().from_pretrained(path, **{**kwargs, "local_files_only": True, "use_safetensors": True})
