@@ -64,7 +64,7 @@ class MeddiffPipeline(DiffusionPipeline):
             if kwargs.get("local_files_only", True):
                 raise RunError(f"{path}: no such folder (to download a pipeline from the Hugging Face Hub, pass "
                                "local_files_only=False)")
-            return super().from_pretrained(path, **kwargs)
+            return super().from_pretrained(path, **kwargs)  # the caller passed local_files_only=False: Hub asked
         try:
             return super().from_pretrained(path, **{**kwargs, "local_files_only": True, "use_safetensors": True})
         except (OSError, ValueError, TypeError, KeyError) as err:
