@@ -27,19 +27,19 @@ def seed_module() -> ModuleType:
     return mod
 
 
-def seed_stepper(arch: str, size: int, batch: int, seed: int = 0) -> Callable[[], None]:
+def seed_stepper(arch: str, size: int, batch: int, seed: int = 0, device: str = "cpu") -> Callable[[], None]:
     """One training step of the seed recipe exactly as its `speed` command times it (random data, fp32):
-    DDPMScheduler.add_noise, eps-MSE, AdamW at 1e-4."""
+    DDPMScheduler.add_noise, eps-MSE, AdamW at 1e-4 (`--device cuda`: the same on the GPU)."""
     sr = seed_module()
     torch.manual_seed(seed)
-    model = sr.make_model(arch, size)
+    model = sr.make_model(arch, size).to(device)
     sched = sr.DDPMScheduler(num_train_timesteps=sr.TRAIN_STEPS)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randn(batch, 1, size, size)
+    x = torch.randn(batch, 1, size, size, device=device)
 
     def step() -> None:
         noise = torch.randn_like(x)
-        t = torch.randint(0, sr.TRAIN_STEPS, (len(x),))
+        t = torch.randint(0, sr.TRAIN_STEPS, (len(x),), device=device)
         loss = torch.nn.functional.mse_loss(model(sched.add_noise(x, noise, t), t).sample, noise)
         opt.zero_grad()
         loss.backward()
@@ -49,19 +49,20 @@ def seed_stepper(arch: str, size: int, batch: int, seed: int = 0) -> Callable[[]
 
 @torch.no_grad()
 def seed_ddim20(unet: Any, n: int, batch: int = 10, seed: int = 0) -> np.ndarray:
-    """seed_recipe.py's sample(): DDIMScheduler(1000) with 20 steps, global-seeded noise → (n, H, W) in [0, 1]."""
+    """seed_recipe.py's sample(): DDIMScheduler(1000) with 20 steps, global-seeded noise → (n, H, W) in [0, 1],
+    on the UNet's device."""
     from diffusers import DDIMScheduler
 
     torch.manual_seed(seed)
     sched = DDIMScheduler(num_train_timesteps=1000)
     sched.set_timesteps(20)
-    size = unet.config.sample_size
+    size, device = unet.config.sample_size, next(unet.parameters()).device
     outs = []
     for i in range(0, n, batch):
-        x = torch.randn(min(batch, n - i), 1, size, size)
+        x = torch.randn(min(batch, n - i), 1, size, size).to(device)
         for t in sched.timesteps:
             x = sched.step(unet(x, t).sample, t, x).prev_sample
-        outs.append(((x.clamp(-1, 1) + 1) / 2)[:, 0].numpy())
+        outs.append(((x.clamp(-1, 1) + 1) / 2)[:, 0].cpu().numpy())
     return np.concatenate(outs)
 
 

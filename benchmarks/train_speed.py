@@ -45,7 +45,7 @@ THROUGHPUT = {
 
 
 def meddiff_stepper(preset: str, size: int, batch: int, micro: int, grad_ckpt: bool, channels_last: bool,
-                    precision_flag: str) -> tuple[Callable[[], None], str]:
+                    precision_flag: str, device_flag: str = "auto") -> tuple[Callable[[], None], str]:
     """meddiff's training step (as in train.py) on random data → (step, hardware description)."""
     from meddiff.config import TrainConfig, model_config
     from meddiff.diffusion import alphas_cumprod, diffusion_loss, q_sample
@@ -54,7 +54,7 @@ def meddiff_stepper(preset: str, size: int, batch: int, micro: int, grad_ckpt: b
     from meddiff.train import ema_update, make_optimizer
 
     cfg = TrainConfig(data="", out="", preset=preset, size=size, batch_size=batch).resolve()
-    device = pick_device("auto")
+    device = pick_device(device_flag)
     precision = pick_precision(precision_flag, device)
     mcfg = model_config(preset, size)
     unet = build_unet(mcfg).to(device)

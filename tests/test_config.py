@@ -94,8 +94,8 @@ def test_negative_warmup_is_refused() -> None:
 
 
 def test_model_config_size_must_be_a_multiple_of_the_reduction() -> None:
-    with pytest.raises(ConfigError, match=r"--size 40: preset 'lean' reduces the image by 16, so the size must be "
-                                          r"a multiple of 16"):
+    with pytest.raises(ConfigError, match=r"--size 40: preset 'lean' reduces the image by 16 \(patch 2 x 8 in the "
+                                          r"UNet\), so the size must be a multiple of 16"):
         model_config("lean", 40)
     with pytest.raises(ConfigError, match=r"--size 36: preset 'seed' reduces the image by 32"):
         model_config("seed", 36)

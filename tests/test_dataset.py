@@ -80,7 +80,8 @@ def test_corrupt_and_misplaced_files_are_skipped_with_path_and_reason(tmp_path: 
 def test_summary_holds_no_file_names(tmp_path: Path, png_writer) -> None:
     png_writer(tmp_path, 2)
     data = load_data(str(tmp_path), 16)
-    assert set(data.summary) == {"images", "classes", "formats", "source_shapes", "size", "files", "skipped"}
+    assert set(data.summary) == {"images", "classes", "formats", "source_shapes", "size", "files", "skipped",
+                                 "upsampled"}
     assert "000.png" not in repr(data.summary) and "001.png" not in repr(data.summary)
 
 
@@ -113,7 +114,7 @@ def test_missing_folder_and_plain_file_are_data_errors(tmp_path: Path, png_write
     ("builtin:phantoms?n=1000001", r"n='1000001' must be a whole number from 1 to 1000000"),
     ("builtin:phantoms?n=nan", r"n='nan' must be a whole number"),
     ("builtin:phantoms?n=²", r"n='²' must be a whole number"),
-    ("builtin:ct?size=100000", r"size='100000' must be a whole number from 32 to 256"),
+    ("builtin:ct?size=100000", r"size='100000' must be a whole number from 32 to 512"),
     ("builtin:ct?seed=99999999999999999999", r"seed='99999999999999999999' must be a whole number from 0 to "
                                              r"9223372036854775807"),
     ("builtin:ct?count=3", r"unknown parameter\(s\) count; allowed: n, size, seed"),
@@ -141,7 +142,7 @@ def test_spec_parsing() -> None:
 
 
 def test_phantom_render_size_is_checked() -> None:
-    with pytest.raises(DataError, match=r"size='16' must be a whole number from 32 to 256"):
+    with pytest.raises(DataError, match=r"size='16' must be a whole number from 32 to 512"):
         load_data("builtin:xray?n=2&size=16", 32)
     assert parse_spec("builtin:ct?seed=0")[2] == {"seed": "0"}
 
@@ -149,12 +150,24 @@ def test_phantom_render_size_is_checked() -> None:
 def test_memory_is_estimated_before_rendering(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(dataset, "available_memory", lambda device: 2**30)
     monkeypatch.setattr(dataset, "render_phantoms", _must_not_render)
-    with pytest.raises(DataError, match=r"--data 'builtin:ct\?n=100000': 100000 images need about 6\.1 GiB of "
+    # the whole set in memory (evaluation) is refused before rendering; so is an uncached set
+    with pytest.raises(DataError, match=r"--data 'builtin:ct\?n=100000': 100000 images need about 2\.3 GiB of "
                                         r"memory and 1\.0 GiB are available"):
-        load_data("builtin:ct?n=100000", 64, cache_dir=tmp_path / "cache")
-    with pytest.raises(DataError, match=r"--n 100000: 100000 images need about 1\.5 GiB"):
-        export_builtin("builtin:ct", tmp_path / "out", n=100000, size=64)
-    assert not (tmp_path / "out").exists()
+        load_data("builtin:ct?n=100000", 64, cache_dir=tmp_path / "cache", whole=True)
+    with pytest.raises(DataError, match=r"100000 images need about 0\.8 GiB of memory and 0\.5 GiB"):
+        monkeypatch.setattr(dataset, "available_memory", lambda device: 2**29)
+        load_data("builtin:ct?n=100000", 64)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_cached_set_is_read_whole_only_when_memory_allows(tmp_path: Path, png_writer,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    png_writer(tmp_path / "data", 4)
+    data = load_data(str(tmp_path / "data"), 16, cache_dir=tmp_path / "cache")
+    monkeypatch.setattr(dataset, "available_memory", lambda device: 100)
+    assert data.take([0]).shape == (1, 1, 16, 16)  # a batch needs no such check
+    with pytest.raises(DataError, match=r"the data set: 4 images need about"):
+        data.images
 
 
 def _must_not_render(*_args: object, **_kw: object) -> None:
@@ -163,7 +176,7 @@ def _must_not_render(*_args: object, **_kw: object) -> None:
 
 @pytest.mark.parametrize("change, match", [
     (dict(n=0), r"--n 0: must be a whole number from 1 to 1000000"),
-    (dict(size=300), r"--size 300: must be a whole number from 32 to 256"),
+    (dict(size=600), r"--size 600: must be a whole number from 32 to 512"),
     (dict(seed=-1), r"--seed -1: must be a whole number from 0 to"),
 ])
 def test_export_builtin_checks_its_numbers(tmp_path: Path, change: dict, match: str) -> None:

@@ -69,8 +69,8 @@ def test_twins_differ_only_around_the_lesion(modality: str) -> None:
     ("kwargs", "match"),
     [
         (dict(modality="pet"), r"phantom modality: got 'pet'; allowed: ct, xray, mri, us"),
-        (dict(size=31), r"phantom size: got 31; allowed: an integer from 32 to 256"),
-        (dict(size=257), r"phantom size: got 257; allowed: an integer from 32 to 256"),
+        (dict(size=31), r"phantom size: got 31; allowed: an integer from 32 to 512"),
+        (dict(size=513), r"phantom size: got 513; allowed: an integer from 32 to 512"),
         (dict(size=64.0), r"phantom size: got 64.0"),
         (dict(index=-1), r"phantom index: got -1; allowed: an integer >= 0"),
         (dict(seed=-3), r"phantom seed: got -3; allowed: an integer >= 0"),
@@ -148,4 +148,4 @@ def test_a_plain_classifier_finds_the_lesions(feature_sets: dict, modality: str)
 
 def test_public_names() -> None:
     assert phantoms.MODALITIES == ("ct", "xray", "mri", "us")
-    assert (phantoms.MIN_SIZE, phantoms.MAX_SIZE) == (32, 256)
+    assert (phantoms.MIN_SIZE, phantoms.MAX_SIZE) == (32, 512)

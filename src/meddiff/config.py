@@ -248,6 +248,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "tiny": dict(size=32, batch_size=8),
 }
 DEFAULT_PRESET = "lean"
+SHIFT_BASE = 64  # px: the resolution meddiff's noise schedule was tuned at (docs/benchmarks.md)
+PATCH_GRID = 32  # px: the grid the patched presets' widest convolutions run on, whatever the image size
 PRESETS: tuple[str, ...] = tuple(ARCHITECTURES)
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
 SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpmpp-2m", "unipc", "euler", "heun")
@@ -293,6 +295,12 @@ class TrainConfig(Checked):
     min_snr_gamma: float = option(5.0, "gamma of --loss-weighting min-snr", bounds=GAMMA)
     beta_schedule: str | None = option(None, "noise schedule", choices=("linear", "cosine"), recipe="cosine")
     zero_terminal_snr: bool = option(False, "rescale the noise schedule so that its last step is pure noise")
+    noise_shift: float | None = option(None, "shift of the noise schedule's log SNR (default: 2 ln(64/size) above "
+                                       "64 px for meddiff's presets, as in \"simple diffusion\"; 0 for seed)",
+                                       bounds=Bounds(-20, 20))
+    patch: int | None = option(None, "space-to-depth patch of the patched presets (lean); default: the size / "
+                               f"{PATCH_GRID} rounded down to a power of 2, at least the preset's own",
+                               bounds=Bounds(1, 64, whole=True))
     timestep_spacing: str | None = option(None, "how samplers place their steps", recipe="trailing",
                                           choices=("trailing", "leading", "linspace"), cli=False)
     grad_clip: float | None = option(None, "max gradient norm; 0 turns clipping off", bounds=NON_NEGATIVE,
@@ -331,7 +339,9 @@ class TrainConfig(Checked):
         cfg = dataclasses.replace(self, **filled)
         if cfg.micro_batch and cfg.micro_batch > cfg.batch_size:
             raise ConfigError(f"--micro-batch {cfg.micro_batch}: must not exceed --batch-size {cfg.batch_size}")
-        model_config(cfg.preset, cfg.size)  # the preset's UNet takes this size: known now, before any work
+        if cfg.noise_shift is None:
+            cfg = dataclasses.replace(cfg, noise_shift=noise_shift_for(cfg.preset, cfg.size))
+        model_config(cfg.preset, cfg.size, patch=cfg.patch)  # the UNet takes this size: known now, before any work
         return cfg
 
 
@@ -387,15 +397,34 @@ def default_sampler(preset: str) -> tuple[str, int]:
     return ("ddim", 20) if preset == "seed" else ("unipc", 10)
 
 
-def model_config(preset: str, size: int, num_classes: int = 0) -> ModelConfig:
-    """The UNet of a preset at an image size."""
+def patch_for(preset: str, size: int) -> int:
+    """The space-to-depth patch of a preset at `size` px: presets without patches keep 1; patched ones grow the
+    patch with the image (the largest power of 2 ≤ size / PATCH_GRID, never below the preset's own), so the UNet's
+    widest convolutions stay on a PATCH_GRID-px grid and a step costs roughly the same at 64 and 512 px (the
+    "simple diffusion" recipe of Hoogeboom et al. 2023: patch, then shift the noise schedule)."""
+    base = ARCHITECTURES[preset].get("patch_size", 1)
+    if base == 1:
+        return 1
+    return max(base, 2 ** int(math.floor(math.log2(max(size // PATCH_GRID, 1)))))
+
+
+def noise_shift_for(preset: str, size: int) -> float:
+    """The log-SNR shift a preset's recipe uses at `size` px: the seed recipe never shifts (it is the student
+    project's recipe); meddiff's presets shift by 2 ln(64 / size) above 64 px (`diffusion.shift_log_snr`)."""
+    return 0.0 if preset == "seed" or size <= SHIFT_BASE else 2.0 * math.log(SHIFT_BASE / size)
+
+
+def model_config(preset: str, size: int, num_classes: int = 0, patch: int | None = None) -> ModelConfig:
+    """The UNet of a preset at an image size; `patch` overrides the preset's rule (`patch_for`)."""
     check_value("--preset", preset, choices=PRESETS)
-    arch = ARCHITECTURES[preset]
-    factor = 2 ** (len(arch["block_out_channels"]) - 1) * arch.get("patch_size", 1)
+    arch = dict(ARCHITECTURES[preset], patch_size=patch or patch_for(preset, size))
+    factor = 2 ** (len(arch["block_out_channels"]) - 1) * arch["patch_size"]
     if size % factor:
-        raise ConfigError(f"--size {size}: preset {preset!r} reduces the image by {factor}, "
+        p = arch["patch_size"]
+        patched = f" (patch {p} x {factor // p} in the UNet)" if p > 1 else ""
+        raise ConfigError(f"--size {size}: preset {preset!r} reduces the image by {factor}{patched}, "
                           f"so the size must be a multiple of {factor}")
-    return ModelConfig(sample_size=size, num_classes=num_classes, **ARCHITECTURES[preset])
+    return ModelConfig(sample_size=size, num_classes=num_classes, **arch)
 
 
 def to_json(obj: Any) -> dict[str, Any]:

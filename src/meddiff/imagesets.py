@@ -45,7 +45,7 @@ class LabelledImages:
 
 def images01(spec: str, size: int, cache_dir: str | Path | None = None) -> np.ndarray:
     """(N, size, size) float32 in [0, 1] from a data spec (a sample folder's grid.png left out)."""
-    data = load_data(spec, size, cache_dir=cache_dir, exclude=SAMPLE_EXTRAS)
+    data = load_data(spec, size, cache_dir=cache_dir, exclude=SAMPLE_EXTRAS, whole=True)
     return ((data.images[:, 0] + 1) / 2).clamp(0, 1).numpy()
 
 
@@ -72,7 +72,8 @@ def load_images(spec: str, flag: str, size: int, label_depth: int,
     kind, name, _ = parse_spec(spec, flag)
     if kind == "folder":
         _require_folder(name, flag)
-    data = load_data(spec, size, label_depth=label_depth, cache_dir=cache_dir, exclude=SAMPLE_EXTRAS, flag=flag)
+    data = load_data(spec, size, label_depth=label_depth, cache_dir=cache_dir, exclude=SAMPLE_EXTRAS, flag=flag,
+                     whole=True)
     images = ((data.images[:, 0] + 1) / 2).clamp(0, 1).numpy()
     return LabelledImages(images, data.labels.numpy(), data.class_names, data)
 

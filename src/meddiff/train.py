@@ -227,6 +227,21 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
+RESIDENT_SHARE = 0.25  # of a GPU's free memory: a set smaller than this is kept there whole, as float32
+
+
+def batch_images(data: ImageSet, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """How a step gets its images: `images(indices) → (k, 1, S, S)` on `device`. A set given as a tensor, or one
+    that takes under RESIDENT_SHARE of a GPU's free memory, is moved there whole once (no copy per step). Else,
+    and always on the CPU, each batch reads only its own images from the cache (`ImageSet.take`), so training's
+    memory does not grow with the data set and a set larger than memory trains."""
+    need = len(data) * data.size**2 * 4
+    if data.in_memory or (device.type == "cuda" and need <= RESIDENT_SHARE * available_memory(device)):
+        resident = data.images.to(device)
+        return lambda idx: resident[idx]
+    return lambda idx: data.take(idx.cpu()).to(device, non_blocking=True)
+
+
 STATE_KEYS = ("step", "images_seen", "elapsed", "best_val_loss", "bad_evals", "recent_losses", "optimizer")
 
 
@@ -322,11 +337,12 @@ def _train(cfg: TrainConfig, data: ImageSet | None, resume: bool, echo: Callable
     torch.manual_seed(cfg.seed)  # model initialisation only; every later draw has its own generator
     data = data if data is not None else load_data(cfg.data, cfg.size, crop=cfg.crop, label_depth=cfg.label_depth,
                                                    cache_dir=cfg.cache_dir)
-    if data.images.shape[-1] != cfg.size:
-        raise ConfigError(f"--size {cfg.size}: the data given are {data.images.shape[-1]} px")
+    if data.size != cfg.size:
+        raise ConfigError(f"--size {cfg.size}: the data given are {data.size} px")
     conditional = cfg.conditional == "on" or (cfg.conditional == "auto" and len(data.class_names) > 1)
     mcfg: ModelConfig = (record.model if record else
-                         model_config(cfg.preset, cfg.size, len(data.class_names) if conditional else 0))
+                         model_config(cfg.preset, cfg.size, len(data.class_names) if conditional else 0,
+                                      patch=cfg.patch))
     if record and record.class_names != data.class_names:
         raise RunError(f"--resume {run}: the data's classes {list(data.class_names)} differ from the run's "
                        f"{list(record.class_names)}")
@@ -339,6 +355,10 @@ def _train(cfg: TrainConfig, data: ImageSet | None, resume: bool, echo: Callable
                            split=dict(train=len(train_idx), val=len(val_idx)), hardware=describe(device, precision),
                            processes=dist.world, meddiff_version=__version__)
         runfolder.write_record(run, record)
+    if data.summary.get("upsampled") and dist.main:
+        shapes = ", ".join(sorted(data.summary.get("source_shapes", {})))
+        echo(f"note: {data.summary['upsampled']} of {len(data)} images are smaller than {cfg.size} px (source sizes "
+             f"{shapes}) and were upsampled: finer detail than the sources hold cannot be learnt")
     if data.skipped and dist.main:
         listing = runfolder.write_skipped(run, skipped_listing(data, cfg.data))
         files = data.summary.get("files")
@@ -355,11 +375,12 @@ def _train(cfg: TrainConfig, data: ImageSet | None, resume: bool, echo: Callable
     forward = torch.compile(unet) if cfg.compile else unet
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
 
-    alpha_bar = alphas_cumprod(cfg.beta_schedule, cfg.num_train_timesteps, cfg.zero_terminal_snr).float().to(device)
-    images = data.images.to(device)
+    alpha_bar = alphas_cumprod(cfg.beta_schedule, cfg.num_train_timesteps, cfg.zero_terminal_snr,
+                               cfg.noise_shift or 0.0).float().to(device)
+    images = batch_images(data, device)
     labels = data.labels.to(device) if conditional else None
     train_pos = torch.as_tensor(train_idx, device=device)
-    val_images, val_labels = data.images[val_idx[:MAX_VAL_IMAGES]], data.labels[val_idx[:MAX_VAL_IMAGES]]
+    val_images, val_labels = data.take(val_idx[:MAX_VAL_IMAGES]), data.labels[val_idx[:MAX_VAL_IMAGES]]
     B, mb = cfg.batch_size, cfg.micro_batch or cfg.batch_size
     if cfg.micro_batch == 0:  # "auto"
         mb = auto_micro_batch(unet, mcfg, B, device, precision)
@@ -409,7 +430,7 @@ def _train(cfg: TrainConfig, data: ImageSet | None, resume: bool, echo: Callable
             step_loss = 0.0
             for lo in range(0, len(idx), mb):  # gradient accumulation over micro-batches of the global batch
                 sl = slice(lo, lo + mb)
-                x0 = images[idx[sl]]
+                x0 = images(idx[sl])
                 if cfg.flip:
                     x0 = torch.where(draws["flip"][sl].view(-1, 1, 1, 1), x0.flip(-1), x0)
                 ab = alpha_bar[draws["t"][sl]]

@@ -1,20 +1,31 @@
-"""The preprocessed cache: (N, S, S) uint16 images + a JSON sidecar, memory-mapped, keyed by a content hash.
+"""The preprocessed cache: (N, S, S) uint16 images in a .npy file + a JSON sidecar, keyed by a content hash,
+built image by image and read image by image.
 
 A key is built from everything that changes the result (paths, sizes, mtimes, options); a changed input
 gives a new key, so a stale entry is never read. Entries are written to a temporary name and renamed.
+
+Data sets larger than memory: a builder hands its images to a `Sink` in chunks, which writes them straight
+into the entry (the .npy header, whose shape is known only at the end, is written last over a fixed-size
+placeholder), so building never holds more than a chunk. `StoredImages` reads the images a batch needs with
+`os.pread`, so neither the set nor its file's pages count in the process's memory; only a set asked for whole
+(`StoredImages.all`) is read into memory.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import struct
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable
 
 import numpy as np
 
 from ..atomic import write_bytes, write_file
 
 CACHE_VERSION = 2  # 2: readers skip non-regular files, size bombs, non-finite scaling, DICOM SEG/SR/PR/KO
+HEADER_BYTES = 128  # an entry's .npy header: magic, version, length, the dict padded with spaces (64-byte aligned)
+DTYPE = np.dtype("<u2")
 
 
 def cache_key(*parts: object) -> str:
@@ -33,21 +44,142 @@ def from_uint16(stored: np.ndarray) -> np.ndarray:
     return stored.astype(np.float32) / 65535.0
 
 
-def load_or_build(cache_dir: Path | None, key: str,
-                  build: Callable[[], tuple[np.ndarray, dict[str, Any]]]) -> tuple[np.ndarray, dict[str, Any]]:
-    """Return (uint16 images, sidecar dict) from the cache, or build, store and return them.
-    Without a cache folder, just build."""
+def npy_header(n: int, size: int) -> bytes:
+    """A version 1.0 .npy header for (n, size, size) little-endian uint16, exactly HEADER_BYTES long."""
+    body = "{'descr': '<u2', 'fortran_order': False, 'shape': (%d, %d, %d), }" % (n, size, size)
+    body = body.ljust(HEADER_BYTES - 10 - 1) + "\n"
+    if len(body) != HEADER_BYTES - 10:
+        raise ValueError(f"{n} images of {size} px do not fit a {HEADER_BYTES}-byte .npy header")
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(body)) + body.encode("latin1")
+
+
+class Sink:
+    """Where a builder puts its images, in order: (k, S, S) floats in [0, 1] (or uint16) per `add`, written to a
+    file as they come (a cache entry being built) or, without a file, kept in memory."""
+
+    def __init__(self, size: int, file: BinaryIO | None = None) -> None:
+        self.size, self.file, self.n, self._chunks = size, file, 0, []
+
+    def add(self, images: np.ndarray | list[np.ndarray]) -> None:
+        arr = np.asarray(images)
+        if len(arr) == 0:
+            return
+        stored = (arr if arr.dtype == np.uint16 else to_uint16(arr)).astype(DTYPE, copy=False)
+        stored = stored.reshape(-1, self.size, self.size)
+        if self.file is not None:
+            self.file.write(np.ascontiguousarray(stored).tobytes())
+        else:
+            self._chunks.append(stored)
+        self.n += len(stored)
+
+    def array(self) -> np.ndarray:
+        """The images added, in memory (a sink without a file)."""
+        return (np.concatenate(self._chunks) if self._chunks else np.zeros((0, self.size, self.size), DTYPE))
+
+
+class StoredImages:
+    """(N, S, S) uint16 images, in memory or in a cache entry read image by image."""
+
+    def __init__(self, array: np.ndarray | None = None, path: Path | None = None, n: int = 0, size: int = 0,
+                 offset: int = 0) -> None:
+        self._array, self.path, self._offset = array, path, offset
+        self.n, self.size = (array.shape[0], array.shape[-1]) if array is not None else (n, size)
+        self._fd: int | None = None
+        self._fd_pid = -1
+
+    @classmethod
+    def open(cls, path: Path) -> "StoredImages":
+        """An entry on disk, checked: a 3-d little-endian uint16 .npy of square images, complete. ValueError else."""
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise ValueError(f"{path}: .npy version {version}")
+            offset = f.tell()
+        if dtype != DTYPE or fortran or len(shape) != 3 or shape[1] != shape[2]:
+            raise ValueError(f"{path}: not (N, S, S) uint16")
+        if os.stat(path).st_size != offset + shape[0] * shape[1] * shape[2] * DTYPE.itemsize:
+            raise ValueError(f"{path}: truncated")
+        return cls(path=path, n=shape[0], size=shape[1], offset=offset)
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def nbytes(self) -> int:
+        return self.n * self.size * self.size * DTYPE.itemsize
+
+    def _descriptor(self) -> int:
+        if self._fd is None or self._fd_pid != os.getpid():  # a forked process opens its own
+            self._fd, self._fd_pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        return self._fd
+
+    def read(self, indices: Any) -> np.ndarray:
+        """(k, S, S) uint16: the images at `indices` (any int sequence), in that order; only they are read."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if self._array is not None:
+            return np.asarray(self._array[idx])
+        out = np.empty((len(idx), self.size, self.size), DTYPE)
+        one = self.size * self.size * DTYPE.itemsize
+        fd = self._descriptor()
+        for j, i in enumerate(idx):
+            if not 0 <= i < self.n:
+                raise IndexError(f"image {i} of {self.n}")
+            buf = os.pread(fd, one, self._offset + int(i) * one)
+            if len(buf) != one:
+                raise OSError(f"{self.path}: shorter than its header says")
+            out[j] = np.frombuffer(buf, DTYPE).reshape(self.size, self.size)
+        return out
+
+    def all(self) -> np.ndarray:
+        """(N, S, S) uint16, the whole set in memory."""
+        if self._array is not None:
+            return np.asarray(self._array)
+        return np.fromfile(self.path, DTYPE, count=self.n * self.size * self.size,
+                           offset=self._offset).reshape(self.n, self.size, self.size)
+
+    def close(self) -> None:
+        if self._fd is not None and self._fd_pid == os.getpid():
+            os.close(self._fd)
+        self._fd = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except OSError:
+            pass
+
+
+def load_or_build(cache_dir: Path | None, key: str, size: int,
+                  build: Callable[[Sink], dict[str, Any]]) -> tuple[StoredImages, dict[str, Any]]:
+    """Return (images, sidecar dict) from the cache, or build, store and return them. `build(sink)` adds the images
+    to the sink in order and returns the sidecar. Without a cache folder the images are built in memory."""
     if cache_dir is None:
-        return build()
+        sink = Sink(size)
+        sidecar = build(sink)
+        return StoredImages(sink.array()), sidecar
     cache_dir = Path(cache_dir)
     arr_path, meta_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
     if arr_path.exists() and meta_path.exists():
         try:
-            return np.load(arr_path, mmap_mode="r"), json.loads(meta_path.read_text())
+            stored, sidecar = StoredImages.open(arr_path), json.loads(meta_path.read_text())
+            if stored.size == size and isinstance(sidecar, dict) and len(sidecar.get("classes", ())) == len(stored):
+                return stored, sidecar
         except (OSError, ValueError):
             pass  # a damaged entry is rebuilt below
-    images, sidecar = build()
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    write_file(arr_path, lambda f: np.save(f, images))
-    write_bytes(meta_path, json.dumps(sidecar).encode())
-    return np.load(arr_path, mmap_mode="r"), sidecar
+    built: list[dict[str, Any]] = []
+
+    def write(f: BinaryIO) -> None:
+        f.write(npy_header(0, size))  # a placeholder of the same length: the count is known at the end
+        sink = Sink(size, f)
+        built.append(build(sink))
+        f.seek(0)
+        f.write(npy_header(sink.n, size))
+        f.seek(0, os.SEEK_END)
+
+    write_file(arr_path, write)
+    write_bytes(meta_path, json.dumps(built[0]).encode())
+    return StoredImages.open(arr_path), built[0]

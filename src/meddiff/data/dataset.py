@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
@@ -30,23 +29,56 @@ from .phantoms import MODALITIES, render
 
 BUILTINS = ("mni-mri", "phantoms", "ct", "xray", "mri", "us")
 # the parameters of `builtin:…?n=…&size=…&seed=…`; size is the phantoms' render size (MedPhantom-4's range)
-BUILTIN_PARAMS: dict[str, Bounds] = {"n": IMAGES, "size": Bounds(32, 256, whole=True), "seed": SEEDS}
+BUILTIN_PARAMS: dict[str, Bounds] = {"n": IMAGES, "size": Bounds(32, 512, whole=True), "seed": SEEDS}
 CONTIGUOUS_RUNS = 10  # runs a "contiguous" split cuts a set into
 
 
-@dataclass
 class ImageSet:
-    """Images ready for training. `images`: (N, 1, S, S) float32 in [-1, 1]."""
+    """Images ready for training, with their labels (N,) int64 into `class_names` and groups (N,) int64 (images of
+    one patient/volume share a group). The images stay where the loader left them (`stored`: the cache entry,
+    read image by image, or an array): `take(indices)` reads only those as (k, 1, S, S) float32 in [-1, 1], so a
+    set larger than memory trains; `images` is the whole set as one such tensor, made on first use (the evaluation
+    sets, the tests). A tensor may be given instead of stored images."""
 
-    images: torch.Tensor
-    labels: torch.Tensor                 # (N,) int64 index into class_names
-    class_names: tuple[str, ...]
-    groups: np.ndarray                   # (N,) int64: images of one patient/volume share a group
-    skipped: list[tuple[str, str]] = field(default_factory=list)   # (path, reason)
-    summary: dict[str, Any] = field(default_factory=dict)          # counts per class/format, sizes
+    def __init__(self, images: torch.Tensor | cache.StoredImages, labels: torch.Tensor,
+                 class_names: tuple[str, ...], groups: np.ndarray, skipped: list[tuple[str, str]] | None = None,
+                 summary: dict[str, Any] | None = None) -> None:
+        self.stored = images if isinstance(images, cache.StoredImages) else None
+        self._images = None if self.stored is not None else images
+        self.labels, self.class_names, self.groups = labels, class_names, groups
+        self.skipped: list[tuple[str, str]] = list(skipped or [])
+        self.summary: dict[str, Any] = dict(summary or {})
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.stored) if self.stored is not None else len(self._images)
+
+    @property
+    def size(self) -> int:
+        """The images' side in px."""
+        return self.stored.size if self.stored is not None else int(self._images.shape[-1])
+
+    @property
+    def images(self) -> torch.Tensor:
+        """(N, 1, S, S) float32 in [-1, 1], the whole set in memory."""
+        if self._images is None:
+            check_memory("the data set", len(self), len(self) * self.size**2 * 6)  # uint16 read + float32 made
+            self._images = _signed(self.stored.all())
+        return self._images
+
+    @property
+    def in_memory(self) -> bool:
+        return self._images is not None
+
+    def take(self, indices: Any) -> torch.Tensor:
+        """(k, 1, S, S) float32 in [-1, 1]: the images at `indices` (ints, an array or a CPU tensor), only they read."""
+        if self._images is not None:
+            return self._images[torch.as_tensor(np.asarray(indices), dtype=torch.long)]
+        return _signed(self.stored.read(np.asarray(indices)))
+
+
+def _signed(stored: np.ndarray) -> torch.Tensor:
+    """(k, S, S) uint16 → (k, 1, S, S) float32 in [-1, 1]."""
+    return torch.from_numpy(cache.from_uint16(stored))[:, None] * 2 - 1
 
 
 def parse_spec(spec: str, flag: str = "--data") -> tuple[str, str, dict[str, str]]:
@@ -137,31 +169,63 @@ def _scan_folder(root: Path, label_depth: int, exclude: tuple[str, ...] = (),
     return files, [(str(p), r) for p, r in ignored], flat
 
 
+DECODE_WINDOW = 256  # files decoded per window: what building holds at once, whatever the set's size
+
+
+def _decode(item: tuple[Path, int, bool, str]) -> tuple[str, Any]:
+    """One file → ("ok", [(uint16 image, format, source shape)]) or ("skip", (path, reason)); runs in a worker, so
+    it returns plain values (never raises an UnreadableFile across the process boundary)."""
+    path, size, crop, nifti_axis = item
+    try:
+        items = readers.read_file(path, nifti_axis=nifti_axis)
+    except UnreadableFile as err:
+        return "skip", (err.path, err.reason)
+    return "ok", [(cache.to_uint16(to_square(image, size, crop)), meta.format, "x".join(map(str, image.shape)))
+                  for image, meta in items]
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)  # the workers share the CPUs: one thread each
+
+
+def decode_in_order(items: list[Any], fn: Any, workers: int | None = None, window: int = DECODE_WINDOW) -> Any:
+    """Yield fn(item) for every item, in order, computed by worker processes `window` items at a time, so that at
+    most a window's results are held whatever the number of items. One process for a few items."""
+    workers = workers or min(os.cpu_count() or 1, 8)
+    if workers == 1 or len(items) < 64:
+        yield from map(fn, items)
+        return
+    with ProcessPoolExecutor(workers, initializer=_worker_init) as pool:
+        for start in range(0, len(items), window):
+            yield from pool.map(fn, items[start:start + window], chunksize=max(1, window // (4 * workers)))
+
+
 def _read_folder(root: Path, size: int, crop: bool, label_depth: int, nifti_axis: str,
-                 exclude: tuple[str, ...] = (), flag: str = "--data") -> tuple[np.ndarray, dict[str, Any]]:
+                 exclude: tuple[str, ...], flag: str, sink: cache.Sink) -> dict[str, Any]:
     files, skipped, flat = _scan_folder(root, label_depth, exclude, flag)
     n_ignored = len(skipped)  # not image files: counted among the files seen
-    images, classes, groups, formats, shapes = [], [], [], {}, {}
+    classes, groups, formats, shapes = [], [], {}, {}
+    inside = []
     for path in files:
-        try:
-            items = readers.read_file(path, nifti_axis=nifti_axis)
-        except UnreadableFile as err:
-            skipped.append((err.path, err.reason))
-            continue
         rel = path.relative_to(root)
         if not flat and len(rel.parts) <= label_depth:
             skipped.append((str(path), f"not inside a class folder ({label_depth} level(s) below {root})"))
+        else:
+            inside.append(path)
+    decoded = decode_in_order([(p, size, crop, nifti_axis) for p in inside], _decode)
+    for path, (status, value) in zip(inside, decoded):
+        if status == "skip":
+            skipped.append(value)
             continue
-        for image, meta in items:
-            images.append(to_square(image, size, crop))
+        rel = path.relative_to(root)
+        sink.add([image for image, _f, _s in value])
+        for _image, fmt, shape in value:
             classes.append(_class_of(rel, label_depth, flat))
             groups.append(_group_of(rel, label_depth, flat))
-            formats[meta.format] = formats.get(meta.format, 0) + 1
-            key = "x".join(map(str, image.shape))
-            shapes[key] = shapes.get(key, 0) + 1
-    sidecar = dict(classes=classes, groups=[_stable_id(g) for g in groups], skipped=skipped,
-                   formats=formats, source_shapes=shapes, files=len(files) + n_ignored)
-    return cache.to_uint16(np.stack(images)) if images else np.zeros((0, size, size), np.uint16), sidecar
+            formats[fmt] = formats.get(fmt, 0) + 1
+            shapes[shape] = shapes.get(shape, 0) + 1
+    return dict(classes=classes, groups=[_stable_id(g) for g in groups], skipped=skipped,
+                formats=formats, source_shapes=shapes, files=len(files) + n_ignored)
 
 
 def _folder_key(root: Path, size: int, crop: bool, label_depth: int, nifti_axis: str,
@@ -180,20 +244,26 @@ def _folder_key(root: Path, size: int, crop: bool, label_depth: int, nifti_axis:
 
 # ---------------------------------------------------------------- built-in data
 
-def _mni_slices(size: int, n: int | None) -> tuple[np.ndarray, dict[str, Any]]:
-    """Axial slices of the 1 mm MNI152 T1 template (nilearn ships it), anterior up, slabs of 8 slices per group."""
+def _mni_volume() -> np.ndarray:
+    """The 1 mm MNI152 T1 template (nilearn ships it) as (x, y, z) float32 scaled to [0, ~1], RAS."""
     from nilearn.datasets import load_mni152_template  # ~2 s to import: only when builtin:mni-mri is asked for
 
-    vol = np.asarray(load_mni152_template(resolution=1).get_fdata(), np.float32)  # (x, y, z), RAS
-    vol = vol / max(float(np.percentile(vol, 99.9)), 1e-6)
+    vol = np.asarray(load_mni152_template(resolution=1).get_fdata(), np.float32)
+    return vol / max(float(np.percentile(vol, 99.9)), 1e-6)
+
+
+def _mni_slices(size: int, n: int | None, sink: cache.Sink) -> dict[str, Any]:
+    """Axial slices of the MNI template, anterior up, slabs of 8 slices per group. Its slices are 233 x 197 px:
+    at 256 px and above they are upsampled, which the data summary says (`upsampled`)."""
+    vol = _mni_volume()
     levels = [z for z in range(vol.shape[2]) if (vol[:, :, z] > 0.1).mean() > 0.05]
     if n is not None and n < len(levels):
         levels = [levels[int(i)] for i in np.linspace(0, len(levels) - 1, n).round()]
-    images = [to_square(np.clip(np.rot90(vol[:, :, z]), 0, 1), size) for z in levels]
-    sidecar = dict(classes=["mri"] * len(levels), groups=[z // 8 for z in levels], skipped=[],
-                   formats={"nifti": len(levels)}, source_shapes={f"{vol.shape[1]}x{vol.shape[0]}": len(levels)},
-                   files=1)
-    return cache.to_uint16(np.stack(images)), sidecar
+    for z in levels:
+        sink.add([to_square(np.clip(np.rot90(vol[:, :, z]), 0, 1), size)])
+    return dict(classes=["mri"] * len(levels), groups=[z // 8 for z in levels], skipped=[],
+                formats={"nifti": len(levels)}, source_shapes={f"{vol.shape[1]}x{vol.shape[0]}": len(levels)},
+                files=1)
 
 
 def phantom_items(name: str, n: int) -> list[tuple[str, int, bool]]:
@@ -203,39 +273,37 @@ def phantom_items(name: str, n: int) -> list[tuple[str, int, bool]]:
     return [(mods[i % len(mods)], i, bool((i // len(mods)) % 2)) for i in range(n)]
 
 
-def _render_one(item: tuple[str, int, bool, int, int]) -> np.ndarray:
-    modality, index, abnormal, seed, size = item
-    return render(modality, index, seed, size, abnormal)
+def _render_one(item: tuple[str, int, bool, int, int, int]) -> np.ndarray:
+    """One phantom rendered at its render size, then brought to `size`."""
+    modality, index, abnormal, seed, render_size, size = item
+    return to_square(render(modality, index, seed, render_size, abnormal), size)
 
 
-def render_phantoms(name: str, n: int, seed: int, size: int, workers: int | None = None) -> list[np.ndarray]:
-    """The n images of `builtin:<name>` as (size, size) float32 arrays in [0, 1], rendered in parallel."""
-    items = [(m, i, a, seed, size) for m, i, a in phantom_items(name, n)]
-    workers = workers or min(os.cpu_count() or 1, 8)
-    if workers == 1 or n < 64:
-        return [_render_one(it) for it in items]
-    with ProcessPoolExecutor(workers) as pool:
-        return list(pool.map(_render_one, items, chunksize=16))
+def render_phantoms(name: str, n: int, seed: int, size: int, workers: int | None = None,
+                    render_size: int | None = None) -> Any:
+    """Yield the n images of `builtin:<name>` in order as (size, size) float32 arrays in [0, 1], rendered at
+    `render_size` (default `size`) by worker processes a window at a time."""
+    items = [(m, i, a, seed, render_size or size, size) for m, i, a in phantom_items(name, n)]
+    yield from decode_in_order(items, _render_one, workers)
 
 
-def _phantoms(name: str, n: int, seed: int, render_size: int, size: int) -> tuple[np.ndarray, dict[str, Any]]:
-    items = phantom_items(name, n)
-    images = [to_square(im, size) for im in render_phantoms(name, n, seed, render_size)]
-    classes = [f"{m}/{'abnormal' if a else 'normal'}" for m, _i, a in items]
-    sidecar = dict(classes=classes, groups=list(range(n)), skipped=[], formats={"phantom": n},
-                   source_shapes={f"{render_size}x{render_size}": n}, files=0)
-    return cache.to_uint16(np.stack(images)), sidecar
+def _phantoms(name: str, n: int, seed: int, render_size: int, size: int, sink: cache.Sink) -> dict[str, Any]:
+    for image in render_phantoms(name, n, seed, size, render_size=render_size):
+        sink.add([image])
+    classes = [f"{m}/{'abnormal' if a else 'normal'}" for m, _i, a in phantom_items(name, n)]
+    return dict(classes=classes, groups=list(range(n)), skipped=[], formats={"phantom": n},
+                source_shapes={f"{render_size}x{render_size}": n}, files=0)
 
 
-def _medmnist_file(path: Path, part: str, size: int, crop: bool) -> tuple[np.ndarray, dict[str, Any]]:
+def _medmnist_file(path: Path, part: str, size: int, crop: bool, sink: cache.Sink) -> dict[str, Any]:
     """A MedMNIST .npz split → uint16 images + sidecar; labels named from the catalogue (see medmnist.py).
     MedMNIST holds no patient ids, so each image is its own group."""
     images, labels, names = load_npz(path, part)
-    out = [to_square(im.astype(np.float32) / 255.0, size, crop) for im in images]
+    for im in images:
+        sink.add([to_square(im.astype(np.float32) / 255.0, size, crop)])
     shape = "x".join(map(str, images.shape[1:]))
-    sidecar = dict(classes=[names[k] for k in labels], groups=list(range(len(images))), skipped=[],
-                   formats={"medmnist-npz": len(images)}, source_shapes={shape: len(images)}, files=1)
-    return cache.to_uint16(np.stack(out)), sidecar
+    return dict(classes=[names[k] for k in labels], groups=list(range(len(images))), skipped=[],
+                formats={"medmnist-npz": len(images)}, source_shapes={shape: len(images)}, files=1)
 
 
 # ---------------------------------------------------------------- public entry points
@@ -250,47 +318,64 @@ def check_memory(what: str, n: int, need: int) -> None:
 
 def load_data(spec: str, size: int, *, crop: bool = False, label_depth: int = 1,
               cache_dir: str | Path | None = None, nifti_axis: str = "axial",
-              exclude: tuple[str, ...] = (), flag: str = "--data") -> ImageSet:
+              exclude: tuple[str, ...] = (), flag: str = "--data", whole: bool = False) -> ImageSet:
     """Load a data spec at `size` px, using and filling the cache. Zero readable images is a DataError.
-    `exclude`: file names to leave out of a folder (e.g. a sample folder's grid.png); errors name `flag`."""
+    `exclude`: file names to leave out of a folder (e.g. a sample folder's grid.png); errors name `flag`.
+    `whole`: the caller will hold the whole set in memory (`ImageSet.images`: evaluation), so a built-in set too
+    large for the free memory is refused before it is rendered; training reads batches and needs no such check."""
     kind, name, params = parse_spec(spec, flag)
     if kind == "folder":
         root = Path(name).expanduser()
         key = _folder_key(root, size, crop, label_depth, nifti_axis, exclude) if root.is_dir() else ""
-        stored, side = cache.load_or_build(Path(cache_dir) if cache_dir and key else None, key,
-                                           lambda: _read_folder(root, size, crop, label_depth, nifti_axis, exclude, flag))
+        stored, side = cache.load_or_build(Path(cache_dir) if cache_dir and key else None, key, size,
+                                           lambda sink: _read_folder(root, size, crop, label_depth, nifti_axis,
+                                                                     exclude, flag, sink))
     elif kind == "medmnist":
         path, part = Path(name).expanduser(), params.get("split", "train")
         st = path.stat() if path.is_file() else None
         key = cache.cache_key("medmnist", str(path.resolve()), st.st_size, st.st_mtime_ns, part, size,
                               crop) if st else ""
-        stored, side = cache.load_or_build(Path(cache_dir) if cache_dir and key else None, key,
-                                           lambda: _medmnist_file(path, part, size, crop))
+        stored, side = cache.load_or_build(Path(cache_dir) if cache_dir and key else None, key, size,
+                                           lambda sink: _medmnist_file(path, part, size, crop, sink))
     elif name == "mni-mri":
         n = int(params["n"]) if "n" in params else None
-        stored, side = cache.load_or_build(Path(cache_dir) if cache_dir else None, cache.cache_key(spec, size),
-                                           lambda: _mni_slices(size, n))
+        stored, side = cache.load_or_build(Path(cache_dir) if cache_dir else None, cache.cache_key(spec, size), size,
+                                           lambda sink: _mni_slices(size, n, sink))
     else:
         n, seed = int(params.get("n", 400)), int(params.get("seed", 0))
         render_size = int(params.get("size", size))
         if not BUILTIN_PARAMS["size"].allows(render_size):
             raise DataError(f"{flag} {spec!r}: size={render_size} must be {BUILTIN_PARAMS['size'].describe()}")
-        check_memory(f"{flag} {spec!r}", n, n * (render_size**2 * 4 + size**2 * 12))
+        if whole or not cache_dir:  # with a cache and batch reads, the images go to disk as they are rendered
+            check_memory(f"{flag} {spec!r}", n, n * size**2 * (6 if whole else 2))
         stored, side = cache.load_or_build(Path(cache_dir) if cache_dir else None,
-                                           cache.cache_key("phantoms", name, n, seed, render_size, size),
-                                           lambda: _phantoms(name, n, seed, render_size, size))
+                                           cache.cache_key("phantoms", name, n, seed, render_size, size), size,
+                                           lambda sink: _phantoms(name, n, seed, render_size, size, sink))
     if len(stored) == 0:
         reasons = "; ".join(f"{p}: {r}" for p, r in side["skipped"][:3])
         raise DataError(f"{flag} {spec!r}: no readable images found" + (f" (skipped {len(side['skipped'])}: "
                         f"{reasons}{' …' if len(side['skipped']) > 3 else ''})" if side["skipped"] else ""))
     class_names = tuple(sorted(set(side["classes"])))
     labels = torch.tensor([class_names.index(c) for c in side["classes"]], dtype=torch.long)
-    images = torch.from_numpy(cache.from_uint16(np.asarray(stored)))[:, None] * 2 - 1
     counts = {c: int((labels == i).sum()) for i, c in enumerate(class_names)}
-    summary = dict(images=len(images), classes=counts, formats=side["formats"], source_shapes=side["source_shapes"],
-                   size=size, files=int(side.get("files", 0)), skipped=len(side["skipped"]))
-    return ImageSet(images, labels, class_names, np.asarray(side["groups"], np.int64),
+    summary = dict(images=len(stored), classes=counts, formats=side["formats"], source_shapes=side["source_shapes"],
+                   size=size, files=int(side.get("files", 0)), skipped=len(side["skipped"]),
+                   upsampled=upsampled(side["source_shapes"], size))
+    return ImageSet(stored, labels, class_names, np.asarray(side["groups"], np.int64),
                     [tuple(s) for s in side["skipped"]], summary)
+
+
+def upsampled(source_shapes: dict[str, int], size: int) -> int:
+    """How many images were enlarged to reach `size` px (their longer side was shorter): a model trained on them
+    learns the resize's smoothness, not finer detail, which users should know."""
+    count = 0
+    for shape, n in source_shapes.items():
+        try:
+            longest = max(int(v) for v in shape.split("x")[:2])
+        except ValueError:
+            continue
+        count += n if longest < size else 0
+    return count
 
 
 def skipped_listing(data: ImageSet, spec: str) -> str:
@@ -349,11 +434,10 @@ def export_builtin(spec: str, out: str | Path, n: int, size: int, seed: int = 0)
     check_value("--seed", seed, bounds=SEEDS)
     check_value("--size", size, bounds=IMAGE_SIZE if name == "mni-mri" else BUILTIN_PARAMS["size"])
     if name == "mni-mri":  # at most the template's ~190 axial slices, whatever n asks for
-        stored, side = _mni_slices(size, n)
-        images = list(cache.from_uint16(stored))
-        classes = ["mri"] * len(images)
-    else:
-        check_memory(f"--n {n}", n, n * size**2 * 4)
+        sink = cache.Sink(size)
+        classes = _mni_slices(size, n, sink)["classes"]
+        images = cache.from_uint16(sink.array())
+    else:  # rendered and written a window at a time: any n fits in memory
         images = render_phantoms(name, n, seed, size)
         classes = [f"{m}/{'abnormal' if a else 'normal'}" for m, _i, a in phantom_items(name, n)]
     return write_class_folders(out, ((cls, f"{i:06d}", np.round(np.clip(image, 0, 1) * 255).astype(np.uint8))

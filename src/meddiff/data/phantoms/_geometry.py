@@ -11,11 +11,11 @@ from scipy import ndimage
 
 from ...errors import ConfigError
 
-MIN_SIZE, MAX_SIZE = 32, 256
+MIN_SIZE, MAX_SIZE = 32, 512
 
 
 def check_size(size: int) -> None:
-    """Raise ConfigError unless `size` is an int in 32..256."""
+    """Raise ConfigError unless `size` is an int in MIN_SIZE..MAX_SIZE."""
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not MIN_SIZE <= size <= MAX_SIZE:
         raise ConfigError(f"phantom size: got {size!r}; allowed: an integer from {MIN_SIZE} to {MAX_SIZE} pixels")
 

@@ -1,0 +1,60 @@
+"""benchmarks/gpu_check.py --dry-run: the GPU owner's one command runs its whole path on the CPU in seconds."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SEED = next((p / "shared" / "baselines" / "seed_recipe.py" for p in ROOT.parents
+             if (p / "shared" / "baselines" / "seed_recipe.py").exists()), None)
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), *args], capture_output=True,
+                          text=True, env=env, timeout=300, cwd=ROOT)
+
+
+@pytest.mark.skipif(SEED is None, reason="the seed recipe (../shared/baselines/seed_recipe.py) is not beside the repo")
+def test_gpu_check_dry_run_runs_every_part_and_records_it(tmp_path: Path) -> None:
+    out = tmp_path / "gpu_check.json"
+    done = _run("--dry-run", "--results", str(out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    s = doc["summary"]
+    assert s["dry_run"] is True and doc["machine"]["cpu"]
+    assert s["train128"]["seed"]["img_per_s"]["median"] > 0 and s["train128"]["meddiff"]["img_per_s"]["median"] > 0
+    assert s["big"]["train_flops_per_image"] > 0 and s["big"]["achieved_tflops"] > 0
+    assert s["big"]["share_of_peak"] is None  # no GPU, no peak to compare with
+    assert set(s["sample"]["unet_calls"].values()) == {20, 10}
+    q = s["quality"]
+    assert q["steps"] > 0 and q["meddiff"]["n_fake"] == 4 and q["meddiff"]["kid_ci95"]
+    assert any(k.startswith("real vs real") for k in q["reference"])
+    parts = {r["part"] for r in doc["runs"]}
+    assert parts == {"train128", "big", "sample"}
+
+
+def test_gpu_check_without_a_gpu_says_so_in_one_line() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    done = _run("--parts", "train128")
+    assert done.returncode == 2 and "no CUDA GPU here" in done.stdout and not done.stderr
+
+
+def test_the_peak_table_matches_names_and_takes_an_override() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from gpu_check import peak_tflops
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert peak_tflops("NVIDIA H200", None)[0] == 989.0
+    assert peak_tflops("NVIDIA A100-SXM4-80GB", None)[0] == 312.0
+    assert peak_tflops("Some GPU", None) == (None, "unknown GPU: pass --peak-tflops")
+    assert peak_tflops("NVIDIA H200", 500.0) == (500.0, "--peak-tflops")
