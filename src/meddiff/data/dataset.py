@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -186,6 +187,7 @@ def _decode(item: tuple[Path, int, bool, str]) -> tuple[str, Any]:
 
 def _worker_init() -> None:
     torch.set_num_threads(1)  # the workers share the CPUs: one thread each
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: no traceback per worker
 
 
 def decode_in_order(items: list[Any], fn: Any, workers: int | None = None, window: int = DECODE_WINDOW) -> Any:
