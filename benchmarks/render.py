@@ -29,7 +29,11 @@ COMMANDS = {
     "sampling_speed": "python benchmarks/sampling_speed.py",
     "sampler_quality": "python benchmarks/sampler_quality.py --run bench_out/qpc/meddiff_20min",
     "conditional_classes": "python benchmarks/conditional_classes.py",
+    "data_scale": "python benchmarks/data_scale.py",
+    "gpu_check": "python benchmarks/gpu_check.py",
 }
+TRAIN_SPEED_CASES = {"seed128": "training img/s, `seed` UNet @ 128 px, batch 10, same UNet",
+                     "mem128": "peak memory, `seed` UNet at 128 px"}
 
 
 def ci(value: float | None, interval: list[float] | None, digits: int = 3) -> str:
@@ -160,10 +164,52 @@ def render_conditional_classes(doc: dict) -> list[str]:
             f"{mean['finding_given_modality']:.1%} | {s['classifier_accuracy_on_real']['cnn']:.1%} |"]
 
 
+def render_data_scale(doc: dict) -> list[str]:
+    lines = ["| images | PNGs | float32 set | cache (uint16) | cache build, img/s | build peak RSS (workers) | "
+             "training peak RSS |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in doc["runs"]:
+        lines.append(f"| {r['n']:,} at {r['size']} px | {r['png_gib']:.2f} GiB | {r['float32_set_gib']:.1f} GiB | "
+                     f"{r['cache_gib']:.1f} GiB | {r['build_img_per_s']:.0f} | {r['build_peak_rss_mib']:,.0f} MiB "
+                     f"({r['build_workers_peak_rss_mib']:,.0f} MiB) | {r['train_peak_rss_mib']:,.0f} MiB |")
+    s = doc["summary"]
+    return lines + ["", f"Training peak RSS, largest over smallest set: {s['train_rss_growth']:.3f}x "
+                        f"({doc['machine']['cpu']}, {s['cpus']} CPUs)."]
+
+
+def render_gpu_check(doc: dict) -> list[str]:
+    s, gpu = doc["summary"], doc["machine"]["gpu"]
+    lines = [f"{gpu}, meddiff precision {doc['machine']['precision']}.", "",
+             "| part | seed recipe (fp32, its way) | meddiff | ratio [95 % CI] |", "| --- | --- | --- | --- |"]
+    if "train128" in s:
+        t = s["train128"]
+        lines.append(f"| training img/s, `seed` UNet @ {t['seed']['size']} px, batch {t['seed']['batch']} | "
+                     f"{spread(t['seed']['img_per_s'])} | {spread(t['meddiff']['img_per_s'])} | "
+                     f"{ratio_cell(t['ratio'], t.get('verdict'))} |")
+    if "big" in s:
+        b = s["big"]
+        share = f"{b['share_of_peak']:.1%} of {b['peak_bf16_tflops']:g} TFLOP/s bf16" if b["share_of_peak"] else "—"
+        lines.append(f"| training at batch {b['batch']}: img/s; achieved TFLOP/s (share of peak) | — | "
+                     f"{spread(b['img_per_s'])}; {b['achieved_tflops']:.1f} ({share}) | — |")
+    if "sample" in s:
+        x = s["sample"]
+        (seed_name, seed_ips), (med_name, med_ips) = list(x["img_per_s"].items())
+        lines.append(f"| sampling img/s, batch {x['batch']}: {seed_name} vs {med_name} | {spread(seed_ips)} | "
+                     f"{spread(med_ips)} | {ratio_cell(x['ratio'], x.get('verdict'))} (calls {x['most_from_calls']:.1f}x) |")
+    if "quality" in s:
+        q = s["quality"]
+        m, ref = q["meddiff"], next(v for k, v in q["reference"].items() if k.startswith("real vs real"))
+        lines.append(f"| quality after {q['minutes']:g} GPU-min at {q['size']} px ({q['steps']} steps): KID; SSIM to "
+                     f"nearest held-out; copies | — | {ci(m['kid'], m['kid_ci95'])}; {ci(m['ssim'], m['ssim_ci95'])}; "
+                     f"{m['copies_share']:.0%} | real vs real: {ci(ref['kid'], ref['kid_ci95'])}; "
+                     f"{ci(ref['ssim'], ref['ssim_ci95'])} |")
+    return lines
+
+
 RENDERERS: dict[str, Callable[[dict], list[str]]] = {
     "quality_per_compute": render_quality_per_compute, "train_speed": render_train_speed,
     "sampling_speed": render_sampling_speed, "sampler_quality": render_sampler_quality,
-    "conditional_classes": render_conditional_classes,
+    "conditional_classes": render_conditional_classes, "data_scale": render_data_scale,
+    "gpu_check": render_gpu_check,
 }
 
 
@@ -223,6 +269,8 @@ def readme_rows(results: Path) -> list[str]:
                 rows.append(f"| training img/s, `{c['meddiff']['preset']}` vs seed `{c['seed']['arch']}` @ "
                             f"{c['meddiff']['size']} px ({c['meddiff']['hardware']}) | 1.0x | "
                             f"{ratio_cell(c['ratio'], c.get('verdict'))} | `{t['command']}` |")
+        rows += [_not_rerun(what, "train_speed") for case, what in TRAIN_SPEED_CASES.items()
+                 if case not in t["summary"]["cases"]]
     else:
         rows.append(_not_rerun("training img/s and peak memory, same UNet", "train_speed"))
     sp = load("sampling_speed", results)
@@ -242,6 +290,21 @@ def readme_rows(results: Path) -> list[str]:
     else:
         rows.append(_not_rerun("8 classes, one model: samples judged the requested class", "conditional_classes",
                                seed="cannot condition"))
+    d = load("data_scale", results)
+    if d:
+        r0, r1 = d["runs"][0], d["runs"][-1]
+        rows.append(f"| data larger than memory: training peak RSS at {r0['n']:,} and {r1['n']:,} images of "
+                    f"{r1['size']} px ({r1['float32_set_gib']:.0f} GiB as float32) | holds the set in memory | "
+                    f"{r0['train_peak_rss_mib']:,.0f} and {r1['train_peak_rss_mib']:,.0f} MiB; cache built at "
+                    f"{r1['build_img_per_s']:.0f} img/s | `{d['command']}` |")
+    else:
+        rows.append(_not_rerun("data larger than memory: training peak RSS against the set's size", "data_scale"))
+    g = load("gpu_check", results)
+    if g:
+        rows.append(f"| one GPU ({g['machine']['gpu']}): see docs/benchmarks.md | — | — | `{g['command']}` |")
+    else:
+        rows.append("| one GPU: training, large-batch share of the bf16 peak, sampling, 2-minute quality at 256 px | "
+                    f"— | — | no GPU lent yet — run `{COMMANDS['gpu_check']}` on one |")
     return rows
 
 
