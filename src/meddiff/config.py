@@ -244,11 +244,11 @@ RECIPES: dict[str, dict[str, Any]] = {
                  objective="eps", loss_weighting="none", beta_schedule="linear", flip=False, weight_decay=0.01,
                  grad_clip=0.0, timestep_spacing="leading"),
     "small": dict(size=64),
-    "lean": dict(size=64, batch_size=8),  # more, smaller steps learn faster per CPU-second (docs/benchmarks.md)
+    "lean": dict(size=64, batch_size=8),  # more, smaller steps learn faster per CPU-second (docs/history.md)
     "tiny": dict(size=32, batch_size=8),
 }
 DEFAULT_PRESET = "lean"
-SHIFT_BASE = 64  # px: the resolution meddiff's noise schedule was tuned at (docs/benchmarks.md)
+SHIFT_BASE = 64  # px: the resolution meddiff's noise schedule was tuned at (docs/history.md)
 PATCH_GRID = 32  # px: the grid the patched presets' widest convolutions run on, whatever the image size
 PRESETS: tuple[str, ...] = tuple(ARCHITECTURES)
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
@@ -287,7 +287,7 @@ class TrainConfig(Checked):
     ema_decay: float | None = option(None, "decay of the weights' exponential moving average (0 turns it off)",
                                      bounds=SHARE, recipe=0.999)
     # plain v-MSE (= eps-MSE + x_0-MSE), not min-SNR-5: on 121 MRI slices it copied no training slice in 20
-    # minutes where min-SNR-5 copied 83 %, with a lower validation loss (docs/benchmarks.md, objectives)
+    # minutes where min-SNR-5 copied 83 %, with a lower validation loss (docs/history.md, objectives)
     objective: str | None = option(None, "what the UNet predicts: eps (the noise) or v (the velocity)",
                                    choices=("eps", "v"), recipe="v")
     loss_weighting: str | None = option(None, "none: the objective's plain MSE; min-snr: min-SNR-gamma "
@@ -322,7 +322,7 @@ class TrainConfig(Checked):
     keep_checkpoints: int = option(2, "checkpoints kept", bounds=KEEP, cli=False)
     grad_checkpointing: bool = option(False, "recompute activations in the backward pass: less memory, slower")
     channels_last: bool = option(False, "UNet in channels-last memory format; on AMX CPUs under bf16 it trains "
-                                 "the `seed` UNet at 128 px 1.26x faster, at 64 px it is slower (docs/benchmarks.md)")
+                                 "the `seed` UNet at 128 px 1.26x faster, at 64 px it is slower (docs/history.md)")
     compile: bool = option(False, "torch.compile the UNet")
     precision: str = option("auto", "auto: bf16 where the hardware runs it fast, else fp32", choices=PRECISIONS)
     device: str = option("auto", "auto, cpu, cuda or cuda:N", choices=DEVICES, pattern=CUDA_N)

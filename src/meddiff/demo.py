@@ -29,7 +29,7 @@ MIN_TRAIN_MINUTES = 0.5
 # A fixed amount of work, so that the picture does not depend on the machine's speed or load (issue 19: a busy
 # 2-core machine trained 268 steps in the time budget instead of ~2,700 and showed blobs, 48 % class consistency).
 # 3,000 steps of 8 images: the Zen 5 demo reached 75 % class consistency (real 85 %) after 2,744, and the
-# conditional benchmark 91.7 % after 5,261 (docs/benchmarks.md). About 8 min of training on a 2-core Zen 5 (bf16),
+# conditional benchmark 91.7 % after 5,261 (docs/history.md). About 8 min of training on a 2-core Zen 5 (bf16),
 # about 45 on an older 2-core AVX2 CPU (9.4 img/s); DEMO_MINUTES is only a safety stop above that.
 DEMO_STEPS = 3000
 DEMO_MINUTES = 60.0

@@ -44,7 +44,7 @@ class SelfAttention:
     """The UNet's spatial self-attention (diffusers' Attention block: group norm, q/k/v projections, residual)
     with one change from diffusers' default processor: on the CPU, scaled-dot-product attention runs in fp32
     even under bf16 autocast. With these blocks' 8-channel heads, PyTorch's CPU flash-attention kernel is 3-9x
-    slower in bf16 than in fp32 (docs/benchmarks.md, measured on Sapphire Rapids), while the projections
+    slower in bf16 than in fp32 (docs/history.md, measured on Sapphire Rapids), while the projections
     around it still run in bf16. Outputs in fp32 and on CUDA are those of diffusers' AttnProcessor2_0."""
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
