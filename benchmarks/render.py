@@ -70,15 +70,27 @@ def compare(mine: dict, other: dict, key: str, lower_is_better: bool) -> str:
     return f"**{cell}**" if better else cell
 
 
+def reproduce(doc: dict[str, Any]) -> str:
+    """The command that makes the file from a clean checkout: a --score-only rescoring names the full command."""
+    return doc["command"].replace(" --score-only", "")
+
+
 def command_line(doc: dict[str, Any], figure: str) -> str:
     m = doc["machine"]
     dirty = " (uncommitted changes)" if m.get("dirty") else ""
-    return (f"*Reproduce: `{doc['command']}` — {m['cpu']}, {m.get('gpu') or 'no GPU'}, {m['torch_threads']} "
+    rescored = (" (this file: the runs that command trained, rescored with `--score-only` at the commit below)"
+                if "--score-only" in doc["command"] else "")
+    return (f"*Reproduce: `{reproduce(doc)}`{rescored} — {m['cpu']}, {m.get('gpu') or 'no GPU'}, {m['torch_threads']} "
             f"thread(s), precision {m['precision']}, commit {str(m.get('commit'))[:10]}{dirty}, {m['started']}; "
             f"raw results: `benchmarks/results/{figure}.json`.*")
 
 
 # ---------------------------------------------------------------- one renderer per figure
+
+def _num(value: float | None, fmt: str) -> str:
+    """A number, or — where the results file has none (e.g. the seed's training figures after --score-only)."""
+    return "—" if value is None else format(value, fmt)
+
 
 def render_quality_per_compute(doc: dict) -> list[str]:
     s = doc["summary"]
@@ -94,7 +106,8 @@ def render_quality_per_compute(doc: dict) -> list[str]:
             [ci(r[k], r.get(k + "_ci95")) for k in ("kid", "fid", "ssim", "val_eps_mse")]
         steps = f" ({r['steps']:,} steps)" if r.get("steps") else ""
         lines.append(f"| {'seed recipe' if r['who'] == 'seed' else 'meddiff default'} | {r['minutes']:g} min{steps} | "
-                     f"{r['train_img_per_s']:.3g} | {r['peak_rss_mib']:,.0f} | " + " | ".join(cells)
+                     f"{_num(r.get('train_img_per_s'), '.3g')} | {_num(r.get('peak_rss_mib'), ',.0f')} | "
+                     + " | ".join(cells)
                      + f" | {r['copies_share']:.0%} |")
     for name, r in s["reference"].items():
         lines.append(f"| {name} | — | — | — | {ci(r['kid'], r['kid_ci95'])} | {ci(r['fid'], r['fid_ci95'])} | "
@@ -248,12 +261,12 @@ def readme_rows(results: Path) -> list[str]:
                              f" after {m:g} min" for m in s["budgets"])
             med = "; ".join(f"{compare(s['rows'][f'meddiff_{m:g}min'], s['rows'][f'seed_{m:g}min'], key, low)} after "
                             f"{m:g} min" for m in s["budgets"])
-            rows.append(f"| {what} | {seed} | {med} | `{q['command']}` |")
+            rows.append(f"| {what} | {seed} | {med} | `{reproduce(q)}` |")
         last = s["budgets"][-1]
         rows.append(f"| same: samples that copy a training slice | "
                     f"{s['rows'][f'seed_{last:g}min']['copies_share']:.0%} | "
                     + ", ".join(f"{s['rows'][f'meddiff_{m:g}min']['copies_share']:.0%} after {m:g} min"
-                                for m in s["budgets"]) + f" | `{q['command']}` |")
+                                for m in s["budgets"]) + f" | `{reproduce(q)}` |")
     else:
         rows.append(_not_rerun("brain MRI quality per compute (KID, SSIM, held-out loss, copies)",
                                "quality_per_compute"))
