@@ -215,3 +215,13 @@ def test_evaluation_sets_too_large_for_memory_are_refused_before_rendering(tmp_p
     monkeypatch.setattr(dataset, "render_phantoms", lambda *a, **k: pytest.fail("rendered"))
     with pytest.raises(DataError, match=r"--real 'builtin:ct\?n=100000': 100000 images need about"):
         load_images("builtin:ct?n=100000", "--real", 64, 1, tmp_path / "cache")
+
+
+@pytest.mark.parametrize("sidecar", ['{"classes": 3}', '[1, 2]', '{"classes": ["a"], "groups": [1]}', '\xff'])
+def test_a_cache_sidecar_that_does_not_fit_is_rebuilt(tmp_path: Path, png_writer, sidecar: str) -> None:
+    png_writer(tmp_path / "data", 3)
+    first = load_data(str(tmp_path / "data"), 16, cache_dir=tmp_path / "cache")
+    (meta,) = (tmp_path / "cache").glob("*.json")
+    meta.write_bytes(sidecar.encode("latin1"))
+    again = load_data(str(tmp_path / "data"), 16, cache_dir=tmp_path / "cache")
+    assert len(again) == 3 and torch.equal(again.images, first.images) and again.class_names == first.class_names

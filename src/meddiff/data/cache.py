@@ -153,6 +153,14 @@ class StoredImages:
             pass
 
 
+def _sidecar_fits(sidecar: Any, n: int) -> bool:
+    """A sidecar as the builders write it, for n images (anything else is rebuilt, never trusted)."""
+    return (isinstance(sidecar, dict) and all(isinstance(sidecar.get(k), list) and len(sidecar[k]) == n
+                                              for k in ("classes", "groups"))
+            and isinstance(sidecar.get("skipped"), list) and isinstance(sidecar.get("formats"), dict)
+            and isinstance(sidecar.get("source_shapes"), dict))
+
+
 def load_or_build(cache_dir: Path | None, key: str, size: int,
                   build: Callable[[Sink], dict[str, Any]]) -> tuple[StoredImages, dict[str, Any]]:
     """Return (images, sidecar dict) from the cache, or build, store and return them. `build(sink)` adds the images
@@ -166,9 +174,9 @@ def load_or_build(cache_dir: Path | None, key: str, size: int,
     if arr_path.exists() and meta_path.exists():
         try:
             stored, sidecar = StoredImages.open(arr_path), json.loads(meta_path.read_text())
-            if stored.size == size and isinstance(sidecar, dict) and len(sidecar.get("classes", ())) == len(stored):
+            if stored.size == size and _sidecar_fits(sidecar, len(stored)):
                 return stored, sidecar
-        except (OSError, ValueError):
+        except (OSError, ValueError, UnicodeDecodeError):
             pass  # a damaged entry is rebuilt below
     built: list[dict[str, Any]] = []
 
