@@ -225,3 +225,31 @@ def test_a_cache_sidecar_that_does_not_fit_is_rebuilt(tmp_path: Path, png_writer
     meta.write_bytes(sidecar.encode("latin1"))
     again = load_data(str(tmp_path / "data"), 16, cache_dir=tmp_path / "cache")
     assert len(again) == 3 and torch.equal(again.images, first.images) and again.class_names == first.class_names
+
+
+def test_conditioning_every_sampler_deepcache_and_every_format_work_at_256_px(tmp_path: Path) -> None:
+    from meddiff.config import FORMATS, SampleConfig
+    from meddiff.sample import generate, load_run, sample_to_folder
+    from meddiff.train import train
+
+    g = torch.Generator().manual_seed(0)
+    data = ImageSet(torch.rand(4, 1, 256, 256, generator=g) * 2 - 1, torch.tensor([0, 1, 0, 1]), ("a", "b"),
+                    np.arange(4))
+    run = tmp_path / "run"
+    cfg = TrainConfig(data="mem", out=str(run), size=256, max_steps=1, batch_size=2, micro_batch=1,
+                      grad_checkpointing=True, progress=False, precision="fp32", val_fraction=0.0).resolve()
+    train(cfg, data=data, echo=lambda _m: None)
+    loaded = load_run(run)
+    assert loaded.model.patch_size == 8 and loaded.conditional
+    for sampler in SAMPLERS:
+        out = generate(loaded, [3], label=1, sampler=sampler, steps=2, guidance=2.0,
+                       cache_interval=2 if sampler != "heun" else 1)
+        assert out.shape == (1, 256, 256) and np.isfinite(out).all(), sampler
+    for fmt in FORMATS:
+        folder = tmp_path / fmt
+        sample_to_folder(SampleConfig(run=str(run), out=str(folder), n=1, steps=2, class_name="b", fmt=fmt,
+                                      guidance=2.0, progress=False), echo=lambda _m: None)
+        written = [f for f in folder.rglob("*") if f.is_file() and f.name not in ("manifest.csv", "grid.png")]
+        assert written, fmt
+        if fmt.startswith("png"):
+            assert Image.open(written[0]).size == (256, 256)
