@@ -356,7 +356,8 @@ def _train(cfg: TrainConfig, data: ImageSet | None, resume: bool, echo: Callable
                            processes=dist.world, meddiff_version=__version__)
         runfolder.write_record(run, record)
     if data.summary.get("upsampled") and dist.main:
-        shapes = ", ".join(sorted(data.summary.get("source_shapes", {})))
+        shapes = sorted(data.summary.get("source_shapes", {}))
+        shapes = ", ".join(shapes[:5]) + (f" and {len(shapes) - 5} more" if len(shapes) > 5 else "")
         echo(f"note: {data.summary['upsampled']} of {len(data)} images are smaller than {cfg.size} px (source sizes "
              f"{shapes}) and were upsampled: finer detail than the sources hold cannot be learnt")
     if data.skipped and dist.main:
