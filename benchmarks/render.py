@@ -26,7 +26,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 COMMANDS = {
     "quality_per_compute": "python benchmarks/quality_per_compute.py --minutes 2,4,20",
     "train_speed": "python benchmarks/train_speed.py",
-    "sampling_speed": "python benchmarks/sampling_speed.py",
+    "sampling_speed": "python benchmarks/sampling_speed.py --unet bench_out/qpc/seed/unet",
     "sampler_quality": "python benchmarks/sampler_quality.py --run bench_out/qpc/meddiff_20min",
     "conditional_classes": "python benchmarks/conditional_classes.py",
     "data_scale": "python benchmarks/data_scale.py",
