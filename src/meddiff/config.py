@@ -361,7 +361,7 @@ class SampleConfig(Checked):
                     flags=("--n", "--count"), bounds=IMAGES, web=Bounds(1, 64, whole=True))
     steps: int | None = option(None, "sampler steps (default 10; 20 for seed-preset runs)", bounds=STEPS,
                                web=Bounds(1, 200, whole=True))
-    sampler: str | None = option(None, "default unipc (at 10 steps it beats DDIM at 20, docs/benchmarks.md); "
+    sampler: str | None = option(None, "default unipc (at 10 steps as good as DDIM at 20 or better, docs/benchmarks.md); "
                                  "ddim for seed-preset runs", choices=SAMPLERS)
     seed: int = option(0, "seed of the first image; image i has seed + i", bounds=SEEDS,
                        web=Bounds(0, 2**32 - 1, whole=True))
