@@ -181,3 +181,13 @@ def stopwatch(fn: Callable[[], Any]) -> Callable[[], float]:
         fn()
         return time.perf_counter() - t0
     return timed
+
+
+def last_json(argv: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run a process (a fresh one, so its peak RSS is its own) and return the last JSON object line it printed;
+    SystemExit with its stderr's tail when it fails."""
+    out = subprocess.run(argv, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    if out.returncode:
+        raise SystemExit(f"{' '.join(argv)} failed:\n{out.stderr[-3000:]}")
+    return json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])

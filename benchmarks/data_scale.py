@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -66,14 +65,6 @@ def make_folder(folder: Path, n: int, size: int, distinct: int) -> float:
     return time.perf_counter() - t0
 
 
-def child(code: str, *args: str, threads: int) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
-    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env)
-    if out.returncode:
-        raise SystemExit(f"child failed:\n{out.stderr[-3000:]}")
-    return json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--counts", default="2000,20000,100000")
@@ -95,8 +86,10 @@ def main() -> None:
         folder, cache, run = work / "images", work / "cache", work / "run"
         make_s = make_folder(folder, n, a.size, a.distinct)
         png_bytes = sum(f.stat().st_size for f in folder.rglob("*.png"))
-        build = child(CHILD_BUILD, str(folder), str(a.size), str(cache), threads=1)
-        train = child(CHILD_TRAIN, str(folder), str(a.size), str(cache), str(run), str(a.steps), threads=1)
+        one = {"OMP_NUM_THREADS": "1"}
+        build = R.last_json([sys.executable, "-c", CHILD_BUILD, str(folder), str(a.size), str(cache)], one)
+        train = R.last_json([sys.executable, "-c", CHILD_TRAIN, str(folder), str(a.size), str(cache), str(run),
+                             str(a.steps)], one)
         row = dict(n=n, size=a.size, png_gib=png_bytes / 2**30, make_seconds=make_s,
                    cache_gib=sum(f.stat().st_size for f in cache.glob("*.npy")) / 2**30,
                    float32_set_gib=n * a.size**2 * 4 / 2**30,

@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import subprocess
 import sys
 from typing import Callable
 
@@ -106,22 +104,15 @@ def throughput_case(case: str, steps: int, repeats: int, precision: str) -> tupl
     return runs, summary
 
 
-def _last_json(argv: list[str]) -> dict:
-    out = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    if out.returncode:
-        raise SystemExit(f"{' '.join(argv)} failed:\n{out.stderr[-3000:]}")
-    return json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
-
-
 def memory_case(mem_batch: int, repeats: int, precision: str, size: int = 128) -> tuple[list[dict], dict]:
     """Peak RSS, each side in fresh processes, alternating: seed recipe batch 10 vs meddiff micro-batch 4."""
     from _results import SEED_SCRIPT
 
     runs = []
     for r in range(repeats):
-        seed = _last_json([sys.executable, str(SEED_SCRIPT), "speed", "--arch", "seed", "--size", str(size),
+        seed = R.last_json([sys.executable, str(SEED_SCRIPT), "speed", "--arch", "seed", "--size", str(size),
                            "--batch", "10", "--steps", "1"])
-        med = _last_json([sys.executable, __file__, "--inner-mem", json.dumps([size, mem_batch, precision])])
+        med = R.last_json([sys.executable, __file__, "--inner-mem", json.dumps([size, mem_batch, precision])])
         runs += [dict(case="mem128", size=size, setting="seed", round=r, warmup=False, peak_rss_mib=seed["peak_rss_mib"]),
                  dict(case="mem128", size=size, setting="meddiff", round=r, warmup=False, peak_rss_mib=med["peak_rss_mib"],
                       hardware=med["hardware"])]
