@@ -21,6 +21,7 @@ _API: dict[str, str] = {
     "TrainConfig": ".config", "SampleConfig": ".config", "ModelConfig": ".config",
     "load_data": ".data.dataset", "ImageSet": ".data.dataset",
     "train": ".train", "TrainResult": ".runfolder",
+    "AutoencoderConfig": ".config", "train_autoencoder": ".train_autoencoder",
     "load_run": ".sample", "generate": ".sample", "sample_to_folder": ".sample", "LoadedRun": ".sample",
     "EvalConfig": ".evaluate", "evaluate": ".evaluate", "Evaluation": ".evaluate",
     "write_report": ".report",
@@ -43,7 +44,7 @@ def __dir__() -> list[str]:
 
 
 class _Package(types.ModuleType):
-    """`meddiff.train` and `meddiff.evaluate` are the functions: importing the module of the same name (which
+    """`meddiff.train`, `meddiff.train_autoencoder` and `meddiff.evaluate` are the functions: importing the module of the same name (which
     binds it on its package) does not hide them. Their modules: `from meddiff.train import …`."""
 
     def __setattr__(self, name: str, value: Any) -> None:

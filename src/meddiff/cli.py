@@ -18,7 +18,8 @@ from typing import Any, Callable, NoReturn
 
 from .atomic import check_out_dir, check_out_file, no_space, write_json
 from .config import (COMPUTE_BUDGET, DEFAULT_PRESET, DEPTH, HELDOUT_SPLITS, IMAGE_SIZE, IMAGES, JOBS_KEPT, RECIPES,
-                     RESAMPLES, RESUME_FIELDS, SEEDS, Bounds, Option, SampleConfig, TrainConfig, field_type, flag, options, show)
+                     RESAMPLES, RESUME_FIELDS, SEEDS, AutoencoderConfig, Bounds, Option, SampleConfig, TrainConfig,
+                     field_type, flag, options, show)
 from .data.medmnist import CATALOGUE, SIZES, ZENODO, fetch, to_class_folders
 from .demo import DemoConfig
 from .errors import ConfigError, MeddiffError
@@ -190,6 +191,7 @@ def _parser() -> argparse.ArgumentParser:
                  "sample, evaluate.", epilog=MAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(sub)
+    _add_train_autoencoder(sub)
     _add_sample(sub)
     ev = _command(sub, "evaluate", help="quality, diversity, utility and privacy of generated images",
                   epilog=EVAL_EXAMPLES)
@@ -275,6 +277,15 @@ def _add_train(sub: Any) -> None:
     _add_threads(tr)
 
 
+def _add_train_autoencoder(sub: Any) -> None:
+    ta = _command(sub, "train-autoencoder", help="train the autoencoder of the latent path on your images",
+                  epilog="examples:\n  meddiff train-autoencoder --data 'builtin:mni-mri' --size 256 --max-minutes 10 "
+                  "--out runs/ae256\n  meddiff train --autoencoder runs/ae256 --data 'builtin:mni-mri' --max-minutes 30 "
+                  "--out runs/latent256\n")
+    _add_options(ta, AutoencoderConfig, shown={"cache_dir": default_cache_dir()})
+    _add_threads(ta)
+
+
 def _add_sample(sub: Any) -> None:
     sa = _command(sub, "sample", help="generate images from a trained run", epilog=SAMPLE_EXAMPLES)
     _add_options(sa, SampleConfig)
@@ -321,6 +332,17 @@ def cmd_train(a: argparse.Namespace) -> int:
     if result.stopped == "interrupted":
         print(f"interrupted at step {result.steps}; a checkpoint is saved. Continue with: "
               f"meddiff train --resume {result.run}")
+    return 0
+
+
+def cmd_train_autoencoder(a: argparse.Namespace) -> int:
+    from .train_autoencoder import train_autoencoder
+
+    given = _given(a, AutoencoderConfig)
+    result = train_autoencoder(AutoencoderConfig(**{**given, "cache_dir": a.cache_dir or default_cache_dir()}))
+    print(json.dumps(result.to_json()))
+    print(f"autoencoder written to {result.folder}; train a latent diffusion model with: meddiff train "
+          f"--autoencoder {result.folder} --data …")
     return 0
 
 
@@ -506,7 +528,7 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "train": cmd_train, "sample": cmd_sample, "evaluate": cmd_evaluate, "audit": cmd_audit, "info": cmd_info,
+    "train": cmd_train, "train-autoencoder": cmd_train_autoencoder, "sample": cmd_sample, "evaluate": cmd_evaluate, "audit": cmd_audit, "info": cmd_info,
     "data": cmd_data, "demo": cmd_demo, "export-diffusers": cmd_export_diffusers, "serve": cmd_serve}
 
 

@@ -214,6 +214,17 @@ class ModelConfig:
     attention_head_dim: int | None = 8
     num_classes: int = 0
     patch_size: int = 1          # >1: the UNet sees (p*p, S/p, S/p) space-to-depth patches (Hoogeboom et al. 2023)
+    in_channels: int = 1         # channels the UNet denoises: 1 (pixels) or an autoencoder's latent channels
+    latent_factor: int = 1       # >1: a latent model; sample_size is the latent grid, images are this many times larger
+
+    @property
+    def image_size(self) -> int:
+        """The size in px of the images the model makes (its latent grid times the autoencoder's factor)."""
+        return self.sample_size * self.latent_factor
+
+    @property
+    def latent(self) -> bool:
+        return self.latent_factor > 1
 
 
 def _unet(channels: tuple[int, ...], attention_at: int, layers: int, **extra: Any) -> dict[str, Any]:
@@ -329,6 +340,8 @@ class TrainConfig(Checked):
     seed: int = option(0, "seed of every random draw (data order, split, noise, flips)", bounds=SEEDS)
     crop: bool = option(False, "centre-crop to square instead of padding")
     cache_dir: str | None = option(None, "preprocessed-image cache")
+    autoencoder: str | None = option(None, "an autoencoder folder (meddiff train-autoencoder): train the diffusion "
+                                     "model in its latent space; the run keeps its own copy")
     progress: bool = option(True, "no progress bar")
 
     def resolve(self) -> "TrainConfig":
@@ -339,6 +352,8 @@ class TrainConfig(Checked):
         cfg = dataclasses.replace(self, **filled)
         if cfg.micro_batch and cfg.micro_batch > cfg.batch_size:
             raise ConfigError(f"--micro-batch {cfg.micro_batch}: must not exceed --batch-size {cfg.batch_size}")
+        if cfg.autoencoder is not None:  # the latent grid, and with it the shift and the UNet, follow the autoencoder
+            return cfg
         if cfg.noise_shift is None:
             cfg = dataclasses.replace(cfg, noise_shift=noise_shift_for(cfg.preset, cfg.size))
         model_config(cfg.preset, cfg.size, patch=cfg.patch)  # the UNet takes this size: known now, before any work
@@ -346,6 +361,52 @@ class TrainConfig(Checked):
 
 
 STOP_RULES: tuple[str, ...] = tuple(f.name for f, opt in options(TrainConfig) if opt.group == "stop")
+LATENT_FACTORS = (2, 4, 8, 16)
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig(Checked):
+    """Everything `meddiff train-autoencoder` needs: a KL autoencoder (grayscale in and out) that a latent
+    diffusion run (`meddiff train --autoencoder`) then trains in. Checked on construction."""
+
+    data: str = option(help="a folder of images or builtin:…, as for meddiff train")
+    out: str = option(help="the autoencoder folder to create")
+    size: int = option(128, "image size in px", bounds=Bounds(16, 1024, whole=True, step=16))
+    factor: int = option(4, "how many times smaller the latent grid is than the image: 2, 4, 8 or 16",
+                         bounds=Bounds(2, 16, whole=True))
+    latent_channels: int = option(4, "channels of the latent grid", bounds=Bounds(1, 16, whole=True))
+    width: int = option(32, "channels at full resolution (doubled at the next level, then 4x from there on)",
+                        bounds=Bounds(8, 256, whole=True, step=8))
+    patch_px: int = option(64, "train on random square crops of this many px (the network is convolutional); 0: "
+                           "whole images", bounds=Bounds(0, 1024, whole=True, step=16))
+    batch_size: int = option(8, "images (crops) per step", bounds=BATCH)
+    max_steps: int | None = option(None, "stop after this many steps (default 2000 unless --max-minutes)",
+                                   bounds=STEP_COUNT, group="stop")
+    max_minutes: float | None = option(None, "stop after this many minutes of training", bounds=MINUTES,
+                                       group="stop")
+    lr: float = option(5e-4, "peak learning rate of AdamW (5 % warm-up, then cosine decay to 10 %)",
+                       bounds=LEARNING_RATE)
+    kl_weight: float = option(1e-6, "weight of the KL term against the L1 reconstruction loss",
+                              bounds=Bounds(0, 1))
+    val_fraction: float = option(0.1, "share of the images held out (by group) to report reconstruction PSNR and "
+                                 "SSIM on", bounds=Bounds(0, 0.5, lo_open=True, hi_open=True))
+    precision: str = option("auto", "auto: bf16 where the hardware runs it fast, else fp32", choices=PRECISIONS)
+    device: str = option("auto", "auto, cpu, cuda or cuda:N", choices=DEVICES, pattern=CUDA_N)
+    seed: int = option(0, "seed of every random draw (split, order, crops, initialisation)", bounds=SEEDS)
+    crop: bool = option(False, "centre-crop to square instead of padding")
+    label_depth: int = option(1, "folder levels naming a class (kept only for the split)", bounds=DEPTH)
+    cache_dir: str | None = option(None, "preprocessed-image cache")
+    progress: bool = option(True, "no progress bar")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.factor not in LATENT_FACTORS:
+            raise ConfigError(f"--factor {self.factor}: choose from {', '.join(map(str, LATENT_FACTORS))}")
+        if self.size % self.factor:
+            raise ConfigError(f"--size {self.size}: must be a multiple of --factor {self.factor}")
+        if self.patch_px and (self.patch_px > self.size or self.patch_px % self.factor):
+            raise ConfigError(f"--patch-px {self.patch_px}: must be 0 or a multiple of --factor {self.factor} no "
+                              f"larger than --size {self.size}")
 RESUME_FIELDS: tuple[str, ...] = (*STOP_RULES, "patience")  # what `train --resume` may change: when to stop
 
 
@@ -414,8 +475,10 @@ def noise_shift_for(preset: str, size: int) -> float:
     return 0.0 if preset == "seed" or size <= SHIFT_BASE else 2.0 * math.log(SHIFT_BASE / size)
 
 
-def model_config(preset: str, size: int, num_classes: int = 0, patch: int | None = None) -> ModelConfig:
-    """The UNet of a preset at an image size; `patch` overrides the preset's rule (`patch_for`)."""
+def model_config(preset: str, size: int, num_classes: int = 0, patch: int | None = None, channels: int = 1,
+                 latent_factor: int = 1) -> ModelConfig:
+    """The UNet of a preset at an image size (or, for a latent model, the latent grid's size, `channels` deep,
+    `latent_factor` times smaller than the images); `patch` overrides the preset's rule (`patch_for`)."""
     check_value("--preset", preset, choices=PRESETS)
     arch = dict(ARCHITECTURES[preset], patch_size=patch or patch_for(preset, size))
     factor = 2 ** (len(arch["block_out_channels"]) - 1) * arch["patch_size"]
@@ -424,7 +487,8 @@ def model_config(preset: str, size: int, num_classes: int = 0, patch: int | None
         patched = f" (patch {p} x {factor // p} in the UNet)" if p > 1 else ""
         raise ConfigError(f"--size {size}: preset {preset!r} reduces the image by {factor}{patched}, "
                           f"so the size must be a multiple of {factor}")
-    return ModelConfig(sample_size=size, num_classes=num_classes, **arch)
+    return ModelConfig(sample_size=size, num_classes=num_classes, in_channels=channels, latent_factor=latent_factor,
+                       **arch)
 
 
 def to_json(obj: Any) -> dict[str, Any]:
@@ -441,4 +505,4 @@ def from_json(cls: type, data: dict[str, Any]) -> Any:
 
 __all__ = ["ModelConfig", "TrainConfig", "SampleConfig", "Option", "Bounds", "ARCHITECTURES", "RECIPES", "SAMPLERS",
            "FORMATS", "DEFAULT_PRESET", "STOP_RULES", "RESUME_FIELDS", "model_config", "option", "options",
-           "to_json", "from_json"]
+           "to_json", "from_json", "AutoencoderConfig", "LATENT_FACTORS"]

@@ -20,7 +20,8 @@ def unet_config(cfg: ModelConfig) -> dict[str, Any]:
     unet/config.json must hold. With classes, an embedding of `num_classes + 1` rows: the last is the null class
     that classifier-free guidance trains with dropped labels and samples as the unconditional branch."""
     p = cfg.patch_size
-    return dict(sample_size=cfg.sample_size // p, in_channels=p * p, out_channels=p * p,
+    c = cfg.in_channels * p * p
+    return dict(sample_size=cfg.sample_size // p, in_channels=c, out_channels=c,
                 layers_per_block=cfg.layers_per_block, block_out_channels=tuple(cfg.block_out_channels),
                 down_block_types=tuple(cfg.down_block_types), up_block_types=tuple(cfg.up_block_types),
                 norm_num_groups=cfg.norm_num_groups, attention_head_dim=cfg.attention_head_dim,

@@ -74,8 +74,15 @@ def describe_source(spec: str) -> str:
 def _model_section(record: RunRecord, run: Path) -> str:
     m = record.model
     n_params = parameters_in_file(runfolder.weights_file(run, "ema"))
-    rows = [("preset", record.train.preset), ("backbone", "diffusers UNet2DModel, 1 channel"),
-            ("image size", f"{m.sample_size} x {m.sample_size} px"),
+    ae = record.autoencoder
+    recon = ae.get("heldout_reconstruction") or {}
+    latent = (f"diffusion in the {m.in_channels} x {m.sample_size} x {m.sample_size} latent grid of a KL autoencoder "
+              f"({m.latent_factor}x smaller; RUN/vae/, trained by meddiff train-autoencoder; held-out "
+              f"reconstruction PSNR {recon.get('psnr_db', float('nan')):.2f} dB, SSIM {recon.get('ssim', float('nan')):.3f} "
+              f"on {recon.get('images', '?')} images)") if m.latent else None
+    rows = [("preset", record.train.preset),
+            ("backbone", "diffusers UNet2DModel, 1 channel" if not m.latent else "diffusers UNet2DModel on latents"),
+            ("image size", f"{m.image_size} x {m.image_size} px"), ("latent path", latent),
             ("block widths", m.block_out_channels), ("layers per block", m.layers_per_block),
             ("down blocks", m.down_block_types), ("up blocks", m.up_block_types),
             ("patch size", f"{m.patch_size} (space-to-depth)" if m.patch_size > 1 else 1),
@@ -201,7 +208,7 @@ def model_card_text(run: str | Path, metrics: dict[str, Any] | None = None, reco
     header = ("---\nlibrary_name: diffusers\npipeline_tag: unconditional-image-generation\n"
               "tags:\n- meddiff\n- medical-imaging\n- diffusion\n- synthetic-data\n---\n")
     kind = "class-conditional" if m.num_classes else "unconditional"
-    title = (f"# meddiff diffusion model ({kind}, {m.sample_size} px, preset "
+    title = (f"# meddiff diffusion model ({kind}, {m.image_size} px, preset "
              f"{record.train.preset})\n\nA denoising diffusion model trained with meddiff that "
              f"generates single-channel medical-style images. {SYNTHETIC}\n")
     parts = [header, title, _model_section(record, run), _data_section(record), _training_section(record),

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDIMScheduler, DiffusionPipeline, ImagePipelineOutput, UNet2DModel
+from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from diffusers.utils import is_accelerate_available
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -22,21 +22,24 @@ from .atomic import atomic_folder, check_out_dir, no_space_is_an_error, write_js
 from .errors import ConfigError, RunError
 from .model import Denoiser
 from .modelcard import model_card_text
-from .sample import sample_loop
+from .latent import decode as decode_latents
+from .sample import sample_loop, to_unit
 
 
 class MeddiffPipeline(DiffusionPipeline):
-    """unet + scheduler + the run's class names and patch size → (B, H, W) single-channel images.
+    """unet + scheduler (+ vae) + the run's class names and patch size → (B, H, W) single-channel images.
 
     `class_names` (empty: unconditional) index the UNet's class embedding; index len(class_names) is the null
-    class of classifier-free guidance. `patch_size` > 1: the UNet sees space-to-depth patches."""
+    class of classifier-free guidance. `patch_size` > 1: the UNet sees space-to-depth patches. `vae` (a latent
+    run's autoencoder): the UNet denoises its latents and the result is decoded through it."""
 
-    model_cpu_offload_seq = "unet"
+    model_cpu_offload_seq = "unet->vae"
+    _optional_components = ["vae"]
 
     def __init__(self, unet: UNet2DModel, scheduler: Any, class_names: list[str] | None = None,
-                 patch_size: int = 1) -> None:
+                 patch_size: int = 1, vae: AutoencoderKL | None = None) -> None:
         super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_modules(unet=unet, scheduler=scheduler, vae=vae)
         self.register_to_config(class_names=list(class_names or []), patch_size=int(patch_size))
 
     @classmethod
@@ -54,6 +57,11 @@ class MeddiffPipeline(DiffusionPipeline):
             if "unet" not in kwargs:
                 kwargs["unet"] = (runfolder.load_unet(path, "ema", record) if record else
                                   runfolder.load_unet_folder(Path(path) / runfolder.UNET_DIR))[0]
+            if "vae" not in kwargs:
+                latent = record.model.latent if record else (Path(path) / runfolder.VAE_DIR).is_dir()
+                kwargs["vae"] = None if not latent else (
+                    runfolder.load_run_vae(path, record.model) if record else
+                    runfolder.load_vae_folder(Path(path) / runfolder.VAE_DIR))[0]
             if "scheduler" not in kwargs:
                 kwargs["scheduler"] = DDIMScheduler.from_config(
                     runfolder.scheduler_config(path, record) if record else
@@ -98,12 +106,15 @@ class MeddiffPipeline(DiffusionPipeline):
         if output_type not in ("pil", "np", "pt"):
             raise ConfigError(f"output_type {output_type!r}: choose from pil, np, pt")
         labels = self._labels(class_name, batch_size)
-        size = self.unet.config.sample_size * self.config.patch_size
-        noise = randn_tensor((batch_size, 1, size, size), generator=generator, device=self._execution_device,
+        p = self.config.patch_size
+        size, channels = self.unet.config.sample_size * p, self.unet.config.in_channels // (p * p)
+        noise = randn_tensor((batch_size, channels, size, size), generator=generator, device=self._execution_device,
                              dtype=self.unet.dtype)
         self.scheduler.set_timesteps(num_inference_steps)
-        denoiser = Denoiser(self.unet, labels, len(self.config.class_names), guidance_scale, self.config.patch_size)
-        image = sample_loop(self.scheduler, denoiser, noise, generator, eta, self.progress_bar)
+        denoiser = Denoiser(self.unet, labels, len(self.config.class_names), guidance_scale, p)
+        vae = getattr(self, "vae", None)
+        decode = to_unit if vae is None else (lambda z: to_unit(decode_latents(vae, z.float())))
+        image = sample_loop(self.scheduler, denoiser, noise, generator, eta, self.progress_bar, decode)
         if output_type != "pt":
             image = image.cpu().permute(0, 2, 3, 1).float().numpy()
             if output_type == "pil":
@@ -127,6 +138,11 @@ def export_diffusers(run: str | Path, out: str | Path, weights: str = "ema") -> 
         unet_dir.mkdir()
         for name in (runfolder.UNET_CONFIG_FILE, runfolder.UNET_WEIGHTS_FILE):
             shutil.copyfile(source.parent / name, unet_dir / name)
+        if record.model.latent:  # the autoencoder, checked the same way
+            vae_source = runfolder.load_run_vae(run, record.model)[1].parent
+            (tmp / runfolder.VAE_DIR).mkdir()
+            for name in (runfolder.UNET_CONFIG_FILE, runfolder.UNET_WEIGHTS_FILE):
+                shutil.copyfile(vae_source / name, tmp / runfolder.VAE_DIR / name)
         DDIMScheduler.from_config(schedule).save_pretrained(tmp / runfolder.SCHEDULER_DIR)
         write_json(tmp / runfolder.MODEL_INDEX_FILE, index)
         card = runfolder.card_path(run)

@@ -7,6 +7,8 @@ RUN/unet/, RUN/scheduler/   the sampling model (EMA weights) in the diffusers la
 RUN/model_index.json        so that DDIMPipeline.from_pretrained(RUN) loads it (MeddiffPipeline when conditional
                             or patched)
 RUN/best/                   the weights with the lowest validation loss
+RUN/vae/                    latent runs only: the run's own copy of its autoencoder (diffusers AutoencoderKL,
+                            safetensors), its scaling_factor set for this run's latents
 RUN/checkpoints/step_N/     model / ema / optimizer .safetensors + state.json (written last: complete)
 RUN/log.jsonl               one JSON line per logged step or validation
 RUN/skipped.txt             the data files training left out (unreadable or not images), `path: reason` a line
@@ -32,7 +34,7 @@ from typing import Any, Union
 
 import diffusers
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -45,6 +47,7 @@ from .model import build_unet, unet_config
 
 RECORD_FILE = "meddiff.json"
 UNET_DIR, BEST_DIR, SCHEDULER_DIR = "unet", "best", "scheduler"   # also the folder names of a diffusers export
+VAE_DIR = "vae"                                                   # an autoencoder folder's and a latent run's
 MODEL_INDEX_FILE = "model_index.json"
 UNET_WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"         # diffusers' name inside unet/ and best/
 UNET_CONFIG_FILE = "config.json"
@@ -93,6 +96,7 @@ class RunRecord:
     processes: int = 1
     meddiff_version: str = "unknown"
     result: TrainResult | None = None
+    autoencoder: dict[str, Any] = field(default_factory=dict)  # latent runs: factor, channels, scale, AE figures
 
     @property
     def conditional(self) -> bool:
@@ -102,6 +106,8 @@ class RunRecord:
         out = dict(train=to_json(self.train), model=to_json(self.model), class_names=list(self.class_names),
                    data=self.data, split=self.split, hardware=self.hardware, processes=self.processes,
                    meddiff_version=self.meddiff_version)
+        if self.autoencoder:
+            out["autoencoder"] = self.autoencoder
         if self.result is not None:
             out["result"] = self.result.to_json()
         return out
@@ -126,9 +132,12 @@ class RunRecord:
                          split=dict(data.get("split") or {}), hardware=str(data.get("hardware", "")),
                          processes=int(data.get("processes", 1)),
                          meddiff_version=str(data.get("meddiff_version", "unknown")),
-                         result=_result(result) if result else None)
+                         result=_result(result) if result else None, autoencoder=dict(data.get("autoencoder") or {}))
         except (TypeError, ValueError, AttributeError, MeddiffError) as err:
             raise RunError(f"{source}: not a valid meddiff run record ({err})") from None
+        if record.model.latent != bool(record.autoencoder):
+            raise RunError(f"{source}: model.latent_factor {record.model.latent_factor} and the autoencoder section "
+                           "disagree; a latent model has both, a pixel model neither")
         if record.conditional and len(record.class_names) != record.model.num_classes:
             raise RunError(f"{source}: {len(record.class_names)} class_names ({', '.join(record.class_names)}) for a "
                            f"model of {record.model.num_classes} classes (model.num_classes); they must match")
@@ -287,17 +296,33 @@ def load_unet_folder(folder: str | Path, model: ModelConfig | None = None) -> tu
     """A diffusers UNet folder (config.json + diffusion_pytorch_model.safetensors) → (UNet on the CPU, weights
     file), from these two local files only: nothing is fetched, no pickle is opened. With `model` (a run's
     record) config.json must describe that architecture; the weights must fit it. RunError naming the file."""
+    return _load_diffusers_folder(folder, UNet2DModel, "a UNet2DModel config",
+                                  unet_config(model) if model is not None else {},
+                                  "is this a meddiff run or an exported pipeline folder?")
+
+
+def load_vae_folder(folder: str | Path, expect: dict[str, Any] | None = None) -> tuple[AutoencoderKL, Path]:
+    """A diffusers AutoencoderKL folder (an autoencoder folder's or a latent run's vae/) → (autoencoder on the CPU,
+    weights file), read as `load_unet_folder` reads a UNet; one image channel in and out, and `expect` (e.g. a
+    run's latent channels) must hold. RunError naming the file."""
+    return _load_diffusers_folder(folder, AutoencoderKL, "an AutoencoderKL config",
+                                  {"in_channels": 1, "out_channels": 1, **(expect or {})},
+                                  "is this a meddiff autoencoder folder (meddiff train-autoencoder)?")
+
+
+def _load_diffusers_folder(folder: str | Path, cls: type, what: str, expect: dict[str, Any],
+                           hint: str) -> tuple[Any, Path]:
     folder = Path(folder)
     if not folder.is_dir():
-        raise RunError(f"{folder}: missing; is this a meddiff run or an exported pipeline folder?")
+        raise RunError(f"{folder}: missing; {hint}")
     config_path = folder / UNET_CONFIG_FILE
-    config = read_json_object(config_path, "a UNet2DModel config")
-    if model is not None:
-        for key, want in unet_config(model).items():
-            got = config.get(key)
-            if (tuple(got) if isinstance(got, list) else got) != want:
-                raise RunError(f"{config_path}: {key} is {_show(got)}; the run's {RECORD_FILE} describes a model "
-                               f"with {key} {_show(want)}")
+    config = read_json_object(config_path, what)
+    for key, want in expect.items():
+        got = config.get(key)
+        if (tuple(got) if isinstance(got, list) else got) != want:
+            wanted = (f"the run's {RECORD_FILE} describes a model with {key} {_show(want)}" if cls is UNet2DModel
+                      else f"expected {_show(want)}")
+            raise RunError(f"{config_path}: {key} is {_show(got)}; {wanted}")
     weights = folder / UNET_WEIGHTS_FILE
     if not weights.is_file():
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
@@ -306,11 +331,28 @@ def load_unet_folder(folder: str | Path, model: ModelConfig | None = None) -> tu
                            f"{UNET_WEIGHTS_FILE} (safetensors)")
         raise RunError(f"{weights}: missing; has training finished?")
     try:
-        unet = UNet2DModel.from_config(config)
+        model = cls.from_config(config)
     except Exception as err:  # noqa: BLE001  diffusers raises many kinds on a config it cannot build
-        raise RunError(f"{config_path}: not a UNet2DModel config this diffusers can build ({one_line(err)})") from None
-    _load_weights(unet, _read_safetensors(weights, "weights"), weights)
-    return unet.eval(), weights
+        raise RunError(f"{config_path}: not {what} this diffusers can build ({one_line(err)})") from None
+    _load_weights(model, _read_safetensors(weights, "weights"), weights)
+    return model.eval(), weights
+
+
+def save_vae_folder(folder: str | Path, vae: torch.nn.Module) -> None:
+    """Write an autoencoder as a diffusers folder (config.json + safetensors), whole or not at all."""
+    folder = Path(folder)
+    with no_space_is_an_error(f"{folder}", f"the previous {folder.name}/ is intact"), atomic_folder(folder) as tmp:
+        vae.save_pretrained(tmp, safe_serialization=True)
+
+
+def load_run_vae(run: str | Path, model: ModelConfig) -> tuple[AutoencoderKL, Path]:
+    """A latent run's own autoencoder (RUN/vae/), checked against the record: its latent channels are the UNet's."""
+    vae, path = load_vae_folder(Path(run) / VAE_DIR, {"latent_channels": model.in_channels})
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if factor != model.latent_factor:
+        raise RunError(f"{Path(run) / VAE_DIR / UNET_CONFIG_FILE}: an autoencoder of factor {factor}; the run's "
+                       f"{RECORD_FILE} trained on latents {model.latent_factor}x smaller than its images")
+    return vae, path
 
 
 def _build(model: ModelConfig, source: Path) -> UNet2DModel:
@@ -393,8 +435,10 @@ def model_index(model: ModelConfig, class_names: tuple[str, ...] | list[str]) ->
     without patches, else meddiff.pipeline.MeddiffPipeline (which knows class names and patches)."""
     index: dict[str, Any] = {"_diffusers_version": diffusers.__version__,
                              "scheduler": ["diffusers", "DDIMScheduler"], "unet": ["diffusers", "UNet2DModel"]}
-    if not model.num_classes and model.patch_size == 1:
+    if not model.num_classes and model.patch_size == 1 and not model.latent:
         return "DDIMPipeline", {"_class_name": "DDIMPipeline", **index}
+    if model.latent:
+        index["vae"] = ["diffusers", "AutoencoderKL"]
     return "MeddiffPipeline", {"_class_name": "MeddiffPipeline", **index,
                                "class_names": list(class_names) if model.num_classes else [],
                                "patch_size": model.patch_size}
@@ -548,6 +592,6 @@ def discard_unsaved_run(run: str | Path, created: bool) -> None:
         return
     for name in (RECORD_FILE, LOG_FILE, SKIPPED_FILE, CARD_FILE, MODEL_INDEX_FILE):
         (run / name).unlink(missing_ok=True)
-    for name in (UNET_DIR, BEST_DIR, SCHEDULER_DIR, CKPT_DIR):
+    for name in (UNET_DIR, BEST_DIR, SCHEDULER_DIR, CKPT_DIR, VAE_DIR):
         shutil.rmtree(run / name, ignore_errors=True)
     remove_temporaries(run)

@@ -26,6 +26,7 @@ from .config import (MAX_IMAGES, SAMPLERS, SEEDS, STEPS, ModelConfig, SampleConf
                      default_sampler)
 from .data.readers import read_file
 from .errors import ConfigError
+from .latent import decode as decode_latents
 from .model import Denoiser, null_class, with_meddiff_attention
 from .runtime import Dist, describe, pick_device, pick_precision, progress_bar
 
@@ -51,10 +52,15 @@ class LoadedRun:
     model: ModelConfig
     train: TrainConfig
     model_id: str
+    vae: Any = None  # a latent run's autoencoder (RUN/vae/): samples are decoded through it
 
     @property
     def conditional(self) -> bool:
         return self.model.num_classes > 0
+
+    def noise_shape(self) -> tuple[int, int, int]:
+        """What the sampler starts from for one image: (1, S, S) pixels, or a latent run's (C, h, w) grid."""
+        return (self.model.in_channels, self.model.sample_size, self.model.sample_size)
 
 
 def model_id(weights_file: Path) -> str:
@@ -71,8 +77,9 @@ def load_run(run: str | Path, weights: str = "ema", device: torch.device | str =
     (lowest validation loss) or "raw" (the last checkpoint's non-averaged weights)."""
     record = runfolder.read_record(run)
     unet, wfile = runfolder.load_unet(run, weights, record)
+    vae = runfolder.load_run_vae(run, record.model)[0].to(device).eval() if record.model.latent else None
     return LoadedRun(with_meddiff_attention(unet).to(device).eval(), runfolder.scheduler_config(run, record),
-                     record.class_names, record.model, record.train, model_id(wfile))
+                     record.class_names, record.model, record.train, model_id(wfile), vae)
 
 
 def make_scheduler(name: str, config: dict[str, Any], steps: int) -> Any:
@@ -112,19 +119,36 @@ def make_denoiser(run: LoadedRun, label: int | None, batch: int, guidance: float
                     precision)
 
 
-def initial_noise(seeds: list[int], size: int) -> tuple[torch.Tensor, list[torch.Generator]]:
-    """x_T for each seed from its own CPU generator → ((B, 1, size, size) float32, the generators, which then
-    feed a stochastic sampler's step noise): image i does not depend on the other seeds of the batch."""
+def initial_noise(seeds: list[int], shape: int | tuple[int, int, int]) -> tuple[torch.Tensor, list[torch.Generator]]:
+    """x_T for each seed from its own CPU generator → ((B, C, S, S) float32, the generators, which then feed a
+    stochastic sampler's step noise): image i does not depend on the other seeds of the batch. `shape`: one
+    image's (C, S, S), or S for (1, S, S)."""
+    shape = (1, shape, shape) if isinstance(shape, int) else tuple(shape)
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    return torch.cat([torch.randn(1, 1, size, size, generator=g) for g in generators]), generators
+    return torch.cat([torch.randn(1, *shape, generator=g) for g in generators]), generators
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """A finished pixel-space sample, about [-1, 1], → images in [0, 1] float32."""
+    return ((x.clamp(-1, 1) + 1) / 2).float()
+
+
+def decoder(run: LoadedRun, precision: str = "fp32") -> Callable[[torch.Tensor], torch.Tensor]:
+    """What turns the sampler's final x_0 into images in [0, 1]: clamping for a pixel run, the autoencoder's
+    decoder for a latent run."""
+    if run.vae is None:
+        return to_unit
+    return lambda z: to_unit(decode_latents(run.vae, z.float(), precision))
 
 
 @torch.no_grad()
 def sample_loop(scheduler: Any, denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], noise: torch.Tensor,
                 generators: torch.Generator | list[torch.Generator] | None = None, eta: float = 0.0,
-                progress: Callable[[Any], Any] = iter) -> torch.Tensor:
+                progress: Callable[[Any], Any] = iter,
+                decode: Callable[[torch.Tensor], torch.Tensor] = to_unit) -> torch.Tensor:
     """The one denoising loop: a diffusers scheduler (timesteps already set) driving `denoiser(x_t, t)` from
-    `noise` (B, 1, H, W) → images (B, 1, H, W) float32 in [0, 1], on the noise's device.
+    `noise` (B, C, h, w) → images (B, 1, H, W) float32 in [0, 1], on the noise's device, through `decode` (pixels:
+    clamped to [-1, 1] and mapped to [0, 1]; a latent run: the autoencoder's decoder, `decoder`).
 
     The sampler's state runs in float64, as EDM's sampler does: Euler/Heun start from x * sigma_max, which would
     amplify the UNet's float32, batch-size-dependent rounding into visible differences. `generators` (one per
@@ -141,7 +165,7 @@ def sample_loop(scheduler: Any, denoiser: Callable[[torch.Tensor, torch.Tensor],
     for t in progress(scheduler.timesteps):
         out = denoiser(scheduler.scale_model_input(x, t), t.to(x.device).expand(len(x)))
         x = scheduler.step(out.float() if noisy else out.double(), t, x, **extra).prev_sample
-    return ((x.clamp(-1, 1) + 1) / 2).float()
+    return decode(x)
 
 
 @torch.no_grad()
@@ -158,9 +182,10 @@ def generate(run: LoadedRun, seeds: list[int], label: int | None = None, sampler
                                for s in seeds])
     scheduler = make_scheduler(sampler, run.scheduler_config, steps)
     denoiser = make_denoiser(run, label, len(seeds), guidance, precision, cache_interval)
-    noise, generators = initial_noise(seeds, run.model.sample_size)
+    noise, generators = initial_noise(seeds, run.noise_shape())
     device = next(run.unet.parameters()).device
-    return sample_loop(scheduler, denoiser, noise.to(device), generators)[:, 0].cpu().numpy()
+    return sample_loop(scheduler, denoiser, noise.to(device), generators,
+                       decode=decoder(run, precision))[:, 0].cpu().numpy()
 
 
 def plan(run: LoadedRun, cfg: SampleConfig) -> list[tuple[str, int, int | None]]:

@@ -189,7 +189,7 @@ class App:
 
     def info(self) -> dict[str, Any]:
         """What the page needs to build its form and show the model card."""
-        size = self.run.model.sample_size
+        size = self.run.model.image_size
         kind = f"{len(self.classes)} classes" if self.classes else "unconditional"
         return {"title": f"{self.run.model_id} · {size}×{size} px · {kind}", "classes": list(self.classes),
                 "samplers": list(SAMPLERS), "formats": list(SERVE_FORMATS), "defaults": self.defaults,
@@ -204,7 +204,7 @@ class App:
     def submit(self, body: Any) -> Job:
         """Validate a request and queue it; ConfigError (→ 400) or RunError (→ 429 busy)."""
         request = parse_request(body, self.classes, self.defaults)
-        cost = check_budget(request, self.run.model.sample_size, self.cfg.compute_budget)
+        cost = check_budget(request, self.run.model.image_size, self.cfg.compute_budget)
         with self.lock:
             pending = [j for j in self.jobs.values() if j.status in ("queued", "running")]
             if len(pending) >= MAX_PENDING:

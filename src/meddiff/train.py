@@ -11,7 +11,7 @@ import dataclasses
 import math
 import signal
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,10 +21,11 @@ import torch.distributed as td
 
 from . import __version__, runfolder
 from .atomic import check_out_dir
-from .config import RESUME_FIELDS, STOP_RULES, ModelConfig, TrainConfig, model_config
-from .data.dataset import ImageSet, load_data, skipped_listing, split
+from .config import RESUME_FIELDS, STOP_RULES, ModelConfig, TrainConfig, model_config, noise_shift_for
+from .data.dataset import ImageSet, check_memory, load_data, skipped_listing, split
 from .diffusion import alphas_cumprod, diffusion_loss, predicted_eps, q_sample
 from .errors import ConfigError, RunError
+from .latent import encode_set, latent_bytes, latent_factor, load_autoencoder, read_autoencoder_record
 from .model import build_unet, count_parameters, denoise, null_class
 from .modelcard import write_model_card
 from .runfolder import RunRecord, TrainResult  # TrainResult: stored in the run record, returned by train()
@@ -49,7 +50,7 @@ def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0))))
 
 
-def _mix(*numbers: int) -> int:
+def seed_mix(*numbers: int) -> int:
     """A 63-bit seed from several integers (splitmix-style), so nearby steps get unrelated streams."""
     h = 0x9E3779B97F4A7C15
     for n in numbers:
@@ -63,14 +64,15 @@ def batch_indices(n_train: int, batch: int, step: int, seed: int) -> torch.Tenso
     (seed, epoch); the last batch of an epoch may be smaller."""
     per_epoch = math.ceil(n_train / batch)
     epoch, j = divmod(step, per_epoch)
-    perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(_mix(seed, 1, epoch)))
+    perm = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed_mix(seed, 1, epoch)))
     return perm[j * batch:(j + 1) * batch]
 
 
-def step_draws(step: int, seed: int, b: int, size: int, T: int, drop_prob: float) -> dict[str, torch.Tensor]:
-    """Noise (b, 1, S, S), timesteps (b,), flip and label-drop masks (b,) of one step, from (seed, step) alone."""
-    g = torch.Generator().manual_seed(_mix(seed, 2, step))
-    return dict(t=torch.randint(0, T, (b,), generator=g), eps=torch.randn(b, 1, size, size, generator=g),
+def step_draws(step: int, seed: int, b: int, size: int, T: int, drop_prob: float,
+               channels: int = 1) -> dict[str, torch.Tensor]:
+    """Noise (b, C, S, S), timesteps (b,), flip and label-drop masks (b,) of one step, from (seed, step) alone."""
+    g = torch.Generator().manual_seed(seed_mix(seed, 2, step))
+    return dict(t=torch.randint(0, T, (b,), generator=g), eps=torch.randn(b, channels, size, size, generator=g),
                 flip=torch.rand(b, generator=g) < 0.5, drop=torch.rand(b, generator=g) < drop_prob)
 
 
@@ -133,7 +135,7 @@ def validation_losses(unet: torch.nn.Module, images: torch.Tensor, labels: torch
     n = len(images)
     levels = alpha_bar if noise_levels is None else noise_levels
     T = len(levels)
-    g = torch.Generator().manual_seed(_mix(seed, 3))
+    g = torch.Generator().manual_seed(seed_mix(seed, 3))
     t_all = (torch.arange(n * reps) * T // (n * reps)).flip(0)[torch.randperm(n * reps, generator=g)]
     eps_all = torch.randn(n * reps, *images.shape[1:], generator=g)
     device = next(unet.parameters()).device
@@ -161,7 +163,7 @@ def activation_bytes_per_image(unet: torch.nn.Module, mcfg: ModelConfig, device:
         total += t.numel() * t.element_size()
         return t
 
-    x = torch.zeros(1, 1, mcfg.sample_size, mcfg.sample_size, device=device)
+    x = torch.zeros(1, mcfg.in_channels, mcfg.sample_size, mcfg.sample_size, device=device)
     t = torch.zeros(1, dtype=torch.long, device=device)
     lab = torch.zeros(1, dtype=torch.long, device=device) if mcfg.num_classes else None
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(device, precision):
@@ -196,20 +198,22 @@ def _prepare_run(cfg: TrainConfig, resume: bool, main: bool = True) -> tuple[Tra
             runfolder.write_record(run, record)
         return stored, record
     check_out_dir(run, "--out")
+    if cfg.autoencoder is not None and cfg.size is None:  # a latent run's images are the autoencoder's size
+        cfg = _replace(cfg, size=int(read_autoencoder_record(cfg.autoencoder)["config"]["size"]))
     if main and runfolder.has_record(run):
         raise ConfigError(f"--out {run}: already holds a meddiff run; continue it with `meddiff train --resume {run}`"
                           " or choose another --out")
     return cfg.resolve(), None
 
 
-class _StopFlag:
+class StopFlag:
     """Turns SIGINT/SIGTERM into a flag the loop checks after each step (a second Ctrl-C still interrupts)."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
         self._old: dict[int, Any] = {}
 
-    def __enter__(self) -> "_StopFlag":
+    def __enter__(self) -> "StopFlag":
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
@@ -240,6 +244,66 @@ def batch_images(data: ImageSet, device: torch.device) -> Callable[[torch.Tensor
         resident = data.images.to(device)
         return lambda idx: resident[idx]
     return lambda idx: data.take(idx.cpu()).to(device, non_blocking=True)
+
+
+@dataclass
+class _Latents:
+    """A latent run's view of its data: the autoencoder (its scaling_factor set), the flipped images' latents
+    (when training flips) and what the record keeps of the autoencoder."""
+
+    vae: Any
+    flipped: ImageSet | None
+    summary: dict[str, Any]
+
+
+def _latent_data(cfg: TrainConfig, data: ImageSet, train_idx: np.ndarray, record: RunRecord | None, run: Path,
+                 device: torch.device, precision: str, echo: Callable[[str], None]
+                 ) -> tuple[TrainConfig, ImageSet, _Latents]:
+    """Encode the whole set (and its mirror images, when training flips) once with the autoencoder: a new run's
+    from the --autoencoder folder, scaled to unit standard deviation over the training images; a resumed run's
+    from its own copy (RUN/vae/), with the scale it stored. → (config with the latent grid's noise shift, the
+    latents as an ImageSet with the data's labels and groups, _Latents)."""
+    if record is not None:
+        vae, _ = runfolder.load_run_vae(run, record.model)
+        summary = dict(record.autoencoder)
+    else:
+        vae, ae_record = load_autoencoder(cfg.autoencoder)
+        summary = dict(factor=latent_factor(vae), latent_channels=vae.config.latent_channels,
+                       trained_size=ae_record["config"].get("size"),
+                       heldout_reconstruction=ae_record.get("heldout_reconstruction", {}))
+    factor = latent_factor(vae)
+    if cfg.size % factor:
+        raise ConfigError(f"--size {cfg.size}: the autoencoder makes latents {factor}x smaller; the size must be a "
+                          f"multiple of {factor}")
+    copies = 2 if cfg.flip else 1
+    check_memory("the latents of the data set", len(data) * copies, latent_bytes(vae, len(data), cfg.size) * copies)
+    vae = vae.to(device).eval()
+    echo(f"encoding {len(data)} images{' and their mirror images' if cfg.flip else ''} with the autoencoder "
+         f"(latents {vae.config.latent_channels} x {cfg.size // factor} x {cfg.size // factor})")
+    z = encode_set(vae, data, device, precision)
+    if record is None:
+        vae.register_to_config(scaling_factor=float(1.0 / z[torch.as_tensor(train_idx)].std().clamp_min(1e-6)))
+        summary["scaling_factor"] = vae.config.scaling_factor
+    scale = float(vae.config.scaling_factor)
+    flipped = None
+    if cfg.flip:
+        flipped = ImageSet(encode_set(vae, data, device, precision, flip=True) * scale, data.labels,
+                           data.class_names, data.groups)
+    if cfg.noise_shift is None:
+        cfg = _replace(cfg, noise_shift=noise_shift_for(cfg.preset, cfg.size // factor))
+    latents = ImageSet(z * scale, data.labels, data.class_names, data.groups, data.skipped, data.summary)
+    return cfg, latents, _Latents(vae.to("cpu"), flipped, summary)
+
+
+def _latent_model(cfg: TrainConfig, latents: ImageSet, num_classes: int) -> ModelConfig:
+    """The UNet of a new latent run: the preset at the latent grid's size and depth."""
+    _, channels, grid, _ = latents.take([0]).shape
+    try:
+        return model_config(cfg.preset, grid, num_classes, patch=cfg.patch, channels=channels,
+                            latent_factor=cfg.size // grid)
+    except ConfigError as err:
+        raise ConfigError(f"--autoencoder {cfg.autoencoder}: its latent grid is {grid} px at --size {cfg.size}, "
+                          f"which preset {cfg.preset!r} cannot take ({err})") from None
 
 
 STATE_KEYS = ("step", "images_seen", "elapsed", "best_val_loss", "bad_evals", "recent_losses", "optimizer")
@@ -340,21 +404,28 @@ def _train(cfg: TrainConfig, data: ImageSet | None, resume: bool, echo: Callable
     if data.size != cfg.size:
         raise ConfigError(f"--size {cfg.size}: the data given are {data.size} px")
     conditional = cfg.conditional == "on" or (cfg.conditional == "auto" and len(data.class_names) > 1)
-    mcfg: ModelConfig = (record.model if record else
-                         model_config(cfg.preset, cfg.size, len(data.class_names) if conditional else 0,
-                                      patch=cfg.patch))
     if record and record.class_names != data.class_names:
         raise RunError(f"--resume {run}: the data's classes {list(data.class_names)} differ from the run's "
                        f"{list(record.class_names)}")
     train_idx, val_idx = split(data, cfg.val_fraction, cfg.seed)
     if len(train_idx) == 0:
         raise ConfigError(f"--data {cfg.data}: no training images left after the validation split")
+    latent = None
+    if cfg.autoencoder is not None:  # the latent path: from here on `data` is the set's latents
+        cfg, data, latent = _latent_data(cfg, data, train_idx, record, run, device, precision, echo)
+    n_classes = len(data.class_names) if conditional else 0
+    mcfg: ModelConfig = (record.model if record else
+                         model_config(cfg.preset, cfg.size, n_classes, patch=cfg.patch) if latent is None else
+                         _latent_model(cfg, data, n_classes))
     if record is None and dist.main:
         run.mkdir(parents=True, exist_ok=True)  # only now, so that a failed start leaves no empty run folder
         record = RunRecord(train=cfg, model=mcfg, class_names=tuple(data.class_names), data=data.summary,
                            split=dict(train=len(train_idx), val=len(val_idx)), hardware=describe(device, precision),
-                           processes=dist.world, meddiff_version=__version__)
+                           processes=dist.world, meddiff_version=__version__,
+                           autoencoder=latent.summary if latent is not None else {})
         runfolder.write_record(run, record)
+        if latent is not None:
+            runfolder.save_vae_folder(run / runfolder.VAE_DIR, latent.vae)
     if data.summary.get("upsampled") and dist.main:
         shapes = sorted(data.summary.get("source_shapes", {}))
         shapes = ", ".join(shapes[:5]) + (f" and {len(shapes) - 5} more" if len(shapes) > 5 else "")
@@ -379,6 +450,7 @@ def _train(cfg: TrainConfig, data: ImageSet | None, resume: bool, echo: Callable
     alpha_bar = alphas_cumprod(cfg.beta_schedule, cfg.num_train_timesteps, cfg.zero_terminal_snr,
                                cfg.noise_shift or 0.0).float().to(device)
     images = batch_images(data, device)
+    flipped = batch_images(latent.flipped, device) if latent is not None and latent.flipped is not None else None
     labels = data.labels.to(device) if conditional else None
     train_pos = torch.as_tensor(train_idx, device=device)
     val_images, val_labels = data.take(val_idx[:MAX_VAL_IMAGES]), data.labels[val_idx[:MAX_VAL_IMAGES]]
@@ -407,7 +479,7 @@ def _train(cfg: TrainConfig, data: ImageSet | None, resume: bool, echo: Callable
 
     bar = progress_bar(cfg.progress, total, step, "step") if dist.main else None
     t_start, stopped, seen_at_start, step_at_start, t_eta = time.time(), None, images_seen, step, 0.0
-    with _StopFlag() as flag:
+    with StopFlag() as flag:
         while True:
             elapsed = elapsed0 + time.time() - t_start
             if dist.active and cfg.max_minutes is not None:
@@ -420,8 +492,9 @@ def _train(cfg: TrainConfig, data: ImageSet | None, resume: bool, echo: Callable
             for group in opt.param_groups:
                 group["lr"] = lr
             pos = batch_indices(len(train_idx), B, step, cfg.seed)
-            draws = {k: v.to(device) for k, v in step_draws(step, cfg.seed, len(pos), cfg.size,
-                                                           cfg.num_train_timesteps, cfg.cond_drop_prob).items()}
+            draws = {k: v.to(device) for k, v in step_draws(step, cfg.seed, len(pos), mcfg.sample_size,
+                                                           cfg.num_train_timesteps, cfg.cond_drop_prob,
+                                                           mcfg.in_channels).items()}
             mine = torch.tensor_split(torch.arange(len(pos)), dist.world)[dist.rank].to(device)  # this rank's slice
             n_global = len(pos)
             idx = train_pos[pos.to(device)][mine]
@@ -432,8 +505,9 @@ def _train(cfg: TrainConfig, data: ImageSet | None, resume: bool, echo: Callable
             for lo in range(0, len(idx), mb):  # gradient accumulation over micro-batches of the global batch
                 sl = slice(lo, lo + mb)
                 x0 = images(idx[sl])
-                if cfg.flip:
-                    x0 = torch.where(draws["flip"][sl].view(-1, 1, 1, 1), x0.flip(-1), x0)
+                if cfg.flip:  # a latent is not flipped: the flipped image's own latent is taken
+                    x0 = torch.where(draws["flip"][sl].view(-1, 1, 1, 1),
+                                     x0.flip(-1) if flipped is None else flipped(idx[sl]), x0)
                 ab = alpha_bar[draws["t"][sl]]
                 x_t = q_sample(x0, draws["eps"][sl], ab)
                 lab = None

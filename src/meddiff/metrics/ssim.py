@@ -138,6 +138,22 @@ def pairwise_ssim(fake: np.ndarray, real: np.ndarray) -> np.ndarray:
     return out
 
 
+def paired_ssim(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """SSIM of each image with its partner: x (N, H, W), y (N, H, W) float in [0, 1] → (N,) float32 (an
+    autoencoder's reconstructions against their originals)."""
+    x, y = _check_pair(x, y)
+    if len(x) != len(y):
+        raise DataError(f"paired SSIM needs as many images on each side ({len(x)} and {len(y)})")
+    blur = _Blur(*x.shape[1:])
+    out = np.empty(len(x), np.float32)
+    with torch.no_grad():
+        a, b = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
+        (mu_a, var_a), (mu_b, var_b) = _moments(a, blur), _moments(b, blur)
+        for i in range(len(a)):
+            out[i] = float(_ssim_block(a[i], mu_a[i], var_a[i], b[i:i + 1], mu_b[i:i + 1], var_b[i:i + 1], blur)[0])
+    return out
+
+
 def _blocks(fake: np.ndarray, real: np.ndarray, chunk: int | None) -> Iterator[tuple[int, int, np.ndarray]]:
     """Yield (fake index, first real index, SSIM of that fake image against a chunk of reals)."""
     h, w = fake.shape[1:]
