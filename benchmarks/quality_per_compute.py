@@ -6,6 +6,7 @@ sampler and seeds and scored against held-out slices that neither saw.
     python benchmarks/quality_per_compute.py                     # --minutes 2,4,20 (about 45 min on 2 cores)
     python benchmarks/quality_per_compute.py --minutes 3,30
     python benchmarks/quality_per_compute.py --quick             # seconds: a smoke test, not a figure
+    python benchmarks/quality_per_compute.py --size 256 --systems meddiff,latent --minutes 50   # pixel vs latent
 
 Data: `builtin:mni-mri` split by benchmarks/_heldout.py (whole 8-slice slabs held out, a guard band of dropped
 slices between them and the training slices). Both recipes train on the same training slices (8-bit, as the
@@ -13,6 +14,10 @@ seed reads them); meddiff keeps its own validation share of them for early stopp
 Training: the seed recipe trains for the longest budget, saving snapshots at the shorter ones, while meddiff's
 longest run trains beside it (one thread each); meddiff's shorter budgets (its cosine schedule depends on the
 budget, so they are separate runs) follow two at a time, one thread each.
+Systems (--systems): `seed` (the student recipe), `meddiff` (the default pixel recipe at --size) and `latent`
+(meddiff's latent path: `meddiff train-autoencoder` for --ae-share of the budget, then `meddiff train
+--autoencoder` for the rest, so it gets the same minutes in all). The latent rows add the autoencoder's PSNR and
+SSIM on the held-out slices.
 Scoring: every model sampled by meddiff's DDIM 20 (diffusers' DDIMScheduler) with seeds 0..n-1; KID, FID
 (random-conv features) and SSIM to the nearest held-out slice with 95 % bootstrap intervals, the share of
 samples that copy a training slice, and the eps-MSE on the held-out slices at the seed's noise levels (512
@@ -45,6 +50,19 @@ def start_meddiff(data: Path, size: int, minutes: float, out: Path, extra: list[
     return subprocess.Popen(cmd, env=one_thread_env(), stdout=subprocess.PIPE, text=True)
 
 
+def start_latent(data: Path, size: int, minutes: float, out: Path, extra: list[str],
+                 ae_share: float) -> subprocess.Popen:
+    """meddiff's latent path as one process chain on one thread: the autoencoder for `ae_share` of the minutes,
+    then diffusion in its latents for the rest (its JSON line is the diffusion run's)."""
+    ae = [sys.executable, "-m", "meddiff.cli", "train-autoencoder", "--threads", "1", "--data", str(data), "--size",
+          str(size), "--max-minutes", f"{minutes * ae_share:g}", "--out", str(out / "ae"), "--no-progress"]
+    dm = [sys.executable, "-m", "meddiff.cli", "train", "--threads", "1", "--data", str(data), "--size", str(size),
+          "--autoencoder", str(out / "ae"), "--max-minutes", f"{minutes * (1 - ae_share):g}", "--out",
+          str(out / "run"), "--no-progress", *extra]
+    script = " && ".join(" ".join(f"'{a}'" for a in cmd) for cmd in (ae, dm))
+    return subprocess.Popen(["bash", "-c", script], env=one_thread_env(), stdout=subprocess.PIPE, text=True)
+
+
 def last_json(proc: subprocess.Popen) -> dict:
     out, _ = proc.communicate()
     if proc.returncode:
@@ -66,16 +84,26 @@ def write_training_data(split: HeldOutSplit, out: Path) -> tuple[Path, Path]:
     return npy, folder
 
 
-def train_all(out: Path, budgets: list[float], size: int, extra: list[str], npy: Path, png: Path) -> dict:
-    """Seed (longest, with snapshots) beside meddiff's longest; then meddiff's shorter budgets two at a time."""
+def train_all(out: Path, budgets: list[float], size: int, systems: list[str], extra: list[str], npy: Path,
+              png: Path, ae_share: float) -> dict:
+    """Every system's longest budget side by side (one thread each; the seed's run saves snapshots at the shorter
+    budgets); then meddiff's and the latent path's shorter budgets (their schedules depend on the budget, so
+    they are separate runs), two at a time."""
+    def start(who: str, m: float) -> subprocess.Popen:
+        if who == "meddiff":
+            return start_meddiff(png, size, m, out / f"meddiff_{m:g}min", extra)
+        return start_latent(png, size, m, out / f"latent_{m:g}min", extra, ae_share)
+
     longest = budgets[-1]
-    procs = {"seed": start_seed_train(npy, size, longest, budgets[:-1], out / "seed"),
-             f"meddiff_{longest:g}min": start_meddiff(png, size, longest, out / f"meddiff_{longest:g}min", extra)}
+    if len(systems) > 2:
+        print(f"note: {len(systems)} training processes share the 2 cores: each gets less than one", flush=True)
+    procs = {("seed" if who == "seed" else f"{who}_{longest:g}min"):
+             start_seed_train(npy, size, longest, budgets[:-1], out / "seed") if who == "seed" else start(who, longest)
+             for who in systems}
     stats = {name: last_json(p) for name, p in procs.items()}
-    rest = budgets[:-1]
+    rest = [(who, m) for m in budgets[:-1] for who in systems if who != "seed"]
     for i in range(0, len(rest), 2):
-        pair = {f"meddiff_{m:g}min": start_meddiff(png, size, m, out / f"meddiff_{m:g}min", extra)
-                for m in rest[i:i + 2]}
+        pair = {f"{who}_{m:g}min": start(who, m) for who, m in rest[i:i + 2]}
         stats.update({name: last_json(p) for name, p in pair.items()})
     return stats
 
@@ -99,28 +127,45 @@ def val_losses(unet_dir: Path, held: torch.Tensor, objective: str, schedule: str
                 val_eps_mse_by_band=band)
 
 
-def models(out: Path, budgets: list[float], longest: float) -> dict[str, dict]:
+def models(out: Path, budgets: list[float], longest: float, systems: list[str]) -> dict[str, dict]:
     """Every model to score: name → unet folder, how to sample it, its objective/schedule/patch size."""
     rows = {}
     for m in budgets:
-        snap = out / "seed" / f"snap_{int(round(m * 60))}s"
-        unet = snap / "unet" if m < longest else out / "seed" / "unet"
-        if not (unet / "config.json").exists():
-            raise SystemExit(f"{unet} is missing: the seed run saved no weights at {m:g} min (no step finished?)")
-        rows[f"seed_{m:g}min"] = dict(who="seed", minutes=m, unet=unet, objective="eps", schedule="linear", patch=1)
-        run = out / f"meddiff_{m:g}min"
-        rec = json.loads((run / "meddiff.json").read_text())
-        rows[f"meddiff_{m:g}min"] = dict(who="meddiff", minutes=m, unet=run / "unet", run=run,
-                                         objective=rec["train"]["objective"], schedule=rec["train"]["beta_schedule"],
-                                         patch=rec["model"].get("patch_size", 1), hardware=rec.get("hardware"),
-                                         result=rec.get("result", {}))
+        if "seed" in systems:
+            snap = out / "seed" / f"snap_{int(round(m * 60))}s"
+            unet = snap / "unet" if m < longest else out / "seed" / "unet"
+            if not (unet / "config.json").exists():
+                raise SystemExit(f"{unet} is missing: the seed run saved no weights at {m:g} min (no step finished?)")
+            rows[f"seed_{m:g}min"] = dict(who="seed", minutes=m, unet=unet, objective="eps", schedule="linear",
+                                          patch=1)
+        for who in (w for w in systems if w != "seed"):
+            run = out / f"{who}_{m:g}min" / ("run" if who == "latent" else "")
+            rec = json.loads((run / "meddiff.json").read_text())
+            rows[f"{who}_{m:g}min"] = dict(who=who, minutes=m, unet=run / "unet", run=run,
+                                           objective=rec["train"]["objective"],
+                                           schedule=rec["train"]["beta_schedule"],
+                                           patch=rec["model"].get("patch_size", 1), hardware=rec.get("hardware"),
+                                           result=rec.get("result", {}))
     return rows
+
+
+def autoencoder_figures(run: Path, split: HeldOutSplit) -> dict:
+    """The latent run's autoencoder on the held-out slices: PSNR and SSIM with their intervals."""
+    from meddiff.data.dataset import ImageSet
+    from meddiff.latent import reconstruction_figures
+    from meddiff.runfolder import load_run_vae, read_record
+
+    vae, _ = load_run_vae(run, read_record(run).model)
+    held = torch.from_numpy(split.images[split.heldout])[:, None] * 2 - 1
+    data = ImageSet(held, torch.zeros(len(held), dtype=torch.long), ("all",), np.arange(len(held)))
+    figures, _, _ = reconstruction_figures(vae, data, torch.device("cpu"))
+    return {f"autoencoder_{k}": v for k, v in figures.items()}
 
 
 def sample(row: dict, n: int) -> np.ndarray:
     from meddiff.sample import generate, load_run
 
-    loaded = seed_as_run(row["unet"]) if row["who"] == "seed" else load_run(row["run"])
+    loaded = seed_as_run(row["unet"]) if row["who"] == "seed" else load_run(row["run"])  # latent: decoded
     return np.concatenate([generate(loaded, list(range(i, min(i + 8, n))), None, "ddim", 20) for i in range(0, n, 8)])
 
 
@@ -146,6 +191,9 @@ def main() -> None:
     ap.add_argument("--grid", default=str(R.ROOT / "docs" / "qpc_grid.png"))
     ap.add_argument("--meddiff-args", default="",
                     help="extra flags for meddiff train, one quoted string after '=': --meddiff-args='--preset small'")
+    ap.add_argument("--systems", default="seed,meddiff", help="which to train: seed, meddiff, latent (comma-separated)")
+    ap.add_argument("--ae-share", type=float, default=0.2,
+                    help="share of each budget the latent path spends on its autoencoder (default 0.2)")
     ap.add_argument("--score-only", action="store_true", help="skip training: score the runs already in --out")
     ap.add_argument("--quick", action="store_true",
                     help="smoke test: 32 px, --minutes 0.05,0.1, n 8, results and grid under --out")
@@ -157,35 +205,44 @@ def main() -> None:
         a.grid, a.results = str(Path(a.out) / "grid.png"), str(Path(a.out) / "results.json")
         a.meddiff_args = a.meddiff_args or "--preset tiny --val-every 2"
     budgets = sorted(float(m) for m in a.minutes.split(","))
+    systems = [w.strip() for w in a.systems.split(",") if w.strip()]
+    if not systems or set(systems) - {"seed", "meddiff", "latent"}:
+        raise SystemExit(f"--systems {a.systems}: choose from seed, meddiff, latent")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     split = mni_split(a.size, a.holdout_every, a.guard)
     npy, png = write_training_data(split, out)
-    train_stats = {} if a.score_only else train_all(out, budgets, a.size, a.meddiff_args.split(), npy, png)
-    rows = models(out, budgets, budgets[-1])
-    mach = R.machine(dict(seed="fp32", meddiff=next(r["hardware"] for r in rows.values() if r["who"] == "meddiff")))
+    train_stats = {} if a.score_only else train_all(out, budgets, a.size, systems, a.meddiff_args.split(), npy, png,
+                                                    a.ae_share)
+    rows = models(out, budgets, budgets[-1], systems)
+    mach = R.machine(dict(seed="fp32", meddiff=next((r["hardware"] for r in rows.values() if r["who"] != "seed"), "")))
     held = torch.from_numpy(split.images[split.heldout])[:, None] * 2 - 1
     runs, samples, summary_rows = [], {}, {}
     for name, row in rows.items():
         t0 = time.time()
         imgs = sample(row, a.n)
         q = dict(minutes=row["minutes"], who=row["who"], sample_img_per_s_ddim20=a.n / (time.time() - t0),
-                 **score_heldout(imgs, split, n_boot=a.bootstrap),
-                 **val_losses(row["unet"], held, row["objective"], row["schedule"], row["patch"]))
+                 **score_heldout(imgs, split, n_boot=a.bootstrap))
+        # eps-MSE compares models that denoise the same pixels; a latent model denoises its own latents
+        q.update(autoencoder_figures(row["run"], split) if row["who"] == "latent" else
+                 val_losses(row["unet"], held, row["objective"], row["schedule"], row["patch"]))
         trained = train_stats.get("seed" if row["who"] == "seed" else name, row.get("result", {}))
         q.update({k: trained.get(k) for k in ("train_img_per_s", "images_seen", "steps", "peak_rss_mib")})
         if row["who"] == "seed":
             q["images_seen"] = q["steps"] = None  # the seed's counts are those of its whole (longest) run
+        if row["who"] == "latent":  # the first stage's own training: steps, img/s, peak memory
+            ae = json.loads((row["run"].parent / "ae" / "autoencoder.json").read_text())["result"]
+            q["autoencoder_train"] = {k: ae.get(k) for k in ("steps", "seconds", "train_img_per_s", "peak_rss_mib")}
         np.save(out / f"{name}_samples.npy", (imgs * 255).round().astype(np.uint8))
         samples[name] = imgs
         summary_rows[name] = q
         runs.append(dict(model=name, unet=str(row["unet"]), training=trained, **q))
         print(name, json.dumps({k: v for k, v in q.items() if k != "ssim_per_sample"}), flush=True)
-    order = [f"{who}_{m:g}min" for m in budgets for who in ("seed", "meddiff")]
+    order = [f"{who}_{m:g}min" for m in budgets for who in systems]
     write_grid(Path(a.grid), {k: samples[k] for k in order})
     summary = dict(rows=summary_rows, order=order, reference=reference_rows(split, a.bootstrap),
                    heldout=split.description, sampler="DDIM 20 (diffusers DDIMScheduler via meddiff.sample.generate)",
-                   threads_per_run=1, grid=str(a.grid), budgets=budgets)
+                   threads_per_run=1, grid=str(a.grid), budgets=budgets, systems=systems, size=a.size)
     R.write_results(a.results, "quality_per_compute", mach, vars(a), runs, summary)
 
 

@@ -85,7 +85,7 @@ def test_psnr_and_paired_ssim_have_their_textbook_values() -> None:
 
 
 @pytest.mark.parametrize("changes, flag", [(dict(factor=3), "--factor"), (dict(size=40, factor=16), "--size"),
-                                           (dict(patch_px=64), "--patch-px"), (dict(width=12), "--width")])
+                                           (dict(patch_px=24), "--patch-px"), (dict(width=12), "--width")])
 def test_bad_autoencoder_options_are_refused_by_name(changes: dict, flag: str) -> None:
     with pytest.raises(ConfigError, match=flag):
         ae_config("x", "y", **changes)

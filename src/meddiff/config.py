@@ -377,8 +377,8 @@ class AutoencoderConfig(Checked):
     latent_channels: int = option(4, "channels of the latent grid", bounds=Bounds(1, 16, whole=True))
     width: int = option(32, "channels at full resolution (doubled at the next level, then 4x from there on)",
                         bounds=Bounds(8, 256, whole=True, step=8))
-    patch_px: int = option(64, "train on random square crops of this many px (the network is convolutional); 0: "
-                           "whole images", bounds=Bounds(0, 1024, whole=True, step=16))
+    patch_px: int = option(64, "train on random square crops of this many px (the network is convolutional); 0, "
+                           "or the image size or more: whole images", bounds=Bounds(0, 1024, whole=True, step=16))
     batch_size: int = option(8, "images (crops) per step", bounds=BATCH)
     max_steps: int | None = option(None, "stop after this many steps (default 2000 unless --max-minutes)",
                                    bounds=STEP_COUNT, group="stop")
@@ -404,9 +404,8 @@ class AutoencoderConfig(Checked):
             raise ConfigError(f"--factor {self.factor}: choose from {', '.join(map(str, LATENT_FACTORS))}")
         if self.size % self.factor:
             raise ConfigError(f"--size {self.size}: must be a multiple of --factor {self.factor}")
-        if self.patch_px and (self.patch_px > self.size or self.patch_px % self.factor):
-            raise ConfigError(f"--patch-px {self.patch_px}: must be 0 or a multiple of --factor {self.factor} no "
-                              f"larger than --size {self.size}")
+        if self.patch_px % self.factor:
+            raise ConfigError(f"--patch-px {self.patch_px}: must be 0 or a multiple of --factor {self.factor}")
 RESUME_FIELDS: tuple[str, ...] = (*STOP_RULES, "patience")  # what `train --resume` may change: when to stop
 
 

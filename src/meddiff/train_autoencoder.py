@@ -99,7 +99,7 @@ def train_autoencoder(cfg: AutoencoderConfig, data: ImageSet | None = None,
                           "be split into training and held-out images; give more images (or patients)")
     vae = build_autoencoder(cfg).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, betas=(0.5, 0.9), weight_decay=0.0)
-    crop = cfg.patch_px or cfg.size
+    crop = min(cfg.patch_px or cfg.size, cfg.size)
     total = cfg.max_steps or (None if cfg.max_minutes else DEFAULT_STEPS)
     echo(f"training an autoencoder ({count_parameters(vae) / 1e6:.2f} M parameters, {cfg.size} px → "
          f"{cfg.latent_channels} x {cfg.size // cfg.factor} x {cfg.size // cfg.factor}) on {len(train_idx)} images "
