@@ -31,7 +31,16 @@ COMMANDS = {
     "conditional_classes": "python benchmarks/conditional_classes.py",
     "data_scale": "python benchmarks/data_scale.py",
     "gpu_check": "python benchmarks/gpu_check.py",
+    "quality_per_compute_128": "python benchmarks/quality_per_compute.py --size 128 --minutes 3,30 --n 48 "
+                               "--out bench_out/qpc128 --grid docs/qpc128_grid.png "
+                               "--results benchmarks/results/quality_per_compute_128.json",
+    "quality_per_compute_256": "python benchmarks/quality_per_compute.py --size 256 --systems meddiff,latent "
+                               "--minutes 50 --out bench_out/qpc256 --grid docs/qpc256_grid.png "
+                               "--results benchmarks/results/quality_per_compute_256.json",
+    "size_table": "python benchmarks/train_speed.py --cases sizes --steps 2 "
+                  "--results benchmarks/results/size_table.json",
 }
+WHO = {"seed": "seed recipe", "meddiff": "meddiff pixel (default)", "latent": "meddiff latent"}
 TRAIN_SPEED_CASES = {"seed128": "training img/s, `seed` UNet @ 128 px, batch 10, same UNet",
                      "mem128": "peak memory, `seed` UNet at 128 px"}
 
@@ -93,27 +102,62 @@ def _num(value: float | None, fmt: str) -> str:
 
 
 def render_quality_per_compute(doc: dict) -> list[str]:
+    """One row per model: meddiff's rows are compared with the seed recipe's at the same budget where the seed
+    was trained (bold: better, intervals apart); the latent rows add their autoencoder's held-out figures."""
     s = doc["summary"]
     lines = [f"Held-out set: {s['heldout']}. Sampler: {s['sampler']}, n = {doc['settings']['n']} per model.", "",
              "| model | training | train img/s | peak RSS MiB | KID ↓ | FID (randconv) ↓ | SSIM to nearest held-out | "
              "held-out eps-MSE at the seed's levels ↓ | copies of training slices ↓ |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    latent_notes = []
     for name in s["order"]:
         r = s["rows"][name]
-        other = s["rows"][name.replace("meddiff_", "seed_") if r["who"] == "meddiff" else name.replace("seed_", "meddiff_")]
-        cells = [compare(r, other, k, low) for k, low in (("kid", True), ("fid", True), ("ssim", False),
-                                                          ("val_eps_mse", True))] if r["who"] == "meddiff" else \
-            [ci(r[k], r.get(k + "_ci95")) for k in ("kid", "fid", "ssim", "val_eps_mse")]
+        other = s["rows"].get(f"seed_{r['minutes']:g}min")
+        keys = (("kid", True), ("fid", True), ("ssim", False), ("val_eps_mse", True))
+        cells = [compare(r, other, k, low) if r["who"] != "seed" and other and r.get(k) is not None
+                 else ci(r.get(k), r.get(k + "_ci95")) for k, low in keys]
         steps = f" ({r['steps']:,} steps)" if r.get("steps") else ""
-        lines.append(f"| {'seed recipe' if r['who'] == 'seed' else 'meddiff default'} | {r['minutes']:g} min{steps} | "
+        lines.append(f"| {WHO[r['who']]} | {r['minutes']:g} min{steps} | "
                      f"{_num(r.get('train_img_per_s'), '.3g')} | {_num(r.get('peak_rss_mib'), ',.0f')} | "
-                     + " | ".join(cells)
-                     + f" | {r['copies_share']:.0%} |")
+                     + " | ".join(cells) + f" | {r['copies_share']:.0%} |")
+        if r["who"] == "latent":
+            ae = r.get("autoencoder_train") or {}
+            latent_notes.append(
+                f"meddiff latent, {r['minutes']:g} min: its autoencoder ({ae.get('steps', '?')} steps, "
+                f"{_num(ae.get('seconds'), '.0f')} s, peak RSS {_num(ae.get('peak_rss_mib'), ',.0f')} MiB) "
+                f"reconstructs the held-out slices at PSNR {ci(r['autoencoder_psnr_db'], r['autoencoder_psnr_ci95'])} "
+                f"dB, SSIM {ci(r['autoencoder_ssim'], r['autoencoder_ssim_ci95'])}.")
     for name, r in s["reference"].items():
         lines.append(f"| {name} | — | — | — | {ci(r['kid'], r['kid_ci95'])} | {ci(r['fid'], r['fid_ci95'])} | "
                      f"{ci(r['ssim'], r['ssim_ci95'])} | — | — |")
+    lines += [""] + latent_notes if latent_notes else []
     grid = Path(s["grid"])
-    return lines + (["", f"![seed recipe vs meddiff at each budget]({grid.name})"] if grid.parent.name == "docs" else [])
+    return lines + (["", f"![one row of samples per model]({grid.name})"] if grid.parent.name == "docs" else [])
+
+
+def render_size_table(doc: dict) -> list[str]:
+    """The size table: img/s and peak RSS of the seed recipe and meddiff's two paths at each size."""
+    s = doc["summary"]["cases"]["sizes"]
+    lines = ["| size | " + " | ".join(f"{WHO[k]}: img/s, peak RSS" for k in ("seed", "meddiff", "latent"))
+             + " |", "| --- | --- | --- | --- |"]
+    for size, row in s["table"].items():
+        cells = []
+        for side in ("seed", "pixel", "latent"):
+            r = row[side]
+            if r.get("img_per_s"):
+                vs = f", {r['vs_seed']:.3g}x the seed" if r.get("vs_seed") else ""
+                cells.append(f"{spread(r['img_per_s'])}{vs}; {r['peak_rss_mib']:,.0f} MiB")
+            elif r.get("failed"):
+                cells.append(f"failed ({r['failed']})")
+            else:
+                cells.append(f"does not fit: needs ~{r['need_gib']:.0f} GiB (saved-tensor count, an upper bound)")
+        lines.append(f"| {size} px | " + " | ".join(cells) + " |")
+    real = s.get("real_training") or {}
+    if real:
+        lines += ["", "Real training (`meddiff train`, default pixel recipe, data and validation included, 2 threads): "
+                  + "; ".join(f"`{r['data']}`, {r['steps']} steps: peak RSS {r['peak_rss_mib']:,.0f} MiB"
+                              for r in real.values()) + "."]
+    return lines
 
 
 def render_train_speed(doc: dict) -> list[str]:
@@ -223,6 +267,9 @@ RENDERERS: dict[str, Callable[[dict], list[str]]] = {
     "sampling_speed": render_sampling_speed, "sampler_quality": render_sampler_quality,
     "conditional_classes": render_conditional_classes, "data_scale": render_data_scale,
     "gpu_check": render_gpu_check,
+    "quality_per_compute_128": render_quality_per_compute,
+    "quality_per_compute_256": render_quality_per_compute,
+    "size_table": render_size_table,
 }
 
 
@@ -323,7 +370,7 @@ def readme_rows(results: Path) -> list[str]:
 
 # ---------------------------------------------------------------- the blocks in the files
 
-BLOCK = re.compile(r"(<!-- render:(?P<name>[a-z_]+) -->\n)(?P<body>.*?)(<!-- /render -->)", re.S)
+BLOCK = re.compile(r"(<!-- render:(?P<name>[a-z0-9_]+) -->\n)(?P<body>.*?)(<!-- /render -->)", re.S)
 
 
 def fill(text: str, results: Path) -> str:
