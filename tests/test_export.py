@@ -1,6 +1,7 @@
 """Tests for meddiff.export: each format written and read back, DICOM conformance and anonymity, grids, manifest."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -306,11 +307,23 @@ def _add(folder: Path, manifest: Manifest, seed: int, fmt: str = "png") -> str:
 def test_manifest_rows_and_header_once(tmp_path):
     names = [_add(tmp_path, Manifest(tmp_path), seed) for seed in (1, 2)]  # two instances, one header
     lines = (tmp_path / "manifest.csv").read_text().splitlines()
-    assert lines[0] == "file,class,seed,sampler,steps,guidance,model_id,format"
-    assert lines[1] == "xray/pneumonia/seed000001.png,xray/pneumonia,1,dpm,25,3.0,9f2c01ab,png"
+    assert lines[0] == "file,class,seed,sampler,steps,guidance,model_id,format,mask"
+    assert lines[1] == "xray/pneumonia/seed000001.png,xray/pneumonia,1,dpm,25,3.0,9f2c01ab,png,"
     assert len(lines) == 3
     assert Manifest(tmp_path).done() == set(names)
     assert Manifest(tmp_path).rows()[1]["seed"] == "2"
+
+
+def test_an_older_manifest_without_the_mask_column_is_read_and_continued(tmp_path):
+    old = "file,class,seed,sampler,steps,guidance,model_id,format\na.png,,1,ddim,20,1.0,m1,png\n"
+    (tmp_path / "manifest.csv").write_text(old)
+    (tmp_path / "a.png").write_bytes(b"x")
+    manifest = Manifest(tmp_path)
+    assert manifest.done() == {"a.png"} and manifest.rows()[0]["mask"] == ""
+    manifest.add("b.png", _info(2), "png")
+    assert (tmp_path / "manifest.csv").read_text().splitlines()[2].count(",") == 7  # its own format kept
+    with pytest.raises(RunError, match="without a mask column"):
+        manifest.add("images/c.png", dataclasses.replace(_info(3), mask="masks/c.png"), "png")
 
 
 def test_manifest_resume_needs_both_row_and_file(tmp_path):

@@ -216,6 +216,7 @@ class ModelConfig:
     patch_size: int = 1          # >1: the UNet sees (p*p, S/p, S/p) space-to-depth patches (Hoogeboom et al. 2023)
     in_channels: int = 1         # channels the UNet denoises: 1 (pixels) or an autoencoder's latent channels
     latent_factor: int = 1       # >1: a latent model; sample_size is the latent grid, images are this many times larger
+    mask_values: tuple[int, ...] = ()  # label-map conditioning: one input channel per label value (issue 21)
 
     @property
     def image_size(self) -> int:
@@ -225,6 +226,11 @@ class ModelConfig:
     @property
     def latent(self) -> bool:
         return self.latent_factor > 1
+
+    @property
+    def cond_channels(self) -> int:
+        """Input channels beside the image: one per label value of a mask-conditioned model."""
+        return len(self.mask_values)
 
 
 def _unet(channels: tuple[int, ...], attention_at: int, layers: int, **extra: Any) -> dict[str, Any]:
@@ -342,6 +348,8 @@ class TrainConfig(Checked):
     cache_dir: str | None = option(None, "preprocessed-image cache")
     autoencoder: str | None = option(None, "an autoencoder folder (meddiff train-autoencoder): train the diffusion "
                                      "model in its latent space; the run keeps its own copy")
+    masks: str = option("auto", "condition on the images' label maps: auto (when the data have them: images/ + "
+                        "masks/, builtin:phantoms?masks=1) or off", choices=("auto", "off"))
     progress: bool = option(True, "no progress bar")
 
     def resolve(self) -> "TrainConfig":
@@ -428,6 +436,9 @@ class SampleConfig(Checked):
     batch_size: int = option(16, "images per forward pass", bounds=BATCH)
     class_name: str | None = option(None, "a class the model knows, e.g. xray/pneumonia", flags=("--class",))
     per_class: int | None = option(None, "N images of each class, in class folders", bounds=IMAGES)
+    masks: str | None = option(None, "a folder of label images (PNG/TIFF/BMP, label values as the model learnt "
+                               "them): one image for each map (each class's with --per-class; --n is not used), "
+                               "written as images/ + masks/ pairs")
     guidance: float = option(1.0, "classifier-free guidance scale (1 = none)", bounds=GUIDANCE, web=Bounds(0, 20))
     fmt: str = option("png", "file format", flags=("--format",), choices=FORMATS, web=("png", "dicom"))
     weights: str = option("ema", "ema: the averaged weights, best: the lowest validation loss, raw: the last "
@@ -475,7 +486,7 @@ def noise_shift_for(preset: str, size: int) -> float:
 
 
 def model_config(preset: str, size: int, num_classes: int = 0, patch: int | None = None, channels: int = 1,
-                 latent_factor: int = 1) -> ModelConfig:
+                 latent_factor: int = 1, mask_values: tuple[int, ...] = ()) -> ModelConfig:
     """The UNet of a preset at an image size (or, for a latent model, the latent grid's size, `channels` deep,
     `latent_factor` times smaller than the images); `patch` overrides the preset's rule (`patch_for`)."""
     check_value("--preset", preset, choices=PRESETS)
@@ -487,7 +498,7 @@ def model_config(preset: str, size: int, num_classes: int = 0, patch: int | None
         raise ConfigError(f"--size {size}: preset {preset!r} reduces the image by {factor}{patched}, "
                           f"so the size must be a multiple of {factor}")
     return ModelConfig(sample_size=size, num_classes=num_classes, in_channels=channels, latent_factor=latent_factor,
-                       **arch)
+                       mask_values=tuple(mask_values), **arch)
 
 
 def to_json(obj: Any) -> dict[str, Any]:

@@ -34,7 +34,9 @@ from .errors import ConfigError, DataError, RunError
 SUFFIX: dict[str, str] = {"png": ".png", "png16": ".png", "dicom": ".dcm", "nifti": ".nii.gz"}
 GRID_PAD_VALUE = 255  # white lines: most medical images have a black background
 MANIFEST_NAME = "manifest.csv"
-MANIFEST_COLUMNS: tuple[str, ...] = ("file", "class", "seed", "sampler", "steps", "guidance", "model_id", "format")
+MANIFEST_COLUMNS: tuple[str, ...] = ("file", "class", "seed", "sampler", "steps", "guidance", "model_id", "format",
+                                     "mask")
+LEGACY_COLUMNS = MANIFEST_COLUMNS[:-1]  # folders written before label maps (issue 21): read and continued as they are
 # A DICOM window that maps stored 0..65535 onto 0..1 exactly: PS3.3 C.11.2.1.2.1 (LINEAR),
 # y = ((x - (c - 0.5)) / (w - 1) + 0.5) = x / 65535 for c = 32768, w = 65536.
 WINDOW_CENTER, WINDOW_WIDTH = "32768", "65536"  # DS strings: pydicom would write 32768.0
@@ -64,6 +66,7 @@ class SyntheticInfo:
     sampler: str
     steps: int
     guidance: float
+    mask: str | None = None  # the label map it was generated for (its file beside it, relative), if any
 
     def __post_init__(self) -> None:
         try:  # numpy scalars from the sampler become plain numbers (JSON, CSV)
@@ -312,6 +315,32 @@ def write_image(image: np.ndarray, path: Path, fmt: str, info: SyntheticInfo) ->
     return _write_nifti(_nifti_axes(to_uint16(arr))[:, :, None], path, [info])
 
 
+def write_label_map(labels: np.ndarray, path: Path, fmt: str, info: SyntheticInfo) -> Path:
+    """Write one (H, W) integer label map beside its image, atomically: a PNG label image (8-bit when every value
+    fits, else 16-bit; values as they are, never scaled) or, for a NIfTI image, a NIfTI label volume of the same
+    geometry (uint16, no scaling). Returns `path`, whose suffix `label_map_suffix(fmt)` gives."""
+    arr = np.asarray(labels)
+    if arr.ndim != 2 or arr.dtype.kind not in "ui" or (arr.size and (arr.min() < 0 or arr.max() > 65535)):
+        raise DataError(f"{path}: a label map must be (H, W) integers from 0 to 65535")
+    if fmt == "nifti":
+        img = nib.Nifti1Image(_nifti_axes(arr.astype(np.uint16))[:, :, None], np.eye(4))
+        img.set_sform(np.eye(4), code="aligned")
+        img.set_qform(np.eye(4), code="aligned")
+        img.header.set_xyzt_units("mm")
+        img.header.set_slope_inter(1.0, 0.0)
+        img.header["intent_code"] = 1002  # NIFTI_INTENT_LABEL
+        img.header["descrip"] = f"label map, synthetic meddiff seed={info.seed}"[:80].encode("ascii", "replace")
+        payload = gzip.compress(img.to_bytes(), compresslevel=6, mtime=0)
+        return write_file(path, lambda f: f.write(payload))
+    pixels = arr.astype(np.uint8 if arr.size == 0 or arr.max() < 256 else np.uint16)
+    return _write_png(np.ascontiguousarray(pixels), path, _png_text(info))
+
+
+def label_map_suffix(fmt: str) -> str:
+    """A label map's file suffix beside an image of format `fmt`: NIfTI beside NIfTI, else PNG."""
+    return SUFFIX["nifti"] if fmt == "nifti" else ".png"
+
+
 # --- manifest -----------------------------------------------------------------------------------------
 
 class Manifest:
@@ -322,13 +351,15 @@ class Manifest:
         self.folder = Path(folder)
         self.path = self.folder / name
         self._has_header: bool | None = None  # known after the first add()
+        self._legacy = False  # a header without the mask column (an older meddiff's folder)
 
     def rows(self) -> list[dict[str, str]]:
         """The complete rows, oldest first (a file written twice appears twice)."""
         lines = self._complete_lines()
         if not lines:
             return []
-        return [dict(zip(MANIFEST_COLUMNS, r)) for r in csv.reader(lines[1:]) if len(r) == len(MANIFEST_COLUMNS)]
+        columns = tuple(next(csv.reader(lines[:1])))
+        return [{"mask": "", **dict(zip(columns, r))} for r in csv.reader(lines[1:]) if len(r) == len(columns)]
 
     def done(self) -> set[str]:
         """Files listed in the manifest and present on disk: complete, since files are written atomically
@@ -342,11 +373,16 @@ class Manifest:
         if file.startswith("/") or any(p in ("", ".", "..") for p in parts) or not file.isprintable():
             raise ConfigError(f"manifest entry {file!r} must be a relative path inside {self.folder}")
         row = (file, info.class_name or "", info.seed, info.sampler, info.steps, repr(float(info.guidance)),
-               info.model_id, fmt)
+               info.model_id, fmt, info.mask or "")
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         if self._has_header is None:
             self._has_header = self._repair()
+        if self._has_header and self._legacy:
+            if info.mask:
+                raise RunError(f"{self.path}: written by an older meddiff, without a mask column; write image and "
+                               "label-map pairs into a new folder")
+            row = row[:-1]
         if not self._has_header:
             writer.writerow(MANIFEST_COLUMNS)
             self._has_header = True
@@ -388,9 +424,11 @@ class Manifest:
     def _complete_lines(self) -> list[str]:
         """The newline-terminated lines, after checking the header; [] when there is no manifest."""
         lines = self._lines()
-        if lines and tuple(next(csv.reader(lines[:1]))) != MANIFEST_COLUMNS:
+        header = tuple(next(csv.reader(lines[:1]))) if lines else MANIFEST_COLUMNS
+        if header not in (MANIFEST_COLUMNS, LEGACY_COLUMNS):
             raise RunError(f"{self.path}: header is {lines[0].strip()!r}, expected {','.join(MANIFEST_COLUMNS)!r}; "
                            "move this file away or choose another output folder")
+        self._legacy = header == LEGACY_COLUMNS
         return lines
 
     def _repair(self) -> bool:

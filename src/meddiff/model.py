@@ -21,7 +21,7 @@ def unet_config(cfg: ModelConfig) -> dict[str, Any]:
     that classifier-free guidance trains with dropped labels and samples as the unconditional branch."""
     p = cfg.patch_size
     c = cfg.in_channels * p * p
-    return dict(sample_size=cfg.sample_size // p, in_channels=c, out_channels=c,
+    return dict(sample_size=cfg.sample_size // p, in_channels=c + cfg.cond_channels * p * p, out_channels=c,
                 layers_per_block=cfg.layers_per_block, block_out_channels=tuple(cfg.block_out_channels),
                 down_block_types=tuple(cfg.down_block_types), up_block_types=tuple(cfg.up_block_types),
                 norm_num_groups=cfg.norm_num_groups, attention_head_dim=cfg.attention_head_dim,
@@ -82,28 +82,45 @@ def from_patches(x: torch.Tensor, patch_size: int) -> torch.Tensor:
     return F.pixel_shuffle(x, patch_size) if patch_size > 1 else x
 
 
+def mask_channels(masks: torch.Tensor, values: tuple[int, ...]) -> torch.Tensor:
+    """Label maps (B, 1, H, W) integers → the conditioning channels (B, K, H, W) float32, one per label value:
+    +1 where the map has that value, -1 elsewhere. 0 everywhere (`torch.zeros`) is "no map": what training shows
+    with dropped conditions and what guidance's unconditional branch sees."""
+    want = torch.as_tensor(values, device=masks.device).view(1, -1, 1, 1)
+    return (masks == want).float() * 2 - 1
+
+
+def with_cond(x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+    """The UNet's input: x_t, then the conditioning channels (label maps) where the model has them."""
+    return x if cond is None else torch.cat([x, cond.to(x.dtype)], dim=1)
+
+
 def denoise(unet: UNet2DModel, x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None,
-            patch_size: int = 1) -> torch.Tensor:
-    """The UNet's output for (B, 1, H, W) inputs, through space-to-depth patches when patch_size > 1 (a lossless
-    rearrangement, so the output is again (B, 1, H, W)). Training calls this; sampling calls a `Denoiser`."""
-    return from_patches(unet(to_patches(x, patch_size), t, class_labels=class_labels).sample, patch_size)
+            patch_size: int = 1, cond: torch.Tensor | None = None) -> torch.Tensor:
+    """The UNet's output for (B, C, H, W) inputs (and (B, K, H, W) label-map channels `cond`), through
+    space-to-depth patches when patch_size > 1 (a lossless rearrangement, so the output is again (B, C, H, W)).
+    Training calls this; sampling calls a `Denoiser`."""
+    return from_patches(unet(to_patches(with_cond(x, cond), patch_size), t, class_labels=class_labels).sample,
+                        patch_size)
 
 
 class Denoiser:
-    """The model as a sampler sees it: `denoiser(x_t, t) → prediction`, (B, 1, H, W) in and out (eps or v, as
+    """The model as a sampler sees it: `denoiser(x_t, t) → prediction`, (B, C, H, W) in and out (eps or v, as
     the UNet was trained), with everything else its own state: the UNet, the class labels and the null class,
-    the guidance scale, the patch size, the autocast precision and the DeepCache feature cache.
+    the label maps' conditioning channels (`cond`), the guidance scale, the patch size, the autocast precision
+    and the DeepCache feature cache.
 
-    Classifier-free guidance (Ho & Salimans 2022, eq. 6): out = u + w (c - u), u from the null class; one pass
-    when there is nothing to guide (no labels, w = 1, or only null labels). DeepCache (Ma et al. 2024, Alg. 1):
+    Classifier-free guidance (Ho & Salimans 2022, eq. 6): out = u + w (c - u), u from the null class and no label
+    map (zero channels); one pass when there is nothing to guide (w = 1, or neither a class nor a map). DeepCache (Ma et al. 2024, Alg. 1):
     the full UNet runs on call 0, cache_interval, 2 cache_interval, ...; the calls between reuse its deep
     features (see `cached_unet_forward`). One Denoiser serves one sampling run of one batch."""
 
     def __init__(self, unet: UNet2DModel, labels: torch.Tensor | None = None, null_class: int = 0,
-                 guidance: float = 1.0, patch_size: int = 1, cache_interval: int = 1, precision: str = "fp32") -> None:
+                 guidance: float = 1.0, patch_size: int = 1, cache_interval: int = 1, precision: str = "fp32",
+                 cond: torch.Tensor | None = None) -> None:
         if cache_interval < 1:
             raise ConfigError(f"--cache-interval {cache_interval}: must be a whole number ≥ 1 (1 = off)")
-        self.unet, self.labels, self.null_class = unet, labels, null_class
+        self.unet, self.labels, self.null_class, self.cond = unet, labels, null_class, cond
         self.guidance, self.patch_size, self.precision = guidance, patch_size, precision
         self.cache_interval = cache_interval
         self.calls = 0                            # UNet evaluations so far; DeepCache's refresh schedule
@@ -113,7 +130,10 @@ class Denoiser:
     def guided(self) -> bool:
         """Whether a call runs the conditional and the unconditional branch (batched as one UNet pass)."""
         labels = self.labels
-        return labels is not None and self.guidance != 1.0 and not bool((labels == self.null_class).all())
+        if self.guidance == 1.0:
+            return False
+        has_class = labels is not None and not bool((labels == self.null_class).all())
+        return has_class or (self.cond is not None and bool(self.cond.any()))
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """x_t (B, 1, H, W), any float dtype (cast to the UNet's), and t (B,) → the prediction (B, 1, H, W)."""
@@ -122,15 +142,18 @@ class Denoiser:
         x = x.to(self.unet.dtype)
         with autocast(x.device, self.precision):
             if not self.guided:
-                return self._forward(x, t, self.labels, refresh)
-            labels = torch.cat([self.labels, torch.full_like(self.labels, self.null_class)])
-            cond, uncond = self._forward(torch.cat([x, x]), torch.cat([t, t]), labels, refresh).chunk(2)
-            return uncond + self.guidance * (cond - uncond)
+                return self._forward(x, t, self.labels, self.cond, refresh)
+            labels = None if self.labels is None else torch.cat([self.labels,
+                                                                 torch.full_like(self.labels, self.null_class)])
+            cond = None if self.cond is None else torch.cat([self.cond, torch.zeros_like(self.cond)])
+            with_c, without = self._forward(torch.cat([x, x]), torch.cat([t, t]), labels, cond, refresh).chunk(2)
+            return without + self.guidance * (with_c - without)
 
-    def _forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, refresh: bool) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, cond: torch.Tensor | None,
+                 refresh: bool) -> torch.Tensor:
         if self.cache_interval == 1:
-            return denoise(self.unet, x, t, labels, self.patch_size)
-        out, self._deep = cached_unet_forward(self.unet, to_patches(x, self.patch_size), t, labels,
+            return denoise(self.unet, x, t, labels, self.patch_size, cond)
+        out, self._deep = cached_unet_forward(self.unet, to_patches(with_cond(x, cond), self.patch_size), t, labels,
                                               None if refresh else self._deep)
         return from_patches(out, self.patch_size)
 

@@ -24,10 +24,11 @@ from . import export, runfolder
 from .atomic import check_out_dir, no_space_is_an_error
 from .config import (MAX_IMAGES, SAMPLERS, SEEDS, STEPS, ModelConfig, SampleConfig, TrainConfig, check_value,
                      default_sampler)
-from .data.readers import read_file
-from .errors import ConfigError
+from .data.dataset import PAIR_FOLDERS, labels_to_square
+from .data.readers import read_file, read_label_map
+from .errors import ConfigError, UnreadableFile
 from .latent import decode as decode_latents
-from .model import Denoiser, null_class, with_meddiff_attention
+from .model import Denoiser, mask_channels, null_class, with_meddiff_attention
 from .runtime import Dist, describe, pick_device, pick_precision, progress_bar
 
 _SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
@@ -111,12 +112,20 @@ def sampler_and_steps(run: LoadedRun, sampler: str | None = None, steps: int | N
 
 
 def make_denoiser(run: LoadedRun, label: int | None, batch: int, guidance: float = 1.0, precision: str = "fp32",
-                  cache_interval: int = 1) -> Denoiser:
-    """The run's Denoiser for `batch` images of one label (None: an unconditional model)."""
+                  cache_interval: int = 1, masks: torch.Tensor | None = None) -> Denoiser:
+    """The run's Denoiser for `batch` images of one label (None: an unconditional model) and, for a model
+    trained on label maps, their maps (B, 1, S, S) (None: no map, the unconditional branch's zero channels)."""
     device = next(run.unet.parameters()).device
     labels = None if label is None else torch.full((batch,), label, dtype=torch.long, device=device)
+    cond = None
+    if run.model.cond_channels:
+        size = run.model.sample_size
+        cond = (torch.zeros(batch, run.model.cond_channels, size, size, device=device) if masks is None else
+                mask_channels(torch.as_tensor(masks).view(batch, 1, size, size).to(device), run.model.mask_values))
+    elif masks is not None:
+        raise ConfigError("--masks: this model was not trained on label maps (its data had none)")
     return Denoiser(run.unet, labels, null_class(run.model), guidance, run.model.patch_size, cache_interval,
-                    precision)
+                    precision, cond)
 
 
 def initial_noise(seeds: list[int], shape: int | tuple[int, int, int]) -> tuple[torch.Tensor, list[torch.Generator]]:
@@ -171,38 +180,86 @@ def sample_loop(scheduler: Any, denoiser: Callable[[torch.Tensor, torch.Tensor],
 @torch.no_grad()
 def generate(run: LoadedRun, seeds: list[int], label: int | None = None, sampler: str | None = None,
              steps: int | None = None, guidance: float = 1.0, precision: str = "fp32",
-             cache_interval: int = 1) -> np.ndarray:
+             cache_interval: int = 1, masks: np.ndarray | torch.Tensor | None = None) -> np.ndarray:
     """Images for the given seeds: (len(seeds), H, W) float32 in [0, 1]. sampler/steps None: the run's default
-    (`config.default_sampler`). cache_interval > 1 turns on DeepCache feature reuse (faster, approximate)."""
+    (`config.default_sampler`). cache_interval > 1 turns on DeepCache feature reuse (faster, approximate).
+    masks: one label map per seed, (B, S, S) integers, for a model trained on label maps; guidance applies to
+    the maps as to the class (the unconditional branch has neither)."""
     sampler, steps = sampler_and_steps(run, sampler, steps)
+    if masks is not None:
+        masks = torch.as_tensor(np.asarray(masks, dtype=np.int64)).reshape(len(seeds), 1, *np.shape(masks)[-2:])
     if sampler == "heun" and len(seeds) > 1:
         # Heun's endpoint derivative divides by the next sigma, amplifying the UNet's batch-size-dependent float32
         # rounding into visible differences: one image per call keeps "same seed, same image" (rule 5)
-        return np.concatenate([generate(run, [s], label, sampler, steps, guidance, precision, cache_interval)
-                               for s in seeds])
+        return np.concatenate([generate(run, [s], label, sampler, steps, guidance, precision, cache_interval,
+                                        None if masks is None else masks[k:k + 1]) for k, s in enumerate(seeds)])
     scheduler = make_scheduler(sampler, run.scheduler_config, steps)
-    denoiser = make_denoiser(run, label, len(seeds), guidance, precision, cache_interval)
+    denoiser = make_denoiser(run, label, len(seeds), guidance, precision, cache_interval, masks)
     noise, generators = initial_noise(seeds, run.noise_shape())
     device = next(run.unet.parameters()).device
     return sample_loop(scheduler, denoiser, noise.to(device), generators,
                        decode=decoder(run, precision))[:, 0].cpu().numpy()
 
 
-def plan(run: LoadedRun, cfg: SampleConfig) -> list[tuple[str, int, int | None]]:
-    """(relative file stem, seed, label) for every image of a request; seeds are cfg.seed + position."""
+Job = tuple[str, int, "int | None", "int | None"]  # (file stem, seed, label, index of its label map or None)
+
+
+def plan(run: LoadedRun, cfg: SampleConfig, n_maps: int = 0) -> list[Job]:
+    """(relative file stem, seed, label, label map) for every image of a request; seeds are cfg.seed + position.
+    With `n_maps` label maps (--masks) one image per map (per map and class with --per-class), stems under
+    images/ and their maps under masks/ with the same name."""
+    maps = list(range(n_maps)) if n_maps else [None]
     if cfg.per_class is not None:
         names = [cfg.class_name] if cfg.class_name else list(run.class_names)
         if not run.conditional:
             raise ConfigError("--per-class: this model is unconditional; use --n")
-        total = cfg.per_class * len(names)
+        per = cfg.per_class * len(maps)
+        total = per * len(names)
         if total > MAX_IMAGES or cfg.seed + total - 1 > SEEDS.hi:
             raise ConfigError(f"--per-class {cfg.per_class}: {total} images for {len(names)} classes; at most "
                               f"{MAX_IMAGES} in all, with seeds up to {SEEDS.hi}")
-        jobs = [(f"{c}/seed{cfg.seed + k * cfg.per_class + j:06d}", cfg.seed + k * cfg.per_class + j,
-                 class_index(run, c)) for k, c in enumerate(names) for j in range(cfg.per_class)]
-        return jobs
+        return [(_stem(f"{c}/", cfg.seed + k * per + j, n_maps), cfg.seed + k * per + j, class_index(run, c),
+                 maps[j % len(maps)]) for k, c in enumerate(names) for j in range(per)]
     label = class_index(run, cfg.class_name)
-    return [(f"seed{cfg.seed + i:06d}", cfg.seed + i, label) for i in range(cfg.n)]
+    count = n_maps or cfg.n
+    if cfg.seed + count - 1 > SEEDS.hi:
+        raise ConfigError(f"--seed {cfg.seed}: with {count} images the seeds run past the largest, {SEEDS.hi}")
+    return [(_stem("", cfg.seed + i, n_maps), cfg.seed + i, label, maps[i % len(maps)]) for i in range(count)]
+
+
+def _stem(prefix: str, seed: int, n_maps: int) -> str:
+    return f"{PAIR_FOLDERS[0]}/{prefix}seed{seed:06d}" if n_maps else f"{prefix}seed{seed:06d}"
+
+
+def read_masks(folder: str | Path, run: LoadedRun, echo: Callable[[str], None] = print) -> list[np.ndarray]:
+    """--masks: every label image in a folder (sorted by path), each brought to the model's size by nearest
+    neighbour → (S, S) int64 maps. A file that is no label image, or holds a label value the model does not know,
+    is skipped and counted; none left is a ConfigError naming the folder."""
+    root = Path(folder).expanduser()
+    if not run.model.cond_channels:
+        raise ConfigError(f"--masks {folder}: this model was not trained on label maps (its data had none)")
+    if not root.is_dir():
+        raise ConfigError(f"--masks {folder}: not a folder of label images")
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".png", ".tif", ".tiff", ".bmp"))
+    known, maps, skipped = set(run.model.mask_values) | {0}, [], []
+    for path in files:
+        try:
+            labels = read_label_map(path)
+        except UnreadableFile as err:
+            skipped.append(f"{path.relative_to(root)}: {err.reason}")
+            continue
+        unknown = sorted(set(np.unique(labels).tolist()) - known)
+        if unknown:
+            skipped.append(f"{path.relative_to(root)}: label value(s) {unknown} this model does not know (it knows "
+                           f"{', '.join(map(str, run.model.mask_values))})")
+            continue
+        maps.append(labels_to_square(labels, run.model.image_size).astype(np.int64))
+    if skipped:
+        echo(f"skipped {len(skipped)} of {len(files)} label images: " + "; ".join(skipped[:3])
+             + (" …" if len(skipped) > 3 else ""))
+    if not maps:
+        raise ConfigError(f"--masks {folder}: no usable label images (PNG, TIFF or BMP of the model's label values)")
+    return maps
 
 
 def _manifests(out: Path, dist: Dist) -> tuple[Any, set[str]]:
@@ -247,7 +304,8 @@ def sample_to_folder(cfg: SampleConfig, echo: Callable[[str], None] = print, dis
     manifest, done = _manifests(out, dist)
     if dist.active:  # every rank must split the same list: none may start writing before all have read the folder
         td.barrier()
-    jobs = plan(run, cfg)
+    maps = read_masks(cfg.masks, run, echo) if cfg.masks else []
+    jobs = plan(run, cfg, len(maps))
     suffix = export.SUFFIX[cfg.fmt]
     remaining = [j for j in jobs if f"{j[0]}{suffix}" not in done]
     todo = remaining[dist.rank::dist.world]
@@ -259,11 +317,15 @@ def sample_to_folder(cfg: SampleConfig, echo: Callable[[str], None] = print, dis
         chunk = todo[lo:lo + cfg.batch_size]
         for label in sorted({j[2] for j in chunk}, key=lambda v: -1 if v is None else v):
             part = [j for j in chunk if j[2] == label]
+            part_maps = np.stack([maps[j[3]] for j in part]) if maps else None
             imgs = generate(run, [j[1] for j in part], label, cfg.sampler, cfg.steps, cfg.guidance, precision,
-                            cfg.cache_interval)
-            for (stem, seed, lab), img in zip(part, imgs):
+                            cfg.cache_interval, part_maps)
+            for k, ((stem, seed, lab, _m), img) in enumerate(zip(part, imgs)):
                 name = run.class_names[lab] if lab is not None and lab < len(run.class_names) else None
-                info = export.SyntheticInfo(run.model_id, seed, name, cfg.sampler, cfg.steps, cfg.guidance)
+                mask = None if part_maps is None else _mask_file(stem, cfg.fmt)
+                info = export.SyntheticInfo(run.model_id, seed, name, cfg.sampler, cfg.steps, cfg.guidance, mask)
+                if mask is not None:  # the map first: a listed image always has its map beside it
+                    export.write_label_map(part_maps[k], out / mask, cfg.fmt, info)
                 _write_sample(img, out, f"{stem}{suffix}", cfg.fmt, info, manifest, existed)
         if bar is not None:
             bar.update(len(chunk) * dist.world)
@@ -275,7 +337,7 @@ def sample_to_folder(cfg: SampleConfig, echo: Callable[[str], None] = print, dis
         if dist.main:
             _merge_manifests(out)
     if cfg.grid and len(jobs) <= GRID_MAX_IMAGES and dist.main:
-        _write_grid(out, jobs, suffix, cfg.per_class)
+        _write_grid(out, jobs, suffix, cfg.per_class * max(1, len(maps)) if cfg.per_class else None)
     return dict(out=str(out), written=len(remaining), skipped=len(jobs) - len(remaining), seconds=seconds,
                 img_per_s=len(remaining) / seconds if remaining and seconds > 0 else None, model_id=run.model_id,
                 hardware=describe(device, precision))
@@ -297,11 +359,17 @@ def _write_sample(image: np.ndarray, out: Path, name: str, fmt: str, info: Any, 
         raise
 
 
-def _write_grid(out: Path, jobs: list[tuple[str, int, int | None]], suffix: str, per_class: int | None) -> None:
+def _mask_file(stem: str, fmt: str) -> str:
+    """images/<name> → masks/<name> with the label map's suffix."""
+    return PAIR_FOLDERS[1] + stem[len(PAIR_FOLDERS[0]):] + export.label_map_suffix(fmt)
+
+
+def _write_grid(out: Path, jobs: list[Job], suffix: str, per_class: int | None) -> None:
     """grid.png of every image of the request; a per-class request gets one row per class, labelled with it."""
-    images = [read_file(out / f"{stem}{suffix}")[0][0] for stem, _seed, _lab in jobs]
+    images = [read_file(out / f"{stem}{suffix}")[0][0] for stem, *_rest in jobs]
     ncols = per_class if per_class is not None and per_class <= GRID_ROW_MAX else None
-    labels = [jobs[k][0].rpartition("/")[0] for k in range(0, len(jobs), ncols)] if ncols else None
+    labels = ([jobs[k][0].rpartition("/")[0].removeprefix(PAIR_FOLDERS[0] + "/") for k in range(0, len(jobs), ncols)]
+              if ncols else None)
     export.save_png(export.make_grid(np.stack(images), ncols=ncols, row_labels=labels), out / "grid.png")
 
 

@@ -26,7 +26,7 @@ from .data.dataset import ImageSet, check_memory, load_data, skipped_listing, sp
 from .diffusion import alphas_cumprod, diffusion_loss, predicted_eps, q_sample
 from .errors import ConfigError, RunError
 from .latent import encode_set, latent_bytes, latent_factor, load_autoencoder, read_autoencoder_record
-from .model import build_unet, count_parameters, denoise, null_class
+from .model import build_unet, count_parameters, denoise, mask_channels, null_class
 from .modelcard import write_model_card
 from .runfolder import RunRecord, TrainResult  # TrainResult: stored in the run record, returned by train()
 from .runtime import Dist, autocast, available_memory, describe, pick_device, pick_precision, progress_bar
@@ -113,11 +113,13 @@ def timesteps_at(alpha_bar: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
 
 def validation_loss(unet: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | None,
                     alpha_bar: torch.Tensor, objective: str, seed: int = 0, batch: int = 32,
-                    patch_size: int = 1, noise_levels: torch.Tensor | None = None) -> float:
+                    patch_size: int = 1, noise_levels: torch.Tensor | None = None,
+                    cond: torch.Tensor | None = None) -> float:
     """Mean eps-MSE at fixed noise and evenly spaced timesteps: the same draws at every evaluation and for
     every objective (v-predictions are converted to eps), so values compare across evaluations of a run.
     `validation_losses` gives the same losses one per draw, with their timesteps."""
-    _, losses = validation_losses(unet, images, labels, alpha_bar, objective, seed, batch, patch_size, noise_levels)
+    _, losses = validation_losses(unet, images, labels, alpha_bar, objective, seed, batch, patch_size, noise_levels,
+                                  cond=cond)
     return float(losses.mean())
 
 
@@ -125,7 +127,8 @@ def validation_loss(unet: torch.nn.Module, images: torch.Tensor, labels: torch.T
 def validation_losses(unet: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor | None,
                       alpha_bar: torch.Tensor, objective: str, seed: int = 0, batch: int = 32,
                       patch_size: int = 1, noise_levels: torch.Tensor | None = None,
-                      reps: int = VAL_TIMESTEPS_PER_IMAGE) -> tuple[torch.Tensor, torch.Tensor]:
+                      reps: int = VAL_TIMESTEPS_PER_IMAGE,
+                      cond: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(timesteps, eps-MSE) of each validation draw, both (N * reps,): N images at `reps` evenly spaced timesteps.
 
     Two recipes with different schedules put different noise levels at timestep t, so their losses at equal t
@@ -147,7 +150,8 @@ def validation_losses(unet: torch.nn.Module, images: torch.Tensor, labels: torch
         x_t = q_sample(x0, eps, ab)
         lab = labels[idx % n].to(device) if labels is not None else None
         t_model = t if noise_levels is None else timesteps_at(alpha_bar.cpu(), ab.cpu())
-        pred = denoise(unet, x_t, t_model.to(device), lab, patch_size).float()
+        c = cond[idx % n].to(device) if cond is not None else None
+        pred = denoise(unet, x_t, t_model.to(device), lab, patch_size, c).float()
         losses[idx] = (predicted_eps(pred, x_t, ab, objective) - eps).pow(2).mean(dim=(1, 2, 3)).double().cpu()
     return t_all, losses
 
@@ -166,8 +170,10 @@ def activation_bytes_per_image(unet: torch.nn.Module, mcfg: ModelConfig, device:
     x = torch.zeros(1, mcfg.in_channels, mcfg.sample_size, mcfg.sample_size, device=device)
     t = torch.zeros(1, dtype=torch.long, device=device)
     lab = torch.zeros(1, dtype=torch.long, device=device) if mcfg.num_classes else None
+    cond = (torch.zeros(1, mcfg.cond_channels, mcfg.sample_size, mcfg.sample_size, device=device)
+            if mcfg.cond_channels else None)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(device, precision):
-        denoise(unet, x, t, lab, mcfg.patch_size).float().mean().backward()
+        denoise(unet, x, t, lab, mcfg.patch_size, cond).float().mean().backward()
     unet.zero_grad(set_to_none=True)
     return total
 
@@ -244,6 +250,26 @@ def batch_images(data: ImageSet, device: torch.device) -> Callable[[torch.Tensor
         resident = data.images.to(device)
         return lambda idx: resident[idx]
     return lambda idx: data.take(idx.cpu()).to(device, non_blocking=True)
+
+
+def _mask_values(cfg: TrainConfig, data: ImageSet, record: RunRecord | None,
+                 echo: Callable[[str], None]) -> tuple[int, ...]:
+    """The label values a new run conditions on (one input channel each): those of the data's label maps, unless
+    --masks off or the data have none. A resumed run keeps its own and needs maps again."""
+    if record is not None:
+        if record.model.cond_channels and not data.has_masks:
+            raise RunError(f"--resume {cfg.out}: the run conditions on label maps and its data no longer have them")
+        return record.model.mask_values
+    if cfg.masks == "off" or not data.has_masks:
+        return ()
+    if cfg.autoencoder is not None:
+        raise ConfigError(f"--autoencoder with label maps (--data {cfg.data}): mask-conditioned training runs in "
+                          "pixel space for now; add --masks off to train on the images alone")
+    if not data.mask_values:
+        echo("note: every label map is background only: training without them")
+        return ()
+    echo(f"conditioning on label maps: label value(s) {', '.join(map(str, data.mask_values))}")
+    return data.mask_values
 
 
 @dataclass
@@ -410,13 +436,14 @@ def _train(cfg: TrainConfig, data: ImageSet | None, resume: bool, echo: Callable
     train_idx, val_idx = split(data, cfg.val_fraction, cfg.seed)
     if len(train_idx) == 0:
         raise ConfigError(f"--data {cfg.data}: no training images left after the validation split")
+    mask_values = _mask_values(cfg, data, record, echo)
     latent = None
     if cfg.autoencoder is not None:  # the latent path: from here on `data` is the set's latents
         cfg, data, latent = _latent_data(cfg, data, train_idx, record, run, device, precision, echo)
     n_classes = len(data.class_names) if conditional else 0
     mcfg: ModelConfig = (record.model if record else
-                         model_config(cfg.preset, cfg.size, n_classes, patch=cfg.patch) if latent is None else
-                         _latent_model(cfg, data, n_classes))
+                         model_config(cfg.preset, cfg.size, n_classes, patch=cfg.patch, mask_values=mask_values)
+                         if latent is None else _latent_model(cfg, data, n_classes))
     if record is None and dist.main:
         run.mkdir(parents=True, exist_ok=True)  # only now, so that a failed start leaves no empty run folder
         record = RunRecord(train=cfg, model=mcfg, class_names=tuple(data.class_names), data=data.summary,
@@ -451,9 +478,12 @@ def _train(cfg: TrainConfig, data: ImageSet | None, resume: bool, echo: Callable
                                cfg.noise_shift or 0.0).float().to(device)
     images = batch_images(data, device)
     flipped = batch_images(latent.flipped, device) if latent is not None and latent.flipped is not None else None
+    masks = (lambda i: mask_channels(data.take_masks(i.cpu()).to(device), mcfg.mask_values)) if mcfg.cond_channels \
+        else None
     labels = data.labels.to(device) if conditional else None
     train_pos = torch.as_tensor(train_idx, device=device)
     val_images, val_labels = data.take(val_idx[:MAX_VAL_IMAGES]), data.labels[val_idx[:MAX_VAL_IMAGES]]
+    val_cond = masks(torch.as_tensor(val_idx[:MAX_VAL_IMAGES])).cpu() if masks is not None else None
     B, mb = cfg.batch_size, cfg.micro_batch or cfg.batch_size
     if cfg.micro_batch == 0:  # "auto"
         mb = auto_micro_batch(unet, mcfg, B, device, precision)
@@ -505,16 +535,21 @@ def _train(cfg: TrainConfig, data: ImageSet | None, resume: bool, echo: Callable
             for lo in range(0, len(idx), mb):  # gradient accumulation over micro-batches of the global batch
                 sl = slice(lo, lo + mb)
                 x0 = images(idx[sl])
+                flip = draws["flip"][sl].view(-1, 1, 1, 1)
                 if cfg.flip:  # a latent is not flipped: the flipped image's own latent is taken
-                    x0 = torch.where(draws["flip"][sl].view(-1, 1, 1, 1),
-                                     x0.flip(-1) if flipped is None else flipped(idx[sl]), x0)
+                    x0 = torch.where(flip, x0.flip(-1) if flipped is None else flipped(idx[sl]), x0)
+                cond = None
+                if masks is not None:  # the image's map, flipped with it; none where the condition is dropped
+                    cond = masks(idx[sl])
+                    cond = torch.where(flip, cond.flip(-1), cond) if cfg.flip else cond
+                    cond = torch.where(draws["drop"][sl].view(-1, 1, 1, 1), torch.zeros_like(cond), cond)
                 ab = alpha_bar[draws["t"][sl]]
                 x_t = q_sample(x0, draws["eps"][sl], ab)
                 lab = None
                 if labels is not None:
                     lab = torch.where(draws["drop"][sl], null_class(mcfg), labels[idx[sl]])
                 with autocast(device, precision):
-                    pred = denoise(forward, x_t, draws["t"][sl], lab, mcfg.patch_size)
+                    pred = denoise(forward, x_t, draws["t"][sl], lab, mcfg.patch_size, cond)
                 loss = diffusion_loss(pred, x0, draws["eps"][sl], ab, cfg.objective, cfg.loss_weighting,
                                       cfg.min_snr_gamma).sum() / n_global
                 (scaler.scale(loss) if scaler else loss).backward()
@@ -556,7 +591,7 @@ def _train(cfg: TrainConfig, data: ImageSet | None, resume: bool, echo: Callable
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}", img_s=f"{rate:.1f}", lr=f"{lr:.1e}")
             if len(val_idx) and step % val_every == 0:
                 v = validation_loss(ema or unet, val_images, val_labels if conditional else None, alpha_bar,
-                                    cfg.objective, cfg.seed, patch_size=mcfg.patch_size)
+                                    cfg.objective, cfg.seed, patch_size=mcfg.patch_size, cond=val_cond)
                 if dist.main:
                     runfolder.append_log(run, dict(step=step, val_loss=v, elapsed=elapsed))
                 if best is None or v < best:

@@ -9,6 +9,10 @@ into the entry (the .npy header, whose shape is known only at the end, is writte
 placeholder), so building never holds more than a chunk. `StoredImages` reads the images a batch needs with
 `os.pread`, so neither the set nor its file's pages count in the process's memory; only a set asked for whole
 (`StoredImages.all`) is read into memory.
+
+Images with label maps (issue 21): a set built with `masks=True` has a second entry, `<key>.masks.npy`, of the same
+shape holding each image's label map as raw uint16 label values (0 = background), written beside the images by the
+same `Sink` and read the same way (`StoredImages.masks`).
 """
 from __future__ import annotations
 
@@ -55,13 +59,21 @@ def npy_header(n: int, size: int) -> bytes:
 
 class Sink:
     """Where a builder puts its images, in order: (k, S, S) floats in [0, 1] (or uint16) per `add`, written to a
-    file as they come (a cache entry being built) or, without a file, kept in memory."""
+    file as they come (a cache entry being built) or, without a file, kept in memory. With `masks` (another Sink)
+    every `add` also takes the images' label maps, (k, S, S) uint16 label values, stored as they are."""
 
-    def __init__(self, size: int, file: BinaryIO | None = None) -> None:
-        self.size, self.file, self.n, self._chunks = size, file, 0, []
+    def __init__(self, size: int, file: BinaryIO | None = None, masks: "Sink | None" = None) -> None:
+        self.size, self.file, self.n, self._chunks, self.masks = size, file, 0, [], masks
 
-    def add(self, images: np.ndarray | list[np.ndarray]) -> None:
+    def add(self, images: np.ndarray | list[np.ndarray], masks: np.ndarray | list[np.ndarray] | None = None) -> None:
         arr = np.asarray(images)
+        if self.masks is not None:
+            labels = np.asarray(masks if masks is not None else [], dtype=DTYPE)
+            if labels.shape != arr.shape:
+                raise ValueError(f"{len(arr)} image(s) with label maps of shape {labels.shape}; one map an image")
+            self.masks.add(labels)
+        elif masks is not None:
+            raise ValueError("label maps given to a sink of images without masks")
         if len(arr) == 0:
             return
         stored = (arr if arr.dtype == np.uint16 else to_uint16(arr)).astype(DTYPE, copy=False)
@@ -86,6 +98,7 @@ class StoredImages:
         self.n, self.size = (array.shape[0], array.shape[-1]) if array is not None else (n, size)
         self._fd: int | None = None
         self._fd_pid = -1
+        self.masks: StoredImages | None = None  # the images' label maps, where the set has them
 
     @classmethod
     def open(cls, path: Path) -> "StoredImages":
@@ -161,33 +174,49 @@ def _sidecar_fits(sidecar: Any, n: int) -> bool:
             and isinstance(sidecar.get("source_shapes"), dict))
 
 
-def load_or_build(cache_dir: Path | None, key: str, size: int,
-                  build: Callable[[Sink], dict[str, Any]]) -> tuple[StoredImages, dict[str, Any]]:
+def load_or_build(cache_dir: Path | None, key: str, size: int, build: Callable[[Sink], dict[str, Any]],
+                  masks: bool = False) -> tuple[StoredImages, dict[str, Any]]:
     """Return (images, sidecar dict) from the cache, or build, store and return them. `build(sink)` adds the images
-    to the sink in order and returns the sidecar. Without a cache folder the images are built in memory."""
+    to the sink in order and returns the sidecar. Without a cache folder the images are built in memory. With
+    `masks` the sink takes label maps too and the images come back with them (`StoredImages.masks`)."""
     if cache_dir is None:
-        sink = Sink(size)
+        sink = Sink(size, masks=Sink(size) if masks else None)
         sidecar = build(sink)
-        return StoredImages(sink.array()), sidecar
+        stored = StoredImages(sink.array())
+        if masks:
+            stored.masks = StoredImages(sink.masks.array())
+        return stored, sidecar
     cache_dir = Path(cache_dir)
     arr_path, meta_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.json"
-    if arr_path.exists() and meta_path.exists():
+    mask_path = cache_dir / f"{key}.masks.npy"
+    if arr_path.exists() and meta_path.exists() and (mask_path.exists() or not masks):
         try:
             stored, sidecar = StoredImages.open(arr_path), json.loads(meta_path.read_text())
-            if stored.size == size and _sidecar_fits(sidecar, len(stored)):
+            if masks:
+                stored.masks = StoredImages.open(mask_path)
+            if (stored.size == size and _sidecar_fits(sidecar, len(stored))
+                    and (not masks or (len(stored.masks) == len(stored) and stored.masks.size == size))):
                 return stored, sidecar
         except (OSError, ValueError, UnicodeDecodeError):
             pass  # a damaged entry is rebuilt below
     built: list[dict[str, Any]] = []
 
-    def write(f: BinaryIO) -> None:
-        f.write(npy_header(0, size))  # a placeholder of the same length: the count is known at the end
-        sink = Sink(size, f)
+    def fill(f: BinaryIO, g: BinaryIO | None) -> None:
+        for out in (f, g) if g is not None else (f,):
+            out.write(npy_header(0, size))  # a placeholder of the same length: the count is known at the end
+        sink = Sink(size, f, masks=Sink(size, g) if g is not None else None)
         built.append(build(sink))
-        f.seek(0)
-        f.write(npy_header(sink.n, size))
-        f.seek(0, os.SEEK_END)
+        for out in (f, g) if g is not None else (f,):
+            out.seek(0)
+            out.write(npy_header(sink.n, size))
+            out.seek(0, os.SEEK_END)
 
-    write_file(arr_path, write)
+    if masks:  # the label maps' entry is complete before the images' is: images without maps are never read
+        write_file(arr_path, lambda f: write_file(mask_path, lambda g: fill(f, g)))
+    else:
+        write_file(arr_path, lambda f: fill(f, None))
     write_bytes(meta_path, json.dumps(built[0]).encode())
-    return StoredImages.open(arr_path), built[0]
+    stored = StoredImages.open(arr_path)
+    if masks:
+        stored.masks = StoredImages.open(mask_path)
+    return stored, built[0]

@@ -26,11 +26,13 @@ from ..runtime import available_memory
 from . import cache, readers
 from .folders import write_class_folders
 from .medmnist import load_npz
-from .phantoms import MODALITIES, render
+from .phantoms import MODALITIES, render, render_with_mask
 
 BUILTINS = ("mni-mri", "phantoms", "ct", "xray", "mri", "us")
 # the parameters of `builtin:…?n=…&size=…&seed=…`; size is the phantoms' render size (MedPhantom-4's range)
-BUILTIN_PARAMS: dict[str, Bounds] = {"n": IMAGES, "size": Bounds(32, 512, whole=True), "seed": SEEDS}
+BUILTIN_PARAMS: dict[str, Bounds] = {"n": IMAGES, "size": Bounds(32, 512, whole=True), "seed": SEEDS,
+                                     "masks": Bounds(0, 1, whole=True)}  # masks=1: the phantoms' lesion maps
+PAIR_FOLDERS = ("images", "masks")  # a data folder of images with label maps: images/… and masks/… by name
 CONTIGUOUS_RUNS = 10  # runs a "contiguous" split cuts a set into
 
 
@@ -39,13 +41,18 @@ class ImageSet:
     one patient/volume share a group). The images stay where the loader left them (`stored`: the cache entry,
     read image by image, or an array): `take(indices)` reads only those as (k, 1, S, S) float32 in [-1, 1], so a
     set larger than memory trains; `images` is the whole set as one such tensor, made on first use (the evaluation
-    sets, the tests). A tensor may be given instead of stored images."""
+    sets, the tests). A tensor may be given instead of stored images.
+
+    Images with label maps (issue 21): `masks` (stored beside the images, `StoredImages.masks`, or a (N, 1, S, S)
+    integer tensor) hold each image's map of label values, 0 = background; `mask_values` are the label values
+    the set uses (in the summary), `take_masks(indices)` reads the maps of a batch."""
 
     def __init__(self, images: torch.Tensor | cache.StoredImages, labels: torch.Tensor,
                  class_names: tuple[str, ...], groups: np.ndarray, skipped: list[tuple[str, str]] | None = None,
-                 summary: dict[str, Any] | None = None) -> None:
+                 summary: dict[str, Any] | None = None, masks: torch.Tensor | None = None) -> None:
         self.stored = images if isinstance(images, cache.StoredImages) else None
         self._images = None if self.stored is not None else images
+        self._masks = masks
         self.labels, self.class_names, self.groups = labels, class_names, groups
         self.skipped: list[tuple[str, str]] = list(skipped or [])
         self.summary: dict[str, Any] = dict(summary or {})
@@ -76,6 +83,27 @@ class ImageSet:
             return self._images[torch.as_tensor(np.asarray(indices), dtype=torch.long)]
         return _signed(self.stored.read(np.asarray(indices)))
 
+    @property
+    def has_masks(self) -> bool:
+        return self._masks is not None or (self.stored is not None and self.stored.masks is not None)
+
+    @property
+    def mask_values(self) -> tuple[int, ...]:
+        """The label values the maps use (0, background, excluded), ascending."""
+        if "mask_values" in self.summary:
+            return tuple(int(v) for v in self.summary["mask_values"])
+        if self._masks is not None:
+            return tuple(int(v) for v in torch.unique(self._masks).tolist() if v != 0)
+        return ()
+
+    def take_masks(self, indices: Any) -> torch.Tensor:
+        """(k, 1, S, S) int64: the label maps of the images at `indices`."""
+        if not self.has_masks:
+            raise DataError("these images have no label maps")
+        if self._masks is not None:
+            return self._masks[torch.as_tensor(np.asarray(indices), dtype=torch.long)].long()
+        return torch.from_numpy(self.stored.masks.read(np.asarray(indices)).astype(np.int64))[:, None]
+
 
 def _signed(stored: np.ndarray) -> torch.Tensor:
     """(k, S, S) uint16 → (k, 1, S, S) float32 in [-1, 1]."""
@@ -97,7 +125,8 @@ def parse_spec(spec: str, flag: str = "--data") -> tuple[str, str, dict[str, str
                             f"builtin:{name}?n=200&seed=1") from None
         unknown = set(params) - set(BUILTIN_PARAMS)
         if unknown:
-            raise DataError(f"{flag} {spec!r}: unknown parameter(s) {', '.join(sorted(unknown))}; allowed: n, size, seed")
+            raise DataError(f"{flag} {spec!r}: unknown parameter(s) {', '.join(sorted(unknown))}; allowed: "
+                            f"{', '.join(BUILTIN_PARAMS)}")
         for k, v in params.items():
             bounds = BUILTIN_PARAMS[k]
             if not (v.isascii() and v.isdigit() and len(v) <= 20 and bounds.allows(int(v))):
@@ -138,6 +167,25 @@ def to_square(image: np.ndarray, size: int, crop: bool = False) -> np.ndarray:
         return np.asarray(square, np.float32)
     t = torch.from_numpy(np.ascontiguousarray(square, np.float32))[None, None]
     return F.interpolate(t, size=(size, size), mode="bicubic", antialias=True, align_corners=False)[0, 0].clamp(0, 1).numpy()
+
+
+def labels_to_square(mask: np.ndarray, size: int, crop: bool = False) -> np.ndarray:
+    """(H, W) integer label map → (size, size) uint16 with the geometry `to_square` gives its image (the same pad
+    or crop), resized by nearest neighbour: label values are never blended."""
+    h, w = mask.shape
+    if crop:
+        s = min(h, w)
+        top, left = (h - s) // 2, (w - s) // 2
+        square = mask[top:top + s, left:left + s]
+    else:
+        s = max(h, w)
+        square = np.zeros((s, s), mask.dtype)
+        top, left = (s - h) // 2, (s - w) // 2
+        square[top:top + h, left:left + w] = mask
+    if s != size:
+        t = torch.from_numpy(np.ascontiguousarray(square, np.float32))[None, None]
+        square = F.interpolate(t, size=(size, size), mode="nearest-exact")[0, 0].numpy()
+    return np.asarray(square).astype(np.uint16)
 
 
 def _stable_id(text: str) -> int:
@@ -185,6 +233,47 @@ def _decode(item: tuple[Path, int, bool, str]) -> tuple[str, Any]:
                   for image, meta in items]
 
 
+def _decode_pair(item: tuple[Path, Path | None, int, bool, str]) -> tuple[str, Any]:
+    """An image and its label map → ("ok", [(uint16 image, format, source shape, uint16 map)]) or ("skip", (path,
+    reason)). The map must be a 2-D label image of the image's own size; a volume or multi-frame file is not paired."""
+    path, mask_path, size, crop, nifti_axis = item
+    if mask_path is None:
+        return "skip", (str(path), f"no label map of the same name in {PAIR_FOLDERS[1]}/")
+    try:
+        items = readers.read_file(path, nifti_axis=nifti_axis)
+        if len(items) != 1:
+            return "skip", (str(path), f"{len(items)} images in one file: image + label map pairs are read from "
+                                       "single 2-D images")
+        mask = readers.read_label_map(mask_path)
+    except UnreadableFile as err:
+        return "skip", (err.path, err.reason)
+    image, meta = items[0]
+    if mask.shape != image.shape:
+        return "skip", (str(mask_path), f"label map of {mask.shape[1]}x{mask.shape[0]} px for an image of "
+                                        f"{image.shape[1]}x{image.shape[0]} px")
+    return "ok", [(cache.to_uint16(to_square(image, size, crop)), meta.format, "x".join(map(str, image.shape)),
+                   labels_to_square(mask, size, crop))]
+
+
+def _mask_for(masks_root: Path, rel: Path) -> Path | None:
+    """The label map of the image at `rel` (below images/): the file of the same stem in the same place below
+    masks/, whatever its extension."""
+    folder = masks_root / rel.parent
+    exact = folder / rel.name
+    if exact.is_file():
+        return exact
+    for suffix in (".png", ".tif", ".tiff", ".bmp"):
+        candidate = folder / (rel.stem + suffix)
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def pair_layout(root: Path) -> bool:
+    """Whether a data folder holds images with label maps: images/ and masks/ side by side, nothing else."""
+    return all((root / name).is_dir() for name in PAIR_FOLDERS)
+
+
 def _worker_init() -> None:
     torch.set_num_threads(1)  # the workers share the CPUs: one thread each
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: no traceback per worker
@@ -204,9 +293,13 @@ def decode_in_order(items: list[Any], fn: Any, workers: int | None = None, windo
 
 def _read_folder(root: Path, size: int, crop: bool, label_depth: int, nifti_axis: str,
                  exclude: tuple[str, ...], flag: str, sink: cache.Sink) -> dict[str, Any]:
+    """A folder of images (class sub-folders), or of images with label maps (`pair_layout`: images/ + masks/,
+    each image's map found by name) → the sink; the sidecar."""
+    masks_root = root / PAIR_FOLDERS[1] if sink.masks is not None else None
+    root = root / PAIR_FOLDERS[0] if masks_root is not None else root
     files, skipped, flat = _scan_folder(root, label_depth, exclude, flag)
     n_ignored = len(skipped)  # not image files: counted among the files seen
-    classes, groups, formats, shapes = [], [], {}, {}
+    classes, groups, formats, shapes, values = [], [], {}, {}, set()
     inside = []
     for path in files:
         rel = path.relative_to(root)
@@ -214,24 +307,35 @@ def _read_folder(root: Path, size: int, crop: bool, label_depth: int, nifti_axis
             skipped.append((str(path), f"not inside a class folder ({label_depth} level(s) below {root})"))
         else:
             inside.append(path)
-    decoded = decode_in_order([(p, size, crop, nifti_axis) for p in inside], _decode)
+    if masks_root is None:
+        decoded = decode_in_order([(p, size, crop, nifti_axis) for p in inside], _decode)
+    else:
+        decoded = decode_in_order([(p, _mask_for(masks_root, p.relative_to(root)), size, crop, nifti_axis)
+                                   for p in inside], _decode_pair)
     for path, (status, value) in zip(inside, decoded):
         if status == "skip":
             skipped.append(value)
             continue
         rel = path.relative_to(root)
-        sink.add([image for image, _f, _s in value])
-        for _image, fmt, shape in value:
+        if masks_root is None:
+            sink.add([item[0] for item in value])
+        else:
+            sink.add([item[0] for item in value], [item[3] for item in value])
+            values.update(int(v) for item in value for v in np.unique(item[3]) if v)
+        for item in value:
             classes.append(_class_of(rel, label_depth, flat))
             groups.append(_group_of(rel, label_depth, flat))
-            formats[fmt] = formats.get(fmt, 0) + 1
-            shapes[shape] = shapes.get(shape, 0) + 1
-    return dict(classes=classes, groups=[_stable_id(g) for g in groups], skipped=skipped,
+            formats[item[1]] = formats.get(item[1], 0) + 1
+            shapes[item[2]] = shapes.get(item[2], 0) + 1
+    side = dict(classes=classes, groups=[_stable_id(g) for g in groups], skipped=skipped,
                 formats=formats, source_shapes=shapes, files=len(files) + n_ignored)
+    if masks_root is not None:
+        side["mask_values"] = sorted(values)
+    return side
 
 
 def _folder_key(root: Path, size: int, crop: bool, label_depth: int, nifti_axis: str,
-                exclude: tuple[str, ...]) -> str:
+                exclude: tuple[str, ...], pairs: bool = False) -> str:
     stats = []
     for dirpath, _dirs, names in os.walk(root):
         for name in sorted(names):
@@ -241,7 +345,8 @@ def _folder_key(root: Path, size: int, crop: bool, label_depth: int, nifti_axis:
             except OSError:
                 continue
             stats.append((str(p.resolve()), st.st_size, st.st_mtime_ns))
-    return cache.cache_key("folder", sorted(stats), size, crop, label_depth, nifti_axis, exclude)
+    return cache.cache_key("folder", sorted(stats), size, crop, label_depth, nifti_axis, exclude,
+                           *(("pairs",) if pairs else ()))
 
 
 # ---------------------------------------------------------------- built-in data
@@ -281,20 +386,39 @@ def _render_one(item: tuple[str, int, bool, int, int, int]) -> np.ndarray:
     return to_square(render(modality, index, seed, render_size, abnormal), size)
 
 
+def _render_pair(item: tuple[str, int, bool, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """One phantom and its lesion map (label 1, none in a normal image), both brought to `size`."""
+    modality, index, abnormal, seed, render_size, size = item
+    image, mask = render_with_mask(modality, index, seed, render_size, abnormal)
+    return to_square(image, size), labels_to_square(mask.astype(np.uint16), size)
+
+
 def render_phantoms(name: str, n: int, seed: int, size: int, workers: int | None = None,
-                    render_size: int | None = None) -> Any:
-    """Yield the n images of `builtin:<name>` in order as (size, size) float32 arrays in [0, 1], rendered at
-    `render_size` (default `size`) by worker processes a window at a time."""
+                    render_size: int | None = None, masks: bool = False) -> Any:
+    """Yield the n images of `builtin:<name>` in order as (size, size) float32 arrays in [0, 1] (with `masks`:
+    (image, uint16 lesion map) pairs), rendered at `render_size` (default `size`) by worker processes a window at
+    a time."""
     items = [(m, i, a, seed, render_size or size, size) for m, i, a in phantom_items(name, n)]
-    yield from decode_in_order(items, _render_one, workers)
+    yield from decode_in_order(items, _render_pair if masks else _render_one, workers)
+
+
+LESION = 1  # the label value of a phantom's lesion in its map
 
 
 def _phantoms(name: str, n: int, seed: int, render_size: int, size: int, sink: cache.Sink) -> dict[str, Any]:
-    for image in render_phantoms(name, n, seed, size, render_size=render_size):
-        sink.add([image])
-    classes = [f"{m}/{'abnormal' if a else 'normal'}" for m, _i, a in phantom_items(name, n)]
-    return dict(classes=classes, groups=list(range(n)), skipped=[], formats={"phantom": n},
+    masks = sink.masks is not None
+    for rendered in render_phantoms(name, n, seed, size, render_size=render_size, masks=masks):
+        if masks:
+            sink.add([rendered[0]], [rendered[1]])
+        else:
+            sink.add([rendered])
+    items = phantom_items(name, n)
+    classes = [f"{m}/{'abnormal' if a else 'normal'}" for m, _i, a in items]
+    side = dict(classes=classes, groups=list(range(n)), skipped=[], formats={"phantom": n},
                 source_shapes={f"{render_size}x{render_size}": n}, files=0)
+    if masks:
+        side["mask_values"] = [LESION] if any(a for _m, _i, a in items) else []
+    return side
 
 
 def _medmnist_file(path: Path, part: str, size: int, crop: bool, sink: cache.Sink) -> dict[str, Any]:
@@ -328,10 +452,11 @@ def load_data(spec: str, size: int, *, crop: bool = False, label_depth: int = 1,
     kind, name, params = parse_spec(spec, flag)
     if kind == "folder":
         root = Path(name).expanduser()
-        key = _folder_key(root, size, crop, label_depth, nifti_axis, exclude) if root.is_dir() else ""
+        pairs = root.is_dir() and pair_layout(root)
+        key = _folder_key(root, size, crop, label_depth, nifti_axis, exclude, pairs) if root.is_dir() else ""
         stored, side = cache.load_or_build(Path(cache_dir) if cache_dir and key else None, key, size,
                                            lambda sink: _read_folder(root, size, crop, label_depth, nifti_axis,
-                                                                     exclude, flag, sink))
+                                                                     exclude, flag, sink), masks=pairs)
     elif kind == "medmnist":
         path, part = Path(name).expanduser(), params.get("split", "train")
         st = path.stat() if path.is_file() else None
@@ -350,9 +475,12 @@ def load_data(spec: str, size: int, *, crop: bool = False, label_depth: int = 1,
             raise DataError(f"{flag} {spec!r}: size={render_size} must be {BUILTIN_PARAMS['size'].describe()}")
         if whole or not cache_dir:  # with a cache and batch reads, the images go to disk as they are rendered
             check_memory(f"{flag} {spec!r}", n, n * size**2 * (6 if whole else 2))
+        masks = params.get("masks") == "1"
         stored, side = cache.load_or_build(Path(cache_dir) if cache_dir else None,
-                                           cache.cache_key("phantoms", name, n, seed, render_size, size), size,
-                                           lambda sink: _phantoms(name, n, seed, render_size, size, sink))
+                                           cache.cache_key("phantoms", name, n, seed, render_size, size,
+                                                           *(("masks",) if masks else ())), size,
+                                           lambda sink: _phantoms(name, n, seed, render_size, size, sink),
+                                           masks=masks)
     if len(stored) == 0:
         reasons = "; ".join(f"{p}: {r}" for p, r in side["skipped"][:3])
         raise DataError(f"{flag} {spec!r}: no readable images found" + (f" (skipped {len(side['skipped'])}: "
@@ -363,6 +491,8 @@ def load_data(spec: str, size: int, *, crop: bool = False, label_depth: int = 1,
     summary = dict(images=len(stored), classes=counts, formats=side["formats"], source_shapes=side["source_shapes"],
                    size=size, files=int(side.get("files", 0)), skipped=len(side["skipped"]),
                    upsampled=upsampled(side["source_shapes"], size))
+    if "mask_values" in side:
+        summary["mask_values"] = [int(v) for v in side["mask_values"]]
     return ImageSet(stored, labels, class_names, np.asarray(side["groups"], np.int64),
                     [tuple(s) for s in side["skipped"]], summary)
 

@@ -242,6 +242,39 @@ def read_file(path: Path, *, nifti_axis: str = "axial", min_foreground: float = 
     raise UnreadableFile(path, _ignore_reason(path))
 
 
+LABEL_MODES = ("1", "L", "P", "I;16", "I;16L", "I;16B", "I")  # single-channel integer images: label values as stored
+
+
+def read_label_map(path: Path) -> np.ndarray:
+    """A label image (PNG, TIFF or BMP: one channel of integer label values, 0 = background; a palette image's
+    indices) → (H, W) uint16 label values exactly as stored, never scaled. UnreadableFile when the file is no
+    such image: colour, floating point, negative or above 65535 values, several pages."""
+    _check_regular_file(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            img = Image.open(path, formats=["PNG", "TIFF", "BMP"])
+        except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+            raise UnreadableFile(path, f"not a PNG/TIFF/BMP label image ({_first_line(exc)})") from exc
+        with img:
+            if getattr(img, "n_frames", 1) != 1:
+                raise UnreadableFile(path, "a label image must have one page")
+            _check_declared_size(path, f"the {img.format} header", (img.height, img.width), img.width * img.height)
+            if img.mode not in LABEL_MODES:
+                raise UnreadableFile(path, f"a label image must have one channel of integer labels (mode {img.mode}: "
+                                     "save it as 8- or 16-bit grey or palette)")
+            try:
+                arr = np.asarray(img.convert("L") if img.mode == "1" else img)
+            except (OSError, SyntaxError, ValueError) as exc:
+                raise UnreadableFile(path, f"truncated or corrupt {img.format} file ({_first_line(exc)})") from exc
+    arr = arr.astype(np.int64)
+    if img.mode == "1":
+        arr = (arr > 0).astype(np.int64)
+    if arr.min() < 0 or arr.max() > 65535:
+        raise UnreadableFile(path, f"label values from {arr.min()} to {arr.max()}; allowed 0 to 65535")
+    return arr.astype(np.uint16)
+
+
 def _ignore_reason(path: Path) -> str:
     suffix = _suffix(path)
     if not suffix:
