@@ -18,8 +18,8 @@ from typing import Any, Callable, NoReturn
 
 from .atomic import check_out_dir, check_out_file, no_space, write_json
 from .config import (COMPUTE_BUDGET, DEFAULT_PRESET, DEPTH, HELDOUT_SPLITS, IMAGE_SIZE, IMAGES, JOBS_KEPT, RECIPES,
-                     RESAMPLES, RESUME_FIELDS, SEEDS, AutoencoderConfig, Bounds, Option, SampleConfig, TrainConfig,
-                     field_type, flag, options, show)
+                     RESAMPLES, RESUME_FIELDS, SEEDS, AutoencoderConfig, Bounds, InpaintConfig, Option, SampleConfig,
+                     TrainConfig, field_type, flag, options, show)
 from .data.medmnist import CATALOGUE, SIZES, ZENODO, fetch, to_class_folders
 from .demo import DemoConfig
 from .errors import ConfigError, MeddiffError
@@ -193,6 +193,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_train_autoencoder(sub)
     _add_sample(sub)
+    _add_inpaint(sub)
     ev = _command(sub, "evaluate", help="quality, diversity, utility and privacy of generated images",
                   epilog=EVAL_EXAMPLES)
     ev.add_argument("--real", required=True, help="real images: a folder or builtin:…")
@@ -292,6 +293,14 @@ def _add_sample(sub: Any) -> None:
     _add_threads(sa)
 
 
+def _add_inpaint(sub: Any) -> None:
+    ip = _command(sub, "inpaint", help="regenerate a masked region of a real image (e.g. add a lesion)",
+                  epilog="examples:\n  meddiff inpaint --run runs/ph --image healthy.png --mask region.png --class "
+                  "ct/abnormal --n 4 --out lesions/\n")
+    _add_options(ip, InpaintConfig)
+    _add_threads(ip)
+
+
 def _dist_from_env() -> Any:
     """torchrun's RANK / WORLD_SIZE / LOCAL_RANK (read here, at the edge); a plain run is rank 0 of 1."""
     from .runtime import Dist
@@ -343,6 +352,13 @@ def cmd_train_autoencoder(a: argparse.Namespace) -> int:
     print(json.dumps(result.to_json()))
     print(f"autoencoder written to {result.folder}; train a latent diffusion model with: meddiff train "
           f"--autoencoder {result.folder} --data …")
+    return 0
+
+
+def cmd_inpaint(a: argparse.Namespace) -> int:
+    from .sample import inpaint_to_folder
+
+    print(json.dumps(inpaint_to_folder(InpaintConfig(**_given(a, InpaintConfig)))))
     return 0
 
 
@@ -528,7 +544,8 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "train": cmd_train, "train-autoencoder": cmd_train_autoencoder, "sample": cmd_sample, "evaluate": cmd_evaluate, "audit": cmd_audit, "info": cmd_info,
+    "train": cmd_train, "train-autoencoder": cmd_train_autoencoder, "sample": cmd_sample,
+    "inpaint": cmd_inpaint, "evaluate": cmd_evaluate, "audit": cmd_audit, "info": cmd_info,
     "data": cmd_data, "demo": cmd_demo, "export-diffusers": cmd_export_diffusers, "serve": cmd_serve}
 
 

@@ -456,6 +456,35 @@ class SampleConfig(Checked):
             raise ConfigError(f"--seed {self.seed}: with --n {self.n} the seeds run past the largest, {SEEDS.hi}")
 
 
+@dataclass(frozen=True)
+class InpaintConfig(Checked):
+    """Everything `meddiff inpaint` needs: regenerate the masked region of a real image (RePaint: Lugmayr et al.
+    2022), leaving every other pixel as it was. Checked on construction."""
+
+    run: str = option(help="a run folder written by meddiff train (pixel space)", flags=("--run", "--run-dir"))
+    image: str = option(help="the image to change (PNG, JPEG, TIFF, BMP, DICOM or a one-slice NIfTI)")
+    mask: str = option(help="the region to regenerate: a label image of the image's size, non-zero inside")
+    out: str = option(help="the folder the results are written into (images/ + masks/ pairs)")
+    n: int = option(1, "how many versions (seeds --seed, --seed + 1, …)", bounds=Bounds(1, 1000, whole=True))
+    seed: int = option(0, "seed of the first version", bounds=SEEDS)
+    class_name: str | None = option(None, "the class to generate inside the region, e.g. ct/abnormal",
+                                    flags=("--class",))
+    steps: int = option(25, "DDIM steps", bounds=STEPS)
+    resample: int = option(2, "RePaint's resampling: extra passes per step that blend the region with its "
+                           "surroundings (0: none)", bounds=Bounds(0, 20, whole=True))
+    guidance: float = option(1.0, "classifier-free guidance scale (1 = none)", bounds=GUIDANCE)
+    fmt: str = option("png", "file format (the result holds real pixels: no DICOM or NIfTI export carries it)",
+                      flags=("--format",), choices=("png", "png16"))
+    precision: str = option("auto", "auto: bf16 where the hardware runs it fast, else fp32", choices=PRECISIONS)
+    device: str = option("auto", "auto, cpu, cuda or cuda:N", choices=DEVICES, pattern=CUDA_N)
+    progress: bool = option(True, "no progress bar")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.seed + self.n - 1 > SEEDS.hi:
+            raise ConfigError(f"--seed {self.seed}: with --n {self.n} the seeds run past the largest, {SEEDS.hi}")
+
+
 def web_option(opt: Option) -> Option:
     """The option as `meddiff serve`'s page offers it: its `web` bounds or choices in place of the CLI's."""
     if isinstance(opt.web, Bounds):
@@ -515,4 +544,4 @@ def from_json(cls: type, data: dict[str, Any]) -> Any:
 
 __all__ = ["ModelConfig", "TrainConfig", "SampleConfig", "Option", "Bounds", "ARCHITECTURES", "RECIPES", "SAMPLERS",
            "FORMATS", "DEFAULT_PRESET", "STOP_RULES", "RESUME_FIELDS", "model_config", "option", "options",
-           "to_json", "from_json", "AutoencoderConfig", "LATENT_FACTORS"]
+           "to_json", "from_json", "AutoencoderConfig", "LATENT_FACTORS", "InpaintConfig"]

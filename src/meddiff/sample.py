@@ -22,9 +22,11 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from . import export, runfolder
 from .atomic import check_out_dir, no_space_is_an_error
-from .config import (MAX_IMAGES, SAMPLERS, SEEDS, STEPS, ModelConfig, SampleConfig, TrainConfig, check_value,
+from .config import (MAX_IMAGES, SAMPLERS, SEEDS, STEPS, InpaintConfig, ModelConfig, SampleConfig, TrainConfig,
+                     check_value,
                      default_sampler)
-from .data.dataset import PAIR_FOLDERS, labels_to_square
+from .data import cache
+from .data.dataset import PAIR_FOLDERS, labels_to_square, to_square
 from .data.readers import read_file, read_label_map
 from .errors import ConfigError, UnreadableFile
 from .latent import decode as decode_latents
@@ -199,6 +201,117 @@ def generate(run: LoadedRun, seeds: list[int], label: int | None = None, sampler
     device = next(run.unet.parameters()).device
     return sample_loop(scheduler, denoiser, noise.to(device), generators,
                        decode=decoder(run, precision))[:, 0].cpu().numpy()
+
+
+@torch.no_grad()
+def inpaint_loop(scheduler: DDIMScheduler, denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 known: torch.Tensor, region: torch.Tensor, generators: list[torch.Generator],
+                 resample: int = 2) -> torch.Tensor:
+    """RePaint (Lugmayr et al. 2022, Alg. 1) on DDIM steps: the region (B, 1, H, W bool) is denoised by the model
+    while every other pixel is, at each noise level, the known image (B, 1, H, W in [-1, 1]) noised to that level;
+    each step is redone `resample` times after diffusing its result back up one step, so the region agrees with
+    its surroundings. → (B, 1, H, W) in [0, 1] with the known pixels exactly as given."""
+    ab = scheduler.alphas_cumprod.double().to(known.device)
+    final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=torch.float64, device=known.device)
+    known, region = known.double(), region.to(known.device)
+
+    def draw() -> torch.Tensor:
+        return torch.cat([torch.randn(1, *known.shape[1:], generator=g, dtype=torch.float64)
+                          for g in generators]).to(known.device)
+
+    x = draw() * scheduler.init_noise_sigma
+    steps = list(scheduler.timesteps)
+    for i, t in enumerate(steps):
+        a_prev = ab[steps[i + 1]] if i + 1 < len(steps) else final
+        for r in range(resample + 1):
+            out = denoiser(x, t.to(x.device).expand(len(x)))
+            x_prev = scheduler.step(out.double(), t, x).prev_sample
+            noised = a_prev.sqrt() * known + (1 - a_prev).sqrt() * draw() if i + 1 < len(steps) else known
+            x_prev = torch.where(region, x_prev, noised)
+            if r < resample and i + 1 < len(steps):  # back up to step t's noise level, and denoise again
+                ratio = ab[t] / a_prev
+                x = ratio.sqrt() * x_prev + (1 - ratio).sqrt() * draw()
+        x = x_prev
+    return torch.where(region, to_unit(x), (known.float() + 1) / 2)
+
+
+def inpaint(run: LoadedRun, image: np.ndarray, region: np.ndarray, seeds: list[int], label: int | None = None,
+            steps: int = 25, resample: int = 2, guidance: float = 1.0, precision: str = "fp32",
+            cond_mask: np.ndarray | None = None) -> np.ndarray:
+    """Versions of a real image (S, S) in [0, 1] with the region (S, S bool) regenerated, one per seed →
+    (len(seeds), S, S) float32 in [0, 1]; outside the region every pixel is the input's. A model trained on label
+    maps is given `cond_mask` (S, S label values; default the region as label value 1's map) for the region."""
+    if run.vae is not None:
+        raise ConfigError(f"inpaint: {run.model_id} is a latent model; inpainting works on pixel-space runs")
+    size = run.model.sample_size
+    if image.shape != (size, size) or region.shape != (size, size):
+        raise ConfigError(f"inpaint: the image and mask must be {size} x {size} px (the model's size)")
+    scheduler = make_scheduler("ddim", run.scheduler_config, steps)
+    masks = None
+    if run.model.cond_channels:
+        labels = cond_mask if cond_mask is not None else region.astype(np.int64) * run.model.mask_values[0]
+        masks = np.repeat(np.asarray(labels, np.int64)[None], len(seeds), axis=0)
+    denoiser = make_denoiser(run, label, len(seeds), guidance, precision, 1,
+                             None if masks is None else torch.as_tensor(masks)[:, None])
+    device = next(run.unet.parameters()).device
+    known = (torch.as_tensor(image, dtype=torch.float32) * 2 - 1).expand(len(seeds), 1, size, size).to(device)
+    where = torch.as_tensor(region, dtype=torch.bool).expand(len(seeds), 1, size, size).to(device)
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    return inpaint_loop(scheduler, denoiser, known, where, generators, resample)[:, 0].cpu().numpy()
+
+
+def inpaint_to_folder(cfg: InpaintConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """`meddiff inpaint`: read the image and its region mask at the model's size, write each version with the
+    mask as images/ + masks/ pairs and a manifest; files already complete are skipped."""
+    check_out_dir(cfg.out, "--out")
+    device = pick_device(cfg.device)
+    precision = pick_precision(cfg.precision, device)
+    run = load_run(cfg.run, "ema", device)
+    size = run.model.image_size
+    try:
+        items = read_file(Path(cfg.image))
+        labels = read_label_map(Path(cfg.mask))
+    except UnreadableFile as err:
+        raise ConfigError(f"{'--image' if str(err.path) == str(cfg.image) else '--mask'} {err.path}: "
+                          f"{err.reason}") from None
+    if len(items) != 1:
+        raise ConfigError(f"--image {cfg.image}: holds {len(items)} images; give one 2-D image")
+    picture = items[0][0]
+    if labels.shape != picture.shape:
+        raise ConfigError(f"--mask {cfg.mask}: {labels.shape[1]}x{labels.shape[0]} px for an image of "
+                          f"{picture.shape[1]}x{picture.shape[0]} px; they must match")
+    image = cache.from_uint16(cache.to_uint16(to_square(picture, size)))
+    mask_labels = labels_to_square(labels, size)
+    region = mask_labels > 0
+    if not region.any():
+        raise ConfigError(f"--mask {cfg.mask}: no pixel is inside the region (all zero)")
+    if run.model.cond_channels and not set(np.unique(mask_labels).tolist()) <= set(run.model.mask_values) | {0}:
+        mask_labels = region.astype(np.uint16) * run.model.mask_values[0]  # a plain region: the first label value
+    label = class_index(run, cfg.class_name)
+    out = Path(cfg.out)
+    manifest, done = _manifests(out, Dist())
+    suffix = export.SUFFIX[cfg.fmt]
+    stem = Path(cfg.image).name.split(".")[0] or "image"
+    jobs = [(f"{PAIR_FOLDERS[0]}/{stem}_seed{cfg.seed + i:06d}", cfg.seed + i) for i in range(cfg.n)]
+    todo = [j for j in jobs if f"{j[0]}{suffix}" not in done]
+    echo(f"inpainting {len(todo)} of {len(jobs)} version(s) ({region.mean():.1%} of the image) with DDIM "
+         f"{cfg.steps} x {cfg.resample + 1}; {describe(device, precision)}")
+    t0 = time.time()
+    existed = next(p for p in (out, *out.parents) if p.exists())
+    name = run.class_names[label] if label is not None and label < len(run.class_names) else None
+    for lo in range(0, len(todo), 8):
+        part = todo[lo:lo + 8]
+        results = inpaint(run, image, region, [s for _stem, s in part], label, cfg.steps, cfg.resample,
+                          cfg.guidance, precision, mask_labels.astype(np.int64) if run.model.cond_channels else None)
+        for (job_stem, seed), img in zip(part, results):
+            mask = _mask_file(job_stem, cfg.fmt)
+            info = export.SyntheticInfo(run.model_id, seed, name, "repaint-ddim", cfg.steps, cfg.guidance, mask,
+                                        inpainted=True)
+            export.write_label_map(region.astype(np.uint8), out / mask, cfg.fmt, info)
+            _write_sample(img, out, f"{job_stem}{suffix}", cfg.fmt, info, manifest, existed)
+    seconds = time.time() - t0
+    return dict(out=str(out), written=len(todo), skipped=len(jobs) - len(todo), seconds=seconds,
+                region_share=float(region.mean()), model_id=run.model_id, hardware=describe(device, precision))
 
 
 Job = tuple[str, int, "int | None", "int | None"]  # (file stem, seed, label, index of its label map or None)

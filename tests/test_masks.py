@@ -1,0 +1,183 @@
+"""Images with their label maps (issue 21): data with masks, mask-conditioned training and sampling into
+images/ + masks/ pairs, and lesion inpainting that leaves every pixel outside the region as it was."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from meddiff.errors import ConfigError
+
+
+def _quiet(_line: str) -> None:
+    pass
+
+
+def write_pairs(root: Path, n: int = 8, size: int = 32) -> None:
+    """n images with a bright square and its map (label 1 on it, label 2 on a corner patch of every other one)."""
+    for sub in ("images/a", "masks/a"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        img = (rng.random((size, size)) * 40).astype(np.uint8)
+        top, left = rng.integers(2, size // 2, 2)
+        img[top:top + 10, left:left + 10] = 220
+        lab = np.zeros((size, size), np.uint8)
+        lab[top:top + 10, left:left + 10] = 1
+        if i % 2:
+            lab[:4, :4] = 2
+        Image.fromarray(img).save(root / "images" / "a" / f"{i:03d}.png")
+        Image.fromarray(lab).save(root / "masks" / "a" / f"{i:03d}.png")
+
+
+@pytest.fixture(scope="module")
+def mask_run(tmp_path_factory: pytest.TempPathFactory, train_config) -> Path:
+    """A tiny run conditioned on the phantoms' lesion maps, 6 steps, fp32. Read-only."""
+    from meddiff.train import train
+
+    out = tmp_path_factory.mktemp("runs") / "masks"
+    train(train_config("builtin:phantoms?n=24&masks=1", out, cache_dir=None), echo=_quiet)
+    return out
+
+
+# ---------------------------------------------------------------- data
+
+def test_phantom_maps_mark_the_lesions_of_abnormal_images_only(tmp_path: Path) -> None:
+    from meddiff.data.dataset import load_data
+
+    data = load_data("builtin:phantoms?n=16&masks=1", 32)
+    assert data.has_masks and data.mask_values == (1,)
+    maps = data.take_masks(range(16))[:, 0]
+    abnormal = torch.tensor(["abnormal" in data.class_names[k] for k in data.labels])
+    assert (maps.flatten(1).amax(1) > 0).tolist() == abnormal.tolist()
+    cached = load_data("builtin:phantoms?n=16&masks=1", 32, cache_dir=tmp_path)
+    again = load_data("builtin:phantoms?n=16&masks=1", 32, cache_dir=tmp_path)
+    assert torch.equal(again.take_masks(range(16)), maps[:, None]) and torch.equal(cached.take(range(16)),
+                                                                                   data.take(range(16)))
+    assert not load_data("builtin:phantoms?n=16", 32, cache_dir=tmp_path).has_masks
+
+
+def test_a_pair_folder_keeps_label_values_and_skips_what_cannot_be_paired(tmp_path: Path) -> None:
+    from meddiff.data.dataset import load_data
+
+    write_pairs(tmp_path / "d")
+    (tmp_path / "d/masks/a/002.png").unlink()  # an image without its map
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "d/masks/a/003.png")  # the wrong size
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "d/masks/a/004.png")  # colour: no labels
+    data = load_data(str(tmp_path / "d"), 24, cache_dir=tmp_path / "cache")
+    assert len(data) == 5 and len(data.skipped) == 3 and data.mask_values == (1, 2)
+    reasons = " ".join(r for _p, r in data.skipped)
+    assert "no label map" in reasons and "16x16 px for an image of 32x32" in reasons and "mode RGB" in reasons
+    maps = data.take_masks(range(len(data)))
+    assert set(torch.unique(maps).tolist()) == {0, 1, 2}  # nearest neighbour: no value between labels
+    bright = data.take(range(len(data))) > 0  # [-1, 1]: brighter than mid-grey
+    on_lesion = (maps == 1)
+    assert (bright & on_lesion).sum() >= 0.8 * on_lesion.sum()  # the map lies on its image's square
+
+
+def test_labels_follow_the_images_padding(tmp_path: Path) -> None:
+    from meddiff.data.dataset import labels_to_square, to_square
+
+    image = np.zeros((20, 40), np.float32)
+    image[5:10, 30:35] = 1.0
+    labels = (image > 0).astype(np.uint16) * 7
+    sq_img, sq_lab = to_square(image, 40), labels_to_square(labels, 40)
+    assert sq_lab.dtype == np.uint16 and set(np.unique(sq_lab)) == {0, 7}
+    assert np.array_equal(sq_img > 0.5, sq_lab == 7)
+
+
+# ---------------------------------------------------------------- training and sampling
+
+def test_a_mask_run_has_one_input_channel_per_label_value(mask_run: Path) -> None:
+    from meddiff.runfolder import read_record
+
+    record = read_record(mask_run)
+    assert record.model.mask_values == (1,) and record.model.cond_channels == 1
+    config = json.loads((mask_run / "unet" / "config.json").read_text())
+    assert config["in_channels"] == 2 and config["out_channels"] == 1  # tiny: patch 1
+
+
+def test_the_map_steers_the_image_and_guidance_runs_both_branches(mask_run: Path) -> None:
+    from meddiff.sample import generate, load_run, make_denoiser
+
+    run = load_run(mask_run)
+    empty, lesion = np.zeros((1, 32, 32), np.int64), np.zeros((1, 32, 32), np.int64)
+    lesion[:, 8:20, 8:20] = 1
+    a = generate(run, [5], 0, "ddim", 4, masks=empty)
+    b = generate(run, [5], 0, "ddim", 4, masks=lesion)
+    assert not np.allclose(a, b)
+    assert np.allclose(generate(run, [5], 0, "ddim", 4, masks=lesion), b)
+    assert make_denoiser(run, None, 1, 2.0, masks=torch.as_tensor(lesion)[:, None]).guided
+    assert not make_denoiser(run, None, 1, 2.0).guided  # no class, no map: nothing to guide
+
+
+def test_sampling_from_maps_writes_pairs_that_load_as_data(mask_run: Path, tmp_path: Path) -> None:
+    from meddiff.config import SampleConfig
+    from meddiff.data.dataset import load_data
+    from meddiff.sample import sample_to_folder
+
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    for i in range(3):
+        lab = np.zeros((48, 48), np.uint8)  # another size: brought to the model's by nearest neighbour
+        lab[6 * i:6 * i + 12, 10:30] = 1
+        Image.fromarray(lab).save(maps / f"m{i}.png")
+    Image.fromarray(np.full((32, 32), 9, np.uint8)).save(maps / "unknown.png")
+    lines: list[str] = []
+    result = sample_to_folder(SampleConfig(run=str(mask_run), out=str(tmp_path / "out"), masks=str(maps),
+                                           class_name="ct/abnormal", sampler="ddim", steps=3, progress=False,
+                                           precision="fp32", device="cpu"), echo=lines.append)
+    assert result["written"] == 3 and "skipped 1 of 4 label images" in lines[0]
+    rows = [r.split(",") for r in (tmp_path / "out/manifest.csv").read_text().splitlines()[1:]]
+    assert [r[-1] for r in rows] == [f"masks/seed00000{i}.png" for i in range(3)]
+    pairs = load_data(str(tmp_path / "out"), 32)
+    assert len(pairs) == 3 and pairs.has_masks and pairs.mask_values == (1,)
+    assert int(pairs.take_masks([2]).sum()) == int((np.asarray(Image.open(tmp_path / "out/masks/seed000002.png"))
+                                                    > 0).sum())
+
+
+def test_maps_for_a_model_without_them_are_one_error(trained_run: Path, tmp_path: Path) -> None:
+    from meddiff.config import SampleConfig
+    from meddiff.sample import sample_to_folder
+
+    (tmp_path / "maps").mkdir()
+    with pytest.raises(ConfigError, match="--masks .*not trained on label maps"):
+        sample_to_folder(SampleConfig(run=str(trained_run), out=str(tmp_path / "o"), masks=str(tmp_path / "maps"),
+                                      progress=False), echo=_quiet)
+    assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- inpainting
+
+def test_inpainting_changes_only_the_region(mask_run: Path, tmp_path: Path) -> None:
+    from meddiff.data.phantoms import render_with_mask
+
+    image, _ = render_with_mask("ct", 3, 0, 32, False)
+    _, region = render_with_mask("ct", 5, 0, 32, True)
+    Image.fromarray((image * 255).round().astype(np.uint8)).save(tmp_path / "healthy.png")
+    Image.fromarray(region.astype(np.uint8) * 255).save(tmp_path / "region.png")
+    cmd = [sys.executable, "-m", "meddiff.cli", "inpaint", "--run", str(mask_run), "--image",
+           str(tmp_path / "healthy.png"), "--mask", str(tmp_path / "region.png"), "--class", "ct/abnormal", "--n",
+           "2", "--steps", "4", "--out", str(tmp_path / "out"), "--threads", "1", "--no-progress"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    before = np.asarray(Image.open(tmp_path / "healthy.png")).astype(int)
+    for seed in (0, 1):
+        path = tmp_path / "out" / "images" / f"healthy_seed00000{seed}.png"
+        after = np.asarray(Image.open(path)).astype(int)
+        assert np.abs(after - before)[~region].max() == 0
+        assert np.abs(after - before)[region].mean() > 1
+        assert "one region generated by meddiff" in Image.open(path).text["Description"]
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "out/masks" / path.name)) > 0, region)
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(tmp_path / "small.png")
+    bad_cmd = list(cmd)
+    bad_cmd[cmd.index("--mask") + 1], bad_cmd[cmd.index("--out") + 1] = str(tmp_path / "small.png"), str(tmp_path / "bad")
+    bad = subprocess.run(bad_cmd, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr and "--mask" in bad.stderr
+    assert "16x16 px for an image of 32x32 px" in bad.stderr and not (tmp_path / "bad").exists()
