@@ -181,3 +181,37 @@ def test_inpainting_changes_only_the_region(mask_run: Path, tmp_path: Path) -> N
     bad = subprocess.run(bad_cmd, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and "Traceback" not in bad.stderr and "--mask" in bad.stderr
     assert "16x16 px for an image of 32x32 px" in bad.stderr and not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("fmt", ["dicom", "nifti"])
+def test_paired_exports_dicom_seg_references_its_image_and_nifti_labels_share_the_grid(mask_run: Path, tmp_path: Path,
+                                                                                      fmt: str) -> None:
+    import shutil
+
+    import nibabel as nib
+    import pydicom
+
+    from meddiff.config import SampleConfig
+    from meddiff.sample import sample_to_folder
+
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    lab = np.zeros((32, 32), np.uint8)
+    lab[4:14, 6:20] = 1
+    Image.fromarray(lab).save(maps / "m.png")
+    sample_to_folder(SampleConfig(run=str(mask_run), out=str(tmp_path / "out"), masks=str(maps), fmt=fmt,
+                                  sampler="ddim", steps=2, progress=False, precision="fp32", device="cpu"), echo=_quiet)
+    suffix = ".dcm" if fmt == "dicom" else ".nii.gz"
+    image, label = tmp_path / "out/images" / f"seed000000{suffix}", tmp_path / "out/masks" / f"seed000000{suffix}"
+    if fmt == "dicom":
+        seg, src = pydicom.dcmread(label), pydicom.dcmread(image)
+        assert seg.Modality == "SEG" and seg.StudyInstanceUID == src.StudyInstanceUID
+        assert seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+        assert int(seg.pixel_array.sum()) == int(lab.sum()) and not str(seg.get("PatientName", ""))
+        if shutil.which("dciodvfy"):
+            check = subprocess.run(["dciodvfy", str(label)], capture_output=True, text=True, timeout=60)
+            assert not [line for line in check.stderr.splitlines() if line.startswith("Error")], check.stderr
+    else:
+        img, seg = nib.load(image), nib.load(label)
+        assert np.allclose(img.affine, seg.affine) and img.shape == seg.shape
+        assert int(np.asarray(seg.dataobj).sum()) == int(lab.sum()) and seg.header["intent_code"] == 1002

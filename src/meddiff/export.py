@@ -320,13 +320,18 @@ def write_image(image: np.ndarray, path: Path, fmt: str, info: SyntheticInfo) ->
     return _write_nifti(_nifti_axes(to_uint16(arr))[:, :, None], path, [info])
 
 
-def write_label_map(labels: np.ndarray, path: Path, fmt: str, info: SyntheticInfo) -> Path:
+def write_label_map(labels: np.ndarray, path: Path, fmt: str, info: SyntheticInfo, image: Path | None = None) -> Path:
     """Write one (H, W) integer label map beside its image, atomically: a PNG label image (8-bit when every value
-    fits, else 16-bit; values as they are, never scaled) or, for a NIfTI image, a NIfTI label volume of the same
-    geometry (uint16, no scaling). Returns `path`, whose suffix `label_map_suffix(fmt)` gives."""
+    fits, else 16-bit; values as they are, never scaled); for a NIfTI image a NIfTI label volume of the same
+    geometry (uint16, no scaling); for a DICOM image (`image`, written first) a DICOM Segmentation that references
+    it, one segment per label value. Returns `path`, whose suffix `label_map_suffix(fmt)` gives."""
     arr = np.asarray(labels)
     if arr.ndim != 2 or arr.dtype.kind not in "ui" or (arr.size and (arr.min() < 0 or arr.max() > 65535)):
         raise DataError(f"{path}: a label map must be (H, W) integers from 0 to 65535")
+    if fmt == "dicom":
+        if image is None:
+            raise DataError(f"{path}: a DICOM Segmentation needs the DICOM image it labels")
+        return _write_dicom_seg(arr, path, image, info)
     if fmt == "nifti":
         img = nib.Nifti1Image(_nifti_axes(arr.astype(np.uint16))[:, :, None], np.eye(4))
         img.set_sform(np.eye(4), code="aligned")
@@ -342,8 +347,37 @@ def write_label_map(labels: np.ndarray, path: Path, fmt: str, info: SyntheticInf
 
 
 def label_map_suffix(fmt: str) -> str:
-    """A label map's file suffix beside an image of format `fmt`: NIfTI beside NIfTI, else PNG."""
-    return SUFFIX["nifti"] if fmt == "nifti" else ".png"
+    """A label map's file suffix beside an image of format `fmt`: NIfTI beside NIfTI, DICOM SEG beside DICOM,
+    else PNG."""
+    return SUFFIX[fmt] if fmt in ("nifti", "dicom") else ".png"
+
+
+def _write_dicom_seg(labels: np.ndarray, path: Path, image: Path, info: SyntheticInfo) -> Path:
+    """A DICOM Segmentation (highdicom; binary segments, one per label value, "label <v>") referencing the
+    DICOM image at `image`: same patient module (the synthetic placeholders), its study, its SOP instance."""
+    import highdicom as hd
+    from pydicom import dcmread
+    from pydicom.sr.codedict import codes
+
+    source = dcmread(image)
+    values = sorted(int(v) for v in np.unique(labels) if v) or [1]
+    numbered = np.zeros(labels.shape, np.uint16)
+    for k, v in enumerate(values, start=1):
+        numbered[labels == v] = k
+    segments = [hd.seg.SegmentDescription(
+        segment_number=k, segment_label=f"label {v}",
+        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
+        segmented_property_type=codes.SCT.Lesion, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=hd.AlgorithmIdentificationSequence(name="meddiff", version=__version__,
+                                                                    family=codes.DCM.ArtificialIntelligence))
+        for k, v in enumerate(values, start=1)]
+    seg = hd.seg.Segmentation(
+        source_images=[source], pixel_array=numbered, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=segments, series_instance_uid=hd.UID(), series_number=2, sop_instance_uid=hd.UID(),
+        instance_number=1, manufacturer="meddiff", manufacturer_model_name="meddiff", software_versions=__version__,
+        device_serial_number="none", series_description=info.describe()[:64], omit_empty_frames=False)
+    seg.PatientOrientation = source.get("PatientOrientation", "")  # Type 2C without an image plane
+    return write_file(path, lambda f: seg.save_as(f, enforce_file_format=True))
 
 
 # --- manifest -----------------------------------------------------------------------------------------

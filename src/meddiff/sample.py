@@ -307,8 +307,7 @@ def inpaint_to_folder(cfg: InpaintConfig, echo: Callable[[str], None] = print) -
             mask = _mask_file(job_stem, cfg.fmt)
             info = export.SyntheticInfo(run.model_id, seed, name, "repaint-ddim", cfg.steps, cfg.guidance, mask,
                                         inpainted=True)
-            export.write_label_map(region.astype(np.uint8), out / mask, cfg.fmt, info)
-            _write_sample(img, out, f"{job_stem}{suffix}", cfg.fmt, info, manifest, existed)
+            _write_sample(img, out, f"{job_stem}{suffix}", cfg.fmt, info, manifest, existed, region.astype(np.uint8))
     seconds = time.time() - t0
     return dict(out=str(out), written=len(todo), skipped=len(jobs) - len(todo), seconds=seconds,
                 region_share=float(region.mean()), model_id=run.model_id, hardware=describe(device, precision))
@@ -437,9 +436,8 @@ def sample_to_folder(cfg: SampleConfig, echo: Callable[[str], None] = print, dis
                 name = run.class_names[lab] if lab is not None and lab < len(run.class_names) else None
                 mask = None if part_maps is None else _mask_file(stem, cfg.fmt)
                 info = export.SyntheticInfo(run.model_id, seed, name, cfg.sampler, cfg.steps, cfg.guidance, mask)
-                if mask is not None:  # the map first: a listed image always has its map beside it
-                    export.write_label_map(part_maps[k], out / mask, cfg.fmt, info)
-                _write_sample(img, out, f"{stem}{suffix}", cfg.fmt, info, manifest, existed)
+                _write_sample(img, out, f"{stem}{suffix}", cfg.fmt, info, manifest, existed,
+                              None if mask is None else part_maps[k])
         if bar is not None:
             bar.update(len(chunk) * dist.world)
     if bar is not None:
@@ -456,13 +454,17 @@ def sample_to_folder(cfg: SampleConfig, echo: Callable[[str], None] = print, dis
                 hardware=describe(device, precision))
 
 
-def _write_sample(image: np.ndarray, out: Path, name: str, fmt: str, info: Any, manifest: Any, existed: Path) -> None:
-    """One image and its manifest row; a full disk is one OutputError, and the folders below `existed` (the
-    nearest one that was there before) that it leaves empty are removed."""
+def _write_sample(image: np.ndarray, out: Path, name: str, fmt: str, info: Any, manifest: Any, existed: Path,
+                  labels: np.ndarray | None = None) -> None:
+    """One image, its label map (`labels`, at info.mask) and its manifest row, in that order, so that a listed
+    image always has its map; a full disk is one OutputError, and the folders below `existed` (the nearest one
+    that was there before) that it leaves empty are removed."""
     try:
         with no_space_is_an_error(f"{out / name}", "the images written before it are complete; the same command "
                                   "continues after them once there is space"):
             export.write_image(image, out / name, fmt, info)
+            if labels is not None:
+                export.write_label_map(labels, out / info.mask, fmt, info, image=out / name)
             manifest.add(name, info, fmt)
     except BaseException:
         for folder in (out / name).parents:  # only empty folders go (the first image's class folder and out)
