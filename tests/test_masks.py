@@ -215,3 +215,26 @@ def test_paired_exports_dicom_seg_references_its_image_and_nifti_labels_share_th
         img, seg = nib.load(image), nib.load(label)
         assert np.allclose(img.affine, seg.affine) and img.shape == seg.shape
         assert int(np.asarray(seg.dataobj).sum()) == int(lab.sum()) and seg.header["intent_code"] == 1002
+
+
+def test_a_nifti_volume_and_its_label_volume_are_sliced_together(tmp_path: Path) -> None:
+    import nibabel as nib
+
+    from meddiff.data.dataset import load_data
+
+    vol = np.zeros((24, 24, 6), np.float32)
+    lab = np.zeros((24, 24, 6), np.uint8)
+    for k in range(1, 5):  # slices 0 and 5 are empty: the reader skips them, and their labels with them
+        vol[4:20, 4:20, k] = 100 + k
+        vol[6 + k:10 + k, 8:12, k] = 400
+        lab[6 + k:10 + k, 8:12, k] = k  # a different label on each slice tells them apart
+    (tmp_path / "d/images").mkdir(parents=True)
+    (tmp_path / "d/masks").mkdir()
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / "d/images/vol.nii.gz")
+    nib.save(nib.Nifti1Image(lab, np.eye(4)), tmp_path / "d/masks/vol.nii.gz")
+    data = load_data(str(tmp_path / "d"), 24)
+    assert len(data) == 4 and data.mask_values == (1, 2, 3, 4)
+    maps, images = data.take_masks(range(4))[:, 0], data.take(range(4))[:, 0]
+    for k in range(4):
+        assert set(torch.unique(maps[k]).tolist()) == {0, k + 1}
+        assert float(images[k][maps[k] > 0].mean()) > float(images[k][maps[k] == 0].mean())  # on the bright spot

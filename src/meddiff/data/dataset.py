@@ -235,24 +235,30 @@ def _decode(item: tuple[Path, int, bool, str]) -> tuple[str, Any]:
 
 def _decode_pair(item: tuple[Path, Path | None, int, bool, str]) -> tuple[str, Any]:
     """An image and its label map → ("ok", [(uint16 image, format, source shape, uint16 map)]) or ("skip", (path,
-    reason)). The map must be a 2-D label image of the image's own size; a volume or multi-frame file is not paired."""
+    reason)). A 2-D image's map is a label image of its size; a NIfTI volume's is a NIfTI label volume of its
+    grid, sliced with it (the slices the image keeps)."""
     path, mask_path, size, crop, nifti_axis = item
     if mask_path is None:
         return "skip", (str(path), f"no label map of the same name in {PAIR_FOLDERS[1]}/")
     try:
         items = readers.read_file(path, nifti_axis=nifti_axis)
-        if len(items) != 1:
-            return "skip", (str(path), f"{len(items)} images in one file: image + label map pairs are read from "
-                                       "single 2-D images")
-        mask = readers.read_label_map(mask_path)
+        if mask_path.name.lower().endswith((".nii", ".nii.gz")):
+            masks = readers.read_label_slices(mask_path, nifti_axis, [meta.index for _image, meta in items])
+        elif len(items) == 1:
+            masks = [readers.read_label_map(mask_path)]
+        else:
+            return "skip", (str(path), f"{len(items)} images in one file with a 2-D label image: give a label "
+                                       "volume of the same grid (NIfTI)")
     except UnreadableFile as err:
         return "skip", (err.path, err.reason)
-    image, meta = items[0]
-    if mask.shape != image.shape:
-        return "skip", (str(mask_path), f"label map of {mask.shape[1]}x{mask.shape[0]} px for an image of "
-                                        f"{image.shape[1]}x{image.shape[0]} px")
-    return "ok", [(cache.to_uint16(to_square(image, size, crop)), meta.format, "x".join(map(str, image.shape)),
-                   labels_to_square(mask, size, crop))]
+    out = []
+    for (image, meta), mask in zip(items, masks):
+        if mask.shape != image.shape:
+            return "skip", (str(mask_path), f"label map of {mask.shape[1]}x{mask.shape[0]} px for an image of "
+                                            f"{image.shape[1]}x{image.shape[0]} px")
+        out.append((cache.to_uint16(to_square(image, size, crop)), meta.format, "x".join(map(str, image.shape)),
+                    labels_to_square(mask, size, crop)))
+    return "ok", out
 
 
 def _mask_for(masks_root: Path, rel: Path) -> Path | None:
@@ -262,8 +268,9 @@ def _mask_for(masks_root: Path, rel: Path) -> Path | None:
     exact = folder / rel.name
     if exact.is_file():
         return exact
-    for suffix in (".png", ".tif", ".tiff", ".bmp"):
-        candidate = folder / (rel.stem + suffix)
+    stem = rel.name[:-len(".nii.gz")] if rel.name.lower().endswith(".nii.gz") else rel.stem
+    for suffix in (".png", ".tif", ".tiff", ".bmp", ".nii.gz", ".nii"):
+        candidate = folder / (stem + suffix)
         if candidate.is_file():
             return candidate
     return None

@@ -275,6 +275,30 @@ def read_label_map(path: Path) -> np.ndarray:
     return arr.astype(np.uint16)
 
 
+def read_label_slices(path: Path, axis: str, indices: list[int]) -> list[np.ndarray]:
+    """A NIfTI label volume → its slices number `indices` along `axis`, oriented as `NiftiReader` orients its
+    image's slices (RAS+, upright), as (H, W) uint16 label values. UnreadableFile when it is no label volume:
+    non-integer or negative values, or fewer slices than asked for."""
+    _check_regular_file(path)
+    nib = _import_backend("nibabel", "nibabel", "NIfTI", path)
+    try:
+        img = nib.load(path)
+        _check_nifti_size(path, tuple(int(n) for n in img.shape))
+        volume = _canonical_volume(nib, img)
+    except UnreadableFile:
+        raise
+    except Exception as exc:  # noqa: BLE001 - nibabel, gzip and zlib raise many kinds
+        raise UnreadableFile(path, f"not a NIfTI file or truncated NIfTI ({_first_line(exc)})") from exc
+    if not np.isfinite(volume).all() or (volume != np.round(volume)).any() or volume.min() < 0 or volume.max() > 65535:
+        raise UnreadableFile(path, "a label volume must hold whole numbers from 0 to 65535")
+    if volume.ndim == 2:
+        return [np.ascontiguousarray(np.rot90(volume)).astype(np.uint16)] if indices == [0] else []
+    k_axis = {"sagittal": 0, "coronal": 1, "axial": 2}[axis]
+    if indices and max(indices) >= volume.shape[k_axis]:
+        raise UnreadableFile(path, f"{volume.shape[k_axis]} {axis} slices; its image has more")
+    return [np.ascontiguousarray(np.rot90(np.take(volume, k, axis=k_axis))).astype(np.uint16) for k in indices]
+
+
 def _ignore_reason(path: Path) -> str:
     suffix = _suffix(path)
     if not suffix:
