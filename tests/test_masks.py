@@ -238,3 +238,23 @@ def test_a_nifti_volume_and_its_label_volume_are_sliced_together(tmp_path: Path)
     for k in range(4):
         assert set(torch.unique(maps[k]).tolist()) == {0, k + 1}
         assert float(images[k][maps[k] > 0].mean()) > float(images[k][maps[k] == 0].mean())  # on the bright spot
+
+
+def test_generated_dicom_pairs_read_back_as_data_through_their_segmentations(mask_run: Path, tmp_path: Path) -> None:
+    from meddiff.config import SampleConfig
+    from meddiff.data.dataset import load_data
+    from meddiff.sample import sample_to_folder
+
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    for i in range(2):
+        lab = np.zeros((32, 32), np.uint8)
+        lab[4 + 8 * i:14 + 8 * i, 6:20] = 1
+        Image.fromarray(lab).save(maps / f"m{i}.png")
+    sample_to_folder(SampleConfig(run=str(mask_run), out=str(tmp_path / "out"), masks=str(maps), fmt="dicom",
+                                  sampler="ddim", steps=2, progress=False, precision="fp32", device="cpu"), echo=_quiet)
+    data = load_data(str(tmp_path / "out"), 32)
+    assert len(data) == 2 and not data.skipped and data.mask_values == (1,)
+    for i in range(2):
+        want = np.asarray(Image.open(maps / f"m{i}.png")).astype(np.int64)
+        assert np.array_equal(data.take_masks([i])[0, 0].numpy(), want)

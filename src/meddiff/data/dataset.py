@@ -244,6 +244,8 @@ def _decode_pair(item: tuple[Path, Path | None, int, bool, str]) -> tuple[str, A
         items = readers.read_file(path, nifti_axis=nifti_axis)
         if mask_path.name.lower().endswith((".nii", ".nii.gz")):
             masks = readers.read_label_slices(mask_path, nifti_axis, [meta.index for _image, meta in items])
+        elif len(items) == 1 and items[0][1].format == "dicom" and readers.is_dicom_file(mask_path):
+            masks = [readers.read_segmentation(mask_path, path)]
         elif len(items) == 1:
             masks = [readers.read_label_map(mask_path)]
         else:
@@ -269,7 +271,7 @@ def _mask_for(masks_root: Path, rel: Path) -> Path | None:
     if exact.is_file():
         return exact
     stem = rel.name[:-len(".nii.gz")] if rel.name.lower().endswith(".nii.gz") else rel.stem
-    for suffix in (".png", ".tif", ".tiff", ".bmp", ".nii.gz", ".nii"):
+    for suffix in (".png", ".tif", ".tiff", ".bmp", ".nii.gz", ".nii", ".dcm"):
         candidate = folder / (stem + suffix)
         if candidate.is_file():
             return candidate

@@ -299,6 +299,27 @@ def read_label_slices(path: Path, axis: str, indices: list[int]) -> list[np.ndar
     return [np.ascontiguousarray(np.rot90(np.take(volume, k, axis=k_axis))).astype(np.uint16) for k in indices]
 
 
+def read_segmentation(path: Path, image: Path) -> np.ndarray:
+    """A DICOM Segmentation (read with highdicom) → the label map of the single-frame DICOM image at `image`:
+    (H, W) uint16, each pixel the number of the segment that covers it (0: none). UnreadableFile when the file
+    is no Segmentation, does not reference that image, or its segments overlap there."""
+    _check_regular_file(path)
+    _check_regular_file(image)
+    import highdicom as hd
+    import pydicom
+
+    try:
+        uid = str(pydicom.dcmread(image, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
+        seg = hd.seg.segread(path)
+    except Exception as exc:  # noqa: BLE001 - pydicom and highdicom raise many kinds on a foreign file
+        raise UnreadableFile(path, f"not a DICOM Segmentation of its image ({_first_line(exc)})") from exc
+    try:
+        labels = seg.get_pixels_by_source_instance([uid], combine_segments=True, assert_missing_frames_are_empty=True)
+    except Exception as exc:  # noqa: BLE001
+        raise UnreadableFile(path, f"no segmentation of its image {image.name} ({_first_line(exc)})") from exc
+    return np.asarray(labels[0]).astype(np.uint16)
+
+
 def _ignore_reason(path: Path) -> str:
     suffix = _suffix(path)
     if not suffix:
