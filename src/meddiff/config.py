@@ -143,6 +143,16 @@ def option(default: Any = MISSING, help: str = "", **how: Any) -> Any:  # noqa: 
     return dataclasses.field(default=default, metadata={"option": Option(help=help, **how)})
 
 
+def precision_option() -> Any:
+    """--precision, as every command that computes offers it."""
+    return option("auto", "auto: bf16 where the hardware runs it fast, else fp32", choices=PRECISIONS)
+
+
+def device_option() -> Any:
+    """--device, as every command that computes offers it."""
+    return option("auto", "auto, cpu, cuda or cuda:N", choices=DEVICES, pattern=CUDA_N)
+
+
 def options(cls: Any) -> list[tuple[dataclasses.Field, Option]]:
     """The fields of a config dataclass (or instance) that carry an Option, in order."""
     return [(f, f.metadata["option"]) for f in dataclasses.fields(cls) if "option" in f.metadata]
@@ -341,8 +351,8 @@ class TrainConfig(Checked):
     channels_last: bool = option(False, "UNet in channels-last memory format; on AMX CPUs under bf16 it trains "
                                  "the `seed` UNet at 128 px 1.26x faster, at 64 px it is slower (docs/history.md)")
     compile: bool = option(False, "torch.compile the UNet")
-    precision: str = option("auto", "auto: bf16 where the hardware runs it fast, else fp32", choices=PRECISIONS)
-    device: str = option("auto", "auto, cpu, cuda or cuda:N", choices=DEVICES, pattern=CUDA_N)
+    precision: str = precision_option()
+    device: str = device_option()
     seed: int = option(0, "seed of every random draw (data order, split, noise, flips)", bounds=SEEDS)
     crop: bool = option(False, "centre-crop to square instead of padding")
     cache_dir: str | None = option(None, "preprocessed-image cache")
@@ -398,8 +408,8 @@ class AutoencoderConfig(Checked):
                               bounds=Bounds(0, 1))
     val_fraction: float = option(0.1, "share of the images held out (by group) to report reconstruction PSNR and "
                                  "SSIM on", bounds=Bounds(0, 0.5, lo_open=True, hi_open=True))
-    precision: str = option("auto", "auto: bf16 where the hardware runs it fast, else fp32", choices=PRECISIONS)
-    device: str = option("auto", "auto, cpu, cuda or cuda:N", choices=DEVICES, pattern=CUDA_N)
+    precision: str = precision_option()
+    device: str = device_option()
     seed: int = option(0, "seed of every random draw (split, order, crops, initialisation)", bounds=SEEDS)
     crop: bool = option(False, "centre-crop to square instead of padding")
     label_depth: int = option(1, "folder levels naming a class (kept only for the split)", bounds=DEPTH)
@@ -445,15 +455,14 @@ class SampleConfig(Checked):
                           "checkpoint's", choices=WEIGHTS)
     cache_interval: int = option(1, "DeepCache feature reuse: full UNet every N model calls (1 = off; 2-3 is "
                                  "~1.5-2x faster)", bounds=CACHE_INTERVAL)
-    precision: str = option("auto", "auto: bf16 where the hardware runs it fast, else fp32", choices=PRECISIONS)
-    device: str = option("auto", "auto, cpu, cuda or cuda:N", choices=DEVICES, pattern=CUDA_N)
+    precision: str = precision_option()
+    device: str = device_option()
     grid: bool = option(True, "write grid.png", cli=False)
     progress: bool = option(True, "no progress bar")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.seed + self.n - 1 > SEEDS.hi:
-            raise ConfigError(f"--seed {self.seed}: with --n {self.n} the seeds run past the largest, {SEEDS.hi}")
+        check_seeds(self.seed, self.n)
 
 
 @dataclass(frozen=True)
@@ -475,14 +484,19 @@ class InpaintConfig(Checked):
     guidance: float = option(1.0, "classifier-free guidance scale (1 = none)", bounds=GUIDANCE)
     fmt: str = option("png", "file format (the result holds real pixels: no DICOM or NIfTI export carries it)",
                       flags=("--format",), choices=("png", "png16"))
-    precision: str = option("auto", "auto: bf16 where the hardware runs it fast, else fp32", choices=PRECISIONS)
-    device: str = option("auto", "auto, cpu, cuda or cuda:N", choices=DEVICES, pattern=CUDA_N)
+    precision: str = precision_option()
+    device: str = device_option()
     progress: bool = option(True, "no progress bar")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.seed + self.n - 1 > SEEDS.hi:
-            raise ConfigError(f"--seed {self.seed}: with --n {self.n} the seeds run past the largest, {SEEDS.hi}")
+        check_seeds(self.seed, self.n)
+
+
+def check_seeds(seed: int, n: int) -> None:
+    """Images seed, seed + 1, …, seed + n - 1 all have valid seeds: ConfigError naming --seed and --n else."""
+    if seed + n - 1 > SEEDS.hi:
+        raise ConfigError(f"--seed {seed}: with --n {n} the seeds run past the largest, {SEEDS.hi}")
 
 
 def web_option(opt: Option) -> Option:

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Callable
 from urllib.parse import urlencode
 
 from .atomic import check_out_dir, write_bytes, write_json
-from .config import (CUDA_N, DEFAULT_PRESET, DEVICES, GUIDANCE, IMAGES, MINUTES, PRESETS, RESAMPLES, SEEDS,
-                     STEP_COUNT, Checked, SampleConfig, TrainConfig, option)
+from .config import (DEFAULT_PRESET, GUIDANCE, IMAGES, MINUTES, PRESETS, RESAMPLES, SEEDS, STEP_COUNT, Checked,
+                     SampleConfig, TrainConfig, device_option, option)
 from .errors import ConfigError, RunError
 
 if TYPE_CHECKING:  # the heavy modules load when the demo runs, not when the CLI builds its --help
@@ -57,7 +57,7 @@ class DemoConfig(Checked):
     guidance: float = option(2.0, "classifier-free guidance scale (1 = none)", bounds=GUIDANCE)
     n_boot: int = option(100, "bootstrap resamples of the evaluation's intervals", bounds=RESAMPLES, cli=False)
     seed: int = option(0, "seed of training and sampling", bounds=SEEDS)
-    device: str = option("auto", "auto, cpu, cuda or cuda:N", choices=DEVICES, pattern=CUDA_N)
+    device: str = device_option()
     cache_dir: str | None = option(None, "image and feature cache")
     progress: bool = option(True, "no progress bar")
 

@@ -393,6 +393,20 @@ def eta_line(step: int, total: int, s_per_step: float, seconds_left: float | Non
 
 # ---------------------------------------------------------------- the loop
 
+def start(cfg: Any, data: ImageSet | None, device: torch.device | None = None
+          ) -> tuple[torch.device, str, ImageSet]:
+    """What every training loop does first (a TrainConfig or an AutoencoderConfig): the device and precision, the
+    seed of the model's initialisation (every later draw has its own generator), the data at the size asked for."""
+    device = device or pick_device(cfg.device)
+    precision = pick_precision(cfg.precision, device)
+    torch.manual_seed(cfg.seed)
+    data = data if data is not None else load_data(cfg.data, cfg.size, crop=cfg.crop, label_depth=cfg.label_depth,
+                                                   cache_dir=cfg.cache_dir)
+    if data.size != cfg.size:
+        raise ConfigError(f"--size {cfg.size}: the data given are {data.size} px")
+    return device, precision, data
+
+
 def train(cfg: TrainConfig, data: ImageSet | None = None, *, resume: bool = False,
           echo: Callable[[str], None] = print, dist: Dist = Dist(), device: torch.device | None = None) -> TrainResult:
     """Train (or resume) a run. `data` may be given to skip loading `cfg.data` (notebooks, tests).
@@ -422,13 +436,7 @@ def _train(cfg: TrainConfig, data: ImageSet | None, resume: bool, echo: Callable
     if not dist.main:
         echo = _silent
     run = Path(cfg.out)
-    device = device or pick_device(cfg.device)
-    precision = pick_precision(cfg.precision, device)
-    torch.manual_seed(cfg.seed)  # model initialisation only; every later draw has its own generator
-    data = data if data is not None else load_data(cfg.data, cfg.size, crop=cfg.crop, label_depth=cfg.label_depth,
-                                                   cache_dir=cfg.cache_dir)
-    if data.size != cfg.size:
-        raise ConfigError(f"--size {cfg.size}: the data given are {data.size} px")
+    device, precision, data = start(cfg, data, device)
     conditional = cfg.conditional == "on" or (cfg.conditional == "auto" and len(data.class_names) > 1)
     if record and record.class_names != data.class_names:
         raise RunError(f"--resume {run}: the data's classes {list(data.class_names)} differ from the run's "

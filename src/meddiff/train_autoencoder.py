@@ -27,13 +27,13 @@ import torch
 from . import __version__, runfolder
 from .atomic import atomic_folder, check_out_dir, no_space_is_an_error, write_json, write_text
 from .config import AutoencoderConfig, to_json
-from .data.dataset import ImageSet, load_data, skipped_listing, split
+from .data.dataset import ImageSet, skipped_listing, split
 from .errors import ConfigError, RunError
 from .export import make_grid, save_png
 from .latent import RECORD_FILE, autoencoder_config, build_autoencoder, reconstruction_figures
 from .model import count_parameters
-from .runtime import autocast, describe, pick_device, pick_precision, progress_bar
-from .train import StopFlag, batch_indices, peak_rss_mib, seed_mix
+from .runtime import autocast, describe, progress_bar
+from .train import StopFlag, batch_indices, peak_rss_mib, seed_mix, start
 
 LOG_FILE = "log.jsonl"
 GRID_FILE = "reconstructions.png"
@@ -86,13 +86,7 @@ def train_autoencoder(cfg: AutoencoderConfig, data: ImageSet | None = None,
     """Train an autoencoder and write its folder (see the module's docstring). `data` may be given to skip loading
     `cfg.data` (tests, notebooks)."""
     out = check_out_dir(cfg.out, "--out", empty=True)
-    device = pick_device(cfg.device)
-    precision = pick_precision(cfg.precision, device)
-    torch.manual_seed(cfg.seed)
-    data = data if data is not None else load_data(cfg.data, cfg.size, crop=cfg.crop, label_depth=cfg.label_depth,
-                                                   cache_dir=cfg.cache_dir)
-    if data.size != cfg.size:
-        raise ConfigError(f"--size {cfg.size}: the data given are {data.size} px")
+    device, precision, data = start(cfg, data)
     train_idx, val_idx = split(data, cfg.val_fraction, cfg.seed)
     if len(val_idx) == 0 or len(train_idx) == 0:
         raise ConfigError(f"--data {cfg.data}: {len(data)} image(s) in {len(np.unique(data.groups))} group(s) cannot "

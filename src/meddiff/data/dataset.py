@@ -150,19 +150,24 @@ def _parse_medmnist(spec: str, flag: str) -> tuple[str, dict[str, str]]:
     return path, params
 
 
+def _square(image: np.ndarray, crop: bool) -> np.ndarray:
+    """(H, W) → the centred square: zero-padded to the longer side, or cropped to the shorter with `crop`."""
+    h, w = image.shape
+    s = min(h, w) if crop else max(h, w)
+    if crop:
+        top, left = (h - s) // 2, (w - s) // 2
+        return image[top:top + s, left:left + s]
+    square = np.zeros((s, s), image.dtype)
+    top, left = (s - h) // 2, (s - w) // 2
+    square[top:top + h, left:left + w] = image
+    return square
+
+
 def to_square(image: np.ndarray, size: int, crop: bool = False) -> np.ndarray:
     """(H, W) float in [0, 1] → (size, size) float32: aspect kept by zero-padding (or centre-cropping), then an
     antialiased bicubic resize."""
-    h, w = image.shape
-    if crop:
-        s = min(h, w)
-        top, left = (h - s) // 2, (w - s) // 2
-        square = image[top:top + s, left:left + s]
-    else:
-        s = max(h, w)
-        square = np.zeros((s, s), np.float32)
-        top, left = (s - h) // 2, (s - w) // 2
-        square[top:top + h, left:left + w] = image
+    square = _square(np.asarray(image, np.float32), crop)
+    s = len(square)
     if s == size:
         return np.asarray(square, np.float32)
     t = torch.from_numpy(np.ascontiguousarray(square, np.float32))[None, None]
@@ -172,17 +177,8 @@ def to_square(image: np.ndarray, size: int, crop: bool = False) -> np.ndarray:
 def labels_to_square(mask: np.ndarray, size: int, crop: bool = False) -> np.ndarray:
     """(H, W) integer label map → (size, size) uint16 with the geometry `to_square` gives its image (the same pad
     or crop), resized by nearest neighbour: label values are never blended."""
-    h, w = mask.shape
-    if crop:
-        s = min(h, w)
-        top, left = (h - s) // 2, (w - s) // 2
-        square = mask[top:top + s, left:left + s]
-    else:
-        s = max(h, w)
-        square = np.zeros((s, s), mask.dtype)
-        top, left = (s - h) // 2, (s - w) // 2
-        square[top:top + h, left:left + w] = mask
-    if s != size:
+    square = _square(mask, crop)
+    if len(square) != size:
         t = torch.from_numpy(np.ascontiguousarray(square, np.float32))[None, None]
         square = F.interpolate(t, size=(size, size), mode="nearest-exact")[0, 0].numpy()
     return np.asarray(square).astype(np.uint16)

@@ -157,20 +157,7 @@ class NiftiReader(ImageReader):
         self.min_foreground = min_foreground
 
     def _read(self, path: Path) -> Images:
-        nib = _import_backend("nibabel", "nibabel", "NIfTI", path)
-        try:
-            img = nib.load(path)  # reads the header only
-            source_shape = tuple(int(n) for n in img.shape)
-            bits = int(img.get_data_dtype().itemsize * 8)
-        except Exception as exc:  # noqa: BLE001 - nibabel, gzip and zlib raise many kinds
-            raise UnreadableFile(path, f"not a NIfTI file or truncated NIfTI ({_first_line(exc)})") from exc
-        _check_nifti_size(path, source_shape)
-        try:
-            volume = _canonical_volume(nib, img)
-        except MemoryError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - nibabel, gzip and zlib raise many kinds
-            raise UnreadableFile(path, f"not a NIfTI file or truncated NIfTI ({_first_line(exc)})") from exc
+        volume, source_shape, bits = _load_nifti(path)
         _require_finite(volume, path, "the NIfTI volume (with its scl_slope/scl_inter)")
         unit = _robust_to_unit(volume)
         if unit.ndim == 2:
@@ -190,6 +177,25 @@ class NiftiReader(ImageReader):
                 f"(all {unit.shape[axis]} slices near-empty)",
             )
         return images
+
+
+def _load_nifti(path: Path) -> tuple[np.ndarray, tuple[int, ...], int]:
+    """A NIfTI file → (its first volume in RAS+ orientation as float, the stored shape, the stored bits), the
+    declared size checked before anything is decoded; UnreadableFile when it is no NIfTI file."""
+    nib = _import_backend("nibabel", "nibabel", "NIfTI", path)
+    try:
+        img = nib.load(path)  # reads the header only
+        source_shape = tuple(int(n) for n in img.shape)
+        bits = int(img.get_data_dtype().itemsize * 8)
+    except Exception as exc:  # noqa: BLE001 - nibabel, gzip and zlib raise many kinds
+        raise UnreadableFile(path, f"not a NIfTI file or truncated NIfTI ({_first_line(exc)})") from exc
+    _check_nifti_size(path, source_shape)
+    try:
+        return _canonical_volume(nib, img), source_shape, bits
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - nibabel, gzip and zlib raise many kinds
+        raise UnreadableFile(path, f"not a NIfTI file or truncated NIfTI ({_first_line(exc)})") from exc
 
 
 def _check_nifti_size(path: Path, shape: tuple[int, ...]) -> None:
@@ -280,15 +286,7 @@ def read_label_slices(path: Path, axis: str, indices: list[int]) -> list[np.ndar
     image's slices (RAS+, upright), as (H, W) uint16 label values. UnreadableFile when it is no label volume:
     non-integer or negative values, or fewer slices than asked for."""
     _check_regular_file(path)
-    nib = _import_backend("nibabel", "nibabel", "NIfTI", path)
-    try:
-        img = nib.load(path)
-        _check_nifti_size(path, tuple(int(n) for n in img.shape))
-        volume = _canonical_volume(nib, img)
-    except UnreadableFile:
-        raise
-    except Exception as exc:  # noqa: BLE001 - nibabel, gzip and zlib raise many kinds
-        raise UnreadableFile(path, f"not a NIfTI file or truncated NIfTI ({_first_line(exc)})") from exc
+    volume = _load_nifti(path)[0]
     if not np.isfinite(volume).all() or (volume != np.round(volume)).any() or volume.min() < 0 or volume.max() > 65535:
         raise UnreadableFile(path, "a label volume must hold whole numbers from 0 to 65535")
     if volume.ndim == 2:
