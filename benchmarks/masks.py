@@ -1,0 +1,199 @@
+#!/usr/bin/env python3
+"""Images with their label maps (issue 21), on MedPhantom-4 with its true lesion maps, one command:
+
+    python benchmarks/masks.py                  # --minutes 15 at 64 px (about 30 min on 2 cores)
+    python benchmarks/masks.py --quick          # seconds: a smoke test, not a figure
+
+1. meddiff trains its default recipe, conditioned on the maps, on `builtin:phantoms?masks=1` (seed 0) for --minutes.
+   Every test image comes from other phantoms (`seed=1`): no test pair was trained on.
+2. Mask adherence: a segmenter (`meddiff.metrics.segmentation`) trained on real training pairs segments images
+   generated for the test set's abnormal maps (class <modality>/abnormal, default sampler, --guidance); Dice
+   against the requested map per modality, beside the same segmenter on the real test images (its ceiling).
+3. Segmentation utility: segmenters trained on synthetic pairs only (one generated image per training map, same
+   classes) and on the real pairs, both tested on the real test pairs; the ratio of their Dice. And with only
+   --few real pairs: real alone against real + every synthetic pair.
+4. Inpainting: healthy test images given the lesion region of an abnormal test image of the same modality and
+   class <modality>/abnormal: the largest change outside the region (must be 0), the share a normal/abnormal
+   classifier trained on real phantoms calls abnormal, and the seam: mean gradient magnitude on the region's
+   border ring against the same on real lesions' rings.
+5. Copies: the share of the generated adherence images flagged as copies of a training image (held-out test
+   images set the threshold).
+Writes benchmarks/results/masks.json and docs/masks_grid.png (requested map, generated image, per modality).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import _results as R
+
+MODALITIES = ("ct", "mri", "us", "xray")
+
+
+def load_pairs(n: int, seed: int, size: int) -> dict:
+    from meddiff.data.dataset import load_data
+
+    data = load_data(f"builtin:phantoms?n={n}&masks=1&seed={seed}", size)
+    idx = np.arange(len(data))
+    return dict(images=((data.take(idx)[:, 0] + 1) / 2).numpy(), masks=data.take_masks(idx)[:, 0].numpy(),
+                classes=[data.class_names[k] for k in data.labels.tolist()])
+
+
+def train_model(out: Path, n: int, size: int, minutes: float, extra: list[str]) -> dict:
+    cmd = [sys.executable, "-m", "meddiff.cli", "train", "--data", f"builtin:phantoms?n={n}&masks=1", "--size",
+           str(size), "--max-minutes", str(minutes), "--out", str(out / "run"), "--no-progress", *extra]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(f"training failed:\n{done.stderr[-2000:]}")
+    return json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
+
+
+def generate_for(run, masks: np.ndarray, classes: list[str], guidance: float, seed0: int) -> np.ndarray:
+    """One image per (map, class), seeds seed0, seed0 + 1, …, in batches of one class."""
+    from meddiff.sample import class_index, generate
+
+    out = np.zeros(masks.shape, np.float32)
+    for name in sorted(set(classes)):
+        rows = [i for i, c in enumerate(classes) if c == name]
+        for lo in range(0, len(rows), 16):
+            part = rows[lo:lo + 16]
+            out[part] = generate(run, [seed0 + i for i in part], class_index(run, name), guidance=guidance,
+                                 masks=masks[part].astype(np.int64))
+    return out
+
+
+def ring(mask: np.ndarray, width: int = 1) -> np.ndarray:
+    """The pixels within `width` of a region's border, inside or out."""
+    m = torch.from_numpy(mask.astype(np.float32))[None, None]
+    grown = torch.nn.functional.max_pool2d(m, 2 * width + 1, 1, width)
+    shrunk = -torch.nn.functional.max_pool2d(-m, 2 * width + 1, 1, width)
+    return (grown - shrunk)[0, 0].numpy() > 0
+
+
+def gradient_energy(image: np.ndarray, where: np.ndarray) -> float:
+    gy, gx = np.gradient(image.astype(np.float64))
+    return float(np.hypot(gx, gy)[where].mean()) if where.any() else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minutes", type=float, default=15.0)
+    ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--n-train", type=int, default=1200, help="training phantoms (seed 0)")
+    ap.add_argument("--n-test", type=int, default=400, help="test phantoms (seed 1)")
+    ap.add_argument("--few", type=int, default=50, help="real pairs of the small-data comparison")
+    ap.add_argument("--seg-steps", type=int, default=600, help="segmenter training steps")
+    ap.add_argument("--inpaint", type=int, default=40, help="healthy test images to inpaint a lesion into")
+    ap.add_argument("--guidance", type=float, default=2.0)
+    ap.add_argument("--out", default="bench_out/masks")
+    ap.add_argument("--grid", default=str(R.ROOT / "docs" / "masks_grid.png"))
+    ap.add_argument("--meddiff-args", default="", help="extra flags for meddiff train, after '='")
+    ap.add_argument("--quick", action="store_true", help="smoke test: 32 px, tiny preset, seconds")
+    R.add_results_arg(ap, "masks")
+    a = ap.parse_args()
+    if a.quick:
+        a.size, a.minutes, a.n_train, a.n_test, a.few, a.seg_steps, a.inpaint = 32, 0.1, 48, 32, 8, 20, 4
+        a.meddiff_args = a.meddiff_args or "--preset tiny"
+        a.out = a.out if a.out != "bench_out/masks" else "bench_out/masks_quick"
+        a.grid, a.results = str(Path(a.out) / "grid.png"), str(Path(a.out) / "results.json")
+    from meddiff.export import make_grid, save_png
+    from meddiff.metrics.classifier import classifier_features, fit_classifier
+    from meddiff.metrics.features import get_extractor
+    from meddiff.metrics.memorization import memorization_report
+    from meddiff.metrics.segmentation import dice_figure, segment, train_segmenter
+    from meddiff.runtime import pick_device, pick_precision
+    from meddiff.sample import inpaint, load_run
+
+    mach = R.machine(pick_precision("auto", pick_device("auto")))
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    trained = train_model(out, a.n_train, a.size, a.minutes, a.meddiff_args.split())
+    print(f"trained: {trained['steps']} steps in {trained['seconds']:.0f} s", flush=True)
+    run = load_run(out / "run")
+    train, test = load_pairs(a.n_train, 0, a.size), load_pairs(a.n_test, 1, a.size)
+    seg_real = train_segmenter(train["images"], train["masks"], a.seg_steps)
+
+    # 2. adherence
+    abn = [i for i, c in enumerate(test["classes"]) if c.endswith("abnormal")]
+    gen = generate_for(run, test["masks"][abn], [test["classes"][i] for i in abn], a.guidance, 10_000)
+    adherence = {}
+    for m in MODALITIES:
+        rows = [k for k, i in enumerate(abn) if test["classes"][i].startswith(m + "/")]
+        if rows:
+            real_rows = [abn[k] for k in rows]
+            adherence[m] = dict(generated=dice_figure(segment(seg_real, gen[rows]), test["masks"][real_rows]),
+                                real=dice_figure(segment(seg_real, test["images"][real_rows]),
+                                                 test["masks"][real_rows]))
+            print(f"adherence {m}: Dice {adherence[m]['generated']['dice']:.3f} (real images "
+                  f"{adherence[m]['real']['dice']:.3f})", flush=True)
+
+    # 3. utility
+    syn = generate_for(run, train["masks"], train["classes"], a.guidance, 20_000)
+    seg_syn = train_segmenter(syn, train["masks"], a.seg_steps)
+    rng = np.random.default_rng(0)
+    few = rng.choice(len(train["images"]), min(a.few, len(train["images"])), replace=False)
+    seg_few = train_segmenter(train["images"][few], train["masks"][few], a.seg_steps)
+    seg_mix = train_segmenter(np.concatenate([train["images"][few], syn]),
+                              np.concatenate([train["masks"][few], train["masks"]]), a.seg_steps)
+    on_test = {name: dice_figure(segment(net, test["images"]), test["masks"])
+               for name, net in (("real", seg_real), ("synthetic", seg_syn), (f"real_{a.few}", seg_few),
+                                 (f"real_{a.few}_plus_synthetic", seg_mix))}
+    for name, f in on_test.items():
+        print(f"utility {name}: Dice {f['dice']:.3f} {f['dice_ci95']}", flush=True)
+
+    # 4. inpainting
+    extractor = get_extractor("randconv", resolution=a.size)
+    feats = classifier_features(train["images"], extractor(train["images"]))
+    is_abn = np.array([c.endswith("abnormal") for c in train["classes"]], np.int64)
+    clf = fit_classifier(feats, is_abn)
+    healthy = [i for i, c in enumerate(test["classes"]) if c.endswith("/normal")][:a.inpaint]
+    changed, outside, seam_gen, seam_real, results = [], [], [], [], []
+    for j, i in enumerate(healthy):
+        modality = test["classes"][i].split("/")[0]
+        donors = [k for k in abn if test["classes"][k].startswith(modality + "/") and test["masks"][k].any()]
+        if not donors:
+            continue
+        donor = donors[j % len(donors)]
+        region = test["masks"][donor] > 0
+        img = inpaint(run, test["images"][i], region, [30_000 + j], run.class_names.index(f"{modality}/abnormal"),
+                      guidance=a.guidance, cond_mask=test["masks"][donor].astype(np.int64))[0]
+        results.append(img)
+        outside.append(float(np.abs(img - test["images"][i])[~region].max()))
+        seam_gen.append(gradient_energy(img, ring(region)))
+        seam_real.append(gradient_energy(test["images"][donor], ring(region)))
+        changed.append(i)
+    detected = clf.predict(classifier_features(np.stack(results), extractor(np.stack(results)))) if results else []
+    inpainting = dict(images=len(results), max_change_outside=max(outside) if outside else None,
+                      detected_abnormal=float(np.mean(detected)) if len(detected) else None,
+                      detected_ci95=R.bootstrap_mean(np.asarray(detected, float))["ci95"] if len(detected) else None,
+                      seam_gradient_generated=float(np.nanmean(seam_gen)) if seam_gen else None,
+                      seam_gradient_real_lesions=float(np.nanmean(seam_real)) if seam_real else None)
+    print(f"inpainting: {json.dumps(inpainting)}", flush=True)
+
+    # 5. copies
+    audit = memorization_report(gen, train["images"], test["images"])
+    copies = dict(share=audit.n_flagged / max(len(gen), 1), threshold=float(audit.threshold))
+
+    per_mod = [next((k for k, i in enumerate(abn) if test["classes"][i].startswith(m + "/")), None) for m in MODALITIES]
+    tiles = [t for k in per_mod if k is not None for t in ((test["masks"][abn[k]] > 0).astype(np.float32), gen[k])]
+    if tiles:
+        Path(a.grid).parent.mkdir(parents=True, exist_ok=True)
+        save_png(make_grid(np.stack(tiles), ncols=2), Path(a.grid))
+    summary = dict(adherence=adherence, utility=on_test,
+                   utility_ratio=(on_test["synthetic"]["dice"] / on_test["real"]["dice"]
+                                  if on_test["real"]["dice"] else None),
+                   inpainting=inpainting, copies=copies, training=trained, seconds=time.time() - t0,
+                   guidance=a.guidance, sampler="the run's default (UniPC 10)", grid=a.grid)
+    R.write_results(a.results, "masks", mach, vars(a), [], summary)
+
+
+if __name__ == "__main__":
+    main()

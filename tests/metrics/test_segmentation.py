@@ -1,0 +1,42 @@
+"""metrics.segmentation: Dice as defined, and a segmenter that learns an easy lesion."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from meddiff.errors import DataError
+from meddiff.metrics.segmentation import dice_figure, dice_per_image, segment, train_segmenter
+
+
+def _squares(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    images = rng.random((n, 32, 32)).astype(np.float32) * 0.3
+    masks = np.zeros((n, 32, 32), np.uint8)
+    for i in range(n):
+        top, left = rng.integers(2, 20, 2)
+        images[i, top:top + 9, left:left + 9] += 0.6
+        masks[i, top:top + 9, left:left + 9] = 1
+    return images.clip(0, 1), masks
+
+
+def test_dice_is_one_for_a_match_zero_for_a_miss_and_skips_images_without_a_lesion() -> None:
+    t = np.zeros((3, 8, 8), bool)
+    t[0, :4], t[1, :4] = True, True
+    p = np.zeros_like(t)
+    p[0, :4], p[1, 4:] = True, True
+    assert dice_per_image(p, t).tolist() == [1.0, 0.0]  # image 2 has no lesion: not counted
+    f = dice_figure(p, t)
+    assert f["dice"] == 0.5 and f["images"] == 2 and f["dice_ci95"][0] <= 0.5 <= f["dice_ci95"][1]
+    assert dice_figure(p, np.zeros_like(t))["dice"] is None
+
+
+def test_the_segmenter_learns_bright_squares() -> None:
+    x, y = _squares(48, 0)
+    net = train_segmenter(x, y, steps=150)
+    xt, yt = _squares(16, 1)
+    assert dice_figure(segment(net, xt), yt)["dice"] > 0.8
+
+
+def test_images_and_maps_must_match() -> None:
+    with pytest.raises(DataError, match="must be"):
+        train_segmenter(np.zeros((2, 32, 32)), np.zeros((3, 32, 32)), steps=1)
