@@ -258,3 +258,32 @@ def test_generated_dicom_pairs_read_back_as_data_through_their_segmentations(mas
     for i in range(2):
         want = np.asarray(Image.open(maps / f"m{i}.png")).astype(np.int64)
         assert np.array_equal(data.take_masks([i])[0, 0].numpy(), want)
+
+
+def test_the_pipeline_takes_maps_and_the_audit_keeps_pairs_whole(mask_run: Path, tmp_path: Path) -> None:
+    from meddiff.audit import write_shareable
+    from meddiff.config import SampleConfig
+    from meddiff.imagesets import read_generated
+    from meddiff.pipeline import MeddiffPipeline
+    from meddiff.sample import class_index, generate, load_run, sample_to_folder
+
+    lab = np.zeros((2, 32, 32), np.int64)
+    lab[:, 5:15, 5:15] = 1
+    run = load_run(mask_run)
+    want = generate(run, [0, 1], class_index(run, "ct/abnormal"), "ddim", 3, masks=lab)
+    pipe = MeddiffPipeline.from_pretrained(mask_run)
+    pipe.set_progress_bar_config(disable=True)
+    got = pipe(batch_size=2, class_name="ct/abnormal", num_inference_steps=3, masks=lab, output_type="np",
+               generator=[torch.Generator().manual_seed(s) for s in (0, 1)]).images[..., 0]
+    assert np.allclose(got, want, atol=1e-5)
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    Image.fromarray(lab[0].astype(np.uint8)).save(maps / "m0.png")
+    Image.fromarray(np.roll(lab[0], 8, axis=1).astype(np.uint8)).save(maps / "m1.png")
+    sample_to_folder(SampleConfig(run=str(mask_run), out=str(tmp_path / "out"), masks=str(maps), sampler="ddim",
+                                  steps=2, progress=False, precision="fp32", device="cpu"), echo=_quiet)
+    files, images = read_generated(str(tmp_path / "out"))
+    assert [f.parent.name for f in files] == ["images", "images"] and images.shape == (2, 32, 32)
+    write_shareable(tmp_path / "out", [Path("images/seed000001.png")], tmp_path / "share")
+    kept = sorted(str(p.relative_to(tmp_path / "share")) for p in (tmp_path / "share").rglob("*.png"))
+    assert kept == ["images/seed000001.png", "masks/seed000001.png"]

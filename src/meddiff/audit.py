@@ -16,7 +16,7 @@ import numpy as np
 from .atomic import atomic_folder, check_out_dir
 from .config import HELDOUT_SPLITS
 from .data.dataset import split
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, RunError
 from .export import Manifest
 from .imagesets import LabelledImages, load_images, read_generated
 from .metrics.memorization import (NEAR_DUPLICATE_NCC, CopyAudit, feature_copy_audit, memorization_report,
@@ -162,13 +162,19 @@ class AuditResult:
 
 
 def write_shareable(fake: Path, kept: list[Path], out: Path) -> None:
-    """Copy the kept files (relative to `fake`) to `out` at their place, with the manifest rows of those files;
-    `out` appears complete or not at all."""
+    """Copy the kept files (relative to `fake`) to `out` at their place, each with its label map where the manifest
+    names one, and the manifest rows of those files; `out` appears complete or not at all."""
+    try:
+        maps = {r["file"]: r["mask"] for r in Manifest(fake).rows() if r.get("mask")}
+    except RunError:  # another tool's manifest: its rows are kept as they are, it names no label maps
+        maps = {}
     with atomic_folder(out) as tmp:
         for rel in kept:
-            dest = tmp / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(fake / rel, dest)
+            for name in (rel.as_posix(), maps.get(rel.as_posix())):  # an image, and its label map where it has one
+                if name and (fake / name).is_file():
+                    dest = tmp / name
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(fake / name, dest)
         Manifest(fake).keep_rows([rel.as_posix() for rel in kept], tmp)
 
 
@@ -183,7 +189,7 @@ def audit_folder(cfg: AuditConfig) -> AuditResult:
     real = load_images(cfg.real, "--real", size, cfg.label_depth, cfg.cache_dir)
     held = heldout_split(real, train, cfg.seed, cfg.heldout_split)
     copies = copy_audit(generated, train, real, held, cfg.quantile)
-    rel = [f.relative_to(fake) for f in files]
+    rel = [f.relative_to(fake.expanduser()) for f in files]
     kept = [r for r, k in zip(rel, copies.keep) if k]
     write_shareable(fake, kept, out)
     return AuditResult(kept, [r for r, k in zip(rel, copies.keep) if not k], copies, held.how, out,

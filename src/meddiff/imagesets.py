@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data.dataset import ImageSet, load_data, parse_spec, to_square
+from .data.dataset import PAIR_FOLDERS, ImageSet, load_data, pair_layout, parse_spec, to_square
 from .data.readers import find_image_files, read_file
 from .errors import DataError
 
@@ -79,11 +79,14 @@ def load_images(spec: str, flag: str, size: int, label_depth: int,
 
 
 def read_generated(folder: str, size: int | None = None, flag: str = "--fake") -> tuple[list[Path], np.ndarray]:
-    """A folder of generated images (any readable format, searched recursively, grid.png left out) → the files
-    and their images (N, S, S) float32 in [0, 1] (S: `size`, or the images' own size), one image (the first
-    frame) per file, in the same order."""
-    size = size or native_size(folder, flag)  # native_size also refuses a missing or empty folder
-    files = [f for f in find_image_files(Path(folder))[0] if f.name not in SAMPLE_EXTRAS]
+    """A folder of generated images (any readable format, searched recursively, grid.png left out; in a folder of
+    images with label maps, images/ only) → the files and their images (N, S, S) float32 in [0, 1] (S: `size`, or
+    the images' own size), one image (the first frame) per file, in the same order."""
+    root = Path(folder).expanduser()
+    if root.is_dir() and pair_layout(root):  # images with label maps: the images only
+        root = root / PAIR_FOLDERS[0]
+    size = size or native_size(str(root), flag)  # native_size also refuses a missing or empty folder
+    files = [f for f in find_image_files(root)[0] if f.name not in SAMPLE_EXTRAS]
     return files, np.stack([to_square(read_file(f)[0][0], size) for f in files])
 
 

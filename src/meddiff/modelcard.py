@@ -89,6 +89,9 @@ def _model_section(record: RunRecord, run: Path) -> str:
             ("parameters", f"{n_params / 1e6:.2f} M" if n_params else None),
             ("conditioning", f"class-conditional, {m.num_classes} classes + a null class for classifier-free "
                              "guidance" if m.num_classes else "unconditional"),
+            ("label maps", f"conditioned on label maps: one input channel for each label value "
+                           f"({', '.join(map(str, m.mask_values))}); `meddiff sample --masks DIR` makes image + map "
+                           "pairs" if m.cond_channels else None),
             ("classes", record.class_names if m.num_classes else None)]
     return "## Model\n\n" + _markdown_table(rows, ("", "value"))
 

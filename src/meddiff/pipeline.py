@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from diffusers.utils import is_accelerate_available
@@ -20,7 +21,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from . import runfolder
 from .atomic import atomic_folder, check_out_dir, no_space_is_an_error, write_json, write_text
 from .errors import ConfigError, RunError
-from .model import Denoiser
+from .model import Denoiser, mask_channels
 from .modelcard import model_card_text
 from .latent import decode as decode_latents
 from .sample import sample_loop, to_unit
@@ -37,10 +38,11 @@ class MeddiffPipeline(DiffusionPipeline):
     _optional_components = ["vae"]
 
     def __init__(self, unet: UNet2DModel, scheduler: Any, class_names: list[str] | None = None,
-                 patch_size: int = 1, vae: AutoencoderKL | None = None) -> None:
+                 patch_size: int = 1, vae: AutoencoderKL | None = None, mask_values: list[int] | None = None) -> None:
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler, vae=vae)
-        self.register_to_config(class_names=list(class_names or []), patch_size=int(patch_size))
+        self.register_to_config(class_names=list(class_names or []), patch_size=int(patch_size),
+                                mask_values=[int(v) for v in mask_values or []])
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> "MeddiffPipeline":
@@ -54,6 +56,7 @@ class MeddiffPipeline(DiffusionPipeline):
             if record is not None and "class_names" not in kwargs:
                 kwargs["class_names"] = list(record.class_names) if record.conditional else []
                 kwargs.setdefault("patch_size", record.model.patch_size)
+                kwargs.setdefault("mask_values", list(record.model.mask_values))
             if "unet" not in kwargs:
                 kwargs["unet"] = (runfolder.load_unet(path, "ema", record) if record else
                                   runfolder.load_unet_folder(Path(path) / runfolder.UNET_DIR))[0]
@@ -97,21 +100,30 @@ class MeddiffPipeline(DiffusionPipeline):
     def __call__(self, batch_size: int = 1, class_name: str | list[str | None] | None = None,
                  guidance_scale: float = 1.0, num_inference_steps: int = 50,
                  generator: torch.Generator | list[torch.Generator] | None = None, eta: float = 0.0,
-                 output_type: str = "pil", return_dict: bool = True) -> ImagePipelineOutput | tuple:
+                 output_type: str = "pil", return_dict: bool = True,
+                 masks: Any = None) -> ImagePipelineOutput | tuple:
         """Generate `batch_size` images. class_name: one name, one per image, or None (unconditional branch).
         A list of generators gives each image its own noise, as `meddiff sample` does with per-image seeds.
-        output_type: "pil" (grey PIL images), "np" ((B, H, W, 1) float in [0, 1]) or "pt" ((B, 1, H, W))."""
+        output_type: "pil" (grey PIL images), "np" ((B, H, W, 1) float in [0, 1]) or "pt" ((B, 1, H, W)).
+        masks: for a model trained on label maps, one (H, W) map of label values per image (None: no map)."""
         if isinstance(generator, list) and len(generator) != batch_size:
             raise ConfigError(f"generator: {len(generator)} generators for batch_size {batch_size}")
         if output_type not in ("pil", "np", "pt"):
             raise ConfigError(f"output_type {output_type!r}: choose from pil, np, pt")
         labels = self._labels(class_name, batch_size)
-        p = self.config.patch_size
-        size, channels = self.unet.config.sample_size * p, self.unet.config.in_channels // (p * p)
+        p, values = self.config.patch_size, tuple(self.config.get("mask_values", []) or [])
+        size, channels = self.unet.config.sample_size * p, self.unet.config.out_channels // (p * p)
         noise = randn_tensor((batch_size, channels, size, size), generator=generator, device=self._execution_device,
                              dtype=self.unet.dtype)
         self.scheduler.set_timesteps(num_inference_steps)
-        denoiser = Denoiser(self.unet, labels, len(self.config.class_names), guidance_scale, p)
+        cond = None
+        if values:
+            cond = (torch.zeros(batch_size, len(values), size, size, device=self._execution_device) if masks is None
+                    else mask_channels(torch.as_tensor(np.asarray(masks, np.int64)).view(batch_size, 1, size, size)
+                                       .to(self._execution_device), values))
+        elif masks is not None:
+            raise ConfigError("masks: this model was not trained on label maps")
+        denoiser = Denoiser(self.unet, labels, len(self.config.class_names), guidance_scale, p, cond=cond)
         vae = getattr(self, "vae", None)
         decode = to_unit if vae is None else (lambda z: to_unit(decode_latents(vae, z.float())))
         image = sample_loop(self.scheduler, denoiser, noise, generator, eta, self.progress_bar, decode)

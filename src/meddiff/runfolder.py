@@ -435,13 +435,13 @@ def model_index(model: ModelConfig, class_names: tuple[str, ...] | list[str]) ->
     without patches, else meddiff.pipeline.MeddiffPipeline (which knows class names and patches)."""
     index: dict[str, Any] = {"_diffusers_version": diffusers.__version__,
                              "scheduler": ["diffusers", "DDIMScheduler"], "unet": ["diffusers", "UNet2DModel"]}
-    if not model.num_classes and model.patch_size == 1 and not model.latent:
+    if not model.num_classes and model.patch_size == 1 and not model.latent and not model.cond_channels:
         return "DDIMPipeline", {"_class_name": "DDIMPipeline", **index}
     if model.latent:
         index["vae"] = ["diffusers", "AutoencoderKL"]
     return "MeddiffPipeline", {"_class_name": "MeddiffPipeline", **index,
                                "class_names": list(class_names) if model.num_classes else [],
-                               "patch_size": model.patch_size}
+                               "patch_size": model.patch_size, "mask_values": list(model.mask_values)}
 
 
 def save_model_folder(run: str | Path, unet: torch.nn.Module, record: RunRecord, weights: str = "ema") -> None:
