@@ -253,3 +253,18 @@ def test_conditioning_every_sampler_deepcache_and_every_format_work_at_256_px(tm
         assert written, fmt
         if fmt.startswith("png"):
             assert Image.open(written[0]).size == (256, 256)
+
+
+@pytest.mark.parametrize("size", [128, 512])
+def test_micro_batch_auto_and_checkpointing_train_at_every_size(tmp_path: Path, size: int) -> None:
+    from meddiff.runfolder import read_record
+    from meddiff.train import train
+
+    images = torch.rand(4, 1, size, size) * 2 - 1
+    data = ImageSet(images, torch.zeros(4, dtype=torch.long), ("all",), np.arange(4))
+    cfg = TrainConfig(data="mem", out=str(tmp_path / "run"), size=size, max_steps=1, batch_size=4, micro_batch=0,
+                      grad_checkpointing=True, progress=False, precision="fp32", val_fraction=0.0).resolve()
+    lines: list[str] = []
+    result = train(cfg, data=data, echo=lines.append)
+    assert result.steps == 1 and any(line.startswith("micro-batch auto:") for line in lines)
+    assert read_record(tmp_path / "run").model.patch_size == patch_for("lean", size)
