@@ -287,3 +287,19 @@ def test_the_pipeline_takes_maps_and_the_audit_keeps_pairs_whole(mask_run: Path,
     write_shareable(tmp_path / "out", [Path("images/seed000001.png")], tmp_path / "share")
     kept = sorted(str(p.relative_to(tmp_path / "share")) for p in (tmp_path / "share").rglob("*.png"))
     assert kept == ["images/seed000001.png", "masks/seed000001.png"]
+
+
+def test_maps_can_come_from_a_data_set_with_label_maps(mask_run: Path, tmp_path: Path) -> None:
+    from meddiff.config import SampleConfig
+    from meddiff.data.dataset import load_data
+    from meddiff.sample import sample_to_folder
+
+    spec = "builtin:phantoms?n=4&masks=1&seed=3"
+    result = sample_to_folder(SampleConfig(run=str(mask_run), out=str(tmp_path / "out"), masks=spec, sampler="ddim",
+                                           steps=2, progress=False, precision="fp32", device="cpu"), echo=_quiet)
+    assert result["written"] == 4
+    source, made = load_data(spec, 32), load_data(str(tmp_path / "out"), 32)
+    assert torch.equal(made.take_masks(range(4)), source.take_masks(range(4)))
+    with pytest.raises(ConfigError, match="have no label maps"):
+        sample_to_folder(SampleConfig(run=str(mask_run), out=str(tmp_path / "o2"), masks="builtin:phantoms?n=2",
+                                      progress=False), echo=_quiet)

@@ -447,8 +447,9 @@ class SampleConfig(Checked):
     class_name: str | None = option(None, "a class the model knows, e.g. xray/pneumonia", flags=("--class",))
     per_class: int | None = option(None, "N images of each class, in class folders", bounds=IMAGES)
     masks: str | None = option(None, "a folder of label images (PNG/TIFF/BMP, label values as the model learnt "
-                               "them): one image for each map (each class's with --per-class; --n is not used), "
-                               "written as images/ + masks/ pairs")
+                               "them), or a data set with label maps (images/ + masks/, builtin:phantoms?masks=1): "
+                               "one image for each map (each class's with --per-class; --n is not used), written as "
+                               "images/ + masks/ pairs")
     guidance: float = option(1.0, "classifier-free guidance scale (1 = none)", bounds=GUIDANCE, web=Bounds(0, 20))
     fmt: str = option("png", "file format", flags=("--format",), choices=FORMATS, web=("png", "dicom"))
     weights: str = option("ema", "ema: the averaged weights, best: the lowest validation loss, raw: the last "

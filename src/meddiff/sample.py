@@ -26,7 +26,7 @@ from .config import (MAX_IMAGES, SAMPLERS, SEEDS, STEPS, InpaintConfig, ModelCon
                      check_value,
                      default_sampler)
 from .data import cache
-from .data.dataset import PAIR_FOLDERS, labels_to_square, to_square
+from .data.dataset import PAIR_FOLDERS, labels_to_square, load_data, pair_layout, to_square
 from .data.readers import read_file, read_label_map
 from .errors import ConfigError, UnreadableFile
 from .latent import decode as decode_latents
@@ -346,10 +346,22 @@ def _stem(prefix: str, seed: int, n_maps: int) -> str:
 def read_masks(folder: str | Path, run: LoadedRun, echo: Callable[[str], None] = print) -> list[np.ndarray]:
     """--masks: every label image in a folder (sorted by path), each brought to the model's size by nearest
     neighbour → (S, S) int64 maps. A file that is no label image, or holds a label value the model does not know,
-    is skipped and counted; none left is a ConfigError naming the folder."""
-    root = Path(folder).expanduser()
+    is skipped and counted; none left is a ConfigError naming the folder. A data set with label maps instead (a
+    folder of images/ + masks/, or builtin:phantoms?masks=1): its maps, e.g. the training set's, to make new
+    images for maps like those the model learnt."""
+    root = Path(str(folder)).expanduser()
     if not run.model.cond_channels:
         raise ConfigError(f"--masks {folder}: this model was not trained on label maps (its data had none)")
+    if str(folder).startswith("builtin:") or (root.is_dir() and pair_layout(root)):
+        data = load_data(str(folder), run.model.image_size, flag="--masks")
+        if not data.has_masks:
+            raise ConfigError(f"--masks {folder}: these images have no label maps (builtin:phantoms?masks=1 has)")
+        maps = [m[0].numpy() for m in data.take_masks(np.arange(len(data)))]
+        unknown = sorted(set(np.unique(np.stack(maps)).tolist()) - set(run.model.mask_values) - {0})
+        if unknown:
+            raise ConfigError(f"--masks {folder}: label value(s) {unknown} this model does not know (it knows "
+                              f"{', '.join(map(str, run.model.mask_values))})")
+        return maps
     if not root.is_dir():
         raise ConfigError(f"--masks {folder}: not a folder of label images")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in (".png", ".tif", ".tiff", ".bmp"))
