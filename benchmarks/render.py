@@ -35,7 +35,7 @@ COMMANDS = {
                                "--out bench_out/qpc128 --grid docs/qpc128_grid.png "
                                "--results benchmarks/results/quality_per_compute_128.json",
     "quality_per_compute_256": "python benchmarks/quality_per_compute.py --size 256 --systems meddiff,latent "
-                               "--minutes 50 --out bench_out/qpc256 --grid docs/qpc256_grid.png "
+                               "--minutes 30 --n 48 --out bench_out/qpc256 --grid docs/qpc256_grid.png "
                                "--results benchmarks/results/quality_per_compute_256.json",
     "size_table": "python benchmarks/train_speed.py --cases sizes --steps 2 "
                   "--results benchmarks/results/size_table.json",
