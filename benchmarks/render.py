@@ -317,6 +317,42 @@ def readme_rows(results: Path) -> list[str]:
     else:
         rows.append(_not_rerun("brain MRI quality per compute (KID, SSIM, held-out loss, copies)",
                                "quality_per_compute"))
+    q128 = load("quality_per_compute_128", results)
+    if q128:
+        s128 = q128["summary"]
+        first, last = s128["budgets"][0], s128["budgets"][-1]
+        seed, med = s128["rows"][f"seed_{last:g}min"], s128["rows"][f"meddiff_{first:g}min"]
+        ref = s128["reference"].get("real vs real (held-out half A vs half B)", {})
+        for key, what, low in (("kid", "KID ↓", True), ("ssim", "SSIM to the nearest held-out slice", False)):
+            rows.append(f"| brain MRI, 128 px: {what}, meddiff after {first:g} min against the seed after {last:g} | "
+                        f"{ci(seed[key], seed.get(key + '_ci95'))} | {compare(med, seed, key, low)} (real vs real "
+                        f"{ci(ref.get(key), ref.get(key + '_ci95'))}) | `{reproduce(q128)}` |")
+    else:
+        rows.append(_not_rerun("brain MRI at 128 px: meddiff after 3 min against the seed after 30",
+                               "quality_per_compute_128"))
+    q256 = load("quality_per_compute_256", results)
+    if q256:
+        s256 = q256["summary"]
+        m = s256["budgets"][-1]
+        pix, lat = s256["rows"].get(f"meddiff_{m:g}min"), s256["rows"].get(f"latent_{m:g}min")
+        if pix and lat:
+            rows.append(f"| brain MRI, 256 px, {m:g} min: KID ↓ of the pixel and latent paths (autoencoder PSNR "
+                        f"{lat['autoencoder_psnr_db']:.1f} dB) | — | pixel {ci(pix['kid'], pix['kid_ci95'])}, latent "
+                        f"{ci(lat['kid'], lat['kid_ci95'])} | `{reproduce(q256)}` |")
+    else:
+        rows.append(_not_rerun("brain MRI at 256 px: pixel against latent path", "quality_per_compute_256"))
+    st = load("size_table", results)
+    if st:
+        table = st["summary"]["cases"]["sizes"]
+        real = table.get("real_training") or {}
+        biggest = max(int(k) for k in table["table"])
+        seed_big = table["table"][str(biggest)]["seed"]
+        seed_cell = (f"does not fit at {biggest} px (needs ~{seed_big['need_gib']:.0f} GiB)" if not seed_big.get("fits")
+                     else f"{seed_big['peak_rss_mib']:,.0f} MiB")
+        rows.append(f"| training peak memory at {biggest} px (X-ray and CT phantoms, data included) | {seed_cell} | "
+                    + ", ".join(f"{k}: {r['peak_rss_mib']:,.0f} MiB" for k, r in real.items()) + f" | `{reproduce(st)}` |")
+    else:
+        rows.append(_not_rerun("training img/s and peak memory at 64-512 px", "size_table"))
     t = load("train_speed", results)
     if t:
         for case, c in t["summary"]["cases"].items():
