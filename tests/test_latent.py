@@ -250,3 +250,25 @@ def test_the_cli_trains_both_stages_and_refuses_a_missing_autoencoder_in_one_lin
                             str(tmp_path / "ae3")], **env_args)
     assert wrong.returncode != 0 and "--factor 3" in wrong.stderr and "Traceback" not in wrong.stderr
     assert not (tmp_path / "ae3").exists()
+
+
+@pytest.mark.parametrize("damage, message", [("not_ae", "not an autoencoder folder"),
+                                             ("size", "config.size is 'abc'"), ("kind", "not a meddiff autoencoder")])
+def test_a_folder_that_is_no_autoencoder_is_one_error(tmp_path: Path, autoencoder: Path, image_folder: Path,
+                                                      train_config, damage: str, message: str) -> None:
+    from meddiff.train import train
+
+    folder = tmp_path / "ae"
+    shutil.copytree(autoencoder, folder)
+    record = json.loads((folder / "autoencoder.json").read_text())
+    if damage == "not_ae":
+        (folder / "autoencoder.json").unlink()
+    elif damage == "size":
+        record["config"]["size"] = "abc"
+    else:
+        record["kind"] = "something-else"
+    if damage != "not_ae":
+        (folder / "autoencoder.json").write_text(json.dumps(record))
+    with pytest.raises(RunError, match=message):
+        train(train_config(image_folder, tmp_path / "run", autoencoder=str(folder), size=None), echo=_quiet)
+    assert not (tmp_path / "run").exists()

@@ -110,9 +110,15 @@ def read_autoencoder_record(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / RECORD_FILE
     if not Path(folder).is_dir():
         raise RunError(f"--autoencoder {folder}: no such folder; make one with meddiff train-autoencoder")
+    if not path.is_file():
+        raise RunError(f"--autoencoder {folder}: not an autoencoder folder (no {RECORD_FILE}); make one with meddiff "
+                       "train-autoencoder")
     record = runfolder.read_json_object(path, "a meddiff autoencoder record")
     if record.get("kind") != "meddiff-autoencoder" or not isinstance(record.get("config"), dict):
         raise RunError(f"{path}: not a meddiff autoencoder record (meddiff train-autoencoder writes one)")
+    size = record["config"].get("size")
+    if isinstance(size, bool) or not isinstance(size, int) or not 16 <= size <= 1024:
+        raise RunError(f"{path}: config.size is {size!r}; expected the image size in px it was trained at")
     return record
 
 

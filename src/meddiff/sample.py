@@ -267,6 +267,8 @@ def inpaint_to_folder(cfg: InpaintConfig, echo: Callable[[str], None] = print) -
     device = pick_device(cfg.device)
     precision = pick_precision(cfg.precision, device)
     run = load_run(cfg.run, "ema", device)
+    if run.vae is not None:
+        raise ConfigError(f"--run {cfg.run}: a latent model; inpainting works on pixel-space runs")
     size = run.model.image_size
     try:
         items = read_file(Path(cfg.image))
