@@ -134,7 +134,7 @@ def train_autoencoder(cfg: AutoencoderConfig, data: ImageSet | None = None,
             torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
             opt.step()
             step, seen = step + 1, seen + len(x)
-            losses.append(float(l1))
+            losses.append(float(l1.detach()))
             if step % 10 == 0 or step == 1:
                 log.append(dict(step=step, l1=float(np.mean(losses[-10:])), kl=float(kl), lr=lr,
                                 img_per_s=seen / max(time.time() - t0, 1e-9), elapsed=time.time() - t0))
