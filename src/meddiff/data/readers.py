@@ -270,12 +270,10 @@ def read_label_map(path: Path) -> np.ndarray:
                 raise UnreadableFile(path, f"a label image must have one channel of integer labels (mode {img.mode}: "
                                      "save it as 8- or 16-bit grey or palette)")
             try:
-                arr = np.asarray(img.convert("L") if img.mode == "1" else img)
+                arr = np.asarray(img)  # mode "1": booleans, 0 and 1
             except (OSError, SyntaxError, ValueError) as exc:
                 raise UnreadableFile(path, f"truncated or corrupt {img.format} file ({_first_line(exc)})") from exc
     arr = arr.astype(np.int64)
-    if img.mode == "1":
-        arr = (arr > 0).astype(np.int64)
     if arr.min() < 0 or arr.max() > 65535:
         raise UnreadableFile(path, f"label values from {arr.min()} to {arr.max()}; allowed 0 to 65535")
     return arr.astype(np.uint16)
