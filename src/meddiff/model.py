@@ -111,9 +111,9 @@ class Denoiser:
     and the DeepCache feature cache.
 
     Classifier-free guidance (Ho & Salimans 2022, eq. 6): out = u + w (c - u), u from the null class and no label
-    map (zero channels); one pass when there is nothing to guide (w = 1, or neither a class nor a map). DeepCache (Ma et al. 2024, Alg. 1):
-    the full UNet runs on call 0, cache_interval, 2 cache_interval, ...; the calls between reuse its deep
-    features (see `cached_unet_forward`). One Denoiser serves one sampling run of one batch."""
+    map (zero channels); one pass when there is nothing to guide (w = 1, or neither a class nor a map).
+    DeepCache (Ma et al. 2024, Alg. 1): the full UNet runs on call 0, cache_interval, 2 cache_interval, ...; the
+    calls between reuse its deep features (see `cached_unet_forward`). One Denoiser serves one sampling run of one batch."""
 
     def __init__(self, unet: UNet2DModel, labels: torch.Tensor | None = None, null_class: int = 0,
                  guidance: float = 1.0, patch_size: int = 1, cache_interval: int = 1, precision: str = "fp32",
@@ -136,7 +136,7 @@ class Denoiser:
         return has_class or (self.cond is not None and bool(self.cond.any()))
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x_t (B, 1, H, W), any float dtype (cast to the UNet's), and t (B,) → the prediction (B, 1, H, W)."""
+        """x_t (B, C, H, W), any float dtype (cast to the UNet's), and t (B,) → the prediction (B, C, H, W)."""
         refresh = self.calls % self.cache_interval == 0
         self.calls += 1
         x = x.to(self.unet.dtype)
