@@ -64,14 +64,17 @@ def decode(vae: AutoencoderKL, z: torch.Tensor, precision: str = "fp32") -> torc
 
 @torch.no_grad()
 def encode_set(vae: AutoencoderKL, data: ImageSet, device: torch.device, precision: str = "fp32",
-               flip: bool = False, batch: int = ENCODE_BATCH) -> torch.Tensor:
+               flip: bool = False, batch: int = ENCODE_BATCH, mirror: bool = False
+               ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Every image of a set (read a batch at a time, horizontally flipped with `flip`) → unscaled latents
-    (N, C, h, w) float32 on the CPU."""
-    out = []
+    (N, C, h, w) float32 on the CPU. `mirror`: (latents, latents of the mirror images), each image read once."""
+    out, mirrored = [], []
     for lo in range(0, len(data), batch):
         x = data.take(np.arange(lo, min(lo + batch, len(data)))).to(device)
         out.append(encode(vae, x.flip(-1) if flip else x, precision).cpu())
-    return torch.cat(out)
+        if mirror:
+            mirrored.append(encode(vae, x.flip(-1), precision).cpu())
+    return (torch.cat(out), torch.cat(mirrored)) if mirror else torch.cat(out)
 
 
 def latent_bytes(vae: AutoencoderKL, n: int, size: int) -> int:

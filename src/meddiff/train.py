@@ -306,15 +306,13 @@ def _latent_data(cfg: TrainConfig, data: ImageSet, train_idx: np.ndarray, record
     vae = vae.to(device).eval()
     echo(f"encoding {len(data)} images{' and their mirror images' if cfg.flip else ''} with the autoencoder "
          f"(latents {vae.config.latent_channels} x {cfg.size // factor} x {cfg.size // factor})")
-    z = encode_set(vae, data, device, precision)
+    z, z_mirror = encode_set(vae, data, device, precision, mirror=True) if cfg.flip else \
+        (encode_set(vae, data, device, precision), None)
     if record is None:
         vae.register_to_config(scaling_factor=float(1.0 / z[torch.as_tensor(train_idx)].std().clamp_min(1e-6)))
         summary["scaling_factor"] = vae.config.scaling_factor
     scale = float(vae.config.scaling_factor)
-    flipped = None
-    if cfg.flip:
-        flipped = ImageSet(encode_set(vae, data, device, precision, flip=True) * scale, data.labels,
-                           data.class_names, data.groups)
+    flipped = None if z_mirror is None else ImageSet(z_mirror * scale, data.labels, data.class_names, data.groups)
     if cfg.noise_shift is None:
         cfg = _replace(cfg, noise_shift=noise_shift_for(cfg.preset, cfg.size // factor))
     latents = ImageSet(z * scale, data.labels, data.class_names, data.groups, data.skipped, data.summary)
