@@ -39,6 +39,7 @@ COMMANDS = {
                                "--results benchmarks/results/quality_per_compute_256.json",
     "size_table": "python benchmarks/train_speed.py --cases sizes --steps 2 "
                   "--results benchmarks/results/size_table.json",
+    "masks": "python benchmarks/masks.py",
 }
 WHO = {"seed": "seed recipe", "meddiff": "meddiff pixel (default)", "latent": "meddiff latent"}
 TRAIN_SPEED_CASES = {"seed128": "training img/s, `seed` UNet @ 128 px, batch 10, same UNet",
@@ -133,6 +134,32 @@ def render_quality_per_compute(doc: dict) -> list[str]:
     lines += [""] + latent_notes if latent_notes else []
     grid = Path(s["grid"])
     return lines + (["", f"![one row of samples per model]({grid.name})"] if grid.parent.name == "docs" else [])
+
+
+def render_masks(doc: dict) -> list[str]:
+    """Mask adherence per modality, segmentation utility, inpainting, copies."""
+    s = doc["summary"]
+    dice = lambda f: ci(f["dice"], f["dice_ci95"]) + f" (n={f['images']})" if f and f.get("dice") is not None else "—"
+    lines = [f"Model: meddiff's default recipe conditioned on the maps, {s['training']['steps']:,} steps "
+             f"({s['training']['seconds'] / 60:.0f} min); sampler: {s['sampler']}, guidance {s['guidance']:g}.", "",
+             "| modality | Dice of generated images against their requested maps | the same segmenter on real test images |",
+             "| --- | --- | --- |"]
+    lines += [f"| {m} | {dice(r['generated'])} | {dice(r['real'])} |" for m, r in s["adherence"].items()]
+    u = s["utility"]
+    lines += ["", "| segmenter trained on | Dice on held-out real pairs |", "| --- | --- |"]
+    lines += [f"| {name.replace('_', ' ')} | {dice(f)} |" for name, f in u.items()]
+    ratio = s.get("utility_ratio")
+    lines += ["", f"Synthetic-only / real-only Dice: {ratio:.2f}." if ratio is not None else ""]
+    ip = s["inpainting"]
+    if ip.get("images"):
+        lines += [f"Inpainting ({ip['images']} healthy test images, a lesion region each): largest change outside the "
+                  f"region {ip['max_change_outside']:g}; called abnormal by a classifier trained on real phantoms: "
+                  f"{ci(ip['detected_abnormal'], ip['detected_ci95'])}; gradient energy on the region's border "
+                  f"{ip['seam_gradient_generated']:.3f} against {ip['seam_gradient_real_lesions']:.3f} on real lesions'."]
+    lines += [f"Copies of training images among the generated adherence images: {s['copies']['share']:.0%}."]
+    grid = Path(s["grid"])
+    return lines + (["", f"![requested map and generated image, one pair per modality]({grid.name})"]
+                    if grid.parent.name == "docs" else [])
 
 
 def render_size_table(doc: dict) -> list[str]:
@@ -270,6 +297,7 @@ RENDERERS: dict[str, Callable[[dict], list[str]]] = {
     "quality_per_compute_128": render_quality_per_compute,
     "quality_per_compute_256": render_quality_per_compute,
     "size_table": render_size_table,
+    "masks": render_masks,
 }
 
 
