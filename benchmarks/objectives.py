@@ -5,19 +5,21 @@ timesteps, v-predictions converted) and the same sampler (DDIM 20) and metrics f
 MNI slabs of benchmarks/_heldout.py (training on the training slices only), with intervals.
 
     python benchmarks/objectives.py --minutes 3 --n 64
-Writes benchmarks/results/objectives.json.
+Writes benchmarks/results/objectives.json. With `--study size-rules --size S`, the same for the rules that
+follow the image size (noise shift, patch), written to benchmarks/results/size_rules_<S>.json.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import torch
 
 import _results as R
 from _heldout import mni_split, reference_rows, score_heldout
-from quality_per_compute import last_json, sample, start_meddiff, val_losses, write_training_data
+from quality_per_compute import last_json, record_shift, sample, start_meddiff, val_losses, write_training_data
 
 VARIANTS = {
     "eps, linear, no weighting (the seed's objective)": ["--objective", "eps", "--beta-schedule", "linear",
@@ -29,6 +31,22 @@ VARIANTS = {
 }
 
 
+def size_rule_variants(size: int) -> dict[str, list[str]]:
+    """The rules that follow the image size (issue 20), each spelt out in flags so that a label stays true
+    whatever the default is: the "simple diffusion" shift held constant, the same shift interpolated to none at
+    the clean end, no shift, and the rule's shift with half the rule's patch (the UNet on a 64-px grid)."""
+    from meddiff.config import patch_for
+
+    shift, patch = 2 * math.log(64 / size), patch_for("lean", size)
+    return {f"shift {shift:.2f} constant, patch {patch}": ["--noise-shift", f"{shift}", "--patch", f"{patch}"],
+            f"shift {shift:.2f} at noise to 0 at clean, patch {patch}": ["--noise-shift", f"{shift}",
+                                                                       "--noise-shift-clean", "0", "--patch",
+                                                                       f"{patch}"],
+            f"no shift, patch {patch}": ["--noise-shift", "0", "--patch", f"{patch}"],
+            f"shift {shift:.2f} constant, patch {patch // 2}": ["--noise-shift", f"{shift}", "--patch",
+                                                                f"{patch // 2}"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=64)
@@ -36,17 +54,23 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--bootstrap", type=int, default=200)
     ap.add_argument("--out", default="bench_out/objectives")
+    ap.add_argument("--study", choices=("objectives", "size-rules"), default="objectives",
+                    help="objectives: the objective/schedule/weighting variants; size-rules: the noise shift and "
+                         "patch at --size (results default to size_rules_<size>.json)")
     ap.add_argument("--variants", default=None,
-                    help="comma-separated indices into the variant list (default all): "
+                    help="comma-separated indices into the variant list (default all); objectives: "
                          + "; ".join(f"{i}: {n}" for i, n in enumerate(VARIANTS)))
     R.add_results_arg(ap, "objectives")
     a = ap.parse_args()
+    variants = VARIANTS if a.study == "objectives" else size_rule_variants(a.size)
+    if a.study == "size-rules" and a.results == str(R.RESULTS / "objectives.json"):
+        a.results = str(R.RESULTS / f"size_rules_{a.size}.json")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     split = mni_split(a.size)
     _npy, png = write_training_data(split, out)
     held = torch.from_numpy(split.images[split.heldout])[:, None] * 2 - 1
-    names = list(VARIANTS)
+    names = list(variants)
     if a.variants:
         try:
             names = [names[int(i)] for i in a.variants.split(",")]
@@ -54,22 +78,24 @@ def main() -> None:
             raise SystemExit(f"--variants {a.variants}: expected indices 0-{len(names) - 1}, comma-separated")
     stats = {}
     for i in range(0, len(names), 2):  # two runs side by side, one thread each
-        procs = {n: start_meddiff(png, a.size, a.minutes, out / f"v{list(VARIANTS).index(n)}", VARIANTS[n])
+        procs = {n: start_meddiff(png, a.size, a.minutes, out / f"v{list(variants).index(n)}", variants[n])
                  for n in names[i:i + 2]}
         stats.update({n: last_json(p) for n, p in procs.items()})
     rows = {}
     mach = None
+    summary_extra = dict(study=a.study, variants={n: variants[n] for n in names})
     for n in names:
-        run = out / f"v{list(VARIANTS).index(n)}"
+        run = out / f"v{list(variants).index(n)}"
         rec = json.loads((run / "meddiff.json").read_text())
         mach = mach or R.machine(rec.get("hardware") or "auto")
         q = score_heldout(sample(dict(who="meddiff", run=run), a.n), split, n_boot=a.bootstrap)
         q.update(val_losses(run / "unet", held, rec["train"]["objective"], rec["train"]["beta_schedule"],
-                            rec["model"]["patch_size"]))
+                            rec["model"]["patch_size"], record_shift(rec["train"])))
         q["steps"] = stats[n]["steps"]
         rows[n] = q
         print(n, json.dumps({k: v for k, v in q.items() if k != "ssim_per_sample"}), flush=True)
-    summary = dict(rows=rows, reference=reference_rows(split, a.bootstrap), heldout=split.description)
+    summary = dict(rows=rows, reference=reference_rows(split, a.bootstrap), heldout=split.description,
+                   **summary_extra)
     R.write_results(a.results, "objectives", mach, vars(a), list(stats.values()), summary)
 
 

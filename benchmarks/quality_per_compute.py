@@ -108,9 +108,17 @@ def train_all(out: Path, budgets: list[float], size: int, systems: list[str], ex
     return stats
 
 
-def val_losses(unet_dir: Path, held: torch.Tensor, objective: str, schedule: str, patch: int) -> dict:
+def record_shift(train: dict) -> float | tuple[float, float]:
+    """A run record's log-SNR shift as `diffusion.alphas_cumprod` takes it (`TrainConfig.shift`)."""
+    shift = train.get("noise_shift") or 0.0
+    return shift if train.get("noise_shift_clean") is None else (train["noise_shift_clean"], shift)
+
+
+def val_losses(unet_dir: Path, held: torch.Tensor, objective: str, schedule: str, patch: int,
+               shift: float | tuple[float, float] = 0.0) -> dict:
     """eps-MSE on the held-out slices at the seed's (linear) noise levels, each model told its own timestep for
-    them; same images, noise and draws for every model. Mean, 95 % bootstrap interval over draws, by band."""
+    them (on its own, possibly shifted, schedule); same images, noise and draws for every model. Mean, 95 %
+    bootstrap interval over draws, by band."""
     from diffusers import UNet2DModel
 
     from meddiff.diffusion import alphas_cumprod
@@ -118,7 +126,7 @@ def val_losses(unet_dir: Path, held: torch.Tensor, objective: str, schedule: str
 
     unet = UNet2DModel.from_pretrained(unet_dir, low_cpu_mem_usage=False, local_files_only=True,
                                         use_safetensors=True).eval()
-    t, losses = validation_losses(unet, held, None, alphas_cumprod(schedule, 1000).float(), objective, seed=1,
+    t, losses = validation_losses(unet, held, None, alphas_cumprod(schedule, 1000, shift=shift).float(), objective, seed=1,
                                   patch_size=patch, noise_levels=alphas_cumprod("linear", 1000).float(), reps=VAL_REPS)
     losses, t = losses.numpy(), t.numpy()
     band = {f"t{lo}-{hi - 1}": float(losses[(t >= lo) & (t < hi)].mean()) for lo, hi in BANDS}
@@ -137,13 +145,13 @@ def models(out: Path, budgets: list[float], longest: float, systems: list[str]) 
             if not (unet / "config.json").exists():
                 raise SystemExit(f"{unet} is missing: the seed run saved no weights at {m:g} min (no step finished?)")
             rows[f"seed_{m:g}min"] = dict(who="seed", minutes=m, unet=unet, objective="eps", schedule="linear",
-                                          patch=1)
+                                          patch=1, shift=0.0)
         for who in (w for w in systems if w != "seed"):
             run = out / f"{who}_{m:g}min" / ("run" if who == "latent" else "")
             rec = json.loads((run / "meddiff.json").read_text())
             rows[f"{who}_{m:g}min"] = dict(who=who, minutes=m, unet=run / "unet", run=run,
                                            objective=rec["train"]["objective"],
-                                           schedule=rec["train"]["beta_schedule"],
+                                           schedule=rec["train"]["beta_schedule"], shift=record_shift(rec["train"]),
                                            patch=rec["model"].get("patch_size", 1), hardware=rec.get("hardware"),
                                            result=rec.get("result", {}))
     return rows
@@ -225,7 +233,7 @@ def main() -> None:
                  **score_heldout(imgs, split, n_boot=a.bootstrap))
         # eps-MSE compares models that denoise the same pixels; a latent model denoises its own latents
         q.update(autoencoder_figures(row["run"], split) if row["who"] == "latent" else
-                 val_losses(row["unet"], held, row["objective"], row["schedule"], row["patch"]))
+                 val_losses(row["unet"], held, row["objective"], row["schedule"], row["patch"], row["shift"]))
         trained = train_stats.get("seed" if row["who"] == "seed" else name, row.get("result", {}))
         q.update({k: trained.get(k) for k in ("train_img_per_s", "images_seen", "steps", "peak_rss_mib")})
         if row["who"] == "seed":

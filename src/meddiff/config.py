@@ -325,6 +325,10 @@ class TrainConfig(Checked):
     noise_shift: float | None = option(None, "shift of the noise schedule's log SNR (default: 2 ln(64/size) above "
                                        "64 px for meddiff's presets, as in \"simple diffusion\"; 0 for seed)",
                                        bounds=Bounds(-20, 20))
+    noise_shift_clean: float | None = option(None, "log-SNR shift at the clean end of the schedule: the shift then "
+                                             "moves linearly from it at the first step to --noise-shift at the "
+                                             "last (default: the same as --noise-shift, a constant shift)",
+                                             bounds=Bounds(-20, 20))
     patch: int | None = option(None, "space-to-depth patch of the patched presets (lean); default: the size / "
                                f"{PATCH_GRID} rounded down to a power of 2, at least the preset's own",
                                bounds=Bounds(1, 64, whole=True))
@@ -361,6 +365,13 @@ class TrainConfig(Checked):
     masks: str = option("auto", "condition on the images' label maps: auto (when the data have them: images/ + "
                         "masks/, builtin:phantoms?masks=1) or off", choices=("auto", "off"))
     progress: bool = option(True, "no progress bar")
+
+    @property
+    def shift(self) -> float | tuple[float, float]:
+        """The schedule's log-SNR shift as `diffusion.shift_log_snr` takes it: a constant, or (at the clean end,
+        at pure noise) when --noise-shift-clean is set."""
+        shift = self.noise_shift or 0.0
+        return shift if self.noise_shift_clean is None else (self.noise_shift_clean, shift)
 
     def resolve(self) -> "TrainConfig":
         """Fill every `None` from the preset's recipe and the options' recipes; validate."""

@@ -14,7 +14,10 @@ DIFFUSERS_BETA_SCHEDULE = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
 DIFFUSERS_PREDICTION = {"eps": "epsilon", "v": "v_prediction"}
 
 
-def betas_for(beta_schedule: str, T: int, shift: float = 0.0) -> torch.Tensor:
+Shift = float | tuple[float, float]
+
+
+def betas_for(beta_schedule: str, T: int, shift: Shift = 0.0) -> torch.Tensor:
     """(T,) float64 betas: DDPM's linear 1e-4..0.02 (Ho et al. §4) or the cosine schedule (Nichol & Dhariwal 2021,
     eq. 17), with its log-SNR shifted by `shift` (`shift_log_snr`)."""
     if beta_schedule == "linear":
@@ -26,17 +29,24 @@ def betas_for(beta_schedule: str, T: int, shift: float = 0.0) -> torch.Tensor:
                              dtype=torch.float64)
     else:
         raise ValueError(f"unknown beta schedule {beta_schedule!r}")
-    if shift == 0.0:
+    if shift in (0.0, (0.0, 0.0)):
         return betas
     ab = shift_log_snr(torch.cumprod(1 - betas, 0), shift)
     return (1 - ab / torch.cat([ab.new_ones(1), ab[:-1]])).clamp(max=0.999)
 
 
-def shift_log_snr(alpha_bar: torch.Tensor, shift: float) -> torch.Tensor:
+def shift_log_snr(alpha_bar: torch.Tensor, shift: Shift) -> torch.Tensor:
     """alpha_bar with log SNR moved by `shift`: log SNR'(t) = log SNR(t) + shift. "Simple diffusion" (Hoogeboom et
     al. 2023, §3.1) shifts by 2 log(64 / d) at resolution d, so that an image of d px is as noisy at step t as one
     of 64 px: neighbouring pixels average the noise away, and an unshifted schedule leaves large images too clean
-    for too long. `config.noise_shift_for` is the rule meddiff's recipes use."""
+    for too long. A pair (at_clean, at_noise) interpolates the shift linearly in t, from `at_clean` at the first
+    step to `at_noise` at the last (the paper's "interpolated" schedule, §3.1): the coarse, noisy steps are shifted
+    for the image's size while the last, fine-detail steps keep the noise levels a small image has.
+    `config.noise_shift_for` is the rule meddiff's recipes use."""
+    if isinstance(shift, tuple):
+        at_clean, at_noise = shift
+        u = torch.arange(1, len(alpha_bar) + 1, dtype=torch.float64) / len(alpha_bar)
+        shift = at_clean + (at_noise - at_clean) * u
     return torch.sigmoid(torch.logit(alpha_bar.double()) + shift)
 
 
@@ -51,7 +61,7 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     return 1 - alphas
 
 
-def alphas_cumprod(beta_schedule: str, T: int, zero_terminal_snr: bool = False, shift: float = 0.0) -> torch.Tensor:
+def alphas_cumprod(beta_schedule: str, T: int, zero_terminal_snr: bool = False, shift: Shift = 0.0) -> torch.Tensor:
     """(T,) float64 alpha_bar_t: the schedule, its log SNR shifted, then (optionally) rescaled to zero terminal SNR."""
     betas = betas_for(beta_schedule, T, shift)
     if zero_terminal_snr:
@@ -95,7 +105,7 @@ def diffusion_loss(pred: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, alph
 
 
 def diffusers_scheduler_config(beta_schedule: str, T: int, objective: str, zero_terminal_snr: bool,
-                               timestep_spacing: str = "leading", shift: float = 0.0) -> dict:
+                               timestep_spacing: str = "leading", shift: Shift = 0.0) -> dict:
     """The same schedule in diffusers' vocabulary, so that its samplers and pipelines match training.
     Predicted x_0 is clipped to [-1, 1] as diffusers' DDIM does by default (the seed's behaviour). A shifted
     schedule travels as `trained_betas` (every diffusers scheduler takes them, and rescales them to zero
@@ -103,7 +113,7 @@ def diffusers_scheduler_config(beta_schedule: str, T: int, objective: str, zero_
     config = dict(num_train_timesteps=T, beta_schedule=DIFFUSERS_BETA_SCHEDULE[beta_schedule],
                   prediction_type=DIFFUSERS_PREDICTION[objective], rescale_betas_zero_snr=zero_terminal_snr,
                   clip_sample=True, timestep_spacing="trailing" if zero_terminal_snr else timestep_spacing)
-    if shift:
+    if shift not in (0.0, (0.0, 0.0)):
         config["trained_betas"] = betas_for(beta_schedule, T, shift).tolist()
     return config
 

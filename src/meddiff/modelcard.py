@@ -115,8 +115,8 @@ def _data_section(record: RunRecord) -> str:
 def _training_section(record: RunRecord) -> str:
     t, r = record.train, record.result
     keys = ("batch_size", "micro_batch", "lr", "lr_schedule", "warmup_steps", "weight_decay", "ema_decay",
-            "objective", "loss_weighting", "beta_schedule", "noise_shift", "num_train_timesteps", "zero_terminal_snr",
-            "timestep_spacing", "grad_clip", "flip", "cond_drop_prob", "val_fraction", "precision", "seed")
+            "objective", "loss_weighting", "beta_schedule", "noise_shift", "noise_shift_clean", "num_train_timesteps",
+            "zero_terminal_snr", "timestep_spacing", "grad_clip", "flip", "cond_drop_prob", "val_fraction", "precision", "seed")
     rows = [(k.replace("_", " "), getattr(t, k)) for k in keys]
     rows.append(("stopping rule", ", ".join(f"{k.replace('_', ' ')} {getattr(t, k)}" for k in
                                             ("max_steps", "epochs", "max_minutes") if getattr(t, k) is not None)))

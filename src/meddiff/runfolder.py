@@ -397,8 +397,8 @@ def _check_schedule(config: dict[str, Any], path: Path, t: TrainConfig) -> None:
             raise RunError(f"{path}: {key} is {_show(config.get(key))}; the run's {RECORD_FILE} trained with "
                            f"{_show(value)}")
     betas = config.get("trained_betas")
-    if t.beta_schedule and t.num_train_timesteps and (betas is not None or t.noise_shift):
-        want_betas = betas_for(t.beta_schedule, t.num_train_timesteps, t.noise_shift or 0.0)
+    if t.beta_schedule and t.num_train_timesteps and (betas is not None or t.shift not in (0.0, (0.0, 0.0))):
+        want_betas = betas_for(t.beta_schedule, t.num_train_timesteps, t.shift)
         try:
             same = betas is not None and torch.allclose(torch.tensor(betas, dtype=torch.float64), want_betas,
                                                         rtol=1e-5, atol=1e-9)
@@ -406,7 +406,7 @@ def _check_schedule(config: dict[str, Any], path: Path, t: TrainConfig) -> None:
             same = False
         if not same:
             raise RunError(f"{path}: trained_betas are not the schedule the run's {RECORD_FILE} trained with "
-                           f"({t.beta_schedule}, log-SNR shift {t.noise_shift or 0.0:g})")
+                           f"({t.beta_schedule}, log-SNR shift {t.shift})")
 
 
 def read_scheduler_config(folder: str | Path, train: TrainConfig | None = None) -> dict[str, Any]:
@@ -454,7 +454,7 @@ def save_model_folder(run: str | Path, unet: torch.nn.Module, record: RunRecord,
         unet.save_pretrained(tmp, safe_serialization=True)
     t = record.train
     sched = DDPMScheduler(**diffusers_scheduler_config(t.beta_schedule, t.num_train_timesteps, t.objective,
-                                                      t.zero_terminal_snr, t.timestep_spacing, t.noise_shift or 0.0))
+                                                      t.zero_terminal_snr, t.timestep_spacing, t.shift))
     with no_space_is_an_error(f"{run / SCHEDULER_DIR}", "the previous files are intact"):
         with atomic_folder(run / SCHEDULER_DIR) as tmp:
             sched.save_pretrained(tmp)

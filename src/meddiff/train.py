@@ -481,7 +481,7 @@ def _train(cfg: TrainConfig, data: ImageSet | None, resume: bool, echo: Callable
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
 
     alpha_bar = alphas_cumprod(cfg.beta_schedule, cfg.num_train_timesteps, cfg.zero_terminal_snr,
-                               cfg.noise_shift or 0.0).float().to(device)
+                               cfg.shift).float().to(device)
     images = batch_images(data, device)
     flipped = batch_images(latent.flipped, device) if latent is not None and latent.flipped is not None else None
     masks = (lambda i: mask_channels(data.take_masks(i.cpu()).to(device), mcfg.mask_values)) if mcfg.cond_channels \
