@@ -100,6 +100,16 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, image_folder: Path, tr
 
 
 @pytest.fixture(scope="session")
+def mask_run(tmp_path_factory: pytest.TempPathFactory, train_config) -> Path:
+    """A tiny run conditioned on the phantoms' lesion maps (label values 1 and 2), 6 steps, fp32. Read-only."""
+    from meddiff.train import train
+
+    out = tmp_path_factory.mktemp("runs") / "masks"
+    train(train_config("builtin:phantoms?n=24&masks=1", out, cache_dir=None), echo=_quiet)
+    return out
+
+
+@pytest.fixture(scope="session")
 def uncond_run(tmp_path_factory: pytest.TempPathFactory, image_folder: Path, train_config) -> Path:
     """A finished unconditional run on the same images, 4 steps. Read-only."""
     from meddiff.train import train

@@ -36,16 +36,6 @@ def write_pairs(root: Path, n: int = 8, size: int = 32) -> None:
         Image.fromarray(lab).save(root / "masks" / "a" / f"{i:03d}.png")
 
 
-@pytest.fixture(scope="module")
-def mask_run(tmp_path_factory: pytest.TempPathFactory, train_config) -> Path:
-    """A tiny run conditioned on the phantoms' lesion maps, 6 steps, fp32. Read-only."""
-    from meddiff.train import train
-
-    out = tmp_path_factory.mktemp("runs") / "masks"
-    train(train_config("builtin:phantoms?n=24&masks=1", out, cache_dir=None), echo=_quiet)
-    return out
-
-
 # ---------------------------------------------------------------- data
 
 def test_phantom_maps_mark_the_lesions_of_abnormal_images_only(tmp_path: Path) -> None:
@@ -303,3 +293,35 @@ def test_maps_can_come_from_a_data_set_with_label_maps(mask_run: Path, tmp_path:
     with pytest.raises(ConfigError, match="have no label maps"):
         sample_to_folder(SampleConfig(run=str(mask_run), out=str(tmp_path / "o2"), masks="builtin:phantoms?n=2",
                                       progress=False), echo=_quiet)
+
+
+def test_a_jittered_map_keeps_its_labels_and_follows_its_seed() -> None:
+    from meddiff.data.dataset import jitter_label_map
+
+    labels = np.zeros((32, 32), np.uint16)
+    labels[8:20, 6:14], labels[22:26, 20:30] = 1, 2
+    a, b, again = jitter_label_map(labels, 3), jitter_label_map(labels, 4), jitter_label_map(labels, 3)
+    assert np.array_equal(a, again) and not np.array_equal(a, b)  # a function of the seed, and it varies
+    for out in (a, b):
+        assert out.dtype == labels.dtype and set(np.unique(out).tolist()) == {0, 1, 2}  # nearest: never blended
+        for v in (1, 2):  # scaled 0.85-1.15 in each direction: the area stays within 0.85² .. 1.15² (± edge pixels)
+            assert 0.6 < (out == v).sum() / (labels == v).sum() < 1.5
+    assert not any(np.array_equal(jitter_label_map(labels, s), labels) for s in range(5))
+
+
+def test_augmented_maps_give_n_new_pairs_from_fewer_maps(mask_run: Path, tmp_path: Path) -> None:
+    from meddiff.config import SampleConfig
+    from meddiff.data.dataset import jitter_label_map, load_data
+    from meddiff.sample import sample_to_folder
+
+    spec = "builtin:phantoms?n=2&masks=1&seed=3"
+    cfg = SampleConfig(run=str(mask_run), out=str(tmp_path / "out"), masks=spec, augment_masks=True, n=5,
+                       sampler="ddim", steps=2, progress=False, precision="fp32", device="cpu")
+    assert sample_to_folder(cfg, echo=_quiet)["written"] == 5
+    source = load_data(spec, 32).take_masks(range(2))[:, 0].numpy()
+    made = sorted((tmp_path / "out" / "masks").glob("*.png"))
+    assert [p.stem for p in made] == [f"seed{s:06d}" for s in range(5)]
+    for k, path in enumerate(made):  # image k's map is map k % 2 jittered by its seed k
+        assert np.array_equal(np.asarray(Image.open(path)), jitter_label_map(source[k % 2], k))
+    with pytest.raises(ConfigError, match="--augment-masks: draws new maps from the --masks ones"):
+        SampleConfig(run=str(mask_run), out=str(tmp_path / "o2"), augment_masks=True)

@@ -25,7 +25,7 @@ from meddiff import serve as serve_mod
 from meddiff.cli import main
 from meddiff.config import default_sampler
 from meddiff.errors import ConfigError
-from meddiff.sample import generate, load_run
+from meddiff.sample import class_index, generate, load_run
 from meddiff.modelcard import shown_card
 from meddiff.serve import (GenerateRequest, ServeConfig, check_budget, make_server, parse_request, request_cost,
                            request_defaults)
@@ -167,6 +167,70 @@ def test_unconditional_model_takes_no_class() -> None:
     assert parse_request({"n": 1, "class": ""}, (), SEED_DEFAULTS).class_name is None
     with pytest.raises(ConfigError, match=r"class 'a': given, but this model is unconditional"):
         parse_request({"class": "a"}, (), SEED_DEFAULTS)
+
+
+def _runs(labels: np.ndarray) -> list[int]:
+    """A label map → the page's run-length encoding [label, count, …], row by row."""
+    flat = labels.ravel().tolist()
+    runs, value, count = [], flat[0], 0
+    for v in flat:
+        if v == value:
+            count += 1
+        else:
+            runs += [value, count]
+            value, count = v, 1
+    return runs + [value, count]
+
+
+def test_a_mask_request_decodes_to_its_label_map_and_bad_ones_say_why() -> None:
+    labels = np.zeros((8, 8), np.uint16)
+    labels[2:5, 3:7], labels[6, :2] = 1, 2
+    req = parse_request({"n": 1, "mask": _runs(labels)}, (), SEED_DEFAULTS, (1, 2), 8)
+    assert req.mask.dtype == np.uint16 and np.array_equal(req.mask, labels)
+    assert parse_request({"n": 1}, (), SEED_DEFAULTS, (1, 2), 8).mask is None  # no map: drawn without one
+    for runs, message in (([0, 63], r"add up to 8×8 = 64 px \(they add up to 63\)"),
+                          ([0, 60, 3, 4], r"label value\(s\) 3 this model does not know; it knows 0 .* and 1, 2"),
+                          ([0, 64, 1], r"expected a list \[label, count"),
+                          ([0, 65, 1, -1], r"counts must be positive"),
+                          ([0, 64.0], r"whole number"), ("0,64", r"expected a list"), ([0, True], r"whole number")):
+        with pytest.raises(ConfigError, match=r"^mask: .*" + message):
+            parse_request({"n": 1, "mask": runs}, (), SEED_DEFAULTS, (1, 2), 8)
+    with pytest.raises(ConfigError, match=r"mask: given, but this model was not trained on label maps"):
+        parse_request({"class": "a", "mask": [0, 64]}, CLASSES, SEED_DEFAULTS, (), 8)
+
+
+def test_a_map_makes_guidance_cost_two_passes_without_a_class() -> None:
+    plain = GenerateRequest(None, 2, "ddim", 10, 3.0, 0, "png")
+    mapped = GenerateRequest(None, 2, "ddim", 10, 3.0, 0, "png", mask=np.zeros((8, 8), np.uint16))
+    assert request_cost(mapped, 8) == 2 * request_cost(plain, 8)
+
+
+def test_the_page_draws_a_map_and_gets_the_pair_back(mask_run: Path, tmp_path: Path) -> None:
+    labels = np.zeros((32, 32), np.uint16)
+    labels[8:20, 10:24] = 1
+    with _serving(mask_run, tmp_path / "served") as srv:
+        info = json.loads(_call(srv, "GET", "/api/info")[2])
+        assert info["size"] == 32 and info["mask_values"] and "label maps" in info["title"]
+        value = info["mask_values"][0]
+        state = _finish(srv, {"class": "mri/abnormal", "n": 2, "steps": 2, "seed": 5, "guidance": 2,
+                              "mask": _runs(labels * value)})
+        with _zip(srv, state["zip"]) as zf:
+            names = sorted(zf.namelist())
+            assert names == ["images/seed000005.png", "images/seed000006.png", "manifest.csv",
+                             "masks/seed000005.png", "masks/seed000006.png"]
+            maps = [np.asarray(Image.open(io.BytesIO(zf.read(f"masks/seed00000{s}.png")))) for s in (5, 6)]
+            image = _png_pixels(zf.read("images/seed000006.png"))
+            rows = list(csv.DictReader(io.StringIO(zf.read("manifest.csv").decode())))
+        assert all(np.array_equal(m, labels * value) for m in maps)  # the map the page sent, as sent
+        assert [(r["file"], r["mask"]) for r in rows] == [(f"images/seed00000{s}.png", f"masks/seed00000{s}.png")
+                                                          for s in (5, 6)]
+        # the image is the one `generate` draws for that seed and map, with the same guidance
+        run = load_run(mask_run, device="cpu")
+        expected = generate(run, [6], class_index(run, "mri/abnormal"), "unipc", 2, 2.0,
+                            masks=(labels * value)[None])[0]
+        assert np.array_equal(image, np.round(expected * 255).astype(np.uint8))
+        status, body = _post(srv, {"class": "mri/abnormal", "n": 1, "mask": [0, 5]})
+        assert status == 400 and "add up to 32×32" in body["error"]
 
 
 # --- the HTTP API --------------------------------------------------------------------------------------------
@@ -528,3 +592,60 @@ def test_page_generates_two_images_in_a_headless_browser(server: serve_mod.Serve
         pngs = [n for n in zf.namelist() if n.endswith(".png")]
         assert sorted(pngs) == ["seed000000.png", "seed000001.png"]
         assert all(_png_pixels(zf.read(n)).shape == (32, 32) for n in pngs)
+
+
+@pytest.mark.skipif(not CHROMIUM or not CHROMEDRIVER,
+                    reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+@pytest.mark.skipif(importlib.util.find_spec("selenium") is None, reason="needs selenium (pip install selenium)")
+def test_page_loads_and_draws_a_label_map_and_shows_each_pair(mask_run: Path, tmp_path: Path) -> None:
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    value = int(load_run(mask_run, device="cpu").model.mask_values[0])
+    upload = np.zeros((32, 32), np.uint8)
+    upload[4:12, 6:20] = value
+    Image.fromarray(upload).save(tmp_path / "map.png")
+    Image.fromarray((upload > 0).astype(np.uint8) * 255).save(tmp_path / "region.png")
+    labels = "return Array.from(mask.labels)"
+    with _serving(mask_run, tmp_path / "served") as srv:
+        browser = _chrome(tmp_path / "profile")
+        try:
+            browser.get(srv.url)
+            wait = WebDriverWait(browser, 90)
+            wait.until(lambda b: b.find_element(By.ID, "generate").is_enabled())
+            assert browser.find_element(By.ID, "mask-panel").is_displayed()
+            brush = Select(browser.find_element(By.ID, "brush-label"))
+            assert [o.text for o in brush.options][-1] == "0" and str(value) in [o.text for o in brush.options]
+            browser.find_element(By.ID, "mask-file").send_keys(str(tmp_path / "map.png"))
+            wait.until(lambda b: any(b.execute_script(labels)))
+            assert np.array_equal(np.array(browser.execute_script(labels)).reshape(32, 32), upload)
+            browser.find_element(By.ID, "mask-file").send_keys(str(tmp_path / "region.png"))  # 0/255: one region
+            message = browser.find_element(By.ID, "message")
+            wait.until(lambda b: message.is_displayed())
+            assert f"drawn as label {value}" in message.text
+            assert np.array_equal(np.array(browser.execute_script(labels)).reshape(32, 32), upload)
+            canvas = browser.find_element(By.ID, "mask")  # 256 css px for 32 px: a stroke across the lower half
+            brush.select_by_visible_text(str(value))
+            ActionChains(browser).move_to_element_with_offset(canvas, -60, 60).click_and_hold() \
+                .move_by_offset(120, 0).release().perform()
+            drawn = np.array(browser.execute_script(labels)).reshape(32, 32)
+            assert drawn[20:25].any() and set(np.unique(drawn).tolist()) == {0, value}
+            Select(browser.find_element(By.ID, "class")).select_by_visible_text("mri/abnormal")
+            for name, text in (("n", "1"), ("steps", "2")):
+                box = browser.find_element(By.ID, name)
+                box.clear()
+                box.send_keys(text)
+            browser.find_element(By.ID, "generate").click()
+            download = browser.find_element(By.ID, "download")
+            wait.until(lambda b: download.is_displayed())
+            pairs = browser.find_elements(By.CSS_SELECTOR, "#images .pair")
+            assert len(pairs) == 1 and pairs[0].find_elements(By.TAG_NAME, "img") \
+                and pairs[0].find_elements(By.TAG_NAME, "canvas")
+            href = download.get_attribute("href")
+        finally:
+            browser.quit()
+        with _zip(srv, "/" + href.removeprefix(srv.url)) as zf:
+            sent = np.asarray(Image.open(io.BytesIO(zf.read("masks/seed000000.png"))))
+            assert _png_pixels(zf.read("images/seed000000.png")).shape == (32, 32)
+    assert np.array_equal(sent, drawn)  # the server drew for, and wrote, the map the page showed

@@ -461,6 +461,10 @@ class SampleConfig(Checked):
                                "them), or a data set with label maps (images/ + masks/, builtin:phantoms?masks=1): "
                                "one image for each map (each class's with --per-class; --n is not used), written as "
                                "images/ + masks/ pairs")
+    augment_masks: bool = option(False, "draw new maps from the --masks ones: each image's map is one of them "
+                                 "(in turn), mirrored half the time, rotated up to 15 degrees, scaled 0.85-1.15 and "
+                                 "shifted up to 10 % of the side, all drawn from the image's seed; --n (or "
+                                 "--per-class) images are made")
     guidance: float = option(1.0, "classifier-free guidance scale (1 = none)", bounds=GUIDANCE, web=Bounds(0, 20))
     fmt: str = option("png", "file format", flags=("--format",), choices=FORMATS, web=("png", "dicom"))
     weights: str = option("ema", "ema: the averaged weights, best: the lowest validation loss, raw: the last "
@@ -475,6 +479,8 @@ class SampleConfig(Checked):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_seeds(self.seed, self.n)
+        if self.augment_masks and not self.masks:
+            raise ConfigError("--augment-masks: draws new maps from the --masks ones; give --masks too")
 
 
 @dataclass(frozen=True)

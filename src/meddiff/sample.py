@@ -26,7 +26,7 @@ from .config import (MAX_IMAGES, SAMPLERS, SEEDS, STEPS, InpaintConfig, ModelCon
                      check_value,
                      default_sampler)
 from .data import cache
-from .data.dataset import PAIR_FOLDERS, labels_to_square, load_data, pair_layout, to_square
+from .data.dataset import PAIR_FOLDERS, jitter_label_map, labels_to_square, load_data, pair_layout, to_square
 from .data.readers import read_file, read_label_map
 from .errors import ConfigError, UnreadableFile
 from .latent import decode as decode_latents
@@ -306,7 +306,7 @@ def inpaint_to_folder(cfg: InpaintConfig, echo: Callable[[str], None] = print) -
         results = inpaint(run, image, region, [s for _stem, s in part], label, cfg.steps, cfg.resample,
                           cfg.guidance, precision, mask_labels.astype(np.int64) if run.model.cond_channels else None)
         for (job_stem, seed), img in zip(part, results):
-            mask = _mask_file(job_stem, cfg.fmt)
+            mask = mask_file(job_stem, cfg.fmt)
             info = export.SyntheticInfo(run.model_id, seed, name, "repaint-ddim", cfg.steps, cfg.guidance, mask,
                                         inpainted=True)
             _write_sample(img, out, f"{job_stem}{suffix}", cfg.fmt, info, manifest, existed, region.astype(np.uint8))
@@ -323,11 +323,12 @@ def plan(run: LoadedRun, cfg: SampleConfig, n_maps: int = 0) -> list[Job]:
     With `n_maps` label maps (--masks) one image per map (per map and class with --per-class), stems under
     images/ and their maps under masks/ with the same name."""
     maps = list(range(n_maps)) if n_maps else [None]
+    each_map = n_maps and not cfg.augment_masks  # one image per map; --augment-masks draws --n from them instead
     if cfg.per_class is not None:
         names = [cfg.class_name] if cfg.class_name else list(run.class_names)
         if not run.conditional:
             raise ConfigError("--per-class: this model is unconditional; use --n")
-        per = cfg.per_class * len(maps)
+        per = cfg.per_class * (len(maps) if each_map else 1)
         total = per * len(names)
         if total > MAX_IMAGES or cfg.seed + total - 1 > SEEDS.hi:
             raise ConfigError(f"--per-class {cfg.per_class}: {total} images for {len(names)} classes; at most "
@@ -335,7 +336,7 @@ def plan(run: LoadedRun, cfg: SampleConfig, n_maps: int = 0) -> list[Job]:
         return [(_stem(f"{c}/", cfg.seed + k * per + j, n_maps), cfg.seed + k * per + j, class_index(run, c),
                  maps[j % len(maps)]) for k, c in enumerate(names) for j in range(per)]
     label = class_index(run, cfg.class_name)
-    count = n_maps or cfg.n
+    count = n_maps if each_map else cfg.n
     if cfg.seed + count - 1 > SEEDS.hi:
         raise ConfigError(f"--seed {cfg.seed}: with {count} images the seeds run past the largest, {SEEDS.hi}")
     return [(_stem("", cfg.seed + i, n_maps), cfg.seed + i, label, maps[i % len(maps)]) for i in range(count)]
@@ -443,12 +444,13 @@ def sample_to_folder(cfg: SampleConfig, echo: Callable[[str], None] = print, dis
         chunk = todo[lo:lo + cfg.batch_size]
         for label in sorted({j[2] for j in chunk}, key=lambda v: -1 if v is None else v):
             part = [j for j in chunk if j[2] == label]
-            part_maps = np.stack([maps[j[3]] for j in part]) if maps else None
+            part_maps = np.stack([jitter_label_map(maps[j[3]], j[1]) if cfg.augment_masks else maps[j[3]]
+                                  for j in part]) if maps else None
             imgs = generate(run, [j[1] for j in part], label, cfg.sampler, cfg.steps, cfg.guidance, precision,
                             cfg.cache_interval, part_maps)
             for k, ((stem, seed, lab, _m), img) in enumerate(zip(part, imgs)):
                 name = run.class_names[lab] if lab is not None and lab < len(run.class_names) else None
-                mask = None if part_maps is None else _mask_file(stem, cfg.fmt)
+                mask = None if part_maps is None else mask_file(stem, cfg.fmt)
                 info = export.SyntheticInfo(run.model_id, seed, name, cfg.sampler, cfg.steps, cfg.guidance, mask)
                 _write_sample(img, out, f"{stem}{suffix}", cfg.fmt, info, manifest, existed,
                               None if mask is None else part_maps[k])
@@ -488,7 +490,7 @@ def _write_sample(image: np.ndarray, out: Path, name: str, fmt: str, info: Any, 
         raise
 
 
-def _mask_file(stem: str, fmt: str) -> str:
+def mask_file(stem: str, fmt: str) -> str:
     """images/<name> → masks/<name> with the label map's suffix."""
     return PAIR_FOLDERS[1] + stem[len(PAIR_FOLDERS[0]):] + export.label_map_suffix(fmt)
 

@@ -18,18 +18,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
+import numpy as np
+
 from . import export
 from .atomic import check_out_dir, write_file
 from .config import (COMPUTE_BUDGET, JOBS_KEPT, SAMPLERS, SampleConfig, check_value, default_sampler, field_type, flag,
                      options, show, web_option)
+from .data.dataset import PAIR_FOLDERS
 from .errors import ConfigError, MeddiffError, RunError
 from .modelcard import shown_card
 from .runtime import pick_device, pick_precision
-from .sample import LoadedRun, class_index, generate, load_run
+from .sample import LoadedRun, class_index, generate, load_run, mask_file
 from .serve_http import Server, is_loopback
 
-FIELDS: tuple[str, ...] = ("class", "n", "sampler", "steps", "guidance", "seed", "format")
-# each field of a request is a SampleConfig option (its flag without dashes), with the web page's narrower limits
+FIELDS: tuple[str, ...] = ("class", "n", "sampler", "steps", "guidance", "seed", "format", "mask")
+# each field of a request but the mask is a SampleConfig option (its flag without dashes), with the web page's
+# narrower limits; the mask is a label map, run-length encoded (`decode_mask`)
 _OPTIONS = {flag(f).lstrip("-"): (f, web_option(opt)) for f, opt in options(SampleConfig)
             if flag(f).lstrip("-") in FIELDS}
 LIMITS: dict[str, tuple[float, float]] = {k: (o.bounds.lo, o.bounds.hi) for k, (_f, o) in _OPTIONS.items() if o.bounds}
@@ -69,7 +73,8 @@ class ServeConfig:
 
 @dataclass(frozen=True)
 class GenerateRequest:
-    """One batch asked for by the page, validated: class_name is None for an unconditional model."""
+    """One batch asked for by the page, validated: class_name is None for an unconditional model; mask is the
+    label map (S, S) every image of the batch is drawn for, or None."""
 
     class_name: str | None
     n: int
@@ -78,6 +83,7 @@ class GenerateRequest:
     guidance: float
     seed: int
     fmt: str
+    mask: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 # --- request validation -----------------------------------------------------------------------------------
@@ -94,12 +100,35 @@ def _field(body: dict[str, Any], key: str) -> Any:
     return opt.parse(key, body[key], field_type(SampleConfig, f))
 
 
-def parse_request(body: Any, classes: tuple[str, ...], defaults: dict[str, Any]) -> GenerateRequest:
+def decode_mask(value: Any, mask_values: tuple[int, ...], size: int) -> np.ndarray:
+    """The request's "mask": a run-length encoded label map of the model's size, row by row, as one flat list
+    [label, count, label, count, …] of whole numbers (label 0 is background, the others the model's label values;
+    the counts add up to size × size) → (size, size) uint16, or ConfigError saying what is wrong."""
+    if not mask_values:
+        raise ConfigError("mask: given, but this model was not trained on label maps")
+    if not isinstance(value, list) or len(value) % 2 or not value:
+        raise ConfigError(f"mask: expected a list [label, count, label, count, …] covering {size}×{size} px")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise ConfigError("mask: every label and count must be a whole number")
+    labels, counts = np.asarray(value[0::2], np.int64), np.asarray(value[1::2], np.int64)
+    if (counts < 1).any() or int(counts.sum()) != size * size:
+        raise ConfigError(f"mask: the counts must be positive and add up to {size}×{size} = {size * size} px "
+                          f"(they add up to {int(counts.clip(min=0).sum())})")
+    unknown = sorted(set(labels.tolist()) - set(mask_values) - {0})
+    if unknown:
+        raise ConfigError(f"mask: label value(s) {', '.join(map(str, unknown[:5]))} this model does not know; it "
+                          f"knows 0 (background) and {', '.join(map(str, mask_values))}")
+    return np.repeat(labels, counts).astype(np.uint16).reshape(size, size)
+
+
+def parse_request(body: Any, classes: tuple[str, ...], defaults: dict[str, Any], mask_values: tuple[int, ...] = (),
+                  size: int = 0) -> GenerateRequest:
     """A decoded JSON body → a GenerateRequest, or ConfigError naming the field, the value and what is allowed.
 
     `classes`: the class names a conditional model knows; () for an unconditional model (no class allowed).
-    `defaults` (`request_defaults`) fill the fields the body leaves out. Numbers may come as JSON numbers or as
-    the strings an HTML form holds.
+    `mask_values`: the label values a model trained on label maps knows (() for one that was not), `size` its
+    image size: a "mask" (`decode_mask`) is allowed only then. `defaults` (`request_defaults`) fill the fields
+    the body leaves out. Numbers may come as JSON numbers or as the strings an HTML form holds.
     """
     if not isinstance(body, dict):
         raise ConfigError(f"request: expected a JSON object with fields {', '.join(FIELDS)}")
@@ -115,17 +144,18 @@ def parse_request(body: Any, classes: tuple[str, ...], defaults: dict[str, Any])
     n, seed = _field(body, "n"), _field(body, "seed")
     if seed + n - 1 > LIMITS["seed"][1]:
         raise ConfigError(f"seed {seed}: with {n} images it runs past the largest seed {int(LIMITS['seed'][1])}")
+    mask = None if body.get("mask") is None else decode_mask(body["mask"], mask_values, size)
     return GenerateRequest(class_name=name if classes else None, n=n, sampler=_field(body, "sampler"),
                            steps=_field(body, "steps"), guidance=_field(body, "guidance"), seed=seed,
-                           fmt=_field(body, "format"))
+                           fmt=_field(body, "format"), mask=mask)
 
 
 # --- compute budget -----------------------------------------------------------------------------------------
 
 def request_cost(req: GenerateRequest, size: int) -> int:
     """A request's work in pixel-evaluations: images × steps × UNet evaluations per step (2 for Heun) × 2 with
-    classifier-free guidance (a conditional and an unconditional pass) × size² pixels."""
-    guided = req.class_name is not None and req.guidance != 1.0
+    classifier-free guidance (a conditional and an unconditional pass, for a class or a label map) × size² pixels."""
+    guided = _guided(req)
     return req.n * req.steps * EVALS_PER_STEP.get(req.sampler, 1) * (2 if guided else 1) * size * size
 
 
@@ -134,7 +164,7 @@ def check_budget(req: GenerateRequest, size: int, budget: float) -> int:
     cost = request_cost(req, size)
     if cost <= budget * 1e6:
         return cost
-    guided = req.class_name is not None and req.guidance != 1.0
+    guided = _guided(req)
     what = (f"{req.n} images × {req.steps} steps" + (" × 2 (heun)" if req.sampler in EVALS_PER_STEP else "")
             + (" × 2 (guidance)" if guided else "") + f" at {size}×{size} px")
     hints = [f"at most {n} images" for n in [int(budget * 1e6 // (cost // req.n))] if n >= 1]
@@ -142,6 +172,11 @@ def check_budget(req: GenerateRequest, size: int, budget: float) -> int:
     hints += ["guidance 1 (half the work)"] if guided else []
     raise ConfigError(f"request: {what} is {cost / 1e6:.4g} M pixel-evaluations; one request may use at most "
                       f"{budget:g} M: use {' or '.join(hints) or 'a smaller request'}")
+
+
+def _guided(req: GenerateRequest) -> bool:
+    """Whether guidance doubles the work: a scale other than 1 and something to guide towards."""
+    return (req.class_name is not None or req.mask is not None) and req.guidance != 1.0
 
 
 # --- jobs ---------------------------------------------------------------------------------------------------
@@ -175,6 +210,7 @@ class App:
         self.precision = pick_precision(cfg.precision, self.device)
         self.run: LoadedRun = load_run(cfg.run, cfg.weights, self.device)
         self.classes: tuple[str, ...] = self.run.class_names if self.run.conditional else ()
+        self.mask_values: tuple[int, ...] = tuple(self.run.model.mask_values) if self.run.model.cond_channels else ()
         self.defaults = request_defaults(self.run.train.preset)
         self.card, self.card_source = shown_card(cfg.run, MAX_CARD)
         self.out = Path(cfg.out).resolve()
@@ -191,7 +227,9 @@ class App:
         """What the page needs to build its form and show the model card."""
         size = self.run.model.image_size
         kind = f"{len(self.classes)} classes" if self.classes else "unconditional"
+        kind += f" · label maps {', '.join(map(str, self.mask_values))}" if self.mask_values else ""
         return {"title": f"{self.run.model_id} · {size}×{size} px · {kind}", "classes": list(self.classes),
+                "size": size, "mask_values": list(self.mask_values),
                 "samplers": list(SAMPLERS), "formats": list(SERVE_FORMATS), "defaults": self.defaults,
                 "limits": {k: list(v) for k, v in LIMITS.items()}, "compute_budget": self.cfg.compute_budget,
                 "card": self.card, "card_source": self.card_source}
@@ -203,7 +241,7 @@ class App:
 
     def submit(self, body: Any) -> Job:
         """Validate a request and queue it; ConfigError (→ 400) or RunError (→ 429 busy)."""
-        request = parse_request(body, self.classes, self.defaults)
+        request = parse_request(body, self.classes, self.defaults, self.mask_values, self.run.model.image_size)
         cost = check_budget(request, self.run.model.image_size, self.cfg.compute_budget)
         with self.lock:
             pending = [j for j in self.jobs.values() if j.status in ("queued", "running")]
@@ -291,8 +329,9 @@ class App:
             self.echo(f"warning: could not delete {folder} ({err.strerror or err})")
 
     def _generate(self, job: Job) -> bool:
-        """One image at a time, so that the page shows each as it finishes; image k has seed seed + k.
-        False when the job was cancelled before its last image."""
+        """One image at a time, so that the page shows each as it finishes; image k has seed seed + k. With a
+        label map, images/<name> and its map masks/<name> (the same map for every image of the batch), as
+        `meddiff sample --masks` writes pairs. False when the job was cancelled before its last image."""
         req = job.request
         label = class_index(self.run, req.class_name)
         manifest = export.Manifest(job.folder)
@@ -303,18 +342,25 @@ class App:
                 return False
             seed = req.seed + k
             image = generate(self.run, [seed], label, sampler=req.sampler, steps=req.steps, guidance=req.guidance,
-                             precision=self.precision)[0]
-            info = export.SyntheticInfo(self.run.model_id, seed, req.class_name, req.sampler, req.steps,
-                                        req.guidance)
+                             precision=self.precision, masks=None if req.mask is None else req.mask[None])[0]
             name = export.image_filename(seed, req.fmt)
+            if req.mask is not None:
+                name = f"{PAIR_FOLDERS[0]}/{name}"
+            mask = None if req.mask is None else mask_file(name.removesuffix(export.SUFFIX[req.fmt]), req.fmt)
+            info = export.SyntheticInfo(self.run.model_id, seed, req.class_name, req.sampler, req.steps,
+                                        req.guidance, mask)
             export.write_image(image, job.folder / name, req.fmt, info)
+            written = [name]
+            if mask is not None:
+                export.write_label_map(req.mask, job.folder / mask, req.fmt, info, image=job.folder / name)
+                written.append(mask)
             manifest.add(name, info, req.fmt)
             preview = job.folder / name
             if req.fmt != "png":
                 preview = export.write_image(image, job.folder / "preview" / export.image_filename(seed, "png"),
                                              "png", info)
             with self.lock:
-                job.files.append(name)
+                job.files.extend(written)
                 job.previews.append(preview)
         return True
 

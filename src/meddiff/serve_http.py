@@ -29,7 +29,7 @@ from .serve_page import CSP, PAGE, SCRIPT
 if TYPE_CHECKING:
     from .serve import App, Job
 
-MAX_BODY = 16 * 1024       # bytes of a POST body
+MAX_BODY = 256 * 1024      # bytes of a POST body: the fields and a run-length encoded label map
 MAX_DEPTH = 32             # nesting of a JSON body: deeper is refused before parsing (json recurses per level)
 MAX_CONNECTIONS = 32       # connections handled at once; more are answered 503 at once, with no thread
 READ_TIMEOUT = 15.0        # seconds a client may stay silent while sending its request

@@ -8,6 +8,7 @@ Only safe metadata leaves this module: counts, formats, sizes — never file nam
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import signal
 from concurrent.futures import ProcessPoolExecutor
@@ -182,6 +183,24 @@ def labels_to_square(mask: np.ndarray, size: int, crop: bool = False) -> np.ndar
         t = torch.from_numpy(np.ascontiguousarray(square, np.float32))[None, None]
         square = F.interpolate(t, size=(size, size), mode="nearest-exact")[0, 0].numpy()
     return np.asarray(square).astype(np.uint16)
+
+
+def jitter_label_map(labels: np.ndarray, seed: int, degrees: float = 15.0, scale: tuple[float, float] = (0.85, 1.15),
+                     shift: float = 0.1) -> np.ndarray:
+    """A new (S, S) label map from `labels`: mirrored left-right half the time, rotated by up to `degrees`, scaled
+    by a factor in `scale` and shifted by up to `shift` of the side, by nearest neighbour (label values are never
+    blended; what leaves the square is lost, what enters is background 0), every draw a function of `seed`."""
+    rng = np.random.default_rng([int(seed), 0x6D61736B])  # its own stream: not the noise of the image's seed
+    flip = -1.0 if rng.random() < 0.5 else 1.0
+    angle = math.radians(rng.uniform(-degrees, degrees))
+    zoom = rng.uniform(*scale)
+    dx, dy = rng.uniform(-shift, shift, 2) * 2  # in the grid's [-1, 1] units
+    cos, sin = math.cos(angle) / zoom, math.sin(angle) / zoom
+    theta = torch.tensor([[[cos * flip, -sin, dx], [sin * flip, cos, dy]]], dtype=torch.float32)
+    src = torch.from_numpy(np.ascontiguousarray(labels, np.float32))[None, None]
+    grid = F.affine_grid(theta, list(src.shape), align_corners=False)
+    out = F.grid_sample(src, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return out[0, 0].round().numpy().astype(np.asarray(labels).dtype)
 
 
 def _stable_id(text: str) -> int:
