@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from meddiff.config import AutoencoderConfig
 from meddiff.errors import ConfigError, RunError
@@ -272,3 +273,47 @@ def test_a_folder_that_is_no_autoencoder_is_one_error(tmp_path: Path, autoencode
     with pytest.raises(RunError, match=message):
         train(train_config(image_folder, tmp_path / "run", autoencoder=str(folder), size=None), echo=_quiet)
     assert not (tmp_path / "run").exists()
+
+
+def test_maps_fold_onto_the_latent_grid_pixel_for_pixel() -> None:
+    from meddiff.model import mask_channels
+
+    maps = torch.zeros(1, 1, 8, 8, dtype=torch.long)
+    maps[0, 0, 5, 2] = 2  # one pixel: smaller than a latent cell of 4 x 4
+    folded = mask_channels(maps, (1, 2), factor=4)
+    assert folded.shape == (1, 2 * 16, 2, 2)
+    assert torch.equal(F.pixel_shuffle(folded, 4), mask_channels(maps, (1, 2)))  # nothing lost
+    assert int((folded > 0).sum()) == 1 and folded[0, 16 + 1 * 4 + 2, 1, 0] == 1  # value 2's channel, cell (1, 0)
+
+
+def test_a_latent_run_learns_from_label_maps_and_samples_pairs(tmp_path: Path, autoencoder: Path,
+                                                               train_config) -> None:
+    from meddiff.config import SampleConfig
+    from meddiff.data.dataset import load_data
+    from meddiff.pipeline import MeddiffPipeline
+    from meddiff.runfolder import read_record
+    from meddiff.sample import class_index, generate, load_run, sample_to_folder
+    from meddiff.train import train
+
+    run = tmp_path / "run"
+    train(train_config("builtin:phantoms?n=24&masks=1", run, autoencoder=str(autoencoder)), echo=_quiet)
+    model = read_record(run).model
+    assert model.latent_factor == 4 and model.mask_values and model.cond_channels == len(model.mask_values) * 16
+    loaded = load_run(run)
+    label = class_index(loaded, "mri/abnormal")
+    maps = np.zeros((2, 32, 32), np.int64)
+    maps[0, 4:12, 4:12] = model.mask_values[0]
+    maps[1, 20:30, 18:28] = model.mask_values[-1]
+    both = generate(loaded, [3, 3], label, "ddim", 3, masks=maps)
+    assert both.shape == (2, 32, 32) and not np.allclose(both[0], both[1])  # the map steers the image
+    assert np.allclose(generate(loaded, [3], label, "ddim", 3, masks=maps[1:])[0], both[1], atol=1e-5)
+    pipe = MeddiffPipeline.from_pretrained(run)
+    pipe.set_progress_bar_config(disable=True)
+    got = pipe(batch_size=1, class_name="mri/abnormal", num_inference_steps=3, output_type="np", masks=maps[1:],
+               generator=[torch.Generator().manual_seed(3)]).images[..., 0]
+    assert np.allclose(got[0], both[1], atol=1e-5)
+    out = tmp_path / "pairs"
+    sample_to_folder(SampleConfig(run=str(run), out=str(out), masks="builtin:phantoms?n=3&masks=1&seed=5", steps=2,
+                                  progress=False, precision="fp32", device="cpu"), echo=_quiet)
+    pairs = load_data(str(out), 32)
+    assert len(pairs) == 3 and pairs.has_masks

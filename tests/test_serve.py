@@ -611,6 +611,7 @@ def test_page_loads_and_draws_a_label_map_and_shows_each_pair(mask_run: Path, tm
     with _serving(mask_run, tmp_path / "served") as srv:
         browser = _chrome(tmp_path / "profile")
         try:
+            browser.set_window_size(1000, 1400)  # the whole canvas in view: a stroke lands where it is aimed
             browser.get(srv.url)
             wait = WebDriverWait(browser, 90)
             wait.until(lambda b: b.find_element(By.ID, "generate").is_enabled())

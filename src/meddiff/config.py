@@ -239,8 +239,9 @@ class ModelConfig:
 
     @property
     def cond_channels(self) -> int:
-        """Input channels beside the image: one per label value of a mask-conditioned model."""
-        return len(self.mask_values)
+        """Input channels beside the image: one per label value of a mask-conditioned model; a latent model takes
+        each value's map at the image's resolution folded onto its grid (`latent_factor`² channels per value)."""
+        return len(self.mask_values) * self.latent_factor ** 2
 
 
 def _unet(channels: tuple[int, ...], attention_at: int, layers: int, **extra: Any) -> dict[str, Any]:

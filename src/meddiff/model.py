@@ -82,12 +82,15 @@ def from_patches(x: torch.Tensor, patch_size: int) -> torch.Tensor:
     return F.pixel_shuffle(x, patch_size) if patch_size > 1 else x
 
 
-def mask_channels(masks: torch.Tensor, values: tuple[int, ...]) -> torch.Tensor:
+def mask_channels(masks: torch.Tensor, values: tuple[int, ...], factor: int = 1) -> torch.Tensor:
     """Label maps (B, 1, H, W) integers → the conditioning channels (B, K, H, W) float32, one per label value:
     +1 where the map has that value, -1 elsewhere. 0 everywhere (`torch.zeros`) is "no map": what training shows
-    with dropped conditions and what guidance's unconditional branch sees."""
+    with dropped conditions and what guidance's unconditional branch sees. A latent model (`factor` > 1: its grid
+    is that many times coarser) gets them space-to-depth, (B, K factor², H / factor, W / factor): every pixel of
+    the map reaches the model, a lesion smaller than a latent cell included."""
     want = torch.as_tensor(values, device=masks.device).view(1, -1, 1, 1)
-    return (masks == want).float() * 2 - 1
+    channels = (masks == want).float() * 2 - 1
+    return channels if factor == 1 else F.pixel_unshuffle(channels, factor)
 
 
 def with_cond(x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:

@@ -21,9 +21,10 @@ from diffusers.utils.torch_utils import randn_tensor
 from . import runfolder
 from .atomic import atomic_folder, check_out_dir, no_space_is_an_error, write_json, write_text
 from .errors import ConfigError, RunError
+from .latent import decode as decode_latents
+from .latent import latent_factor
 from .model import Denoiser, mask_channels
 from .modelcard import model_card_text
-from .latent import decode as decode_latents
 from .sample import sample_loop, to_unit
 
 
@@ -116,15 +117,16 @@ class MeddiffPipeline(DiffusionPipeline):
         noise = randn_tensor((batch_size, channels, size, size), generator=generator, device=self._execution_device,
                              dtype=self.unet.dtype)
         self.scheduler.set_timesteps(num_inference_steps)
-        cond = None
-        if values:
-            cond = (torch.zeros(batch_size, len(values), size, size, device=self._execution_device) if masks is None
-                    else mask_channels(torch.as_tensor(np.asarray(masks, np.int64)).view(batch_size, 1, size, size)
-                                       .to(self._execution_device), values))
+        cond, vae = None, getattr(self, "vae", None)
+        if values:  # the maps at the images' resolution; a latent model takes them folded onto its grid
+            f = 1 if vae is None else latent_factor(vae)
+            cond = (torch.zeros(batch_size, len(values) * f * f, size, size, device=self._execution_device)
+                    if masks is None else
+                    mask_channels(torch.as_tensor(np.asarray(masks, np.int64)).view(batch_size, 1, size * f, size * f)
+                                  .to(self._execution_device), values, f))
         elif masks is not None:
             raise ConfigError("masks: this model was not trained on label maps")
         denoiser = Denoiser(self.unet, labels, len(self.config.class_names), guidance_scale, p, cond=cond)
-        vae = getattr(self, "vae", None)
         decode = to_unit if vae is None else (lambda z: to_unit(decode_latents(vae, z.float())))
         image = sample_loop(self.scheduler, denoiser, noise, generator, eta, self.progress_bar, decode)
         if output_type != "pt":

@@ -121,9 +121,10 @@ def make_denoiser(run: LoadedRun, label: int | None, batch: int, guidance: float
     labels = None if label is None else torch.full((batch,), label, dtype=torch.long, device=device)
     cond = None
     if run.model.cond_channels:
-        size = run.model.sample_size
-        cond = (torch.zeros(batch, run.model.cond_channels, size, size, device=device) if masks is None else
-                mask_channels(torch.as_tensor(masks).view(batch, 1, size, size).to(device), run.model.mask_values))
+        grid, size = run.model.sample_size, run.model.image_size  # a latent model's grid is coarser than its maps
+        cond = (torch.zeros(batch, run.model.cond_channels, grid, grid, device=device) if masks is None else
+                mask_channels(torch.as_tensor(masks).view(batch, 1, size, size).to(device), run.model.mask_values,
+                              run.model.latent_factor))
     elif masks is not None:
         raise ConfigError("--masks: this model was not trained on label maps (its data had none)")
     return Denoiser(run.unet, labels, null_class(run.model), guidance, run.model.patch_size, cache_interval,

@@ -262,9 +262,6 @@ def _mask_values(cfg: TrainConfig, data: ImageSet, record: RunRecord | None,
         return record.model.mask_values
     if cfg.masks == "off" or not data.has_masks:
         return ()
-    if cfg.autoencoder is not None:
-        raise ConfigError(f"--autoencoder with label maps (--data {cfg.data}): mask-conditioned training runs in "
-                          "pixel space for now; add --masks off to train on the images alone")
     if not data.mask_values:
         echo("note: every label map is background only: training without them")
         return ()
@@ -315,16 +312,18 @@ def _latent_data(cfg: TrainConfig, data: ImageSet, train_idx: np.ndarray, record
     flipped = None if z_mirror is None else ImageSet(z_mirror * scale, data.labels, data.class_names, data.groups)
     if cfg.noise_shift is None:
         cfg = _replace(cfg, noise_shift=noise_shift_for(cfg.preset, cfg.size // factor))
-    latents = ImageSet(z * scale, data.labels, data.class_names, data.groups, data.skipped, data.summary)
+    latents = data.with_images(z * scale)  # with the set's label maps, at the images' resolution
     return cfg, latents, _Latents(vae.to("cpu"), flipped, summary)
 
 
-def _latent_model(cfg: TrainConfig, latents: ImageSet, num_classes: int) -> ModelConfig:
-    """The UNet of a new latent run: the preset at the latent grid's size and depth."""
+def _latent_model(cfg: TrainConfig, latents: ImageSet, num_classes: int,
+                  mask_values: tuple[int, ...] = ()) -> ModelConfig:
+    """The UNet of a new latent run: the preset at the latent grid's size and depth (and the label maps' channels
+    folded onto that grid, `ModelConfig.cond_channels`)."""
     _, channels, grid, _ = latents.take([0]).shape
     try:
         return model_config(cfg.preset, grid, num_classes, patch=cfg.patch, channels=channels,
-                            latent_factor=cfg.size // grid)
+                            latent_factor=cfg.size // grid, mask_values=mask_values)
     except ConfigError as err:
         raise ConfigError(f"--autoencoder {cfg.autoencoder}: its latent grid is {grid} px at --size {cfg.size}, "
                           f"which preset {cfg.preset!r} cannot take ({err})") from None
@@ -449,7 +448,7 @@ def _train(cfg: TrainConfig, data: ImageSet | None, resume: bool, echo: Callable
     n_classes = len(data.class_names) if conditional else 0
     mcfg: ModelConfig = (record.model if record else
                          model_config(cfg.preset, cfg.size, n_classes, patch=cfg.patch, mask_values=mask_values)
-                         if latent is None else _latent_model(cfg, data, n_classes))
+                         if latent is None else _latent_model(cfg, data, n_classes, mask_values))
     if record is None and dist.main:
         run.mkdir(parents=True, exist_ok=True)  # only now, so that a failed start leaves no empty run folder
         record = RunRecord(train=cfg, model=mcfg, class_names=tuple(data.class_names), data=data.summary,
@@ -484,12 +483,12 @@ def _train(cfg: TrainConfig, data: ImageSet | None, resume: bool, echo: Callable
                                cfg.shift).float().to(device)
     images = batch_images(data, device)
     flipped = batch_images(latent.flipped, device) if latent is not None and latent.flipped is not None else None
-    masks = (lambda i: mask_channels(data.take_masks(i.cpu()).to(device), mcfg.mask_values)) if mcfg.cond_channels \
-        else None
+    masks = (lambda i: data.take_masks(i.cpu()).to(device)) if mcfg.cond_channels else None  # (b, 1, S, S) maps
     labels = data.labels.to(device) if conditional else None
     train_pos = torch.as_tensor(train_idx, device=device)
     val_images, val_labels = data.take(val_idx[:MAX_VAL_IMAGES]), data.labels[val_idx[:MAX_VAL_IMAGES]]
-    val_cond = masks(torch.as_tensor(val_idx[:MAX_VAL_IMAGES])).cpu() if masks is not None else None
+    val_cond = (mask_channels(masks(torch.as_tensor(val_idx[:MAX_VAL_IMAGES])), mcfg.mask_values,
+                              mcfg.latent_factor).cpu() if masks is not None else None)
     B, mb = cfg.batch_size, cfg.micro_batch or cfg.batch_size
     if cfg.micro_batch == 0:  # "auto"
         mb = auto_micro_batch(unet, mcfg, B, device, precision)
@@ -546,8 +545,9 @@ def _train(cfg: TrainConfig, data: ImageSet | None, resume: bool, echo: Callable
                     x0 = torch.where(flip, x0.flip(-1) if flipped is None else flipped(idx[sl]), x0)
                 cond = None
                 if masks is not None:  # the image's map, flipped with it; none where the condition is dropped
-                    cond = masks(idx[sl])
-                    cond = torch.where(flip, cond.flip(-1), cond) if cfg.flip else cond
+                    m = masks(idx[sl])
+                    m = torch.where(flip, m.flip(-1), m) if cfg.flip else m
+                    cond = mask_channels(m, mcfg.mask_values, mcfg.latent_factor)
                     cond = torch.where(draws["drop"][sl].view(-1, 1, 1, 1), torch.zeros_like(cond), cond)
                 ab = alpha_bar[draws["t"][sl]]
                 x_t = q_sample(x0, draws["eps"][sl], ab)

@@ -136,7 +136,7 @@ def train_autoencoder(cfg: AutoencoderConfig, data: ImageSet | None = None,
             step, seen = step + 1, seen + len(x)
             losses.append(float(l1.detach()))
             if step % 10 == 0 or step == 1:
-                log.append(dict(step=step, l1=float(np.mean(losses[-10:])), kl=float(kl), lr=lr,
+                log.append(dict(step=step, l1=float(np.mean(losses[-10:])), kl=float(kl.detach()), lr=lr,
                                 img_per_s=seen / max(time.time() - t0, 1e-9), elapsed=time.time() - t0))
             if bar is not None:
                 bar.update(1)

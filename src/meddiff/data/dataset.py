@@ -54,6 +54,7 @@ class ImageSet:
         self.stored = images if isinstance(images, cache.StoredImages) else None
         self._images = None if self.stored is not None else images
         self._masks = masks
+        self._mask_store = self.stored.masks if self.stored is not None else None
         self.labels, self.class_names, self.groups = labels, class_names, groups
         self.skipped: list[tuple[str, str]] = list(skipped or [])
         self.summary: dict[str, Any] = dict(summary or {})
@@ -84,9 +85,18 @@ class ImageSet:
             return self._images[torch.as_tensor(np.asarray(indices), dtype=torch.long)]
         return _signed(self.stored.read(np.asarray(indices)))
 
+    def with_images(self, images: torch.Tensor) -> "ImageSet":
+        """The same set (labels, groups, label maps where stored, summary) over other images, one per image: the
+        latent path trains on the set's latents with the set's maps."""
+        if len(images) != len(self):
+            raise ValueError(f"{len(images)} images for a set of {len(self)}")
+        out = ImageSet(images, self.labels, self.class_names, self.groups, self.skipped, self.summary, self._masks)
+        out._mask_store = self._mask_store
+        return out
+
     @property
     def has_masks(self) -> bool:
-        return self._masks is not None or (self.stored is not None and self.stored.masks is not None)
+        return self._masks is not None or self._mask_store is not None
 
     @property
     def mask_values(self) -> tuple[int, ...]:
@@ -103,7 +113,7 @@ class ImageSet:
             raise DataError("these images have no label maps")
         if self._masks is not None:
             return self._masks[torch.as_tensor(np.asarray(indices), dtype=torch.long)].long()
-        return torch.from_numpy(self.stored.masks.read(np.asarray(indices)).astype(np.int64))[:, None]
+        return torch.from_numpy(self._mask_store.read(np.asarray(indices)).astype(np.int64))[:, None]
 
 
 def _signed(stored: np.ndarray) -> torch.Tensor:
