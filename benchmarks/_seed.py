@@ -85,9 +85,9 @@ def seed_as_run(unet_dir: Path) -> Any:
                      model_id(Path(unet_dir) / "diffusion_pytorch_model.safetensors"))
 
 
-def one_thread_env() -> dict[str, str]:
-    """The environment of a training process that must use one CPU thread."""
-    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+def one_thread_env(threads: int = 1) -> dict[str, str]:
+    """The environment of a training process that must use one CPU thread (or `threads`)."""
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
 
 
 def start_seed_train(images_npy: Path, size: int, minutes: float, snapshots: list[float], out: Path,

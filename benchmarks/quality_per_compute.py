@@ -7,6 +7,7 @@ sampler and seeds and scored against held-out slices that neither saw.
     python benchmarks/quality_per_compute.py --minutes 3,30
     python benchmarks/quality_per_compute.py --quick             # seconds: a smoke test, not a figure
     python benchmarks/quality_per_compute.py --size 256 --systems meddiff,latent --minutes 50   # pixel vs latent
+    python benchmarks/quality_per_compute.py --size 256 --systems meddiff --minutes 60 --threads 2   # both cores
 
 Data: `builtin:mni-mri` split by benchmarks/_heldout.py (whole 8-slice slabs held out, a guard band of dropped
 slices between them and the training slices). Both recipes train on the same training slices (8-bit, as the
@@ -20,8 +21,8 @@ Systems (--systems): `seed` (the student recipe), `meddiff` (the default pixel r
 SSIM on the held-out slices.
 Scoring: every model sampled by meddiff's DDIM 20 (diffusers' DDIMScheduler) with seeds 0..n-1; KID, FID
 (random-conv features) and SSIM to the nearest held-out slice with 95 % bootstrap intervals, the share of
-samples that copy a training slice, and the eps-MSE on the held-out slices at the seed's noise levels (512
-draws) with its interval; the real-vs-real reference (two held-out halves) in the same table.
+samples that copy a training slice, the pixel-scale detail against the held-out slices' (1 = real; grain is
+far above), and the eps-MSE on the held-out slices at the seed's noise levels (512 draws) with its interval; the real-vs-real reference (two held-out halves) in the same table.
 Writes benchmarks/results/quality_per_compute.json, OUT/ (runs, samples) and docs/qpc_grid.png.
 """
 from __future__ import annotations
@@ -44,23 +45,24 @@ BANDS = ((0, 25), (25, 100), (100, 250), (250, 1000))  # seed (linear) timesteps
 VAL_REPS = 16  # draws per held-out slice: 32 slices x 16 = 512 draws
 
 
-def start_meddiff(data: Path, size: int, minutes: float, out: Path, extra: list[str]) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "meddiff.cli", "train", "--threads", "1", "--data", str(data), "--size", str(size),
-           "--max-minutes", str(minutes), "--out", str(out), "--no-progress", *extra]
-    return subprocess.Popen(cmd, env=one_thread_env(), stdout=subprocess.PIPE, text=True)
+def start_meddiff(data: Path, size: int, minutes: float, out: Path, extra: list[str],
+                  threads: int = 1) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "meddiff.cli", "train", "--threads", str(threads), "--data", str(data), "--size",
+           str(size), "--max-minutes", str(minutes), "--out", str(out), "--no-progress", *extra]
+    return subprocess.Popen(cmd, env=one_thread_env(threads), stdout=subprocess.PIPE, text=True)
 
 
 def start_latent(data: Path, size: int, minutes: float, out: Path, extra: list[str],
-                 ae_share: float) -> subprocess.Popen:
+                 ae_share: float, threads: int = 1) -> subprocess.Popen:
     """meddiff's latent path as one process chain on one thread: the autoencoder for `ae_share` of the minutes,
     then diffusion in its latents for the rest (its JSON line is the diffusion run's)."""
-    ae = [sys.executable, "-m", "meddiff.cli", "train-autoencoder", "--threads", "1", "--data", str(data), "--size",
+    ae = [sys.executable, "-m", "meddiff.cli", "train-autoencoder", "--threads", str(threads), "--data", str(data), "--size",
           str(size), "--max-minutes", f"{minutes * ae_share:g}", "--out", str(out / "ae"), "--no-progress"]
-    dm = [sys.executable, "-m", "meddiff.cli", "train", "--threads", "1", "--data", str(data), "--size", str(size),
+    dm = [sys.executable, "-m", "meddiff.cli", "train", "--threads", str(threads), "--data", str(data), "--size", str(size),
           "--autoencoder", str(out / "ae"), "--max-minutes", f"{minutes * (1 - ae_share):g}", "--out",
           str(out / "run"), "--no-progress", *extra]
     script = " && ".join(" ".join(f"'{a}'" for a in cmd) for cmd in (ae, dm))
-    return subprocess.Popen(["bash", "-c", script], env=one_thread_env(), stdout=subprocess.PIPE, text=True)
+    return subprocess.Popen(["bash", "-c", script], env=one_thread_env(threads), stdout=subprocess.PIPE, text=True)
 
 
 def last_json(proc: subprocess.Popen) -> dict:
@@ -85,14 +87,14 @@ def write_training_data(split: HeldOutSplit, out: Path) -> tuple[Path, Path]:
 
 
 def train_all(out: Path, budgets: list[float], size: int, systems: list[str], extra: list[str], npy: Path,
-              png: Path, ae_share: float) -> dict:
+              png: Path, ae_share: float, threads: int = 1) -> dict:
     """Every system's longest budget side by side (one thread each; the seed's run saves snapshots at the shorter
     budgets); then meddiff's and the latent path's shorter budgets (their schedules depend on the budget, so
     they are separate runs), two at a time."""
     def start(who: str, m: float) -> subprocess.Popen:
         if who == "meddiff":
-            return start_meddiff(png, size, m, out / f"meddiff_{m:g}min", extra)
-        return start_latent(png, size, m, out / f"latent_{m:g}min", extra, ae_share)
+            return start_meddiff(png, size, m, out / f"meddiff_{m:g}min", extra, threads)
+        return start_latent(png, size, m, out / f"latent_{m:g}min", extra, ae_share, threads)
 
     longest = budgets[-1]
     if len(systems) > 2:
@@ -202,6 +204,9 @@ def main() -> None:
     ap.add_argument("--systems", default="seed,meddiff", help="which to train: seed, meddiff, latent (comma-separated)")
     ap.add_argument("--ae-share", type=float, default=0.2,
                     help="share of each budget the latent path spends on its autoencoder (default 0.2)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="CPU threads of each meddiff training process (default 1: side by side, one each; 2 for "
+                         "one system on both cores)")
     ap.add_argument("--score-only", action="store_true", help="skip training: score the runs already in --out")
     ap.add_argument("--quick", action="store_true",
                     help="smoke test: 32 px, --minutes 0.05,0.1, n 8, results and grid under --out")
@@ -221,7 +226,7 @@ def main() -> None:
     split = mni_split(a.size, a.holdout_every, a.guard)
     npy, png = write_training_data(split, out)
     train_stats = {} if a.score_only else train_all(out, budgets, a.size, systems, a.meddiff_args.split(), npy, png,
-                                                    a.ae_share)
+                                                    a.ae_share, a.threads)
     rows = models(out, budgets, budgets[-1], systems)
     mach = R.machine(dict(seed="fp32", meddiff=next((r["hardware"] for r in rows.values() if r["who"] != "seed"), "")))
     held = torch.from_numpy(split.images[split.heldout])[:, None] * 2 - 1

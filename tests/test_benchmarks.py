@@ -1,4 +1,5 @@
-"""benchmarks/gpu_check.py --dry-run: the GPU owner's one command runs its whole path on the CPU in seconds."""
+"""Benchmark code that tests can reach: gpu_check.py --dry-run (the GPU owner's one command runs its whole path on
+the CPU in seconds) and the held-out figures' grain measure."""
 from __future__ import annotations
 
 import json
@@ -58,3 +59,20 @@ def test_the_peak_table_matches_names_and_takes_an_override() -> None:
     assert peak_tflops("NVIDIA A100-SXM4-80GB", None)[0] == 312.0
     assert peak_tflops("Some GPU", None) == (None, "unknown GPU: pass --peak-tflops")
     assert peak_tflops("NVIDIA H200", 500.0) == (500.0, "--peak-tflops")
+
+
+def test_the_grain_figure_is_one_for_real_images_and_far_above_for_residual_noise() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from _heldout import fine_energy_ratio
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    import numpy as np
+
+    yy, xx = np.mgrid[:32, :32] / 32
+    smooth = np.stack([np.exp(-((xx - c) ** 2 + (yy - 0.5) ** 2) * 20) for c in np.linspace(0.3, 0.7, 12)])
+    noisy = np.clip(smooth + np.random.default_rng(0).normal(0, 0.05, smooth.shape), 0, 1)
+    same = fine_energy_ratio(smooth[:6], smooth[6:], n_boot=50)
+    grain = fine_energy_ratio(noisy[:6], smooth[6:], n_boot=50)
+    assert 0.8 < same["fine_energy_ratio"] < 1.25
+    assert grain["fine_energy_ratio"] > 20 and grain["fine_energy_ratio_ci95"][0] > 20
