@@ -34,7 +34,8 @@ VARIANTS = {
 def size_rule_variants(size: int) -> dict[str, list[str]]:
     """The rules that follow the image size (issue 20), each spelt out in flags so that a label stays true
     whatever the default is: the "simple diffusion" shift held constant, the same shift interpolated to none at
-    the clean end, no shift, and the rule's shift with half the rule's patch (the UNet on a 64-px grid)."""
+    the clean end, no shift, the rule's shift with half the rule's patch (the UNet on a 64-px grid), and both
+    patches with the UNet predicting the clean image (x0, with the v-loss) instead of v."""
     from meddiff.config import patch_for
 
     shift, patch = 2 * math.log(64 / size), patch_for("lean", size)
@@ -44,7 +45,11 @@ def size_rule_variants(size: int) -> dict[str, list[str]]:
                                                                        f"{patch}"],
             f"no shift, patch {patch}": ["--noise-shift", "0", "--patch", f"{patch}"],
             f"shift {shift:.2f} constant, patch {patch // 2}": ["--noise-shift", f"{shift}", "--patch",
-                                                                f"{patch // 2}"]}
+                                                                f"{patch // 2}"],
+            f"x0-prediction, shift {shift:.2f} constant, patch {patch}": ["--objective", "x0", "--noise-shift",
+                                                                        f"{shift}", "--patch", f"{patch}"],
+            f"x0-prediction, shift {shift:.2f} constant, patch {patch // 2}": ["--objective", "x0", "--noise-shift",
+                                                                             f"{shift}", "--patch", f"{patch // 2}"]}
 
 
 def main() -> None:
@@ -60,6 +65,8 @@ def main() -> None:
     ap.add_argument("--variants", default=None,
                     help="comma-separated indices into the variant list (default all); objectives: "
                          + "; ".join(f"{i}: {n}" for i, n in enumerate(VARIANTS)))
+    ap.add_argument("--reuse", action="store_true",
+                    help="score the variants an earlier call trained in --out for the same --minutes, train the rest")
     R.add_results_arg(ap, "objectives")
     a = ap.parse_args()
     variants = VARIANTS if a.study == "objectives" else size_rule_variants(a.size)
@@ -77,9 +84,16 @@ def main() -> None:
         except (ValueError, IndexError):
             raise SystemExit(f"--variants {a.variants}: expected indices 0-{len(names) - 1}, comma-separated")
     stats = {}
-    for i in range(0, len(names), 2):  # two runs side by side, one thread each
-        procs = {n: start_meddiff(png, a.size, a.minutes, out / f"v{list(variants).index(n)}", variants[n])
-                 for n in names[i:i + 2]}
+    run_of = {n: out / f"v{list(variants).index(n)}" for n in names}
+    if a.reuse:  # variants trained by an earlier call (same --out, --minutes): scored again, not retrained
+        for n in names:
+            rec = run_of[n] / "meddiff.json"
+            result = json.loads(rec.read_text()).get("result") if rec.exists() else None
+            if result and json.loads(rec.read_text())["train"].get("max_minutes") == a.minutes:
+                stats[n] = result
+    todo = [n for n in names if n not in stats]
+    for i in range(0, len(todo), 2):  # two runs side by side, one thread each
+        procs = {n: start_meddiff(png, a.size, a.minutes, run_of[n], variants[n]) for n in todo[i:i + 2]}
         stats.update({n: last_json(p) for n, p in procs.items()})
     rows = {}
     mach = None

@@ -316,8 +316,8 @@ class TrainConfig(Checked):
                                      bounds=SHARE, recipe=0.999)
     # plain v-MSE (= eps-MSE + x_0-MSE), not min-SNR-5: on 121 MRI slices it copied no training slice in 20
     # minutes where min-SNR-5 copied 83 %, with a lower validation loss (docs/history.md, objectives)
-    objective: str | None = option(None, "what the UNet predicts: eps (the noise) or v (the velocity)",
-                                   choices=("eps", "v"), recipe="v")
+    objective: str | None = option(None, "what the UNet predicts: eps (the noise), v (the velocity) or x0 (the "
+                                   "clean image, trained with the v-loss)", choices=("eps", "v", "x0"), recipe="v")
     loss_weighting: str | None = option(None, "none: the objective's plain MSE; min-snr: min-SNR-gamma "
                                         "(--min-snr-gamma)", choices=("none", "min-snr"), recipe="none")
     min_snr_gamma: float = option(5.0, "gamma of --loss-weighting min-snr", bounds=GAMMA)

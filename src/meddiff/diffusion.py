@@ -11,7 +11,8 @@ import math
 import torch
 
 DIFFUSERS_BETA_SCHEDULE = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
-DIFFUSERS_PREDICTION = {"eps": "epsilon", "v": "v_prediction"}
+DIFFUSERS_PREDICTION = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+X0_MIN_NOISE = 0.0025  # x0-prediction's v-space loss divides by 1 - alpha_bar, never by less (noise std 0.05)
 
 
 Shift = float | tuple[float, float]
@@ -88,18 +89,25 @@ def snr(alpha_bar: torch.Tensor) -> torch.Tensor:
 
 def loss_weight(alpha_bar: torch.Tensor, objective: str, weighting: str, gamma: float = 5.0) -> torch.Tensor:
     """(B,) per-sample weights. min-SNR-gamma (Hang et al. 2023, eq. 6/§3.4): min(SNR, gamma) divided by
-    SNR for eps-prediction and by SNR + 1 for v-prediction, so that both equal the x_0-loss weight min(SNR, gamma)."""
+    SNR for eps-prediction and by SNR + 1 for v-prediction, so that both equal the x_0-loss weight min(SNR, gamma).
+    x0-prediction without weighting is measured in v-space, as in Li & He 2025 ("Back to Basics: Let Denoising
+    Generative Models Denoise", x-prediction with v-loss): ||x0_hat - x0||² / (1 - alpha_bar) is exactly the
+    v-MSE of the v that x0_hat implies, so its weighting over noise levels is the v default's; 1 - alpha_bar is
+    clamped at X0_MIN_NOISE."""
+    s = snr(alpha_bar)
+    if objective == "x0":
+        return (1 / (1 - alpha_bar).clamp(min=X0_MIN_NOISE) if weighting == "none" else s.clamp(max=gamma))
     if weighting == "none":
         return torch.ones_like(alpha_bar)
-    s = snr(alpha_bar)
     clipped = s.clamp(max=gamma)
     return clipped / (s + 1) if objective == "v" else clipped / s.clamp(min=1e-8)
 
 
 def diffusion_loss(pred: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, alpha_bar: torch.Tensor,
                    objective: str, weighting: str = "none", gamma: float = 5.0) -> torch.Tensor:
-    """(B,) weighted MSE between the network output and its target (eps or v), averaged over pixels."""
-    target = eps if objective == "eps" else v_target(x0, eps, alpha_bar)
+    """(B,) weighted MSE between the network output and its target (eps, v or x0), averaged over pixels."""
+    target = {"eps": eps, "x0": x0}.get(objective)
+    target = v_target(x0, eps, alpha_bar) if target is None else target
     mse = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
     return mse * loss_weight(alpha_bar, objective, weighting, gamma).to(mse.dtype)
 
@@ -120,8 +128,11 @@ def diffusers_scheduler_config(beta_schedule: str, T: int, objective: str, zero_
 
 def predicted_eps(pred: torch.Tensor, x_t: torch.Tensor, alpha_bar: torch.Tensor, objective: str) -> torch.Tensor:
     """The network's noise estimate whatever it predicts: eps = sqrt(alpha_bar) v + sqrt(1 - alpha_bar) x_t for v
-    (Salimans & Ho 2022, §4), so that validation losses of eps- and v-models are on one scale."""
+    (Salimans & Ho 2022, §4), eps = (x_t - sqrt(alpha_bar) x0) / sqrt(1 - alpha_bar) for x0, so that validation
+    losses of eps-, v- and x0-models are on one scale."""
     if objective == "eps":
         return pred
     a = alpha_bar.to(x_t.dtype).view(-1, 1, 1, 1)
+    if objective == "x0":
+        return (x_t - a.sqrt() * pred) / (1 - a).sqrt()
     return a.sqrt() * pred + (1 - a).sqrt() * x_t
