@@ -1,11 +1,11 @@
-"""Tests for meddiff.diffusion: schedules against diffusers, the eps/v identities, min-SNR weights, the loss."""
+"""Tests for meddiff.diffusion: schedules against diffusers, the eps/v/x0 identities, min-SNR weights, the loss."""
 from __future__ import annotations
 
 import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from meddiff.diffusion import (alphas_cumprod, betas_for, diffusers_scheduler_config, diffusion_loss,
+from meddiff.diffusion import (X0_MIN_NOISE, alphas_cumprod, betas_for, diffusers_scheduler_config, diffusion_loss,
                                loss_weight, predicted_eps, q_sample, snr, v_target)
 
 
@@ -40,14 +40,14 @@ def test_betas_are_float64_and_cosine_clipped() -> None:
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
-@pytest.mark.parametrize("objective", ["eps", "v"])
+@pytest.mark.parametrize("objective", ["eps", "v", "x0"])
 @pytest.mark.parametrize("zero_snr", [False, True])
 def test_diffusers_scheduler_config_reproduces_our_schedule(schedule: str, objective: str, zero_snr: bool) -> None:
     cfg = diffusers_scheduler_config(schedule, 1000, objective, zero_snr, "leading")
     sched = DDPMScheduler(**cfg)
     torch.testing.assert_close(sched.alphas_cumprod.double(), alphas_cumprod(schedule, 1000, zero_snr),
                                atol=1e-6, rtol=0)
-    assert sched.config.prediction_type == {"eps": "epsilon", "v": "v_prediction"}[objective]
+    assert sched.config.prediction_type == {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}[objective]
     # zero terminal SNR needs trailing spacing so that sampling starts from pure noise (Lin et al. 2024, §3.3)
     assert sched.config.timestep_spacing == ("trailing" if zero_snr else "leading")
 
@@ -102,16 +102,32 @@ def test_min_snr_weight_at_zero_snr_is_finite_zero() -> None:
         assert torch.isfinite(w).all() and float(w[0]) == 0.0
 
 
-@pytest.mark.parametrize("objective", ["eps", "v"])
+@pytest.mark.parametrize("objective", ["eps", "v", "x0"])
 @pytest.mark.parametrize("weighting", ["none", "min-snr"])
 def test_loss_is_zero_for_the_exact_target_and_positive_otherwise(objective: str, weighting: str) -> None:
     x0, eps, ab = _batch(2)
-    target = eps if objective == "eps" else v_target(x0, eps, ab)
+    target = {"eps": eps, "v": v_target(x0, eps, ab), "x0": x0}[objective]
     loss = diffusion_loss(target, x0, eps, ab, objective, weighting)
     assert loss.shape == (3,)
     assert torch.all(loss.abs() < 1e-12)
     wrong = diffusion_loss(target + 0.1, x0, eps, ab, objective, weighting)
     assert torch.all(wrong > 0)
+
+
+def test_x0_prediction_is_trained_with_the_v_loss_it_implies_and_gives_back_eps() -> None:
+    x0, eps, ab = _batch(4)
+    ab = torch.tensor([0.99, 0.5, 0.01], dtype=torch.float64)  # 1 - alpha_bar above the clamp everywhere
+    x_t = q_sample(x0, eps, ab)
+    guess = x0 + 0.1 * torch.randn_like(x0)
+    a = ab.float().view(-1, 1, 1, 1)
+    implied_v = (a.sqrt() * x_t - guess) / (1 - a).sqrt()
+    torch.testing.assert_close(diffusion_loss(guess, x0, eps, ab, "x0"),
+                               (implied_v - v_target(x0, eps, ab)).pow(2).mean(dim=(1, 2, 3)), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(predicted_eps(x0, x_t, ab, "x0"), eps, atol=1e-4, rtol=1e-4)
+    # nearly clean: the weight stops at 1 / X0_MIN_NOISE instead of growing without bound
+    clean = torch.tensor([1 - 1e-6], dtype=torch.float64)
+    assert float(loss_weight(clean, "x0", "none")[0]) == pytest.approx(1 / X0_MIN_NOISE)
+    assert float(loss_weight(torch.tensor([0.5], dtype=torch.float64), "x0", "min-snr", 5.0)[0]) == 1.0
 
 
 def test_loss_is_per_sample_mse_times_weight() -> None:

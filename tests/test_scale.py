@@ -46,6 +46,22 @@ def test_an_unshifted_config_carries_no_betas() -> None:
     assert "trained_betas" not in diffusers_scheduler_config("cosine", 1000, "v", False, "trailing", 0.0)
 
 
+def test_an_interpolated_shift_moves_from_its_clean_value_to_its_noisy_value() -> None:
+    plain = alphas_cumprod("cosine", 1000)
+    interp = alphas_cumprod("cosine", 1000, shift=(0.0, -2.0))
+    log_snr = lambda ab: torch.log(ab / (1 - ab))  # noqa: E731
+    diff = log_snr(interp) - log_snr(plain)
+    t = torch.arange(1, 1001, dtype=torch.float64) / 1000
+    assert torch.allclose(diff[:900], -2.0 * t[:900], atol=1e-6)  # linear in t: ~0 at the clean end, -2 at noise
+    assert abs(float(diff[0])) < 0.01 and bool((interp[1:] <= plain[1:]).all())
+    # a run records it as --noise-shift-clean, and its scheduler carries the same betas
+    cfg = TrainConfig(data="x", out="y", size=256, noise_shift_clean=0.0).resolve()
+    assert cfg.shift == (0.0, pytest.approx(2 * math.log(64 / 256)))
+    config = diffusers_scheduler_config("cosine", 1000, "v", False, "trailing", cfg.shift)
+    assert np.allclose(config["trained_betas"], betas_for("cosine", 1000, cfg.shift).numpy())
+    assert TrainConfig(data="x", out="y", size=256).resolve().shift == pytest.approx(2 * math.log(64 / 256))
+
+
 def test_shift_log_snr_keeps_the_ends() -> None:
     ab = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
     out = shift_log_snr(ab, -1.0)
