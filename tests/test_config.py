@@ -53,7 +53,7 @@ def test_every_preset_resolves_and_builds_its_model_config() -> None:
 
 @pytest.mark.parametrize("changes, match", [
     (dict(preset="huge"), r"--preset 'huge': choose from seed, small, lean, tiny"),
-    (dict(objective="x0"), r"--objective 'x0': choose from eps, v"),
+    (dict(objective="x-start"), r"--objective 'x-start': choose from eps, v, x0"),
     (dict(loss_weighting="p2"), r"--loss-weighting 'p2': choose from none, min-snr"),
     (dict(min_snr_gamma=0.0), r"--min-snr-gamma 0.0: must be a number in \(0, 10000\]"),
     (dict(beta_schedule="sigmoid"), r"--beta-schedule 'sigmoid': choose from linear, cosine"),

@@ -88,6 +88,15 @@ def test_the_recipe_shifts_the_schedule_above_64_px_and_never_for_the_seed() -> 
     assert TrainConfig(data="x", out="y", size=128, noise_shift=0.5).resolve().noise_shift == 0.5
 
 
+def test_large_patches_predict_the_clean_image_unless_told_otherwise() -> None:
+    resolved = lambda **kw: TrainConfig(data="x", out="y", **kw).resolve().objective  # noqa: E731
+    assert [resolved(size=s) for s in (32, 64, 128, 256, 512)] == ["v", "v", "x0", "x0", "x0"]
+    assert resolved(size=256, preset="seed") == "eps"           # the student recipe stays as it was
+    assert resolved(size=256, objective="v") == "v"             # a choice is kept
+    assert resolved(size=256, patch=2) == "v"                   # the rule follows the patch, not the size
+    assert resolved(size=256, preset="small") == "v"            # presets without patches keep their recipe
+
+
 def test_a_run_at_128_px_keeps_its_shift_and_patch_and_samples_with_them(tmp_path: Path) -> None:
     from meddiff.runfolder import read_record, scheduler_config
     from meddiff.sample import generate, load_run
@@ -101,6 +110,7 @@ def test_a_run_at_128_px_keeps_its_shift_and_patch_and_samples_with_them(tmp_pat
     record = read_record(tmp_path / "run")
     assert record.model.patch_size == 4 and record.train.noise_shift == pytest.approx(-2 * math.log(2))
     config = scheduler_config(tmp_path / "run")
+    assert record.train.objective == "x0" and config["prediction_type"] == "sample"
     assert np.allclose(config["trained_betas"], betas_for("cosine", 1000, record.train.noise_shift).numpy())
     out = generate(load_run(tmp_path / "run"), [0, 1], steps=2)
     assert out.shape == (2, 128, 128) and np.isfinite(out).all()

@@ -317,7 +317,9 @@ class TrainConfig(Checked):
     # plain v-MSE (= eps-MSE + x_0-MSE), not min-SNR-5: on 121 MRI slices it copied no training slice in 20
     # minutes where min-SNR-5 copied 83 %, with a lower validation loss (docs/history.md, objectives)
     objective: str | None = option(None, "what the UNet predicts: eps (the noise), v (the velocity) or x0 (the "
-                                   "clean image, trained with the v-loss)", choices=("eps", "v", "x0"), recipe="v")
+                                   "clean image, trained with the v-loss); default v, and x0 on pixels where the "
+                                   "patch is 4 or more (above 64 px: docs/benchmarks.md, size rules)",
+                                   choices=("eps", "v", "x0"), recipe="v")
     loss_weighting: str | None = option(None, "none: the objective's plain MSE; min-snr: min-SNR-gamma "
                                         "(--min-snr-gamma)", choices=("none", "min-snr"), recipe="none")
     min_snr_gamma: float = option(5.0, "gamma of --loss-weighting min-snr", bounds=GAMMA)
@@ -379,6 +381,8 @@ class TrainConfig(Checked):
         base = {f.name: opt.recipe for f, opt in options(self) if opt.recipe is not None}
         base.update(RECIPES[self.preset])
         filled = {k: (getattr(self, k) if getattr(self, k) is not None else v) for k, v in base.items()}
+        if self.objective is None and self.autoencoder is None and self.preset != "seed" and self.size:
+            filled["objective"] = objective_for(self.preset, self.size, self.patch) or filled["objective"]
         cfg = dataclasses.replace(self, **filled)
         if cfg.micro_batch and cfg.micro_batch > cfg.batch_size:
             raise ConfigError(f"--micro-batch {cfg.micro_batch}: must not exceed --batch-size {cfg.batch_size}")
@@ -541,6 +545,17 @@ def patch_for(preset: str, size: int) -> int:
     return max(base, 2 ** int(math.floor(math.log2(max(size // PATCH_GRID, 1)))))
 
 
+def objective_for(preset: str, size: int, patch: int | None = None) -> str | None:
+    """"x0" where a patched preset's patch (`patch`, else `patch_for`) is 4 or more, else None (the recipe's
+    objective). With large patches each grid cell of the UNet carries 16-256 pixels; predicting the noise or v
+    there leaves the noise the UNet cannot reproduce pixel by pixel in every sample (grain), while the clean image
+    it can: at 256 px x0-prediction reached the real-vs-real KID and FID in 10 one-thread minutes where v left
+    samples 180x as grainy as real slices (benchmarks/results/size_rules_256.json; Li & He 2025 found the same
+    for large-patch transformers)."""
+    return "x0" if ARCHITECTURES[preset].get("patch_size", 1) > 1 and (patch or patch_for(preset, size)) >= 4 \
+        else None
+
+
 def noise_shift_for(preset: str, size: int) -> float:
     """The log-SNR shift a preset's recipe uses at `size` px: the seed recipe never shifts (it is the student
     project's recipe); meddiff's presets shift by 2 ln(64 / size) above 64 px (`diffusion.shift_log_snr`)."""
@@ -577,4 +592,4 @@ def from_json(cls: type, data: dict[str, Any]) -> Any:
 
 __all__ = ["ModelConfig", "TrainConfig", "SampleConfig", "Option", "Bounds", "ARCHITECTURES", "RECIPES", "SAMPLERS",
            "FORMATS", "DEFAULT_PRESET", "STOP_RULES", "RESUME_FIELDS", "model_config", "option", "options",
-           "to_json", "from_json", "AutoencoderConfig", "LATENT_FACTORS", "InpaintConfig"]
+           "to_json", "from_json", "AutoencoderConfig", "LATENT_FACTORS", "InpaintConfig", "objective_for"]
