@@ -83,15 +83,19 @@ def compare(mine: dict, other: dict, key: str, lower_is_better: bool) -> str:
 
 
 def reproduce(doc: dict[str, Any]) -> str:
-    """The command that makes the file from a clean checkout: a --score-only rescoring names the full command."""
-    return doc["command"].replace(" --score-only", "")
+    """The command that makes the file from a clean checkout: a --score-only rescoring, or a --reuse call that
+    scored runs an earlier call trained, names the full command."""
+    return doc["command"].replace(" --score-only", "").replace(" --reuse", "")
 
 
 def command_line(doc: dict[str, Any], figure: str) -> str:
     m = doc["machine"]
     dirty = " (uncommitted changes)" if m.get("dirty") else ""
     rescored = (" (this file: the runs that command trained, rescored with `--score-only` at the commit below)"
-                if "--score-only" in doc["command"] else "")
+                if "--score-only" in doc["command"] else
+                " (this file: the variants added last trained by the call at the commit below, the others by the "
+                "same command at an earlier commit and scored again with `--reuse`)" if "--reuse" in doc["command"]
+                else "")
     return (f"*Reproduce: `{reproduce(doc)}`{rescored} — {m['cpu']}, {m.get('gpu') or 'no GPU'}, {m['torch_threads']} "
             f"thread(s), precision {m['precision']}, commit {str(m.get('commit'))[:10]}{dirty}, {m['started']}; "
             f"raw results: `benchmarks/results/{figure}.json`.*")
@@ -149,7 +153,7 @@ def render_quality_per_compute(doc: dict) -> list[str]:
 
 def _fine(r: dict) -> str:
     """The fine-energy ratio (`_heldout.fine_energy_ratio`), or — for results scored before it existed."""
-    return ci(r["fine_energy_ratio"], r.get("fine_energy_ratio_ci95"), 2) if "fine_energy_ratio" in r else "—"
+    return ci(r["fine_energy_ratio"], r.get("fine_energy_ratio_ci95"), 3) if "fine_energy_ratio" in r else "—"
 
 
 def render_size_rules(doc: dict) -> list[str]:
