@@ -42,6 +42,13 @@ COMMANDS = {
     "masks": "python benchmarks/masks.py",
     "size_rules_256": "python benchmarks/objectives.py --study size-rules --size 256 --minutes 10 --n 48 "
                       "--out bench_out/sr256",
+    "quality_per_compute_256_60": "python benchmarks/quality_per_compute.py --size 256 --systems meddiff --minutes 60 "
+                                  "--threads 2 --n 48 --out bench_out/qpc256_60 --grid docs/qpc256_60_grid.png "
+                                  "--results benchmarks/results/quality_per_compute_256_60.json",
+    "quality_per_compute_128_2core": "python benchmarks/quality_per_compute.py --size 128 --systems meddiff "
+                                     "--minutes 30 --threads 2 --n 48 --out bench_out/qpc128_30 "
+                                     "--grid docs/qpc128_30_grid.png "
+                                     "--results benchmarks/results/quality_per_compute_128_2core.json",
 }
 WHO = {"seed": "seed recipe", "meddiff": "meddiff pixel (default)", "latent": "meddiff latent"}
 TRAIN_SPEED_CASES = {"seed128": "training img/s, `seed` UNet @ 128 px, batch 10, same UNet",
@@ -337,6 +344,8 @@ RENDERERS: dict[str, Callable[[dict], list[str]]] = {
     "size_table": render_size_table,
     "masks": render_masks,
     "size_rules_256": render_size_rules,
+    "quality_per_compute_256_60": render_quality_per_compute,
+    "quality_per_compute_128_2core": render_quality_per_compute,
 }
 
 
@@ -408,6 +417,32 @@ def readme_rows(results: Path) -> list[str]:
                         f"{ci(lat['kid'], lat['kid_ci95'])} | `{reproduce(q256)}` |")
     else:
         rows.append(_not_rerun("brain MRI at 256 px: pixel against latent path", "quality_per_compute_256"))
+    sr = load("size_rules_256", results)
+    if sr:
+        by = {n.split(",")[0] + ("" if n.startswith("x0") else " (v)"): r for n, r in sr["summary"]["rows"].items()
+              if "constant, patch 8" in n}
+        v, x0 = by.get("shift -2.77 constant (v)"), next((r for n, r in by.items() if n.startswith("x0")), None)
+        if v and x0:
+            rows.append(f"| brain MRI, 256 px, 10 one-thread min: KID ↓; pixel detail / real's (grain ≫ 1) of v- and "
+                        f"x0-prediction (the default since) | — | v {ci(v['kid'], v['kid_ci95'])}; "
+                        f"{v['fine_energy_ratio']:.0f}; x0 {ci(x0['kid'], x0['kid_ci95'])}; "
+                        f"{x0['fine_energy_ratio']:.2f} | `{reproduce(sr)}` |")
+    else:
+        rows.append(_not_rerun("brain MRI at 256 px: the size rules (shift, patch, objective)", "size_rules_256"))
+    for figure, what in (("quality_per_compute_256_60", "256 px"), ("quality_per_compute_128_2core", "128 px")):
+        qc = load(figure, results)
+        if not qc:
+            rows.append(_not_rerun(f"brain MRI at {what}, default pixel path on 2 cores against real vs real",
+                                   figure))
+            continue
+        sq = qc["summary"]
+        m = sq["budgets"][-1]
+        r, ref = sq["rows"][f"meddiff_{m:g}min"], sq["reference"]["real vs real (held-out half A vs half B)"]
+        rows.append(f"| brain MRI, {what}, {m:g} min on {qc['settings'].get('threads', 1)} cores: KID; FID; SSIM "
+                    f"to nearest held-out; copies; peak RSS | — | {ci(r['kid'], r['kid_ci95'])}; "
+                    f"{ci(r['fid'], r['fid_ci95'])}; {ci(r['ssim'], r['ssim_ci95'])}; {r['copies_share']:.0%}; "
+                    f"{_num(r.get('peak_rss_mib'), ',.0f')} MiB (real vs real: {ci(ref['kid'], ref['kid_ci95'])}; "
+                    f"{ci(ref['fid'], ref['fid_ci95'])}; {ci(ref['ssim'], ref['ssim_ci95'])}) | `{reproduce(qc)}` |")
     st = load("size_table", results)
     if st:
         table = st["summary"]["cases"]["sizes"]
