@@ -233,6 +233,13 @@ def test_the_page_draws_a_map_and_gets_the_pair_back(mask_run: Path, tmp_path: P
         assert status == 400 and "add up to 32×32" in body["error"]
 
 
+def test_a_body_beyond_the_limit_is_refused_before_it_is_read(server: serve_mod.Server) -> None:
+    from meddiff.serve_http import MAX_BODY
+
+    status, _, data = _call(server, "POST", "/api/jobs", {"n": 1, "mask": [0, 1] * (MAX_BODY // 4)})
+    assert status == 413 and f"at most {MAX_BODY}" in json.loads(data)["error"]
+
+
 # --- the HTTP API --------------------------------------------------------------------------------------------
 
 def test_page_and_info(server: serve_mod.Server) -> None:
