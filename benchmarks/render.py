@@ -158,6 +158,11 @@ def render_quality_per_compute(doc: dict) -> list[str]:
     return lines + (["", f"![one row of samples per model]({grid.name})"] if grid.parent.name == "docs" else [])
 
 
+def _sample_cells(r: dict) -> str:
+    """KID | FID | SSIM to the nearest held-out image, each with its interval: the cells every quality table has."""
+    return f"{ci(r['kid'], r['kid_ci95'])} | {ci(r['fid'], r['fid_ci95'])} | {ci(r['ssim'], r['ssim_ci95'])}"
+
+
 def _fine(r: dict) -> str:
     """The fine-energy ratio (`_heldout.fine_energy_ratio`), or — for results scored before it existed."""
     return ci(r["fine_energy_ratio"], r.get("fine_energy_ratio_ci95"), 3) if "fine_energy_ratio" in r else "—"
@@ -172,12 +177,9 @@ def render_size_rules(doc: dict) -> list[str]:
              "(1 = real; grain ≫ 1) | copies |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in s["rows"].items():
         flags = " ".join(s.get("variants", {}).get(name, []))
-        lines.append(f"| {name} (`{flags}`) | {r['steps']:,} | {ci(r['kid'], r['kid_ci95'])} | "
-                     f"{ci(r['fid'], r['fid_ci95'])} | {ci(r['ssim'], r['ssim_ci95'])} | {_fine(r)} | "
+        lines.append(f"| {name} (`{flags}`) | {r['steps']:,} | {_sample_cells(r)} | {_fine(r)} | "
                      f"{r['copies_share']:.0%} |")
-    for name, r in s["reference"].items():
-        lines.append(f"| {name} | — | {ci(r['kid'], r['kid_ci95'])} | {ci(r['fid'], r['fid_ci95'])} | "
-                     f"{ci(r['ssim'], r['ssim_ci95'])} | {_fine(r)} | — |")
+    lines += [f"| {name} | — | {_sample_cells(r)} | {_fine(r)} | — |" for name, r in s["reference"].items()]
     return lines
 
 
@@ -276,11 +278,8 @@ def render_sampler_quality(doc: dict) -> list[str]:
              "| sampler | steps | KID ↓ | FID (randconv) ↓ | SSIM to nearest held-out | img/s (one pass) |",
              "| --- | --- | --- | --- | --- | --- |"]
     for r in s["rows"]:
-        lines.append(f"| {r['sampler']} | {r['steps']} | {ci(r['kid'], r['kid_ci95'])} | {ci(r['fid'], r['fid_ci95'])}"
-                     f" | {ci(r['ssim'], r['ssim_ci95'])} | {r['img_per_s']:.3g} |")
-    for name, r in s["reference"].items():
-        lines.append(f"| {name} | — | {ci(r['kid'], r['kid_ci95'])} | {ci(r['fid'], r['fid_ci95'])} | "
-                     f"{ci(r['ssim'], r['ssim_ci95'])} | — |")
+        lines.append(f"| {r['sampler']} | {r['steps']} | {_sample_cells(r)} | {r['img_per_s']:.3g} |")
+    lines += [f"| {name} | — | {_sample_cells(r)} | — |" for name, r in s["reference"].items()]
     return lines
 
 
