@@ -418,10 +418,10 @@ def readme_rows(results: Path) -> list[str]:
         rows.append(_not_rerun("brain MRI at 256 px: pixel against latent path", "quality_per_compute_256"))
     sr = load("size_rules_256", results)
     if sr:
-        by = {n.split(",")[0] + ("" if n.startswith("x0") else " (v)"): r for n, r in sr["summary"]["rows"].items()
-              if "constant, patch 8" in n}
-        v, x0 = by.get("shift -2.77 constant (v)"), next((r for n, r in by.items() if n.startswith("x0")), None)
-        if v and x0:
+        # the first variant is the rule (v, constant shift, the rule's patch); its x0 twin is named after it
+        first = next(iter(sr["summary"]["rows"]))
+        v, x0 = sr["summary"]["rows"][first], sr["summary"]["rows"].get(f"x0-prediction, {first}")
+        if x0:
             rows.append(f"| brain MRI, 256 px, 10 one-thread min: KID ↓; pixel detail / real's (grain ≫ 1) of v- and "
                         f"x0-prediction (the default since) | — | v {ci(v['kid'], v['kid_ci95'])}; "
                         f"{v['fine_energy_ratio']:.0f}; x0 {ci(x0['kid'], x0['kid_ci95'])}; "
