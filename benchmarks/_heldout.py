@@ -108,17 +108,27 @@ def score_heldout(fake: np.ndarray, split: HeldOutSplit, n_boot: int = 200) -> d
 
 def reference_rows(split: HeldOutSplit, n_boot: int = 200) -> dict[str, dict[str, Any]]:
     """The same figures for real images: held-out half A against half B (what a perfect model reaches at
-    these counts), and the training slices against the held-out set (what copying the training set reaches)."""
+    these counts), the training slices against the held-out set (what copying the training set reaches), and
+    the guard band's slices, real slices no model trained on but 1–4 mm from a training one: on this one-brain set
+    they are what a perfect model of *the brain* draws between its training slices, so their share flagged by the
+    copy audit is the copies figure's real reference."""
     from meddiff.metrics.features import get_extractor
+    from meddiff.metrics.memorization import memorization_report
     from meddiff.metrics.ssim import bootstrap_ci, nearest_ssim
 
     ims = split.images
+    guard = np.setdiff1d(np.arange(len(ims)), np.concatenate([split.train, split.heldout]))
     extractor = get_extractor("randconv", resolution=ims.shape[-1])
     rows = {}
     for name, fake, real in (("real vs real (held-out half A vs half B)", ims[split.half_a], ims[split.half_b]),
-                             ("training slices vs held-out (a copier)", ims[split.train], ims[split.heldout])):
+                             ("training slices vs held-out (a copier)", ims[split.train], ims[split.heldout]),
+                             ("unseen real slices 1–4 mm from a training slice (the guard band)", ims[guard],
+                              ims[split.heldout])):
+        if len(fake) < 2:
+            continue
         nearest, _ = nearest_ssim(fake, real)
+        audit = memorization_report(fake, ims[split.train], ims[split.heldout], size=ims.shape[-1])
         rows[name] = dict(n_fake=len(fake), n_real=len(real), **_feature_figures(fake, real, extractor, n_boot),
                           **fine_energy_ratio(fake, real, n_boot), ssim=float(nearest.mean()),
-                          ssim_ci95=bootstrap_ci(nearest))
+                          ssim_ci95=bootstrap_ci(nearest), copies_share=audit.flagged_share)
     return rows

@@ -11,7 +11,9 @@
    against the requested map per modality, beside the same segmenter on the real test images (its ceiling).
 3. Segmentation utility: segmenters trained on synthetic pairs only (one generated image per training map, same
    classes) and on the real pairs, both tested on the real test pairs; the ratio of their Dice. And with only
-   --few real pairs: real alone against real + every synthetic pair.
+   --few real pairs: real alone against real + every synthetic pair, the real pairs filling --real-share of every
+   batch (so 50 real pairs are not drowned by 1,200 synthetic ones). Both comparisons are paired over the same test
+   images, with 95 % bootstrap intervals on the ratio and the difference.
 4. Inpainting: healthy test images given the lesion region of an abnormal test image of the same modality and
    class <modality>/abnormal: the largest change outside the region (must be 0), the share a normal/abnormal
    classifier trained on real phantoms calls abnormal, and the seam: mean gradient magnitude on the region's
@@ -89,6 +91,8 @@ def main() -> None:
     ap.add_argument("--n-train", type=int, default=1200, help="training phantoms (seed 0)")
     ap.add_argument("--n-test", type=int, default=400, help="test phantoms (seed 1)")
     ap.add_argument("--few", type=int, default=50, help="real pairs of the small-data comparison")
+    ap.add_argument("--real-share", type=float, default=0.5,
+                    help="share of each batch the --few real pairs fill when trained with the synthetic ones")
     ap.add_argument("--seg-steps", type=int, default=600, help="segmenter training steps")
     ap.add_argument("--inpaint", type=int, default=40, help="healthy test images to inpaint a lesion into")
     ap.add_argument("--guidance", type=float, default=2.0)
@@ -107,7 +111,7 @@ def main() -> None:
     from meddiff.metrics.classifier import classifier_features, fit_classifier
     from meddiff.metrics.features import get_extractor
     from meddiff.metrics.memorization import memorization_report
-    from meddiff.metrics.segmentation import dice_figure, segment, train_segmenter
+    from meddiff.metrics.segmentation import dice_comparison, dice_figure, segment, train_segmenter
     from meddiff.runtime import pick_device, pick_precision
     from meddiff.sample import inpaint, load_run
 
@@ -141,13 +145,21 @@ def main() -> None:
     rng = np.random.default_rng(0)
     few = rng.choice(len(train["images"]), min(a.few, len(train["images"])), replace=False)
     seg_few = train_segmenter(train["images"][few], train["masks"][few], a.seg_steps)
+    # the few real pairs fill --real-share of every batch, the synthetic ones the rest, whatever their counts
+    share = np.r_[np.full(len(few), a.real_share / len(few)), np.full(len(syn), (1 - a.real_share) / len(syn))]
     seg_mix = train_segmenter(np.concatenate([train["images"][few], syn]),
-                              np.concatenate([train["masks"][few], train["masks"]]), a.seg_steps)
-    on_test = {name: dice_figure(segment(net, test["images"]), test["masks"])
-               for name, net in (("real", seg_real), ("synthetic", seg_syn), (f"real_{a.few}", seg_few),
-                                 (f"real_{a.few}_plus_synthetic", seg_mix))}
+                              np.concatenate([train["masks"][few], train["masks"]]), a.seg_steps, weights=share)
+    maps = {name: segment(net, test["images"])
+            for name, net in (("real", seg_real), ("synthetic", seg_syn), (f"real_{a.few}", seg_few),
+                              (f"real_{a.few}_plus_synthetic", seg_mix))}
+    on_test = {name: dice_figure(m, test["masks"]) for name, m in maps.items()}
     for name, f in on_test.items():
         print(f"utility {name}: Dice {f['dice']:.3f} {f['dice_ci95']}", flush=True)
+    # paired over the same test images: synthetic-only against real-only, real + synthetic against the few real
+    paired = dict(synthetic_vs_real=dice_comparison(maps["real"], maps["synthetic"], test["masks"]),
+                  plus_synthetic_vs_few=dice_comparison(maps[f"real_{a.few}"], maps[f"real_{a.few}_plus_synthetic"],
+                                                        test["masks"]))
+    print(f"utility paired: {json.dumps(paired)}", flush=True)
 
     # 4. inpainting
     extractor = get_extractor("randconv", resolution=a.size)
@@ -187,9 +199,8 @@ def main() -> None:
     if tiles:
         Path(a.grid).parent.mkdir(parents=True, exist_ok=True)
         save_png(make_grid(np.stack(tiles), ncols=2), Path(a.grid))
-    summary = dict(adherence=adherence, utility=on_test,
-                   utility_ratio=(on_test["synthetic"]["dice"] / on_test["real"]["dice"]
-                                  if on_test["real"]["dice"] else None),
+    summary = dict(adherence=adherence, utility=on_test, utility_paired=paired,
+                   utility_ratio=paired["synthetic_vs_real"]["ratio"], real_share=a.real_share,
                    inpainting=inpainting, copies=copies, training=trained, seconds=time.time() - t0,
                    guidance=a.guidance, sampler="the run's default (UniPC 10)", grid=a.grid)
     R.write_results(a.results, "masks", mach, vars(a), [], summary)

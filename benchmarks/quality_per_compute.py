@@ -225,8 +225,12 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     split = mni_split(a.size, a.holdout_every, a.guard)
     npy, png = write_training_data(split, out)
-    train_stats = {} if a.score_only else train_all(out, budgets, a.size, systems, a.meddiff_args.split(), npy, png,
-                                                    a.ae_share, a.threads)
+    stats_file = out / "training.json"  # so --score-only keeps what only the training processes printed
+    if a.score_only:
+        train_stats = json.loads(stats_file.read_text()) if stats_file.exists() else {}
+    else:
+        train_stats = train_all(out, budgets, a.size, systems, a.meddiff_args.split(), npy, png, a.ae_share, a.threads)
+        stats_file.write_text(json.dumps(train_stats))
     rows = models(out, budgets, budgets[-1], systems)
     mach = R.machine(dict(seed="fp32", meddiff=next((r["hardware"] for r in rows.values() if r["who"] != "seed"), "")))
     held = torch.from_numpy(split.images[split.heldout])[:, None] * 2 - 1

@@ -147,8 +147,7 @@ def render_quality_per_compute(doc: dict) -> list[str]:
                 f"reconstructs the held-out slices at PSNR {ci(r['autoencoder_psnr_db'], r['autoencoder_psnr_ci95'])} "
                 f"dB, SSIM {ci(r['autoencoder_ssim'], r['autoencoder_ssim_ci95'])}.")
     for name, r in s["reference"].items():
-        lines.append(f"| {name} | — | — | — | {ci(r['kid'], r['kid_ci95'])} | {ci(r['fid'], r['fid_ci95'])} | "
-                     f"{ci(r['ssim'], r['ssim_ci95'])} | {_fine(r)} | — | — |")
+        lines.append(f"| {name} | — | — | — | {_sample_cells(r)} | {_fine(r)} | — | {_copies(r)} |")
     lines += [""] + latent_notes if latent_notes else []
     if stale_eps:
         lines += ["", "† This file was scored before the held-out eps-MSE told a model trained on a shifted schedule "
@@ -168,6 +167,11 @@ def _fine(r: dict) -> str:
     return ci(r["fine_energy_ratio"], r.get("fine_energy_ratio_ci95"), 3) if "fine_energy_ratio" in r else "—"
 
 
+def _copies(r: dict) -> str:
+    """A reference row's share flagged by the copy audit, or — for results scored before references had it."""
+    return f"{r['copies_share']:.0%}" if "copies_share" in r else "—"
+
+
 def render_size_rules(doc: dict) -> list[str]:
     """One row per variant of the rules that follow the image size, trained side by side for the same minutes."""
     s, st = doc["summary"], doc["settings"]
@@ -179,7 +183,7 @@ def render_size_rules(doc: dict) -> list[str]:
         flags = " ".join(s.get("variants", {}).get(name, []))
         lines.append(f"| {name} (`{flags}`) | {r['steps']:,} | {_sample_cells(r)} | {_fine(r)} | "
                      f"{r['copies_share']:.0%} |")
-    lines += [f"| {name} | — | {_sample_cells(r)} | {_fine(r)} | — |" for name, r in s["reference"].items()]
+    lines += [f"| {name} | — | {_sample_cells(r)} | {_fine(r)} | {_copies(r)} |" for name, r in s["reference"].items()]
     return lines
 
 
@@ -195,8 +199,18 @@ def render_masks(doc: dict) -> list[str]:
     u = s["utility"]
     lines += ["", "| segmenter trained on | Dice on held-out real pairs |", "| --- | --- |"]
     lines += [f"| {name.replace('_', ' ')} | {dice(f)} |" for name, f in u.items()]
-    ratio = s.get("utility_ratio")
-    lines += ["", f"Synthetic-only / real-only Dice: {ratio:.2f}." if ratio is not None else ""]
+    paired = s.get("utility_paired")
+    if paired:  # paired over the same test images
+        r, d = paired["synthetic_vs_real"], paired["plus_synthetic_vs_few"]
+        few = next(k for k in u if k.endswith("_plus_synthetic")).removesuffix("_plus_synthetic").replace("_", " ")
+        lines += ["", f"Synthetic-only / real-only Dice: {ci(r['ratio'], r['ratio_ci95'])} (paired over the "
+                  f"same {r['images']} test images). {few} + synthetic against {few} alone (the real pairs fill "
+                  f"{s.get('real_share', 0.5):.0%} of each batch): Dice difference "
+                  f"{d['difference']:+.3f} [{d['difference_ci95'][0]:+.3f}, {d['difference_ci95'][1]:+.3f}]"
+                  + (", a gain." if d["difference_ci95"][0] > 0 else
+                     ", a loss." if d["difference_ci95"][1] < 0 else ", a tie (the interval holds 0).")]
+    elif s.get("utility_ratio") is not None:
+        lines += ["", f"Synthetic-only / real-only Dice: {s['utility_ratio']:.2f}."]
     ip = s["inpainting"]
     if ip.get("images"):
         lines += [f"Inpainting ({ip['images']} healthy test images, a lesion region each): largest change outside the "

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from meddiff.errors import DataError
-from meddiff.metrics.segmentation import dice_figure, dice_per_image, segment, train_segmenter
+from meddiff.metrics.segmentation import dice_comparison, dice_figure, dice_per_image, segment, train_segmenter
 
 
 def _squares(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -40,3 +40,33 @@ def test_the_segmenter_learns_bright_squares() -> None:
 def test_images_and_maps_must_match() -> None:
     with pytest.raises(DataError, match="must be"):
         train_segmenter(np.zeros((2, 32, 32)), np.zeros((3, 32, 32)), steps=1)
+
+
+def test_weights_decide_which_pairs_teach_it() -> None:
+    """Half the pairs have their maps moved off the squares; weight 0 on them leaves a working segmenter, weight 0 on
+    the true ones leaves one that learnt the wrong maps."""
+    x, y = _squares(48, 0)
+    wrong = np.roll(y, 12, axis=2)
+    images, maps = np.concatenate([x, x]), np.concatenate([y, wrong])
+    true_only = np.r_[np.ones(48), np.zeros(48)]
+    xt, yt = _squares(16, 1)
+    good = dice_figure(segment(train_segmenter(images, maps, steps=150, weights=true_only), xt), yt)["dice"]
+    bad = dice_figure(segment(train_segmenter(images, maps, steps=150, weights=1 - true_only), xt), yt)["dice"]
+    assert good > 0.8 > 0.3 > bad
+    with pytest.raises(DataError, match="weights"):
+        train_segmenter(x, y, steps=1, weights=np.zeros(48))
+    with pytest.raises(DataError, match="weights"):
+        train_segmenter(x, y, steps=1, weights=np.ones(47))
+
+
+def test_the_paired_comparison_sees_a_consistent_gain_and_a_tie() -> None:
+    t = np.zeros((40, 8, 8), bool)
+    t[:, :4] = True
+    half = t.copy()
+    half[:, 2:4] = False  # Dice 2*2/(2+4) = 2/3 on every image
+    c = dice_comparison(half, t, t)
+    assert c["images"] == 40 and abs(c["difference"] - 1 / 3) < 1e-9 and c["difference_ci95"][0] > 0
+    assert abs(c["ratio"] - 1.5) < 1e-9 and c["ratio_ci95"][0] > 1
+    tie = dice_comparison(t, t, t)
+    assert tie["difference"] == 0 and tie["difference_ci95"] == [0.0, 0.0]
+    assert dice_comparison(t, t, np.zeros_like(t))["difference"] is None
