@@ -3,6 +3,7 @@
 
     python benchmarks/masks.py                  # --minutes 15 at 64 px (about 30 min on 2 cores)
     python benchmarks/masks.py --quick          # seconds: a smoke test, not a figure
+    python benchmarks/masks.py --reuse --guidance 4   # score the run in --out again, without training
 
 1. meddiff trains its default recipe, conditioned on the maps, on `builtin:phantoms?masks=1` (seed 0) for --minutes.
    Every test image comes from other phantoms (`seed=1`): no test pair was trained on.
@@ -99,6 +100,8 @@ def main() -> None:
     ap.add_argument("--out", default="bench_out/masks")
     ap.add_argument("--grid", default=str(R.ROOT / "docs" / "masks_grid.png"))
     ap.add_argument("--meddiff-args", default="", help="extra flags for meddiff train, after '='")
+    ap.add_argument("--reuse", action="store_true",
+                    help="skip training: score the run an earlier call trained in --out (same data flags)")
     ap.add_argument("--quick", action="store_true", help="smoke test: 32 px, tiny preset, seconds")
     R.add_results_arg(ap, "masks")
     a = ap.parse_args()
@@ -119,7 +122,12 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    trained = train_model(out, a.n_train, a.size, a.minutes, a.meddiff_args.split())
+    if a.reuse:  # the run an earlier call trained in --out: score it again (another --guidance, a fixed metric)
+        if not (out / "run" / "meddiff.json").exists():
+            raise SystemExit(f"--reuse: no trained run in {out / 'run'}; run once without --reuse first")
+        trained = json.loads((out / "run" / "meddiff.json").read_text())["result"]
+    else:
+        trained = train_model(out, a.n_train, a.size, a.minutes, a.meddiff_args.split())
     print(f"trained: {trained['steps']} steps in {trained['seconds']:.0f} s", flush=True)
     run = load_run(out / "run")
     train, test = load_pairs(a.n_train, 0, a.size), load_pairs(a.n_test, 1, a.size)

@@ -192,7 +192,10 @@ def render_masks(doc: dict) -> list[str]:
     s = doc["summary"]
     dice = lambda f: ci(f["dice"], f["dice_ci95"]) + f" (n={f['images']})" if f and f.get("dice") is not None else "—"
     lines = [f"Model: meddiff's default recipe conditioned on the maps, {s['training']['steps']:,} steps "
-             f"({s['training']['seconds'] / 60:.0f} min); sampler: {s['sampler']}, guidance {s['guidance']:g}.", "",
+             f"({s['training']['seconds'] / 60:.0f} min"
+             + ("; trained by an earlier call of the same command, scored again with `--reuse`" if
+                doc["settings"].get("reuse") else "")
+             + f"); sampler: {s['sampler']}, guidance {s['guidance']:g}.", "",
              "| modality | Dice of generated images against their requested maps | the same segmenter on real test images |",
              "| --- | --- | --- |"]
     lines += [f"| {m} | {dice(r['generated'])} | {dice(r['real'])} |" for m, r in s["adherence"].items()]
