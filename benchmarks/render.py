@@ -40,6 +40,8 @@ COMMANDS = {
     "size_table": "python benchmarks/train_speed.py --cases sizes --steps 2 "
                   "--results benchmarks/results/size_table.json",
     "masks": "python benchmarks/masks.py",
+    "masks_guidance1": "python benchmarks/masks.py --reuse --guidance 1 --grid docs/masks_guidance1_grid.png "
+                       "--results benchmarks/results/masks_guidance1.json",
     "size_rules_256": "python benchmarks/objectives.py --study size-rules --size 256 --minutes 10 --n 48 "
                       "--out bench_out/sr256",
     "quality_per_compute_256_60": "python benchmarks/quality_per_compute.py --size 256 --systems meddiff --minutes 60 "
@@ -98,6 +100,12 @@ def reproduce(doc: dict[str, Any]) -> str:
 def command_line(doc: dict[str, Any], figure: str) -> str:
     m = doc["machine"]
     dirty = " (uncommitted changes)" if m.get("dirty") else ""
+    if doc.get("figure") == "masks" and doc["settings"].get("reuse"):  # one run, trained by an earlier call
+        minutes = round(doc["summary"]["training"]["seconds"] / 60)
+        return (f"*Reproduce: `python benchmarks/masks.py --minutes {minutes:g}`, then `{doc['command']}` (this file: "
+                f"the second, at the commit below, on the run the first trained) — {m['cpu']}, "
+                f"{m.get('gpu') or 'no GPU'}, {m['torch_threads']} thread(s), precision {m['precision']}, commit "
+                f"{str(m.get('commit'))[:10]}{dirty}, {m['started']}; raw results: `benchmarks/results/{figure}.json`.*")
     rescored = (" (this file: the runs that command trained, rescored with `--score-only` at the commit below)"
                 if "--score-only" in doc["command"] else
                 " (this file: the variants added last trained by the call at the commit below, the others by the "
@@ -359,6 +367,7 @@ RENDERERS: dict[str, Callable[[dict], list[str]]] = {
     "quality_per_compute_256": render_quality_per_compute,
     "size_table": render_size_table,
     "masks": render_masks,
+    "masks_guidance1": render_masks,
     "size_rules_256": render_size_rules,
     "quality_per_compute_256_60": render_quality_per_compute,
     "quality_per_compute_128_2core": render_quality_per_compute,
@@ -504,6 +513,20 @@ def readme_rows(results: Path) -> list[str]:
     else:
         rows.append(_not_rerun("8 classes, one model: samples judged the requested class", "conditional_classes",
                                seed="cannot condition"))
+    for name in ("masks", "masks_guidance1"):
+        m = load(name, results)
+        if m and m["summary"].get("utility_paired"):
+            sm = m["summary"]
+            adh = ", ".join(f"{k} {v['generated']['dice']:.2f} (real {v['real']['dice']:.2f})"
+                            for k, v in sm["adherence"].items())
+            r, d = sm["utility_paired"]["synthetic_vs_real"], sm["utility_paired"]["plus_synthetic_vs_few"]
+            cmd = (f"python benchmarks/masks.py --minutes {round(sm['training']['seconds'] / 60):g}`, then "
+                   f"`{m['command']}" if m["settings"].get("reuse") else m["command"])
+            rows.append(f"| label maps (phantoms, {m['settings']['size']} px, guidance {sm['guidance']:g}): lesion "
+                        f"Dice of generated images against the requested map; synthetic-only / real-only segmenter "
+                        f"Dice; 50 real + synthetic minus 50 real | cannot condition on a map | {adh}; "
+                        f"{ci(r['ratio'], r['ratio_ci95'])}; {d['difference']:+.3f} [{d['difference_ci95'][0]:+.3f}, "
+                        f"{d['difference_ci95'][1]:+.3f}] | `{cmd}` |")
     d = load("data_scale", results)
     if d:
         r0, r1 = d["runs"][0], d["runs"][-1]
