@@ -70,3 +70,5 @@ def test_the_paired_comparison_sees_a_consistent_gain_and_a_tie() -> None:
     tie = dice_comparison(t, t, t)
     assert tie["difference"] == 0 and tie["difference_ci95"] == [0.0, 0.0]
     assert dice_comparison(t, t, np.zeros_like(t))["difference"] is None
+    miss = dice_comparison(np.zeros_like(t), t, t)  # a scores 0 everywhere: a gain of 1, no ratio
+    assert miss["difference"] == 1 and miss["ratio"] is None and miss["ratio_ci95"] is None

@@ -127,9 +127,12 @@ def dice_comparison(pred_a: np.ndarray, pred_b: np.ndarray, target: np.ndarray, 
         return dict(difference=None, difference_ci95=None, ratio=None, ratio_ci95=None, images=0)
     rows = np.random.default_rng(seed).integers(0, len(a), size=(n_boot, len(a)))
     ma, mb = a[rows].mean(1), b[rows].mean(1)
-    ratios = mb / np.maximum(ma, 1e-12)
+    # a ratio exists only where a scores above 0; none at all when a never does, or in a resample where it doesn't
+    has_ratio = a.mean() > 0 and bool((ma > 0).all())
+    ratios = mb / np.where(ma > 0, ma, 1.0)
     return dict(difference=float(b.mean() - a.mean()),
                 difference_ci95=[float(np.percentile(mb - ma, 2.5)), float(np.percentile(mb - ma, 97.5))],
                 ratio=float(b.mean() / a.mean()) if a.mean() > 0 else None,
-                ratio_ci95=[float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))],
+                ratio_ci95=[float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))] if has_ratio
+                else None,
                 images=int(len(a)))
