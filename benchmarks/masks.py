@@ -125,7 +125,12 @@ def main() -> None:
     if a.reuse:  # the run an earlier call trained in --out: score it again (another --guidance, a fixed metric)
         if not (out / "run" / "meddiff.json").exists():
             raise SystemExit(f"--reuse: no trained run in {out / 'run'}; run once without --reuse first")
-        trained = json.loads((out / "run" / "meddiff.json").read_text())["result"]
+        record = json.loads((out / "run" / "meddiff.json").read_text())
+        want = dict(size=a.size, data=f"builtin:phantoms?n={a.n_train}&masks=1")
+        if any(record["train"].get(k) != v for k, v in want.items()):
+            raise SystemExit(f"--reuse: the run in {out / 'run'} trained on {record['train'].get('data')} at "
+                             f"{record['train'].get('size')} px, not {want['data']} at {a.size} px")
+        trained = record["result"]
     else:
         trained = train_model(out, a.n_train, a.size, a.minutes, a.meddiff_args.split())
     print(f"trained: {trained['steps']} steps in {trained['seconds']:.0f} s", flush=True)

@@ -97,13 +97,21 @@ def reproduce(doc: dict[str, Any]) -> str:
     return doc["command"].replace(" --score-only", "").replace(" --reuse", "")
 
 
+def masks_commands(doc: dict[str, Any]) -> str:
+    """A masks file's command; for a `--reuse` scoring, the training call before it too (inside one code span:
+    "first`, then `second")."""
+    if not doc["settings"].get("reuse"):
+        return doc["command"]
+    return (f"python benchmarks/masks.py --minutes {round(doc['summary']['training']['seconds'] / 60):g}`, then "
+            f"`{doc['command']}")
+
+
 def command_line(doc: dict[str, Any], figure: str) -> str:
     m = doc["machine"]
     dirty = " (uncommitted changes)" if m.get("dirty") else ""
     if doc.get("figure") == "masks" and doc["settings"].get("reuse"):  # one run, trained by an earlier call
-        minutes = round(doc["summary"]["training"]["seconds"] / 60)
-        return (f"*Reproduce: `python benchmarks/masks.py --minutes {minutes:g}`, then `{doc['command']}` (this file: "
-                f"the second, at the commit below, on the run the first trained) — {m['cpu']}, "
+        return (f"*Reproduce: `{masks_commands(doc)}` (this file: the second, at the commit below, on the run the "
+                f"first trained) — {m['cpu']}, "
                 f"{m.get('gpu') or 'no GPU'}, {m['torch_threads']} thread(s), precision {m['precision']}, commit "
                 f"{str(m.get('commit'))[:10]}{dirty}, {m['started']}; raw results: `benchmarks/results/{figure}.json`.*")
     rescored = (" (this file: the runs that command trained, rescored with `--score-only` at the commit below)"
@@ -520,13 +528,12 @@ def readme_rows(results: Path) -> list[str]:
             adh = ", ".join(f"{k} {v['generated']['dice']:.2f} (real {v['real']['dice']:.2f})"
                             for k, v in sm["adherence"].items())
             r, d = sm["utility_paired"]["synthetic_vs_real"], sm["utility_paired"]["plus_synthetic_vs_few"]
-            cmd = (f"python benchmarks/masks.py --minutes {round(sm['training']['seconds'] / 60):g}`, then "
-                   f"`{m['command']}" if m["settings"].get("reuse") else m["command"])
+            few = m["settings"]["few"]
             rows.append(f"| label maps (phantoms, {m['settings']['size']} px, guidance {sm['guidance']:g}): lesion "
                         f"Dice of generated images against the requested map; synthetic-only / real-only segmenter "
-                        f"Dice; 50 real + synthetic minus 50 real | cannot condition on a map | {adh}; "
+                        f"Dice; {few} real + synthetic minus {few} real | cannot condition on a map | {adh}; "
                         f"{ci(r['ratio'], r['ratio_ci95'])}; {d['difference']:+.3f} [{d['difference_ci95'][0]:+.3f}, "
-                        f"{d['difference_ci95'][1]:+.3f}] | `{cmd}` |")
+                        f"{d['difference_ci95'][1]:+.3f}] | `{masks_commands(m)}` |")
     d = load("data_scale", results)
     if d:
         r0, r1 = d["runs"][0], d["runs"][-1]
