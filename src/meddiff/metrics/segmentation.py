@@ -125,13 +125,12 @@ def dice_comparison(pred_a: np.ndarray, pred_b: np.ndarray, target: np.ndarray, 
     a, b = dice_per_image(pred_a, target), dice_per_image(pred_b, target)
     if len(a) == 0:
         return dict(difference=None, difference_ci95=None, ratio=None, ratio_ci95=None, images=0)
-    rows = np.random.default_rng(seed).integers(0, len(a), size=(n_boot, len(a)))
+    # the mean of per-image differences is the difference of means: bootstrap_ci's resamples pair them already
+    rows = np.random.default_rng(seed).integers(0, len(a), size=(n_boot, len(a)))  # the same draws, for the ratio
     ma, mb = a[rows].mean(1), b[rows].mean(1)
-    # a ratio exists only where a scores above 0; none at all when a never does, or in a resample where it doesn't
-    has_ratio = a.mean() > 0 and bool((ma > 0).all())
+    has_ratio = bool((ma > 0).all())  # a ratio only where a scores above 0 in every resample
     ratios = mb / np.where(ma > 0, ma, 1.0)
-    return dict(difference=float(b.mean() - a.mean()),
-                difference_ci95=[float(np.percentile(mb - ma, 2.5)), float(np.percentile(mb - ma, 97.5))],
+    return dict(difference=float(b.mean() - a.mean()), difference_ci95=bootstrap_ci(b - a, seed, n_boot),
                 ratio=float(b.mean() / a.mean()) if a.mean() > 0 else None,
                 ratio_ci95=[float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))] if has_ratio
                 else None,
