@@ -1,5 +1,6 @@
 """Held-out quality for the benchmarks: which `builtin:mni-mri` slices train and which are held out (whole slabs,
-with a guard band of dropped slices between), and scoring a generated set against the held-out images with
+with a guard band of dropped slices between), or which MedPhantom-4 subjects train and which are held out (two
+render seeds: distinct simulated subjects), and scoring a generated set against the held-out images with
 bootstrap intervals, beside the real-vs-real reference (two disjoint held-out halves).
 
 Why slabs: the MNI152 template is one brain (the only T1 volume nilearn ships offline; its grey/white-matter
@@ -7,6 +8,10 @@ maps are the same brain), so no held-out *subject* exists locally. Adjacent 1 mm
 of each other, so the held-out slabs are kept `guard` slices away from every training slice. With the defaults
 (every 4th 8-slice slab held out, guard 4) 32 slices are held out, 73 train, 32 are dropped; a held-out slice
 is at least 5 mm and on average 8.5 mm from the nearest training slice.
+
+The phantoms (`phantom_split`) have what the template lacks: as many subjects as wanted. Every phantom's anatomy is
+drawn from its own (seed, modality, index) generator, so the held-out phantoms (another seed) share no subject
+with the training ones, and an abnormal image's normal twin is never on the other side.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ class HeldOutSplit:
     half_a: np.ndarray     # indices into images: held-out slabs 1, 3, 5 …
     half_b: np.ndarray     # held-out slabs 2, 4, 6 …
     description: str
+    classes: tuple[str, ...] | None = None  # per image, where the data have classes (the phantoms)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(description=self.description, n_train=len(self.train), n_heldout=len(self.heldout),
@@ -56,6 +62,31 @@ def mni_split(size: int, every: int = 4, guard: int = 4) -> HeldOutSplit:
             f"({held.sum()} slices), training slices at least {guard + 1} slices (mm) from any held-out one "
             f"({len(train)} slices; {len(images) - held.sum() - len(train)} dropped as guard)")
     return HeldOutSplit(images, train, pos[held], half_a, half_b, desc)
+
+
+def phantom_split(size: int, n_train: int = 800, n_heldout: int = 96, train_seed: int = 0,
+                  heldout_seed: int = 1) -> HeldOutSplit:
+    """MedPhantom-4 (all four modalities, normal and abnormal, balanced) rendered natively at `size` px: `n_train`
+    phantoms of render seed `train_seed` train, `n_heldout` of `heldout_seed` are held out, in two halves that
+    each keep the classes balanced. Class names are `<modality>_<finding>` (flat class folders)."""
+    from meddiff.data.dataset import phantom_items, render_phantoms
+
+    if n_heldout < 16 or n_train < 8:
+        raise ValueError(f"phantoms: {n_train} training and {n_heldout} held-out images; need at least 8 and 16")
+    if train_seed == heldout_seed:
+        raise ValueError(f"phantoms: training and held-out seeds are both {train_seed}: the same subjects")
+    images = np.stack([*render_phantoms("phantoms", n_train, train_seed, size),
+                       *render_phantoms("phantoms", n_heldout, heldout_seed, size)]).astype(np.float32)
+    classes = tuple(f"{m}_{'abnormal' if a else 'normal'}"
+                    for n in (n_train, n_heldout) for m, _i, a in phantom_items("phantoms", n))
+    pos = np.arange(len(images))
+    held = pos[n_train:]
+    # phantom_items cycles the 8 classes every 8 images: alternate blocks of 8 keep each half balanced
+    half_a, half_b = held[(held - n_train) // 8 % 2 == 0], held[(held - n_train) // 8 % 2 == 1]
+    desc = (f"MedPhantom-4 at {size} px (rendered at {size}): {n_train} training phantoms (render seed "
+            f"{train_seed}), {n_heldout} held-out phantoms (seed {heldout_seed}: other simulated subjects), "
+            f"4 modalities x normal/abnormal balanced")
+    return HeldOutSplit(images, pos[:n_train], held, half_a, half_b, desc, classes)
 
 
 def _feature_figures(fake: np.ndarray, real: np.ndarray, extractor: Any, n_boot: int) -> dict[str, Any]:

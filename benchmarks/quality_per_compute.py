@@ -8,9 +8,13 @@ sampler and seeds and scored against held-out slices that neither saw.
     python benchmarks/quality_per_compute.py --quick             # seconds: a smoke test, not a figure
     python benchmarks/quality_per_compute.py --size 256 --systems meddiff,latent --minutes 50   # pixel vs latent
     python benchmarks/quality_per_compute.py --size 256 --systems meddiff --minutes 60 --threads 2   # both cores
+    python benchmarks/quality_per_compute.py --data phantoms --size 256 --systems meddiff --minutes 60 --threads 2
 
-Data: `builtin:mni-mri` split by benchmarks/_heldout.py (whole 8-slice slabs held out, a guard band of dropped
-slices between them and the training slices). Both recipes train on the same training slices (8-bit, as the
+Data (--data): `mni` is `builtin:mni-mri` split by benchmarks/_heldout.py (whole 8-slice slabs held out, a guard
+band of dropped slices between them and the training slices); `phantoms` is MedPhantom-4 rendered natively at
+--size, --n-train phantoms of one render seed training and --n-heldout of another held out (other simulated
+subjects), 4 modalities x normal/abnormal: meddiff trains class-conditional on them and samples every class in
+turn (sample i asks for class i mod 8; the unconditional seed recipe cannot be asked). Both recipes train on the same training slices (8-bit, as the
 seed reads them); meddiff keeps its own validation share of them for early stopping, as it always does.
 Training: the seed recipe trains for the longest budget, saving snapshots at the shorter ones, while meddiff's
 longest run trains beside it (one thread each); meddiff's shorter budgets (its cosine schedule depends on the
@@ -38,7 +42,7 @@ import numpy as np
 import torch
 
 import _results as R
-from _heldout import HeldOutSplit, mni_split, reference_rows, score_heldout
+from _heldout import HeldOutSplit, mni_split, phantom_split, reference_rows, score_heldout
 from _seed import one_thread_env, seed_as_run, start_seed_train
 
 BANDS = ((0, 25), (25, 100), (100, 250), (250, 1000))  # seed (linear) timesteps: low noise → pure noise
@@ -73,16 +77,18 @@ def last_json(proc: subprocess.Popen) -> dict:
 
 
 def write_training_data(split: HeldOutSplit, out: Path) -> tuple[Path, Path]:
-    """The training slices as 8-bit images twice: out/train_images.npy (the seed reads it) and a PNG folder
-    out/train_png/ (meddiff reads it): the same pixels for both."""
+    """The training images as 8-bit images twice: out/train_images.npy (the seed reads it) and a PNG folder
+    out/train_png/ (meddiff reads it; one class folder per class where the data have classes): the same pixels
+    for both."""
     from PIL import Image
 
     u8 = (split.images[split.train] * 255).round().astype(np.uint8)
     npy, folder = out / "train_images.npy", out / "train_png"
     np.save(npy, u8)
-    folder.mkdir(parents=True, exist_ok=True)
     for i, im in zip(split.train, u8):
-        Image.fromarray(im).save(folder / f"slice_{i:03d}.png")
+        where = folder / split.classes[i] if split.classes else folder
+        where.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(im).save(where / f"slice_{i:03d}.png")
     return npy, folder
 
 
@@ -117,7 +123,7 @@ def record_shift(train: dict) -> float | tuple[float, float]:
 
 
 def val_losses(unet_dir: Path, held: torch.Tensor, objective: str, schedule: str, patch: int,
-               shift: float | tuple[float, float] = 0.0) -> dict:
+               shift: float | tuple[float, float] = 0.0, labels: torch.Tensor | None = None) -> dict:
     """eps-MSE on the held-out slices at the seed's (linear) noise levels, each model told its own timestep for
     them (on its own, possibly shifted, schedule); same images, noise and draws for every model. Mean, 95 %
     bootstrap interval over draws, by band."""
@@ -128,13 +134,20 @@ def val_losses(unet_dir: Path, held: torch.Tensor, objective: str, schedule: str
 
     unet = UNet2DModel.from_pretrained(unet_dir, low_cpu_mem_usage=False, local_files_only=True,
                                         use_safetensors=True).eval()
-    t, losses = validation_losses(unet, held, None, alphas_cumprod(schedule, 1000, shift=shift).float(), objective, seed=1,
+    t, losses = validation_losses(unet, held, labels, alphas_cumprod(schedule, 1000, shift=shift).float(), objective, seed=1,
                                   patch_size=patch, noise_levels=alphas_cumprod("linear", 1000).float(), reps=VAL_REPS)
     losses, t = losses.numpy(), t.numpy()
     band = {f"t{lo}-{hi - 1}": float(losses[(t >= lo) & (t < hi)].mean()) for lo, hi in BANDS}
     boot = R.bootstrap_mean(losses)
     return dict(val_eps_mse=boot["value"], val_eps_mse_ci95=boot["ci95"], val_draws=boot["n"],
                 val_eps_mse_by_band=band)
+
+
+def heldout_labels(split: HeldOutSplit, class_names: list[str]) -> torch.Tensor | None:
+    """The held-out images' class indices in a conditional run's class order (None for an unconditional one)."""
+    if len(class_names) < 2 or not split.classes:
+        return None
+    return torch.tensor([class_names.index(split.classes[i]) for i in split.heldout])
 
 
 def models(out: Path, budgets: list[float], longest: float, systems: list[str]) -> dict[str, dict]:
@@ -155,6 +168,7 @@ def models(out: Path, budgets: list[float], longest: float, systems: list[str]) 
                                            objective=rec["train"]["objective"],
                                            schedule=rec["train"]["beta_schedule"], shift=record_shift(rec["train"]),
                                            patch=rec["model"].get("patch_size", 1), hardware=rec.get("hardware"),
+                                           class_names=rec.get("class_names") or [],
                                            result=rec.get("result", {}))
     return rows
 
@@ -173,10 +187,19 @@ def autoencoder_figures(run: Path, split: HeldOutSplit) -> dict:
 
 
 def sample(row: dict, n: int) -> np.ndarray:
+    """n samples, seeds 0..n-1; a class-conditional run's sample i asks for class i mod (its classes)."""
     from meddiff.sample import generate, load_run
 
     loaded = seed_as_run(row["unet"]) if row["who"] == "seed" else load_run(row["run"])  # latent: decoded
-    return np.concatenate([generate(loaded, list(range(i, min(i + 8, n))), None, "ddim", 20) for i in range(0, n, 8)])
+    if not loaded.conditional:
+        return np.concatenate([generate(loaded, list(range(i, min(i + 8, n))), None, "ddim", 20)
+                               for i in range(0, n, 8)])
+    k, parts = len(loaded.class_names), {}
+    for label in range(k):
+        seeds = list(range(label, n, k))
+        for i in range(0, len(seeds), 8):
+            parts.update(zip(seeds[i:i + 8], generate(loaded, seeds[i:i + 8], label, "ddim", 20)))
+    return np.stack([parts[i] for i in range(n)])
 
 
 def write_grid(path: Path, samples: dict[str, np.ndarray], per_row: int = 10) -> None:
@@ -192,6 +215,10 @@ def write_grid(path: Path, samples: dict[str, np.ndarray], per_row: int = 10) ->
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", default="2,4,20", help="training budgets, comma-separated; each side gets each")
+    ap.add_argument("--data", choices=("mni", "phantoms"), default="mni",
+                    help="mni: builtin:mni-mri slabs (default); phantoms: MedPhantom-4, held out by render seed")
+    ap.add_argument("--n-train", type=int, default=800, help="--data phantoms: training phantoms (default 800)")
+    ap.add_argument("--n-heldout", type=int, default=96, help="--data phantoms: held-out phantoms (default 96)")
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--n", type=int, default=64, help="samples per model (seeds 0..n-1)")
     ap.add_argument("--holdout-every", type=int, default=4, help="hold out every k-th 8-slice slab")
@@ -223,7 +250,8 @@ def main() -> None:
         raise SystemExit(f"--systems {a.systems}: choose from seed, meddiff, latent")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    split = mni_split(a.size, a.holdout_every, a.guard)
+    split = (phantom_split(a.size, a.n_train, a.n_heldout) if a.data == "phantoms"
+             else mni_split(a.size, a.holdout_every, a.guard))
     npy, png = write_training_data(split, out)
     stats_file = out / "training.json"  # so --score-only keeps what only the training processes printed
     if a.score_only:
@@ -242,7 +270,8 @@ def main() -> None:
                  **score_heldout(imgs, split, n_boot=a.bootstrap))
         # eps-MSE compares models that denoise the same pixels; a latent model denoises its own latents
         q.update(autoencoder_figures(row["run"], split) if row["who"] == "latent" else
-                 val_losses(row["unet"], held, row["objective"], row["schedule"], row["patch"], row["shift"]))
+                 val_losses(row["unet"], held, row["objective"], row["schedule"], row["patch"], row["shift"],
+                            heldout_labels(split, row.get("class_names", []))))
         trained = train_stats.get("seed" if row["who"] == "seed" else name, row.get("result", {}))
         q.update({k: trained.get(k) for k in ("train_img_per_s", "images_seen", "steps", "peak_rss_mib")})
         if row["who"] == "seed":
@@ -256,10 +285,11 @@ def main() -> None:
         runs.append(dict(model=name, unet=str(row["unet"]), training=trained, **q))
         print(name, json.dumps({k: v for k, v in q.items() if k != "ssim_per_sample"}), flush=True)
     order = [f"{who}_{m:g}min" for m in budgets for who in systems]
-    write_grid(Path(a.grid), {k: samples[k] for k in order})
+    write_grid(Path(a.grid), {k: samples[k] for k in order}, per_row=8 if split.classes else 10)  # 8: every class
     summary = dict(rows=summary_rows, order=order, reference=reference_rows(split, a.bootstrap),
                    heldout=split.description, sampler="DDIM 20 (diffusers DDIMScheduler via meddiff.sample.generate)",
-                   threads_per_run=1, grid=str(a.grid), budgets=budgets, systems=systems, size=a.size)
+                   threads_per_run=a.threads, grid=str(a.grid), budgets=budgets, systems=systems, size=a.size,
+                   data=a.data)
     R.write_results(a.results, "quality_per_compute", mach, vars(a), runs, summary)
 
 
