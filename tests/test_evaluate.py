@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from meddiff.cli import main
 from meddiff.evaluate import EvalConfig, evaluate, evaluate_ssim
@@ -205,3 +207,68 @@ def test_set_figures_name_every_figure_once_in_report_order() -> None:
     assert list(figs.figures_json()) == list(FIGURES) and figs.figures_json()["kid"] is None
     with pytest.raises(KeyError, match="'fdi': not a figure; choose from ssim, ms_ssim, fid"):
         figs.get("fdi")
+
+
+# ---------------------------------------------------------------- mask adherence
+
+def _square_pairs(root: Path, n: int, seed: int, shift: int = 0) -> Path:
+    """images/<a|b>/ + masks/<a|b>/: a bright square on faint noise and its map (label 1), the map moved by
+    `shift` px (a generator that put the lesion elsewhere than asked)."""
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        cls = "ab"[i % 2]
+        img = (rng.random((32, 32)) * 60).astype(np.uint8)
+        top, left = rng.integers(2, 14, 2)
+        img[top:top + 9, left:left + 9] = 230
+        lab = np.zeros((32, 32), np.uint8)
+        lab[top:top + 9, left:left + 9] = 1
+        for sub, picture in (("images", img), ("masks", np.roll(lab, (shift, shift), axis=(0, 1)))):
+            (root / sub / cls).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(picture).save(root / sub / cls / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("pairs")
+    return {"real": _square_pairs(root / "real", 48, 1), "faithful": _square_pairs(root / "faithful", 16, 2),
+            "moved": _square_pairs(root / "moved", 16, 3, shift=14)}
+
+
+def test_adherence_tells_lesions_where_asked_from_lesions_elsewhere(pairs, tmp_path, capsys):
+    figures = {}
+    for name in ("faithful", "moved"):
+        out = tmp_path / name
+        code, text, _ = run_cli(["evaluate", "--real", str(pairs["real"]), "--fake", str(pairs[name]), "--adherence",
+                                 "--segmenter-steps", "150", "--bootstrap", "20", "--json", str(out / "e.json"),
+                                 "--report", str(out / "report")], capsys)
+        assert code == 0 and "mask adherence" in text
+        adh = json.loads((out / "e.json").read_text())["adherence"]
+        assert set(adh["figures"]) == {"all", "a", "b"} and adh["fitted_on"].startswith("--real")
+        assert adh["figures"]["all"]["generated"]["images"] == 16
+        assert 0 < adh["ceiling_images"] < 48 and adh["n_fit"] + adh["ceiling_images"] == 48  # held out by group
+        assert "Mask adherence" in (out / "report" / "index.html").read_text()
+        figures[name] = adh["figures"]
+    assert figures["faithful"]["all"]["generated"]["dice"] > 0.7 > 0.3 > figures["moved"]["all"]["generated"]["dice"]
+    assert figures["faithful"]["all"]["real"]["dice"] > 0.7  # the ceiling: same segmenter, same real images
+
+
+def test_adherence_fits_on_the_training_pairs_and_takes_the_ceiling_from_real(pairs, tmp_path):
+    ev = evaluate(EvalConfig(real=str(pairs["faithful"]), fake=str(pairs["moved"]), train=str(pairs["real"]),
+                             adherence=True, segmenter_steps=20, n_boot=20))
+    adh = ev.results["adherence"]
+    assert adh["fitted_on"] == "--train" and adh["n_fit"] == 48 and adh["ceiling_images"] == 16
+
+
+def test_adherence_needs_maps_on_both_sides(pairs, folders, capsys):
+    code, _, err = run_cli(["evaluate", "--real", str(pairs["real"]), "--fake", str(folders["fake"]),
+                            "--adherence"], capsys)
+    _one_line_error(code, err, "--fake")
+    assert "--masks" in err
+    code, _, err = run_cli(["evaluate", "--real", str(folders["real"]), "--fake", str(pairs["faithful"]),
+                            "--adherence"], capsys)
+    _one_line_error(code, err, "label maps")
+    with pytest.raises(SystemExit) as exit_:  # refused while parsing, before any loading
+        main(["evaluate", "--real", str(pairs["real"]), "--fake", str(pairs["faithful"]), "--adherence",
+              "--segmenter-steps", "0"])
+    _one_line_error(exit_.value.code, capsys.readouterr().err, "--segmenter-steps 0")

@@ -18,8 +18,8 @@ from typing import Any, Callable, NoReturn
 
 from .atomic import check_out_dir, check_out_file, no_space, write_json
 from .config import (COMPUTE_BUDGET, DEFAULT_PRESET, DEPTH, HELDOUT_SPLITS, IMAGE_SIZE, IMAGES, JOBS_KEPT, RECIPES,
-                     RESAMPLES, RESUME_FIELDS, SEEDS, AutoencoderConfig, Bounds, InpaintConfig, Option, SampleConfig,
-                     TrainConfig, field_type, flag, options, show)
+                     RESAMPLES, RESUME_FIELDS, SEEDS, STEP_COUNT, AutoencoderConfig, Bounds, InpaintConfig, Option,
+                     SampleConfig, TrainConfig, field_type, flag, options, show)
 from .data.medmnist import CATALOGUE, SIZES, ZENODO, fetch, to_class_folders
 from .demo import DemoConfig
 from .errors import ConfigError, MeddiffError
@@ -53,6 +53,7 @@ EVAL_EXAMPLES = """examples:
   meddiff evaluate --real builtin:mni-mri --fake samples/ --json eval.json
   meddiff evaluate --real heldout/ --fake synthetic/ --train train/ --report report/ --run runs/ph
   meddiff evaluate --real builtin:phantoms?n=400 --fake synthetic/ --utility --json eval.json
+  meddiff evaluate --real 'builtin:phantoms?n=400&seed=1&masks=1' --fake pairs/ --adherence   # pairs: sample --masks
 """
 DEMO_EXAMPLES = """examples:
   meddiff demo                  # 3,000 steps: ~9 min on a 2-core Zen 5 CPU, ~45 min on an older AVX2 one
@@ -206,6 +207,11 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--run", metavar="RUN_DIR", help="the run folder: its training loss curve goes into the report")
     ev.add_argument("--utility", action="store_true",
                     help="train a classifier on real, synthetic and both; test each on held-out real images")
+    ev.add_argument("--adherence", action="store_true",
+                    help="--fake holds images with their requested label maps (sample --masks): train a segmenter on "
+                         "the real pairs and report its Dice against the requested maps, beside real images")
+    _number(ev, "--segmenter-steps", bounds=STEP_COUNT, default=600,
+            help="training steps of the --adherence segmenter (default 600: ~2 one-thread min at 64 px)")
     _number(ev, "--label-depth", bounds=DEPTH,
             help="folder levels naming a class (default: 1 for --real, as deep as its classes for the rest)")
     ev.add_argument("--features", choices=["randconv", "inception"], default="randconv",
@@ -381,7 +387,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
     cfg = EvalConfig(real=a.real, fake=a.fake, train=a.train, size=a.size, label_depth=a.label_depth,
                      features="inception" if a.inception_weights else a.features,
-                     inception_weights=a.inception_weights, utility=a.utility, seed=a.seed, n_boot=a.bootstrap,
+                     inception_weights=a.inception_weights, utility=a.utility, adherence=a.adherence,
+                     segmenter_steps=a.segmenter_steps, seed=a.seed, n_boot=a.bootstrap,
                      heldout_split=a.heldout_split, cache_dir=a.cache_dir or default_cache_dir())
     if a.run and not a.report:
         raise MeddiffError(f"evaluate --run {a.run}: the loss curve goes into the report; add --report DIR")

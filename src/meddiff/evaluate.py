@@ -1,6 +1,7 @@
 """Real, generated and training image sets (folders or builtin:…) → the figures of `meddiff evaluate` as typed
 records (`Results`, `to_json()` for the JSON): SSIM, MS-SSIM diversity, FID/KID and PRDC with intervals and counts,
-per class, class consistency, utility, and the privacy audit (meddiff.audit). Sets are loaded by meddiff.imagesets;
+per class, class consistency, utility, mask adherence (generated images with the label maps they were asked for),
+and the privacy audit (meddiff.audit). Sets are loaded by meddiff.imagesets;
 each figure is computed in meddiff.metrics, and this module only composes them.
 """
 from __future__ import annotations
@@ -41,6 +42,8 @@ class EvalConfig:
     inception_weights: str | None = None
     feature_resolution: int = 64
     utility: bool = False
+    adherence: bool = False                # --fake holds images/ + masks/: Dice of a segmenter against the maps
+    segmenter_steps: int = 600
     heldout_fraction: float = 0.3          # real images held out (by group) for the classifier's test
     heldout_split: str = "group"           # how images are held out: by "group", or in "contiguous" runs
     seed: int = 0
@@ -106,6 +109,7 @@ class Results:
     per_class: dict[str, SetFigures] | None = None
     class_consistency: dict[str, Any] | None = None
     utility: dict[str, Any] | None = None
+    adherence: dict[str, Any] | None = None
     privacy: Privacy | None = None
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -115,7 +119,7 @@ class Results:
             name: {"n_fake": s.n_fake, "n_real": s.n_real, **s.figures_json()} for name, s in self.per_class.items()}
         return {"size": self.size, "seed": self.seed, "counts": self.counts, "protocol": self.protocol,
                 **self.overall.figures_json(), "per_class": per_class, "class_consistency": self.class_consistency,
-                "utility": self.utility, "privacy": None if self.privacy is None else self.privacy.to_json(),
+                "utility": self.utility, "adherence": self.adherence, "privacy": None if self.privacy is None else self.privacy.to_json(),
                 "seconds": self.seconds}
 
 
@@ -251,6 +255,57 @@ def per_class_figures(fake: LabelledImages, real: LabelledImages, feats: dict[st
     return out
 
 
+# ---------------------------------------------------------------- label maps
+
+def _lesion_maps(images: LabelledImages) -> np.ndarray:
+    """(N, S, S) bool: where a set's label maps are non-zero (every label counts as lesion)."""
+    return images.data.take_masks(np.arange(len(images.labels)))[:, 0].numpy() > 0
+
+
+def _groups(images: LabelledImages) -> list[str]:
+    return [images.class_names[k] for k in images.labels]
+
+
+def adherence_study(fake: LabelledImages, real: LabelledImages, train: LabelledImages | None,
+                    cfg: EvalConfig) -> dict[str, Any]:
+    """Mask adherence of generated images with the maps they were asked for (--fake as `meddiff sample --masks`
+    writes it: images/ + masks/): a segmenter (meddiff.metrics.segmentation) fitted on the labelled real pairs
+    (--train's where it has maps, else --real's outside its held-out part) segments them; Dice against the
+    requested maps per class and overall, beside its Dice on real images it did not fit (--real, or --real's
+    held-out part): the ceiling a perfect generator reaches."""
+    from .metrics.segmentation import PROTOCOL, WORK_SIZE, adherence_figures, to_work_size, train_segmenter
+
+    if not fake.data.has_masks:
+        raise ConfigError(f"--adherence: --fake {cfg.fake!r} has no label maps; sample with --masks (it writes "
+                          "images/ + masks/) and evaluate that folder")
+    if not real.data.has_masks and not (train is not None and train.data.has_masks):
+        raise ConfigError(f"--adherence: neither --real {cfg.real!r} nor --train has label maps; give a folder of "
+                          "images/ + masks/ or builtin:phantoms?masks=1")
+    if train is not None and train.data.has_masks:
+        fit = (train.images, _lesion_maps(train))
+        ref, ref_rows, fitted_on = real, np.arange(len(real.labels)), "--train"
+        if not real.data.has_masks:  # no unseen real pairs: hold part of --train out for the ceiling
+            held = _heldout_mask(train, cfg)
+            fit = (train.images[~held], fit[1][~held])
+            ref, ref_rows, fitted_on = train, np.flatnonzero(held), "--train (held-out part: the ceiling)"
+    else:
+        held = _heldout_mask(real, cfg)
+        fit, ref, ref_rows, fitted_on = ((real.images[~held], _lesion_maps(real)[~held]), real, np.flatnonzero(held),
+                                           "--real (held-out part: the ceiling)")
+    if not fit[1].any():
+        raise ConfigError(f"--adherence: the label maps of {fitted_on.split()[0]} are all empty; the segmenter needs "
+                          "images with a lesion")
+    x, y = to_work_size(*fit)
+    net = train_segmenter(x, y, cfg.segmenter_steps, seed=cfg.seed)
+    gen, asked = to_work_size(fake.images, _lesion_maps(fake))
+    real_x, real_y = to_work_size(ref.images[ref_rows], _lesion_maps(ref)[ref_rows])
+    figures = adherence_figures(net, gen, asked, real_x, real_y, _groups(fake) if fake.labelled else None,
+                                [_groups(ref)[i] for i in ref_rows] if ref.labelled else None,
+                                seed=cfg.seed, n_boot=cfg.n_boot)
+    return dict(figures=figures, fitted_on=fitted_on, n_fit=len(x), ceiling_images=len(real_x),
+                work_size=min(fake.images.shape[-1], WORK_SIZE), steps=cfg.segmenter_steps, protocol=PROTOCOL)
+
+
 # ---------------------------------------------------------------- the whole evaluation
 
 class _Clock:
@@ -312,6 +367,9 @@ def evaluate(cfg: EvalConfig) -> Evaluation:
         if cfg.utility:
             res.utility = utility_figures(fake, real, x, cfg)
         clock("classifier")
+    if cfg.adherence:
+        res.adherence = adherence_study(fake, real, train, cfg)
+        clock("adherence")
     if train is not None:
         res.privacy = privacy_figures(fake, train, real, feats, extractor.protocol, cfg.copy_quantile, cfg.seed,
                                       cfg.heldout_split)

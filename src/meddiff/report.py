@@ -76,6 +76,13 @@ def summary_lines(results: Results) -> list[str]:
         parts = [f"{k} {_num(util[k]['accuracy']['value'])}" for k in ("real", "synthetic", "real+synthetic")
                  if "accuracy" in util[k]]
         lines.append(f"  utility: held-out real accuracy, trained on " + ", ".join(parts))
+    adh = results.adherence
+    if adh:
+        lines.append(f"  mask adherence (lesion Dice against the requested maps; segmenter fitted on {adh['fitted_on']}):")
+        for name, f in adh["figures"].items():
+            gen, real = f["generated"], f["real"]
+            lines.append(f"    {name:<32} {_num(gen['dice']):>8} {_interval(gen['dice_ci95']):<20} real images "
+                         f"{_num(real['dice']) if real else 'n/a'} ({gen['images']} generated with a lesion)")
     if results.privacy:
         cp = results.privacy.copies
         lines.append(f"  privacy: {cp.n_flagged} of {len(cp.nearest)} generated images flagged as copies "
@@ -249,6 +256,20 @@ def _classes_section(res: Results) -> str:
     return "".join(parts)
 
 
+def _adherence_section(adh: dict[str, Any] | None) -> str:
+    if not adh:
+        return ""
+    rows = [[name, _num(f["generated"]["dice"]), _interval(f["generated"]["dice_ci95"]), str(f["generated"]["images"]),
+             _num(f["real"]["dice"]) if f["real"] else "n/a", str(f["real"]["images"]) if f["real"] else "0"]
+            for name, f in adh["figures"].items()]
+    return ("<h2>Mask adherence: the lesion where the map asked for it</h2>" + _table(
+        ["class", "Dice, generated vs requested map", "95 % CI", "images with a lesion", "Dice, real images",
+         "real images with a lesion"], rows, num=(1, 2, 3, 4, 5))
+        + f"<p class=note>A segmenter fitted on {adh['n_fit']} real pairs of {html.escape(adh['fitted_on'])} "
+          f"({adh['steps']} steps at {adh['work_size']} px; {html.escape(adh['protocol'])}) segments every generated "
+          f"image; its Dice on {adh['ceiling_images']} real images it did not fit is the ceiling.</p>")
+
+
 def _privacy_section(privacy: Privacy | None, pairs: list[tuple[str, str]]) -> str:
     if privacy is None:
         return ""
@@ -317,7 +338,7 @@ def write_report(ev: Evaluation, out_dir: str | Path, run_dir: str | Path | None
             "<p class=note>Real vs real: the same figure between two random halves of the real set (for MS-SSIM: "
             "among real images), what a perfect generator would reach; half sets make FID/KID references "
             "slightly pessimistic.</p>",
-            _classes_section(res), _privacy_section(res.privacy, save_pairs(ev, out)),
+            _classes_section(res), _adherence_section(res.adherence), _privacy_section(res.privacy, save_pairs(ev, out)),
             "<h2>Intensity histograms</h2>",
             _img(histogram_plot(ev.real.images, ev.fake.images), "all pixels, real vs generated"),
             _grids_section(ev), _nearest_real_section(ev)]

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from meddiff.errors import DataError
-from meddiff.metrics.segmentation import dice_comparison, dice_figure, dice_per_image, segment, train_segmenter
+from meddiff.metrics.segmentation import (adherence_figures, dice_comparison, dice_figure, dice_per_image, segment,
+                                         to_work_size, train_segmenter)
 
 
 def _squares(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -72,3 +73,34 @@ def test_the_paired_comparison_sees_a_consistent_gain_and_a_tie() -> None:
     assert dice_comparison(t, t, np.zeros_like(t))["difference"] is None
     miss = dice_comparison(np.zeros_like(t), t, t)  # a scores 0 everywhere: a gain of 1, no ratio
     assert miss["difference"] == 1 and miss["ratio"] is None and miss["ratio_ci95"] is None
+
+
+def test_adherence_scores_images_against_the_maps_they_were_asked_for_per_group() -> None:
+    """Images that show their requested lesion score like real ones; images whose requested map sits elsewhere
+    score near 0; each group is scored on its own, beside the real images of that group."""
+    x, y = _squares(48, 0)
+    net = train_segmenter(x, y, steps=150)
+    xt, yt = _squares(16, 1)
+    asked = np.concatenate([yt[:8], np.roll(yt[8:], 14, axis=(1, 2))])  # the second half shows another place
+    groups = ["kept"] * 8 + ["moved"] * 8
+    f = adherence_figures(net, xt, asked, xt, yt, groups, groups)
+    assert list(f) == ["all", "kept", "moved"]
+    assert f["kept"]["generated"]["dice"] > 0.8 and f["kept"]["generated"]["images"] == 8
+    assert f["moved"]["generated"]["dice"] < 0.3 < f["moved"]["real"]["dice"]
+    assert f["moved"]["generated"]["dice"] < f["all"]["generated"]["dice"] < f["kept"]["generated"]["dice"]
+    assert f["kept"]["real"]["images"] == 8 and f["all"]["real"]["images"] == 16
+    only = adherence_figures(net, xt, yt, xt[:8], yt[:8], groups, ["kept"] * 8, overall=False)
+    assert list(only) == ["kept", "moved"] and only["moved"]["real"] is None  # no real image of that group
+
+
+def test_work_size_shrinks_large_pairs_and_keeps_label_values() -> None:
+    images = np.zeros((2, 256, 256), np.float32)
+    maps = np.zeros((2, 256, 256), np.uint16)
+    images[:, 64:128, 64:128], maps[:, 64:128, 64:128] = 1.0, 3
+    x, m = to_work_size(images, maps, 128)
+    assert x.shape == m.shape == (2, 128, 128) and m.dtype == np.uint16
+    assert set(np.unique(m).tolist()) == {0, 3} and m[:, 32:64, 32:64].all() and not m[:, :32].any()
+    assert np.allclose(x[:, 32:64, 32:64], 1.0)
+    small = np.zeros((1, 64, 64), np.float32)
+    same = to_work_size(small, small.astype(np.uint8), 128)
+    assert same[0].shape == (1, 64, 64) and same[1].dtype == np.uint8  # at or below the work size: as given
