@@ -64,29 +64,47 @@ def mni_split(size: int, every: int = 4, guard: int = 4) -> HeldOutSplit:
     return HeldOutSplit(images, train, pos[held], half_a, half_b, desc)
 
 
-def phantom_split(size: int, n_train: int = 800, n_heldout: int = 96, train_seed: int = 0,
-                  heldout_seed: int = 1) -> HeldOutSplit:
-    """MedPhantom-4 (all four modalities, normal and abnormal, balanced) rendered natively at `size` px: `n_train`
-    phantoms of render seed `train_seed` train, `n_heldout` of `heldout_seed` are held out, in two halves that
-    each keep the classes balanced. Class names are `<modality>_<finding>` (flat class folders)."""
+def phantom_split(size: int, n_train: int = 800, n_heldout: int = 96, modalities: tuple[str, ...] | None = None,
+                  train_seed: int = 0, heldout_seed: int = 1) -> HeldOutSplit:
+    """MedPhantom-4 rendered natively at `size` px, its `modalities` (default all four) normal and abnormal,
+    balanced: `n_train` phantoms of render seed `train_seed` train, `n_heldout` of `heldout_seed` are held out, in
+    two halves that each keep the classes balanced. Class names are `<modality>_<finding>` (flat class folders)."""
     from meddiff.data.dataset import phantom_items, render_phantoms
+    from meddiff.data.phantoms import MODALITIES
 
-    if n_heldout < 16 or n_train < 8:
-        raise ValueError(f"phantoms: {n_train} training and {n_heldout} held-out images; need at least 8 and 16")
+    mods = tuple(modalities or MODALITIES)
+    if set(mods) - set(MODALITIES) or not mods:
+        raise ValueError(f"phantoms: modalities {','.join(mods)}; choose from {','.join(MODALITIES)}")
+    k = 2 * len(mods)  # classes
+    if n_heldout < 2 * k or n_train < k:
+        raise ValueError(f"phantoms: {n_train} training and {n_heldout} held-out images; need at least {k} and "
+                         f"{2 * k} for {k} classes")
     if train_seed == heldout_seed:
         raise ValueError(f"phantoms: training and held-out seeds are both {train_seed}: the same subjects")
-    images = np.stack([*render_phantoms("phantoms", n_train, train_seed, size),
-                       *render_phantoms("phantoms", n_heldout, heldout_seed, size)]).astype(np.float32)
-    classes = tuple(f"{m}_{'abnormal' if a else 'normal'}"
-                    for n in (n_train, n_heldout) for m, _i, a in phantom_items("phantoms", n))
+
+    def part(n: int, seed: int) -> tuple[list[np.ndarray], list[str]]:
+        """n phantoms: builtin:phantoms itself for all four modalities, else builtin:<modality> of each in turn
+        (its normal/abnormal in turn)."""
+        if mods == tuple(MODALITIES):
+            return (list(render_phantoms("phantoms", n, seed, size)),
+                    [f"{m}_{'abnormal' if a else 'normal'}" for m, _i, a in phantom_items("phantoms", n)])
+        per = [(n + len(mods) - 1 - j) // len(mods) for j in range(len(mods))]
+        rendered = {m: iter(render_phantoms(m, c, seed, size)) for m, c in zip(mods, per)}
+        items = {m: iter(phantom_items(m, c)) for m, c in zip(mods, per)}
+        order = [mods[i % len(mods)] for i in range(n)]
+        names = [f"{m}_{'abnormal' if next(items[m])[2] else 'normal'}" for m in order]
+        return [next(rendered[m]) for m in order], names
+
+    (train_images, train_names), (held_images, held_names) = part(n_train, train_seed), part(n_heldout, heldout_seed)
+    images = np.stack(train_images + held_images).astype(np.float32)
     pos = np.arange(len(images))
     held = pos[n_train:]
-    # phantom_items cycles the 8 classes every 8 images: alternate blocks of 8 keep each half balanced
-    half_a, half_b = held[(held - n_train) // 8 % 2 == 0], held[(held - n_train) // 8 % 2 == 1]
-    desc = (f"MedPhantom-4 at {size} px (rendered at {size}): {n_train} training phantoms (render seed "
-            f"{train_seed}), {n_heldout} held-out phantoms (seed {heldout_seed}: other simulated subjects), "
-            f"4 modalities x normal/abnormal balanced")
-    return HeldOutSplit(images, pos[:n_train], held, half_a, half_b, desc, classes)
+    # the classes cycle every k images: alternate blocks of k keep each half balanced
+    half_a, half_b = held[(held - n_train) // k % 2 == 0], held[(held - n_train) // k % 2 == 1]
+    desc = (f"MedPhantom-4 ({', '.join(mods)}) at {size} px (rendered at {size}): {n_train} training phantoms "
+            f"(render seed {train_seed}), {n_heldout} held-out phantoms (seed {heldout_seed}: other simulated "
+            f"subjects), normal/abnormal balanced")
+    return HeldOutSplit(images, pos[:n_train], held, half_a, half_b, desc, tuple(train_names + held_names))
 
 
 def _feature_figures(fake: np.ndarray, real: np.ndarray, extractor: Any, n_boot: int) -> dict[str, Any]:

@@ -114,7 +114,8 @@ def main() -> None:
     from meddiff.metrics.classifier import classifier_features, fit_classifier
     from meddiff.metrics.features import get_extractor
     from meddiff.metrics.memorization import memorization_report
-    from meddiff.metrics.segmentation import dice_comparison, dice_figure, segment, train_segmenter
+    from meddiff.metrics.segmentation import (adherence_figures, dice_comparison, dice_figure, segment,
+                                              train_segmenter)
     from meddiff.runtime import pick_device, pick_precision
     from meddiff.sample import inpaint, load_run
 
@@ -141,16 +142,11 @@ def main() -> None:
     # 2. adherence
     abn = [i for i, c in enumerate(test["classes"]) if c.endswith("abnormal")]
     gen = generate_for(run, test["masks"][abn], [test["classes"][i] for i in abn], a.guidance, 10_000)
-    adherence = {}
-    for m in MODALITIES:
-        rows = [k for k, i in enumerate(abn) if test["classes"][i].startswith(m + "/")]
-        if rows:
-            real_rows = [abn[k] for k in rows]
-            adherence[m] = dict(generated=dice_figure(segment(seg_real, gen[rows]), test["masks"][real_rows]),
-                                real=dice_figure(segment(seg_real, test["images"][real_rows]),
-                                                 test["masks"][real_rows]))
-            print(f"adherence {m}: Dice {adherence[m]['generated']['dice']:.3f} (real images "
-                  f"{adherence[m]['real']['dice']:.3f})", flush=True)
+    modality = [test["classes"][i].split("/")[0] for i in abn]
+    adherence = adherence_figures(seg_real, gen, test["masks"][abn], test["images"][abn], test["masks"][abn],
+                                  modality, modality, overall=False)
+    for m, f in adherence.items():
+        print(f"adherence {m}: Dice {f['generated']['dice']:.3f} (real images {f['real']['dice']:.3f})", flush=True)
 
     # 3. utility
     syn = generate_for(run, train["masks"], train["classes"], a.guidance, 20_000)

@@ -186,6 +186,30 @@ def autoencoder_figures(run: Path, split: HeldOutSplit) -> dict:
     return {f"autoencoder_{k}": v for k, v in figures.items()}
 
 
+def requested(row: dict, n: int) -> list[str] | None:
+    """The class each of a class-conditional run's n samples asked for (`sample`'s order); None: unconditional."""
+    names = row.get("class_names") or []
+    return [names[i % len(names)] for i in range(n)] if len(names) > 1 else None
+
+
+def class_figures(imgs: np.ndarray, asked: list[str], split: HeldOutSplit, n_boot: int) -> dict:
+    """Samples of a class-conditional run judged by meddiff's classifier (meddiff.metrics.classifier, as `meddiff
+    evaluate` judges them) fitted on the real images, training and held-out: the share judged the class they asked
+    for, overall and per class; its reference is the same classifier fitted without the held-out images and scored
+    on them."""
+    from meddiff.metrics.classifier import class_consistency, classifier_features
+    from meddiff.metrics.features import RandConvFeatures
+
+    names = tuple(sorted(set(split.classes)))
+    conv = RandConvFeatures(64)
+    lab = np.concatenate([split.train, split.heldout])
+    x_lab = classifier_features(split.images[lab], conv(split.images[lab]))
+    y_lab = np.array([names.index(split.classes[i]) for i in lab])
+    y_fake = np.array([names.index(c) for c in asked])
+    return class_consistency(x_lab, y_lab, classifier_features(imgs, conv(imgs)), y_fake, names,
+                             np.isin(lab, split.heldout), n_boot=n_boot)
+
+
 def sample(row: dict, n: int) -> np.ndarray:
     """n samples, seeds 0..n-1; a class-conditional run's sample i asks for class i mod (its classes)."""
     from meddiff.sample import generate, load_run
@@ -219,6 +243,7 @@ def main() -> None:
                     help="mni: builtin:mni-mri slabs (default); phantoms: MedPhantom-4, held out by render seed")
     ap.add_argument("--n-train", type=int, default=800, help="--data phantoms: training phantoms (default 800)")
     ap.add_argument("--n-heldout", type=int, default=96, help="--data phantoms: held-out phantoms (default 96)")
+    ap.add_argument("--modalities", default="", help="--data phantoms: which, comma-separated (default all four)")
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--n", type=int, default=64, help="samples per model (seeds 0..n-1)")
     ap.add_argument("--holdout-every", type=int, default=4, help="hold out every k-th 8-slice slab")
@@ -250,7 +275,8 @@ def main() -> None:
         raise SystemExit(f"--systems {a.systems}: choose from seed, meddiff, latent")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    split = (phantom_split(a.size, a.n_train, a.n_heldout) if a.data == "phantoms"
+    mods = tuple(m.strip() for m in a.modalities.split(",") if m.strip()) or None
+    split = (phantom_split(a.size, a.n_train, a.n_heldout, mods) if a.data == "phantoms"
              else mni_split(a.size, a.holdout_every, a.guard))
     npy, png = write_training_data(split, out)
     stats_file = out / "training.json"  # so --score-only keeps what only the training processes printed
@@ -276,6 +302,10 @@ def main() -> None:
         q.update({k: trained.get(k) for k in ("train_img_per_s", "images_seen", "steps", "peak_rss_mib")})
         if row["who"] == "seed":
             q["images_seen"] = q["steps"] = None  # the seed's counts are those of its whole (longest) run
+        asked = requested(row, a.n)
+        if asked and split.classes:
+            q["requested_classes"] = asked
+            q["class_consistency"] = class_figures(imgs, asked, split, a.bootstrap)
         if row["who"] == "latent":  # the first stage's own training: steps, img/s, peak memory
             ae = json.loads((row["run"].parent / "ae" / "autoencoder.json").read_text())["result"]
             q["autoencoder_train"] = {k: ae.get(k) for k in ("steps", "seconds", "train_img_per_s", "peak_rss_mib")}
@@ -283,7 +313,8 @@ def main() -> None:
         samples[name] = imgs
         summary_rows[name] = q
         runs.append(dict(model=name, unet=str(row["unet"]), training=trained, **q))
-        print(name, json.dumps({k: v for k, v in q.items() if k != "ssim_per_sample"}), flush=True)
+        print(name, json.dumps({k: v for k, v in q.items() if k not in ("ssim_per_sample", "requested_classes")}),
+              flush=True)
     order = [f"{who}_{m:g}min" for m in budgets for who in systems]
     write_grid(Path(a.grid), {k: samples[k] for k in order}, per_row=8 if split.classes else 10)  # 8: every class
     summary = dict(rows=summary_rows, order=order, reference=reference_rows(split, a.bootstrap),

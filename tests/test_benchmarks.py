@@ -76,3 +76,32 @@ def test_the_grain_figure_is_one_for_real_images_and_far_above_for_residual_nois
     grain = fine_energy_ratio(noisy[:6], smooth[6:], n_boot=50)
     assert 0.8 < same["fine_energy_ratio"] < 1.25
     assert grain["fine_energy_ratio"] > 20 and grain["fine_energy_ratio_ci95"][0] > 20
+
+
+def test_the_phantom_split_holds_out_other_subjects_with_balanced_halves() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from _heldout import phantom_split
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    import numpy as np
+
+    from meddiff.data.dataset import load_data
+
+    s = phantom_split(32, 16, 32)
+    assert len(s.train) == 16 and len(s.heldout) == 32 and not set(s.train) & set(s.heldout)
+    for half in (s.half_a, s.half_b):  # every class in each half, equally often
+        names = [s.classes[i] for i in half]
+        assert len(set(names)) == 8 and all(names.count(c) == 2 for c in set(names))
+    # the training images are builtin:phantoms itself (what `meddiff train --data builtin:phantoms?n=16` sees)
+    same = load_data("builtin:phantoms?n=16", 32)
+    assert np.abs((same.images[:, 0].numpy() + 1) / 2 - s.images[s.train]).max() < 1e-4
+    assert [c.replace("_", "/") for c in s.classes[:16]] == [same.class_names[k] for k in same.labels]
+    # another render seed: no held-out image is a training image
+    assert min(np.abs(s.images[h] - s.images[s.train]).max(axis=(1, 2)).min() for h in s.heldout) > 0.01
+    two = phantom_split(32, 8, 16, ("ct", "xray"))
+    assert set(two.classes) == {"ct_normal", "ct_abnormal", "xray_normal", "xray_abnormal"}
+    with pytest.raises(ValueError, match="modalities"):
+        phantom_split(32, 8, 16, ("pet",))
+    with pytest.raises(ValueError, match="same subjects"):
+        phantom_split(32, 8, 16, train_seed=3, heldout_seed=3)
