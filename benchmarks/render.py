@@ -51,6 +51,15 @@ COMMANDS = {
                                      "--minutes 30 --threads 2 --n 48 --out bench_out/qpc128_30 "
                                      "--grid docs/qpc128_30_grid.png "
                                      "--results benchmarks/results/quality_per_compute_128_2core.json",
+    "quality_per_compute_phantoms_256_60": "python benchmarks/quality_per_compute.py --data phantoms --size 256 "
+                                           "--systems meddiff --minutes 60 --threads 2 --n 64 "
+                                           "--out bench_out/qpc_ph256_60 --grid docs/qpc_ph256_60_grid.png "
+                                           "--results benchmarks/results/quality_per_compute_phantoms_256_60.json",
+    "quality_per_compute_phantoms_512_30": "python benchmarks/quality_per_compute.py --data phantoms --modalities "
+                                           "ct,xray --size 512 --systems meddiff --minutes 30 --threads 2 --n 32 "
+                                           "--n-train 400 --n-heldout 64 --out bench_out/qpc_ph512_30 "
+                                           "--grid docs/qpc_ph512_30_grid.png "
+                                           "--results benchmarks/results/quality_per_compute_phantoms_512_30.json",
 }
 WHO = {"seed": "seed recipe", "meddiff": "meddiff pixel (default)", "latent": "meddiff latent"}
 TRAIN_SPEED_CASES = {"seed128": "training img/s, `seed` UNet @ 128 px, batch 10, same UNet",
@@ -138,7 +147,7 @@ def render_quality_per_compute(doc: dict) -> list[str]:
     lines = [f"Held-out set: {s['heldout']}. Sampler: {s['sampler']}, n = {doc['settings']['n']} per model.", "",
              "| model | training | train img/s | peak RSS MiB | KID ↓ | FID (randconv) ↓ | SSIM to nearest held-out | "
              "pixel detail / real's (1 = real; grain ≫ 1) | held-out eps-MSE at the seed's levels ↓ | "
-             "copies of training slices ↓ |",
+             "copies of training images ↓ |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     latent_notes, stale_eps = [], False
     for name in s["order"]:
@@ -165,6 +174,17 @@ def render_quality_per_compute(doc: dict) -> list[str]:
     for name, r in s["reference"].items():
         lines.append(f"| {name} | — | — | — | {_sample_cells(r)} | {_fine(r)} | — | {_copies(r)} |")
     lines += [""] + latent_notes if latent_notes else []
+    judged = [(name, s["rows"][name]["class_consistency"]) for name in s["order"]
+              if s["rows"][name].get("class_consistency")]
+    if judged:
+        lines += ["", "Classes: sample i asks for class i mod (the classes); meddiff's classifier "
+                  f"({judged[0][1]['classifier']}), fitted on the real images, judges each sample:", ""]
+        for name, c in judged:
+            ref = c.get("reference") or {}
+            per = "; ".join(f"{k} {v['value']:.2f}" for k, v in c["per_class"].items())
+            lines.append(f"- {WHO[s['rows'][name]['who']]}, {s['rows'][name]['minutes']:g} min: "
+                         f"{ci(c['value'], c['ci95'])} judged the class asked for ({per}); the same classifier "
+                         f"on held-out real images: {ci(ref.get('value'), ref.get('ci95'))}.")
     if stale_eps:
         lines += ["", "† This file was scored before the held-out eps-MSE told a model trained on a shifted schedule "
                   "(meddiff above 64 px) its own timesteps for the seed's noise levels; its meddiff eps-MSE is not a "
@@ -379,6 +399,8 @@ RENDERERS: dict[str, Callable[[dict], list[str]]] = {
     "size_rules_256": render_size_rules,
     "quality_per_compute_256_60": render_quality_per_compute,
     "quality_per_compute_128_2core": render_quality_per_compute,
+    "quality_per_compute_phantoms_256_60": render_quality_per_compute,
+    "quality_per_compute_phantoms_512_30": render_quality_per_compute,
 }
 
 
@@ -462,19 +484,26 @@ def readme_rows(results: Path) -> list[str]:
                         f"{x0['fine_energy_ratio']:.2f} | `{reproduce(sr)}` |")
     else:
         rows.append(_not_rerun("brain MRI at 256 px: the size rules (shift, patch, objective)", "size_rules_256"))
-    for figure, what in (("quality_per_compute_256_60", "256 px"), ("quality_per_compute_128_2core", "128 px")):
+    for figure, what in (("quality_per_compute_256_60", "brain MRI, 256 px"),
+                         ("quality_per_compute_128_2core", "brain MRI, 128 px"),
+                         ("quality_per_compute_phantoms_256_60", "phantoms (4 modalities, normal and abnormal), 256 px"),
+                         ("quality_per_compute_phantoms_512_30", "CT and X-ray phantoms (normal and abnormal), 512 px")):
         qc = load(figure, results)
         if not qc:
-            rows.append(_not_rerun(f"brain MRI at {what}, default pixel path on 2 cores against real vs real",
-                                   figure))
+            rows.append(_not_rerun(f"{what}, default pixel path on 2 cores against real vs real", figure))
             continue
         sq = qc["summary"]
         m = sq["budgets"][-1]
         r, ref = sq["rows"][f"meddiff_{m:g}min"], sq["reference"]["real vs real (held-out half A vs half B)"]
-        rows.append(f"| brain MRI, {what}, {m:g} min on {qc['settings'].get('threads', 1)} cores: KID; FID; SSIM "
-                    f"to nearest held-out; copies; peak RSS | — | {ci(r['kid'], r['kid_ci95'])}; "
+        cls = r.get("class_consistency")
+        judged = (f"; {ci(cls['value'], cls['ci95'])} judged the class asked for (held-out real: "
+                  f"{ci(cls['reference']['value'], cls['reference']['ci95'])})") if cls and cls.get("reference") else ""
+        rows.append(f"| {what}, {m:g} min on {qc['settings'].get('threads', 1)} cores: KID; FID; SSIM "
+                    f"to nearest held-out; copies; peak RSS{'; class' if judged else ''} | — | "
+                    f"{ci(r['kid'], r['kid_ci95'])}; "
                     f"{ci(r['fid'], r['fid_ci95'])}; {ci(r['ssim'], r['ssim_ci95'])}; {r['copies_share']:.0%}; "
-                    f"{_num(r.get('peak_rss_mib'), ',.0f')} MiB (real vs real: {ci(ref['kid'], ref['kid_ci95'])}; "
+                    f"{_num(r.get('peak_rss_mib'), ',.0f')} MiB{judged} (real vs real: "
+                    f"{ci(ref['kid'], ref['kid_ci95'])}; "
                     f"{ci(ref['fid'], ref['fid_ci95'])}; {ci(ref['ssim'], ref['ssim_ci95'])}) | `{reproduce(qc)}` |")
     st = load("size_table", results)
     if st:
