@@ -132,6 +132,26 @@ def test_sampling_from_maps_writes_pairs_that_load_as_data(mask_run: Path, tmp_p
                                                     > 0).sum())
 
 
+def test_a_sampled_pair_folder_is_what_evaluate_adherence_reads(mask_run: Path, tmp_path: Path) -> None:
+    """sample --masks → evaluate --adherence, per requested class, beside real phantom pairs (the whole chain)."""
+    from meddiff.config import SampleConfig
+    from meddiff.evaluate import EvalConfig, evaluate
+    from meddiff.sample import sample_to_folder
+
+    out = tmp_path / "pairs"
+    sample_to_folder(SampleConfig(run=str(mask_run), out=str(out), masks="builtin:ct?n=6&seed=3&masks=1",
+                                  per_class=1, class_name="ct/abnormal", sampler="ddim", steps=2, progress=False,
+                                  precision="fp32", device="cpu"), echo=_quiet)
+    ev = evaluate(EvalConfig(real="builtin:phantoms?n=24&seed=1&masks=1", fake=str(out), adherence=True,
+                             segmenter_steps=2, n_boot=20))
+    adh = ev.results["adherence"]
+    lesions = sum(1 for f in (out / "masks" / "ct" / "abnormal").iterdir()
+                  if np.asarray(Image.open(f)).any())
+    assert set(adh["figures"]) == {"all", "ct/abnormal"} and lesions > 0
+    assert adh["figures"]["ct/abnormal"]["generated"]["images"] == lesions  # every requested lesion, scored once
+    assert adh["figures"]["ct/abnormal"]["real"]["images"] > 0  # the ceiling: held-out real CT lesions
+
+
 def test_maps_for_a_model_without_them_are_one_error(trained_run: Path, tmp_path: Path) -> None:
     from meddiff.config import SampleConfig
     from meddiff.sample import sample_to_folder
