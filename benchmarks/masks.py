@@ -4,9 +4,12 @@
     python benchmarks/masks.py                  # --minutes 15 at 64 px (about 30 min on 2 cores)
     python benchmarks/masks.py --quick          # seconds: a smoke test, not a figure
     python benchmarks/masks.py --reuse --guidance 4   # score the run in --out again, without training
+    python benchmarks/masks.py --conditioning spade --out bench_out/masks_spade   # the map through SPADE too
 
 1. meddiff trains its default recipe, conditioned on the maps, on `builtin:phantoms?masks=1` (seed 0) for --minutes.
-   Every test image comes from other phantoms (`seed=1`): no test pair was trained on.
+   Every test image comes from other phantoms (`seed=1`): no test pair was trained on. --conditioning spade
+   trains the same recipe with SPADE heads added to every residual block (benchmarks/_spade.py), so that the map
+   reaches every layer and not only the input: the measurement that decides whether meddiff should.
 2. Mask adherence: a segmenter (`meddiff.metrics.segmentation`) trained on real training pairs segments images
    generated for the test set's abnormal maps (class <modality>/abnormal, default sampler, --guidance); Dice
    against the requested map per modality, beside the same segmenter on the real test images (its ceiling).
@@ -49,8 +52,9 @@ def load_pairs(n: int, seed: int, size: int) -> dict:
                 classes=[data.class_names[k] for k in data.labels.tolist()])
 
 
-def train_model(out: Path, n: int, size: int, minutes: float, extra: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "meddiff.cli", "train", "--data", f"builtin:phantoms?n={n}&masks=1", "--size",
+def train_model(out: Path, n: int, size: int, minutes: float, extra: list[str], spade: bool = False) -> dict:
+    trainer = [str(Path(__file__).with_name("_spade.py"))] if spade else ["-m", "meddiff.cli"]
+    cmd = [sys.executable, *trainer, "train", "--data", f"builtin:phantoms?n={n}&masks=1", "--size",
            str(size), "--max-minutes", str(minutes), "--out", str(out / "run"), "--no-progress", *extra]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
@@ -102,6 +106,9 @@ def main() -> None:
     ap.add_argument("--meddiff-args", default="", help="extra flags for meddiff train, after '='")
     ap.add_argument("--reuse", action="store_true",
                     help="skip training: score the run an earlier call trained in --out (same data flags)")
+    ap.add_argument("--conditioning", choices=("channel", "spade"), default="channel",
+                    help="channel: meddiff's (the map as input channels); spade: the same plus SPADE in every "
+                         "residual block (benchmarks/_spade.py)")
     ap.add_argument("--quick", action="store_true", help="smoke test: 32 px, tiny preset, seconds")
     R.add_results_arg(ap, "masks")
     a = ap.parse_args()
@@ -133,9 +140,16 @@ def main() -> None:
                              f"{record['train'].get('size')} px, not {want['data']} at {a.size} px")
         trained = record["result"]
     else:
-        trained = train_model(out, a.n_train, a.size, a.minutes, a.meddiff_args.split())
+        trained = train_model(out, a.n_train, a.size, a.minutes, a.meddiff_args.split(), a.conditioning == "spade")
     print(f"trained: {trained['steps']} steps in {trained['seconds']:.0f} s", flush=True)
-    run = load_run(out / "run")
+    if a.conditioning == "spade":
+        from _spade import load_spade_run
+        try:
+            run = load_spade_run(out / "run")
+        except RuntimeError:  # the weights of a run trained without SPADE do not fit
+            raise SystemExit(f"--conditioning spade: the run in {out / 'run'} was not trained with SPADE") from None
+    else:
+        run = load_run(out / "run")
     train, test = load_pairs(a.n_train, 0, a.size), load_pairs(a.n_test, 1, a.size)
     seg_real = train_segmenter(train["images"], train["masks"], a.seg_steps)
 
@@ -211,7 +225,8 @@ def main() -> None:
     summary = dict(adherence=adherence, utility=on_test, utility_paired=paired,
                    utility_ratio=paired["synthetic_vs_real"]["ratio"], real_share=a.real_share,
                    inpainting=inpainting, copies=copies, training=trained, seconds=time.time() - t0,
-                   guidance=a.guidance, sampler="the run's default (UniPC 10)", grid=a.grid)
+                   guidance=a.guidance, sampler="the run's default (UniPC 10)", grid=a.grid,
+                   conditioning=a.conditioning, parameters=sum(p.numel() for p in run.unet.parameters()))
     R.write_results(a.results, "masks", mach, vars(a), [], summary)
 
 

@@ -105,3 +105,67 @@ def test_the_phantom_split_holds_out_other_subjects_with_balanced_halves() -> No
         phantom_split(32, 8, 16, ("pet",))
     with pytest.raises(ValueError, match="same subjects"):
         phantom_split(32, 8, 16, train_seed=3, heldout_seed=3)
+
+
+def _spade():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import _spade
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return _spade
+
+
+def test_spade_starts_as_the_input_channel_unet_and_then_reads_the_map_at_every_block() -> None:
+    import copy
+
+    import torch
+
+    from meddiff.config import model_config
+    from meddiff.model import build_unet, denoise
+
+    spade = _spade()
+    m = model_config("tiny", 32, 2, mask_values=(1,))
+    plain, sp = build_unet(m), spade.build_spade_unet(m)
+    own = {k.replace(".norm.", "."): v for k, v in sp.state_dict().items()}
+    plain.load_state_dict({k: own[k] for k in plain.state_dict()})  # the weights both have, alike
+    x, t, lab = torch.randn(2, 1, 32, 32), torch.tensor([10, 500]), torch.tensor([0, 1])
+    cond = -torch.ones(2, 1, 32, 32)
+    cond[:, :, 8:20, 8:20] = 1
+    with torch.no_grad():
+        assert torch.allclose(denoise(plain, x, t, lab, m.patch_size, cond), denoise(sp, x, t, lab, m.patch_size, cond),
+                              atol=1e-5)  # zero-initialised heads: exactly the input-channel network
+        for name, p in sp.named_parameters():
+            if name.endswith(("scale.weight", "shift.weight")):
+                p.normal_(0, 0.05)
+        ema = copy.deepcopy(sp)  # what training's EMA does: the copy must read its own input's map
+        moved = torch.roll(cond, 8, dims=-1)
+        a = denoise(sp, x, t, lab, m.patch_size, cond)
+        assert not torch.allclose(a, denoise(plain, x, t, lab, m.patch_size, cond), atol=1e-3)
+        b = denoise(ema, x, t, lab, m.patch_size, moved)
+        assert torch.allclose(a, denoise(sp, x, t, lab, m.patch_size, cond), atol=1e-5)  # unaffected by the copy
+        assert torch.allclose(b, denoise(sp, x, t, lab, m.patch_size, moved), atol=1e-5)
+    with pytest.raises(ValueError, match="label maps"):
+        spade.build_spade_unet(model_config("tiny", 32, 2))
+
+
+def test_a_spade_run_trains_through_meddiff_train_and_loads_back(tmp_path: Path, mask_run: Path) -> None:
+    import numpy as np
+
+    from meddiff.sample import generate
+
+    spade = _spade()
+    code = spade.train(["--data", "builtin:phantoms?n=16&masks=1", "--size", "32", "--preset", "tiny", "--max-steps",
+                        "3", "--out", str(tmp_path / "run"), "--no-progress", "--threads", "1"])
+    assert code == 0
+    run = spade.load_spade_run(tmp_path / "run")
+    assert any(".norm1.scale." in k for k in run.unet.state_dict())
+    maps = np.zeros((2, 32, 32), np.int64)
+    maps[:, 4:12, 4:12] = 1
+    assert generate(run, [0, 1], 0, masks=maps, guidance=2).shape == (2, 32, 32)
+    with pytest.raises(RuntimeError):  # a run trained without SPADE does not load as one
+        spade.load_spade_run(mask_run)
+    import importlib
+
+    from meddiff.model import build_unet
+    assert importlib.import_module("meddiff.train").build_unet is build_unet  # meddiff train is itself again
