@@ -42,6 +42,11 @@ COMMANDS = {
     "masks": "python benchmarks/masks.py",
     "masks_guidance1": "python benchmarks/masks.py --reuse --guidance 1 --grid docs/masks_guidance1_grid.png "
                        "--results benchmarks/results/masks_guidance1.json",
+    "masks_spade": "python benchmarks/masks.py --conditioning spade --minutes 20 --out bench_out/masks_spade "
+                   "--grid docs/masks_spade_grid.png --results benchmarks/results/masks_spade.json",
+    "masks_spade_guidance1": "python benchmarks/masks.py --conditioning spade --reuse --guidance 1 "
+                             "--out bench_out/masks_spade --grid docs/masks_spade_guidance1_grid.png "
+                             "--results benchmarks/results/masks_spade_guidance1.json",
     "size_rules_256": "python benchmarks/objectives.py --study size-rules --size 256 --minutes 10 --n 48 "
                       "--out bench_out/sr256",
     "quality_per_compute_256_60": "python benchmarks/quality_per_compute.py --size 256 --systems meddiff --minutes 60 "
@@ -109,9 +114,12 @@ def reproduce(doc: dict[str, Any]) -> str:
 def masks_commands(doc: dict[str, Any]) -> str:
     """A masks file's command; for a `--reuse` scoring, the training call before it too (inside one code span:
     "first`, then `second")."""
-    if not doc["settings"].get("reuse"):
+    st = doc["settings"]
+    if not st.get("reuse"):
         return doc["command"]
-    return (f"python benchmarks/masks.py --minutes {round(doc['summary']['training']['seconds'] / 60):g}`, then "
+    spade = st.get("conditioning") == "spade"
+    return (f"python benchmarks/masks.py{' --conditioning spade' if spade else ''} --minutes "
+            f"{round(doc['summary']['training']['seconds'] / 60):g}{' --out ' + st['out'] if spade else ''}`, then "
             f"`{doc['command']}")
 
 
@@ -227,7 +235,10 @@ def render_masks(doc: dict) -> list[str]:
     """Mask adherence per modality, segmentation utility, inpainting, copies."""
     s = doc["summary"]
     dice = lambda f: ci(f["dice"], f["dice_ci95"]) + f" (n={f['images']})" if f and f.get("dice") is not None else "—"
-    lines = [f"Model: meddiff's default recipe conditioned on the maps, {s['training']['steps']:,} steps "
+    how = (" (input channels and SPADE in every residual block, benchmarks/_spade.py)"
+           if s.get("conditioning") == "spade" else "")
+    params = f", {s['parameters'] / 1e6:.1f} M parameters" if s.get("parameters") else ""
+    lines = [f"Model: meddiff's default recipe conditioned on the maps{how}{params}, {s['training']['steps']:,} steps "
              f"({s['training']['seconds'] / 60:.0f} min"
              + ("; trained by an earlier call of the same command, scored again with `--reuse`" if
                 doc["settings"].get("reuse") else "")
@@ -396,6 +407,8 @@ RENDERERS: dict[str, Callable[[dict], list[str]]] = {
     "size_table": render_size_table,
     "masks": render_masks,
     "masks_guidance1": render_masks,
+    "masks_spade": render_masks,
+    "masks_spade_guidance1": render_masks,
     "size_rules_256": render_size_rules,
     "quality_per_compute_256_60": render_quality_per_compute,
     "quality_per_compute_128_2core": render_quality_per_compute,
@@ -550,7 +563,7 @@ def readme_rows(results: Path) -> list[str]:
     else:
         rows.append(_not_rerun("8 classes, one model: samples judged the requested class", "conditional_classes",
                                seed="cannot condition"))
-    for name in ("masks", "masks_guidance1"):
+    for name in ("masks", "masks_guidance1", "masks_spade", "masks_spade_guidance1"):
         m = load(name, results)
         if m and m["summary"].get("utility_paired"):
             sm = m["summary"]
@@ -558,7 +571,8 @@ def readme_rows(results: Path) -> list[str]:
                             for k, v in sm["adherence"].items())
             r, d = sm["utility_paired"]["synthetic_vs_real"], sm["utility_paired"]["plus_synthetic_vs_few"]
             few = m["settings"]["few"]
-            rows.append(f"| label maps (phantoms, {m['settings']['size']} px, guidance {sm['guidance']:g}): lesion "
+            how = ", maps through SPADE too" if sm.get("conditioning") == "spade" else ""
+            rows.append(f"| label maps (phantoms, {m['settings']['size']} px, guidance {sm['guidance']:g}{how}): lesion "
                         f"Dice of generated images against the requested map; synthetic-only / real-only segmenter "
                         f"Dice; {few} real + synthetic minus {few} real | cannot condition on a map | {adh}; "
                         f"{ci(r['ratio'], r['ratio_ci95'])}; {d['difference']:+.3f} [{d['difference_ci95'][0]:+.3f}, "
