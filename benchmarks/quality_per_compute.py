@@ -13,9 +13,10 @@ sampler and seeds and scored against held-out slices that neither saw.
 Data (--data): `mni` is `builtin:mni-mri` split by benchmarks/_heldout.py (whole 8-slice slabs held out, a guard
 band of dropped slices between them and the training slices); `phantoms` is MedPhantom-4 rendered natively at
 --size, --n-train phantoms of one render seed training and --n-heldout of another held out (other simulated
-subjects), 4 modalities x normal/abnormal: meddiff trains class-conditional on them and samples every class in
-turn (sample i asks for class i mod 8; the unconditional seed recipe cannot be asked). Both recipes train on the same training slices (8-bit, as the
-seed reads them); meddiff keeps its own validation share of them for early stopping, as it always does.
+subjects), --modalities (default all 4) x normal/abnormal: meddiff trains class-conditional on them and samples
+every class in turn (sample i asks for class i mod the number of classes; the unconditional seed recipe cannot be
+asked). Both recipes train on the same training images (8-bit, as the seed reads them); meddiff keeps its own
+validation share of them for early stopping, as it always does.
 Training: the seed recipe trains for the longest budget, saving snapshots at the shorter ones, while meddiff's
 longest run trains beside it (one thread each); meddiff's shorter budgets (its cosine schedule depends on the
 budget, so they are separate runs) follow two at a time, one thread each.

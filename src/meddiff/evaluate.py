@@ -119,8 +119,8 @@ class Results:
             name: {"n_fake": s.n_fake, "n_real": s.n_real, **s.figures_json()} for name, s in self.per_class.items()}
         return {"size": self.size, "seed": self.seed, "counts": self.counts, "protocol": self.protocol,
                 **self.overall.figures_json(), "per_class": per_class, "class_consistency": self.class_consistency,
-                "utility": self.utility, "adherence": self.adherence, "privacy": None if self.privacy is None else self.privacy.to_json(),
-                "seconds": self.seconds}
+                "utility": self.utility, "adherence": self.adherence,
+                "privacy": None if self.privacy is None else self.privacy.to_json(), "seconds": self.seconds}
 
 
 @dataclass
@@ -266,21 +266,27 @@ def _groups(images: LabelledImages) -> list[str]:
     return [images.class_names[k] for k in images.labels]
 
 
-def adherence_study(fake: LabelledImages, real: LabelledImages, train: LabelledImages | None,
-                    cfg: EvalConfig) -> dict[str, Any]:
-    """Mask adherence of generated images with the maps they were asked for (--fake as `meddiff sample --masks`
-    writes it: images/ + masks/): a segmenter (meddiff.metrics.segmentation) fitted on the labelled real pairs
-    (--train's where it has maps, else --real's outside its held-out part) segments them; Dice against the
-    requested maps per class and overall, beside its Dice on real images it did not fit (--real, or --real's
-    held-out part): the ceiling a perfect generator reaches."""
-    from .metrics.segmentation import PROTOCOL, WORK_SIZE, adherence_figures, to_work_size, train_segmenter
-
+def check_adherence_sets(fake: LabelledImages, real: LabelledImages, train: LabelledImages | None,
+                         cfg: EvalConfig) -> None:
+    """--adherence needs the generated images' requested maps and real pairs to fit the segmenter on."""
     if not fake.data.has_masks:
         raise ConfigError(f"--adherence: --fake {cfg.fake!r} has no label maps; sample with --masks (it writes "
                           "images/ + masks/) and evaluate that folder")
     if not real.data.has_masks and not (train is not None and train.data.has_masks):
         raise ConfigError(f"--adherence: neither --real {cfg.real!r} nor --train has label maps; give a folder of "
                           "images/ + masks/ or builtin:phantoms?masks=1")
+
+
+def adherence_study(fake: LabelledImages, real: LabelledImages, train: LabelledImages | None,
+                    cfg: EvalConfig) -> dict[str, Any]:
+    """Mask adherence of generated images with the maps they were asked for (--fake as `meddiff sample --masks`
+    writes it: images/ + masks/): a segmenter (meddiff.metrics.segmentation) fitted on the labelled real pairs
+    (--train's where it has maps, else --real's outside its held-out part) segments them; Dice against the
+    requested maps per class and overall, beside its Dice on real images it did not fit (--real, or --real's
+    held-out part): the ceiling a perfect generator reaches. The sets passed `check_adherence_sets` (evaluate
+    checks them before computing anything)."""
+    from .metrics.segmentation import PROTOCOL, WORK_SIZE, adherence_figures, to_work_size, train_segmenter
+
     if train is not None and train.data.has_masks:
         fit = (train.images, _lesion_maps(train))
         ref, ref_rows, fitted_on = real, np.arange(len(real.labels)), "--train"
@@ -341,6 +347,8 @@ def evaluate(cfg: EvalConfig) -> Evaluation:
     clock = _Clock()
     size = cfg.size or native_size(cfg.fake)
     real, fake, train = load_sets(cfg, size)
+    if cfg.adherence:  # before any figure is computed
+        check_adherence_sets(fake, real, train, cfg)
     sets = {"real": real, "fake": fake, **({"train": train} if train is not None else {})}
     clock("load")
     extractor, feats = _features(sets, cfg)

@@ -78,7 +78,8 @@ def summary_lines(results: Results) -> list[str]:
         lines.append(f"  utility: held-out real accuracy, trained on " + ", ".join(parts))
     adh = results.adherence
     if adh:
-        lines.append(f"  mask adherence (lesion Dice against the requested maps; segmenter fitted on {adh['fitted_on']}):")
+        lines.append("  mask adherence (lesion Dice against the requested maps; segmenter fitted on "
+                     f"{adh['fitted_on']}):")
         for name, f in adh["figures"].items():
             gen, real = f["generated"], f["real"]
             lines.append(f"    {name:<32} {_num(gen['dice']):>8} {_interval(gen['dice_ci95']):<20} real images "
