@@ -5,11 +5,12 @@
     python benchmarks/masks.py --quick          # seconds: a smoke test, not a figure
     python benchmarks/masks.py --reuse --guidance 4   # score the run in --out again, without training
     python benchmarks/masks.py --conditioning spade --out bench_out/masks_spade   # the map through SPADE too
+    python benchmarks/masks.py --conditioning controlnet --out bench_out/masks_controlnet   # or a ControlNet copy
 
 1. meddiff trains its default recipe, conditioned on the maps, on `builtin:phantoms?masks=1` (seed 0) for --minutes.
-   Every test image comes from other phantoms (`seed=1`): no test pair was trained on. --conditioning spade
-   trains the same recipe with SPADE heads added to every residual block (benchmarks/_spade.py), so that the map
-   reaches every layer and not only the input: the measurement that decides whether meddiff should.
+   Every test image comes from other phantoms (`seed=1`): no test pair was trained on. --conditioning spade or
+   controlnet trains the same recipe with a path that carries the map to every level added to its input channels
+   (benchmarks/_mask_conditioning.py): the measurement that decides whether meddiff should take one.
 2. Mask adherence: a segmenter (`meddiff.metrics.segmentation`) trained on real training pairs segments images
    generated for the test set's abnormal maps (class <modality>/abnormal, default sampler, --guidance); Dice
    against the requested map per modality, beside the same segmenter on the real test images (its ceiling).
@@ -52,9 +53,11 @@ def load_pairs(n: int, seed: int, size: int) -> dict:
                 classes=[data.class_names[k] for k in data.labels.tolist()])
 
 
-def train_model(out: Path, n: int, size: int, minutes: float, extra: list[str], spade: bool = False) -> dict:
-    trainer = [str(Path(__file__).with_name("_spade.py"))] if spade else ["-m", "meddiff.cli"]
-    cmd = [sys.executable, *trainer, "train", "--data", f"builtin:phantoms?n={n}&masks=1", "--size",
+def train_model(out: Path, n: int, size: int, minutes: float, extra: list[str],
+                conditioning: str = "channel") -> dict:
+    trainer = (["-m", "meddiff.cli", "train"] if conditioning == "channel" else
+               [str(Path(__file__).with_name("_mask_conditioning.py")), "train", conditioning])
+    cmd = [sys.executable, *trainer, "--data", f"builtin:phantoms?n={n}&masks=1", "--size",
            str(size), "--max-minutes", str(minutes), "--out", str(out / "run"), "--no-progress", *extra]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
@@ -106,9 +109,9 @@ def main() -> None:
     ap.add_argument("--meddiff-args", default="", help="extra flags for meddiff train, after '='")
     ap.add_argument("--reuse", action="store_true",
                     help="skip training: score the run an earlier call trained in --out (same data flags)")
-    ap.add_argument("--conditioning", choices=("channel", "spade"), default="channel",
-                    help="channel: meddiff's (the map as input channels); spade: the same plus SPADE in every "
-                         "residual block (benchmarks/_spade.py)")
+    ap.add_argument("--conditioning", choices=("channel", "spade", "controlnet"), default="channel",
+                    help="channel: meddiff's (the map as input channels); spade / controlnet: the same plus SPADE in "
+                         "every residual block / a ControlNet encoder copy (benchmarks/_mask_conditioning.py)")
     ap.add_argument("--quick", action="store_true", help="smoke test: 32 px, tiny preset, seconds")
     R.add_results_arg(ap, "masks")
     a = ap.parse_args()
@@ -140,14 +143,15 @@ def main() -> None:
                              f"{record['train'].get('size')} px, not {want['data']} at {a.size} px")
         trained = record["result"]
     else:
-        trained = train_model(out, a.n_train, a.size, a.minutes, a.meddiff_args.split(), a.conditioning == "spade")
+        trained = train_model(out, a.n_train, a.size, a.minutes, a.meddiff_args.split(), a.conditioning)
     print(f"trained: {trained['steps']} steps in {trained['seconds']:.0f} s", flush=True)
-    if a.conditioning == "spade":
-        from _spade import load_spade_run
+    if a.conditioning != "channel":
+        from _mask_conditioning import load_variant_run
         try:
-            run = load_spade_run(out / "run")
-        except RuntimeError:  # the weights of a run trained without SPADE do not fit
-            raise SystemExit(f"--conditioning spade: the run in {out / 'run'} was not trained with SPADE") from None
+            run = load_variant_run(a.conditioning, out / "run")
+        except RuntimeError:  # the weights of a run trained otherwise do not fit
+            raise SystemExit(f"--conditioning {a.conditioning}: the run in {out / 'run'} was not trained with "
+                             f"it") from None
     else:
         run = load_run(out / "run")
     train, test = load_pairs(a.n_train, 0, a.size), load_pairs(a.n_test, 1, a.size)

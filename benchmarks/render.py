@@ -44,6 +44,9 @@ COMMANDS = {
                        "--results benchmarks/results/masks_guidance1.json",
     "masks_spade": "python benchmarks/masks.py --conditioning spade --minutes 20 --out bench_out/masks_spade "
                    "--grid docs/masks_spade_grid.png --results benchmarks/results/masks_spade.json",
+    "masks_controlnet": "python benchmarks/masks.py --conditioning controlnet --minutes 20 "
+                        "--out bench_out/masks_controlnet --grid docs/masks_controlnet_grid.png "
+                        "--results benchmarks/results/masks_controlnet.json",
     "masks_spade_guidance1": "python benchmarks/masks.py --conditioning spade --reuse --guidance 1 "
                              "--out bench_out/masks_spade --grid docs/masks_spade_guidance1_grid.png "
                              "--results benchmarks/results/masks_spade_guidance1.json",
@@ -117,10 +120,10 @@ def masks_commands(doc: dict[str, Any]) -> str:
     st = doc["settings"]
     if not st.get("reuse"):
         return doc["command"]
-    spade = st.get("conditioning") == "spade"
-    return (f"python benchmarks/masks.py{' --conditioning spade' if spade else ''} --minutes "
-            f"{round(doc['summary']['training']['seconds'] / 60):g}{' --out ' + st['out'] if spade else ''}`, then "
-            f"`{doc['command']}")
+    variant = st.get("conditioning", "channel")
+    how = f" --conditioning {variant}" if variant != "channel" else ""
+    return (f"python benchmarks/masks.py{how} --minutes {round(doc['summary']['training']['seconds'] / 60):g}"
+            f"{' --out ' + st['out'] if how else ''}`, then `{doc['command']}")
 
 
 def command_line(doc: dict[str, Any], figure: str) -> str:
@@ -235,8 +238,9 @@ def render_masks(doc: dict) -> list[str]:
     """Mask adherence per modality, segmentation utility, inpainting, copies."""
     s = doc["summary"]
     dice = lambda f: ci(f["dice"], f["dice_ci95"]) + f" (n={f['images']})" if f and f.get("dice") is not None else "—"
-    how = (" (input channels and SPADE in every residual block, benchmarks/_spade.py)"
-           if s.get("conditioning") == "spade" else "")
+    how = {"spade": " (input channels and SPADE in every residual block, benchmarks/_mask_conditioning.py)",
+           "controlnet": " (input channels and a ControlNet encoder copy, benchmarks/_mask_conditioning.py)"
+           }.get(s.get("conditioning"), "")
     params = f", {s['parameters'] / 1e6:.1f} M parameters" if s.get("parameters") else ""
     lines = [f"Model: meddiff's default recipe conditioned on the maps{how}{params}, {s['training']['steps']:,} steps "
              f"({s['training']['seconds'] / 60:.0f} min"
@@ -409,6 +413,7 @@ RENDERERS: dict[str, Callable[[dict], list[str]]] = {
     "masks_guidance1": render_masks,
     "masks_spade": render_masks,
     "masks_spade_guidance1": render_masks,
+    "masks_controlnet": render_masks,
     "size_rules_256": render_size_rules,
     "quality_per_compute_256_60": render_quality_per_compute,
     "quality_per_compute_128_2core": render_quality_per_compute,
@@ -563,7 +568,7 @@ def readme_rows(results: Path) -> list[str]:
     else:
         rows.append(_not_rerun("8 classes, one model: samples judged the requested class", "conditional_classes",
                                seed="cannot condition"))
-    for name in ("masks", "masks_guidance1", "masks_spade", "masks_spade_guidance1"):
+    for name in ("masks", "masks_guidance1", "masks_spade", "masks_spade_guidance1", "masks_controlnet"):
         m = load(name, results)
         if m and m["summary"].get("utility_paired"):
             sm = m["summary"]
@@ -571,7 +576,8 @@ def readme_rows(results: Path) -> list[str]:
                             for k, v in sm["adherence"].items())
             r, d = sm["utility_paired"]["synthetic_vs_real"], sm["utility_paired"]["plus_synthetic_vs_few"]
             few = m["settings"]["few"]
-            how = ", maps through SPADE too" if sm.get("conditioning") == "spade" else ""
+            how = {"spade": ", maps through SPADE too", "controlnet": ", maps through a ControlNet copy too"
+                   }.get(sm.get("conditioning"), "")
             rows.append(f"| label maps (phantoms, {m['settings']['size']} px, guidance {sm['guidance']:g}{how}): lesion "
                         f"Dice of generated images against the requested map; synthetic-only / real-only segmenter "
                         f"Dice; {few} real + synthetic minus {few} real | cannot condition on a map | {adh}; "

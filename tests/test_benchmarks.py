@@ -107,16 +107,17 @@ def test_the_phantom_split_holds_out_other_subjects_with_balanced_halves() -> No
         phantom_split(32, 8, 16, train_seed=3, heldout_seed=3)
 
 
-def _spade():
+def _conditioning():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        import _spade
+        import _mask_conditioning
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    return _spade
+    return _mask_conditioning
 
 
-def test_spade_starts_as_the_input_channel_unet_and_then_reads_the_map_at_every_block() -> None:
+@pytest.mark.parametrize("variant", ["spade", "controlnet"])
+def test_a_mask_path_starts_as_the_input_channel_unet_and_then_carries_the_map(variant: str) -> None:
     import copy
 
     import torch
@@ -124,48 +125,54 @@ def test_spade_starts_as_the_input_channel_unet_and_then_reads_the_map_at_every_
     from meddiff.config import model_config
     from meddiff.model import build_unet, denoise
 
-    spade = _spade()
+    cond_mod = _conditioning()
     m = model_config("tiny", 32, 2, mask_values=(1,))
-    plain, sp = build_unet(m), spade.build_spade_unet(m)
-    own = {k.replace(".norm.", "."): v for k, v in sp.state_dict().items()}
+    plain, var = build_unet(m), cond_mod.build_variant_unet(variant, m)
+    own = {k.replace(".norm.", ".") if variant == "spade" else k: v for k, v in var.state_dict().items()}
     plain.load_state_dict({k: own[k] for k in plain.state_dict()})  # the weights both have, alike
     x, t, lab = torch.randn(2, 1, 32, 32), torch.tensor([10, 500]), torch.tensor([0, 1])
     cond = -torch.ones(2, 1, 32, 32)
     cond[:, :, 8:20, 8:20] = 1
     with torch.no_grad():
-        assert torch.allclose(denoise(plain, x, t, lab, m.patch_size, cond), denoise(sp, x, t, lab, m.patch_size, cond),
-                              atol=1e-5)  # zero-initialised heads: exactly the input-channel network
-        for name, p in sp.named_parameters():
-            if name.endswith(("scale.weight", "shift.weight")):
+        assert torch.allclose(denoise(plain, x, t, lab, m.patch_size, cond),
+                              denoise(var, x, t, lab, m.patch_size, cond), atol=1e-5)  # zero-initialised: the same
+        for name, p in var.named_parameters():
+            if name.endswith(("scale.weight", "shift.weight")) or name.startswith("control_zero"):
                 p.normal_(0, 0.05)
-        ema = copy.deepcopy(sp)  # what training's EMA does: the copy must read its own input's map
+        ema = copy.deepcopy(var)  # what training's EMA does: the copy must read its own input's map
         moved = torch.roll(cond, 8, dims=-1)
-        a = denoise(sp, x, t, lab, m.patch_size, cond)
+        a = denoise(var, x, t, lab, m.patch_size, cond)
         assert not torch.allclose(a, denoise(plain, x, t, lab, m.patch_size, cond), atol=1e-3)
+        assert not torch.allclose(a, denoise(var, x, t, lab, m.patch_size, moved), atol=1e-3)  # the map matters
         b = denoise(ema, x, t, lab, m.patch_size, moved)
-        assert torch.allclose(a, denoise(sp, x, t, lab, m.patch_size, cond), atol=1e-5)  # unaffected by the copy
-        assert torch.allclose(b, denoise(sp, x, t, lab, m.patch_size, moved), atol=1e-5)
+        assert torch.allclose(a, denoise(var, x, t, lab, m.patch_size, cond), atol=1e-5)  # unaffected by the copy
+        assert torch.allclose(b, denoise(var, x, t, lab, m.patch_size, moved), atol=1e-5)
     with pytest.raises(ValueError, match="label maps"):
-        spade.build_spade_unet(model_config("tiny", 32, 2))
+        cond_mod.build_variant_unet(variant, model_config("tiny", 32, 2))
 
 
-def test_a_spade_run_trains_through_meddiff_train_and_loads_back(tmp_path: Path, mask_run: Path) -> None:
+@pytest.mark.parametrize("variant", ["spade", "controlnet"])
+def test_a_variant_run_trains_through_meddiff_train_and_loads_back(variant: str, tmp_path: Path,
+                                                                   mask_run: Path) -> None:
+    import importlib
+
     import numpy as np
 
+    from meddiff.model import build_unet
     from meddiff.sample import generate
 
-    spade = _spade()
-    code = spade.train(["--data", "builtin:phantoms?n=16&masks=1", "--size", "32", "--preset", "tiny", "--max-steps",
-                        "3", "--out", str(tmp_path / "run"), "--no-progress", "--threads", "1"])
+    cond_mod = _conditioning()
+    code = cond_mod.train(variant, ["--data", "builtin:phantoms?n=16&masks=1", "--size", "32", "--preset", "tiny",
+                                    "--max-steps", "3", "--out", str(tmp_path / "run"), "--no-progress", "--threads",
+                                    "1"])
     assert code == 0
-    run = spade.load_spade_run(tmp_path / "run")
-    assert any(".norm1.scale." in k for k in run.unet.state_dict())
+    run = cond_mod.load_variant_run(variant, tmp_path / "run")
+    assert any((".norm1.scale." if variant == "spade" else "control_zero_mid") in k for k in run.unet.state_dict())
     maps = np.zeros((2, 32, 32), np.int64)
     maps[:, 4:12, 4:12] = 1
     assert generate(run, [0, 1], 0, masks=maps, guidance=2).shape == (2, 32, 32)
-    with pytest.raises(RuntimeError):  # a run trained without SPADE does not load as one
-        spade.load_spade_run(mask_run)
-    import importlib
-
-    from meddiff.model import build_unet
+    with pytest.raises(RuntimeError):  # a run trained without the variant does not load as one
+        cond_mod.load_variant_run(variant, mask_run)
     assert importlib.import_module("meddiff.train").build_unet is build_unet  # meddiff train is itself again
+    with pytest.raises(ValueError, match="choose from"):
+        cond_mod.train("film", [])
