@@ -158,12 +158,16 @@ def add_controlnet(unet: nn.Module, model: Any) -> nn.Module:
 VARIANTS: dict[str, Callable[[nn.Module, Any], nn.Module]] = {"spade": add_spade, "controlnet": add_controlnet}
 
 
+def check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"mask conditioning {variant!r}: choose from {', '.join(VARIANTS)}")
+
+
 def build_variant_unet(variant: str, model: Any) -> nn.Module:
     """meddiff's UNet for a mask-conditioned ModelConfig, with the variant's modules added."""
     from meddiff.model import build_unet
 
-    if variant not in VARIANTS:
-        raise ValueError(f"mask conditioning {variant!r}: choose from {', '.join(VARIANTS)}")
+    check_variant(variant)
     if not model.cond_channels:
         raise ValueError(f"{variant} needs a model conditioned on label maps (cond_channels > 0)")
     return VARIANTS[variant](build_unet(model), model)
@@ -192,8 +196,7 @@ def train(variant: str, argv: list[str]) -> int:
 
     from meddiff.cli import main
 
-    if variant not in VARIANTS:  # before any training
-        raise ValueError(f"mask conditioning {variant!r}: choose from {', '.join(VARIANTS)}")
+    check_variant(variant)  # before any training
     module = importlib.import_module("meddiff.train")  # (`meddiff.train` is the function)
     plain = module.build_unet
     module.build_unet = lambda model: build_variant_unet(variant, model)
