@@ -24,7 +24,8 @@ Systems (--systems): `seed` (the student recipe), `meddiff` (the default pixel r
 (meddiff's latent path: `meddiff train-autoencoder` for --ae-share of the budget, then `meddiff train
 --autoencoder` for the rest, so it gets the same minutes in all). The latent rows add the autoencoder's PSNR and
 SSIM on the held-out slices.
-Scoring: every model sampled by meddiff's DDIM 20 (diffusers' DDIMScheduler) with seeds 0..n-1; KID, FID
+Scoring: every model sampled by meddiff's DDIM 20 (diffusers' DDIMScheduler) with seeds 0..n-1 (a
+class-conditional one at --guidance, default 1: no classifier-free guidance); KID, FID
 (random-conv features) and SSIM to the nearest held-out slice with 95 % bootstrap intervals, the share of
 samples that copy a training slice, the pixel-scale detail against the held-out slices' (1 = real; grain is
 far above), and the eps-MSE on the held-out slices at the seed's noise levels (512 draws) with its interval; the real-vs-real reference (two held-out halves) in the same table.
@@ -211,8 +212,9 @@ def class_figures(imgs: np.ndarray, asked: list[str], split: HeldOutSplit, n_boo
                              np.isin(lab, split.heldout), n_boot=n_boot)
 
 
-def sample(row: dict, n: int) -> np.ndarray:
-    """n samples, seeds 0..n-1; a class-conditional run's sample i asks for class i mod (its classes)."""
+def sample(row: dict, n: int, guidance: float = 1.0) -> np.ndarray:
+    """n samples, seeds 0..n-1; a class-conditional run's sample i asks for class i mod (its classes), with
+    classifier-free guidance at `guidance` (1: the conditional model alone)."""
     from meddiff.sample import generate, load_run
 
     loaded = seed_as_run(row["unet"]) if row["who"] == "seed" else load_run(row["run"])  # latent: decoded
@@ -223,7 +225,7 @@ def sample(row: dict, n: int) -> np.ndarray:
     for label in range(k):
         seeds = list(range(label, n, k))
         for i in range(0, len(seeds), 8):
-            parts.update(zip(seeds[i:i + 8], generate(loaded, seeds[i:i + 8], label, "ddim", 20)))
+            parts.update(zip(seeds[i:i + 8], generate(loaded, seeds[i:i + 8], label, "ddim", 20, guidance)))
     return np.stack([parts[i] for i in range(n)])
 
 
@@ -261,6 +263,9 @@ def main() -> None:
                     help="CPU threads of each meddiff training process (default 1: side by side, one each; 2 for "
                          "one system on both cores)")
     ap.add_argument("--score-only", action="store_true", help="skip training: score the runs already in --out")
+    ap.add_argument("--guidance", type=float, default=1.0,
+                    help="classifier-free guidance scale of a class-conditional model's samples (default 1: none; "
+                         "with --score-only, the same trained runs judged at another scale)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke test: 32 px, --minutes 0.05,0.1, n 8, results and grid under --out")
     R.add_results_arg(ap, "quality_per_compute")
@@ -292,7 +297,7 @@ def main() -> None:
     runs, samples, summary_rows = [], {}, {}
     for name, row in rows.items():
         t0 = time.time()
-        imgs = sample(row, a.n)
+        imgs = sample(row, a.n, a.guidance)
         q = dict(minutes=row["minutes"], who=row["who"], sample_img_per_s_ddim20=a.n / (time.time() - t0),
                  **score_heldout(imgs, split, n_boot=a.bootstrap))
         # eps-MSE compares models that denoise the same pixels; a latent model denoises its own latents
@@ -310,7 +315,8 @@ def main() -> None:
         if row["who"] == "latent":  # the first stage's own training: steps, img/s, peak memory
             ae = json.loads((row["run"].parent / "ae" / "autoencoder.json").read_text())["result"]
             q["autoencoder_train"] = {k: ae.get(k) for k in ("steps", "seconds", "train_img_per_s", "peak_rss_mib")}
-        np.save(out / f"{name}_samples.npy", (imgs * 255).round().astype(np.uint8))
+        guided = "" if a.guidance == 1 else f"_guidance{a.guidance:g}"  # keeps another scale's samples
+        np.save(out / f"{name}_samples{guided}.npy", (imgs * 255).round().astype(np.uint8))
         samples[name] = imgs
         summary_rows[name] = q
         runs.append(dict(model=name, unet=str(row["unet"]), training=trained, **q))
@@ -321,7 +327,7 @@ def main() -> None:
     summary = dict(rows=summary_rows, order=order, reference=reference_rows(split, a.bootstrap),
                    heldout=split.description, sampler="DDIM 20 (diffusers DDIMScheduler via meddiff.sample.generate)",
                    threads_per_run=a.threads, grid=str(a.grid), budgets=budgets, systems=systems, size=a.size,
-                   data=a.data)
+                   data=a.data, guidance=a.guidance)
     R.write_results(a.results, "quality_per_compute", mach, vars(a), runs, summary)
 
 

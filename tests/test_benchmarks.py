@@ -176,3 +176,23 @@ def test_a_variant_run_trains_through_meddiff_train_and_loads_back(variant: str,
     assert importlib.import_module("meddiff.train").build_unet is build_unet  # meddiff train is itself again
     with pytest.raises(ValueError, match="choose from"):
         cond_mod.train("film", [])
+
+
+def test_quality_per_compute_samples_each_class_in_turn_at_the_guidance_asked(trained_run: Path) -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import quality_per_compute as qpc
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    import numpy as np
+
+    from meddiff.sample import generate, load_run
+
+    row = dict(who="meddiff", run=trained_run, unet=trained_run / "unet", class_names=["a", "b"])
+    assert qpc.requested(row, 5) == ["a", "b", "a", "b", "a"]
+    plain, guided = qpc.sample(row, 4), qpc.sample(row, 4, guidance=3.0)
+    loaded = load_run(trained_run)
+    # sample i is seed i of class i mod 2, exactly as `meddiff sample` draws it
+    assert np.array_equal(plain[1], generate(loaded, [1, 3], 1, "ddim", 20)[0])
+    assert np.array_equal(guided[2], generate(loaded, [0, 2], 0, "ddim", 20, 3.0)[1])
+    assert np.abs(plain - guided).max() > 1e-3  # the scale reaches the sampler
