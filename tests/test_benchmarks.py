@@ -196,3 +196,51 @@ def test_quality_per_compute_samples_each_class_in_turn_at_the_guidance_asked(tr
     assert np.array_equal(plain[1], generate(loaded, [1, 3], 1, "ddim", 20)[0])
     assert np.array_equal(guided[2], generate(loaded, [0, 2], 0, "ddim", 20, 3.0)[1])
     assert np.abs(plain - guided).max() > 1e-3  # the scale reaches the sampler
+
+
+def _render():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import render
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return render
+
+
+def _qpc_row(who: str, minutes: float, ssim: float, detail: bool = True) -> dict:
+    row = dict(who=who, minutes=minutes, ssim=ssim, ssim_ci95=[ssim - 0.01, ssim + 0.01], kid=0.01,
+               kid_ci95=[0.0, 0.02], fid=0.3, fid_ci95=[0.1, 0.5], copies_share=0.0, steps=100)
+    return {**row, "fine_energy_ratio": 0.5} if detail else row
+
+
+def test_the_size_table_gathers_every_run_and_names_the_cells_still_missing(tmp_path: Path) -> None:
+    render = _render()
+    ref = {"real vs real (held-out half A vs half B)": dict(ssim=0.6, ssim_ci95=[0.5, 0.7], kid=0.0,
+                                                            kid_ci95=[-0.01, 0.01])}
+
+    def write(name: str, size: int, threads: int, rows: dict) -> None:
+        doc = dict(settings=dict(size=size, threads=threads, data="mni"),
+                   summary=dict(rows=rows, order=list(rows), reference=ref))
+        (tmp_path / f"{name}.json").write_text(json.dumps(doc))
+
+    write("quality_per_compute_128", 128, 1, {"seed_10min": _qpc_row("seed", 10, 0.04),
+                                              "meddiff_10min": _qpc_row("meddiff", 10, 0.55),
+                                              "meddiff_30min": _qpc_row("meddiff", 30, 0.61, detail=False)})
+    write("quality_per_compute_256_2core", 256, 2, {"meddiff_30min": _qpc_row("meddiff", 30, 0.7)})
+    (tmp_path / "masks.json").write_text("{}")  # other figures are not read
+    lines = render.size_quality_rows(tmp_path)
+    table = [line for line in lines if line.startswith("| 1") or line.startswith("| 2")]
+    assert len(table) == 4 and all(line.count("|") == lines[0].count("|") for line in table)
+    assert "0.55 [0.54, 0.56]" in next(line for line in table if "10 min on 1 thread" in line and "pixel" in line)
+    assert "v-prediction" in next(line for line in table if "128 px" in line and "30 min" in line)
+    missing = lines[-1]
+    assert missing.startswith("Not yet measured") and "(22 of 24 cells)" in missing
+    # measured: 128 px seed and pixel at 10 min; the earlier-default and the 2-thread rows do not fill a cell
+    assert "128 px seed recipe 10 min;" not in missing and "128 px meddiff pixel (default) 30 min" in missing
+    assert "256 px meddiff pixel (default) 30 min" in missing
+
+
+def test_the_rendered_docs_match_the_results_files() -> None:
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "render.py"), "--check"], capture_output=True,
+                       text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
