@@ -183,10 +183,26 @@ def stopwatch(fn: Callable[[], Any]) -> Callable[[], float]:
     return timed
 
 
+# A child keeps its parent's getrusage ru_maxrss across fork and exec (Linux), so a program that reports its peak
+# RSS that way (the seed recipe does) reports this benchmark's own peak when that is the larger: a seed128 case
+# run in this process first made both sides of mem128 report its 14 GB. Started from a small launcher instead,
+# the program inherits only the launcher's few MiB. The launcher forwards SIGTERM/SIGINT and returns the code.
+_LAUNCHER = ("import signal, subprocess, sys\n"
+             "p = subprocess.Popen(sys.argv[1:])\n"
+             "for s in (signal.SIGTERM, signal.SIGINT):\n"
+             "    signal.signal(s, lambda n, f: p.send_signal(n))\n"
+             "sys.exit(p.wait())\n")
+
+
+def fresh(argv: Sequence[str]) -> list[str]:
+    """argv started through a small launcher, so its reported peak RSS is its own (see _LAUNCHER)."""
+    return [sys.executable, "-c", _LAUNCHER, *argv]
+
+
 def last_json(argv: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run a process (a fresh one, so its peak RSS is its own) and return the last JSON object line it printed;
-    SystemExit with its stderr's tail when it fails."""
-    out = subprocess.run(argv, capture_output=True, text=True,
+    """Run a process (through `fresh`, so the peak RSS it reports is its own) and return the last JSON object line
+    it printed; SystemExit with its stderr's tail when it fails."""
+    out = subprocess.run(fresh(argv), capture_output=True, text=True,
                          env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     if out.returncode:
         raise SystemExit(f"{' '.join(argv)} failed:\n{out.stderr[-3000:]}")

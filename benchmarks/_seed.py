@@ -14,6 +14,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+import _results as R
 from _results import SEED_SCRIPT
 
 
@@ -97,4 +98,4 @@ def start_seed_train(images_npy: Path, size: int, minutes: float, snapshots: lis
            arch, "--seconds", str(minutes * 60), "--out", str(out)]
     if snapshots:
         cmd += ["--snapshots", ",".join(str(int(round(s * 60))) for s in snapshots)]
-    return subprocess.Popen(cmd, env=one_thread_env(), stdout=subprocess.PIPE, text=True)
+    return subprocess.Popen(R.fresh(cmd), env=one_thread_env(), stdout=subprocess.PIPE, text=True)

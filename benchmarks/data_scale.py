@@ -30,20 +30,22 @@ import _results as R
 CHILD_BUILD = """
 import json, resource, sys, time
 from meddiff.data.dataset import load_data
+from meddiff.train import peak_rss_mib
 t0 = time.perf_counter()
 data = load_data(sys.argv[1], int(sys.argv[2]), cache_dir=sys.argv[3])
 seconds = time.perf_counter() - t0
 print(json.dumps(dict(images=len(data), seconds=seconds, skipped=len(data.skipped),
-                      peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                      peak_rss_mib=peak_rss_mib(),
                       workers_peak_rss_mib=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)))
 """
 
 CHILD_TRAIN = """
-import json, resource, sys
+import json, sys
 from meddiff.cli import main
+from meddiff.train import peak_rss_mib
 code = main(["train", "--data", sys.argv[1], "--size", sys.argv[2], "--cache-dir", sys.argv[3], "--out", sys.argv[4],
              "--max-steps", sys.argv[5], "--batch-size", "8", "--threads", "1", "--no-progress"])
-print(json.dumps(dict(code=code, peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)))
+print(json.dumps(dict(code=code, peak_rss_mib=peak_rss_mib())))
 """
 
 

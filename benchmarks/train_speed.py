@@ -137,7 +137,8 @@ def memory_case(mem_batch: int, repeats: int, precision: str, size: int = 128) -
                    meddiff=dict(preset="seed", size=size, batch=mem_batch, micro_batch=4, grad_checkpointing=True,
                                 peak_rss_mib=R.median_spread(mem["meddiff"])),
                    ratio=dict(ratio=float(R.median_spread(mem["meddiff"])["median"]
-                                          / R.median_spread(mem["seed"])["median"]), what="peak RSS meddiff / seed"))
+                                          / R.median_spread(mem["seed"])["median"]), what="peak RSS meddiff / seed"),
+                   peak="each process's own: meddiff's VmHWM, the seed recipe's ru_maxrss under R.fresh's launcher")
     return runs, summary
 
 

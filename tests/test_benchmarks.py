@@ -244,3 +244,24 @@ def test_the_rendered_docs_match_the_results_files() -> None:
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "render.py"), "--check"], capture_output=True,
                        text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_a_program_started_fresh_reports_its_own_peak_not_the_benchmarks() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import _results as R
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    # a program that reports ru_maxrss (as the seed recipe does), started by a benchmark holding 1 GiB
+    report = "import json, resource; print(json.dumps(dict(mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)))"
+    held = bytearray(2**30)
+    held[::4096] = b"x" * len(held[::4096])
+    try:
+        plain = subprocess.run([sys.executable, "-c", report], capture_output=True, text=True, timeout=60)
+        inherited = json.loads(plain.stdout)["mib"]
+        own = R.last_json([sys.executable, "-c", report])["mib"]
+    finally:
+        del held
+    assert inherited > 1024 and own < 200, (inherited, own)
+    with pytest.raises(SystemExit, match="failed"):  # the launcher hands back the program's exit code
+        R.last_json([sys.executable, "-c", "import sys; sys.exit(3)"])

@@ -545,3 +545,18 @@ def test_training_prints_an_eta_after_its_first_steps(image_folder: Path, tmp_pa
     T.train(train_config(image_folder, tmp_path / "run", max_steps=5, max_minutes=30.0), echo=lines.append)
     eta = [line for line in lines if line.startswith("step ")]
     assert len(eta) == 1 and eta[0].startswith("step 3 of 5: ") and eta[0].endswith(" min to go"), lines
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="VmHWM is Linux's")
+def test_a_run_started_by_a_large_process_reports_its_own_peak_memory() -> None:
+    # the parent holds 1.5 GiB when it starts the child; getrusage's ru_maxrss would hand the child that peak
+    child = "from meddiff.train import peak_rss_mib; print(peak_rss_mib())"
+    parent = ("import subprocess, sys\n"
+              "big = bytearray(1536 * 2**20)\n"
+              "big[::4096] = b'x' * len(big[::4096])\n"
+              f"print(subprocess.run([sys.executable, '-c', {child!r}], capture_output=True, text=True).stdout)\n"
+              "import resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)\n")
+    out = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    own, parents = (float(v) for v in out.stdout.split())
+    assert parents > 1536 and 10 < own < 1024, (own, parents)

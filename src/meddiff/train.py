@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import math
 import signal
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -680,12 +681,23 @@ def _rank0_float(value: float, dist: Dist, device: torch.device) -> float:
 
 
 def peak_rss_mib() -> float | None:
-    """The process's peak resident memory (Unix), the figure the seed recipe reports too."""
+    """This process's own peak resident memory in MiB: Linux's VmHWM, the high-water mark of the memory this
+    program mapped. Not getrusage's ru_maxrss where VmHWM exists: a child keeps its parent's ru_maxrss across
+    fork and exec, so a run started by a large process (a notebook, a benchmark holding its data) would report
+    the parent's peak. Elsewhere (macOS, BSD) ru_maxrss; None without either."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         import resource
     except ImportError:
         return None
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, kB elsewhere
 
 
 def _replace(cfg: TrainConfig, **changes: Any) -> TrainConfig:
