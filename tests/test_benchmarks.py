@@ -1,7 +1,9 @@
 """Benchmark code that tests can reach: gpu_check.py --dry-run (the GPU owner's one command runs its whole path on
-the CPU in seconds) and the held-out figures' grain measure."""
+the CPU in seconds), the held-out sets and figures, the mask-conditioning candidates, how quality_per_compute
+samples, the launcher that keeps a measured program's peak memory its own, and the rendered docs."""
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -19,6 +21,15 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
     return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), *args], capture_output=True,
                           text=True, env=env, timeout=300, cwd=ROOT)
+
+
+def bench(name: str):
+    """A module of benchmarks/ (run as scripts, they import each other as top-level modules)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
 
 
 @pytest.mark.skipif(SEED is None, reason="the seed recipe (../shared/baselines/seed_recipe.py) is not beside the repo")
@@ -50,11 +61,7 @@ def test_gpu_check_without_a_gpu_says_so_in_one_line() -> None:
 
 
 def test_the_peak_table_matches_names_and_takes_an_override() -> None:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from gpu_check import peak_tflops
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    peak_tflops = bench("gpu_check").peak_tflops
     assert peak_tflops("NVIDIA H200", None)[0] == 989.0
     assert peak_tflops("NVIDIA A100-SXM4-80GB", None)[0] == 312.0
     assert peak_tflops("Some GPU", None) == (None, "unknown GPU: pass --peak-tflops")
@@ -62,11 +69,7 @@ def test_the_peak_table_matches_names_and_takes_an_override() -> None:
 
 
 def test_the_grain_figure_is_one_for_real_images_and_far_above_for_residual_noise() -> None:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from _heldout import fine_energy_ratio
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    fine_energy_ratio = bench("_heldout").fine_energy_ratio
     import numpy as np
 
     yy, xx = np.mgrid[:32, :32] / 32
@@ -79,11 +82,7 @@ def test_the_grain_figure_is_one_for_real_images_and_far_above_for_residual_nois
 
 
 def test_the_phantom_split_holds_out_other_subjects_with_balanced_halves() -> None:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from _heldout import phantom_split
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    phantom_split = bench("_heldout").phantom_split
     import numpy as np
 
     from meddiff.data.dataset import load_data
@@ -107,15 +106,6 @@ def test_the_phantom_split_holds_out_other_subjects_with_balanced_halves() -> No
         phantom_split(32, 8, 16, train_seed=3, heldout_seed=3)
 
 
-def _conditioning():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import _mask_conditioning
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return _mask_conditioning
-
-
 @pytest.mark.parametrize("variant", ["spade", "controlnet"])
 def test_a_mask_path_starts_as_the_input_channel_unet_and_then_carries_the_map(variant: str) -> None:
     import copy
@@ -125,7 +115,7 @@ def test_a_mask_path_starts_as_the_input_channel_unet_and_then_carries_the_map(v
     from meddiff.config import model_config
     from meddiff.model import build_unet, denoise
 
-    cond_mod = _conditioning()
+    cond_mod = bench("_mask_conditioning")
     m = model_config("tiny", 32, 2, mask_values=(1,))
     plain, var = build_unet(m), cond_mod.build_variant_unet(variant, m)
     own = {k.replace(".norm.", ".") if variant == "spade" else k: v for k, v in var.state_dict().items()}
@@ -161,7 +151,7 @@ def test_a_variant_run_trains_through_meddiff_train_and_loads_back(variant: str,
     from meddiff.model import build_unet
     from meddiff.sample import generate
 
-    cond_mod = _conditioning()
+    cond_mod = bench("_mask_conditioning")
     code = cond_mod.train(variant, ["--data", "builtin:phantoms?n=16&masks=1", "--size", "32", "--preset", "tiny",
                                     "--max-steps", "3", "--out", str(tmp_path / "run"), "--no-progress", "--threads",
                                     "1"])
@@ -179,11 +169,7 @@ def test_a_variant_run_trains_through_meddiff_train_and_loads_back(variant: str,
 
 
 def test_quality_per_compute_samples_each_class_in_turn_at_the_guidance_asked(trained_run: Path) -> None:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import quality_per_compute as qpc
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    qpc = bench("quality_per_compute")
     import numpy as np
 
     from meddiff.sample import generate, load_run
@@ -198,15 +184,6 @@ def test_quality_per_compute_samples_each_class_in_turn_at_the_guidance_asked(tr
     assert np.abs(plain - guided).max() > 1e-3  # the scale reaches the sampler
 
 
-def _render():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import render
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return render
-
-
 def _qpc_row(who: str, minutes: float, ssim: float, detail: bool = True) -> dict:
     row = dict(who=who, minutes=minutes, ssim=ssim, ssim_ci95=[ssim - 0.01, ssim + 0.01], kid=0.01,
                kid_ci95=[0.0, 0.02], fid=0.3, fid_ci95=[0.1, 0.5], copies_share=0.0, steps=100)
@@ -214,7 +191,7 @@ def _qpc_row(who: str, minutes: float, ssim: float, detail: bool = True) -> dict
 
 
 def test_the_size_table_gathers_every_run_and_names_the_cells_still_missing(tmp_path: Path) -> None:
-    render = _render()
+    render = bench("render")
     ref = {"real vs real (held-out half A vs half B)": dict(ssim=0.6, ssim_ci95=[0.5, 0.7], kid=0.0,
                                                             kid_ci95=[-0.01, 0.01])}
 
@@ -247,11 +224,7 @@ def test_the_rendered_docs_match_the_results_files() -> None:
 
 
 def test_a_program_started_fresh_reports_its_own_peak_not_the_benchmarks() -> None:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import _results as R
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    R = bench("_results")
     # a program that reports ru_maxrss (as the seed recipe does), started by a benchmark holding 1 GiB
     report = "import json, resource; print(json.dumps(dict(mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)))"
     held = bytearray(2**30)
