@@ -70,6 +70,9 @@ COMMANDS = {
                                            "--n-train 400 --n-heldout 64 --out bench_out/qpc_ph512_30 "
                                            "--grid docs/qpc_ph512_30_grid.png "
                                            "--results benchmarks/results/quality_per_compute_phantoms_512_30.json",
+    "quality_per_compute_128_table": "python benchmarks/quality_per_compute.py --size 128 --systems meddiff,latent "
+                                     "--minutes 10 --n 48 --out bench_out/qpc128_table --grid docs/qpc128_table_grid.png "
+                                     "--results benchmarks/results/quality_per_compute_128_table.json",
     "quality_per_compute_256_table": "python benchmarks/quality_per_compute.py --size 256 --systems meddiff,latent "
                                      "--minutes 10,30 --n 48 --out bench_out/qpc256_table "
                                      "--grid docs/qpc256_table_grid.png "
@@ -451,6 +454,7 @@ RENDERERS: dict[str, Callable[[dict], list[str]]] = {
     "quality_per_compute_phantoms_512_30": render_quality_per_compute,
     "quality_per_compute_phantoms_256_60_guidance3": render_quality_per_compute,
     "quality_per_compute_256_table": render_quality_per_compute,
+    "quality_per_compute_128_table": render_quality_per_compute,
     "quality_per_compute_phantoms_512_30_guidance3": render_quality_per_compute,
 }
 
