@@ -17,9 +17,10 @@ subjects), --modalities (default all 4) x normal/abnormal: meddiff trains class-
 every class in turn (sample i asks for class i mod the number of classes; the unconditional seed recipe cannot be
 asked). Both recipes train on the same training images (8-bit, as the seed reads them); meddiff keeps its own
 validation share of them for early stopping, as it always does.
-Training: the seed recipe trains for the longest budget, saving snapshots at the shorter ones, while meddiff's
-longest run trains beside it (one thread each); meddiff's shorter budgets (its cosine schedule depends on the
-budget, so they are separate runs) follow two at a time, one thread each.
+Training: every run on one thread (--threads), as many at once as the cores hold (two on 2 cores), longest first:
+the seed recipe trains for the longest budget, saving snapshots at the shorter ones; meddiff's and the latent
+path's shorter budgets are separate runs (their schedules depend on the budget). No two runs share a core:
+three systems on 2 cores take longer in all, never fewer steps each.
 Systems (--systems): `seed` (the student recipe), `meddiff` (the default pixel recipe at --size) and `latent`
 (meddiff's latent path: `meddiff train-autoencoder` for --ae-share of the budget, then `meddiff train
 --autoencoder` for the rest, so it gets the same minutes in all). The latent rows add the autoencoder's PSNR and
@@ -35,10 +36,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -68,7 +74,8 @@ def start_latent(data: Path, size: int, minutes: float, out: Path, extra: list[s
           "--autoencoder", str(out / "ae"), "--max-minutes", f"{minutes * (1 - ae_share):g}", "--out",
           str(out / "run"), "--no-progress", *extra]
     script = " && ".join(" ".join(f"'{a}'" for a in cmd) for cmd in (ae, dm))
-    return subprocess.Popen(["bash", "-c", script], env=one_thread_env(threads), stdout=subprocess.PIPE, text=True)
+    return subprocess.Popen(["bash", "-c", script], env=one_thread_env(threads), stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group: stopping it stops both stages
 
 
 def last_json(proc: subprocess.Popen) -> dict:
@@ -94,28 +101,71 @@ def write_training_data(split: HeldOutSplit, out: Path) -> tuple[Path, Path]:
     return npy, folder
 
 
+def training_jobs(budgets: list[float], systems: list[str]) -> list[tuple[str, float]]:
+    """The training processes, longest first: every system at the longest budget (the seed's run saves snapshots
+    at the shorter ones), then meddiff's and the latent path's shorter budgets (their schedules depend on the
+    budget, so they are separate runs)."""
+    longest = budgets[-1]
+    return [(who, longest) for who in systems] + [(who, m) for m in reversed(budgets[:-1]) for who in systems
+                                                  if who != "seed"]
+
+
+def core_slots(threads: int) -> int:
+    """How many `threads`-thread training processes run at once: as many as this process's cores hold, so no
+    two share a core (2 cores, one thread each: two at a time)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // threads)
+
+
+def run_jobs(jobs: list[tuple[str, float]], start: Callable[[str, float], subprocess.Popen],
+             slots: int) -> dict[str, dict]:
+    """Run every job's process, at most `slots` at once, each started as soon as one ends, in the jobs' order
+    (longest first: the runs finish close together); returns each process's last JSON line by job name. When one
+    fails, the jobs not started are dropped and the running ones stopped before its error is raised."""
+    running: list[subprocess.Popen] = []
+    lock, stopping = threading.Lock(), threading.Event()
+
+    def one(job: tuple[str, float]) -> dict:
+        with lock:  # no run starts once stopping has begun
+            if stopping.is_set():
+                raise SystemExit("stopped")
+            running.append(start(*job))
+            proc = running[-1]
+        return last_json(proc)
+    pool = ThreadPoolExecutor(max_workers=slots)
+    futures = {job_name(*job): pool.submit(one, job) for job in jobs}
+    try:
+        done, _ = wait(futures.values(), return_when=FIRST_EXCEPTION)
+        failed = next((f.exception() for f in done if f.exception()), None)
+        if failed:  # raised now, not after the runs still going
+            raise failed
+        return {name: f.result() for name, f in futures.items()}
+    finally:
+        with lock:
+            stopping.set()
+            for proc in running:
+                try:
+                    if proc.poll() is None:  # a process group of its own (the latent chain): all of it
+                        os.killpg(proc.pid, signal.SIGKILL) if os.getpgid(proc.pid) == proc.pid else proc.kill()
+                except ProcessLookupError:  # it ended meanwhile
+                    pass
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def job_name(who: str, minutes: float) -> str:
+    return "seed" if who == "seed" else f"{who}_{minutes:g}min"
+
+
 def train_all(out: Path, budgets: list[float], size: int, systems: list[str], extra: list[str], npy: Path,
               png: Path, ae_share: float, threads: int = 1) -> dict:
-    """Every system's longest budget side by side (one thread each; the seed's run saves snapshots at the shorter
-    budgets); then meddiff's and the latent path's shorter budgets (their schedules depend on the budget, so
-    they are separate runs), two at a time."""
+    """Every training run on `threads` threads, as many at once as the cores hold, longest first."""
     def start(who: str, m: float) -> subprocess.Popen:
+        if who == "seed":
+            return start_seed_train(npy, size, m, budgets[:-1], out / "seed")
         if who == "meddiff":
             return start_meddiff(png, size, m, out / f"meddiff_{m:g}min", extra, threads)
         return start_latent(png, size, m, out / f"latent_{m:g}min", extra, ae_share, threads)
-
-    longest = budgets[-1]
-    if len(systems) > 2:
-        print(f"note: {len(systems)} training processes share the 2 cores: each gets less than one", flush=True)
-    procs = {("seed" if who == "seed" else f"{who}_{longest:g}min"):
-             start_seed_train(npy, size, longest, budgets[:-1], out / "seed") if who == "seed" else start(who, longest)
-             for who in systems}
-    stats = {name: last_json(p) for name, p in procs.items()}
-    rest = [(who, m) for m in budgets[:-1] for who in systems if who != "seed"]
-    for i in range(0, len(rest), 2):
-        pair = {f"{who}_{m:g}min": start(who, m) for who, m in rest[i:i + 2]}
-        stats.update({name: last_json(p) for name, p in pair.items()})
-    return stats
+    return run_jobs(training_jobs(budgets, systems), start, core_slots(threads))
 
 
 def record_shift(train: dict) -> float | tuple[float, float]:

@@ -184,6 +184,36 @@ def test_quality_per_compute_samples_each_class_in_turn_at_the_guidance_asked(tr
     assert np.abs(plain - guided).max() > 1e-3  # the scale reaches the sampler
 
 
+def test_quality_per_compute_runs_its_training_longest_first_never_more_at_once_than_the_cores(tmp_path: Path) -> None:
+    import time
+
+    import numpy as np
+
+    qpc = bench("quality_per_compute")
+    jobs = qpc.training_jobs([10.0, 30.0], ["seed", "meddiff", "latent"])
+    assert jobs == [("seed", 30.0), ("meddiff", 30.0), ("latent", 30.0), ("meddiff", 10.0), ("latent", 10.0)]
+    assert qpc.core_slots(1) >= 1 and qpc.core_slots(10_000) == 1
+
+    def start(who: str, m: float) -> subprocess.Popen:  # a stand-in run: its start and end times, after m/10 s
+        code = ("import json, sys, time; t = time.time(); time.sleep(float(sys.argv[1]));"
+                "print('progress'); print(json.dumps(dict(start=t, end=time.time())))")
+        return subprocess.Popen([sys.executable, "-c", code, str(m / 100)], stdout=subprocess.PIPE, text=True)
+    stats = qpc.run_jobs(jobs, start, slots=2)
+    assert list(stats) == ["seed", "meddiff_30min", "latent_30min", "meddiff_10min", "latent_10min"]
+    edges = sorted([(s["start"], 1) for s in stats.values()] + [(s["end"], -1) for s in stats.values()])
+    assert max(np.cumsum([d for _, d in edges])) == 2  # two at a time, never three
+    assert stats["latent_30min"]["start"] >= min(stats["seed"]["end"], stats["meddiff_30min"]["end"]) - 0.05
+
+    def failing(who: str, m: float) -> subprocess.Popen:  # one run fails at once: the long one is stopped
+        code = "import sys, time; time.sleep(float(sys.argv[1])); sys.exit(sys.argv[2] == 'bad')"
+        return subprocess.Popen([sys.executable, "-c", code, "0" if who == "bad" else "30", who],
+                                stdout=subprocess.PIPE, text=True, start_new_session=who == "slow")
+    t0 = time.time()
+    with pytest.raises(SystemExit, match="a training process failed"):
+        qpc.run_jobs([("slow", 30.0), ("bad", 10.0), ("never", 10.0)], failing, slots=2)
+    assert time.time() - t0 < 15
+
+
 def _qpc_row(who: str, minutes: float, ssim: float, detail: bool = True) -> dict:
     row = dict(who=who, minutes=minutes, ssim=ssim, ssim_ci95=[ssim - 0.01, ssim + 0.01], kid=0.01,
                kid_ci95=[0.0, 0.02], fid=0.3, fid_ci95=[0.1, 0.5], copies_share=0.0, steps=100)
