@@ -22,6 +22,12 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
+def qpc_command(figure: str, out: str, args: str) -> str:
+    """A quality-per-compute run's command: its work folder bench_out/OUT, its grid docs/OUT_grid.png."""
+    return (f"python benchmarks/quality_per_compute.py {args} --out bench_out/{out} --grid docs/{out}_grid.png "
+            f"--results benchmarks/results/{figure}.json")
+
+
 # figure → the one command (from a clean checkout, at the repository root) that writes its results file
 COMMANDS = {
     "quality_per_compute": "python benchmarks/quality_per_compute.py --minutes 2,4,20",
@@ -77,6 +83,16 @@ COMMANDS = {
                                      "--minutes 10,30 --n 48 --out bench_out/qpc256_table "
                                      "--grid docs/qpc256_table_grid.png "
                                      "--results benchmarks/results/quality_per_compute_256_table.json",
+    "quality_per_compute_64_table": qpc_command("quality_per_compute_64_table", "qpc64_table", "--size 64 --systems "
+                                                "seed,meddiff,latent --minutes 10,30 --n 64"),
+    "quality_per_compute_128_seed": qpc_command("quality_per_compute_128_seed", "qpc128_seed", "--size 128 --systems "
+                                                "seed --minutes 10,30 --n 48"),
+    "quality_per_compute_128_latent30": qpc_command("quality_per_compute_128_latent30", "qpc128_latent30",
+                                                    "--size 128 --systems latent --minutes 30 --n 48"),
+    "quality_per_compute_256_seed": qpc_command("quality_per_compute_256_seed", "qpc256_seed", "--size 256 --systems "
+                                                "seed --minutes 10,30 --n 48"),
+    "quality_per_compute_512_table": qpc_command("quality_per_compute_512_table", "qpc512_table", "--size 512 "
+                                                 "--systems meddiff,latent --minutes 10 --n 32"),
     "quality_per_compute_phantoms_256_60_guidance3":
         "python benchmarks/quality_per_compute.py --data phantoms --size 256 --systems meddiff --minutes 60 --threads 2 "
         "--n 64 --out bench_out/qpc_ph256_60 --guidance 3 --grid docs/qpc_ph256_60_guidance3_grid.png "
@@ -439,24 +455,16 @@ RENDERERS: dict[str, Callable[[dict], list[str]]] = {
     "sampling_speed": render_sampling_speed, "sampler_quality": render_sampler_quality,
     "conditional_classes": render_conditional_classes, "data_scale": render_data_scale,
     "gpu_check": render_gpu_check,
-    "quality_per_compute_128": render_quality_per_compute,
-    "quality_per_compute_256": render_quality_per_compute,
     "size_table": render_size_table,
     "masks": render_masks,
-    "masks_guidance1": render_masks,
-    "masks_spade": render_masks,
-    "masks_spade_guidance1": render_masks,
-    "masks_controlnet": render_masks,
     "size_rules_256": render_size_rules,
-    "quality_per_compute_256_60": render_quality_per_compute,
-    "quality_per_compute_128_2core": render_quality_per_compute,
-    "quality_per_compute_phantoms_256_60": render_quality_per_compute,
-    "quality_per_compute_phantoms_512_30": render_quality_per_compute,
-    "quality_per_compute_phantoms_256_60_guidance3": render_quality_per_compute,
-    "quality_per_compute_256_table": render_quality_per_compute,
-    "quality_per_compute_128_table": render_quality_per_compute,
-    "quality_per_compute_phantoms_512_30_guidance3": render_quality_per_compute,
 }
+
+
+def renderer(figure: str) -> Callable[[dict], list[str]]:
+    """A figure's table: its own renderer, or its family's (quality_per_compute_<run>, masks_<variant>)."""
+    family = next((f for f in ("quality_per_compute", "masks") if figure.startswith(f + "_")), figure)
+    return RENDERERS.get(figure) or RENDERERS[family]
 
 
 def load(figure: str, results: Path) -> dict | None:
@@ -472,7 +480,7 @@ def render_figure(figure: str, results: Path) -> str:
     doc = load(figure, results)
     if doc is None:
         return "\n".join(not_yet(figure))
-    return "\n".join([*RENDERERS[figure](doc), "", command_line(doc, figure)])
+    return "\n".join([*renderer(figure)(doc), "", command_line(doc, figure)])
 
 
 # ---------------------------------------------------------------- the README's "What it reaches" rows
@@ -710,10 +718,10 @@ def fill(text: str, results: Path) -> str:
             content = "\n".join(readme_rows(results))
         elif name == "size_quality":
             content = "\n".join(size_quality_rows(results))
-        elif name in RENDERERS:
+        elif name in COMMANDS:
             content = render_figure(name, results)
         else:
-            raise SystemExit(f"unknown render block {name!r}; known: readme, size_quality, {', '.join(RENDERERS)}")
+            raise SystemExit(f"unknown render block {name!r}; known: readme, size_quality, {', '.join(COMMANDS)}")
         return f"{m.group(1)}{content}\n{m.group(4)}"
     return BLOCK.sub(body, text)
 
