@@ -279,6 +279,14 @@ def sample(row: dict, n: int, guidance: float = 1.0) -> np.ndarray:
     return np.stack([parts[i] for i in range(n)])
 
 
+def clips_x0(row: dict) -> bool:
+    """Whether the sampler clipped the predicted x_0 to [-1, 1] at every step (the pixel models; a latent run
+    never since `diffusion.diffusers_scheduler_config` learned that latents lie outside it)."""
+    from meddiff.runfolder import scheduler_config
+
+    return True if row["who"] == "seed" else bool(scheduler_config(row["run"]).get("clip_sample"))
+
+
 def write_grid(path: Path, samples: dict[str, np.ndarray], per_row: int = 10) -> None:
     """The first `per_row` samples of every model (seeds 0..per_row-1), one labelled row each."""
     from meddiff.export import make_grid, save_png
@@ -349,6 +357,7 @@ def main() -> None:
         t0 = time.time()
         imgs = sample(row, a.n, a.guidance)
         q = dict(minutes=row["minutes"], who=row["who"], sample_img_per_s_ddim20=a.n / (time.time() - t0),
+                 clip_sample=clips_x0(row),
                  **score_heldout(imgs, split, n_boot=a.bootstrap))
         # eps-MSE compares models that denoise the same pixels; a latent model denoises its own latents
         q.update(autoencoder_figures(row["run"], split) if row["who"] == "latent" else

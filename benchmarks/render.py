@@ -206,7 +206,7 @@ def render_quality_per_compute(doc: dict) -> list[str]:
             stale_eps = True
         cells.insert(3, _fine(r))
         steps = f" ({r['steps']:,} steps)" if r.get("steps") else ""
-        lines.append(f"| {WHO[r['who']]} | {r['minutes']:g} min{steps} | "
+        lines.append(f"| {_who(r)} | {r['minutes']:g} min{steps} | "
                      f"{_num(r.get('train_img_per_s'), '.3g')} | {_num(r.get('peak_rss_mib'), ',.0f')} | "
                      + " | ".join(cells) + f" | {r['copies_share']:.0%} |")
         if r["who"] == "latent":
@@ -236,6 +236,17 @@ def render_quality_per_compute(doc: dict) -> list[str]:
                   "valid figure. The other figures do not depend on it."]
     grid = Path(s["grid"])
     return lines + (["", f"![one row of samples per model]({grid.name})"] if grid.parent.name == "docs" else [])
+
+
+def _clipped_latents(r: dict) -> bool:
+    """A latent row sampled with its latents clipped to [-1, 1] at every step (scored before the fix of
+    `diffusion.diffusers_scheduler_config`; the file then recorded no `clip_sample`): not the latent path's
+    figure."""
+    return r["who"] == "latent" and r.get("clip_sample", True)
+
+
+def _who(r: dict) -> str:
+    return f"{WHO['latent']} (latents clipped at sampling: before the fix)" if _clipped_latents(r) else WHO[r["who"]]
 
 
 def _sample_cells(r: dict) -> str:
@@ -685,10 +696,10 @@ def size_quality_rows(results: Path) -> list[str]:
             r = s["rows"][name]
             # scored before the pixel detail existed: above 64 px, the v-prediction default x0 has replaced since
             earlier = r["who"] == "meddiff" and size > 64 and "fine_energy_ratio" not in r
-            if data == "mni" and threads == 1 and not earlier:
+            if data == "mni" and threads == 1 and not earlier and not _clipped_latents(r):
                 have.add((size, r["who"], r["minutes"]))
             steps = f", {r['steps']:,} steps" if r.get("steps") else ""
-            who = "meddiff pixel (v-prediction: the default before x0)" if earlier else WHO[r["who"]]
+            who = "meddiff pixel (v-prediction: the default before x0)" if earlier else _who(r)
             rows.append((size, data, r["who"], r["minutes"], guided,
                          f"| {size} px | {'brain MRI (MNI)' if data == 'mni' else 'phantoms'} | {who} | "
                          f"{r['minutes']:g} min on {threads} thread{'s' if threads > 1 else ''}{steps}{guided} | "

@@ -234,17 +234,24 @@ def test_the_size_table_gathers_every_run_and_names_the_cells_still_missing(tmp_
                                               "meddiff_10min": _qpc_row("meddiff", 10, 0.55),
                                               "meddiff_30min": _qpc_row("meddiff", 30, 0.61, detail=False)})
     write("quality_per_compute_256_2core", 256, 2, {"meddiff_30min": _qpc_row("meddiff", 30, 0.7)})
+    # the latent path before and after its sampler stopped clipping latents to [-1, 1]
+    write("quality_per_compute_256_table", 256, 1, {"latent_10min": _qpc_row("latent", 10, 0.3),
+                                                    "latent_30min": {**_qpc_row("latent", 30, 0.5),
+                                                                     "clip_sample": False}})
     (tmp_path / "masks.json").write_text("{}")  # other figures are not read
     lines = render.size_quality_rows(tmp_path)
     table = [line for line in lines if line.startswith("| 1") or line.startswith("| 2")]
-    assert len(table) == 4 and all(line.count("|") == lines[0].count("|") for line in table)
+    assert len(table) == 6 and all(line.count("|") == lines[0].count("|") for line in table)
+    assert "latents clipped" in next(line for line in table if "latent" in line and "10 min" in line)
+    assert "latents clipped" not in next(line for line in table if "latent" in line and "30 min" in line)
     assert "0.55 [0.54, 0.56]" in next(line for line in table if "10 min on 1 thread" in line and "pixel" in line)
     assert "v-prediction" in next(line for line in table if "128 px" in line and "30 min" in line)
     missing = lines[-1]
-    assert missing.startswith("Not yet measured") and "(22 of 24 cells)" in missing
+    assert missing.startswith("Not yet measured") and "(21 of 24 cells)" in missing
     # measured: 128 px seed and pixel at 10 min; the earlier-default and the 2-thread rows do not fill a cell
     assert "128 px seed recipe 10 min;" not in missing and "128 px meddiff pixel (default) 30 min" in missing
     assert "256 px meddiff pixel (default) 30 min" in missing
+    assert "256 px meddiff latent 10 min" in missing and "256 px meddiff latent 30 min" not in missing
 
 
 def test_the_rendered_docs_match_the_results_files() -> None:

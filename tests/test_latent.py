@@ -165,6 +165,24 @@ def test_latent_samples_are_images_at_full_size_and_the_seed_fixes_each(latent_r
     assert not np.allclose(both[0], both[1])
 
 
+def test_a_latent_runs_predicted_latents_are_never_clipped_to_the_pixel_range(latent_run: Path,
+                                                                               tmp_path: Path) -> None:
+    from meddiff.runfolder import read_scheduler_config, scheduler_config
+    from meddiff.sample import generate, load_run
+
+    assert read_scheduler_config(latent_run / "scheduler")["clip_sample"] is False  # as saved
+    old = tmp_path / "old"  # a run saved before the rule: its folder says clip; it is read without
+    shutil.copytree(latent_run, old)
+    path = old / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "clip_sample": True}))
+    assert scheduler_config(old)["clip_sample"] is False
+    run = load_run(latent_run)
+    want = generate(run, [0, 1], label=0, sampler="ddim", steps=4)
+    assert np.array_equal(generate(load_run(old), [0, 1], label=0, sampler="ddim", steps=4), want)
+    clipped = dataclasses.replace(run, scheduler_config={**run.scheduler_config, "clip_sample": True})
+    assert not np.allclose(generate(clipped, [0, 1], label=0, sampler="ddim", steps=4), want, atol=1e-3)
+
+
 def test_the_pipeline_and_an_export_give_meddiffs_latent_images(latent_run: Path, tmp_path: Path) -> None:
     from meddiff.pipeline import MeddiffPipeline, export_diffusers
     from meddiff.sample import generate, load_run

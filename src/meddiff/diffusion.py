@@ -113,14 +113,16 @@ def diffusion_loss(pred: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, alph
 
 
 def diffusers_scheduler_config(beta_schedule: str, T: int, objective: str, zero_terminal_snr: bool,
-                               timestep_spacing: str = "leading", shift: Shift = 0.0) -> dict:
+                               timestep_spacing: str = "leading", shift: Shift = 0.0, latent: bool = False) -> dict:
     """The same schedule in diffusers' vocabulary, so that its samplers and pipelines match training.
-    Predicted x_0 is clipped to [-1, 1] as diffusers' DDIM does by default (the seed's behaviour). A shifted
+    Predicted pixels x_0 are clipped to [-1, 1] as diffusers' DDIM does by default (the seed's behaviour); a
+    latent model's x_0 is never clipped (`latent`): its latents have unit variance, so about a third of their
+    values lie outside [-1, 1], and clipping them at every step washes the decoded images out. A shifted
     schedule travels as `trained_betas` (every diffusers scheduler takes them, and rescales them to zero
     terminal SNR after, as `alphas_cumprod` does)."""
     config = dict(num_train_timesteps=T, beta_schedule=DIFFUSERS_BETA_SCHEDULE[beta_schedule],
                   prediction_type=DIFFUSERS_PREDICTION[objective], rescale_betas_zero_snr=zero_terminal_snr,
-                  clip_sample=True, timestep_spacing="trailing" if zero_terminal_snr else timestep_spacing)
+                  clip_sample=not latent, timestep_spacing="trailing" if zero_terminal_snr else timestep_spacing)
     if shift not in (0.0, (0.0, 0.0)):
         config["trained_betas"] = betas_for(beta_schedule, T, shift).tolist()
     return config

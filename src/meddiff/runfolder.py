@@ -379,9 +379,13 @@ def _load_weights(unet: torch.nn.Module, tensors: dict[str, torch.Tensor], path:
 
 
 def scheduler_config(run: str | Path, record: RunRecord | None = None) -> dict[str, Any]:
-    """The run's noise schedule as a diffusers scheduler config (RUN/scheduler/), checked against its record."""
+    """The run's noise schedule as a diffusers scheduler config (RUN/scheduler/), checked against its record. A
+    latent run's x_0 is never clipped to [-1, 1], whatever its folder says (runs saved before this rule wrote
+    clip_sample true for latents too: `diffusion.diffusers_scheduler_config`)."""
     run = Path(run)
-    return read_scheduler_config(run / SCHEDULER_DIR, (record or read_record(run)).train)
+    record = record or read_record(run)
+    config = read_scheduler_config(run / SCHEDULER_DIR, record.train)
+    return {**config, "clip_sample": False} if record.model.latent else config
 
 
 def _check_schedule(config: dict[str, Any], path: Path, t: TrainConfig) -> None:
@@ -454,7 +458,8 @@ def save_model_folder(run: str | Path, unet: torch.nn.Module, record: RunRecord,
         unet.save_pretrained(tmp, safe_serialization=True)
     t = record.train
     sched = DDPMScheduler(**diffusers_scheduler_config(t.beta_schedule, t.num_train_timesteps, t.objective,
-                                                      t.zero_terminal_snr, t.timestep_spacing, t.shift))
+                                                      t.zero_terminal_snr, t.timestep_spacing, t.shift,
+                                                      record.model.latent))
     with no_space_is_an_error(f"{run / SCHEDULER_DIR}", "the previous files are intact"):
         with atomic_folder(run / SCHEDULER_DIR) as tmp:
             sched.save_pretrained(tmp)
