@@ -83,8 +83,12 @@ COMMANDS = {
                                      "--minutes 10,30 --n 48 --out bench_out/qpc256_table "
                                      "--grid docs/qpc256_table_grid.png "
                                      "--results benchmarks/results/quality_per_compute_256_table.json",
-    "quality_per_compute_64_table": qpc_command("quality_per_compute_64_table", "qpc64_table", "--size 64 --systems "
-                                                "seed,meddiff,latent --minutes 10,30 --n 64"),
+    "quality_per_compute_64_seed": qpc_command("quality_per_compute_64_seed", "qpc64_seed", "--size 64 --systems "
+                                               "seed --minutes 10,30 --n 64"),
+    "quality_per_compute_64_meddiff": qpc_command("quality_per_compute_64_meddiff", "qpc64_meddiff", "--size 64 "
+                                                  "--systems meddiff --minutes 10,30 --n 64"),
+    "quality_per_compute_64_latent": qpc_command("quality_per_compute_64_latent", "qpc64_latent", "--size 64 "
+                                                 "--systems latent --minutes 10 --n 64"),
     "quality_per_compute_128_seed": qpc_command("quality_per_compute_128_seed", "qpc128_seed", "--size 128 --systems "
                                                 "seed --minutes 10,30 --n 48"),
     "quality_per_compute_128_latent30": qpc_command("quality_per_compute_128_latent30", "qpc128_latent30",
