@@ -22,6 +22,7 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
+
 def qpc_command(figure: str, out: str, args: str) -> str:
     """A quality-per-compute run's command: its work folder bench_out/OUT, its grid docs/OUT_grid.png."""
     return (f"python benchmarks/quality_per_compute.py {args} --out bench_out/{out} --grid docs/{out}_grid.png "

@@ -184,7 +184,7 @@ def test_quality_per_compute_samples_each_class_in_turn_at_the_guidance_asked(tr
     assert np.abs(plain - guided).max() > 1e-3  # the scale reaches the sampler
 
 
-def test_quality_per_compute_runs_its_training_longest_first_never_more_at_once_than_the_cores(tmp_path: Path) -> None:
+def test_quality_per_compute_runs_its_training_longest_first_never_more_at_once_than_the_cores() -> None:
     import time
 
     import numpy as np
@@ -194,7 +194,7 @@ def test_quality_per_compute_runs_its_training_longest_first_never_more_at_once_
     assert jobs == [("seed", 30.0), ("meddiff", 30.0), ("latent", 30.0), ("meddiff", 10.0), ("latent", 10.0)]
     assert qpc.core_slots(1) >= 1 and qpc.core_slots(10_000) == 1
 
-    def start(who: str, m: float) -> subprocess.Popen:  # a stand-in run: its start and end times, after m/10 s
+    def start(who: str, m: float) -> subprocess.Popen:  # a stand-in run: its start and end times, after m/100 s
         code = ("import json, sys, time; t = time.time(); time.sleep(float(sys.argv[1]));"
                 "print('progress'); print(json.dumps(dict(start=t, end=time.time())))")
         return subprocess.Popen([sys.executable, "-c", code, str(m / 100)], stdout=subprocess.PIPE, text=True)
