@@ -4,8 +4,8 @@ meddiff.json), the weights folders, checkpoints and their verification, the trai
 ```
 RUN/meddiff.json            RunRecord: train + model config, class names, data summary, split, hardware, result
 RUN/unet/, RUN/scheduler/   the sampling model (EMA weights) in the diffusers layout, safetensors
-RUN/model_index.json        so that DDIMPipeline.from_pretrained(RUN) loads it (MeddiffPipeline when conditional
-                            or patched)
+RUN/model_index.json        so that DDIMPipeline.from_pretrained(RUN, local_files_only=True) loads it
+                            (MeddiffPipeline when conditional or patched)
 RUN/best/                   the weights with the lowest validation loss
 RUN/vae/                    latent runs only: the run's own copy of its autoencoder (diffusers AutoencoderKL,
                             safetensors), its scaling_factor set for this run's latents
