@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import threading
 from pathlib import Path
 from typing import BinaryIO
 
@@ -176,6 +177,56 @@ def test_a_new_out_folder_is_checked_by_making_it_and_nothing_is_left(tmp_path: 
     target = tmp_path / "a" / "b" / "c"
     assert atomic.check_out_dir(target, "--out") == target
     assert list(tmp_path.iterdir()) == [], "the check leaves no folder behind"
+
+
+def test_a_folder_another_rank_makes_and_removes_during_the_check_is_not_called_unwritable(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ranks of a torchrun job check one --out at once: one sees the folder another's check made, which is
+    gone by the time it probes it. That is looked at again, not reported as "cannot write into the folder"."""
+    target, made_by_other = tmp_path / "out", []
+    real = atomic._sibling
+
+    def vanishing(where: Path, kind: str) -> Path:
+        if not made_by_other:  # the other rank's check ends between this check's look and its probe
+            made_by_other.append(target)
+            target.rmdir()
+        return real(where, kind)
+
+    target.mkdir()  # the other rank's check, under way
+    monkeypatch.setattr(atomic, "_sibling", vanishing)
+    assert atomic.check_out_dir(target, "--out") == target
+    assert made_by_other and list(tmp_path.iterdir()) == [], "checked as a new folder; nothing left behind"
+
+    calls = []
+
+    def always_vanishing(*_args: object) -> None:
+        calls.append(1)
+        raise atomic._Changed(ConfigError("--out x: cannot be created (No such file or directory: x)"))
+
+    monkeypatch.setattr(atomic, "_check_folder_once", always_vanishing)
+    with pytest.raises(ConfigError, match=r"^--out x: cannot be created \(No such file or directory: x\)$"):
+        atomic.check_out_dir(target, "--out")
+    assert len(calls) == 20, "looked at again a bounded number of times, then the last reason is reported"
+
+
+def test_two_processes_checking_one_new_folder_at_once_both_pass(tmp_path: Path) -> None:
+    target = tmp_path / "a" / "out"
+    errors: list[BaseException] = []
+
+    def check_many() -> None:
+        try:
+            for _ in range(300):
+                atomic.check_out_dir(target, "--out")
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    other = threading.Thread(target=check_many)
+    other.start()
+    check_many()
+    other.join()
+    assert errors == []
+    left = list(tmp_path.rglob("*"))
+    assert all(p.is_dir() for p in left), "at most a parent one check made while the other was inside it"
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write into any folder")

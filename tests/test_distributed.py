@@ -39,7 +39,8 @@ def _torchrun(procs: int, *options: str) -> list[str]:
 def _run(args: list[str], tmp: Path, procs: int) -> None:
     launcher = _torchrun(procs, "--standalone") if procs > 1 else []
     done = subprocess.run([*launcher, "meddiff", *args], env=_env(tmp), capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
+    own = [line for line in done.stderr.splitlines() if "meddiff: error" in line]  # a rank's one-line reason
+    assert done.returncode == 0, "\n".join(own) + "\n" + done.stderr[-3000:]
 
 
 def _workers(launcher: int) -> dict[int, int]:

@@ -168,6 +168,16 @@ def _first_existing(path: Path) -> Path:
     return Path(".")
 
 
+class _Changed(Exception):
+    """A folder came or went between two steps of the check: most likely a concurrent check of the same path
+    (another torchrun rank's) made or removed it, so the check starts over. `error` is what to report if it keeps
+    happening (a missing folder again and again: the file system itself refuses, as /proc answers mkdir)."""
+
+    def __init__(self, error: ConfigError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 def _check_creatable(path: Path, flag: str, shown: Path) -> None:
     """That a folder can be made at `path` (which does not exist): make it and every missing parent, then remove
     what was made, so that a command that fails later leaves nothing behind. Errors name `flag` and `shown`."""
@@ -181,29 +191,46 @@ def _check_creatable(path: Path, flag: str, shown: Path) -> None:
                     continue
                 made.append(p)
     except OSError as err:
-        raise ConfigError(f"{flag} {shown}: cannot be created ({err.strerror}: {err.filename})") from None
+        error = ConfigError(f"{flag} {shown}: cannot be created ({err.strerror}: {err.filename})")
+        raise (_Changed(error) if isinstance(err, FileNotFoundError) else error) from None
     finally:
         for p in reversed(made):
             with contextlib.suppress(OSError):
                 p.rmdir()
 
 
-def _check_folder(path: Path, flag: str, shown: Path) -> None:
-    """That `path` is a writable folder or can be made one (not a file, nothing under a file)."""
+def _check_folder_once(path: Path, flag: str, shown: Path) -> None:
     if path.is_dir():
         probe = _sibling(path / "probe", "tmp")  # can anything be made here (permissions, a read-only mount)?
         try:
             probe.mkdir()
             probe.rmdir()
         except OSError as err:
-            raise ConfigError(f"{flag} {shown}: cannot write into the folder {path} ({err.strerror})") from None
+            error = ConfigError(f"{flag} {shown}: cannot write into the folder {path} ({err.strerror})")
+            raise (_Changed(error) if isinstance(err, FileNotFoundError) else error) from None
         return
     existing = _first_existing(path)
+    is_folder = existing.is_dir()
+    if existing == path and is_folder or not is_folder and not os.path.lexists(existing):  # came or went meanwhile
+        raise _Changed(ConfigError(f"{flag} {shown}: the folder keeps appearing and disappearing while it is "
+                                   "checked (another process is making and removing it)"))
     if existing == shown:
         raise ConfigError(f"{flag} {shown}: exists and is not a folder; choose a folder name")
-    if not existing.is_dir():
+    if not is_folder:
         raise ConfigError(f"{flag} {shown}: {existing} is not a folder, so nothing can be made under it")
     _check_creatable(path, flag, shown)
+
+
+def _check_folder(path: Path, flag: str, shown: Path, tries: int = 20) -> None:
+    """That `path` is a writable folder or can be made one (not a file, nothing under a file). Several processes
+    may check one path at once (the ranks of a torchrun job), each making and removing its missing folders: a
+    folder that comes or goes under one check is looked at again, not reported as unwritable at once."""
+    for attempt in range(tries):
+        try:
+            return _check_folder_once(path, flag, shown)
+        except _Changed as changed:
+            if attempt == tries - 1:
+                raise changed.error from None
 
 
 def check_out_dir(path: str | Path, flag: str, empty: bool = False) -> Path:

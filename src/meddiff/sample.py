@@ -414,11 +414,25 @@ def _merge_manifests(out: Path) -> None:
         p.unlink()
 
 
+def _check_out_in_turn(out: Path, dist: Dist) -> Path:
+    """Check --out on rank 0, then on the other ranks: each check makes and removes the folders missing, so checks
+    that overlapped would see each other's. Returns the nearest folder that existed before, which a failed write
+    keeps; the ranks write nothing until all have read the folder."""
+    def check() -> Path:
+        check_out_dir(out, "--out")
+        return next(p for p in (out, *out.parents) if p.exists())
+
+    existed = check() if dist.main else None
+    if dist.active:
+        td.barrier()
+    return existed or check()
+
+
 def sample_to_folder(cfg: SampleConfig, echo: Callable[[str], None] = print, dist: Dist = Dist(),
                      device: torch.device | None = None) -> dict[str, Any]:
     """Generate a request into cfg.out, streaming batches to disk; files already complete are skipped.
     Under torchrun each rank takes every world-th remaining image; the images do not depend on the split."""
-    check_out_dir(cfg.out, "--out")
+    existed = _check_out_in_turn(Path(cfg.out), dist)
     device = device or pick_device(cfg.device)
     precision = pick_precision(cfg.precision, device)
     if not dist.main:
@@ -428,7 +442,6 @@ def sample_to_folder(cfg: SampleConfig, echo: Callable[[str], None] = print, dis
     cfg = dataclasses.replace(cfg, sampler=sampler, steps=steps)
     make_scheduler(cfg.sampler, run.scheduler_config, cfg.steps)  # validate before any work
     out = Path(cfg.out)  # made by the first image written: a request that fails before it leaves no folder
-    existed = next(p for p in (out, *out.parents) if p.exists())
     manifest, done = _manifests(out, dist)
     if dist.active:  # every rank must split the same list: none may start writing before all have read the folder
         td.barrier()
