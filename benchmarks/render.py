@@ -688,7 +688,8 @@ def size_quality_rows(results: Path) -> list[str]:
     lines = ["| size | data | path | training | KID ↓ | FID (randconv) ↓ | SSIM to nearest held-out | pixel detail / "
              "real's | copies | real vs real: KID; SSIM | results file |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    rows, have = [], set()
+    rows: dict[str, tuple[tuple, list[str]]] = {}
+    have = set()
     for path in sorted(results.glob("quality_per_compute*.json")):
         doc = json.loads(path.read_text())
         s, st = doc["summary"], doc["settings"]
@@ -703,19 +704,32 @@ def size_quality_rows(results: Path) -> list[str]:
                 have.add((size, r["who"], r["minutes"]))
             steps = f", {r['steps']:,} steps" if r.get("steps") else ""
             who = "meddiff pixel (v-prediction: the default before x0)" if earlier else _who(r)
-            rows.append((size, data, r["who"], r["minutes"], guided,
-                         f"| {size} px | {'brain MRI (MNI)' if data == 'mni' else 'phantoms'} | {who} | "
-                         f"{r['minutes']:g} min on {threads} thread{'s' if threads > 1 else ''}{steps}{guided} | "
-                         f"{_sample_cells(r)} | {_fine(r)} | {r['copies_share']:.0%} | "
-                         f"{ci(ref.get('kid'), ref.get('kid_ci95'))}; {ci(ref.get('ssim'), ref.get('ssim_ci95'))} | "
-                         f"`{path.name}` |"))
-    lines += [row[-1] for row in sorted(rows, key=lambda r: r[:5])]
-    missing = [f"{size} px {WHO[who]} {m} min" for size in ASKED_SIZES for who in ("seed", "meddiff", "latent")
-               for m in ASKED_MINUTES if (size, who, m) not in have]
+            figures = (f"| {size} px | {'brain MRI (MNI)' if data == 'mni' else 'phantoms'} | {who} | "
+                       f"{r['minutes']:g} min on {threads} thread{'s' if threads > 1 else ''}{steps}{guided} | "
+                       f"{_sample_cells(r)} | {_fine(r)} | {r['copies_share']:.0%} | "
+                       f"{ci(ref.get('kid'), ref.get('kid_ci95'))}; {ci(ref.get('ssim'), ref.get('ssim_ci95'))} |")
+            rows.setdefault(figures, ((size, data, r["who"], r["minutes"], guided), []))[1].append(f"`{path.name}`")
+    # one row per measurement: a run a later file reused (its --reuse) is listed once, with both files
+    lines += [f"{figures} {', '.join(files)} |" for figures, (_, files) in sorted(rows.items(), key=lambda kv: kv[1][0])]
+    why = _why_unmeasured(results)
+    missing = [f"{size} px {WHO[who]} {m} min{why.get((size, who), '')}" for size in ASKED_SIZES
+               for who in ("seed", "meddiff", "latent") for m in ASKED_MINUTES if (size, who, m) not in have]
     if missing:
         lines += ["", f"Not yet measured of the issue's one-thread brain-MRI table ({len(missing)} of "
                   f"{len(ASKED_SIZES) * 3 * len(ASKED_MINUTES)} cells): " + "; ".join(missing) + "."]
     return lines
+
+
+def _why_unmeasured(results: Path) -> dict[tuple[int, str], str]:
+    """{(size, who): reason} for the table's cells the size table shows cannot be measured: the seed recipe's
+    own `seed` UNet does not fit in memory at that size (its saved-tensor count)."""
+    path = results / "size_table.json"
+    if not path.exists():
+        return {}
+    table = json.loads(path.read_text())["summary"]["cases"]["sizes"]["table"]
+    return {(int(size), "seed"):
+            f" (its `seed` UNet does not fit: needs ~{row['seed']['need_gib']:.0f} GiB, size table)"
+            for size, row in table.items() if row["seed"].get("need_gib") and not row["seed"].get("img_per_s")}
 
 
 # ---------------------------------------------------------------- the blocks in the files

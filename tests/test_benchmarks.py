@@ -238,10 +238,16 @@ def test_the_size_table_gathers_every_run_and_names_the_cells_still_missing(tmp_
     write("quality_per_compute_256_table", 256, 1, {"latent_10min": _qpc_row("latent", 10, 0.3),
                                                     "latent_30min": {**_qpc_row("latent", 30, 0.5),
                                                                      "clip_sample": False}})
+    # a later file that reused the 10-minute seed run: one row, naming both files
+    write("quality_per_compute_128_seed", 128, 1, {"seed_10min": _qpc_row("seed", 10, 0.04)})
     (tmp_path / "masks.json").write_text("{}")  # other figures are not read
+    sizes = {"128": dict(seed=dict(img_per_s=[0.1], peak_rss_mib=9e3)), "256": dict(seed=dict(need_gib=51.2))}
+    (tmp_path / "size_table.json").write_text(json.dumps(dict(summary=dict(cases=dict(sizes=dict(table=sizes))))))
     lines = render.size_quality_rows(tmp_path)
     table = [line for line in lines if line.startswith("| 1") or line.startswith("| 2")]
     assert len(table) == 6 and all(line.count("|") == lines[0].count("|") for line in table)
+    seed = next(line for line in table if "seed recipe" in line)
+    assert seed.endswith("| `quality_per_compute_128.json`, `quality_per_compute_128_seed.json` |")
     assert "latents clipped" in next(line for line in table if "latent" in line and "10 min" in line)
     assert "latents clipped" not in next(line for line in table if "latent" in line and "30 min" in line)
     assert "0.55 [0.54, 0.56]" in next(line for line in table if "10 min on 1 thread" in line and "pixel" in line)
@@ -252,6 +258,8 @@ def test_the_size_table_gathers_every_run_and_names_the_cells_still_missing(tmp_
     assert "128 px seed recipe 10 min;" not in missing and "128 px meddiff pixel (default) 30 min" in missing
     assert "256 px meddiff pixel (default) 30 min" in missing
     assert "256 px meddiff latent 10 min" in missing and "256 px meddiff latent 30 min" not in missing
+    assert "256 px seed recipe 10 min (its `seed` UNet does not fit: needs ~51 GiB, size table);" in missing
+    assert "64 px seed recipe 10 min;" in missing, "no reason where the size table shows none"
 
 
 def test_the_rendered_docs_match_the_results_files() -> None:
