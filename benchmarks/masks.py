@@ -21,8 +21,9 @@
    images, with 95 % bootstrap intervals on the ratio and the difference.
 4. Inpainting: healthy test images given the lesion region of an abnormal test image of the same modality and
    class <modality>/abnormal: the largest change outside the region (must be 0), the share a normal/abnormal
-   classifier trained on real phantoms calls abnormal, and the seam: mean gradient magnitude on the region's
-   border ring against the same on real lesions' rings.
+   classifier trained on real phantoms calls abnormal (beside the share of real abnormal test images it calls
+   abnormal, its ceiling, and of the healthy images before inpainting), and the seam: mean gradient magnitude on
+   the region's border ring against the same on real lesions' rings.
 5. Copies: the share of the generated adherence images flagged as copies of a training image (held-out test
    images set the threshold).
 Writes benchmarks/results/masks.json and docs/masks_grid.png (requested map, generated image, per modality).
@@ -209,10 +210,23 @@ def main() -> None:
         seam_gen.append(gradient_energy(img, ring(region)))
         seam_real.append(gradient_energy(test["images"][donor], ring(region)))
         changed.append(i)
-    detected = clf.predict(classifier_features(np.stack(results), extractor(np.stack(results)))) if results else []
+    def called_abnormal(images: list | np.ndarray) -> np.ndarray:
+        return clf.predict(classifier_features(np.stack(images), extractor(np.stack(images)))) if len(images) else []
+
+    def share(calls: np.ndarray) -> dict:
+        return dict(share=float(np.mean(calls)), ci95=R.bootstrap_mean(np.asarray(calls, float))["ci95"],
+                    images=len(calls)) if len(calls) else {}
+
+    detected = called_abnormal(results)
+    # the classifier's own reach: real abnormal test images of the inpainted modalities (its ceiling), and the
+    # healthy images before inpainting (how often it calls a healthy image abnormal)
+    mods = {test["classes"][i].split("/")[0] for i in changed}
+    real_abnormal = [test["images"][k] for k in abn if test["classes"][k].split("/")[0] in mods]
     inpainting = dict(images=len(results), max_change_outside=max(outside) if outside else None,
                       detected_abnormal=float(np.mean(detected)) if len(detected) else None,
                       detected_ci95=R.bootstrap_mean(np.asarray(detected, float))["ci95"] if len(detected) else None,
+                      real_abnormal_called=share(called_abnormal(real_abnormal)),
+                      healthy_before_called=share(called_abnormal([test["images"][i] for i in changed])),
                       seam_gradient_generated=float(np.nanmean(seam_gen)) if seam_gen else None,
                       seam_gradient_real_lesions=float(np.nanmean(seam_real)) if seam_real else None)
     print(f"inpainting: {json.dumps(inpainting)}", flush=True)
