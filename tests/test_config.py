@@ -146,7 +146,7 @@ def test_every_recipe_value_is_an_option_with_a_default_recipe() -> None:
 
 def test_stopping_rules_have_one_home() -> None:
     assert STOP_RULES == ("epochs", "max_steps", "max_minutes")
-    assert RESUME_FIELDS == (*STOP_RULES, "patience")
+    assert RESUME_FIELDS == (*STOP_RULES, "patience", "copy_check", "max_copies")
 
 
 @pytest.mark.parametrize("opt, raw, kind, expected", [

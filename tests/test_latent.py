@@ -218,6 +218,28 @@ def test_a_latent_run_samples_and_resumes_without_its_autoencoder_folder(tmp_pat
     assert np.array_equal(a, b)  # resume is bit-exact on the latent path too (fp32, CPU)
 
 
+def test_the_copy_check_of_a_latent_run_audits_decoded_images_in_pixels(tmp_path: Path, image_folder: Path,
+                                                                      autoencoder: Path, train_config,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from meddiff import audit
+    from meddiff.runfolder import read_log
+    from meddiff.train import train
+
+    audited = []
+    real = audit.TrainingAudit.check
+
+    def spy(self, run, precision="fp32"):
+        result = real(self, run, precision)
+        audited.append((run.vae is not None, self.train.shape[1:], result.flagged_share))
+        return result
+
+    monkeypatch.setattr(audit.TrainingAudit, "check", spy)
+    train(train_config(image_folder, tmp_path / "run", autoencoder=str(autoencoder), copy_check=2,
+                       val_fraction=0.25), echo=_quiet)
+    assert audited and all(vae and shape == (32, 32) for vae, shape, _ in audited), "decoded, against pixels"
+    assert [r["copies"] for r in read_log(tmp_path / "run") if "copies" in r] == [a[2] for a in audited]
+
+
 def test_the_run_takes_the_autoencoders_size_unless_told(tmp_path: Path, image_folder: Path, autoencoder: Path,
                                                          train_config) -> None:
     from meddiff.runfolder import read_record

@@ -19,8 +19,8 @@ from .data.dataset import split
 from .errors import ConfigError, DataError, RunError
 from .export import Manifest
 from .imagesets import LabelledImages, load_images, read_generated
-from .metrics.memorization import (NEAR_DUPLICATE_NCC, CopyAudit, feature_copy_audit, memorization_report,
-                                   near_duplicate_share)
+from .metrics.memorization import (NEAR_DUPLICATE_NCC, CopyAudit, at_audit_size, feature_copy_audit,
+                                   memorization_report, near_duplicate_share)
 
 MIN_HELDOUT = 10        # held-out real images needed to set the copy threshold from --real
 HELDOUT_FRACTION = 0.2  # of --train, held out when --real holds too few images the model never saw
@@ -125,6 +125,43 @@ def privacy_figures(fake: LabelledImages, train: LabelledImages, real: LabelledI
     f_held = feats[held.side][held.mask]
     return Privacy(copies, feature_copy_audit(feats["fake"], feats["train"], f_held, feats["train"][held.gallery],
                                               feature_protocol, quantile), held.how, heldout_warning(copies, held))
+
+
+# ---------------------------------------------------------------- during training (train --copy-check)
+
+class TrainingAudit:
+    """The copy audit run on the model as it trains (`meddiff train --copy-check N`): N images sampled with the
+    weights the run exports, the same seeds, classes and label maps at every check, against the training images;
+    the threshold is set once by the held-out (validation) images, as `meddiff audit` sets it. A latent run's
+    images are audited decoded, against the training images in pixels.
+
+    train (M, s, s), heldout (K, s, s): float in [0, 1] at the audit's size (`memorization.at_audit_size`);
+    labels (N,) class indices or None; masks (N, S, S) label maps at the model's size, or None; seeds (N,)."""
+
+    def __init__(self, train: np.ndarray, heldout: np.ndarray, labels: np.ndarray | None, masks: np.ndarray | None,
+                 seeds: list[int], quantile: float = 0.99) -> None:
+        from .metrics.memorization import copy_threshold
+
+        self.train, self.labels, self.masks, self.seeds = train, labels, masks, seeds
+        self.threshold, near = copy_threshold(heldout, train, quantile)
+        share = near_duplicate_share(near)
+        self.warning = None if share <= BLIND_SHARE else (
+            f"--copy-check: {100 * share:.0f} % of the held-out images have a training image at NCC ≥ "
+            f"{NEAR_DUPLICATE_NCC} (neighbouring slices of one volume, one patient on both sides of the split), so "
+            f"the copy threshold is {self.threshold:.4f} and the check sees only near-exact copies; put each "
+            "volume's or patient's images in a sub-folder of its own so that they are held out together")
+
+    def check(self, run: Any, precision: str = "fp32") -> CopyAudit:
+        """Sample the audited images with `run` (a `sample.LoadedRun`) and audit them."""
+        from .sample import generate
+
+        images = np.zeros((len(self.seeds), *self.train.shape[1:]), np.float32)
+        groups = [None] if self.labels is None else sorted(set(self.labels.tolist()))
+        for label in groups:
+            rows = list(range(len(self.seeds))) if label is None else np.flatnonzero(self.labels == label).tolist()
+            images[rows] = at_audit_size(generate(run, [self.seeds[i] for i in rows], label, precision=precision,
+                                                  masks=None if self.masks is None else self.masks[rows]))
+        return memorization_report(images, self.train, threshold=self.threshold)
 
 
 # ---------------------------------------------------------------- meddiff audit

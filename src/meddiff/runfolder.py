@@ -75,7 +75,8 @@ class TrainResult:
     final_loss: float
     best_val_loss: float | None
     peak_rss_mib: float | None
-    stopped: str                     # "max-steps" | "epochs" | "max-minutes" | "early-stopping" | "interrupted"
+    stopped: str                     # "max-steps" | "epochs" | "max-minutes" | "early-stopping" | "copies" |
+    #                                  "interrupted"
 
     def to_json(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(self).items()}

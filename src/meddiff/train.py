@@ -22,18 +22,22 @@ import torch.distributed as td
 
 from . import __version__, runfolder
 from .atomic import check_out_dir
+from .audit import TrainingAudit
 from .config import RESUME_FIELDS, STOP_RULES, ModelConfig, TrainConfig, model_config, noise_shift_for
 from .data.dataset import ImageSet, check_memory, load_data, skipped_listing, split
-from .diffusion import alphas_cumprod, diffusion_loss, predicted_eps, q_sample
+from .diffusion import alphas_cumprod, diffusion_loss, diffusers_scheduler_config, predicted_eps, q_sample
 from .errors import ConfigError, RunError
 from .latent import encode_set, latent_bytes, latent_factor, load_autoencoder, read_autoencoder_record
 from .model import build_unet, count_parameters, denoise, mask_channels, null_class
+from .metrics.memorization import at_audit_size
 from .modelcard import write_model_card
 from .runfolder import RunRecord, TrainResult  # TrainResult: stored in the run record, returned by train()
 from .runtime import Dist, autocast, available_memory, describe, pick_device, pick_precision, progress_bar
 
 VAL_TIMESTEPS_PER_IMAGE = 4
 MAX_VAL_IMAGES = 64
+MAX_AUDIT_GALLERY = 10_000  # training images the copy check compares with (evenly spaced when more)
+AUDIT_SEED = 1_000_000  # the copy check's images: seeds AUDIT_SEED + i, the same at every check
 ETA_STEPS = (10, 40)  # the ETA times the steps between these (counted from the start): past the first steps' warm-up
 
 
@@ -185,6 +189,74 @@ def auto_micro_batch(unet: torch.nn.Module, mcfg: ModelConfig, batch: int, devic
     per_image = max(activation_bytes_per_image(unet, mcfg, device, precision), 1)
     fits = int(available_memory(device) * budget_fraction // (per_image * 1.3))  # 30 % for workspace and grads
     return max(1, min(batch, fits))
+
+
+# ---------------------------------------------------------------- the copy check (--copy-check, --max-copies)
+
+def _audit_images(data: ImageSet, idx: np.ndarray) -> np.ndarray:
+    """The images at `idx` in [0, 1] at the copy audit's size, read a chunk at a time (a large set at 512 px is
+    never expanded whole)."""
+    return np.concatenate([at_audit_size(((data.take(idx[i:i + 256])[:, 0] + 1) / 2).numpy())
+                           for i in range(0, len(idx), 256)])
+
+
+def _spread(idx: np.ndarray, n: int) -> np.ndarray:
+    """n of the indices `idx`, evenly spaced over them (so over the classes of a set sorted by class)."""
+    return idx[np.linspace(0, len(idx) - 1, n).round().astype(int)]
+
+
+class _CopyGuard:
+    """--copy-check N in the loop: at each validation, audit N images sampled with the weights the run exports
+    (`audit.TrainingAudit`), log the share that copies a training image, and keep the last weights at or under
+    --max-copies; past it the run stops and exports those."""
+
+    def __init__(self, cfg: TrainConfig, data: ImageSet, train_idx: np.ndarray, val_idx: np.ndarray,
+                 conditional: bool, has_masks: bool, echo: Callable[[str], None]) -> None:
+        gallery = train_idx if len(train_idx) <= MAX_AUDIT_GALLERY else _spread(train_idx, MAX_AUDIT_GALLERY)
+        if len(gallery) < len(train_idx):
+            echo(f"--copy-check: compares with {len(gallery)} of the {len(train_idx)} training images, evenly spaced")
+        pick = _spread(train_idx, cfg.copy_check)  # their classes and label maps condition the audited images
+        self.audit = TrainingAudit(_audit_images(data, gallery), _audit_images(data, val_idx[:MAX_VAL_IMAGES]),
+                                   data.labels[pick].numpy() if conditional else None,
+                                   data.take_masks(pick)[:, 0].numpy() if has_masks else None,
+                                   [AUDIT_SEED + i for i in range(cfg.copy_check)])
+        if self.audit.warning:
+            echo(f"warning: {self.audit.warning}")
+        self.limit, self.clean, self.share = cfg.max_copies, None, 0.0
+        self.view: Any = None  # the sample.LoadedRun the checks sample with, set once the model exists
+
+    def check(self, net: torch.nn.Module, step: int, run: Path, precision: str) -> float:
+        """Audit `net` now: the share of the audited images flagged as copies, also written to the log."""
+        was = net.training
+        net.eval()
+        vae = self.view.vae
+        try:
+            if vae is not None:
+                vae.to(next(net.parameters()).device)
+            result = self.audit.check(dataclasses.replace(self.view, unet=net, vae=vae), precision)
+        finally:
+            net.train(was)
+            if vae is not None:
+                vae.to("cpu")
+        self.share = result.flagged_share
+        runfolder.append_log(run, dict(step=step, copies=self.share, copy_threshold=self.audit.threshold))
+        if self.limit is None or self.share <= self.limit:
+            self.clean = (step, runfolder.state_dict_cpu(net))
+        return self.share
+
+    def exported(self, net: torch.nn.Module, step: int, echo: Callable[[str], None]) -> torch.nn.Module:
+        """The weights to export after the check stopped the run: those of the last check at or under the limit."""
+        n = len(self.audit.seeds)
+        what = (f"stopped at step {step}: {self.share:.0%} of {n} images sampled there copy a training image "
+                f"(--max-copies {self.limit:g})")
+        if self.clean is None:
+            echo(f"{what}; no check was at or under it, so the exported weights are these, and they copy: train "
+                 f"on more images, or stop earlier")
+            return net
+        kept = copy.deepcopy(net)
+        kept.load_state_dict(self.clean[1])
+        echo(f"{what}; the exported weights are step {self.clean[0]}'s, the last check at or under it")
+        return kept
 
 
 # ---------------------------------------------------------------- run folder
@@ -443,6 +515,12 @@ def _train(cfg: TrainConfig, data: ImageSet | None, resume: bool, echo: Callable
     if len(train_idx) == 0:
         raise ConfigError(f"--data {cfg.data}: no training images left after the validation split")
     mask_values = _mask_values(cfg, data, record, echo)
+    if cfg.max_copies is not None and not cfg.copy_check:
+        raise ConfigError("--max-copies: needs --copy-check N, the images to sample and audit at each validation")
+    if cfg.copy_check and not len(val_idx):
+        raise ConfigError("--copy-check: needs held-out images to set the copy threshold; --val-fraction is 0")
+    guard = (_CopyGuard(cfg, data, train_idx, val_idx, conditional, bool(mask_values), echo)
+             if cfg.copy_check and dist.main else None)  # on pixels, before a latent run swaps them for latents
     latent = None
     if cfg.autoencoder is not None:  # the latent path: from here on `data` is the set's latents
         cfg, data, latent = _latent_data(cfg, data, train_idx, record, run, device, precision, echo)
@@ -476,6 +554,13 @@ def _train(cfg: TrainConfig, data: ImageSet | None, resume: bool, echo: Callable
     if cfg.channels_last:
         unet = unet.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(unet).requires_grad_(False).eval() if cfg.ema_decay > 0 else None
+    if guard is not None:
+        from .sample import LoadedRun
+
+        guard.view = LoadedRun(None, diffusers_scheduler_config(
+            cfg.beta_schedule, cfg.num_train_timesteps, cfg.objective, cfg.zero_terminal_snr, cfg.timestep_spacing,
+            cfg.shift, mcfg.latent), tuple(data.class_names), mcfg, cfg, "training",
+            latent.vae if latent is not None else None)
     opt = make_optimizer(unet, cfg)
     forward = torch.compile(unet) if cfg.compile else unet
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
@@ -609,6 +694,15 @@ def _train(cfg: TrainConfig, data: ImageSet | None, resume: bool, echo: Callable
                     bad_evals += 1
                 if cfg.patience is not None and bad_evals > cfg.patience:
                     stopped = "early-stopping"
+                if cfg.copy_check:  # the audit samples on the main process; every rank stops with it
+                    share = 0.0
+                    if guard is not None:
+                        share = guard.check(ema or unet, step, run, precision)
+                        if bar is not None:
+                            bar.clear()
+                        echo(f"step {step}: {share:.0%} of {cfg.copy_check} images sampled now copy a training image")
+                    if _any_rank(cfg.max_copies is not None and share > cfg.max_copies, dist, device):
+                        stopped = "copies"
             interrupted = _any_rank(flag.signal is not None, dist, device)
             if dist.main and (step % ckpt_every == 0 or interrupted or stopped):
                 _save(run, cfg, step, unet, ema, opt,
@@ -630,7 +724,8 @@ def _train(cfg: TrainConfig, data: ImageSet | None, resume: bool, echo: Callable
         state = _checkpoint_state(step, images_seen, elapsed, best, bad_evals, losses)
         if saved_at != step:  # not latest_checkpoint(): a damaged one skipped on resume may hold this step
             _save(run, cfg, step, unet, ema, opt, state)
-    runfolder.save_model_folder(run, ema or unet, record)
+    exported = guard.exported(ema or unet, step, echo) if stopped == "copies" and guard is not None else ema or unet
+    runfolder.save_model_folder(run, exported, record)
     record = replace(record, result=result)
     runfolder.write_record(run, record)
     write_model_card(run, record=record)

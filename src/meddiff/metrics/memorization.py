@@ -52,6 +52,12 @@ def _prepare(images: np.ndarray, name: str, size: int) -> torch.Tensor:
     return x
 
 
+def at_audit_size(images: np.ndarray, size: int = 64) -> np.ndarray:
+    """(N, H, W) in [0, 1] → the images as the audit compares them (at most `size` px a side): a gallery kept at
+    that size gives the same figures as the full-size images, in a fraction of the memory."""
+    return _prepare(images, "images", size).numpy()
+
+
 def _normalise(rows: torch.Tensor) -> torch.Tensor:
     """(..., P) → zero-mean, unit-norm rows; constant rows become 0."""
     rows = rows - rows.mean(dim=-1, keepdim=True)
