@@ -3,6 +3,7 @@ validation; past the limit the run stops and exports the weights of the last che
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from pathlib import Path
 
 import numpy as np
@@ -139,3 +140,25 @@ def test_a_resumed_run_keeps_its_copy_check_unless_told_otherwise(tmp_path: Path
     assert [r["step"] for r in read_log(out) if "copies" in r] == [3, 6]
     train(TrainConfig(data="", out=str(out), max_steps=9, max_copies=0.9, progress=False), resume=True, echo=_quiet)
     assert read_record(out).train.max_copies == 0.9 and read_record(out).train.copy_check == 2
+
+
+@pytest.mark.parametrize("by", ["group", "contiguous"])
+def test_the_validation_split_of_one_volumes_slices_can_hold_out_a_run_of_consecutive_slices(
+        by: str, tmp_path: Path, png_writer, train_config, monkeypatch: pytest.MonkeyPatch) -> None:
+    T = importlib.import_module("meddiff.train")  # the module: `meddiff.train` is the function
+
+    png_writer(tmp_path / "slices", 30)  # a flat folder: every file is a group of its own
+    held = []
+    real = T.split
+
+    def spy(*args, **kwargs):
+        train_idx, val_idx = real(*args, **kwargs)
+        held.append(val_idx)
+        return train_idx, val_idx
+
+    monkeypatch.setattr(T, "split", spy)
+    T.train(train_config(tmp_path / "slices", tmp_path / "run", val_fraction=0.1, val_split=by, max_steps=1),
+            echo=_quiet)
+    steps = np.diff(np.sort(held[0]))
+    assert len(held[0]) >= 3 and (np.all(steps == 1) if by == "contiguous" else np.any(steps > 1))
+    assert read_record(tmp_path / "run").train.val_split == by

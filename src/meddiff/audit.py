@@ -149,7 +149,8 @@ class TrainingAudit:
             f"--copy-check: {100 * share:.0f} % of the held-out images have a training image at NCC ≥ "
             f"{NEAR_DUPLICATE_NCC} (neighbouring slices of one volume, one patient on both sides of the split), so "
             f"the copy threshold is {self.threshold:.4f} and the check sees only near-exact copies; put each "
-            "volume's or patient's images in a sub-folder of its own so that they are held out together")
+            "volume's or patient's images in a sub-folder of its own so that they are held out together, or hold "
+            "out runs of consecutive slices with --val-split contiguous")
 
     def check(self, run: Any, precision: str = "fp32") -> CopyAudit:
         """Sample the audited images with `run` (a `sample.LoadedRun`) and audit them."""

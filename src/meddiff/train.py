@@ -511,7 +511,7 @@ def _train(cfg: TrainConfig, data: ImageSet | None, resume: bool, echo: Callable
     if record and record.class_names != data.class_names:
         raise RunError(f"--resume {run}: the data's classes {list(data.class_names)} differ from the run's "
                        f"{list(record.class_names)}")
-    train_idx, val_idx = split(data, cfg.val_fraction, cfg.seed)
+    train_idx, val_idx = split(data, cfg.val_fraction, cfg.seed, cfg.val_split)
     if len(train_idx) == 0:
         raise ConfigError(f"--data {cfg.data}: no training images left after the validation split")
     mask_values = _mask_values(cfg, data, record, echo)
