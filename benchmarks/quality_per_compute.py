@@ -364,7 +364,8 @@ def main() -> None:
                  val_losses(row["unet"], held, row["objective"], row["schedule"], row["patch"], row["shift"],
                             heldout_labels(split, row.get("class_names", []))))
         trained = train_stats.get("seed" if row["who"] == "seed" else name, row.get("result", {}))
-        q.update({k: trained.get(k) for k in ("train_img_per_s", "images_seen", "steps", "peak_rss_mib")})
+        q.update({k: trained.get(k) for k in ("train_img_per_s", "images_seen", "steps", "peak_rss_mib", "stopped",
+                                              "seconds")})
         if row["who"] == "seed":
             q["images_seen"] = q["steps"] = None  # the seed's counts are those of its whole (longest) run
         asked = requested(row, a.n)

@@ -700,14 +700,19 @@ def size_quality_rows(results: Path) -> list[str]:
         size, data, threads = st.get("size", 64), st.get("data") or "mni", st.get("threads") or 1
         ref = s["reference"].get("real vs real (held-out half A vs half B)", {})
         guided = f", guidance {s['guidance']:g}" if s.get("guidance", 1) != 1 else ""
+        flags = (st.get("meddiff_args") or "").strip() if not st.get("quick") else ""
         for name in s["order"]:
             r = s["rows"][name]
             # scored before the pixel detail existed: above 64 px, the v-prediction default x0 has replaced since
             earlier = r["who"] == "meddiff" and size > 64 and "fine_energy_ratio" not in r
-            if data == "mni" and threads == 1 and not earlier and not _clipped_latents(r):
+            extra = flags if r["who"] != "seed" else ""  # meddiff trained with other flags: not the default's cell
+            if data == "mni" and threads == 1 and not earlier and not _clipped_latents(r) and not extra:
                 have.add((size, r["who"], r["minutes"]))
             steps = f", {r['steps']:,} steps" if r.get("steps") else ""
+            if r.get("stopped") == "copies":
+                steps += f", stopped by the copy check after {r['seconds'] / 60:.0f} min"
             who = "meddiff pixel (v-prediction: the default before x0)" if earlier else _who(r)
+            who += f", `{extra}`" if extra else ""
             figures = (f"| {size} px | {'brain MRI (MNI)' if data == 'mni' else 'phantoms'} | {who} | "
                        f"{r['minutes']:g} min on {threads} thread{'s' if threads > 1 else ''}{steps}{guided} | "
                        f"{_sample_cells(r)} | {_fine(r)} | {r['copies_share']:.0%} | "

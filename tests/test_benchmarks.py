@@ -225,8 +225,8 @@ def test_the_size_table_gathers_every_run_and_names_the_cells_still_missing(tmp_
     ref = {"real vs real (held-out half A vs half B)": dict(ssim=0.6, ssim_ci95=[0.5, 0.7], kid=0.0,
                                                             kid_ci95=[-0.01, 0.01])}
 
-    def write(name: str, size: int, threads: int, rows: dict) -> None:
-        doc = dict(settings=dict(size=size, threads=threads, data="mni"),
+    def write(name: str, size: int, threads: int, rows: dict, meddiff_args: str = "") -> None:
+        doc = dict(settings=dict(size=size, threads=threads, data="mni", meddiff_args=meddiff_args),
                    summary=dict(rows=rows, order=list(rows), reference=ref))
         (tmp_path / f"{name}.json").write_text(json.dumps(doc))
 
@@ -238,6 +238,10 @@ def test_the_size_table_gathers_every_run_and_names_the_cells_still_missing(tmp_
     write("quality_per_compute_256_table", 256, 1, {"latent_10min": _qpc_row("latent", 10, 0.3),
                                                     "latent_30min": {**_qpc_row("latent", 30, 0.5),
                                                                      "clip_sample": False}})
+    # meddiff trained with other flags (its copy check stopped it): its own row, filling no cell of the default
+    write("quality_per_compute_256_guard", 256, 1, {"meddiff_30min": {**_qpc_row("meddiff", 30, 0.6),
+                                                                      "stopped": "copies", "seconds": 720.0}},
+          meddiff_args="--copy-check 16 --max-copies 0.1")
     # a later file that reused the 10-minute seed run: one row, naming both files
     write("quality_per_compute_128_seed", 128, 1, {"seed_10min": _qpc_row("seed", 10, 0.04)})
     (tmp_path / "masks.json").write_text("{}")  # other figures are not read
@@ -245,7 +249,10 @@ def test_the_size_table_gathers_every_run_and_names_the_cells_still_missing(tmp_
     (tmp_path / "size_table.json").write_text(json.dumps(dict(summary=dict(cases=dict(sizes=dict(table=sizes))))))
     lines = render.size_quality_rows(tmp_path)
     table = [line for line in lines if line.startswith("| 1") or line.startswith("| 2")]
-    assert len(table) == 6 and all(line.count("|") == lines[0].count("|") for line in table)
+    assert len(table) == 7 and all(line.count("|") == lines[0].count("|") for line in table)
+    guarded = next(line for line in table if "guard" in line)
+    assert "meddiff pixel (default), `--copy-check 16 --max-copies 0.1`" in guarded
+    assert "stopped by the copy check after 12 min" in guarded
     seed = next(line for line in table if "seed recipe" in line)
     assert seed.endswith("| `quality_per_compute_128.json`, `quality_per_compute_128_seed.json` |")
     assert "latents clipped" in next(line for line in table if "latent" in line and "10 min" in line)
