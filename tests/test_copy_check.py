@@ -89,6 +89,12 @@ def test_past_the_limit_the_run_stops_and_exports_the_last_weights_under_it(
     assert not all(torch.equal(exported[k], seen[1][k]) for k in seen[1])
     assert any("exported weights are step 3's" in line for line in lines)
     assert [r["copies"] for r in read_log(tmp_path / "run") if "copies" in r] == [0.0, 1.0]
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "| copy check | 2 images sampled at each validation and audited against the training images; stop " \
+           "above 50% |" in card
+    assert "| copies found | 2 checks; the last (step 6): 100%; the most (step 6): 100% |" in card
+    assert "| exported weights | step 3's, the last check at or under the limit |" in card
+    assert "| stopped by | copies |" in card
 
 
 def _audit(flagged: bool, n: int):

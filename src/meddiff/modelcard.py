@@ -112,7 +112,27 @@ def _data_section(record: RunRecord) -> str:
     return "\n".join(text)
 
 
-def _training_section(record: RunRecord) -> str:
+def _copy_check_rows(record: RunRecord, run: Path) -> list[tuple[str, Any]]:
+    """What `--copy-check` found while the run trained (its log rows), for the card."""
+    t = record.train
+    if not t.copy_check:
+        return []
+    log = runfolder.read_log(run) if (run / runfolder.LOG_FILE).exists() else []
+    checks = [row for row in log if "copies" in row]
+    kept = next((row["exported_weights_step"] for row in reversed(log) if "exported_weights_step" in row), None)
+    rows: list[tuple[str, Any]] = [("copy check", f"{t.copy_check} images sampled at each validation and audited "
+                                    "against the training images" + (f"; stop above {t.max_copies:.0%}" if
+                                                                     t.max_copies is not None else ""))]
+    if checks:
+        worst = max(checks, key=lambda row: row["copies"])
+        rows.append(("copies found", f"{len(checks)} checks; the last (step {checks[-1]['step']}): "
+                     f"{checks[-1]['copies']:.0%}; the most (step {worst['step']}): {worst['copies']:.0%}"))
+    if kept is not None:
+        rows.append(("exported weights", f"step {kept}'s, the last check at or under the limit"))
+    return rows
+
+
+def _training_section(record: RunRecord, run: Path) -> str:
     t, r = record.train, record.result
     keys = ("batch_size", "micro_batch", "lr", "lr_schedule", "warmup_steps", "weight_decay", "ema_decay",
             "objective", "loss_weighting", "beta_schedule", "noise_shift", "noise_shift_clean", "num_train_timesteps",
@@ -124,6 +144,7 @@ def _training_section(record: RunRecord) -> str:
         rows += [("steps", r.steps), ("images seen", r.images_seen), ("training time", _duration(r.seconds)),
                  ("throughput", f"{r.train_img_per_s:.1f} images/s" if r.train_img_per_s else None),
                  ("stopped by", r.stopped)]
+    rows += _copy_check_rows(record, run)
     rows += [("hardware", record.hardware), ("meddiff version", record.meddiff_version)]
     status = "" if r else "\nTraining had not finished when this card was written.\n"
     return "## Training\n\n" + _markdown_table(rows, ("setting", "value")) + "\n" + status
@@ -214,7 +235,7 @@ def model_card_text(run: str | Path, metrics: dict[str, Any] | None = None, reco
     title = (f"# meddiff diffusion model ({kind}, {m.image_size} px, preset "
              f"{record.train.preset})\n\nA denoising diffusion model trained with meddiff that "
              f"generates single-channel medical-style images. {SYNTHETIC}\n")
-    parts = [header, title, _model_section(record, run), _data_section(record), _training_section(record),
+    parts = [header, title, _model_section(record, run), _data_section(record), _training_section(record, run),
              _metrics_section(record, metrics), _usage_section(record), _use_and_limits(record)]
     return "\n".join(p.rstrip() + "\n" for p in parts)
 

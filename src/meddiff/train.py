@@ -244,7 +244,7 @@ class _CopyGuard:
             self.clean = (step, runfolder.state_dict_cpu(net))
         return self.share
 
-    def exported(self, net: torch.nn.Module, step: int, echo: Callable[[str], None]) -> torch.nn.Module:
+    def exported(self, net: torch.nn.Module, step: int, run: Path, echo: Callable[[str], None]) -> torch.nn.Module:
         """The weights to export after the check stopped the run: those of the last check at or under the limit."""
         n = len(self.audit.seeds)
         what = (f"stopped at step {step}: {self.share:.0%} of {n} images sampled there copy a training image "
@@ -255,6 +255,7 @@ class _CopyGuard:
             return net
         kept = copy.deepcopy(net)
         kept.load_state_dict(self.clean[1])
+        runfolder.append_log(run, dict(step=step, exported_weights_step=self.clean[0]))
         echo(f"{what}; the exported weights are step {self.clean[0]}'s, the last check at or under it")
         return kept
 
@@ -724,7 +725,7 @@ def _train(cfg: TrainConfig, data: ImageSet | None, resume: bool, echo: Callable
         state = _checkpoint_state(step, images_seen, elapsed, best, bad_evals, losses)
         if saved_at != step:  # not latest_checkpoint(): a damaged one skipped on resume may hold this step
             _save(run, cfg, step, unet, ema, opt, state)
-    exported = guard.exported(ema or unet, step, echo) if stopped == "copies" and guard is not None else ema or unet
+    exported = guard.exported(ema or unet, step, run, echo) if stopped == "copies" and guard is not None else ema or unet
     runfolder.save_model_folder(run, exported, record)
     record = replace(record, result=result)
     runfolder.write_record(run, record)
