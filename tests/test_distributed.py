@@ -137,6 +137,15 @@ def test_a_checkpoint_written_by_two_processes_resumes_on_one(runs: dict[str, Pa
     assert _max_diff(_weights(runs["one"], 4), _weights(runs["split"], 4)) < 1e-4
 
 
+def test_two_processes_run_the_copy_check_once_on_the_main_process(tmp_path: Path, image_folder: Path) -> None:
+    """Rank 0 samples and audits while rank 1 waits for its verdict: the run ends, and each validation has one
+    copy-check row."""
+    out = tmp_path / "run"
+    _run(["train", "--data", str(image_folder), "--out", str(out), "--max-steps", "4", *TRAIN, "--val-fraction", "0.25",
+          "--val-every", "2", "--copy-check", "2", "--max-copies", "0.5"], tmp_path, 2)
+    assert [r["step"] for r in read_log(out) if "copies" in r] == [2, 4]
+
+
 def test_sharded_sampling_writes_the_files_of_one_process(runs: dict[str, Path]) -> None:
     tmp, a, b = runs["tmp"], runs["tmp"] / "s1", runs["tmp"] / "s2"
     common = ["sample", "--run-dir", str(runs["one"]), "--count", "5", "--steps", "3", "--sampler", "ddim",
