@@ -168,3 +168,14 @@ def test_the_validation_split_of_one_volumes_slices_can_hold_out_a_run_of_consec
     steps = np.diff(np.sort(held[0]))
     assert len(held[0]) >= 3 and (np.all(steps == 1) if by == "contiguous" else np.any(steps > 1))
     assert read_record(tmp_path / "run").train.val_split == by
+
+
+def test_a_gallery_kept_at_the_audits_size_gives_the_figures_of_the_full_size_images() -> None:
+    from meddiff.metrics.memorization import at_audit_size, nearest_ncc
+
+    train, generated = _faces(12, 0, size=128), _faces(5, 3, size=128)
+    generated[0] = train[7]
+    small = at_audit_size(train)
+    assert small.shape == (12, 64, 64)
+    full, kept = nearest_ncc(generated, train), nearest_ncc(generated, small)
+    assert np.array_equal(full[0], kept[0]) and np.array_equal(full[1], kept[1]) and kept[1][0] == 7
