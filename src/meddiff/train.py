@@ -28,8 +28,8 @@ from .data.dataset import ImageSet, check_memory, load_data, skipped_listing, sp
 from .diffusion import alphas_cumprod, diffusion_loss, diffusers_scheduler_config, predicted_eps, q_sample
 from .errors import ConfigError, RunError
 from .latent import encode_set, latent_bytes, latent_factor, load_autoencoder, read_autoencoder_record
-from .model import build_unet, count_parameters, denoise, mask_channels, null_class
 from .metrics.memorization import at_audit_size
+from .model import build_unet, count_parameters, denoise, mask_channels, null_class
 from .modelcard import write_model_card
 from .runfolder import RunRecord, TrainResult  # TrainResult: stored in the run record, returned by train()
 from .runtime import Dist, autocast, available_memory, describe, pick_device, pick_precision, progress_bar
