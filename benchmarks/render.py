@@ -94,6 +94,8 @@ COMMANDS = {
                                                 "seed --minutes 10,30 --n 48"),
     "quality_per_compute_128_latent30": qpc_command("quality_per_compute_128_latent30", "qpc128_latent30",
                                                     "--size 128 --systems latent --minutes 30 --n 48"),
+    "quality_per_compute_512_table": qpc_command("quality_per_compute_512_table", "qpc512_table", "--size 512 "
+                                                 "--systems meddiff,latent --minutes 10,30 --n 32"),
     "quality_per_compute_phantoms_256_60_guidance3":
         "python benchmarks/quality_per_compute.py --data phantoms --size 256 --systems meddiff --minutes 60 --threads 2 "
         "--n 64 --out bench_out/qpc_ph256_60 --guidance 3 --grid docs/qpc_ph256_60_guidance3_grid.png "
