@@ -56,6 +56,8 @@ COMMANDS = {
     "masks_controlnet": "python benchmarks/masks.py --conditioning controlnet --minutes 20 "
                         "--out bench_out/masks_controlnet --grid docs/masks_controlnet_grid.png "
                         "--results benchmarks/results/masks_controlnet.json",
+    "masks_seg2000": "python benchmarks/masks.py --reuse --seg-steps 2000 --inpaint 100 "
+                     "--grid docs/masks_seg2000_grid.png --results benchmarks/results/masks_seg2000.json",
     "masks_spade_guidance1": "python benchmarks/masks.py --conditioning spade --reuse --guidance 1 "
                              "--out bench_out/masks_spade --grid docs/masks_spade_guidance1_grid.png "
                              "--results benchmarks/results/masks_spade_guidance1.json",
@@ -296,7 +298,8 @@ def render_masks(doc: dict) -> list[str]:
              f"({s['training']['seconds'] / 60:.0f} min"
              + ("; trained by an earlier call of the same command, scored again with `--reuse`" if
                 doc["settings"].get("reuse") else "")
-             + f"); sampler: {s['sampler']}, guidance {s['guidance']:g}.", "",
+             + f"); sampler: {s['sampler']}, guidance {s['guidance']:g}; every segmenter and the adherence "
+             f"segmenter trained {doc['settings'].get('seg_steps', 600):,} steps.", "",
              "| modality | Dice of generated images against their requested maps | the same segmenter on real test images |",
              "| --- | --- | --- |"]
     lines += [f"| {m} | {dice(r['generated'])} | {dice(r['real'])} |" for m, r in s["adherence"].items()]
