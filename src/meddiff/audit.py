@@ -19,8 +19,8 @@ from .data.dataset import split
 from .errors import ConfigError, DataError, RunError
 from .export import Manifest
 from .imagesets import LabelledImages, load_images, read_generated
-from .metrics.memorization import (NEAR_DUPLICATE_NCC, CopyAudit, at_audit_size, feature_copy_audit,
-                                   memorization_report, near_duplicate_share)
+from .metrics.memorization import (NEAR_DUPLICATE_NCC, CopyAudit, at_audit_size, copy_threshold,
+                                   feature_copy_audit, memorization_report, near_duplicate_share)
 
 MIN_HELDOUT = 10        # held-out real images needed to set the copy threshold from --real
 HELDOUT_FRACTION = 0.2  # of --train, held out when --real holds too few images the model never saw
@@ -140,8 +140,6 @@ class TrainingAudit:
 
     def __init__(self, train: np.ndarray, heldout: np.ndarray, labels: np.ndarray | None, masks: np.ndarray | None,
                  seeds: list[int], quantile: float = 0.99) -> None:
-        from .metrics.memorization import copy_threshold
-
         self.train, self.labels, self.masks, self.seeds = train, labels, masks, seeds
         self.threshold, near = copy_threshold(heldout, train, quantile)
         share = near_duplicate_share(near)

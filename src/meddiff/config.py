@@ -355,9 +355,10 @@ class TrainConfig(Checked):
     val_every: int | None = option(None, "steps between validations (default: about 10 in a run)", bounds=STEP_COUNT)
     patience: int | None = option(None, "stop after this many evaluations without improvement",
                                   bounds=PATIENCE)
-    copy_check: int | None = option(None, "at each validation, sample this many images and audit them for copies of "
-                             "training images (threshold: the held-out images' nearest NCC, as `meddiff audit`); "
-                             "the share flagged goes into the log (default: no check)", bounds=Bounds(1, 256, whole=True))
+    copy_check: int | None = option(None, "at each validation, sample this many images and audit them for copies "
+                                    "of training images (threshold: the held-out images' nearest NCC, as `meddiff "
+                                    "audit`); the share flagged goes into the log (default: no check)",
+                                    bounds=Bounds(1, 256, whole=True))
     max_copies: float | None = option(None, "stop when more than this share of the audited images copy a training "
                                       "image, and export the weights of the last check at or under it (needs "
                                       "--copy-check)", bounds=Bounds(0, 1))
@@ -450,8 +451,8 @@ class AutoencoderConfig(Checked):
             raise ConfigError(f"--size {self.size}: must be a multiple of --factor {self.factor}")
         if self.patch_px % self.factor:
             raise ConfigError(f"--patch-px {self.patch_px}: must be 0 or a multiple of --factor {self.factor}")
-RESUME_FIELDS: tuple[str, ...] = (*STOP_RULES, "patience", "copy_check", "max_copies")  # what `train --resume`
-# may change: when to stop
+# what `train --resume` may change: when to stop
+RESUME_FIELDS: tuple[str, ...] = (*STOP_RULES, "patience", "copy_check", "max_copies")
 
 
 @dataclass(frozen=True)

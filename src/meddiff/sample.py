@@ -418,6 +418,7 @@ def _check_out_in_turn(out: Path, dist: Dist) -> Path:
     """Check --out on rank 0, then on the other ranks: each check makes and removes the folders missing, so checks
     that overlapped would see each other's. Returns the nearest folder that existed before, which a failed write
     keeps; the ranks write nothing until all have read the folder."""
+
     def check() -> Path:
         check_out_dir(out, "--out")
         return next(p for p in (out, *out.parents) if p.exists())
