@@ -96,6 +96,9 @@ COMMANDS = {
                                                 "seed --minutes 10,30 --n 48"),
     "quality_per_compute_128_latent30": qpc_command("quality_per_compute_128_latent30", "qpc128_latent30",
                                                     "--size 128 --systems latent --minutes 30 --n 48"),
+    "quality_per_compute_64_copycheck": qpc_command("quality_per_compute_64_copycheck", "qpc64_copycheck",
+                                                    "--size 64 --systems meddiff --minutes 30 --n 64 '--meddiff-args="
+                                                    "--copy-check 16 --max-copies 0.1 --val-split contiguous'"),
     "quality_per_compute_512_table": qpc_command("quality_per_compute_512_table", "qpc512_table", "--size 512 "
                                                  "--systems meddiff,latent --minutes 10,30 --n 32"),
     "quality_per_compute_phantoms_256_60_guidance3":
@@ -212,7 +215,7 @@ def render_quality_per_compute(doc: dict) -> list[str]:
             cells[3] = "not valid †"  # scored before the figure told a shifted model its own timesteps
             stale_eps = True
         cells.insert(3, _fine(r))
-        steps = f" ({r['steps']:,} steps)" if r.get("steps") else ""
+        steps = f" ({r['steps']:,} steps{_stopped_early(r)})" if r.get("steps") else ""
         lines.append(f"| {_who(r)} | {r['minutes']:g} min{steps} | "
                      f"{_num(r.get('train_img_per_s'), '.3g')} | {_num(r.get('peak_rss_mib'), ',.0f')} | "
                      + " | ".join(cells) + f" | {r['copies_share']:.0%} |")
@@ -254,6 +257,11 @@ def _clipped_latents(r: dict) -> bool:
 
 def _who(r: dict) -> str:
     return f"{WHO['latent']} (latents clipped at sampling: before the fix)" if _clipped_latents(r) else WHO[r["who"]]
+
+
+def _stopped_early(r: dict) -> str:
+    """", stopped by the copy check after N min" for a run its copy check ended before its budget."""
+    return f", stopped by the copy check after {r['seconds'] / 60:.0f} min" if r.get("stopped") == "copies" else ""
 
 
 def _sample_cells(r: dict) -> str:
@@ -713,9 +721,7 @@ def size_quality_rows(results: Path) -> list[str]:
             extra = flags if r["who"] != "seed" else ""  # meddiff trained with other flags: not the default's cell
             if data == "mni" and threads == 1 and not earlier and not _clipped_latents(r) and not extra:
                 have.add((size, r["who"], r["minutes"]))
-            steps = f", {r['steps']:,} steps" if r.get("steps") else ""
-            if r.get("stopped") == "copies":
-                steps += f", stopped by the copy check after {r['seconds'] / 60:.0f} min"
+            steps = f", {r['steps']:,} steps{_stopped_early(r)}" if r.get("steps") else ""
             who = "meddiff pixel (v-prediction: the default before x0)" if earlier else _who(r)
             who += f", `{extra}`" if extra else ""
             figures = (f"| {size} px | {'brain MRI (MNI)' if data == 'mni' else 'phantoms'} | {who} | "
