@@ -96,6 +96,8 @@ COMMANDS = {
                                                 "seed --minutes 10,30 --n 48"),
     "quality_per_compute_128_latent30": qpc_command("quality_per_compute_128_latent30", "qpc128_latent30",
                                                     "--size 128 --systems latent --minutes 30 --n 48"),
+    "quality_per_compute_64_latent30": qpc_command("quality_per_compute_64_latent30", "qpc64_latent30", "--size 64 "
+                                                   "--systems latent --minutes 30 --n 64"),
     "quality_per_compute_64_copycheck": qpc_command("quality_per_compute_64_copycheck", "qpc64_copycheck",
                                                     "--size 64 --systems meddiff --minutes 30 --n 64 '--meddiff-args="
                                                     "--copy-check 16 --max-copies 0.1 --val-split contiguous'"),
