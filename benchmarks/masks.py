@@ -22,7 +22,7 @@
 4. Inpainting: healthy test images given the lesion region of an abnormal test image of the same modality and
    class <modality>/abnormal: the largest change outside the region (must be 0), the share a normal/abnormal
    classifier trained on real phantoms calls abnormal (beside the share of real abnormal test images it calls
-   abnormal, its ceiling, and of the healthy images before inpainting), and the seam: mean gradient magnitude on
+   abnormal, the reference, and of the healthy images before inpainting), and the seam: mean gradient magnitude on
    the region's border ring against the same on real lesions' rings.
 5. Copies: the share of the generated adherence images flagged as copies of a training image (held-out test
    images set the threshold).
@@ -218,7 +218,7 @@ def main() -> None:
                     images=len(calls)) if len(calls) else {}
 
     detected = called_abnormal(results)
-    # the classifier's own reach: real abnormal test images of the inpainted modalities (its ceiling), and the
+    # the classifier's own reach: real abnormal test images of the inpainted modalities (the reference), and the
     # healthy images before inpainting (how often it calls a healthy image abnormal)
     mods = {test["classes"][i].split("/")[0] for i in changed}
     real_abnormal = [test["images"][k] for k in abn if test["classes"][k].split("/")[0] in mods]

@@ -334,7 +334,7 @@ def render_masks(doc: dict) -> list[str]:
                   f"region {ip['max_change_outside']:g}; called abnormal by a classifier trained on real phantoms: "
                   f"{ci(ip['detected_abnormal'], ip['detected_ci95'])}"
                   + ("".join(f"; {what}: {ci(r['share'], r['ci95'])} (n={r['images']})" for what, r in (
-                      ("real abnormal test images it calls abnormal (its ceiling)", ip.get("real_abnormal_called")),
+                      ("real abnormal test images it calls abnormal (the reference)", ip.get("real_abnormal_called")),
                       ("the healthy images before inpainting", ip.get("healthy_before_called"))) if r))
                   + f"; gradient energy on the region's border {ip['seam_gradient_generated']:.3f} against "
                   f"{ip['seam_gradient_real_lesions']:.3f} on real lesions'."]

@@ -275,11 +275,11 @@ def test_the_inpainting_line_sets_the_detection_beside_the_classifiers_own_reach
     ip = doc["summary"]["inpainting"]
     ip.pop("real_abnormal_called", None), ip.pop("healthy_before_called", None)
     before = next(line for line in render.render_masks(doc) if line.startswith("Inpainting"))
-    assert "ceiling" not in before, "files measured before the reference rates render as they were"
+    assert "the reference" not in before, "files measured before the reference rates render as they were"
     ip["real_abnormal_called"] = dict(share=0.9, ci95=[0.85, 0.95], images=200)
     ip["healthy_before_called"] = dict(share=0.05, ci95=[0.0, 0.125], images=40)
     line = next(line for line in render.render_masks(doc) if line.startswith("Inpainting"))
-    assert "real abnormal test images it calls abnormal (its ceiling): 0.9 [0.85, 0.95] (n=200)" in line
+    assert "real abnormal test images it calls abnormal (the reference): 0.9 [0.85, 0.95] (n=200)" in line
     assert "the healthy images before inpainting: 0.05 [0, 0.125] (n=40)" in line
 
 
