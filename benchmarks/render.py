@@ -662,7 +662,8 @@ def readme_rows(results: Path) -> list[str]:
     else:
         rows.append(_not_rerun("8 classes, one model: samples judged the requested class", "conditional_classes",
                                seed="cannot condition"))
-    for name in ("masks", "masks_guidance1", "masks_spade", "masks_spade_guidance1", "masks_controlnet"):
+    for name in ("masks", "masks_guidance1", "masks_seg2000", "masks_spade", "masks_spade_guidance1",
+                 "masks_controlnet"):
         m = load(name, results)
         if m and m["summary"].get("utility_paired"):
             sm = m["summary"]
@@ -672,6 +673,8 @@ def readme_rows(results: Path) -> list[str]:
             few = m["settings"]["few"]
             how = {"spade": ", maps through SPADE too", "controlnet": ", maps through a ControlNet copy too"
                    }.get(sm.get("conditioning"), "")
+            seg_steps = m["settings"].get("seg_steps", 600)
+            how += f", segmenters trained {seg_steps:,} steps" if seg_steps != 600 else ""
             rows.append(f"| label maps (phantoms, {m['settings']['size']} px, guidance {sm['guidance']:g}{how}): lesion "
                         f"Dice of generated images against the requested map; synthetic-only / real-only segmenter "
                         f"Dice; {few} real + synthetic minus {few} real | cannot condition on a map | {adh}; "
