@@ -308,8 +308,8 @@ def render_masks(doc: dict) -> list[str]:
              f"({s['training']['seconds'] / 60:.0f} min"
              + ("; trained by an earlier call of the same command, scored again with `--reuse`" if
                 doc["settings"].get("reuse") else "")
-             + f"); sampler: {s['sampler']}, guidance {s['guidance']:g}; every segmenter and the adherence "
-             f"segmenter trained {doc['settings'].get('seg_steps', 600):,} steps.", "",
+             + f"); sampler: {s['sampler']}, guidance {s['guidance']:g}; the segmenters (adherence, utility) "
+             f"trained {doc['settings'].get('seg_steps', 600):,} steps.", "",
              "| modality | Dice of generated images against their requested maps | the same segmenter on real test images |",
              "| --- | --- | --- |"]
     lines += [f"| {m} | {dice(r['generated'])} | {dice(r['real'])} |" for m, r in s["adherence"].items()]
