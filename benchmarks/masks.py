@@ -217,14 +217,13 @@ def main() -> None:
         return dict(share=float(np.mean(calls)), ci95=R.bootstrap_mean(np.asarray(calls, float))["ci95"],
                     images=len(calls)) if len(calls) else {}
 
-    detected = called_abnormal(results)
+    detected = share(called_abnormal(results))
     # the classifier's own reach: real abnormal test images of the inpainted modalities (the reference), and the
     # healthy images before inpainting (how often it calls a healthy image abnormal)
     mods = {test["classes"][i].split("/")[0] for i in changed}
     real_abnormal = [test["images"][k] for k in abn if test["classes"][k].split("/")[0] in mods]
     inpainting = dict(images=len(results), max_change_outside=max(outside) if outside else None,
-                      detected_abnormal=float(np.mean(detected)) if len(detected) else None,
-                      detected_ci95=R.bootstrap_mean(np.asarray(detected, float))["ci95"] if len(detected) else None,
+                      detected_abnormal=detected.get("share"), detected_ci95=detected.get("ci95"),
                       real_abnormal_called=share(called_abnormal(real_abnormal)),
                       healthy_before_called=share(called_abnormal([test["images"][i] for i in changed])),
                       seam_gradient_generated=float(np.nanmean(seam_gen)) if seam_gen else None,

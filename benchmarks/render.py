@@ -748,10 +748,10 @@ def size_quality_rows(results: Path) -> list[str]:
 def _why_unmeasured(results: Path) -> dict[tuple[int, str], str]:
     """{(size, who): reason} for the table's cells the size table shows cannot be measured: the seed recipe's
     own `seed` UNet does not fit in memory at that size (its saved-tensor count)."""
-    path = results / "size_table.json"
-    if not path.exists():
+    doc = load("size_table", results)
+    if doc is None:
         return {}
-    table = json.loads(path.read_text())["summary"]["cases"]["sizes"]["table"]
+    table = doc["summary"]["cases"]["sizes"]["table"]
     return {(int(size), "seed"):
             f" (its `seed` UNet does not fit: needs ~{row['seed']['need_gib']:.0f} GiB, size table)"
             for size, row in table.items() if row["seed"].get("need_gib") and not row["seed"].get("img_per_s")}
