@@ -4,6 +4,7 @@
     python benchmarks/masks.py                  # --minutes 15 at 64 px (about 30 min on 2 cores)
     python benchmarks/masks.py --quick          # seconds: a smoke test, not a figure
     python benchmarks/masks.py --reuse --guidance 4   # score the run in --out again, without training
+    python benchmarks/masks.py --steps 8538 --out bench_out/masks_steps2x   # train by steps, not minutes
     python benchmarks/masks.py --conditioning spade --out bench_out/masks_spade   # the map through SPADE too
     python benchmarks/masks.py --conditioning controlnet --out bench_out/masks_controlnet   # or a ControlNet copy
 
@@ -55,11 +56,12 @@ def load_pairs(n: int, seed: int, size: int) -> dict:
 
 
 def train_model(out: Path, n: int, size: int, minutes: float, extra: list[str],
-                conditioning: str = "channel") -> dict:
+                conditioning: str = "channel", steps: int | None = None) -> dict:
     trainer = (["-m", "meddiff.cli", "train"] if conditioning == "channel" else
                [str(Path(__file__).with_name("_mask_conditioning.py")), "train", conditioning])
-    cmd = [sys.executable, *trainer, "--data", f"builtin:phantoms?n={n}&masks=1", "--size",
-           str(size), "--max-minutes", str(minutes), "--out", str(out / "run"), "--no-progress", *extra]
+    budget = ["--max-steps", str(steps)] if steps else ["--max-minutes", str(minutes)]
+    cmd = [sys.executable, *trainer, "--data", f"builtin:phantoms?n={n}&masks=1", "--size", str(size), *budget,
+           "--out", str(out / "run"), "--no-progress", *extra]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"training failed:\n{done.stderr[-2000:]}")
@@ -96,6 +98,9 @@ def gradient_energy(image: np.ndarray, where: np.ndarray) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=15.0)
+    ap.add_argument("--steps", type=int, default=None,
+                    help="train this many steps instead of --minutes: a budget that other work on the machine does "
+                         "not shrink, to compare recipes at equal steps")
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--n-train", type=int, default=1200, help="training phantoms (seed 0)")
     ap.add_argument("--n-test", type=int, default=400, help="test phantoms (seed 1)")
@@ -118,6 +123,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.quick:
         a.size, a.minutes, a.n_train, a.n_test, a.few, a.seg_steps, a.inpaint = 32, 0.1, 48, 32, 8, 20, 4
+        a.steps = None
         a.meddiff_args = a.meddiff_args or "--preset tiny"
         a.out = a.out if a.out != "bench_out/masks" else "bench_out/masks_quick"
         a.grid, a.results = str(Path(a.out) / "grid.png"), str(Path(a.out) / "results.json")
@@ -144,7 +150,7 @@ def main() -> None:
                              f"{record['train'].get('size')} px, not {want['data']} at {a.size} px")
         trained = record["result"]
     else:
-        trained = train_model(out, a.n_train, a.size, a.minutes, a.meddiff_args.split(), a.conditioning)
+        trained = train_model(out, a.n_train, a.size, a.minutes, a.meddiff_args.split(), a.conditioning, a.steps)
     print(f"trained: {trained['steps']} steps in {trained['seconds']:.0f} s", flush=True)
     if a.conditioning != "channel":
         from _mask_conditioning import load_variant_run
