@@ -304,6 +304,8 @@ def render_masks(doc: dict) -> list[str]:
            "controlnet": " (input channels and a ControlNet encoder copy, benchmarks/_mask_conditioning.py)"
            }.get(s.get("conditioning"), "")
     params = f", {s['parameters'] / 1e6:.1f} M parameters" if s.get("parameters") else ""
+    flags = (doc["settings"].get("meddiff_args") or "").strip()
+    how += f" with `{flags}`" if flags else ""
     lines = [f"Model: meddiff's default recipe conditioned on the maps{how}{params}, {s['training']['steps']:,} steps "
              f"({s['training']['seconds'] / 60:.0f} min"
              + ("; trained by an earlier call of the same command, scored again with `--reuse`" if
@@ -674,6 +676,9 @@ def readme_rows(results: Path) -> list[str]:
             how = {"spade": ", maps through SPADE too", "controlnet": ", maps through a ControlNet copy too"
                    }.get(sm.get("conditioning"), "")
             seg_steps = m["settings"].get("seg_steps", 600)
+            how += f", trained {m['settings']['steps']:,} steps" if m["settings"].get("steps") else ""
+            flags = (m["settings"].get("meddiff_args") or "").strip()
+            how += f", `{flags}`" if flags else ""
             how += f", segmenters trained {seg_steps:,} steps" if seg_steps != 600 else ""
             rows.append(f"| label maps (phantoms, {m['settings']['size']} px, guidance {sm['guidance']:g}{how}): lesion "
                         f"Dice of generated images against the requested map; synthetic-only / real-only segmenter "

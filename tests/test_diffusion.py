@@ -136,3 +136,23 @@ def test_loss_is_per_sample_mse_times_weight() -> None:
     loss = diffusion_loss(pred, x0, eps, ab, "eps", "min-snr", 5.0)
     expected = eps.pow(2).mean(dim=(1, 2, 3)) * loss_weight(ab, "eps", "min-snr", 5.0).float()
     torch.testing.assert_close(loss, expected)
+
+
+def test_a_pixel_weight_weights_each_pixels_error_and_label_maps_give_it() -> None:
+    from meddiff.diffusion import label_map_weight
+
+    x0, eps, ab = _batch(3)
+    masks = torch.zeros(3, 1, *eps.shape[-2:], dtype=torch.int64)
+    masks[0, 0, :2, :2], masks[1, 0, -1, -1] = 1, 2
+    w = label_map_weight(masks, 4.0)
+    assert w.shape == masks.shape and set(w.unique().tolist()) == {1.0, 5.0}
+    assert float(w[0, 0, 0, 0]) == 5.0 and float(w[1, 0, -1, -1]) == 5.0 and float(w[2].max()) == 1.0
+    pred = torch.zeros_like(eps)
+    torch.testing.assert_close(diffusion_loss(pred, x0, eps, ab, "eps", pixel_weight=w),
+                               (eps.pow(2) * w).mean(dim=(1, 2, 3)))
+    torch.testing.assert_close(diffusion_loss(pred, x0, eps, ab, "eps", pixel_weight=torch.ones_like(w)),
+                               diffusion_loss(pred, x0, eps, ab, "eps"))
+    # a latent grid 2x coarser: a cell with one labelled pixel takes its weight
+    coarse = label_map_weight(masks, 4.0, factor=2)
+    assert coarse.shape == (3, 1, eps.shape[-2] // 2, eps.shape[-1] // 2)
+    assert float(coarse[1, 0, -1, -1]) == 5.0 and float(coarse[1].sum()) == coarse[1].numel() + 4.0

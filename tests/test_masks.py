@@ -163,6 +163,53 @@ def test_maps_for_a_model_without_them_are_one_error(trained_run: Path, tmp_path
     assert not (tmp_path / "o").exists()
 
 
+# ---------------------------------------------------------------- weighting the loss inside the maps
+
+def test_the_mask_loss_weight_falls_on_labelled_pixels_of_the_maps_the_model_is_shown(
+        tmp_path: Path, train_config, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    from meddiff.runfolder import read_record
+
+    T = importlib.import_module("meddiff.train")
+    maps, weights = [], []
+    real_map_weight, real_loss = T.label_map_weight, T.diffusion_loss
+
+    def map_weight(masks: torch.Tensor, *a: object) -> torch.Tensor:
+        maps.append(masks.clone())
+        return real_map_weight(masks, *a)
+
+    def loss(*a: object, **k: object) -> torch.Tensor:
+        weights.append(a[7])
+        return real_loss(*a, **k)
+    monkeypatch.setattr(T, "label_map_weight", map_weight)
+    monkeypatch.setattr(T, "diffusion_loss", loss)
+    out = tmp_path / "run"
+    T.train(train_config("builtin:phantoms?n=24&masks=1", out, mask_loss_weight=3.0, cond_drop_prob=0.3,
+                         max_steps=8), echo=_quiet)
+    assert len(maps) == len(weights) == 8
+    shown = dropped = 0
+    for m, w in zip(maps, weights):
+        for mi, wi in zip(m, w):
+            if torch.equal(wi, torch.ones_like(wi)) and (mi != 0).any():
+                dropped += 1  # the condition was dropped: p(x) is weighted evenly
+            else:
+                assert torch.equal(wi, 1 + 3.0 * (mi != 0).float())
+                shown += int((mi != 0).any())
+    assert shown > 0 and dropped > 0  # both cases were seen, with lesions in their maps
+    assert read_record(out).train.mask_loss_weight == 3.0
+    assert "weighted 4x" in (out / "README.md").read_text()
+
+
+def test_the_mask_loss_weight_without_maps_is_one_error_and_no_run(tmp_path: Path, image_folder: Path,
+                                                                   train_config) -> None:
+    from meddiff.train import train
+
+    with pytest.raises(ConfigError, match="--mask-loss-weight: .*this run has none"):
+        train(train_config(image_folder, tmp_path / "run", mask_loss_weight=2.0), echo=_quiet)
+    assert not (tmp_path / "run").exists()
+
+
 # ---------------------------------------------------------------- inpainting
 
 def test_inpainting_changes_only_the_region(mask_run: Path, tmp_path: Path) -> None:

@@ -138,6 +138,8 @@ def _training_section(record: RunRecord, run: Path) -> str:
             "objective", "loss_weighting", "beta_schedule", "noise_shift", "noise_shift_clean", "num_train_timesteps",
             "zero_terminal_snr", "timestep_spacing", "grad_clip", "flip", "cond_drop_prob", "val_fraction", "precision", "seed")
     rows = [(k.replace("_", " "), getattr(t, k)) for k in keys]
+    if t.mask_loss_weight:
+        rows.append(("loss inside label maps", f"weighted {1 + t.mask_loss_weight:g}x"))
     rows.append(("stopping rule", ", ".join(f"{k.replace('_', ' ')} {getattr(t, k)}" for k in
                                             ("max_steps", "epochs", "max_minutes") if getattr(t, k) is not None)))
     if r:

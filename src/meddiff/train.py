@@ -25,7 +25,8 @@ from .atomic import check_out_dir
 from .audit import TrainingAudit
 from .config import RESUME_FIELDS, STOP_RULES, ModelConfig, TrainConfig, model_config, noise_shift_for
 from .data.dataset import ImageSet, check_memory, load_data, skipped_listing, split
-from .diffusion import alphas_cumprod, diffusion_loss, diffusers_scheduler_config, predicted_eps, q_sample
+from .diffusion import (alphas_cumprod, diffusers_scheduler_config, diffusion_loss, label_map_weight, predicted_eps,
+                        q_sample)
 from .errors import ConfigError, RunError
 from .latent import encode_set, latent_bytes, latent_factor, load_autoencoder, read_autoencoder_record
 from .metrics.memorization import at_audit_size
@@ -516,6 +517,9 @@ def _train(cfg: TrainConfig, data: ImageSet | None, resume: bool, echo: Callable
     if len(train_idx) == 0:
         raise ConfigError(f"--data {cfg.data}: no training images left after the validation split")
     mask_values = _mask_values(cfg, data, record, echo)
+    if cfg.mask_loss_weight and not mask_values:
+        raise ConfigError("--mask-loss-weight: weights the loss inside label maps, and this run has none (the data "
+                          "have no masks/, or --masks off)")
     if cfg.max_copies is not None and not cfg.copy_check:
         raise ConfigError("--max-copies: needs --copy-check N, the images to sample and audit at each validation")
     if cfg.copy_check and not len(val_idx):
@@ -630,12 +634,16 @@ def _train(cfg: TrainConfig, data: ImageSet | None, resume: bool, echo: Callable
                 flip = draws["flip"][sl].view(-1, 1, 1, 1)
                 if cfg.flip:  # a latent is not flipped: the flipped image's own latent is taken
                     x0 = torch.where(flip, x0.flip(-1) if flipped is None else flipped(idx[sl]), x0)
-                cond = None
+                cond = weight = None
                 if masks is not None:  # the image's map, flipped with it; none where the condition is dropped
                     m = masks(idx[sl])
                     m = torch.where(flip, m.flip(-1), m) if cfg.flip else m
                     cond = mask_channels(m, mcfg.mask_values, mcfg.latent_factor)
-                    cond = torch.where(draws["drop"][sl].view(-1, 1, 1, 1), torch.zeros_like(cond), cond)
+                    dropped = draws["drop"][sl].view(-1, 1, 1, 1)
+                    cond = torch.where(dropped, torch.zeros_like(cond), cond)
+                    if cfg.mask_loss_weight:  # only where the model is shown the map: p(x) stays evenly weighted
+                        weight = label_map_weight(m, cfg.mask_loss_weight, mcfg.latent_factor)
+                        weight = torch.where(dropped, torch.ones_like(weight), weight)
                 ab = alpha_bar[draws["t"][sl]]
                 x_t = q_sample(x0, draws["eps"][sl], ab)
                 lab = None
@@ -644,7 +652,7 @@ def _train(cfg: TrainConfig, data: ImageSet | None, resume: bool, echo: Callable
                 with autocast(device, precision):
                     pred = denoise(forward, x_t, draws["t"][sl], lab, mcfg.patch_size, cond)
                 loss = diffusion_loss(pred, x0, draws["eps"][sl], ab, cfg.objective, cfg.loss_weighting,
-                                      cfg.min_snr_gamma).sum() / n_global
+                                      cfg.min_snr_gamma, weight).sum() / n_global
                 (scaler.scale(loss) if scaler else loss).backward()
                 step_loss += float(loss.detach())
             if dist.active:
