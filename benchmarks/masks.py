@@ -44,6 +44,7 @@ import torch
 import _results as R
 
 MODALITIES = ("ct", "mri", "us", "xray")
+PARTS = ("adherence", "utility", "inpainting", "copies")
 
 
 def load_pairs(n: int, seed: int, size: int) -> dict:
@@ -109,7 +110,11 @@ def main() -> None:
                     help="share of each batch the --few real pairs fill when trained with the synthetic ones")
     ap.add_argument("--seg-steps", type=int, default=600, help="segmenter training steps")
     ap.add_argument("--inpaint", type=int, default=40, help="healthy test images to inpaint a lesion into")
-    ap.add_argument("--guidance", type=float, default=2.0)
+    ap.add_argument("--guidance", default="2",
+                    help="guidance scale; a comma list (1,2,4) scores adherence at each, the other parts at the first")
+    ap.add_argument("--parts", default=",".join(PARTS),
+                    help=f"what to score, comma-separated from {', '.join(PARTS)}: adherence alone takes minutes, "
+                         "utility and inpainting most of the time")
     ap.add_argument("--out", default="bench_out/masks")
     ap.add_argument("--grid", default=str(R.ROOT / "docs" / "masks_grid.png"))
     ap.add_argument("--meddiff-args", default="", help="extra flags for meddiff train, after '='")
@@ -121,6 +126,13 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke test: 32 px, tiny preset, seconds")
     R.add_results_arg(ap, "masks")
     a = ap.parse_args()
+    parts = [p for p in a.parts.split(",") if p]
+    if not parts or set(parts) - set(PARTS):
+        raise SystemExit(f"--parts {a.parts}: choose from {', '.join(PARTS)}")
+    try:
+        scales = [float(g) for g in a.guidance.split(",")]
+    except ValueError:
+        raise SystemExit(f"--guidance {a.guidance}: a number or a comma list of numbers") from None
     if a.quick:
         a.size, a.minutes, a.n_train, a.n_test, a.few, a.seg_steps, a.inpaint = 32, 0.1, 48, 32, 8, 20, 4
         a.steps = None
@@ -128,13 +140,10 @@ def main() -> None:
         a.out = a.out if a.out != "bench_out/masks" else "bench_out/masks_quick"
         a.grid, a.results = str(Path(a.out) / "grid.png"), str(Path(a.out) / "results.json")
     from meddiff.export import make_grid, save_png
-    from meddiff.metrics.classifier import classifier_features, fit_classifier
-    from meddiff.metrics.features import get_extractor
     from meddiff.metrics.memorization import memorization_report
-    from meddiff.metrics.segmentation import (adherence_figures, dice_comparison, dice_figure, segment,
-                                              train_segmenter)
+    from meddiff.metrics.segmentation import adherence_figures
     from meddiff.runtime import pick_device, pick_precision
-    from meddiff.sample import inpaint, load_run
+    from meddiff.sample import load_run
 
     mach = R.machine(pick_precision("auto", pick_device("auto")))
     out = Path(a.out)
@@ -162,19 +171,70 @@ def main() -> None:
     else:
         run = load_run(out / "run")
     train, test = load_pairs(a.n_train, 0, a.size), load_pairs(a.n_test, 1, a.size)
-    seg_real = train_segmenter(train["images"], train["masks"], a.seg_steps)
+    seg_real = real_segmenter(out, train, a.seg_steps) if "adherence" in parts else None
+    summary: dict = dict(parts=parts, training=trained, guidance=scales[0], sampler="the run's default (UniPC 10)",
+                         grid=a.grid, conditioning=a.conditioning,
+                         parameters=sum(p.numel() for p in run.unet.parameters()))
 
     # 2. adherence
     abn = [i for i, c in enumerate(test["classes"]) if c.endswith("abnormal")]
-    gen = generate_for(run, test["masks"][abn], [test["classes"][i] for i in abn], a.guidance, 10_000)
     modality = [test["classes"][i].split("/")[0] for i in abn]
-    adherence = adherence_figures(seg_real, gen, test["masks"][abn], test["images"][abn], test["masks"][abn],
-                                  modality, modality, overall=False)
-    for m, f in adherence.items():
-        print(f"adherence {m}: Dice {f['generated']['dice']:.3f} (real images {f['real']['dice']:.3f})", flush=True)
+    sweep = {}
+    for g in scales if "adherence" in parts else scales[:1]:
+        gen_g = generate_for(run, test["masks"][abn], [test["classes"][i] for i in abn], g, 10_000)
+        gen = gen_g if g == scales[0] else gen
+        if "adherence" in parts:
+            sweep[f"{g:g}"] = adherence_figures(seg_real, gen_g, test["masks"][abn], test["images"][abn],
+                                                test["masks"][abn], modality, modality, overall=False)
+            for m, f in sweep[f"{g:g}"].items():
+                print(f"guidance {g:g}, adherence {m}: Dice {f['generated']['dice']:.3f} (real images "
+                      f"{f['real']['dice']:.3f})", flush=True)
+    if sweep:
+        summary["adherence"] = sweep[f"{scales[0]:g}"]
+        if len(sweep) > 1:
+            summary["adherence_by_guidance"] = sweep
+    if "utility" in parts:
+        summary.update(utility_figures(run, train, test, a, scales[0]))
+    if "inpainting" in parts:
+        summary["inpainting"] = inpainting_figures(run, train, test, abn, a, scales[0])
+    if "copies" in parts:  # 5. the generated adherence images against the training images
+        audit = memorization_report(gen, train["images"], test["images"])
+        summary["copies"] = dict(share=audit.n_flagged / max(len(gen), 1), threshold=float(audit.threshold))
 
-    # 3. utility
-    syn = generate_for(run, train["masks"], train["classes"], a.guidance, 20_000)
+    per_mod = [next((k for k, i in enumerate(abn) if test["classes"][i].startswith(m + "/")), None) for m in MODALITIES]
+    tiles = [t for k in per_mod if k is not None for t in ((test["masks"][abn[k]] > 0).astype(np.float32), gen[k])]
+    if tiles:
+        Path(a.grid).parent.mkdir(parents=True, exist_ok=True)
+        save_png(make_grid(np.stack(tiles), ncols=2), Path(a.grid))
+    summary["seconds"] = time.time() - t0
+    R.write_results(a.results, "masks", mach, vars(a), [], summary)
+
+
+def real_segmenter(out: Path, train: dict, steps: int):
+    """The segmenter trained on the real training pairs (what reads adherence), kept in --out as safetensors
+    and taken from there when the same pairs and steps made it: a guidance sweep trains it once."""
+    from safetensors.torch import load_file, save_file
+
+    from meddiff.metrics.segmentation import Segmenter, train_segmenter
+
+    key = f"{len(train['images'])}-{train['images'].shape[-1]}-{steps}"
+    path = out / f"segmenter_real_{key}.safetensors"
+    if path.exists():
+        net = Segmenter()
+        net.load_state_dict(load_file(str(path)))
+        return net.eval()
+    net = train_segmenter(train["images"], train["masks"], steps)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    return net
+
+
+def utility_figures(run, train: dict, test: dict, a: argparse.Namespace, guidance: float) -> dict:
+    """3. Segmenters trained on synthetic pairs, on real ones, on a few real ones with and without the synthetic
+    ones, all tested on the real test pairs."""
+    from meddiff.metrics.segmentation import dice_comparison, dice_figure, segment, train_segmenter
+
+    syn = generate_for(run, train["masks"], train["classes"], guidance, 20_000)
+    seg_real = real_segmenter(Path(a.out), train, a.seg_steps)
     seg_syn = train_segmenter(syn, train["masks"], a.seg_steps)
     rng = np.random.default_rng(0)
     few = rng.choice(len(train["images"]), min(a.few, len(train["images"])), replace=False)
@@ -194,8 +254,17 @@ def main() -> None:
                   plus_synthetic_vs_few=dice_comparison(maps[f"real_{a.few}"], maps[f"real_{a.few}_plus_synthetic"],
                                                         test["masks"]))
     print(f"utility paired: {json.dumps(paired)}", flush=True)
+    return dict(utility=on_test, utility_paired=paired, utility_ratio=paired["synthetic_vs_real"]["ratio"],
+                real_share=a.real_share)
 
-    # 4. inpainting
+
+def inpainting_figures(run, train: dict, test: dict, abn: list[int], a: argparse.Namespace, guidance: float) -> dict:
+    """4. Healthy test images given an abnormal test image's lesion region: the change outside it, the share a
+    classifier trained on real phantoms calls abnormal (beside its reach on real lesions), the seam."""
+    from meddiff.metrics.classifier import classifier_features, fit_classifier
+    from meddiff.metrics.features import get_extractor
+    from meddiff.sample import inpaint
+
     extractor = get_extractor("randconv", resolution=a.size)
     feats = classifier_features(train["images"], extractor(train["images"]))
     is_abn = np.array([c.endswith("abnormal") for c in train["classes"]], np.int64)
@@ -210,7 +279,7 @@ def main() -> None:
         donor = donors[j % len(donors)]
         region = test["masks"][donor] > 0
         img = inpaint(run, test["images"][i], region, [30_000 + j], run.class_names.index(f"{modality}/abnormal"),
-                      guidance=a.guidance, cond_mask=test["masks"][donor].astype(np.int64))[0]
+                      guidance=guidance, cond_mask=test["masks"][donor].astype(np.int64))[0]
         results.append(img)
         outside.append(float(np.abs(img - test["images"][i])[~region].max()))
         seam_gen.append(gradient_energy(img, ring(region)))
@@ -235,22 +304,7 @@ def main() -> None:
                       seam_gradient_generated=float(np.nanmean(seam_gen)) if seam_gen else None,
                       seam_gradient_real_lesions=float(np.nanmean(seam_real)) if seam_real else None)
     print(f"inpainting: {json.dumps(inpainting)}", flush=True)
-
-    # 5. copies
-    audit = memorization_report(gen, train["images"], test["images"])
-    copies = dict(share=audit.n_flagged / max(len(gen), 1), threshold=float(audit.threshold))
-
-    per_mod = [next((k for k, i in enumerate(abn) if test["classes"][i].startswith(m + "/")), None) for m in MODALITIES]
-    tiles = [t for k in per_mod if k is not None for t in ((test["masks"][abn[k]] > 0).astype(np.float32), gen[k])]
-    if tiles:
-        Path(a.grid).parent.mkdir(parents=True, exist_ok=True)
-        save_png(make_grid(np.stack(tiles), ncols=2), Path(a.grid))
-    summary = dict(adherence=adherence, utility=on_test, utility_paired=paired,
-                   utility_ratio=paired["synthetic_vs_real"]["ratio"], real_share=a.real_share,
-                   inpainting=inpainting, copies=copies, training=trained, seconds=time.time() - t0,
-                   guidance=a.guidance, sampler="the run's default (UniPC 10)", grid=a.grid,
-                   conditioning=a.conditioning, parameters=sum(p.numel() for p in run.unet.parameters()))
-    R.write_results(a.results, "masks", mach, vars(a), [], summary)
+    return inpainting
 
 
 if __name__ == "__main__":

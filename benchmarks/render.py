@@ -311,13 +311,25 @@ def render_masks(doc: dict) -> list[str]:
              + ("; trained by an earlier call of the same command, scored again with `--reuse`" if
                 doc["settings"].get("reuse") else "")
              + f"); sampler: {s['sampler']}, guidance {s['guidance']:g}; the segmenters (adherence, utility) "
-             f"trained {doc['settings'].get('seg_steps', 600):,} steps.", "",
-             "| modality | Dice of generated images against their requested maps | the same segmenter on real test images |",
-             "| --- | --- | --- |"]
-    lines += [f"| {m} | {dice(r['generated'])} | {dice(r['real'])} |" for m, r in s["adherence"].items()]
-    u = s["utility"]
-    lines += ["", "| segmenter trained on | Dice on held-out real pairs |", "| --- | --- |"]
-    lines += [f"| {name.replace('_', ' ')} | {dice(f)} |" for name, f in u.items()]
+             f"trained {doc['settings'].get('seg_steps', 600):,} steps."]
+    if s.get("parts") and set(s["parts"]) != {"adherence", "utility", "inpainting", "copies"}:
+        lines[-1] += f" Scored: {', '.join(s['parts'])} only (`--parts`)."
+    lines.append("")
+    if s.get("adherence_by_guidance"):
+        sweep = s["adherence_by_guidance"]
+        mods = list(next(iter(sweep.values())))
+        lines += ["| guidance | " + " | ".join(mods) + " |", "| --- |" + " --- |" * len(mods)]
+        lines += [f"| {g} | " + " | ".join(dice(r[m]["generated"]) for m in mods) + " |" for g, r in sweep.items()]
+        lines += ["| real test images (the segmenter's ceiling) | "
+                  + " | ".join(dice(next(iter(sweep.values()))[m]["real"]) for m in mods) + " |", ""]
+    elif s.get("adherence"):
+        lines += ["| modality | Dice of generated images against their requested maps | the same segmenter on real "
+                  "test images |", "| --- | --- | --- |"]
+        lines += [f"| {m} | {dice(r['generated'])} | {dice(r['real'])} |" for m, r in s["adherence"].items()]
+    u = s.get("utility") or {}
+    if u:
+        lines += ["", "| segmenter trained on | Dice on held-out real pairs |", "| --- | --- |"]
+        lines += [f"| {name.replace('_', ' ')} | {dice(f)} |" for name, f in u.items()]
     paired = s.get("utility_paired")
     if paired:  # paired over the same test images
         r, d = paired["synthetic_vs_real"], paired["plus_synthetic_vs_few"]
@@ -330,7 +342,7 @@ def render_masks(doc: dict) -> list[str]:
                      ", a loss." if d["difference_ci95"][1] < 0 else ", a tie (the interval holds 0).")]
     elif s.get("utility_ratio") is not None:
         lines += ["", f"Synthetic-only / real-only Dice: {s['utility_ratio']:.2f}."]
-    ip = s["inpainting"]
+    ip = s.get("inpainting") or {}
     if ip.get("images"):
         lines += [f"Inpainting ({ip['images']} healthy test images, a lesion region each): largest change outside the "
                   f"region {ip['max_change_outside']:g}; called abnormal by a classifier trained on real phantoms: "
@@ -340,7 +352,8 @@ def render_masks(doc: dict) -> list[str]:
                       ("the healthy images before inpainting", ip.get("healthy_before_called"))) if r))
                   + f"; gradient energy on the region's border {ip['seam_gradient_generated']:.3f} against "
                   f"{ip['seam_gradient_real_lesions']:.3f} on real lesions'."]
-    lines += [f"Copies of training images among the generated adherence images: {s['copies']['share']:.0%}."]
+    if s.get("copies"):
+        lines += [f"Copies of training images among the generated adherence images: {s['copies']['share']:.0%}."]
     grid = Path(s["grid"])
     return lines + (["", f"![requested map and generated image, one pair per modality]({grid.name})"]
                     if grid.parent.name == "docs" else [])
