@@ -283,11 +283,21 @@ def test_contiguous_runs_cut_consecutive_images_only_where_the_group_changes() -
 def test_a_contiguous_split_holds_out_runs_of_consecutive_images() -> None:
     data = _set(list(range(100)))                                 # a flat folder: every slice its own group
     _, single = split(data, 0.2, seed=0)
-    _, runs = split(data, 0.2, seed=0, by="contiguous")
+    train, runs = split(data, 0.2, seed=0, by="contiguous")
     assert len(runs) == 20 and np.count_nonzero(np.diff(runs) > 1) == 1   # two runs of 10 consecutive slices
     assert np.count_nonzero(np.diff(single) > 1) > 5                      # single slices scattered over the set
+    # a guard band: no training slice within a quarter of a run (here 2 slices) of a held-out one
+    gap = np.abs(train[:, None] - runs[None, :]).min()
+    assert list(runs[[0, -1]]) == [0, 89]  # the runs 0-9 and 80-89: the first has no slice before it
+    assert gap == 3 and len(train) == 100 - 20 - 3 * 2
+    assert not set(train) & set(runs)
     with pytest.raises(ConfigError, match=r"split by 'random'; allowed: group, contiguous"):
         split(data, 0.2, seed=0, by="random")
+
+
+def test_the_guard_band_never_takes_the_last_training_images() -> None:
+    train, held = split(_set(list(range(4))), 0.5, seed=0, by="contiguous")   # runs of 1: the guard would take all
+    assert len(train) and len(held) and len(train) + len(held) == 4
 
 
 # ---------------------------------------------------------------- to_square

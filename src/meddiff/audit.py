@@ -15,7 +15,7 @@ import numpy as np
 
 from .atomic import atomic_folder, check_out_dir
 from .config import HELDOUT_SPLITS
-from .data.dataset import split
+from .data.dataset import guard_note, split
 from .errors import ConfigError, DataError, RunError
 from .export import Manifest
 from .imagesets import LabelledImages, load_images, read_generated
@@ -67,11 +67,12 @@ def heldout_split(real: LabelledImages, train: LabelledImages, seed: int, by: st
         raise DataError(f"--train: {len(train.images)} image(s) in one group and --real holds "
                         f"{int(novel.sum())} images that are not training images; the copy threshold needs "
                         f"at least {MIN_HELDOUT} real images the model was not trained on")
-    mask = np.zeros(len(train.images), bool)
-    mask[held] = True
+    mask, gallery = np.zeros(len(train.images), bool), np.zeros(len(train.images), bool)
+    mask[held], gallery[rest] = True, True
     how = "by group" if by == "group" else "in runs of consecutive images"
-    return HeldOut("train", mask, ~mask, f"{len(held)} --train images held out {how} and compared with the other "
-                   f"{len(rest)} (--real holds only {int(novel.sum())} images not in --train)")
+    return HeldOut("train", mask, gallery, f"{len(held)} --train images held out {how} and compared with "
+                   f"{len(rest)} others{guard_note(len(train.images), len(rest), len(held))} (--real holds only "
+                   f"{int(novel.sum())} images not in --train)")
 
 
 def heldout_warning(copies: CopyAudit, held: HeldOut) -> str | None:

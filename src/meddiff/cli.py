@@ -27,7 +27,8 @@ from .errors import ConfigError, MeddiffError
 HELDOUT_SPLIT_HELP = ("how images the model never saw are held out of a set (the copy threshold's part of --train "
                       "when --real holds too few such images; evaluate's classifier test): group (default) keeps a "
                       "patient sub-folder or a volume file together; contiguous holds out runs of consecutive files, "
-                      "for a flat folder of one volume's slices, whose single slices are neighbours of training slices")
+                      "with a guard band on each side used by neither, for a flat folder of one volume's slices, "
+                      "whose single slices are neighbours of training slices")
 MAIN_EXAMPLES = """examples:
   meddiff train --data builtin:mni-mri --out runs/mri --max-minutes 5
   meddiff sample --run runs/mri --n 16 --out samples/

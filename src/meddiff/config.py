@@ -349,8 +349,9 @@ class TrainConfig(Checked):
     val_fraction: float = option(0.1, "share of the images held out for the validation loss",
                                  bounds=Bounds(0, 0.5, hi_open=True))
     val_split: str = option("group", "how the validation images are held out: group (whole sub-folders, "
-                            "volumes or patients) or contiguous (whole runs of consecutive files: for one "
-                            "volume's slices in one folder, so that they are not the neighbours of training slices)",
+                            "volumes or patients) or contiguous (whole runs of consecutive files, with a guard band of "
+                            "files on each side used by neither: for one volume's slices in one folder, so that they "
+                            "are not the neighbours of training slices)",
                             choices=HELDOUT_SPLITS)
     val_every: int | None = option(None, "steps between validations (default: about 10 in a run)", bounds=STEP_COUNT)
     patience: int | None = option(None, "stop after this many evaluations without improvement",

@@ -24,7 +24,7 @@ from . import __version__, runfolder
 from .atomic import check_out_dir
 from .audit import TrainingAudit
 from .config import RESUME_FIELDS, STOP_RULES, ModelConfig, TrainConfig, model_config, noise_shift_for
-from .data.dataset import ImageSet, check_memory, load_data, skipped_listing, split
+from .data.dataset import ImageSet, check_memory, guard_note, load_data, skipped_listing, split
 from .diffusion import (alphas_cumprod, diffusers_scheduler_config, diffusion_loss, label_map_weight, predicted_eps,
                         q_sample)
 from .errors import ConfigError, RunError
@@ -600,7 +600,8 @@ def _train(cfg: TrainConfig, data: ImageSet | None, resume: bool, echo: Callable
         best, bad_evals, losses = st["best_val_loss"], st["bad_evals"], list(st["recent_losses"])
         echo(f"resuming {run} at step {step}")
     echo(f"training {cfg.preset} ({count_parameters(unet) / 1e6:.2f} M parameters) on "
-         f"{len(train_idx)} images ({len(val_idx)} held out), {len(data.class_names)} class(es)"
+         f"{len(train_idx)} images ({len(val_idx)} held out{guard_note(len(data), len(train_idx), len(val_idx))}), "
+         f"{len(data.class_names)} class(es)"
          f"{' conditional' if conditional else ''}; {describe(device, precision)}")
 
     bar = progress_bar(cfg.progress, total, step, "step") if dist.main else None

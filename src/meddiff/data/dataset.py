@@ -568,11 +568,25 @@ def contiguous_runs(groups: np.ndarray, n_runs: int = CONTIGUOUS_RUNS) -> np.nda
     return runs
 
 
+def contiguous_guard(n: int, n_runs: int = CONTIGUOUS_RUNS) -> int:
+    """Images left out on each side of a held-out run by a contiguous split: a quarter of a run, at least 1."""
+    return max(1, int(round(n / n_runs / 4)))
+
+
+def guard_note(n: int, n_train: int, n_held: int) -> str:
+    """What a split left out of both sides (a contiguous split's guard band), for a report line; "" if none."""
+    left = n - n_train - n_held
+    return f", {left} beside them left out of both" if left else ""
+
+
 def split(data: ImageSet, val_fraction: float, seed: int, by: str = "group") -> tuple[np.ndarray, np.ndarray]:
     """(train indices, validation indices), split by group so one patient/volume never sits on both sides.
     Deterministic in the seed; at least one group is held out when val_fraction > 0 and there are ≥ 2 groups.
-    by "contiguous": whole runs of consecutive images (`contiguous_runs`) instead, so that the held-out slices of a
-    flat folder of one volume's slices are not the neighbours of training slices."""
+    by "contiguous": whole runs of consecutive images (`contiguous_runs`) instead, and the `contiguous_guard`
+    images on each side of a held-out run are neither trained on nor held out (where that leaves training images),
+    so that the held-out slices of a flat folder of one volume's slices are not the neighbours of training slices:
+    a held-out run's end slice is otherwise almost its training neighbour, and it would set a copy threshold that
+    only near-exact copies pass (benchmarks/_heldout.py holds out 8-slice slabs with a guard of 4 the same way)."""
     if by not in HELDOUT_SPLITS:
         raise ConfigError(f"split by {by!r}; allowed: {', '.join(HELDOUT_SPLITS)}")
     groups = contiguous_runs(data.groups) if by == "contiguous" else data.groups
@@ -584,7 +598,12 @@ def split(data: ImageSet, val_fraction: float, seed: int, by: str = "group") -> 
     order = rng.permutation(uniq)
     n_val = min(max(1, int(round(val_fraction * len(uniq)))), len(uniq) - 1)
     val = np.isin(groups, order[:n_val])
-    return idx[~val], idx[val]
+    train = ~val
+    if by == "contiguous":
+        guard = contiguous_guard(len(groups))
+        near = np.convolve(val.astype(np.int64), np.ones(2 * guard + 1, np.int64), mode="same") > 0
+        train = train if not (train & ~near).any() else train & ~near
+    return idx[train], idx[val]
 
 
 def export_builtin(spec: str, out: str | Path, n: int, size: int, seed: int = 0) -> dict[str, int]:
