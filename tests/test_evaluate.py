@@ -272,3 +272,20 @@ def test_adherence_needs_maps_on_both_sides(pairs, folders, capsys):
         main(["evaluate", "--real", str(pairs["real"]), "--fake", str(pairs["faithful"]), "--adherence",
               "--segmenter-steps", "0"])
     _one_line_error(exit_.value.code, capsys.readouterr().err, "--segmenter-steps 0")
+
+
+def test_a_contiguous_held_out_part_keeps_its_guard_band_out_of_the_fitted_side() -> None:
+    import torch
+
+    from meddiff.data.dataset import ImageSet
+    from meddiff.evaluate import _heldout_masks
+    from meddiff.imagesets import LabelledImages
+
+    n = 100  # a flat folder of one volume's slices: every file a group of its own
+    data = ImageSet(torch.zeros(n, 1, 8, 8), torch.zeros(n, dtype=torch.long), ("all",), np.arange(n))
+    images = LabelledImages(np.zeros((n, 8, 8), np.float32), np.zeros(n, np.int64), ("all",), data)
+    used, held = _heldout_masks(images, EvalConfig(real="r", fake="f", heldout_split="contiguous", heldout_fraction=0.2))
+    fitted = np.flatnonzero(used & ~held)
+    assert held.sum() == 20 and not (held & ~used).any()
+    assert np.abs(fitted[:, None] - np.flatnonzero(held)[None, :]).min() > 1  # no fitted slice beside a held-out one
+    assert used.sum() < n  # the guard band is on neither side

@@ -215,25 +215,29 @@ def _labels_in(fake: LabelledImages, names: tuple[str, ...]) -> np.ndarray:
     return np.array([names.index(fake.class_names[k]) for k in fake.labels], np.int64)
 
 
-def _heldout_mask(images: LabelledImages, cfg: EvalConfig) -> np.ndarray:
-    _, held = split(images.data, cfg.heldout_fraction, cfg.seed, cfg.heldout_split)
-    mask = np.zeros(len(images.labels), bool)
-    mask[held] = True
-    return mask
+def _heldout_masks(images: LabelledImages, cfg: EvalConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(used, held): boolean masks over the images, the images on either side of the split and the held-out
+    ones; a contiguous split's guard band is in neither."""
+    kept, held = split(images.data, cfg.heldout_fraction, cfg.seed, cfg.heldout_split)
+    used, mask = np.zeros(len(images.labels), bool), np.zeros(len(images.labels), bool)
+    used[kept], used[held], mask[held] = True, True, True
+    return used, mask
 
 
 def consistency_figures(fake: LabelledImages, lab: LabelledImages, flag: str, x: dict[str, np.ndarray], lab_key: str,
                         cfg: EvalConfig) -> dict:
     """Accuracy per requested class of a classifier fitted on the labelled real set `lab` (--train or --real)."""
-    out = class_consistency(x[lab_key], lab.labels, x["fake"], _labels_in(fake, lab.class_names), lab.class_names,
-                            _heldout_mask(lab, cfg), cfg.seed, cfg.n_boot)
+    used, held = _heldout_masks(lab, cfg)
+    out = class_consistency(x[lab_key][used], lab.labels[used], x["fake"], _labels_in(fake, lab.class_names),
+                            lab.class_names, held[used], cfg.seed, cfg.n_boot)
     out["labelled_set"] = flag
     return out
 
 
 def utility_figures(fake: LabelledImages, real: LabelledImages, x: dict[str, np.ndarray], cfg: EvalConfig) -> dict:
     """Train-on-real, train-on-synthetic and train-on-both, each tested on held-out real images."""
-    out = utility_study(x["real"], real.labels, _heldout_mask(real, cfg), x["fake"],
+    used, held = _heldout_masks(real, cfg)
+    out = utility_study(x["real"][used], real.labels[used], held[used], x["fake"],
                         _labels_in(fake, real.class_names), real.class_names, cfg.seed, cfg.n_boot)
     how = "by group" if cfg.heldout_split == "group" else "in runs of consecutive images"
     out["split"] = (f"--real split {how} (meddiff.data.dataset.split), {cfg.heldout_fraction:g} held out, "
@@ -291,13 +295,14 @@ def adherence_study(fake: LabelledImages, real: LabelledImages, train: LabelledI
         fit = (train.images, _lesion_maps(train))
         ref, ref_rows, fitted_on = real, np.arange(len(real.labels)), "--train"
         if not real.data.has_masks:  # no unseen real pairs: hold part of --train out for the ceiling
-            held = _heldout_mask(train, cfg)
-            fit = (train.images[~held], fit[1][~held])
+            used, held = _heldout_masks(train, cfg)
+            fit = (train.images[used & ~held], fit[1][used & ~held])
             ref, ref_rows, fitted_on = train, np.flatnonzero(held), "--train (held-out part: the ceiling)"
     else:
-        held = _heldout_mask(real, cfg)
-        fit, ref, ref_rows, fitted_on = ((real.images[~held], _lesion_maps(real)[~held]), real, np.flatnonzero(held),
-                                           "--real (held-out part: the ceiling)")
+        used, held = _heldout_masks(real, cfg)
+        fit_rows = used & ~held
+        fit, ref, ref_rows, fitted_on = ((real.images[fit_rows], _lesion_maps(real)[fit_rows]), real,
+                                         np.flatnonzero(held), "--real (held-out part: the ceiling)")
     if not fit[1].any():
         raise ConfigError(f"--adherence: the label maps of {fitted_on.split()[0]} are all empty; the segmenter needs "
                           "images with a lesion")
