@@ -166,8 +166,11 @@ def masks_commands(doc: dict[str, Any]) -> str:
         return doc["command"]
     variant = st.get("conditioning", "channel")
     how = f" --conditioning {variant}" if variant != "channel" else ""
-    return (f"python benchmarks/masks.py{how} --minutes {round(doc['summary']['training']['seconds'] / 60):g}"
-            f"{' --out ' + st['out'] if how else ''}`, then `{doc['command']}")
+    trained = doc["summary"]["training"]
+    budget = (f"--steps {trained['steps']}" if trained.get("stopped") == "max-steps" else
+              f"--minutes {round(trained['seconds'] / 60):g}")
+    out = f" --out {st['out']}" if how or st["out"] != "bench_out/masks" else ""
+    return f"python benchmarks/masks.py{how} {budget}{out}`, then `{doc['command']}"
 
 
 def command_line(doc: dict[str, Any], figure: str) -> str:
@@ -689,7 +692,8 @@ def readme_rows(results: Path) -> list[str]:
             how = {"spade": ", maps through SPADE too", "controlnet": ", maps through a ControlNet copy too"
                    }.get(sm.get("conditioning"), "")
             seg_steps = m["settings"].get("seg_steps", 600)
-            how += f", trained {m['settings']['steps']:,} steps" if m["settings"].get("steps") else ""
+            by_steps = m["settings"].get("steps") or sm["training"].get("stopped") == "max-steps"
+            how += f", trained {sm['training']['steps']:,} steps" if by_steps else ""
             flags = (m["settings"].get("meddiff_args") or "").strip()
             how += f", `{flags}`" if flags else ""
             how += f", segmenters trained {seg_steps:,} steps" if seg_steps != 600 else ""
