@@ -61,6 +61,15 @@ COMMANDS = {
     "masks_spade_guidance1": "python benchmarks/masks.py --conditioning spade --reuse --guidance 1 "
                              "--out bench_out/masks_spade --grid docs/masks_spade_guidance1_grid.png "
                              "--results benchmarks/results/masks_spade_guidance1.json",
+    "masks_guidance_sweep": "python benchmarks/masks.py --reuse --parts adherence --seg-steps 2000 "
+                            "--guidance 2,1,1.5,3,4,6 --grid docs/masks_guidance_sweep_grid.png "
+                            "--results benchmarks/results/masks_guidance_sweep.json",
+    "masks_lw4": "python benchmarks/masks.py --steps 4269 '--meddiff-args=--mask-loss-weight 4' --seg-steps 2000 "
+                 "--inpaint 100 --guidance 2,1 --out bench_out/masks_lw4 --grid docs/masks_lw4_grid.png "
+                 "--results benchmarks/results/masks_lw4.json",
+    "masks_steps2x": "python benchmarks/masks.py --reuse --parts adherence,copies --seg-steps 2000 --guidance 2,1 "
+                     "--out bench_out/masks_steps2x --grid docs/masks_steps2x_grid.png "
+                     "--results benchmarks/results/masks_steps2x.json",
     "size_rules_256": "python benchmarks/objectives.py --study size-rules --size 256 --minutes 10 --n 48 "
                       "--out bench_out/sr256",
     "quality_per_compute_256_60": "python benchmarks/quality_per_compute.py --size 256 --systems meddiff --minutes 60 "
@@ -101,6 +110,9 @@ COMMANDS = {
     "quality_per_compute_64_copycheck": qpc_command("quality_per_compute_64_copycheck", "qpc64_copycheck",
                                                     "--size 64 --systems meddiff --minutes 30 --n 64 '--meddiff-args="
                                                     "--copy-check 16 --max-copies 0.1 --val-split contiguous'"),
+    "quality_per_compute_64_copycheck_guard": qpc_command(
+        "quality_per_compute_64_copycheck_guard", "qpc64_copycheck_guard", "--size 64 --systems meddiff --minutes 30 "
+        "--n 64 '--meddiff-args=--copy-check 16 --max-copies 0.1 --val-split contiguous'"),
     "quality_per_compute_512_table": qpc_command("quality_per_compute_512_table", "qpc512_table", "--size 512 "
                                                  "--systems meddiff,latent --minutes 10,30 --n 32"),
     "quality_per_compute_phantoms_256_60_guidance3":

@@ -283,6 +283,26 @@ def test_the_inpainting_line_sets_the_detection_beside_the_classifiers_own_reach
     assert "the healthy images before inpainting: 0.05 [0, 0.125] (n=40)" in line
 
 
+def test_a_guidance_sweep_scored_for_adherence_alone_renders_as_such() -> None:
+    render = bench("render")
+    doc = json.loads((ROOT / "benchmarks" / "results" / "masks_seg2000.json").read_text())
+    s = doc["summary"]
+    for part in ("utility", "utility_paired", "utility_ratio", "inpainting", "copies"):
+        s.pop(part)
+    s["parts"] = ["adherence"]
+    s["adherence_by_guidance"] = {"2": s["adherence"], "1": {m: dict(generated=dict(dice=0.5, dice_ci95=[0.4, 0.6],
+                                                                                    images=50), real=f["real"])
+                                                             for m, f in s["adherence"].items()}}
+    text = "\n".join(render.render_masks(doc))
+    assert "Scored: adherence only (`--parts`)." in text
+    assert "| guidance | ct | xray | mri | us |" in text and "| 1 | 0.5 [0.4, 0.6] (n=50) |" in text
+    assert "Synthetic-only" not in text and "Inpainting" not in text and "Copies" not in text
+    # trained by steps, scored by a later --reuse call: the training call is named with its steps and folder
+    s["training"]["stopped"], doc["settings"]["out"] = "max-steps", "bench_out/masks_x"
+    assert render.masks_commands(doc).startswith("python benchmarks/masks.py --steps 4269 --out bench_out/masks_x`, "
+                                                 "then `python benchmarks/masks.py --reuse")
+
+
 def test_the_rendered_docs_match_the_results_files() -> None:
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "render.py"), "--check"], capture_output=True,
                        text=True, timeout=120, cwd=ROOT)
