@@ -325,7 +325,11 @@ def render_masks(doc: dict) -> list[str]:
              f"({s['training']['seconds'] / 60:.0f} min"
              + ("; trained by an earlier call of the same command, scored again with `--reuse`" if
                 doc["settings"].get("reuse") else "")
-             + f"); sampler: {s['sampler']}, guidance {s['guidance']:g}; the segmenters (adherence, utility) "
+             + f"); sampler: {s['sampler']}, guidance "
+             + (f"{s['guidance']:g}" if not s.get("adherence_by_guidance") else
+                f"{', '.join(sorted(s['adherence_by_guidance'], key=float))} for adherence"
+                + (f", {s['guidance']:g} for the rest" if set(s.get("parts") or ["utility"]) - {"adherence"} else ""))
+             + "; the segmenters (adherence, utility) "
              f"trained {doc['settings'].get('seg_steps', 600):,} steps."]
     if s.get("parts") and set(s["parts"]) != {"adherence", "utility", "inpainting", "copies"}:
         lines[-1] += f" Scored: {', '.join(s['parts'])} only (`--parts`)."
@@ -334,9 +338,10 @@ def render_masks(doc: dict) -> list[str]:
         sweep = s["adherence_by_guidance"]
         mods = list(next(iter(sweep.values())))
         lines += ["| guidance | " + " | ".join(mods) + " |", "| --- |" + " --- |" * len(mods)]
-        lines += [f"| {g} | " + " | ".join(dice(r[m]["generated"]) for m in mods) + " |" for g, r in sweep.items()]
+        lines += [f"| {g} | " + " | ".join(dice(r[m]["generated"]) for m in mods) + " |"
+                  for g, r in sorted(sweep.items(), key=lambda kv: float(kv[0]))]
         lines += ["| real test images (the segmenter's ceiling) | "
-                  + " | ".join(dice(next(iter(sweep.values()))[m]["real"]) for m in mods) + " |", ""]
+                  + " | ".join(dice(next(iter(sweep.values()))[m]["real"]) for m in mods) + " |"]
     elif s.get("adherence"):
         lines += ["| modality | Dice of generated images against their requested maps | the same segmenter on real "
                   "test images |", "| --- | --- | --- |"]
@@ -714,6 +719,15 @@ def readme_rows(results: Path) -> list[str]:
                         f"Dice; {few} real + synthetic minus {few} real | cannot condition on a map | {adh}; "
                         f"{ci(r['ratio'], r['ratio_ci95'])}; {d['difference']:+.3f} [{d['difference_ci95'][0]:+.3f}, "
                         f"{d['difference_ci95'][1]:+.3f}] | `{masks_commands(m)}` |")
+    sweep = load("masks_guidance_sweep", results)
+    if sweep and sweep["summary"].get("adherence_by_guidance"):
+        by_g = sweep["summary"]["adherence_by_guidance"]
+        cells = "; ".join(f"{g}: " + ", ".join(f"{k} {v['generated']['dice']:.2f}" for k, v in r.items())
+                          for g, r in sorted(by_g.items(), key=lambda kv: float(kv[0])))
+        real = ", ".join(f"{k} {v['real']['dice']:.2f}" for k, v in next(iter(by_g.values())).items())
+        rows.append(f"| label maps (phantoms, {sweep['settings']['size']} px, the guidance-2 run above): lesion Dice "
+                    f"of generated images by guidance scale | cannot condition on a map | {cells} (real images: "
+                    f"{real}) | `{masks_commands(sweep)}` |")
     d = load("data_scale", results)
     if d:
         r0, r1 = d["runs"][0], d["runs"][-1]
