@@ -69,7 +69,8 @@ def train_model(out: Path, n: int, size: int, minutes: float, extra: list[str],
     return json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
 
 
-def generate_for(run, masks: np.ndarray, classes: list[str], guidance: float, seed0: int) -> np.ndarray:
+def generate_for(run, masks: np.ndarray, classes: list[str], guidance: float, seed0: int,
+                 cutoff: float = 0.0) -> np.ndarray:
     """One image per (map, class), seeds seed0, seed0 + 1, …, in batches of one class."""
     from meddiff.sample import class_index, generate
 
@@ -79,7 +80,7 @@ def generate_for(run, masks: np.ndarray, classes: list[str], guidance: float, se
         for lo in range(0, len(rows), 16):
             part = rows[lo:lo + 16]
             out[part] = generate(run, [seed0 + i for i in part], class_index(run, name), guidance=guidance,
-                                 masks=masks[part].astype(np.int64))
+                                 masks=masks[part].astype(np.int64), guidance_cutoff=cutoff)
     return out
 
 
@@ -112,6 +113,8 @@ def main() -> None:
     ap.add_argument("--inpaint", type=int, default=40, help="healthy test images to inpaint a lesion into")
     ap.add_argument("--guidance", default="2",
                     help="guidance scale; a comma list (1,2,4) scores adherence at each, the other parts at the first")
+    ap.add_argument("--guidance-cutoff", type=float, default=0.0,
+                    help="guide only at timesteps from this share of the schedule up (meddiff sample's flag)")
     ap.add_argument("--parts", default=",".join(PARTS),
                     help=f"what to score, comma-separated from {', '.join(PARTS)}: adherence alone takes minutes, "
                          "utility and inpainting most of the time")
@@ -172,7 +175,8 @@ def main() -> None:
         run = load_run(out / "run")
     train, test = load_pairs(a.n_train, 0, a.size), load_pairs(a.n_test, 1, a.size)
     seg_real = real_segmenter(out, train, a.seg_steps) if "adherence" in parts else None
-    summary: dict = dict(parts=parts, training=trained, guidance=scales[0], sampler="the run's default (UniPC 10)",
+    summary: dict = dict(parts=parts, training=trained, guidance=scales[0], guidance_cutoff=a.guidance_cutoff,
+                         sampler="the run's default (UniPC 10)",
                          grid=a.grid, conditioning=a.conditioning,
                          parameters=sum(p.numel() for p in run.unet.parameters()))
 
@@ -181,7 +185,7 @@ def main() -> None:
     modality = [test["classes"][i].split("/")[0] for i in abn]
     sweep = {}
     for g in scales if "adherence" in parts else scales[:1]:
-        gen_g = generate_for(run, test["masks"][abn], [test["classes"][i] for i in abn], g, 10_000)
+        gen_g = generate_for(run, test["masks"][abn], [test["classes"][i] for i in abn], g, 10_000, a.guidance_cutoff)
         gen = gen_g if g == scales[0] else gen
         if "adherence" in parts:
             sweep[f"{g:g}"] = adherence_figures(seg_real, gen_g, test["masks"][abn], test["images"][abn],
@@ -233,7 +237,7 @@ def utility_figures(run, train: dict, test: dict, a: argparse.Namespace, guidanc
     ones, all tested on the real test pairs."""
     from meddiff.metrics.segmentation import dice_comparison, dice_figure, segment, train_segmenter
 
-    syn = generate_for(run, train["masks"], train["classes"], guidance, 20_000)
+    syn = generate_for(run, train["masks"], train["classes"], guidance, 20_000, a.guidance_cutoff)
     seg_real = real_segmenter(Path(a.out), train, a.seg_steps)
     seg_syn = train_segmenter(syn, train["masks"], a.seg_steps)
     rng = np.random.default_rng(0)
@@ -279,7 +283,8 @@ def inpainting_figures(run, train: dict, test: dict, abn: list[int], a: argparse
         donor = donors[j % len(donors)]
         region = test["masks"][donor] > 0
         img = inpaint(run, test["images"][i], region, [30_000 + j], run.class_names.index(f"{modality}/abnormal"),
-                      guidance=guidance, cond_mask=test["masks"][donor].astype(np.int64))[0]
+                      guidance=guidance, cond_mask=test["masks"][donor].astype(np.int64),
+                      guidance_cutoff=a.guidance_cutoff)[0]
         results.append(img)
         outside.append(float(np.abs(img - test["images"][i])[~region].max()))
         seam_gen.append(gradient_energy(img, ring(region)))

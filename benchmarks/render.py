@@ -329,6 +329,7 @@ def render_masks(doc: dict) -> list[str]:
              + (f"{s['guidance']:g}" if not s.get("adherence_by_guidance") else
                 f"{', '.join(sorted(s['adherence_by_guidance'], key=float))} for adherence"
                 + (f", {s['guidance']:g} for the rest" if set(s.get("parts") or ["utility"]) - {"adherence"} else ""))
+             + (f", guided at timesteps from {s['guidance_cutoff']:g} T up" if s.get("guidance_cutoff") else "")
              + "; the segmenters (adherence, utility) "
              f"trained {doc['settings'].get('seg_steps', 600):,} steps."]
     if s.get("parts") and set(s["parts"]) != {"adherence", "utility", "inpainting", "copies"}:
@@ -714,6 +715,7 @@ def readme_rows(results: Path) -> list[str]:
             flags = (m["settings"].get("meddiff_args") or "").strip()
             how += f", `{flags}`" if flags else ""
             how += f", segmenters trained {seg_steps:,} steps" if seg_steps != 600 else ""
+            how += f", guidance cutoff {sm['guidance_cutoff']:g}" if sm.get("guidance_cutoff") else ""
             rows.append(f"| label maps (phantoms, {m['settings']['size']} px, guidance {sm['guidance']:g}{how}): lesion "
                         f"Dice of generated images against the requested map; synthetic-only / real-only segmenter "
                         f"Dice; {few} real + synthetic minus {few} real | cannot condition on a map | {adh}; "

@@ -139,3 +139,19 @@ def test_denoiser_guidance_is_u_plus_w_times_c_minus_u() -> None:
     assert not Denoiser(unet, labels, null_class=2, guidance=1.0).guided
     with pytest.raises(ConfigError, match=r"--cache-interval 0: must be a whole number ≥ 1"):
         Denoiser(unet, labels, null_class=2, cache_interval=0)
+
+
+@torch.no_grad()
+def test_a_guidance_cutoff_guides_the_noisy_steps_only_and_refreshes_deepcache_when_it_stops() -> None:
+    unet = _conditional_unet()
+    labels = torch.tensor([0, 1])
+    d = Denoiser(unet, labels, null_class=2, guidance=3.0, guidance_cutoff=0.5, timesteps=1000)
+    cached = Denoiser(unet, labels, null_class=2, guidance=3.0, cache_interval=3, guidance_cutoff=0.5, timesteps=1000)
+    for t_val, guided in ((900, True), (700, True), (300, False), (100, False)):
+        x, t = torch.randn(2, 1, 16, 16), torch.tensor([t_val, t_val])
+        c = denoise(unet, x, t, labels)
+        u = denoise(unet, x, t, torch.tensor([2, 2]))
+        torch.testing.assert_close(d(x, t), u + 3.0 * (c - u) if guided else c, atol=1e-5, rtol=0)
+        out = cached(x, t)
+        if t_val == 300:  # the first unguided call: the cached features of both branches are not reused
+            torch.testing.assert_close(out, c, atol=1e-5, rtol=0)

@@ -210,6 +210,22 @@ def test_per_class_writes_class_folders_and_a_manifest(trained_run: Path, tmp_pa
     assert {r["sampler"] for r in rows} == {"unipc"} and {r["model_id"] for r in rows} == {result["model_id"]}
 
 
+def test_a_guidance_cutoff_changes_the_images_and_is_recorded_with_them(trained_run: Path, tmp_path: Path) -> None:
+    run = load_run(trained_run)
+    full = generate(run, [0], 1, "ddim", 4, guidance=4.0)
+    cut = generate(run, [0], 1, "ddim", 4, guidance=4.0, guidance_cutoff=0.5)
+    plain = generate(run, [0], 1, "ddim", 4, guidance=1.0)
+    assert not np.allclose(cut, full) and not np.allclose(cut, plain)
+    out = tmp_path / "out"
+    lines: list[str] = []
+    sample_to_folder(_cfg(trained_run, out, n=2, guidance=4.0, guidance_cutoff=0.5), echo=lines.append)
+    with open(out / "manifest.csv", newline="") as f:
+        assert {r["sampler"] for r in csv.DictReader(f)} == {"unipc+guidance-cutoff-0.5"}
+    assert "unipc+guidance-cutoff-0.5" in lines[0]
+    with pytest.raises(ConfigError, match=r"--guidance-cutoff 1(\.0)?: must be"):
+        _cfg(trained_run, out, guidance_cutoff=1.0)
+
+
 def test_rerun_skips_completed_files(trained_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     sample_to_folder(_cfg(trained_run, out, n=3), echo=_quiet)

@@ -114,17 +114,21 @@ class Denoiser:
     and the DeepCache feature cache.
 
     Classifier-free guidance (Ho & Salimans 2022, eq. 6): out = u + w (c - u), u from the null class and no label
-    map (zero channels); one pass when there is nothing to guide (w = 1, or neither a class nor a map).
+    map (zero channels); one pass when there is nothing to guide (w = 1, or neither a class nor a map), and, with
+    `guidance_cutoff` c > 0, at the timesteps below c T (`timesteps`): the least noisy steps, which set intensities
+    rather than where things are, so that guidance places a lesion without drawing it w times too bright (guidance
+    on part of the trajectory only, as in Kynkäänniemi et al. 2024, there dropped at the noisy end instead).
     DeepCache (Ma et al. 2024, Alg. 1): the full UNet runs on call 0, cache_interval, 2 cache_interval, ...; the
     calls between reuse its deep features (see `cached_unet_forward`). One Denoiser serves one sampling run of one batch."""
 
     def __init__(self, unet: UNet2DModel, labels: torch.Tensor | None = None, null_class: int = 0,
                  guidance: float = 1.0, patch_size: int = 1, cache_interval: int = 1, precision: str = "fp32",
-                 cond: torch.Tensor | None = None) -> None:
+                 cond: torch.Tensor | None = None, guidance_cutoff: float = 0.0, timesteps: int = 1000) -> None:
         if cache_interval < 1:
             raise ConfigError(f"--cache-interval {cache_interval}: must be a whole number ≥ 1 (1 = off)")
         self.unet, self.labels, self.null_class, self.cond = unet, labels, null_class, cond
         self.guidance, self.patch_size, self.precision = guidance, patch_size, precision
+        self.cutoff_t = guidance_cutoff * timesteps  # no guidance below this timestep
         self.cache_interval = cache_interval
         self.calls = 0                            # UNet evaluations so far; DeepCache's refresh schedule
         self._deep: torch.Tensor | None = None    # the cached features entering the last up block
@@ -143,8 +147,11 @@ class Denoiser:
         refresh = self.calls % self.cache_interval == 0
         self.calls += 1
         x = x.to(self.unet.dtype)
+        guide = self.guided and float(t.reshape(-1)[0]) >= self.cutoff_t
+        # DeepCache's features hold both branches or one: a change of branches refreshes them
+        refresh = refresh or self._deep is None or len(self._deep) != len(x) * (2 if guide else 1)
         with autocast(x.device, self.precision):
-            if not self.guided:
+            if not guide:
                 return self._forward(x, t, self.labels, self.cond, refresh)
             labels = None if self.labels is None else torch.cat([self.labels,
                                                                  torch.full_like(self.labels, self.null_class)])

@@ -113,8 +113,14 @@ def sampler_and_steps(run: LoadedRun, sampler: str | None = None, steps: int | N
     return sampler or default_name, default_steps if steps is None else steps
 
 
+def sampler_label(sampler: str, guidance_cutoff: float) -> str:
+    """The sampler as a file's metadata and the manifest name it: with the guidance cutoff where one was set."""
+    return sampler if not guidance_cutoff else f"{sampler}+guidance-cutoff-{guidance_cutoff:g}"
+
+
 def make_denoiser(run: LoadedRun, label: int | None, batch: int, guidance: float = 1.0, precision: str = "fp32",
-                  cache_interval: int = 1, masks: torch.Tensor | None = None) -> Denoiser:
+                  cache_interval: int = 1, masks: torch.Tensor | None = None,
+                  guidance_cutoff: float = 0.0) -> Denoiser:
     """The run's Denoiser for `batch` images of one label (None: an unconditional model) and, for a model
     trained on label maps, their maps (B, 1, S, S) (None: no map, the unconditional branch's zero channels)."""
     device = next(run.unet.parameters()).device
@@ -128,7 +134,7 @@ def make_denoiser(run: LoadedRun, label: int | None, batch: int, guidance: float
     elif masks is not None:
         raise ConfigError("--masks: this model was not trained on label maps (its data had none)")
     return Denoiser(run.unet, labels, null_class(run.model), guidance, run.model.patch_size, cache_interval,
-                    precision, cond)
+                    precision, cond, guidance_cutoff, run.scheduler_config["num_train_timesteps"])
 
 
 def initial_noise(seeds: list[int], shape: int | tuple[int, int, int]) -> tuple[torch.Tensor, list[torch.Generator]]:
@@ -183,11 +189,13 @@ def sample_loop(scheduler: Any, denoiser: Callable[[torch.Tensor, torch.Tensor],
 @torch.no_grad()
 def generate(run: LoadedRun, seeds: list[int], label: int | None = None, sampler: str | None = None,
              steps: int | None = None, guidance: float = 1.0, precision: str = "fp32",
-             cache_interval: int = 1, masks: np.ndarray | torch.Tensor | None = None) -> np.ndarray:
+             cache_interval: int = 1, masks: np.ndarray | torch.Tensor | None = None,
+             guidance_cutoff: float = 0.0) -> np.ndarray:
     """Images for the given seeds: (len(seeds), H, W) float32 in [0, 1]. sampler/steps None: the run's default
     (`config.default_sampler`). cache_interval > 1 turns on DeepCache feature reuse (faster, approximate).
     masks: one label map per seed, (B, S, S) integers, for a model trained on label maps; guidance applies to
-    the maps as to the class (the unconditional branch has neither)."""
+    the maps as to the class (the unconditional branch has neither), at timesteps from guidance_cutoff x T up
+    (`model.Denoiser`)."""
     sampler, steps = sampler_and_steps(run, sampler, steps)
     if masks is not None:
         masks = torch.as_tensor(np.asarray(masks, dtype=np.int64)).reshape(len(seeds), 1, *np.shape(masks)[-2:])
@@ -195,9 +203,10 @@ def generate(run: LoadedRun, seeds: list[int], label: int | None = None, sampler
         # Heun's endpoint derivative divides by the next sigma, amplifying the UNet's batch-size-dependent float32
         # rounding into visible differences: one image per call keeps "same seed, same image" (rule 5)
         return np.concatenate([generate(run, [s], label, sampler, steps, guidance, precision, cache_interval,
-                                        None if masks is None else masks[k:k + 1]) for k, s in enumerate(seeds)])
+                                        None if masks is None else masks[k:k + 1], guidance_cutoff)
+                               for k, s in enumerate(seeds)])
     scheduler = make_scheduler(sampler, run.scheduler_config, steps)
-    denoiser = make_denoiser(run, label, len(seeds), guidance, precision, cache_interval, masks)
+    denoiser = make_denoiser(run, label, len(seeds), guidance, precision, cache_interval, masks, guidance_cutoff)
     noise, generators = initial_noise(seeds, run.noise_shape())
     device = next(run.unet.parameters()).device
     return sample_loop(scheduler, denoiser, noise.to(device), generators,
@@ -238,7 +247,7 @@ def inpaint_loop(scheduler: DDIMScheduler, denoiser: Callable[[torch.Tensor, tor
 
 def inpaint(run: LoadedRun, image: np.ndarray, region: np.ndarray, seeds: list[int], label: int | None = None,
             steps: int = 25, resample: int = 2, guidance: float = 1.0, precision: str = "fp32",
-            cond_mask: np.ndarray | None = None) -> np.ndarray:
+            cond_mask: np.ndarray | None = None, guidance_cutoff: float = 0.0) -> np.ndarray:
     """Versions of a real image (S, S) in [0, 1] with the region (S, S bool) regenerated, one per seed →
     (len(seeds), S, S) float32 in [0, 1]; outside the region every pixel is the input's. A model trained on label
     maps is given `cond_mask` (S, S label values; default the region as label value 1's map) for the region."""
@@ -253,7 +262,7 @@ def inpaint(run: LoadedRun, image: np.ndarray, region: np.ndarray, seeds: list[i
         labels = cond_mask if cond_mask is not None else region.astype(np.int64) * run.model.mask_values[0]
         masks = np.repeat(np.asarray(labels, np.int64)[None], len(seeds), axis=0)
     denoiser = make_denoiser(run, label, len(seeds), guidance, precision, 1,
-                             None if masks is None else torch.as_tensor(masks)[:, None])
+                             None if masks is None else torch.as_tensor(masks)[:, None], guidance_cutoff)
     device = next(run.unet.parameters()).device
     known = (torch.as_tensor(image, dtype=torch.float32) * 2 - 1).expand(len(seeds), 1, size, size).to(device)
     where = torch.as_tensor(region, dtype=torch.bool).expand(len(seeds), 1, size, size).to(device)
@@ -305,10 +314,12 @@ def inpaint_to_folder(cfg: InpaintConfig, echo: Callable[[str], None] = print) -
     for lo in range(0, len(todo), 8):
         part = todo[lo:lo + 8]
         results = inpaint(run, image, region, [s for _stem, s in part], label, cfg.steps, cfg.resample,
-                          cfg.guidance, precision, mask_labels.astype(np.int64) if run.model.cond_channels else None)
+                          cfg.guidance, precision, mask_labels.astype(np.int64) if run.model.cond_channels else None,
+                          cfg.guidance_cutoff)
         for (job_stem, seed), img in zip(part, results):
             mask = mask_file(job_stem, cfg.fmt)
-            info = export.SyntheticInfo(run.model_id, seed, name, "repaint-ddim", cfg.steps, cfg.guidance, mask,
+            info = export.SyntheticInfo(run.model_id, seed, name, sampler_label("repaint-ddim", cfg.guidance_cutoff),
+                                        cfg.steps, cfg.guidance, mask,
                                         inpainted=True)
             _write_sample(img, out, f"{job_stem}{suffix}", cfg.fmt, info, manifest, existed, region.astype(np.uint8))
     seconds = time.time() - t0
@@ -451,8 +462,9 @@ def sample_to_folder(cfg: SampleConfig, echo: Callable[[str], None] = print, dis
     suffix = export.SUFFIX[cfg.fmt]
     remaining = [j for j in jobs if f"{j[0]}{suffix}" not in done]
     todo = remaining[dist.rank::dist.world]
-    echo(f"sampling {len(remaining)} of {len(jobs)} images ({len(jobs) - len(remaining)} already done) with {cfg.sampler}, "
-         f"{cfg.steps} steps, guidance {cfg.guidance}; {describe(device, precision)}")
+    echo(f"sampling {len(remaining)} of {len(jobs)} images ({len(jobs) - len(remaining)} already done) with "
+         f"{sampler_label(cfg.sampler, cfg.guidance_cutoff)}, {cfg.steps} steps, guidance {cfg.guidance}; "
+         f"{describe(device, precision)}")
     bar = progress_bar(cfg.progress, len(jobs), len(jobs) - len(remaining), "img") if dist.main else None
     t0 = time.time()
     for lo in range(0, len(todo), cfg.batch_size):
@@ -462,11 +474,12 @@ def sample_to_folder(cfg: SampleConfig, echo: Callable[[str], None] = print, dis
             part_maps = np.stack([jitter_label_map(maps[j[3]], j[1]) if cfg.augment_masks else maps[j[3]]
                                   for j in part]) if maps else None
             imgs = generate(run, [j[1] for j in part], label, cfg.sampler, cfg.steps, cfg.guidance, precision,
-                            cfg.cache_interval, part_maps)
+                            cfg.cache_interval, part_maps, cfg.guidance_cutoff)
             for k, ((stem, seed, lab, _m), img) in enumerate(zip(part, imgs)):
                 name = run.class_names[lab] if lab is not None and lab < len(run.class_names) else None
                 mask = None if part_maps is None else mask_file(stem, cfg.fmt)
-                info = export.SyntheticInfo(run.model_id, seed, name, cfg.sampler, cfg.steps, cfg.guidance, mask)
+                info = export.SyntheticInfo(run.model_id, seed, name, sampler_label(cfg.sampler, cfg.guidance_cutoff),
+                                            cfg.steps, cfg.guidance, mask)
                 _write_sample(img, out, f"{stem}{suffix}", cfg.fmt, info, manifest, existed,
                               None if mask is None else part_maps[k])
         if bar is not None:
