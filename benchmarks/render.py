@@ -67,9 +67,15 @@ COMMANDS = {
     "masks_lw4": "python benchmarks/masks.py --steps 4269 '--meddiff-args=--mask-loss-weight 4' --seg-steps 2000 "
                  "--inpaint 100 --guidance 2,1 --out bench_out/masks_lw4 --grid docs/masks_lw4_grid.png "
                  "--results benchmarks/results/masks_lw4.json",
-    "masks_steps2x": "python benchmarks/masks.py --reuse --parts adherence,copies --seg-steps 2000 --guidance 2,1 "
-                     "--out bench_out/masks_steps2x --grid docs/masks_steps2x_grid.png "
+    "masks_steps2x": "python benchmarks/masks.py --reuse --parts adherence,copies --seg-steps 2000 --guidance 2,3 "
+                     "--guidance-cutoff 0.5 --out bench_out/masks_steps2x --grid docs/masks_steps2x_grid.png "
                      "--results benchmarks/results/masks_steps2x.json",
+    "masks_cutoff05": "python benchmarks/masks.py --reuse --parts adherence --seg-steps 2000 --guidance 2,3,4,6 "
+                      "--guidance-cutoff 0.5 --grid docs/masks_cutoff05_grid.png "
+                      "--results benchmarks/results/masks_cutoff05.json",
+    "masks_g3_cutoff05": "python benchmarks/masks.py --reuse --seg-steps 2000 --inpaint 100 --guidance 3 "
+                         "--guidance-cutoff 0.5 --grid docs/masks_g3_cutoff05_grid.png "
+                         "--results benchmarks/results/masks_g3_cutoff05.json",
     "size_rules_256": "python benchmarks/objectives.py --study size-rules --size 256 --minutes 10 --n 48 "
                       "--out bench_out/sr256",
     "quality_per_compute_256_60": "python benchmarks/quality_per_compute.py --size 256 --systems meddiff --minutes 60 "
