@@ -705,7 +705,7 @@ def readme_rows(results: Path) -> list[str]:
         rows.append(_not_rerun("8 classes, one model: samples judged the requested class", "conditional_classes",
                                seed="cannot condition"))
     for name in ("masks", "masks_guidance1", "masks_seg2000", "masks_spade", "masks_spade_guidance1",
-                 "masks_controlnet"):
+                 "masks_controlnet", "masks_lw4", "masks_g3_cutoff05"):
         m = load(name, results)
         if m and m["summary"].get("utility_paired"):
             sm = m["summary"]
@@ -727,15 +727,21 @@ def readme_rows(results: Path) -> list[str]:
                         f"Dice; {few} real + synthetic minus {few} real | cannot condition on a map | {adh}; "
                         f"{ci(r['ratio'], r['ratio_ci95'])}; {d['difference']:+.3f} [{d['difference_ci95'][0]:+.3f}, "
                         f"{d['difference_ci95'][1]:+.3f}] | `{masks_commands(m)}` |")
-    sweep = load("masks_guidance_sweep", results)
-    if sweep and sweep["summary"].get("adherence_by_guidance"):
-        by_g = sweep["summary"]["adherence_by_guidance"]
+    for name in ("masks_guidance_sweep", "masks_cutoff05", "masks_steps2x"):
+        sweep = load(name, results)
+        if not (sweep and sweep["summary"].get("adherence_by_guidance")):
+            continue
+        sm = sweep["summary"]
+        by_g = sm["adherence_by_guidance"]
         cells = "; ".join(f"{g}: " + ", ".join(f"{k} {v['generated']['dice']:.2f}" for k, v in r.items())
                           for g, r in sorted(by_g.items(), key=lambda kv: float(kv[0])))
         real = ", ".join(f"{k} {v['real']['dice']:.2f}" for k, v in next(iter(by_g.values())).items())
-        rows.append(f"| label maps (phantoms, {sweep['settings']['size']} px, the guidance-2 run above): lesion Dice "
-                    f"of generated images by guidance scale | cannot condition on a map | {cells} (real images: "
-                    f"{real}) | `{masks_commands(sweep)}` |")
+        which = ("the same recipe trained " + f"{sm['training']['steps']:,} steps"
+                 if sm["training"].get("stopped") == "max-steps" else "the guidance-2 run above")
+        cut = f", guided from {sm['guidance_cutoff']:g} T up" if sm.get("guidance_cutoff") else ""
+        rows.append(f"| label maps (phantoms, {sweep['settings']['size']} px, {which}{cut}): lesion Dice of generated "
+                    f"images by guidance scale | cannot condition on a map | {cells} (real images: {real}) | "
+                    f"`{masks_commands(sweep)}` |")
     d = load("data_scale", results)
     if d:
         r0, r1 = d["runs"][0], d["runs"][-1]
