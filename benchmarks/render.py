@@ -327,8 +327,10 @@ def render_masks(doc: dict) -> list[str]:
     params = f", {s['parameters'] / 1e6:.1f} M parameters" if s.get("parameters") else ""
     flags = (doc["settings"].get("meddiff_args") or "").strip()
     how += f" with `{flags}`" if flags else ""
+    budget = ("a step budget: its minutes, shared with other work on the machine, are not a figure"
+              if s["training"].get("stopped") == "max-steps" else f"{s['training']['seconds'] / 60:.0f} min")
     lines = [f"Model: meddiff's default recipe conditioned on the maps{how}{params}, {s['training']['steps']:,} steps "
-             f"({s['training']['seconds'] / 60:.0f} min"
+             f"({budget}"
              + ("; trained by an earlier call of the same command, scored again with `--reuse`" if
                 doc["settings"].get("reuse") else "")
              + f"); sampler: {s['sampler']}, guidance "
