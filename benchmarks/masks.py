@@ -176,6 +176,7 @@ def main() -> None:
     train, test = load_pairs(a.n_train, 0, a.size), load_pairs(a.n_test, 1, a.size)
     seg_real = real_segmenter(out, train, a.seg_steps) if "adherence" in parts else None
     summary: dict = dict(parts=parts, training=trained, guidance=scales[0], guidance_cutoff=a.guidance_cutoff,
+                         mask_loss_weight=getattr(run.train, "mask_loss_weight", 0.0),
                          sampler="the run's default (UniPC 10)",
                          grid=a.grid, conditioning=a.conditioning,
                          parameters=sum(p.numel() for p in run.unet.parameters()))

@@ -73,6 +73,9 @@ COMMANDS = {
     "masks_cutoff05": "python benchmarks/masks.py --reuse --parts adherence --seg-steps 2000 --guidance 2,3,4,6 "
                       "--guidance-cutoff 0.5 --grid docs/masks_cutoff05_grid.png "
                       "--results benchmarks/results/masks_cutoff05.json",
+    "masks_lw4_cutoff05": "python benchmarks/masks.py --reuse --parts adherence --seg-steps 2000 --guidance 2,3 "
+                          "--guidance-cutoff 0.5 --out bench_out/masks_lw4 --grid docs/masks_lw4_cutoff05_grid.png "
+                          "--results benchmarks/results/masks_lw4_cutoff05.json",
     "masks_g3_cutoff05": "python benchmarks/masks.py --reuse --seg-steps 2000 --inpaint 100 --guidance 3 "
                          "--guidance-cutoff 0.5 --grid docs/masks_g3_cutoff05_grid.png "
                          "--results benchmarks/results/masks_g3_cutoff05.json",
@@ -176,6 +179,14 @@ def reproduce(doc: dict[str, Any]) -> str:
     return doc["command"].replace(" --score-only", "").replace(" --reuse", "")
 
 
+def masks_train_flags(doc: dict[str, Any]) -> str:
+    """The meddiff train flags a masks run was trained with: the call's --meddiff-args, or for a --reuse scoring
+    what the run's record says (its --mask-loss-weight)."""
+    flags = (doc["settings"].get("meddiff_args") or "").strip()
+    weight = doc["summary"].get("mask_loss_weight")
+    return flags or (f"--mask-loss-weight {weight:g}" if weight else "")
+
+
 def masks_commands(doc: dict[str, Any]) -> str:
     """A masks file's command; for a `--reuse` scoring, the training call before it too (inside one code span:
     "first`, then `second")."""
@@ -188,7 +199,9 @@ def masks_commands(doc: dict[str, Any]) -> str:
     budget = (f"--steps {trained['steps']}" if trained.get("stopped") == "max-steps" else
               f"--minutes {round(trained['seconds'] / 60):g}")
     out = f" --out {st['out']}" if how or st["out"] != "bench_out/masks" else ""
-    return f"python benchmarks/masks.py{how} {budget}{out}`, then `{doc['command']}"
+    flags = masks_train_flags(doc)
+    flags = f" '--meddiff-args={flags}'" if flags else ""
+    return f"python benchmarks/masks.py{how} {budget}{flags}{out}`, then `{doc['command']}"
 
 
 def command_line(doc: dict[str, Any], figure: str) -> str:
@@ -325,7 +338,7 @@ def render_masks(doc: dict) -> list[str]:
            "controlnet": " (input channels and a ControlNet encoder copy, benchmarks/_mask_conditioning.py)"
            }.get(s.get("conditioning"), "")
     params = f", {s['parameters'] / 1e6:.1f} M parameters" if s.get("parameters") else ""
-    flags = (doc["settings"].get("meddiff_args") or "").strip()
+    flags = masks_train_flags(doc)
     how += f" with `{flags}`" if flags else ""
     budget = ("a step budget: its minutes, shared with other work on the machine, are not a figure"
               if s["training"].get("stopped") == "max-steps" else f"{s['training']['seconds'] / 60:.0f} min")
@@ -720,7 +733,7 @@ def readme_rows(results: Path) -> list[str]:
             seg_steps = m["settings"].get("seg_steps", 600)
             by_steps = m["settings"].get("steps") or sm["training"].get("stopped") == "max-steps"
             how += f", trained {sm['training']['steps']:,} steps" if by_steps else ""
-            flags = (m["settings"].get("meddiff_args") or "").strip()
+            flags = masks_train_flags(m)
             how += f", `{flags}`" if flags else ""
             how += f", segmenters trained {seg_steps:,} steps" if seg_steps != 600 else ""
             how += f", guidance cutoff {sm['guidance_cutoff']:g}" if sm.get("guidance_cutoff") else ""
@@ -729,7 +742,7 @@ def readme_rows(results: Path) -> list[str]:
                         f"Dice; {few} real + synthetic minus {few} real | cannot condition on a map | {adh}; "
                         f"{ci(r['ratio'], r['ratio_ci95'])}; {d['difference']:+.3f} [{d['difference_ci95'][0]:+.3f}, "
                         f"{d['difference_ci95'][1]:+.3f}] | `{masks_commands(m)}` |")
-    for name in ("masks_guidance_sweep", "masks_cutoff05", "masks_steps2x"):
+    for name in ("masks_guidance_sweep", "masks_cutoff05", "masks_lw4_cutoff05", "masks_steps2x"):
         sweep = load(name, results)
         if not (sweep and sweep["summary"].get("adherence_by_guidance")):
             continue
@@ -738,7 +751,8 @@ def readme_rows(results: Path) -> list[str]:
         cells = "; ".join(f"{g}: " + ", ".join(f"{k} {v['generated']['dice']:.2f}" for k, v in r.items())
                           for g, r in sorted(by_g.items(), key=lambda kv: float(kv[0])))
         real = ", ".join(f"{k} {v['real']['dice']:.2f}" for k, v in next(iter(by_g.values())).items())
-        which = ("the same recipe trained " + f"{sm['training']['steps']:,} steps"
+        flags = masks_train_flags(sweep)
+        which = ("the same recipe trained " + f"{sm['training']['steps']:,} steps" + (f" with `{flags}`" if flags else "")
                  if sm["training"].get("stopped") == "max-steps" else "the guidance-2 run above")
         cut = f", guided from {sm['guidance_cutoff']:g} T up" if sm.get("guidance_cutoff") else ""
         rows.append(f"| label maps (phantoms, {sweep['settings']['size']} px, {which}{cut}): lesion Dice of generated "
