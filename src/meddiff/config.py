@@ -148,6 +148,13 @@ def precision_option() -> Any:
     return option("auto", "auto: bf16 where the hardware runs it fast, else fp32", choices=PRECISIONS)
 
 
+def guidance_cutoff_option() -> Any:
+    """--guidance-cutoff, as sample and inpaint offer it (`model.Denoiser`)."""
+    return option(0.0, "guide only at timesteps from this share of the schedule's up (0: at every step): the noisy "
+                  "steps place what the class and map ask for, the last ones set intensities, where guidance draws "
+                  "a lesion too bright (e.g. 0.5)", bounds=Bounds(0, 1, hi_open=True))
+
+
 def device_option() -> Any:
     """--device, as every command that computes offers it."""
     return option("auto", "auto, cpu, cuda or cuda:N", choices=DEVICES, pattern=CUDA_N)
@@ -488,10 +495,7 @@ class SampleConfig(Checked):
                                  "shifted up to 10 % of the side, all drawn from the image's seed; --n (or "
                                  "--per-class) images are made")
     guidance: float = option(1.0, "classifier-free guidance scale (1 = none)", bounds=GUIDANCE, web=Bounds(0, 20))
-    guidance_cutoff: float = option(0.0, "guide only at timesteps from this share of the schedule's up (0: at every "
-                                    "step): the noisy steps place what the class and map ask for, the last ones set "
-                                    "intensities, where guidance draws a lesion too bright (e.g. 0.5)",
-                                    bounds=Bounds(0, 1, hi_open=True))
+    guidance_cutoff: float = guidance_cutoff_option()
     fmt: str = option("png", "file format", flags=("--format",), choices=FORMATS, web=("png", "dicom"))
     weights: str = option("ema", "ema: the averaged weights, best: the lowest validation loss, raw: the last "
                           "checkpoint's", choices=WEIGHTS)
@@ -526,10 +530,7 @@ class InpaintConfig(Checked):
     resample: int = option(2, "RePaint's resampling: extra passes per step that blend the region with its "
                            "surroundings (0: none)", bounds=Bounds(0, 20, whole=True))
     guidance: float = option(1.0, "classifier-free guidance scale (1 = none)", bounds=GUIDANCE)
-    guidance_cutoff: float = option(0.0, "guide only at timesteps from this share of the schedule's up (0: at every "
-                                    "step): the noisy steps place what the class and map ask for, the last ones set "
-                                    "intensities, where guidance draws a lesion too bright (e.g. 0.5)",
-                                    bounds=Bounds(0, 1, hi_open=True))
+    guidance_cutoff: float = guidance_cutoff_option()
     fmt: str = option("png", "file format (the result holds real pixels: no DICOM or NIfTI export carries it)",
                       flags=("--format",), choices=("png", "png16"))
     precision: str = precision_option()
