@@ -174,7 +174,7 @@ def main() -> None:
     else:
         run = load_run(out / "run")
     train, test = load_pairs(a.n_train, 0, a.size), load_pairs(a.n_test, 1, a.size)
-    seg_real = real_segmenter(out, train, a.seg_steps) if "adherence" in parts else None
+    seg_real = real_segmenter(out, train, a.seg_steps) if {"adherence", "utility"} & set(parts) else None
     summary: dict = dict(parts=parts, training=trained, guidance=scales[0], guidance_cutoff=a.guidance_cutoff,
                          mask_loss_weight=getattr(run.train, "mask_loss_weight", 0.0),
                          sampler="the run's default (UniPC 10)",
@@ -184,10 +184,10 @@ def main() -> None:
     # 2. adherence
     abn = [i for i, c in enumerate(test["classes"]) if c.endswith("abnormal")]
     modality = [test["classes"][i].split("/")[0] for i in abn]
-    sweep = {}
+    sweep, gen = {}, None
     for g in scales if "adherence" in parts else scales[:1]:
         gen_g = generate_for(run, test["masks"][abn], [test["classes"][i] for i in abn], g, 10_000, a.guidance_cutoff)
-        gen = gen_g if g == scales[0] else gen
+        gen = gen_g if gen is None else gen  # the first scale's images: the copies audit and the grid
         if "adherence" in parts:
             sweep[f"{g:g}"] = adherence_figures(seg_real, gen_g, test["masks"][abn], test["images"][abn],
                                                 test["masks"][abn], modality, modality, overall=False)
@@ -199,7 +199,7 @@ def main() -> None:
         if len(sweep) > 1:
             summary["adherence_by_guidance"] = sweep
     if "utility" in parts:
-        summary.update(utility_figures(run, train, test, a, scales[0]))
+        summary.update(utility_figures(run, seg_real, train, test, a, scales[0]))
     if "inpainting" in parts:
         summary["inpainting"] = inpainting_figures(run, train, test, abn, a, scales[0])
     if "copies" in parts:  # 5. the generated adherence images against the training images
@@ -233,13 +233,12 @@ def real_segmenter(out: Path, train: dict, steps: int):
     return net
 
 
-def utility_figures(run, train: dict, test: dict, a: argparse.Namespace, guidance: float) -> dict:
+def utility_figures(run, seg_real, train: dict, test: dict, a: argparse.Namespace, guidance: float) -> dict:
     """3. Segmenters trained on synthetic pairs, on real ones, on a few real ones with and without the synthetic
     ones, all tested on the real test pairs."""
     from meddiff.metrics.segmentation import dice_comparison, dice_figure, segment, train_segmenter
 
     syn = generate_for(run, train["masks"], train["classes"], guidance, 20_000, a.guidance_cutoff)
-    seg_real = real_segmenter(Path(a.out), train, a.seg_steps)
     seg_syn = train_segmenter(syn, train["masks"], a.seg_steps)
     rng = np.random.default_rng(0)
     few = rng.choice(len(train["images"]), min(a.few, len(train["images"])), replace=False)
