@@ -21,10 +21,11 @@
    batch (so 50 real pairs are not drowned by 1,200 synthetic ones). Both comparisons are paired over the same test
    images, with 95 % bootstrap intervals on the ratio and the difference.
 4. Inpainting: healthy test images given the lesion region of an abnormal test image of the same modality and
-   class <modality>/abnormal: the largest change outside the region (must be 0), the share a normal/abnormal
-   classifier trained on real phantoms calls abnormal (beside the share of real abnormal test images it calls
-   abnormal, the reference, and of the healthy images before inpainting), and the seam: mean gradient magnitude on
-   the region's border ring against the same on real lesions' rings.
+   class <modality>/abnormal: the largest change outside the region (must be 0), the share a lesion detector
+   trained on real phantoms (`meddiff.metrics.segmentation.train_detector`, --seg-steps) calls abnormal (beside the
+   share of real abnormal test images it calls abnormal, the reference, and of the healthy images before
+   inpainting; the random-conv feature classifier of earlier files reads them too), and the seam: mean gradient
+   magnitude on the region's border ring against the same on real lesions' rings.
 5. Copies: the share of the generated adherence images flagged as copies of a training image (held-out test
    images set the threshold).
 Writes benchmarks/results/masks.json and docs/masks_grid.png (requested map, generated image, per modality).
@@ -264,15 +265,17 @@ def utility_figures(run, seg_real, train: dict, test: dict, a: argparse.Namespac
 
 def inpainting_figures(run, train: dict, test: dict, abn: list[int], a: argparse.Namespace, guidance: float) -> dict:
     """4. Healthy test images given an abnormal test image's lesion region: the change outside it, the share a
-    classifier trained on real phantoms calls abnormal (beside its reach on real lesions), the seam."""
-    from meddiff.metrics.classifier import classifier_features, fit_classifier
+    detector trained on real phantoms calls abnormal (beside its reach on real lesions and on healthy images), the
+    seam. The feature classifier earlier files used reads the same images too (`feature_classifier`)."""
+    from meddiff.metrics.classifier import DESCRIPTION, classifier_features, fit_classifier
     from meddiff.metrics.features import get_extractor
+    from meddiff.metrics.segmentation import DETECTOR, detect, train_detector
     from meddiff.sample import inpaint
 
     extractor = get_extractor("randconv", resolution=a.size)
-    feats = classifier_features(train["images"], extractor(train["images"]))
-    is_abn = np.array([c.endswith("abnormal") for c in train["classes"]], np.int64)
-    clf = fit_classifier(feats, is_abn)
+    is_abn = np.array([c.endswith("abnormal") for c in train["classes"]])
+    clf = fit_classifier(classifier_features(train["images"], extractor(train["images"])), is_abn.astype(np.int64))
+    det = train_detector(train["images"], is_abn, a.seg_steps)
     healthy = [i for i, c in enumerate(test["classes"]) if c.endswith("/normal")][:a.inpaint]
     changed, outside, seam_gen, seam_real, results = [], [], [], [], []
     for j, i in enumerate(healthy):
@@ -290,27 +293,32 @@ def inpainting_figures(run, train: dict, test: dict, abn: list[int], a: argparse
         seam_gen.append(gradient_energy(img, ring(region)))
         seam_real.append(gradient_energy(test["images"][donor], ring(region)))
         changed.append(i)
-    def called_abnormal(images: list | np.ndarray) -> np.ndarray:
-        return clf.predict(classifier_features(np.stack(images), extractor(np.stack(images)))) if len(images) else []
 
     def share(calls: np.ndarray) -> dict:
         return dict(share=float(np.mean(calls)), ci95=R.bootstrap_mean(np.asarray(calls, float))["ci95"],
                     images=len(calls)) if len(calls) else {}
 
-    detected = share(called_abnormal(results))
-    # the classifier's own reach: real abnormal test images of the inpainted modalities (the reference), and the
-    # healthy images before inpainting (how often it calls a healthy image abnormal)
+    # each reader's reach: real abnormal test images of the inpainted modalities (the reference), and the healthy
+    # images before inpainting (how often it calls a healthy image abnormal)
     mods = {test["classes"][i].split("/")[0] for i in changed}
     real_abnormal = [test["images"][k] for k in abn if test["classes"][k].split("/")[0] in mods]
+    readers = dict(detector=lambda x: detect(det, x),
+                   feature_classifier=lambda x: clf.predict(classifier_features(x, extractor(x))))
+    calls = {name: {what: share(read(np.stack(images))) if len(images) else {}
+                    for what, images in (("inpainted", results), ("real_abnormal_called", real_abnormal),
+                                         ("healthy_before_called", [test["images"][i] for i in changed]))}
+             for name, read in readers.items()}
+    detected = calls["detector"]["inpainted"]
     inpainting = dict(images=len(results), max_change_outside=max(outside) if outside else None,
                       detected_abnormal=detected.get("share"), detected_ci95=detected.get("ci95"),
-                      real_abnormal_called=share(called_abnormal(real_abnormal)),
-                      healthy_before_called=share(called_abnormal([test["images"][i] for i in changed])),
+                      detector=DETECTOR,
+                      real_abnormal_called=calls["detector"]["real_abnormal_called"],
+                      healthy_before_called=calls["detector"]["healthy_before_called"],
+                      feature_classifier=dict(protocol=DESCRIPTION, **calls["feature_classifier"]),
                       seam_gradient_generated=float(np.nanmean(seam_gen)) if seam_gen else None,
                       seam_gradient_real_lesions=float(np.nanmean(seam_real)) if seam_real else None)
     print(f"inpainting: {json.dumps(inpainting)}", flush=True)
     return inpainting
-
 
 if __name__ == "__main__":
     main()

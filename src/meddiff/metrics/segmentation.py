@@ -11,7 +11,9 @@ whose reference map has a lesion, and averaged with a 95 % bootstrap interval ov
 the same images are compared image by image (`dice_comparison`), so their difference and ratio carry a paired
 interval. Mask adherence (`adherence_figures`) is the Dice of the generated images' segmentations against the maps
 they were asked for, per group (class or modality), beside the same segmenter's Dice on real images against their
-true maps: its ceiling. Above `WORK_SIZE` px the pairs are scaled down to it first (`to_work_size`), so the cost
+true maps: its ceiling. A detector (`train_detector`, `detect`: the segmenter's encoder with a one-number head,
+trained in the same loop on image-level labels) says whether an image holds a lesion at all: what reads an
+inpainted lesion. Above `WORK_SIZE` px the pairs are scaled down to it first (`to_work_size`), so the cost
 of a figure does not grow with the image size.
 """
 from __future__ import annotations
@@ -27,6 +29,8 @@ from .ssim import bootstrap_ci
 WORK_SIZE = 128  # the largest side the segmenter works at: 600 steps take ~8 one-thread minutes there
 PROTOCOL = ("3-level conv U-Net (16-32-64), Adam 2e-3 cosine-decayed to 2e-4, Dice + BCE, random flips, "
             "threshold 0.5; Dice per image with a lesion in its reference map, 95 % bootstrap over images")
+DETECTOR = ("the segmenter's 3-level conv encoder (16-32-64), mean + max pooled, one linear layer; Adam 2e-3 "
+            "cosine-decayed to 2e-4, BCE on image labels (abnormal / normal), random flips; threshold 0.5")
 
 
 def _block(c_in: int, c_out: int) -> nn.Sequential:
@@ -61,39 +65,91 @@ def _check(images: np.ndarray, masks: np.ndarray) -> tuple[torch.Tensor, torch.T
     return torch.from_numpy(images)[:, None], torch.from_numpy((masks > 0).astype(np.float32))[:, None]
 
 
+def _draws(n: int, weights: np.ndarray | None) -> torch.Tensor | None:
+    """Each pair's chance of being drawn, from optional non-negative weights (None: uniform)."""
+    if weights is None:
+        return None
+    weights = np.asarray(weights, np.float64)
+    if weights.shape != (n,) or not np.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
+        raise DataError(f"segmentation: weights {weights.shape} must be {n} finite values ≥ 0, not all 0")
+    return torch.from_numpy(weights / weights.sum())
+
+
+def _fit(net: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn, steps: int, batch: int, seed: int,
+         weights: np.ndarray | None = None) -> nn.Module:
+    """The one training loop of the segmenter and the detector: Adam 2e-3 decayed on a cosine to 2e-4, batches
+    drawn uniformly or by `weights`, each image flipped left-right at random (its map with it when y is a map)."""
+    draw = _draws(len(x), weights)
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1), eta_min=2e-4)
+    for _ in range(steps):
+        n = min(batch, len(x))
+        idx = (torch.randint(0, len(x), (n,), generator=g) if draw is None
+               else torch.multinomial(draw, n, replacement=True, generator=g))
+        xb, yb = x[idx], y[idx]
+        flip = (torch.rand(len(idx), generator=g) < 0.5).view(-1, 1, 1, 1)
+        xb = torch.where(flip, xb.flip(-1), xb)
+        if yb.ndim == 4:
+            yb = torch.where(flip, yb.flip(-1), yb)
+        loss = loss_fn(net(xb), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        decay.step()
+    return net.eval()
+
+
+def _dice_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    p = torch.sigmoid(logits)
+    dice = 1 - (2 * (p * target).sum() + 1) / (p.sum() + target.sum() + 1)
+    return F.binary_cross_entropy_with_logits(logits, target) + dice
+
+
 def train_segmenter(images: np.ndarray, masks: np.ndarray, steps: int = 600, batch: int = 16,
                     seed: int = 0, weights: np.ndarray | None = None) -> Segmenter:
     """Fit a Segmenter to images (N, H, W) in [0, 1] and label maps (N, H, W) (non-zero = lesion).
 
     weights (N,), optional: each pair's chance of being drawn (any non-negative scale); default uniform."""
     x, y = _check(images, masks)
-    if weights is not None:
-        weights = np.asarray(weights, np.float64)
-        if weights.shape != (len(x),) or not np.isfinite(weights).all() or (weights < 0).any() or weights.sum() <= 0:
-            raise DataError(f"segmentation: weights {weights.shape} must be {len(x)} finite values ≥ 0, not all 0")
-        draw = torch.from_numpy(weights / weights.sum())
-    g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    net = Segmenter()
-    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
-    decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1), eta_min=2e-4)
-    for _ in range(steps):
-        n = min(batch, len(x))
-        idx = (torch.randint(0, len(x), (n,), generator=g) if weights is None
-               else torch.multinomial(draw, n, replacement=True, generator=g))
-        xb, yb = x[idx], y[idx]
-        flip = torch.rand(len(idx), generator=g) < 0.5
-        xb = torch.where(flip.view(-1, 1, 1, 1), xb.flip(-1), xb)
-        yb = torch.where(flip.view(-1, 1, 1, 1), yb.flip(-1), yb)
-        logits = net(xb)
-        p = torch.sigmoid(logits)
-        dice = 1 - (2 * (p * yb).sum() + 1) / (p.sum() + yb.sum() + 1)
-        loss = F.binary_cross_entropy_with_logits(logits, yb) + dice
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        decay.step()
-    return net.eval()
+    return _fit(Segmenter(), x, y, _dice_bce, steps, batch, seed, weights)
+
+
+class Detector(nn.Module):
+    """(B, 1, H, W) images in [0, 1] → (B,) logits of "this image holds a lesion": the segmenter's encoder (three
+    levels, 16-32-64 channels), then the deepest features' mean and maximum over the image (the maximum keeps a
+    small lesion from being averaged away) and one linear layer."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        w = width
+        self.down1, self.down2, self.mid = _block(1, w), _block(w, 2 * w), _block(2 * w, 4 * w)
+        self.head = nn.Linear(8 * w, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.mid(F.avg_pool2d(self.down2(F.avg_pool2d(self.down1(x), 2)), 2))
+        return self.head(torch.cat([m.mean((2, 3)), m.amax((2, 3))], 1))[:, 0]
+
+
+def train_detector(images: np.ndarray, abnormal: np.ndarray, steps: int = 600, batch: int = 16,
+                   seed: int = 0) -> Detector:
+    """Fit a Detector to images (N, H, W) in [0, 1] and their image-level labels (N,) (true = holds a lesion; both
+    values present), with binary cross-entropy in the segmenter's training loop."""
+    abnormal = np.asarray(abnormal).astype(bool)
+    x, _ = _check(images, np.zeros(np.shape(images)))
+    if abnormal.shape != (len(x),) or abnormal.all() or not abnormal.any():
+        raise DataError(f"detector: {abnormal.shape} labels for {len(x)} images; needs one each, both values present")
+    torch.manual_seed(seed)
+    return _fit(Detector(), x, torch.from_numpy(abnormal.astype(np.float32)), F.binary_cross_entropy_with_logits,
+                steps, batch, seed)
+
+
+@torch.no_grad()
+def detect(net: Detector, images: np.ndarray, batch: int = 64) -> np.ndarray:
+    """Images (N, H, W) in [0, 1] → (N,) bool: the detector calls the image abnormal."""
+    x = torch.from_numpy(np.asarray(images, np.float32))[:, None]
+    return np.concatenate([(net(x[i:i + batch]) > 0).numpy() for i in range(0, len(x), batch)])
 
 
 @torch.no_grad()
