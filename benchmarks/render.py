@@ -386,13 +386,19 @@ def render_masks(doc: dict) -> list[str]:
         lines += ["", f"Synthetic-only / real-only Dice: {s['utility_ratio']:.2f}."]
     ip = s.get("inpainting") or {}
     if ip.get("images"):
+        reach = lambda r: "".join(f"; {what}: {ci(f['share'], f['ci95'])} (n={f['images']})" for what, f in (
+            ("real abnormal test images it calls abnormal (the reference)", r.get("real_abnormal_called")),
+            ("the healthy images before inpainting", r.get("healthy_before_called"))) if f)
+        reader = ("a lesion detector trained on real phantoms (the segmenter's encoder with a one-number head)"
+                  if ip.get("detector") else "a classifier trained on real phantoms (random-conv features + "
+                  "logistic regression)")
+        fc = ip.get("feature_classifier")
         lines += [f"Inpainting ({ip['images']} healthy test images, a lesion region each): largest change outside the "
-                  f"region {ip['max_change_outside']:g}; called abnormal by a classifier trained on real phantoms: "
-                  f"{ci(ip['detected_abnormal'], ip['detected_ci95'])}"
-                  + ("".join(f"; {what}: {ci(r['share'], r['ci95'])} (n={r['images']})" for what, r in (
-                      ("real abnormal test images it calls abnormal (the reference)", ip.get("real_abnormal_called")),
-                      ("the healthy images before inpainting", ip.get("healthy_before_called"))) if r))
-                  + f"; gradient energy on the region's border {ip['seam_gradient_generated']:.3f} against "
+                  f"region {ip['max_change_outside']:g}; called abnormal by {reader}: "
+                  f"{ci(ip['detected_abnormal'], ip['detected_ci95'])}{reach(ip)}"
+                  + (f". The random-conv feature classifier of earlier files on the same images: "
+                     f"{ci(fc['inpainted']['share'], fc['inpainted']['ci95'])}{reach(fc)}" if fc else "")
+                  + f". Gradient energy on the region's border {ip['seam_gradient_generated']:.3f} against "
                   f"{ip['seam_gradient_real_lesions']:.3f} on real lesions'."]
     if s.get("copies"):
         lines += [f"Copies of training images among the generated adherence images: {s['copies']['share']:.0%}."]

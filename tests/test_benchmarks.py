@@ -281,6 +281,16 @@ def test_the_inpainting_line_sets_the_detection_beside_the_classifiers_own_reach
     line = next(line for line in render.render_masks(doc) if line.startswith("Inpainting"))
     assert "real abnormal test images it calls abnormal (the reference): 0.9 [0.85, 0.95] (n=200)" in line
     assert "the healthy images before inpainting: 0.05 [0, 0.125] (n=40)" in line
+    assert "random-conv features + logistic regression" in line, "an earlier file names its reader"
+    # a file read by the lesion detector names it, and sets the feature classifier's reading of the same images after
+    ip["detector"] = "encoder + head"
+    ip["feature_classifier"] = dict(protocol="features", inpainted=dict(share=0.7, ci95=[0.6, 0.8], images=40),
+                                    real_abnormal_called=dict(share=0.8, ci95=[0.75, 0.85], images=200))
+    line = next(line for line in render.render_masks(doc) if line.startswith("Inpainting"))
+    assert "called abnormal by a lesion detector trained on real phantoms" in line
+    head, tail = line.split("The random-conv feature classifier of earlier files on the same images: ")
+    assert "the reference): 0.9 [0.85, 0.95]" in head and tail.startswith("0.7 [0.6, 0.8]; real abnormal")
+    assert "the reference): 0.8 [0.75, 0.85] (n=200)" in tail
 
 
 def test_a_guidance_sweep_scored_for_adherence_alone_renders_as_such() -> None:
