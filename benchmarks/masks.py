@@ -5,6 +5,7 @@
     python benchmarks/masks.py --quick          # seconds: a smoke test, not a figure
     python benchmarks/masks.py --reuse --guidance 4   # score the run in --out again, without training
     python benchmarks/masks.py --steps 8538 --out bench_out/masks_steps2x   # train by steps, not minutes
+    python benchmarks/masks.py --reuse --steps 17076 --out bench_out/masks_steps4x   # train a run in --out on
     python benchmarks/masks.py --conditioning spade --out bench_out/masks_spade   # the map through SPADE too
     python benchmarks/masks.py --conditioning controlnet --out bench_out/masks_controlnet   # or a ControlNet copy
 
@@ -62,9 +63,27 @@ def train_model(out: Path, n: int, size: int, minutes: float, extra: list[str],
     trainer = (["-m", "meddiff.cli", "train"] if conditioning == "channel" else
                [str(Path(__file__).with_name("_mask_conditioning.py")), "train", conditioning])
     budget = ["--max-steps", str(steps)] if steps else ["--max-minutes", str(minutes)]
-    cmd = [sys.executable, *trainer, "--data", f"builtin:phantoms?n={n}&masks=1", "--size", str(size), *budget,
-           "--out", str(out / "run"), "--no-progress", *extra]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    return _train_call([*trainer, "--data", f"builtin:phantoms?n={n}&masks=1", "--size", str(size), *budget,
+                        "--out", str(out / "run"), "--no-progress", *extra])
+
+
+def extend_run(out: Path, trained: dict, steps: int) -> dict:
+    """--reuse --steps N on a run trained fewer steps: resume it to N (`meddiff train --resume --max-steps`, its
+    cosine schedule stretched to the new goal from where it stands) and note in --out what it was trained before,
+    so this and any later scoring of the run name both calls."""
+    history = out / "extended.json"
+    if trained["steps"] < steps:
+        before = json.loads(history.read_text())["from_steps"] if history.exists() else trained["steps"]
+        trained = _train_call(["-m", "meddiff.cli", "train", "--resume", str(out / "run"), "--max-steps", str(steps),
+                               "--no-progress"])
+        history.write_text(json.dumps(dict(from_steps=before, to_steps=steps)))
+    if history.exists():
+        trained = dict(trained, extended_from=json.loads(history.read_text())["from_steps"])
+    return trained
+
+
+def _train_call(args: list[str]) -> dict:
+    done = subprocess.run([sys.executable, *args], capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"training failed:\n{done.stderr[-2000:]}")
     return json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
@@ -123,7 +142,8 @@ def main() -> None:
     ap.add_argument("--grid", default=str(R.ROOT / "docs" / "masks_grid.png"))
     ap.add_argument("--meddiff-args", default="", help="extra flags for meddiff train, after '='")
     ap.add_argument("--reuse", action="store_true",
-                    help="skip training: score the run an earlier call trained in --out (same data flags)")
+                    help="skip training: score the run an earlier call trained in --out (same data flags); with "
+                         "--steps above its own, train it on to --steps first")
     ap.add_argument("--conditioning", choices=("channel", "spade", "controlnet"), default="channel",
                     help="channel: meddiff's (the map as input channels); spade / controlnet: the same plus SPADE in "
                          "every residual block / a ControlNet encoder copy (benchmarks/_mask_conditioning.py)")
@@ -162,6 +182,11 @@ def main() -> None:
             raise SystemExit(f"--reuse: the run in {out / 'run'} trained on {record['train'].get('data')} at "
                              f"{record['train'].get('size')} px, not {want['data']} at {a.size} px")
         trained = record["result"]
+        if a.steps and a.steps < trained["steps"]:
+            raise SystemExit(f"--steps {a.steps}: the run in {out / 'run'} is trained {trained['steps']} steps already")
+        if a.steps and a.steps > trained["steps"] and a.conditioning != "channel":
+            raise SystemExit(f"--reuse --steps: extends runs of --conditioning channel only, not {a.conditioning}")
+        trained = extend_run(out, trained, a.steps or trained["steps"])
     else:
         trained = train_model(out, a.n_train, a.size, a.minutes, a.meddiff_args.split(), a.conditioning, a.steps)
     print(f"trained: {trained['steps']} steps in {trained['seconds']:.0f} s", flush=True)

@@ -196,7 +196,7 @@ def masks_commands(doc: dict[str, Any]) -> str:
     variant = st.get("conditioning", "channel")
     how = f" --conditioning {variant}" if variant != "channel" else ""
     trained = doc["summary"]["training"]
-    budget = (f"--steps {trained['steps']}" if trained.get("stopped") == "max-steps" else
+    budget = (f"--steps {trained.get('extended_from', trained['steps'])}" if trained.get("stopped") == "max-steps" else
               f"--minutes {round(trained['seconds'] / 60):g}")
     out = f" --out {st['out']}" if how or st["out"] != "bench_out/masks" else ""
     flags = masks_train_flags(doc)
@@ -344,7 +344,10 @@ def render_masks(doc: dict) -> list[str]:
               if s["training"].get("stopped") == "max-steps" else f"{s['training']['seconds'] / 60:.0f} min")
     lines = [f"Model: meddiff's default recipe conditioned on the maps{how}{params}, {s['training']['steps']:,} steps "
              f"({budget}"
-             + ("; trained by an earlier call of the same command, scored again with `--reuse`" if
+             + (f"; trained {s['training']['extended_from']:,} steps by an earlier call of the same command, then "
+                "on to these with `--reuse --steps`, which resumes the run (its cosine schedule stretched to the new "
+                "goal)" if s["training"].get("extended_from") else
+                "; trained by an earlier call of the same command, scored again with `--reuse`" if
                 doc["settings"].get("reuse") else "")
              + f"); sampler: {s['sampler']}, guidance "
              + (f"{s['guidance']:g}" if not s.get("adherence_by_guidance") else
