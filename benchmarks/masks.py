@@ -334,9 +334,11 @@ def inpainting_figures(run, train: dict, test: dict, abn: list[int], a: argparse
                                          ("healthy_before_called", [test["images"][i] for i in changed]))}
              for name, read in readers.items()}
     detected = calls["detector"]["inpainted"]
+    called = detect(det, np.stack(results)) if results else np.zeros(0, bool)
+    by_modality = {m: share(called[[test["classes"][i].startswith(m + "/") for i in changed]]) for m in sorted(mods)}
     inpainting = dict(images=len(results), max_change_outside=max(outside) if outside else None,
                       detected_abnormal=detected.get("share"), detected_ci95=detected.get("ci95"),
-                      detector=DETECTOR,
+                      detector=DETECTOR, detected_by_modality=by_modality,
                       real_abnormal_called=calls["detector"]["real_abnormal_called"],
                       healthy_before_called=calls["detector"]["healthy_before_called"],
                       feature_classifier=dict(protocol=DESCRIPTION, **calls["feature_classifier"]),

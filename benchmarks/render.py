@@ -67,9 +67,12 @@ COMMANDS = {
     "masks_lw4": "python benchmarks/masks.py --steps 4269 '--meddiff-args=--mask-loss-weight 4' --seg-steps 2000 "
                  "--inpaint 100 --guidance 2,1 --out bench_out/masks_lw4 --grid docs/masks_lw4_grid.png "
                  "--results benchmarks/results/masks_lw4.json",
-    "masks_steps2x": "python benchmarks/masks.py --reuse --parts adherence,copies --seg-steps 2000 --guidance 2,3 "
+    "masks_steps2x": "python benchmarks/masks.py --steps 8538 --seg-steps 2000 --inpaint 100 --guidance 3,2 "
                      "--guidance-cutoff 0.5 --out bench_out/masks_steps2x --grid docs/masks_steps2x_grid.png "
                      "--results benchmarks/results/masks_steps2x.json",
+    "masks_steps4x": "python benchmarks/masks.py --reuse --steps 17076 --seg-steps 2000 --inpaint 100 --guidance 3,2 "
+                     "--guidance-cutoff 0.5 --out bench_out/masks_steps4x --grid docs/masks_steps4x_grid.png "
+                     "--results benchmarks/results/masks_steps4x.json",
     "masks_cutoff05": "python benchmarks/masks.py --reuse --parts adherence --seg-steps 2000 --guidance 2,3,4,6 "
                       "--guidance-cutoff 0.5 --grid docs/masks_cutoff05_grid.png "
                       "--results benchmarks/results/masks_cutoff05.json",
@@ -398,7 +401,11 @@ def render_masks(doc: dict) -> list[str]:
         fc = ip.get("feature_classifier")
         lines += [f"Inpainting ({ip['images']} healthy test images, a lesion region each): largest change outside the "
                   f"region {ip['max_change_outside']:g}; called abnormal by {reader}: "
-                  f"{ci(ip['detected_abnormal'], ip['detected_ci95'])}{reach(ip)}"
+                  f"{ci(ip['detected_abnormal'], ip['detected_ci95'])}"
+                  + (" (" + ", ".join(f"{m} {f['share']:.2f} of {f['images']}" for m, f in
+                                      ip["detected_by_modality"].items() if f) + ")"
+                     if ip.get("detected_by_modality") else "")
+                  + reach(ip)
                   + (f". The random-conv feature classifier of earlier files on the same images: "
                      f"{ci(fc['inpainted']['share'], fc['inpainted']['ci95'])}{reach(fc)}" if fc else "")
                   + f". Gradient energy on the region's border {ip['seam_gradient_generated']:.3f} against "
@@ -729,7 +736,7 @@ def readme_rows(results: Path) -> list[str]:
         rows.append(_not_rerun("8 classes, one model: samples judged the requested class", "conditional_classes",
                                seed="cannot condition"))
     for name in ("masks", "masks_guidance1", "masks_seg2000", "masks_spade", "masks_spade_guidance1",
-                 "masks_controlnet", "masks_lw4", "masks_g3_cutoff05"):
+                 "masks_controlnet", "masks_lw4", "masks_g3_cutoff05", "masks_steps2x", "masks_steps4x"):
         m = load(name, results)
         if m and m["summary"].get("utility_paired"):
             sm = m["summary"]
@@ -751,7 +758,7 @@ def readme_rows(results: Path) -> list[str]:
                         f"Dice; {few} real + synthetic minus {few} real | cannot condition on a map | {adh}; "
                         f"{ci(r['ratio'], r['ratio_ci95'])}; {d['difference']:+.3f} [{d['difference_ci95'][0]:+.3f}, "
                         f"{d['difference_ci95'][1]:+.3f}] | `{masks_commands(m)}` |")
-    for name in ("masks_guidance_sweep", "masks_cutoff05", "masks_lw4_cutoff05", "masks_steps2x"):
+    for name in ("masks_guidance_sweep", "masks_cutoff05", "masks_lw4_cutoff05", "masks_steps2x", "masks_steps4x"):
         sweep = load(name, results)
         if not (sweep and sweep["summary"].get("adherence_by_guidance")):
             continue

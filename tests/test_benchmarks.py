@@ -291,6 +291,9 @@ def test_the_inpainting_line_sets_the_detection_beside_the_classifiers_own_reach
     head, tail = line.split("The random-conv feature classifier of earlier files on the same images: ")
     assert "the reference): 0.9 [0.85, 0.95]" in head and tail.startswith("0.7 [0.6, 0.8]; real abnormal")
     assert "the reference): 0.8 [0.75, 0.85] (n=200)" in tail
+    ip["detected_by_modality"] = dict(ct=dict(share=0.6, ci95=[0.4, 0.8], images=20), us={})
+    line = next(line for line in render.render_masks(doc) if line.startswith("Inpainting"))
+    assert f"{ip['detected_abnormal']:.3g} " in line and "(ct 0.60 of 20)" in line
 
 
 def test_a_guidance_sweep_scored_for_adherence_alone_renders_as_such() -> None:
@@ -311,6 +314,29 @@ def test_a_guidance_sweep_scored_for_adherence_alone_renders_as_such() -> None:
     s["training"]["stopped"], doc["settings"]["out"] = "max-steps", "bench_out/masks_x"
     assert render.masks_commands(doc).startswith("python benchmarks/masks.py --steps 4269 --out bench_out/masks_x`, "
                                                  "then `python benchmarks/masks.py --reuse")
+
+
+def test_a_run_trained_on_by_reuse_steps_resumes_once_and_keeps_where_it_started(tmp_path: Path, monkeypatch) -> None:
+    masks, render = bench("masks"), bench("render")
+    calls = []
+
+    def train_call(args: list[str]) -> dict:
+        calls.append(args)
+        return dict(steps=int(args[args.index("--max-steps") + 1]), seconds=1.0, stopped="max-steps")
+
+    monkeypatch.setattr(masks, "_train_call", train_call)
+    first = dict(steps=5, seconds=1.0, stopped="max-steps")
+    assert masks.extend_run(tmp_path, first, 5) == first and not calls, "at its own steps: scored as it is"
+    got = masks.extend_run(tmp_path, first, 12)
+    assert calls[-1][-5:] == ["--resume", str(tmp_path / "run"), "--max-steps", "12", "--no-progress"]
+    assert got["steps"] == 12 and got["extended_from"] == 5
+    assert masks.extend_run(tmp_path, got, 20)["extended_from"] == 5, "trained on twice: it started at 5"
+    assert len(calls) == 2 and masks.extend_run(tmp_path, dict(first, steps=20), 20)["extended_from"] == 5
+    doc = json.loads((ROOT / "benchmarks" / "results" / "masks_seg2000.json").read_text())
+    doc["summary"]["training"] = dict(got, extended_from=5)
+    doc["settings"]["out"] = "bench_out/masks_x"
+    assert render.masks_commands(doc).startswith("python benchmarks/masks.py --steps 5 --out bench_out/masks_x`")
+    assert "trained 5 steps by an earlier call" in render.render_masks(doc)[0]
 
 
 def test_the_rendered_docs_match_the_results_files() -> None:
