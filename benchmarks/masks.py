@@ -334,8 +334,11 @@ def inpainting_figures(run, train: dict, test: dict, abn: list[int], a: argparse
                                          ("healthy_before_called", [test["images"][i] for i in changed]))}
              for name, read in readers.items()}
     detected = calls["detector"]["inpainted"]
-    called = detect(det, np.stack(results)) if results else np.zeros(0, bool)
-    by_modality = {m: share(called[[test["classes"][i].startswith(m + "/") for i in changed]]) for m in sorted(mods)}
+    # the detector per modality: inpainted lesions beside real ones of the same modality
+    of = lambda m, rows: [test["images"][i] for i in rows if test["classes"][i].startswith(m + "/")]
+    by_modality = {m: dict(inpainted=share(detect(det, np.stack([img for img, i in zip(results, changed)
+                                                                 if test["classes"][i].startswith(m + "/")]))),
+                           real=share(detect(det, np.stack(of(m, abn))))) for m in sorted(mods)}
     inpainting = dict(images=len(results), max_change_outside=max(outside) if outside else None,
                       detected_abnormal=detected.get("share"), detected_ci95=detected.get("ci95"),
                       detector=DETECTOR, detected_by_modality=by_modality,
@@ -346,6 +349,7 @@ def inpainting_figures(run, train: dict, test: dict, abn: list[int], a: argparse
                       seam_gradient_real_lesions=float(np.nanmean(seam_real)) if seam_real else None)
     print(f"inpainting: {json.dumps(inpainting)}", flush=True)
     return inpainting
+
 
 if __name__ == "__main__":
     main()

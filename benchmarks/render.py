@@ -402,8 +402,9 @@ def render_masks(doc: dict) -> list[str]:
         lines += [f"Inpainting ({ip['images']} healthy test images, a lesion region each): largest change outside the "
                   f"region {ip['max_change_outside']:g}; called abnormal by {reader}: "
                   f"{ci(ip['detected_abnormal'], ip['detected_ci95'])}"
-                  + (" (" + ", ".join(f"{m} {f['share']:.2f} of {f['images']}" for m, f in
-                                      ip["detected_by_modality"].items() if f) + ")"
+                  + (" (by modality, inpainted against real lesions: " + ", ".join(
+                      f"{m} {f['inpainted']['share']:.2f} of {f['inpainted']['images']} against "
+                      f"{f['real']['share']:.2f}" for m, f in ip["detected_by_modality"].items()) + ")"
                      if ip.get("detected_by_modality") else "")
                   + reach(ip)
                   + (f". The random-conv feature classifier of earlier files on the same images: "

@@ -291,9 +291,10 @@ def test_the_inpainting_line_sets_the_detection_beside_the_classifiers_own_reach
     head, tail = line.split("The random-conv feature classifier of earlier files on the same images: ")
     assert "the reference): 0.9 [0.85, 0.95]" in head and tail.startswith("0.7 [0.6, 0.8]; real abnormal")
     assert "the reference): 0.8 [0.75, 0.85] (n=200)" in tail
-    ip["detected_by_modality"] = dict(ct=dict(share=0.6, ci95=[0.4, 0.8], images=20), us={})
+    ip["detected_by_modality"] = dict(ct=dict(inpainted=dict(share=0.6, ci95=[0.4, 0.8], images=20),
+                                              real=dict(share=0.85, ci95=[0.8, 0.9], images=50)))
     line = next(line for line in render.render_masks(doc) if line.startswith("Inpainting"))
-    assert f"{ip['detected_abnormal']:.3g} " in line and "(ct 0.60 of 20)" in line
+    assert f"{ip['detected_abnormal']:.3g} " in line and "real lesions: ct 0.60 of 20 against 0.85)" in line
 
 
 def test_a_guidance_sweep_scored_for_adherence_alone_renders_as_such() -> None:
