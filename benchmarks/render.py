@@ -73,6 +73,10 @@ COMMANDS = {
     "masks_steps4x": "python benchmarks/masks.py --reuse --steps 17076 --seg-steps 2000 --inpaint 100 --guidance 3,2 "
                      "--guidance-cutoff 0.5 --out bench_out/masks_steps4x --grid docs/masks_steps4x_grid.png "
                      "--results benchmarks/results/masks_steps4x.json",
+    "masks_steps4x_inpaint_g3": "python benchmarks/masks.py --reuse --parts inpainting --seg-steps 2000 --inpaint 100 "
+                                "--guidance 3 --out bench_out/masks_steps4x "
+                                "--grid docs/masks_steps4x_inpaint_g3_grid.png "
+                                "--results benchmarks/results/masks_steps4x_inpaint_g3.json",
     "masks_cutoff05": "python benchmarks/masks.py --reuse --parts adherence --seg-steps 2000 --guidance 2,3,4,6 "
                       "--guidance-cutoff 0.5 --grid docs/masks_cutoff05_grid.png "
                       "--results benchmarks/results/masks_cutoff05.json",
