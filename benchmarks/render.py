@@ -208,15 +208,18 @@ def masks_commands(doc: dict[str, Any]) -> str:
     out = f" --out {st['out']}" if how or st["out"] != "bench_out/masks" else ""
     flags = masks_train_flags(doc)
     flags = f" '--meddiff-args={flags}'" if flags else ""
-    return f"python benchmarks/masks.py{how} {budget}{flags}{out}`, then `{doc['command']}"
+    calls = [f"python benchmarks/masks.py{how} {budget}{flags}{out}"]
+    if trained.get("extended_from") and f"--steps {trained['steps']}" not in doc["command"]:
+        calls.append(f"python benchmarks/masks.py --reuse --steps {trained['steps']} --out {st['out']}")
+    return "`, then `".join([*calls, doc["command"]])
 
 
 def command_line(doc: dict[str, Any], figure: str) -> str:
     m = doc["machine"]
     dirty = " (uncommitted changes)" if m.get("dirty") else ""
     if doc.get("figure") == "masks" and doc["settings"].get("reuse"):  # one run, trained by an earlier call
-        return (f"*Reproduce: `{masks_commands(doc)}` (this file: the second, at the commit below, on the run the "
-                f"first trained) — {m['cpu']}, "
+        return (f"*Reproduce: `{masks_commands(doc)}` (this file: the last, at the commit below, on the run the "
+                f"earlier calls trained) — {m['cpu']}, "
                 f"{m.get('gpu') or 'no GPU'}, {m['torch_threads']} thread(s), precision {m['precision']}, commit "
                 f"{str(m.get('commit'))[:10]}{dirty}, {m['started']}; raw results: `benchmarks/results/{figure}.json`.*")
     rescored = (" (this file: the runs that command trained, rescored with `--score-only` at the commit below)"

@@ -336,7 +336,12 @@ def test_a_run_trained_on_by_reuse_steps_resumes_once_and_keeps_where_it_started
     doc = json.loads((ROOT / "benchmarks" / "results" / "masks_seg2000.json").read_text())
     doc["summary"]["training"] = dict(got, extended_from=5)
     doc["settings"]["out"] = "bench_out/masks_x"
-    assert render.masks_commands(doc).startswith("python benchmarks/masks.py --steps 5 --out bench_out/masks_x`")
+    assert render.masks_commands(doc).startswith("python benchmarks/masks.py --steps 5 --out bench_out/masks_x`, then "
+                                                 "`python benchmarks/masks.py --reuse --steps 12 --out bench_out/masks_x`"
+                                                 ", then `python benchmarks/masks.py --reuse --seg-steps"), \
+        "a later scoring of the run names the call that trained it on"
+    doc["command"] += " --steps 12"
+    assert render.masks_commands(doc).count("`, then `") == 1, "the call that trained it on is the file's own"
     assert "trained 5 steps by an earlier call" in render.render_masks(doc)[0]
 
 
