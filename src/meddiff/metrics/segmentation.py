@@ -38,20 +38,31 @@ def _block(c_in: int, c_out: int) -> nn.Sequential:
                          nn.Conv2d(c_out, c_out, 3, padding=1), nn.GroupNorm(8, c_out), nn.SiLU())
 
 
-class Segmenter(nn.Module):
-    """(B, 1, H, W) images in [0, 1] → (B, 1, H, W) lesion logits; H and W multiples of 4."""
+class _Encoder(nn.Module):
+    """The three levels (16-32-64 channels at width 16) the segmenter and the detector share."""
 
     def __init__(self, width: int = 16) -> None:
         super().__init__()
         w = width
         self.down1, self.down2, self.mid = _block(1, w), _block(w, 2 * w), _block(2 * w, 4 * w)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        a = self.down1(x)
+        b = self.down2(F.avg_pool2d(a, 2))
+        return a, b, self.mid(F.avg_pool2d(b, 2))
+
+
+class Segmenter(_Encoder):
+    """(B, 1, H, W) images in [0, 1] → (B, 1, H, W) lesion logits; H and W multiples of 4."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__(width)
+        w = width
         self.up2, self.up1 = _block(6 * w, 2 * w), _block(3 * w, w)
         self.head = nn.Conv2d(w, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.down1(x)
-        b = self.down2(F.avg_pool2d(a, 2))
-        m = self.mid(F.avg_pool2d(b, 2))
+        a, b, m = self.encode(x)
         b = self.up2(torch.cat([F.interpolate(m, scale_factor=2.0), b], 1))
         return self.head(self.up1(torch.cat([F.interpolate(b, scale_factor=2.0), a], 1)))
 
@@ -116,19 +127,17 @@ def train_segmenter(images: np.ndarray, masks: np.ndarray, steps: int = 600, bat
     return _fit(Segmenter(), x, y, _dice_bce, steps, batch, seed, weights)
 
 
-class Detector(nn.Module):
+class Detector(_Encoder):
     """(B, 1, H, W) images in [0, 1] → (B,) logits of "this image holds a lesion": the segmenter's encoder (three
     levels, 16-32-64 channels), then the deepest features' mean and maximum over the image (the maximum keeps a
     small lesion from being averaged away) and one linear layer."""
 
     def __init__(self, width: int = 16) -> None:
-        super().__init__()
-        w = width
-        self.down1, self.down2, self.mid = _block(1, w), _block(w, 2 * w), _block(2 * w, 4 * w)
-        self.head = nn.Linear(8 * w, 1)
+        super().__init__(width)
+        self.head = nn.Linear(8 * width, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.mid(F.avg_pool2d(self.down2(F.avg_pool2d(self.down1(x), 2)), 2))
+        m = self.encode(x)[2]
         return self.head(torch.cat([m.mean((2, 3)), m.amax((2, 3))], 1))[:, 0]
 
 
