@@ -326,7 +326,8 @@ def inpainting_figures(run, train: dict, test: dict, abn: list[int], a: argparse
     # each reader's reach: real abnormal test images of the inpainted modalities (the reference), and the healthy
     # images before inpainting (how often it calls a healthy image abnormal)
     mods = {test["classes"][i].split("/")[0] for i in changed}
-    real_abnormal = [test["images"][k] for k in abn if test["classes"][k].split("/")[0] in mods]
+    real_rows = [k for k in abn if test["classes"][k].split("/")[0] in mods]
+    real_abnormal = [test["images"][k] for k in real_rows]
     readers = dict(detector=lambda x: detect(det, x),
                    feature_classifier=lambda x: clf.predict(classifier_features(x, extractor(x))))
     calls = {name: {what: share(read(np.stack(images))) if len(images) else {}
@@ -335,10 +336,12 @@ def inpainting_figures(run, train: dict, test: dict, abn: list[int], a: argparse
              for name, read in readers.items()}
     detected = calls["detector"]["inpainted"]
     # the detector per modality: inpainted lesions beside real ones of the same modality
-    of = lambda m, rows: [test["images"][i] for i in rows if test["classes"][i].startswith(m + "/")]
-    by_modality = {m: dict(inpainted=share(detect(det, np.stack([img for img, i in zip(results, changed)
-                                                                 if test["classes"][i].startswith(m + "/")]))),
-                           real=share(detect(det, np.stack(of(m, abn))))) for m in sorted(mods)}
+    modality_of = lambda rows: np.array([test["classes"][i].split("/")[0] for i in rows])
+    by_modality = {}
+    if results:
+        on_inpainted, on_real = detect(det, np.stack(results)), detect(det, np.stack(real_abnormal))
+        by_modality = {m: dict(inpainted=share(on_inpainted[modality_of(changed) == m]),
+                               real=share(on_real[modality_of(real_rows) == m])) for m in sorted(mods)}
     inpainting = dict(images=len(results), max_change_outside=max(outside) if outside else None,
                       detected_abnormal=detected.get("share"), detected_ci95=detected.get("ci95"),
                       detector=DETECTOR, detected_by_modality=by_modality,
