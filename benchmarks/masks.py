@@ -330,18 +330,17 @@ def inpainting_figures(run, train: dict, test: dict, abn: list[int], a: argparse
     real_abnormal = [test["images"][k] for k in real_rows]
     readers = dict(detector=lambda x: detect(det, x),
                    feature_classifier=lambda x: clf.predict(classifier_features(x, extractor(x))))
-    calls = {name: {what: share(read(np.stack(images))) if len(images) else {}
-                    for what, images in (("inpainted", results), ("real_abnormal_called", real_abnormal),
-                                         ("healthy_before_called", [test["images"][i] for i in changed]))}
-             for name, read in readers.items()}
+    said = {name: {what: read(np.stack(images)) if len(images) else np.zeros(0, bool)
+                   for what, images in (("inpainted", results), ("real_abnormal_called", real_abnormal),
+                                        ("healthy_before_called", [test["images"][i] for i in changed]))}
+            for name, read in readers.items()}  # each reader's call on each image, read once
+    calls = {name: {what: share(c) for what, c in by_what.items()} for name, by_what in said.items()}
     detected = calls["detector"]["inpainted"]
     # the detector per modality: inpainted lesions beside real ones of the same modality
     modality_of = lambda rows: np.array([test["classes"][i].split("/")[0] for i in rows])
-    by_modality = {}
-    if results:
-        on_inpainted, on_real = detect(det, np.stack(results)), detect(det, np.stack(real_abnormal))
-        by_modality = {m: dict(inpainted=share(on_inpainted[modality_of(changed) == m]),
-                               real=share(on_real[modality_of(real_rows) == m])) for m in sorted(mods)}
+    on = said["detector"]
+    by_modality = {m: dict(inpainted=share(on["inpainted"][modality_of(changed) == m]),
+                           real=share(on["real_abnormal_called"][modality_of(real_rows) == m])) for m in sorted(mods)}
     inpainting = dict(images=len(results), max_change_outside=max(outside) if outside else None,
                       detected_abnormal=detected.get("share"), detected_ci95=detected.get("ci95"),
                       detector=DETECTOR, detected_by_modality=by_modality,
