@@ -20,7 +20,8 @@
    classes) and on the real pairs, both tested on the real test pairs; the ratio of their Dice. And with only
    --few real pairs: real alone against real + every synthetic pair, the real pairs filling --real-share of every
    batch (so 50 real pairs are not drowned by 1,200 synthetic ones). Both comparisons are paired over the same test
-   images, with 95 % bootstrap intervals on the ratio and the difference.
+   images, with 95 % bootstrap intervals on the ratio and the difference; synthetic-only against real-only per
+   modality too.
 4. Inpainting: healthy test images given the lesion region of an abnormal test image of the same modality and
    class <modality>/abnormal: the largest change outside the region (must be 0), the share a lesion detector
    trained on real phantoms (`meddiff.metrics.segmentation.train_detector`, --seg-steps) calls abnormal (beside the
@@ -284,8 +285,14 @@ def utility_figures(run, seg_real, train: dict, test: dict, a: argparse.Namespac
                   plus_synthetic_vs_few=dice_comparison(maps[f"real_{a.few}"], maps[f"real_{a.few}_plus_synthetic"],
                                                         test["masks"]))
     print(f"utility paired: {json.dumps(paired)}", flush=True)
+    # the same comparison within each modality: where synthetic-only training falls short of real-only
+    modality = np.array([c.split("/")[0] for c in test["classes"]])
+    by_modality = {m: dice_comparison(maps["real"][modality == m], maps["synthetic"][modality == m],
+                                      test["masks"][modality == m]) for m in MODALITIES if (modality == m).any()}
+    for m, f in by_modality.items():
+        print(f"utility {m}: synthetic / real Dice {f['ratio']} {f['ratio_ci95']}", flush=True)
     return dict(utility=on_test, utility_paired=paired, utility_ratio=paired["synthetic_vs_real"]["ratio"],
-                real_share=a.real_share)
+                utility_by_modality=by_modality, real_share=a.real_share)
 
 
 def inpainting_figures(run, train: dict, test: dict, abn: list[int], a: argparse.Namespace, guidance: float) -> dict:

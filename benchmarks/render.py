@@ -395,6 +395,9 @@ def render_masks(doc: dict) -> list[str]:
                   f"{d['difference']:+.3f} [{d['difference_ci95'][0]:+.3f}, {d['difference_ci95'][1]:+.3f}]"
                   + (", a gain." if d["difference_ci95"][0] > 0 else
                      ", a loss." if d["difference_ci95"][1] < 0 else ", a tie (the interval holds 0).")]
+        if s.get("utility_by_modality"):
+            lines[-1] += " Synthetic-only / real-only by modality: " + ", ".join(
+                f"{m} {ci(f['ratio'], f['ratio_ci95'])} (n={f['images']})" for m, f in s["utility_by_modality"].items()) + "."
     elif s.get("utility_ratio") is not None:
         lines += ["", f"Synthetic-only / real-only Dice: {s['utility_ratio']:.2f}."]
     ip = s.get("inpainting") or {}

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,7 +71,6 @@ def test_the_peak_table_matches_names_and_takes_an_override() -> None:
 
 def test_the_grain_figure_is_one_for_real_images_and_far_above_for_residual_noise() -> None:
     fine_energy_ratio = bench("_heldout").fine_energy_ratio
-    import numpy as np
 
     yy, xx = np.mgrid[:32, :32] / 32
     smooth = np.stack([np.exp(-((xx - c) ** 2 + (yy - 0.5) ** 2) * 20) for c in np.linspace(0.3, 0.7, 12)])
@@ -83,7 +83,6 @@ def test_the_grain_figure_is_one_for_real_images_and_far_above_for_residual_nois
 
 def test_the_phantom_split_holds_out_other_subjects_with_balanced_halves() -> None:
     phantom_split = bench("_heldout").phantom_split
-    import numpy as np
 
     from meddiff.data.dataset import load_data
 
@@ -146,7 +145,6 @@ def test_a_variant_run_trains_through_meddiff_train_and_loads_back(variant: str,
                                                                    mask_run: Path) -> None:
     import importlib
 
-    import numpy as np
 
     from meddiff.model import build_unet
     from meddiff.sample import generate
@@ -170,7 +168,6 @@ def test_a_variant_run_trains_through_meddiff_train_and_loads_back(variant: str,
 
 def test_quality_per_compute_samples_each_class_in_turn_at_the_guidance_asked(trained_run: Path) -> None:
     qpc = bench("quality_per_compute")
-    import numpy as np
 
     from meddiff.sample import generate, load_run
 
@@ -187,7 +184,6 @@ def test_quality_per_compute_samples_each_class_in_turn_at_the_guidance_asked(tr
 def test_quality_per_compute_runs_its_training_longest_first_never_more_at_once_than_the_cores() -> None:
     import time
 
-    import numpy as np
 
     qpc = bench("quality_per_compute")
     jobs = qpc.training_jobs([10.0, 30.0], ["seed", "meddiff", "latent"])
@@ -366,3 +362,40 @@ def test_a_program_started_fresh_reports_its_own_peak_not_the_benchmarks() -> No
     assert inherited > 1024 and own < 200, (inherited, own)
     with pytest.raises(SystemExit, match="failed"):  # the launcher hands back the program's exit code
         R.last_json([sys.executable, "-c", "import sys; sys.exit(3)"])
+
+
+def test_utility_is_compared_within_each_modality_too(monkeypatch) -> None:
+    import argparse
+
+    import meddiff.metrics.segmentation as seg
+
+    masks, render = bench("masks"), bench("render")
+    rng = np.random.default_rng(0)
+    classes = [f"{m}/abnormal" for m in ("ct", "mri", "us", "xray") for _ in range(5)]
+    maps = np.zeros((20, 8, 8), np.int64)
+    for i in range(20):
+        y, x = rng.integers(0, 5, 2)
+        maps[i, y:y + 3, x:x + 3] = 1
+    test = dict(images=rng.random((20, 8, 8)).astype(np.float32), masks=maps, classes=classes)
+    train = dict(images=rng.random((20, 8, 8)).astype(np.float32), masks=maps.copy(), classes=classes)
+    marker = 7.0  # what the fake generator draws: how the fake trainer knows the synthetic-only segmenter
+    monkeypatch.setattr(masks, "generate_for", lambda run, m, c, g, s, cutoff=0.0: np.full(m.shape, marker, np.float32))
+    monkeypatch.setattr(seg, "train_segmenter",
+                        lambda images, m, steps, weights=None: "synthetic" if (images == marker).all() else "other")
+
+    def segment(net, images):  # every segmenter finds every lesion, but the synthetic-only one misses CT's
+        out = test["masks"] > 0
+        return np.where(np.array([c.startswith("ct/") for c in classes])[:, None, None] & (net == "synthetic"),
+                        False, out)
+
+    monkeypatch.setattr(seg, "segment", segment)
+    a = argparse.Namespace(few=5, real_share=0.5, seg_steps=1, guidance_cutoff=0.0)
+    got = masks.utility_figures(None, "real", train, test, a, 2.0)
+    by = got["utility_by_modality"]
+    assert by["ct"]["ratio"] == 0 and by["ct"]["images"] == 5
+    assert all(by[m]["ratio"] == 1 for m in ("mri", "us", "xray"))
+    assert got["utility_ratio"] == pytest.approx(0.75)
+    doc = json.loads((ROOT / "benchmarks" / "results" / "masks_steps4x.json").read_text())
+    doc["summary"]["utility_by_modality"] = by
+    line = next(line for line in render.render_masks(doc) if line.startswith("Synthetic-only"))
+    assert "by modality: ct 0 [0, 0] (n=5), mri 1 [1, 1] (n=5)" in line
