@@ -27,7 +27,8 @@
    trained on real phantoms (`meddiff.metrics.segmentation.train_detector`, --seg-steps) calls abnormal (beside the
    share of real abnormal test images it calls abnormal, the reference, and of the healthy images before
    inpainting; the random-conv feature classifier of earlier files reads them too), and the seam: mean gradient
-   magnitude on the region's border ring against the same on real lesions' rings.
+   magnitude on the region's border ring against the same on real lesions' rings, beside the contrast across that
+   ring (inside against outside), which raises the gradient without any seam.
 5. Copies: the share of the generated adherence images flagged as copies of a training image (held-out test
    images set the threshold).
 Writes benchmarks/results/masks.json and docs/masks_grid.png (requested map, generated image, per modality).
@@ -295,6 +296,17 @@ def utility_figures(run, seg_real, train: dict, test: dict, a: argparse.Namespac
                 utility_by_modality=by_modality, real_share=a.real_share)
 
 
+def edge_contrast(image: np.ndarray, region: np.ndarray) -> float:
+    """How far the region's border pixels inside it stand from those just outside: |mean in - mean out| on the
+    border ring. A lesion drawn brighter or darker than real ones raises the seam's gradient energy without any
+    seam; this says which it is."""
+    edge = ring(region)
+    inside, outside = edge & region, edge & ~region
+    if not inside.any() or not outside.any():
+        return float("nan")
+    return float(abs(image[inside].mean() - image[outside].mean()))
+
+
 def inpainting_figures(run, train: dict, test: dict, abn: list[int], a: argparse.Namespace, guidance: float) -> dict:
     """4. Healthy test images given an abnormal test image's lesion region: the change outside it, the share a
     detector trained on real phantoms calls abnormal (beside its reach on real lesions and on healthy images), the
@@ -310,6 +322,7 @@ def inpainting_figures(run, train: dict, test: dict, abn: list[int], a: argparse
     det = train_detector(train["images"], is_abn, a.seg_steps)
     healthy = [i for i, c in enumerate(test["classes"]) if c.endswith("/normal")][:a.inpaint]
     changed, outside, seam_gen, seam_real, results = [], [], [], [], []
+    contrast_gen, contrast_real = [], []
     for j, i in enumerate(healthy):
         modality = test["classes"][i].split("/")[0]
         donors = [k for k in abn if test["classes"][k].startswith(modality + "/") and test["masks"][k].any()]
@@ -324,6 +337,8 @@ def inpainting_figures(run, train: dict, test: dict, abn: list[int], a: argparse
         outside.append(float(np.abs(img - test["images"][i])[~region].max()))
         seam_gen.append(gradient_energy(img, ring(region)))
         seam_real.append(gradient_energy(test["images"][donor], ring(region)))
+        contrast_gen.append(edge_contrast(img, region))
+        contrast_real.append(edge_contrast(test["images"][donor], region))
         changed.append(i)
 
     def share(calls: np.ndarray) -> dict:
@@ -355,7 +370,9 @@ def inpainting_figures(run, train: dict, test: dict, abn: list[int], a: argparse
                       healthy_before_called=calls["detector"]["healthy_before_called"],
                       feature_classifier=dict(protocol=DESCRIPTION, **calls["feature_classifier"]),
                       seam_gradient_generated=float(np.nanmean(seam_gen)) if seam_gen else None,
-                      seam_gradient_real_lesions=float(np.nanmean(seam_real)) if seam_real else None)
+                      seam_gradient_real_lesions=float(np.nanmean(seam_real)) if seam_real else None,
+                      edge_contrast_generated=float(np.nanmean(contrast_gen)) if contrast_gen else None,
+                      edge_contrast_real_lesions=float(np.nanmean(contrast_real)) if contrast_real else None)
     print(f"inpainting: {json.dumps(inpainting)}", flush=True)
     return inpainting
 

@@ -420,7 +420,10 @@ def render_masks(doc: dict) -> list[str]:
                   + (f". The random-conv feature classifier of earlier files on the same images: "
                      f"{ci(fc['inpainted']['share'], fc['inpainted']['ci95'])}{reach(fc)}" if fc else "")
                   + f". Gradient energy on the region's border {ip['seam_gradient_generated']:.3f} against "
-                  f"{ip['seam_gradient_real_lesions']:.3f} on real lesions'."]
+                  f"{ip['seam_gradient_real_lesions']:.3f} on real lesions'"
+                  + (f"; the contrast across it (inside against outside) {ip['edge_contrast_generated']:.3f} against "
+                     f"{ip['edge_contrast_real_lesions']:.3f}" if ip.get("edge_contrast_generated") is not None else "")
+                  + "."]
     if s.get("copies"):
         lines += [f"Copies of training images among the generated adherence images: {s['copies']['share']:.0%}."]
     grid = Path(s["grid"])

@@ -399,3 +399,19 @@ def test_utility_is_compared_within_each_modality_too(monkeypatch) -> None:
     doc["summary"]["utility_by_modality"] = by
     line = next(line for line in render.render_masks(doc) if line.startswith("Synthetic-only"))
     assert "by modality: ct 0 [0, 0] (n=5), mri 1 [1, 1] (n=5)" in line
+
+
+def test_edge_contrast_tells_a_brighter_lesion_from_a_seam() -> None:
+    masks, render = bench("masks"), bench("render")
+    region = np.zeros((16, 16), bool)
+    region[5:11, 5:11] = True
+    flat = np.full((16, 16), 0.4)
+    assert masks.edge_contrast(flat, region) == 0
+    assert masks.edge_contrast(np.where(region, 0.9, 0.4), region) == pytest.approx(0.5)
+    assert masks.edge_contrast(np.where(region, 0.1, 0.4), region) == pytest.approx(0.3), "darker counts too"
+    assert np.isnan(masks.edge_contrast(flat, np.ones((16, 16), bool))), "a region with no outside has no edge"
+    doc = json.loads((ROOT / "benchmarks" / "results" / "masks_steps4x.json").read_text())
+    line = lambda: next(line for line in render.render_masks(doc) if line.startswith("Inpainting"))
+    assert "contrast across it" not in line(), "files measured before render as they were"
+    doc["summary"]["inpainting"].update(edge_contrast_generated=0.21, edge_contrast_real_lesions=0.15)
+    assert line().endswith("; the contrast across it (inside against outside) 0.210 against 0.150.")
