@@ -71,16 +71,20 @@ def train_model(out: Path, n: int, size: int, minutes: float, extra: list[str],
 
 def extend_run(out: Path, trained: dict, steps: int) -> dict:
     """--reuse --steps N on a run trained fewer steps: resume it to N (`meddiff train --resume --max-steps`, its
-    cosine schedule stretched to the new goal from where it stands) and note in --out what it was trained before,
-    so this and any later scoring of the run name both calls."""
+    cosine schedule stretched to the new goal from where it stands) and note in --out every goal it was trained to
+    (`from_steps`, the goals `through` which it went, `to_steps`): each resume stretches the schedule from where it
+    stands, so 8 → 16 → 32 is not the run 8 → 32, and this and any later scoring of the run name every call."""
     history = out / "extended.json"
     if trained["steps"] < steps:
-        before = json.loads(history.read_text())["from_steps"] if history.exists() else trained["steps"]
+        past = json.loads(history.read_text()) if history.exists() else {}
+        first = past.get("from_steps", trained["steps"])
+        through = [*past.get("through", []), past["to_steps"]] if past else []
         trained = _train_call(["-m", "meddiff.cli", "train", "--resume", str(out / "run"), "--max-steps", str(steps),
                                "--no-progress"])
-        history.write_text(json.dumps(dict(from_steps=before, to_steps=steps)))
+        history.write_text(json.dumps(dict(from_steps=first, through=through, to_steps=steps)))
     if history.exists():
-        trained = dict(trained, extended_from=json.loads(history.read_text())["from_steps"])
+        past = json.loads(history.read_text())
+        trained = dict(trained, extended_from=past["from_steps"], extended_through=past.get("through", []))
     return trained
 
 

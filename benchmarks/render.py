@@ -209,8 +209,11 @@ def masks_commands(doc: dict[str, Any]) -> str:
     flags = masks_train_flags(doc)
     flags = f" '--meddiff-args={flags}'" if flags else ""
     calls = [f"python benchmarks/masks.py{how} {budget}{flags}{out}"]
-    if trained.get("extended_from") and f"--steps {trained['steps']}" not in doc["command"]:
-        calls.append(f"python benchmarks/masks.py --reuse --steps {trained['steps']} --out {st['out']}")
+    if trained.get("extended_from"):  # every goal it was trained on to, the last unless this file's own call
+        own = doc["command"].split()
+        own_goal = own[own.index("--steps") + 1] if "--steps" in own[:-1] else None
+        goals = [*trained.get("extended_through", []), *([] if own_goal == str(trained["steps"]) else [trained["steps"]])]
+        calls += [f"python benchmarks/masks.py --reuse --steps {g} --out {st['out']}" for g in goals]
     return "`, then `".join([*calls, doc["command"]])
 
 
@@ -355,8 +358,9 @@ def render_masks(doc: dict) -> list[str]:
     lines = [f"Model: meddiff's default recipe conditioned on the maps{how}{params}, {s['training']['steps']:,} steps "
              f"({budget}"
              + (f"; trained {s['training']['extended_from']:,} steps by an earlier call of the same command, then "
-                "on to these with `--reuse --steps`, which resumes the run (its cosine schedule stretched to the new "
-                "goal)" if s["training"].get("extended_from") else
+                + "".join(f"on to {g:,}, then " for g in s["training"].get("extended_through", []))
+                + "on to these with `--reuse --steps`, which resumes the run (its cosine schedule stretched to the "
+                "new goal)" if s["training"].get("extended_from") else
                 "; trained by an earlier call of the same command, scored again with `--reuse`" if
                 doc["settings"].get("reuse") else "")
              + f"); sampler: {s['sampler']}, guidance "

@@ -339,6 +339,16 @@ def test_a_run_trained_on_by_reuse_steps_resumes_once_and_keeps_where_it_started
     doc["command"] += " --steps 12"
     assert render.masks_commands(doc).count("`, then `") == 1, "the call that trained it on is the file's own"
     assert "trained 5 steps by an earlier call" in render.render_masks(doc)[0]
+    # the goals it went through on the way are kept and named: each resume stretches the schedule from where it is
+    assert json.loads((tmp_path / "extended.json").read_text()) == dict(from_steps=5, through=[12], to_steps=20)
+    third = masks.extend_run(tmp_path, dict(first, steps=20), 30)
+    assert third["extended_from"] == 5 and third["extended_through"] == [12, 20]
+    doc["summary"]["training"], doc["command"] = third, doc["command"].replace("--steps 12", "--steps 30")
+    assert render.masks_commands(doc).startswith("python benchmarks/masks.py --steps 5 --out bench_out/masks_x`, then "
+                                                 "`python benchmarks/masks.py --reuse --steps 12 --out bench_out/masks_x"
+                                                 "`, then `python benchmarks/masks.py --reuse --steps 20 --out "
+                                                 "bench_out/masks_x`, then `python benchmarks/masks.py --reuse --seg")
+    assert "then on to 12, then on to 20, then on to these" in render.render_masks(doc)[0]
 
 
 def test_the_rendered_docs_match_the_results_files() -> None:
