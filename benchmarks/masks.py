@@ -75,15 +75,15 @@ def extend_run(out: Path, trained: dict, steps: int) -> dict:
     (`from_steps`, the goals `through` which it went, `to_steps`): each resume stretches the schedule from where it
     stands, so 8 → 16 → 32 is not the run 8 → 32, and this and any later scoring of the run name every call."""
     history = out / "extended.json"
+    past = json.loads(history.read_text()) if history.exists() else {}
     if trained["steps"] < steps:
-        past = json.loads(history.read_text()) if history.exists() else {}
         first = past.get("from_steps", trained["steps"])
         through = [*past.get("through", []), past["to_steps"]] if past else []
         trained = _train_call(["-m", "meddiff.cli", "train", "--resume", str(out / "run"), "--max-steps", str(steps),
                                "--no-progress"])
-        history.write_text(json.dumps(dict(from_steps=first, through=through, to_steps=steps)))
-    if history.exists():
-        past = json.loads(history.read_text())
+        past = dict(from_steps=first, through=through, to_steps=steps)
+        history.write_text(json.dumps(past))
+    if past:
         trained = dict(trained, extended_from=past["from_steps"], extended_through=past.get("through", []))
     return trained
 
