@@ -300,11 +300,11 @@ def utility_figures(run, seg_real, train: dict, test: dict, a: argparse.Namespac
                 utility_by_modality=by_modality, real_share=a.real_share)
 
 
-def edge_contrast(image: np.ndarray, region: np.ndarray) -> float:
+def edge_contrast(image: np.ndarray, region: np.ndarray, edge: np.ndarray | None = None) -> float:
     """How far the region's border pixels inside it stand from those just outside: |mean in - mean out| on the
-    border ring. A lesion drawn brighter or darker than real ones raises the seam's gradient energy without any
-    seam; this says which it is."""
-    edge = ring(region)
+    border ring (`edge`, the region's `ring` when not given). A lesion drawn brighter or darker than real ones
+    raises the seam's gradient energy without any seam; this says which it is."""
+    edge = ring(region) if edge is None else edge
     inside, outside = edge & region, edge & ~region
     if not inside.any() or not outside.any():
         return float("nan")
@@ -339,10 +339,11 @@ def inpainting_figures(run, train: dict, test: dict, abn: list[int], a: argparse
                       guidance_cutoff=a.guidance_cutoff)[0]
         results.append(img)
         outside.append(float(np.abs(img - test["images"][i])[~region].max()))
-        seam_gen.append(gradient_energy(img, ring(region)))
-        seam_real.append(gradient_energy(test["images"][donor], ring(region)))
-        contrast_gen.append(edge_contrast(img, region))
-        contrast_real.append(edge_contrast(test["images"][donor], region))
+        edge = ring(region)  # one border ring for the seam and the contrast, generated and real
+        seam_gen.append(gradient_energy(img, edge))
+        seam_real.append(gradient_energy(test["images"][donor], edge))
+        contrast_gen.append(edge_contrast(img, region, edge))
+        contrast_real.append(edge_contrast(test["images"][donor], region, edge))
         changed.append(i)
 
     def share(calls: np.ndarray) -> dict:

@@ -145,7 +145,6 @@ def test_a_variant_run_trains_through_meddiff_train_and_loads_back(variant: str,
                                                                    mask_run: Path) -> None:
     import importlib
 
-
     from meddiff.model import build_unet
     from meddiff.sample import generate
 
@@ -183,7 +182,6 @@ def test_quality_per_compute_samples_each_class_in_turn_at_the_guidance_asked(tr
 
 def test_quality_per_compute_runs_its_training_longest_first_never_more_at_once_than_the_cores() -> None:
     import time
-
 
     qpc = bench("quality_per_compute")
     jobs = qpc.training_jobs([10.0, 30.0], ["seed", "meddiff", "latent"])
