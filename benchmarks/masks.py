@@ -48,24 +48,34 @@ import torch
 import _results as R
 
 MODALITIES = ("ct", "mri", "us", "xray")
+MAPS = ("lesion", "anatomy")  # --maps: what the model is conditioned on (builtin:phantoms?masks=1, masks=2)
 PARTS = ("adherence", "utility", "inpainting", "copies")
 
 
-def load_pairs(n: int, seed: int, size: int) -> dict:
+def load_pairs(n: int, seed: int, size: int, maps: str = "lesion") -> dict:
+    """n phantoms of `seed` with their maps: `masks` what the model is conditioned on (maps "lesion": the lesion
+    maps; "anatomy": the label maps of lesion and anatomy), `lesions` the bool lesion maps every Dice reads."""
     from meddiff.data.dataset import load_data
+    from meddiff.data.phantoms import LESION
 
-    data = load_data(f"builtin:phantoms?n={n}&masks=1&seed={seed}", size)
+    data = load_data(phantom_spec(n, maps, seed), size)
     idx = np.arange(len(data))
-    return dict(images=((data.take(idx)[:, 0] + 1) / 2).numpy(), masks=data.take_masks(idx)[:, 0].numpy(),
+    masks = data.take_masks(idx)[:, 0].numpy()
+    return dict(images=((data.take(idx)[:, 0] + 1) / 2).numpy(), masks=masks, lesions=masks == LESION,
                 classes=[data.class_names[k] for k in data.labels.tolist()])
 
 
+def phantom_spec(n: int, maps: str, seed: int | None = None) -> str:
+    """The data spec of n phantoms with --maps' label maps (lesion: masks=1, anatomy: masks=2)."""
+    return f"builtin:phantoms?n={n}&masks={MAPS.index(maps) + 1}" + ("" if seed is None else f"&seed={seed}")
+
+
 def train_model(out: Path, n: int, size: int, minutes: float, extra: list[str],
-                conditioning: str = "channel", steps: int | None = None) -> dict:
+                conditioning: str = "channel", steps: int | None = None, maps: str = "lesion") -> dict:
     trainer = (["-m", "meddiff.cli", "train"] if conditioning == "channel" else
                [str(Path(__file__).with_name("_mask_conditioning.py")), "train", conditioning])
     budget = ["--max-steps", str(steps)] if steps else ["--max-minutes", str(minutes)]
-    return _train_call([*trainer, "--data", f"builtin:phantoms?n={n}&masks=1", "--size", str(size), *budget,
+    return _train_call([*trainer, "--data", phantom_spec(n, maps), "--size", str(size), *budget,
                         "--out", str(out / "run"), "--no-progress", *extra])
 
 
@@ -108,6 +118,15 @@ def generate_for(run, masks: np.ndarray, classes: list[str], guidance: float, se
             out[part] = generate(run, [seed0 + i for i in part], class_index(run, name), guidance=guidance,
                                  masks=masks[part].astype(np.int64), guidance_cutoff=cutoff)
     return out
+
+
+def _shown(labels: np.ndarray) -> np.ndarray:
+    """A map as a grid tile: lesion maps white on black; label maps of anatomy in grey levels, the lesion white."""
+    from meddiff.data.phantoms import LESION
+
+    labels = np.asarray(labels)
+    grey = np.where(labels > 0, 0.25 + 0.5 * (labels % 8) / 8, 0.0)
+    return np.where(labels == LESION, 1.0, grey).astype(np.float32)
 
 
 def ring(mask: np.ndarray, width: int = 1) -> np.ndarray:
@@ -153,6 +172,8 @@ def main() -> None:
     ap.add_argument("--conditioning", choices=("channel", "spade", "controlnet"), default="channel",
                     help="channel: meddiff's (the map as input channels); spade / controlnet: the same plus SPADE in "
                          "every residual block / a ControlNet encoder copy (benchmarks/_mask_conditioning.py)")
+    ap.add_argument("--maps", choices=MAPS, default="lesion",
+                    help="condition on the lesion maps (masks=1) or on label maps of lesion and anatomy (masks=2)")
     ap.add_argument("--quick", action="store_true", help="smoke test: 32 px, tiny preset, seconds")
     R.add_results_arg(ap, "masks")
     a = ap.parse_args()
@@ -183,7 +204,7 @@ def main() -> None:
         if not (out / "run" / "meddiff.json").exists():
             raise SystemExit(f"--reuse: no trained run in {out / 'run'}; run once without --reuse first")
         record = json.loads((out / "run" / "meddiff.json").read_text())
-        want = dict(size=a.size, data=f"builtin:phantoms?n={a.n_train}&masks=1")
+        want = dict(size=a.size, data=phantom_spec(a.n_train, a.maps))
         if any(record["train"].get(k) != v for k, v in want.items()):
             raise SystemExit(f"--reuse: the run in {out / 'run'} trained on {record['train'].get('data')} at "
                              f"{record['train'].get('size')} px, not {want['data']} at {a.size} px")
@@ -194,7 +215,8 @@ def main() -> None:
             raise SystemExit(f"--reuse --steps: extends runs of --conditioning channel only, not {a.conditioning}")
         trained = extend_run(out, trained, a.steps or trained["steps"])
     else:
-        trained = train_model(out, a.n_train, a.size, a.minutes, a.meddiff_args.split(), a.conditioning, a.steps)
+        trained = train_model(out, a.n_train, a.size, a.minutes, a.meddiff_args.split(), a.conditioning, a.steps,
+                              a.maps)
     print(f"trained: {trained['steps']} steps in {trained['seconds']:.0f} s", flush=True)
     if a.conditioning != "channel":
         from _mask_conditioning import load_variant_run
@@ -205,12 +227,12 @@ def main() -> None:
                              f"it") from None
     else:
         run = load_run(out / "run")
-    train, test = load_pairs(a.n_train, 0, a.size), load_pairs(a.n_test, 1, a.size)
+    train, test = load_pairs(a.n_train, 0, a.size, a.maps), load_pairs(a.n_test, 1, a.size, a.maps)
     seg_real = real_segmenter(out, train, a.seg_steps) if {"adherence", "utility"} & set(parts) else None
     summary: dict = dict(parts=parts, training=trained, guidance=scales[0], guidance_cutoff=a.guidance_cutoff,
                          mask_loss_weight=getattr(run.train, "mask_loss_weight", 0.0),
                          sampler="the run's default (UniPC 10)",
-                         grid=a.grid, conditioning=a.conditioning,
+                         grid=a.grid, conditioning=a.conditioning, maps=a.maps,
                          parameters=sum(p.numel() for p in run.unet.parameters()))
 
     # 2. adherence
@@ -221,8 +243,8 @@ def main() -> None:
         gen_g = generate_for(run, test["masks"][abn], [test["classes"][i] for i in abn], g, 10_000, a.guidance_cutoff)
         gen = gen_g if gen is None else gen  # the first scale's images: the copies audit and the grid
         if "adherence" in parts:
-            sweep[f"{g:g}"] = adherence_figures(seg_real, gen_g, test["masks"][abn], test["images"][abn],
-                                                test["masks"][abn], modality, modality, overall=False)
+            sweep[f"{g:g}"] = adherence_figures(seg_real, gen_g, test["lesions"][abn], test["images"][abn],
+                                                test["lesions"][abn], modality, modality, overall=False)
             for m, f in sweep[f"{g:g}"].items():
                 print(f"guidance {g:g}, adherence {m}: Dice {f['generated']['dice']:.3f} (real images "
                       f"{f['real']['dice']:.3f})", flush=True)
@@ -239,7 +261,7 @@ def main() -> None:
         summary["copies"] = dict(share=audit.n_flagged / max(len(gen), 1), threshold=float(audit.threshold))
 
     per_mod = [next((k for k, i in enumerate(abn) if test["classes"][i].startswith(m + "/")), None) for m in MODALITIES]
-    tiles = [t for k in per_mod if k is not None for t in ((test["masks"][abn[k]] > 0).astype(np.float32), gen[k])]
+    tiles = [t for k in per_mod if k is not None for t in (_shown(test["masks"][abn[k]]), gen[k])]
     if tiles:
         Path(a.grid).parent.mkdir(parents=True, exist_ok=True)
         save_png(make_grid(np.stack(tiles), ncols=2), Path(a.grid))
@@ -260,7 +282,7 @@ def real_segmenter(out: Path, train: dict, steps: int):
         net = Segmenter()
         net.load_state_dict(load_file(str(path)))
         return net.eval()
-    net = train_segmenter(train["images"], train["masks"], steps)
+    net = train_segmenter(train["images"], train["lesions"], steps)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
     return net
 
@@ -271,29 +293,29 @@ def utility_figures(run, seg_real, train: dict, test: dict, a: argparse.Namespac
     from meddiff.metrics.segmentation import dice_comparison, dice_figure, segment, train_segmenter
 
     syn = generate_for(run, train["masks"], train["classes"], guidance, 20_000, a.guidance_cutoff)
-    seg_syn = train_segmenter(syn, train["masks"], a.seg_steps)
+    seg_syn = train_segmenter(syn, train["lesions"], a.seg_steps)
     rng = np.random.default_rng(0)
     few = rng.choice(len(train["images"]), min(a.few, len(train["images"])), replace=False)
-    seg_few = train_segmenter(train["images"][few], train["masks"][few], a.seg_steps)
+    seg_few = train_segmenter(train["images"][few], train["lesions"][few], a.seg_steps)
     # the few real pairs fill --real-share of every batch, the synthetic ones the rest, whatever their counts
     share = np.r_[np.full(len(few), a.real_share / len(few)), np.full(len(syn), (1 - a.real_share) / len(syn))]
     seg_mix = train_segmenter(np.concatenate([train["images"][few], syn]),
-                              np.concatenate([train["masks"][few], train["masks"]]), a.seg_steps, weights=share)
+                              np.concatenate([train["lesions"][few], train["lesions"]]), a.seg_steps, weights=share)
     maps = {name: segment(net, test["images"])
             for name, net in (("real", seg_real), ("synthetic", seg_syn), (f"real_{a.few}", seg_few),
                               (f"real_{a.few}_plus_synthetic", seg_mix))}
-    on_test = {name: dice_figure(m, test["masks"]) for name, m in maps.items()}
+    on_test = {name: dice_figure(m, test["lesions"]) for name, m in maps.items()}
     for name, f in on_test.items():
         print(f"utility {name}: Dice {f['dice']:.3f} {f['dice_ci95']}", flush=True)
     # paired over the same test images: synthetic-only against real-only, real + synthetic against the few real
-    paired = dict(synthetic_vs_real=dice_comparison(maps["real"], maps["synthetic"], test["masks"]),
+    paired = dict(synthetic_vs_real=dice_comparison(maps["real"], maps["synthetic"], test["lesions"]),
                   plus_synthetic_vs_few=dice_comparison(maps[f"real_{a.few}"], maps[f"real_{a.few}_plus_synthetic"],
-                                                        test["masks"]))
+                                                        test["lesions"]))
     print(f"utility paired: {json.dumps(paired)}", flush=True)
     # the same comparison within each modality: where synthetic-only training falls short of real-only
     modality = np.array([c.split("/")[0] for c in test["classes"]])
     by_modality = {m: dice_comparison(maps["real"][modality == m], maps["synthetic"][modality == m],
-                                      test["masks"][modality == m]) for m in MODALITIES if (modality == m).any()}
+                                      test["lesions"][modality == m]) for m in MODALITIES if (modality == m).any()}
     for m, f in by_modality.items():
         print(f"utility {m}: synthetic / real Dice {f['ratio']} {f['ratio_ci95']}", flush=True)
     return dict(utility=on_test, utility_paired=paired, utility_ratio=paired["synthetic_vs_real"]["ratio"],
@@ -317,6 +339,7 @@ def inpainting_figures(run, train: dict, test: dict, abn: list[int], a: argparse
     seam. The feature classifier earlier files used reads the same images too (`feature_classifier`)."""
     from meddiff.metrics.classifier import DESCRIPTION, classifier_features, fit_classifier
     from meddiff.metrics.features import get_extractor
+    from meddiff.data.phantoms import LESION
     from meddiff.metrics.segmentation import DETECTOR, detect, train_detector
     from meddiff.sample import inpaint
 
@@ -329,14 +352,16 @@ def inpainting_figures(run, train: dict, test: dict, abn: list[int], a: argparse
     contrast_gen, contrast_real = [], []
     for j, i in enumerate(healthy):
         modality = test["classes"][i].split("/")[0]
-        donors = [k for k in abn if test["classes"][k].startswith(modality + "/") and test["masks"][k].any()]
+        donors = [k for k in abn if test["classes"][k].startswith(modality + "/") and test["lesions"][k].any()]
         if not donors:
             continue
         donor = donors[j % len(donors)]
-        region = test["masks"][donor] > 0
+        region = test["lesions"][donor]
+        # the map the region is asked with: the healthy image's own (its anatomy, with --maps anatomy), the lesion
+        # drawn over it
+        cond = np.where(region, LESION, test["masks"][i]).astype(np.int64)
         img = inpaint(run, test["images"][i], region, [30_000 + j], run.class_names.index(f"{modality}/abnormal"),
-                      guidance=guidance, cond_mask=test["masks"][donor].astype(np.int64),
-                      guidance_cutoff=a.guidance_cutoff)[0]
+                      guidance=guidance, cond_mask=cond, guidance_cutoff=a.guidance_cutoff)[0]
         results.append(img)
         outside.append(float(np.abs(img - test["images"][i])[~region].max()))
         edge = ring(region)  # one border ring for the seam and the contrast, generated and real

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from meddiff.errors import ConfigError
+from meddiff.errors import ConfigError, DataError
 
 
 def _quiet(_line: str) -> None:
@@ -51,6 +51,24 @@ def test_phantom_maps_mark_the_lesions_of_abnormal_images_only(tmp_path: Path) -
     assert torch.equal(again.take_masks(range(16)), maps[:, None]) and torch.equal(cached.take(range(16)),
                                                                                    data.take(range(16)))
     assert not load_data("builtin:phantoms?n=16", 32, cache_dir=tmp_path).has_masks
+
+
+def test_phantom_label_maps_add_anatomy_under_the_same_lesions(tmp_path: Path) -> None:
+    from meddiff.data.dataset import load_data
+    from meddiff.data.phantoms import LABELS, LESION
+
+    lesions = load_data("builtin:phantoms?n=16&masks=1", 32, cache_dir=tmp_path)
+    full = load_data("builtin:phantoms?n=16&masks=2", 32, cache_dir=tmp_path)  # same cache: its own entry
+    maps = full.take_masks(range(16))[:, 0]
+    assert torch.equal(maps == LESION, lesions.take_masks(range(16))[:, 0] == LESION)
+    assert torch.equal(full.take(range(16)), lesions.take(range(16)))  # the same images
+    assert full.mask_values == tuple(sorted(set(torch.unique(maps).tolist()) - {0}))
+    assert set(full.mask_values) - {LESION} <= set(LABELS) and len(full.mask_values) > 10  # four modalities' anatomy
+    for k in range(16):  # each image's anatomy is its own modality's
+        modality = full.class_names[int(full.labels[k])].split("/")[0]
+        assert {LABELS[v].split("/")[0] for v in torch.unique(maps[k]).tolist() if v > LESION} == {modality}
+    with pytest.raises(DataError, match="masks"):
+        load_data("builtin:phantoms?n=16&masks=3", 32)
 
 
 def test_a_pair_folder_keeps_label_values_and_skips_what_cannot_be_paired(tmp_path: Path) -> None:

@@ -7,7 +7,8 @@ from scipy import ndimage
 from sklearn.ensemble import RandomForestClassifier
 
 from meddiff.data import phantoms
-from meddiff.data.phantoms import MODALITIES, ct, mri, render, render_with_mask, ultrasound, xray
+from meddiff.data.phantoms import (LABELS, LESION, MODALITIES, ct, mri, render, render_with_maps, render_with_mask,
+                                   ultrasound, xray)
 from meddiff.errors import ConfigError
 
 SIMULATORS = {"ct": ct.simulate, "xray": xray.simulate, "mri": mri.simulate, "us": ultrasound.simulate}
@@ -49,9 +50,50 @@ def test_largest_size_renders() -> None:
 @pytest.mark.parametrize("modality", MODALITIES)
 def test_simulate_takes_a_generator_and_matches_render(modality: str) -> None:
     k = MODALITIES.index(modality)
-    image, mask = SIMULATORS[modality](np.random.default_rng([5, k, 2]), 40, True)
+    image, mask, anatomy = SIMULATORS[modality](np.random.default_rng([5, k, 2]), 40, True)
     expected, expected_mask = render_with_mask(modality, 2, 5, 40, True)
     assert np.array_equal(image, expected) and np.array_equal(mask, expected_mask)
+    assert anatomy.dtype == np.uint8 and anatomy.shape == (40, 40)
+
+
+def test_label_numbering_is_one_table() -> None:
+    assert LABELS[LESION] == "lesion" and sorted(LABELS) == list(range(1, len(LABELS) + 1))
+    assert len(set(LABELS.values())) == len(LABELS)
+    for m in MODALITIES:  # each modality's structures, under its name, in one run of values
+        values = [v for v, name in LABELS.items() if name.startswith(m + "/")]
+        assert len(values) >= 3 and values == list(range(values[0], values[-1] + 1))
+
+
+def _values(modality: str) -> set[int]:
+    return {v for v, name in LABELS.items() if name.startswith(modality + "/")}
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_label_maps_hold_lesion_and_anatomy_of_the_image(modality: str) -> None:
+    for index in range(3):
+        image, labels = render_with_maps(modality, index, 4, 64, True)
+        same_image, mask = render_with_mask(modality, index, 4, 64, True)
+        assert labels.dtype == np.uint8 and np.array_equal(image, same_image)
+        assert np.array_equal(labels == LESION, mask)  # the lesion over whatever structure it lies in
+        present = set(np.unique(labels).tolist()) - {0, LESION}
+        assert present <= _values(modality) and len(present) >= 3
+        _, twin = render_with_maps(modality, index, 4, 64, False)
+        assert not (twin == LESION).any() and np.array_equal(labels[~mask], twin[~mask])  # twins share anatomy
+        assert (labels > 0).mean() > 0.2  # the map covers the object, not a corner of it
+
+
+@pytest.mark.parametrize("modality, dark, bright", [("ct", "lung", "bone"), ("xray", "lung", "bone"),
+                                                    ("us", "vessel", "organ"), ("mri", "bone", "white matter")])
+def test_label_maps_lie_on_the_structures_they_name(modality: str, dark: str, bright: str) -> None:
+    """A map drawn from other draws, or shifted or flipped, would put these structures' pixels elsewhere."""
+    value = {name: v for v, name in LABELS.items()}
+    gaps = []
+    for index in range(6):
+        image, labels = render_with_maps(modality, index, 0, 64, False)
+        d, b = labels == value[f"{modality}/{dark}"], labels == value[f"{modality}/{bright}"]
+        if d.sum() > 3 and b.sum() > 3:
+            gaps.append(image[b].mean() - image[d].mean())
+    assert len(gaps) >= 3 and min(gaps) > 0.05
 
 
 @pytest.mark.parametrize("modality", MODALITIES)

@@ -27,12 +27,13 @@ from ..runtime import available_memory
 from . import cache, readers
 from .folders import write_class_folders
 from .medmnist import load_npz
-from .phantoms import MODALITIES, render, render_with_mask
+from .phantoms import LESION, MODALITIES, render, render_with_maps, render_with_mask
 
 BUILTINS = ("mni-mri", "phantoms", "ct", "xray", "mri", "us")
 # the parameters of `builtin:…?n=…&size=…&seed=…`; size is the phantoms' render size (MedPhantom-4's range)
 BUILTIN_PARAMS: dict[str, Bounds] = {"n": IMAGES, "size": Bounds(32, 512, whole=True), "seed": SEEDS,
-                                     "masks": Bounds(0, 1, whole=True)}  # masks=1: the phantoms' lesion maps
+                                     "masks": Bounds(0, 2, whole=True)}
+# masks=1: the phantoms' lesion maps; masks=2: their label maps of lesion and anatomy (phantoms.LABELS)
 PAIR_FOLDERS = ("images", "masks")  # a data folder of images with label maps: images/… and masks/… by name
 CONTIGUOUS_RUNS = 10  # runs a "contiguous" split cuts a set into
 
@@ -414,44 +415,48 @@ def phantom_items(name: str, n: int) -> list[tuple[str, int, bool]]:
     return [(mods[i % len(mods)], i, bool((i // len(mods)) % 2)) for i in range(n)]
 
 
-def _render_one(item: tuple[str, int, bool, int, int, int]) -> np.ndarray:
+def _render_one(item: tuple[str, int, bool, int, int, int, int]) -> np.ndarray:
     """One phantom rendered at its render size, then brought to `size`."""
-    modality, index, abnormal, seed, render_size, size = item
+    modality, index, abnormal, seed, render_size, size, _maps = item
     return to_square(render(modality, index, seed, render_size, abnormal), size)
 
 
-def _render_pair(item: tuple[str, int, bool, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """One phantom and its lesion map (label 1, none in a normal image), both brought to `size`."""
-    modality, index, abnormal, seed, render_size, size = item
-    image, mask = render_with_mask(modality, index, seed, render_size, abnormal)
-    return to_square(image, size), labels_to_square(mask.astype(np.uint16), size)
+def _render_pair(item: tuple[str, int, bool, int, int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """One phantom and its map, both brought to `size`: maps 1, the lesion map (`LESION`, none in a normal image);
+    maps 2, the label map of lesion and anatomy (`phantoms.render_with_maps`)."""
+    modality, index, abnormal, seed, render_size, size, maps = item
+    if maps == 2:
+        image, labels = render_with_maps(modality, index, seed, render_size, abnormal)
+    else:
+        image, mask = render_with_mask(modality, index, seed, render_size, abnormal)
+        labels = mask * np.uint8(LESION)
+    return to_square(image, size), labels_to_square(labels.astype(np.uint16), size)
 
 
 def render_phantoms(name: str, n: int, seed: int, size: int, workers: int | None = None,
-                    render_size: int | None = None, masks: bool = False) -> Any:
-    """Yield the n images of `builtin:<name>` in order as (size, size) float32 arrays in [0, 1] (with `masks`:
-    (image, uint16 lesion map) pairs), rendered at `render_size` (default `size`) by worker processes a window at
-    a time."""
-    items = [(m, i, a, seed, render_size or size, size) for m, i, a in phantom_items(name, n)]
+                    render_size: int | None = None, masks: int = 0) -> Any:
+    """Yield the n images of `builtin:<name>` in order as (size, size) float32 arrays in [0, 1] (with `masks` 1 or
+    2: (image, uint16 map) pairs, see `_render_pair`), rendered at `render_size` (default `size`) by worker
+    processes a window at a time."""
+    items = [(m, i, a, seed, render_size or size, size, int(masks)) for m, i, a in phantom_items(name, n)]
     yield from decode_in_order(items, _render_pair if masks else _render_one, workers)
 
 
-LESION = 1  # the label value of a phantom's lesion in its map
-
-
-def _phantoms(name: str, n: int, seed: int, render_size: int, size: int, sink: cache.Sink) -> dict[str, Any]:
-    masks = sink.masks is not None
-    for rendered in render_phantoms(name, n, seed, size, render_size=render_size, masks=masks):
-        if masks:
+def _phantoms(name: str, n: int, seed: int, render_size: int, size: int, sink: cache.Sink,
+              maps: int = 0) -> dict[str, Any]:
+    values: set[int] = set()
+    for rendered in render_phantoms(name, n, seed, size, render_size=render_size, masks=maps):
+        if maps:
             sink.add([rendered[0]], [rendered[1]])
+            values.update(np.unique(rendered[1]).tolist())
         else:
             sink.add([rendered])
     items = phantom_items(name, n)
     classes = [f"{m}/{'abnormal' if a else 'normal'}" for m, _i, a in items]
     side = dict(classes=classes, groups=list(range(n)), skipped=[], formats={"phantom": n},
                 source_shapes={f"{render_size}x{render_size}": n}, files=0)
-    if masks:
-        side["mask_values"] = [LESION] if any(a for _m, _i, a in items) else []
+    if maps:
+        side["mask_values"] = sorted(values - {0})
     return side
 
 
@@ -509,12 +514,13 @@ def load_data(spec: str, size: int, *, crop: bool = False, label_depth: int = 1,
             raise DataError(f"{flag} {spec!r}: size={render_size} must be {BUILTIN_PARAMS['size'].describe()}")
         if whole or not cache_dir:  # with a cache and batch reads, the images go to disk as they are rendered
             check_memory(f"{flag} {spec!r}", n, n * size**2 * (6 if whole else 2))
-        masks = params.get("masks") == "1"
+        maps = int(params.get("masks", 0))
         stored, side = cache.load_or_build(Path(cache_dir) if cache_dir else None,
                                            cache.cache_key("phantoms", name, n, seed, render_size, size,
-                                                           *(("masks",) if masks else ())), size,
-                                           lambda sink: _phantoms(name, n, seed, render_size, size, sink),
-                                           masks=masks)
+                                                           *(("masks", "maps")[maps - 1:maps] if maps else ())),
+                                           size,
+                                           lambda sink: _phantoms(name, n, seed, render_size, size, sink, maps),
+                                           masks=bool(maps))
     if len(stored) == 0:
         reasons = "; ".join(f"{p}: {r}" for p, r in side["skipped"][:3])
         raise DataError(f"{flag} {spec!r}: no readable images found" + (f" (skipped {len(side['skipped'])}: "

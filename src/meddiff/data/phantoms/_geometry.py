@@ -21,8 +21,18 @@ def check_size(size: int) -> None:
 
 
 # What every simulator returns: ((size, size) float32 image in [0, 1], (size, size) bool lesion mask, all False
-# for a normal image).
-Simulation = tuple[np.ndarray, np.ndarray]
+# for a normal image, (size, size) uint8 anatomy map: 0 background, k the simulator's STRUCTURES[k - 1], the same
+# for an image and its normal twin).
+Simulation = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def paint(shape: tuple[int, int], layers: list[np.ndarray]) -> np.ndarray:
+    """Bool maps in a simulator's STRUCTURES order → its uint8 anatomy map (label k + 1 for layers[k]; a later
+    layer covers an earlier one, as the simulators paint their tissues)."""
+    out = np.zeros(shape, dtype=np.uint8)
+    for k, layer in enumerate(layers):
+        out[layer] = k + 1
+    return out
 
 
 def grid(size: int, fov: float) -> tuple[np.ndarray, np.ndarray]:

@@ -12,12 +12,14 @@ import numpy as np
 from scipy import ndimage
 from skimage.transform import iradon, radon
 
-from ._geometry import Simulation, blob, grid, harmonics, lesion_generator, pick_inside
+from ._geometry import Simulation, blob, grid, harmonics, lesion_generator, paint, pick_inside
 
 # Hounsfield units of the tissues drawn; ENHANCED replaces some in a contrast-enhanced (portal venous) scan.
 HU = dict(air=-1000.0, lung=-850.0, fat=-100.0, mix=-40.0, fluid=10.0, bowel=25.0, muscle=50.0,
           liver=60.0, spleen=50.0, kidney=35.0, blood=40.0, cartilage=150.0, cancellous=250.0, cortical=1000.0)
 ENHANCED = dict(liver=110.0, spleen=120.0, kidney=180.0, blood=170.0)
+# the anatomy map's structures (label k + 1 for STRUCTURES[k]); blood: the heart's chambers, aorta and vena cava
+STRUCTURES = ("body", "liver", "spleen", "kidney", "blood", "lung", "bone")
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,7 @@ class CTParams:
 
 
 def simulate(rng: np.random.Generator, size: int, abnormal: bool, params: CTParams = CTParams()) -> Simulation:
-    """One CT slice and its lesion mask."""
+    """One CT slice, its lesion mask and its anatomy map."""
     x, y = grid(size, params.fov_cm)
     tissue = dict(HU, **ENHANCED) if rng.random() < params.contrast_fraction else dict(HU)
     thorax = rng.random() < params.thorax_fraction
@@ -46,10 +48,18 @@ def simulate(rng: np.random.Generator, size: int, abnormal: bool, params: CTPara
     mask = np.zeros((size, size), dtype=bool)
     if abnormal:
         lesion, mask = _add_lesion(lesion_generator(rng), x, y, hu, organs, tissue, params)
+    anatomy = _anatomy(hu, organs, tissue)
     recon_hu = _scan(rng, hu, lesion, params)
     low = params.window_level - params.window_width / 2
     image = np.clip((recon_hu - low) / params.window_width, 0.0, 1.0)
-    return image.astype(np.float32), mask
+    return image.astype(np.float32), mask, anatomy
+
+
+def _anatomy(hu: np.ndarray, organs: dict, tissue: dict) -> np.ndarray:
+    """The slice's anatomy map in STRUCTURES order, read off the HU map the scan was made from."""
+    solid = [organs.get(name, np.zeros(hu.shape, bool)) & (hu == tissue[name]) for name in ("liver", "spleen", "kidney")]
+    bone = np.isin(hu, [HU["cortical"], HU["cancellous"], HU["cartilage"]])
+    return paint(hu.shape, [hu > HU["air"], *solid, hu == tissue["blood"], hu == HU["lung"], bone])
 
 
 def _scan(rng: np.random.Generator, hu: np.ndarray, lesion: np.ndarray, params: CTParams) -> np.ndarray:
@@ -216,4 +226,3 @@ def _add_lesion(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, hu: np.n
     # Confined to its organ, with a one-pixel partial-volume edge (a hard edge streaks after back-projection).
     weight = np.clip((1.0 - shape) * radius / pixel_cm + 0.5, 0.0, 1.0) * organs[organ]
     return (weight * (np.float32(value) - hu)).astype(np.float32), weight >= 0.5
-    return np.where(mask, np.float32(value), hu), mask

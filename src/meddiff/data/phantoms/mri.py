@@ -1,4 +1,5 @@
-"""Simulated axial brain MRI: (rng, size, abnormal) → ((size, size) float32 in [0, 1], bool lesion mask).
+"""Simulated axial brain MRI: (rng, size, abnormal) → ((size, size) float32 in [0, 1], bool lesion mask, uint8
+anatomy map).
 
 Real anatomy from the MNI152 grey/white-matter and brain-mask templates that ship inside nilearn (read
 from the installed package, never downloaded): a random axial slice, a synthetic meninges/skull/scalp
@@ -12,7 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from ._geometry import Simulation, blob, check_size, grid, harmonics, lesion_generator, pick_inside, smooth_field
+from ._geometry import (Simulation, blob, check_size, grid, harmonics, lesion_generator, paint, pick_inside,
+                        smooth_field)
 
 # Relative signal of each tissue class: grey matter, white matter, CSF, cortical bone, diploe (marrow), scalp fat,
 # and the lesion relative to the brightest brain tissue (hyperintense in every contrast: enhancing tumour on T1,
@@ -23,6 +25,10 @@ CONTRASTS = {
     "pd": (0.80, 0.66, 0.88, 0.04, 0.50, 0.90, 1.4),
     "flair": (0.62, 0.45, 0.08, 0.04, 0.35, 0.70, 1.4),
 }
+
+
+# the anatomy map's structures (label k + 1 for STRUCTURES[k]); bone: cortical bone and marrow (diploe)
+STRUCTURES = ("grey matter", "white matter", "csf", "bone", "scalp")
 
 
 @dataclass(frozen=True)
@@ -52,14 +58,16 @@ def mni_template() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def simulate(rng: np.random.Generator, size: int, abnormal: bool, params: MRIParams = MRIParams()) -> Simulation:
-    """One brain slice and its lesion mask."""
+    """One brain slice, its lesion mask and its anatomy map."""
     check_size(size)
     tissues = _head_slice(_level(rng.uniform(*params.slice_range))).astype(np.float32) / 255.0
     name = list(CONTRASTS)[rng.integers(len(CONTRASTS))]
     values = np.array(CONTRASTS[name], dtype=np.float32)
     values *= 1.0 + params.contrast_jitter * rng.uniform(-1.0, 1.0, values.size).astype(np.float32)
     # Interpolation is linear, so mixing the tissues before the warp equals warping each tissue map.
-    signal, wm = _warp(rng, np.stack([np.tensordot(values[:6], tissues, axes=1), tissues[1]]), size, params)
+    signal, *parts = _warp(rng, np.concatenate([np.tensordot(values[:6], tissues, axes=1)[None], tissues]), size,
+                           params)
+    wm = parts[1]
     bias = np.exp(params.bias_strength * smooth_field(rng, (size, size), 4))
     sigma = rng.uniform(*params.noise_sigma) * values[:6].max()
     z = rng.standard_normal((2, size, size)).astype(np.float32)
@@ -70,7 +78,15 @@ def simulate(rng: np.random.Generator, size: int, abnormal: bool, params: MRIPar
         weight, mask = _lesion(lesion_generator(rng), wm, params)
         signal = signal * (1.0 - weight) + values[6] * values[:6].max() * weight
     magnitude = np.sqrt((signal * bias + sigma * z[0]) ** 2 + (sigma * z[1]) ** 2)  # Rician
-    return np.clip(magnitude / scale, 0.0, 1.0).astype(np.float32), mask
+    return np.clip(magnitude / scale, 0.0, 1.0).astype(np.float32), mask, _anatomy(np.stack(parts))
+
+
+def _anatomy(parts: np.ndarray) -> np.ndarray:
+    """Warped partial volumes (GM, WM, CSF, bone, marrow, scalp) → the anatomy map in STRUCTURES order: each pixel
+    the structure with the largest share, where the tissues fill at least half of it."""
+    shares = np.stack([parts[0], parts[1], parts[2], parts[3] + parts[4], parts[5]])
+    largest = shares.argmax(0)
+    return paint(largest.shape, [(largest == k) & (shares.sum(0) >= 0.5) for k in range(len(STRUCTURES))])
 
 
 def _level(fraction: float) -> int:

@@ -1,4 +1,5 @@
-"""Simulated B-mode ultrasound (curvilinear sector): (rng, size, abnormal) → ((size, size) float32 in [0, 1], bool mask).
+"""Simulated B-mode ultrasound (curvilinear sector): (rng, size, abnormal) → ((size, size) float32 in [0, 1], bool mask,
+uint8 anatomy map).
 
 An echogenicity and attenuation map (skin, fat, muscle, an organ with vessels, maybe a cyst) is scanned
 along the beams of a fan; random scatterers weighted by echogenicity are convolved with a pulse
@@ -13,7 +14,11 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage, signal
 
-from ._geometry import Simulation, blob, grid, harmonics, lesion_generator, smooth_field
+from ._geometry import Simulation, blob, grid, harmonics, lesion_generator, paint, smooth_field
+
+# the anatomy map's structures (label k + 1 for STRUCTURES[k]) inside the fan: skin and fat, muscle, the organ,
+# its vessels
+STRUCTURES = ("fat", "muscle", "organ", "vessel")
 
 
 @dataclass(frozen=True)
@@ -41,7 +46,7 @@ def simulate(rng: np.random.Generator, size: int, abnormal: bool, params: USPara
     geo = _geometry(rng, params)
     x, y = grid(size, geo["fov"])
     y = y + geo["fov"] / 2 - geo["apex"]  # y: cm below the fan's apex (x: cm right of it)
-    echo, atten = _anatomy(rng, x, y, geo)
+    echo, atten, anatomy = _anatomy(rng, x, y, geo)
     n_r = int(round(params.samples_per_pixel * size))  # depth samples; one beam per pixel column
     rows, cols = _polar_to_grid(geo, n_r, size, size)
     scatter = rng.standard_normal((n_r, size)).astype(np.float32)
@@ -58,7 +63,9 @@ def simulate(rng: np.random.Generator, size: int, abnormal: bool, params: USPara
     if abnormal:
         loss = np.abs(np.cumsum(along_beams(delta), axis=0) * geo["depth"] / n_r) * params.attenuation_np_cm
         mask = mass | (_scan_convert((loss > 0.15).astype(np.float32), geo, x, y) > 0.5)
-    return image.astype(np.float32), mask
+    r, theta = np.sqrt(x ** 2 + y ** 2), np.arctan2(x, y)
+    fan = (r >= geo["r0"]) & (r <= geo["r0"] + geo["depth"]) & (np.abs(theta) <= geo["half"])
+    return image.astype(np.float32), mask, np.where(fan, anatomy, 0).astype(np.uint8)
 
 
 def _bmode(scatter: np.ndarray, echo: np.ndarray, atten: np.ndarray, gain_slope: float, depth: float,
@@ -132,8 +139,10 @@ def _layer(x: np.ndarray, rng: np.random.Generator, base: float, wobble: float) 
     return np.broadcast_to(profile, x.shape)
 
 
-def _anatomy(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, geo: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Echogenicity and relative attenuation maps: skin, fat with septa, striated muscle, an organ with vessels."""
+def _anatomy(rng: np.random.Generator, x: np.ndarray, y: np.ndarray,
+             geo: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Echogenicity and relative attenuation maps: skin, fat with septa, striated muscle, an organ with vessels;
+    and the anatomy map (STRUCTURES order) they were drawn from."""
     d = np.sqrt(x ** 2 + y ** 2) - geo["r0"]  # depth below the skin
     fat_end = _layer(x, rng, rng.uniform(0.8, 1.8), 0.3)
     muscle_end = fat_end + _layer(x, rng, rng.uniform(1.0, 2.2), 0.4)
@@ -148,6 +157,7 @@ def _anatomy(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, geo: dict) 
     echo = np.where((d < fat_end) & septa, 1.2, echo)
     for boundary, strength in ((np.zeros_like(d) + 0.1, 3.0), (fat_end, 2.5), (muscle_end, 3.0)):
         echo = np.where(np.abs(d - boundary) < 0.08, strength, echo)  # skin and fascial interfaces
+    vessels = np.zeros(x.shape, dtype=bool)
     for _ in range(rng.integers(1, 4)):  # vessels: anechoic, low attenuation, bright walls when portal
         vx, vy = rng.uniform(-0.4, 0.4) * geo["depth"], rng.uniform(0.45, 0.85) * geo["depth"] + geo["r0"]
         size = rng.uniform(0.3, 0.7)
@@ -156,7 +166,9 @@ def _anatomy(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, geo: dict) 
             echo = np.where(shape < 1.25, 2.0, echo)
         echo = np.where(shape < 1, 0.01, echo)
         atten = np.where(shape < 1, 0.1, atten)
-    return echo.astype(np.float32), atten.astype(np.float32)
+        vessels |= shape < 1
+    anatomy = paint(x.shape, [d < fat_end, (d >= fat_end) & (d < muscle_end), d >= muscle_end, vessels])
+    return echo.astype(np.float32), atten.astype(np.float32), anatomy
 
 
 def _lesion(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, geo: dict, echo: np.ndarray,

@@ -1,4 +1,5 @@
-"""Simulated frontal (PA) chest radiograph: (rng, size, abnormal) → ((size, size) float32 in [0, 1], bool mask).
+"""Simulated frontal (PA) chest radiograph: (rng, size, abnormal) → ((size, size) float32 in [0, 1], bool mask,
+uint8 anatomy map).
 
 A 3-D chest phantom of analytic solids (torso, lungs, heart, diaphragm, spine, ribs, clavicles, scapulae,
 vessels, trachea, gastric bubble) is integrated along the beam as thickness maps, attenuated by Beer–Lambert's law
@@ -12,7 +13,11 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from ._geometry import Simulation, grid, lesion_generator, pick_inside, smooth_field
+from ._geometry import Simulation, grid, lesion_generator, paint, pick_inside, smooth_field
+
+# the anatomy map's structures (label k + 1 for STRUCTURES[k]), by path length: the body, bone outside the
+# lungs (spine, clavicles, shoulders), the lung fields (ribs over them included, as lung-field maps draw them)
+STRUCTURES = ("body", "bone", "lung")
 
 
 @dataclass(frozen=True)
@@ -33,9 +38,10 @@ class XrayParams:
 
 
 def simulate(rng: np.random.Generator, size: int, abnormal: bool, params: XrayParams = XrayParams()) -> Simulation:
-    """One chest radiograph and its lesion mask."""
+    """One chest radiograph, its lesion mask and its anatomy map."""
     x, y = grid(size, params.fov_cm)
     body, lung, bone, gas = _thicknesses(x, y, rng)
+    anatomy = paint(x.shape, [body > 1.0, bone > 0.8, lung > 1.0])
     dmu_lung = params.mu_tissue - params.mu_lung
     line = params.mu_tissue * body - dmu_lung * lung + (params.mu_bone - params.mu_tissue) * bone
     line -= params.mu_tissue * gas
@@ -53,7 +59,7 @@ def simulate(rng: np.random.Generator, size: int, abnormal: bool, params: XrayPa
     detected = primary + scatter
     detected = np.maximum(detected + z * np.sqrt(detected / params.photons), 1e-4)
     density = np.clip(-np.log(detected) / params.display_max, 0.0, 1.0)
-    return (density ** params.display_gamma).astype(np.float32), mask
+    return (density ** params.display_gamma).astype(np.float32), mask, anatomy
 
 
 def _chord(x: np.ndarray, y: np.ndarray, cx: float, cy: float, a: float, b: float, depth: float) -> np.ndarray:
