@@ -73,6 +73,9 @@ COMMANDS = {
     "masks_steps4x": "python benchmarks/masks.py --reuse --steps 17076 --seg-steps 2000 --inpaint 100 --guidance 3,2 "
                      "--guidance-cutoff 0.5 --out bench_out/masks_steps4x --grid docs/masks_steps4x_grid.png "
                      "--results benchmarks/results/masks_steps4x.json",
+    "masks_anatomy": "python benchmarks/masks.py --maps anatomy --steps 4269 --seg-steps 2000 --inpaint 100 "
+                     "--guidance 2 --out bench_out/masks_anatomy --grid docs/masks_anatomy_grid.png "
+                     "--results benchmarks/results/masks_anatomy.json",
     "masks_steps4x_inpaint_g3": "python benchmarks/masks.py --reuse --parts inpainting --seg-steps 2000 --inpaint 100 "
                                 "--guidance 3 --out bench_out/masks_steps4x "
                                 "--grid docs/masks_steps4x_inpaint_g3_grid.png "
@@ -208,6 +211,8 @@ def masks_commands(doc: dict[str, Any]) -> str:
         return doc["command"]
     variant = st.get("conditioning", "channel")
     how = f" --conditioning {variant}" if variant != "channel" else ""
+    maps = " --maps anatomy" if st.get("maps") == "anatomy" else ""
+    how += maps
     trained = doc["summary"]["training"]
     budget = (f"--steps {trained.get('extended_from', trained['steps'])}" if trained.get("stopped") == "max-steps" else
               f"--minutes {round(trained['seconds'] / 60):g}")
@@ -219,7 +224,7 @@ def masks_commands(doc: dict[str, Any]) -> str:
         own = doc["command"].split()
         own_goal = own[own.index("--steps") + 1] if "--steps" in own[:-1] else None
         goals = [*trained.get("extended_through", []), *([] if own_goal == str(trained["steps"]) else [trained["steps"]])]
-        calls += [f"python benchmarks/masks.py --reuse --steps {g} --out {st['out']}" for g in goals]
+        calls += [f"python benchmarks/masks.py{maps} --reuse --steps {g} --out {st['out']}" for g in goals]
     return "`, then `".join([*calls, doc["command"]])
 
 
@@ -361,7 +366,9 @@ def render_masks(doc: dict) -> list[str]:
     how += f" with `{flags}`" if flags else ""
     budget = ("a step budget: its minutes, shared with other work on the machine, are not a figure"
               if s["training"].get("stopped") == "max-steps" else f"{s['training']['seconds'] / 60:.0f} min")
-    lines = [f"Model: meddiff's default recipe conditioned on the maps{how}{params}, {s['training']['steps']:,} steps "
+    maps = ("label maps of lesion and anatomy (`--maps anatomy`, `builtin:phantoms?masks=2`); every Dice reads the "
+            "lesion" if s.get("maps") == "anatomy" else "maps")
+    lines = [f"Model: meddiff's default recipe conditioned on the {maps}{how}{params}, {s['training']['steps']:,} steps "
              f"({budget}"
              + (f"; trained {s['training']['extended_from']:,} steps by an earlier call of the same command, then "
                 + "".join(f"on to {g:,}, then " for g in s["training"].get("extended_through", []))
@@ -776,6 +783,7 @@ def readme_rows(results: Path) -> list[str]:
             few = m["settings"]["few"]
             how = {"spade": ", maps through SPADE too", "controlnet": ", maps through a ControlNet copy too"
                    }.get(sm.get("conditioning"), "")
+            how += ", maps of lesion and anatomy" if sm.get("maps") == "anatomy" else ""
             seg_steps = m["settings"].get("seg_steps", 600)
             by_steps = m["settings"].get("steps") or sm["training"].get("stopped") == "max-steps"
             how += f", trained {sm['training']['steps']:,} steps" if by_steps else ""

@@ -349,6 +349,24 @@ def test_a_run_trained_on_by_reuse_steps_resumes_once_and_keeps_where_it_started
     assert "then on to 12, then on to 20, then on to these" in render.render_masks(doc)[0]
 
 
+def test_a_run_on_label_maps_of_anatomy_is_named_so_and_read_on_its_lesions() -> None:
+    masks, render = bench("masks"), bench("render")
+    assert masks.phantom_spec(8, "lesion") == "builtin:phantoms?n=8&masks=1"
+    assert masks.phantom_spec(8, "anatomy", 1) == "builtin:phantoms?n=8&masks=2&seed=1"
+    pairs = masks.load_pairs(8, 1, 32, "anatomy")
+    assert (pairs["masks"] > 1).any() and np.array_equal(pairs["lesions"], pairs["masks"] == 1)
+    assert pairs["lesions"].any() and not pairs["lesions"][[not c.endswith("abnormal") for c in pairs["classes"]]].any()
+    doc = json.loads((ROOT / "benchmarks" / "results" / "masks_seg2000.json").read_text())
+    doc["summary"]["maps"], doc["settings"]["maps"], doc["settings"]["out"] = "anatomy", "anatomy", "bench_out/x"
+    doc["summary"]["training"].update(stopped="max-steps", extended_from=5, extended_through=[])
+    calls = render.masks_commands(doc).split("`, then `")
+    assert calls[0] == "python benchmarks/masks.py --maps anatomy --steps 5 --out bench_out/x"
+    assert calls[1].startswith("python benchmarks/masks.py --maps anatomy --reuse --steps 4269 --out bench_out/x")
+    assert "conditioned on the label maps of lesion and anatomy" in render.render_masks(doc)[0]
+    doc["summary"]["maps"] = "lesion"
+    assert "conditioned on the maps," in render.render_masks(doc)[0]
+
+
 def test_the_rendered_docs_match_the_results_files() -> None:
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "render.py"), "--check"], capture_output=True,
                        text=True, timeout=120, cwd=ROOT)
