@@ -32,7 +32,8 @@
    magnitude on the region's border ring against the same on real lesions' rings, beside the contrast across that
    ring (inside against outside), which raises the gradient without any seam.
 5. Copies: the share of the generated adherence images flagged as copies of a training image (held-out test
-   images set the threshold).
+   images set the threshold); and of 200 images generated from training maps, at that threshold, with how often
+   the nearest training image is the map's own image.
 Writes benchmarks/results/masks.json and docs/masks_grid.png (requested map, generated image, per modality).
 """
 from __future__ import annotations
@@ -261,6 +262,8 @@ def main() -> None:
     if "copies" in parts:  # 5. the generated adherence images against the training images
         audit = memorization_report(gen, train["images"], test["images"])
         summary["copies"] = dict(share=audit.n_flagged / max(len(gen), 1), threshold=float(audit.threshold))
+        summary["copies"]["from_training_maps"] = training_map_copies(run, train, scales[0], a.guidance_cutoff,
+                                                                      audit.threshold)
 
     per_mod = [next((k for k, i in enumerate(abn) if test["classes"][i].startswith(m + "/")), None) for m in MODALITIES]
     tiles = [t for k in per_mod if k is not None for t in (_shown(test["masks"][abn[k]]), gen[k])]
@@ -269,6 +272,21 @@ def main() -> None:
         save_png(make_grid(np.stack(tiles), ncols=2), Path(a.grid))
     summary["seconds"] = time.time() - t0
     R.write_results(a.results, "masks", mach, vars(a), [], summary)
+
+
+def training_map_copies(run, train: dict, guidance: float, cutoff: float, threshold: float, n: int = 200) -> dict:
+    """Images generated from training maps (what the utility figures train on) against the training images, at the
+    adherence images' copy threshold: the share flagged, the median nearest NCC, and how often the nearest
+    training image is the one the map came from: a map that carries the anatomy can carry the patient with it."""
+    from meddiff.metrics.memorization import memorization_report
+
+    rows = np.random.default_rng(1).choice(len(train["images"]), min(n, len(train["images"])), replace=False)
+    own = generate_for(run, train["masks"][rows], [train["classes"][i] for i in rows], guidance, 40_000, cutoff)
+    audit = memorization_report(own, train["images"], threshold=threshold)
+    out = dict(share=audit.n_flagged / len(own), images=len(own), median_ncc=float(np.median(audit.nearest)),
+               nearest_is_source=float(np.mean(audit.index == rows)))
+    print(f"copies from training maps: {json.dumps(out)}", flush=True)
+    return out
 
 
 def real_segmenter(out: Path, train: dict, steps: int):

@@ -442,7 +442,13 @@ def render_masks(doc: dict) -> list[str]:
                      f"{ip['edge_contrast_real_lesions']:.3f}" if ip.get("edge_contrast_generated") is not None else "")
                   + "."]
     if s.get("copies"):
-        lines += [f"Copies of training images among the generated adherence images: {s['copies']['share']:.0%}."]
+        c = s["copies"]
+        own = c.get("from_training_maps")
+        lines += [f"Copies of training images among the generated adherence images: {c['share']:.0%}."
+                  + (f" Among {own['images']} images generated from training maps (what the utility figures train "
+                     f"on): {own['share']:.0%} flagged (same threshold, NCC {c['threshold']:.3f}); median nearest NCC "
+                     f"{own['median_ncc']:.3f}; the nearest training image is the map's own image for "
+                     f"{own['nearest_is_source']:.0%}." if own else "")]
     grid = Path(s["grid"])
     return lines + (["", f"![requested map and generated image, one pair per modality]({grid.name})"]
                     if grid.parent.name == "docs" else [])

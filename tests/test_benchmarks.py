@@ -367,6 +367,26 @@ def test_a_run_on_label_maps_of_anatomy_is_named_so_and_read_on_its_lesions() ->
     assert "conditioned on the maps," in render.render_masks(doc)[0]
 
 
+def test_images_made_from_training_maps_are_audited_against_their_own_source(monkeypatch) -> None:
+    masks, render = bench("masks"), bench("render")
+    train = dict(images=np.random.default_rng(0).random((12, 32, 32)).astype(np.float32),
+                 masks=np.zeros((12, 32, 32), np.int64), classes=["ct/normal"] * 12)
+    chosen = np.random.default_rng(1).choice(12, 5, replace=False)  # the rows training_map_copies draws
+    # a generator that gives back each map's own training image: every one a copy of its source
+    monkeypatch.setattr(masks, "generate_for", lambda run, maps, classes, g, s0, c=0.0: train["images"][chosen])
+    got = masks.training_map_copies(None, train, 2.0, 0.0, 0.9, n=5)
+    assert got == dict(share=1.0, images=5, median_ncc=pytest.approx(1.0), nearest_is_source=1.0)
+    monkeypatch.setattr(masks, "generate_for", lambda run, maps, classes, g, s0, c=0.0:
+                        np.random.default_rng(2).random((5, 32, 32)).astype(np.float32))
+    fresh = masks.training_map_copies(None, train, 2.0, 0.0, 0.9, n=5)
+    assert fresh["share"] == 0.0 and fresh["median_ncc"] < 0.5
+    doc = json.loads((ROOT / "benchmarks" / "results" / "masks_seg2000.json").read_text())
+    doc["summary"]["copies"]["from_training_maps"] = dict(got, share=0.25, nearest_is_source=0.5)
+    line = next(line for line in render.render_masks(doc) if line.startswith("Copies"))
+    assert "Among 5 images generated from training maps" in line and "25% flagged" in line
+    assert "the map's own image for 50%" in line
+
+
 def test_the_rendered_docs_match_the_results_files() -> None:
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "render.py"), "--check"], capture_output=True,
                        text=True, timeout=120, cwd=ROOT)
