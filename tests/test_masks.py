@@ -292,6 +292,42 @@ def test_paired_exports_dicom_seg_references_its_image_and_nifti_labels_share_th
         assert int(np.asarray(seg.dataobj).sum()) == int(lab.sum()) and seg.header["intent_code"] == 1002
 
 
+def test_a_segmentation_names_and_codes_each_label_the_run_named(tmp_path: Path) -> None:
+    import shutil
+
+    import pydicom
+
+    from meddiff import export
+
+    info = export.SyntheticInfo("9f2c01ab", 3, "ct/abnormal", "ddim", 2, 1.0)
+    image = export.write_image(np.random.default_rng(0).random((32, 32)).astype(np.float32), tmp_path / "i.dcm",
+                               "dicom", info)
+    labels = np.zeros((32, 32), np.uint8)
+    labels[2:30, 2:30], labels[8:20, 4:16], labels[10:14, 8:12], labels[24:28, 20:26] = 2, 3, 1, 9
+    path = export.write_label_map(labels, tmp_path / "m.dcm", "dicom", info, image=image,
+                                  names={1: "lesion", 2: "ct/body", 3: "ct/liver"})  # 9: a value never named
+    got = {s.SegmentLabel: (s.SegmentedPropertyCategoryCodeSequence[0].CodeMeaning,
+                            s.SegmentedPropertyTypeCodeSequence[0].CodeMeaning)
+           for s in pydicom.dcmread(path).SegmentSequence}
+    assert got == {"lesion": ("Morphologically Abnormal Structure", "Lesion"),
+                   "ct/body": ("Anatomical Structure", "Tissue"), "ct/liver": ("Anatomical Structure", "Liver"),
+                   "label 9": ("Morphologically Abnormal Structure", "Lesion")}
+    if shutil.which("dciodvfy"):
+        check = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+        assert not [line for line in check.stderr.splitlines() if line.startswith("Error")], check.stderr
+
+
+def test_a_run_trained_on_named_label_values_keeps_their_names(mask_run: Path) -> None:
+    from meddiff.modelcard import model_card_text
+    from meddiff.runfolder import read_record
+
+    record = read_record(mask_run)
+    assert record.mask_names() == {1: "lesion"}
+    assert "each label value (1 lesion)" in model_card_text(mask_run)
+    record.data["mask_names"] = ["not", "a", "dict"]  # a hand-edited record: the values go unnamed
+    assert record.mask_names() == {}
+
+
 def test_a_nifti_volume_and_its_label_volume_are_sliced_together(tmp_path: Path) -> None:
     import nibabel as nib
 

@@ -15,7 +15,7 @@ import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Collection, Sequence
+from typing import Any, Collection, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -320,18 +320,20 @@ def write_image(image: np.ndarray, path: Path, fmt: str, info: SyntheticInfo) ->
     return _write_nifti(_nifti_axes(to_uint16(arr))[:, :, None], path, [info])
 
 
-def write_label_map(labels: np.ndarray, path: Path, fmt: str, info: SyntheticInfo, image: Path | None = None) -> Path:
+def write_label_map(labels: np.ndarray, path: Path, fmt: str, info: SyntheticInfo, image: Path | None = None,
+                    names: dict[int, str] | None = None) -> Path:
     """Write one (H, W) integer label map beside its image, atomically: a PNG label image (8-bit when every value
     fits, else 16-bit; values as they are, never scaled); for a NIfTI image a NIfTI label volume of the same
     geometry (uint16, no scaling); for a DICOM image (`image`, written first) a DICOM Segmentation that references
-    it, one segment per label value. Returns `path`, whose suffix `label_map_suffix(fmt)` gives."""
+    it, one segment per label value (named from `names`, value → name, where the run knows them). Returns
+    `path`, whose suffix `label_map_suffix(fmt)` gives."""
     arr = np.asarray(labels)
     if arr.ndim != 2 or arr.dtype.kind not in "ui" or (arr.size and (arr.min() < 0 or arr.max() > 65535)):
         raise DataError(f"{path}: a label map must be (H, W) integers from 0 to 65535")
     if fmt == "dicom":
         if image is None:
             raise DataError(f"{path}: a DICOM Segmentation needs the DICOM image it labels")
-        return _write_dicom_seg(arr, path, image, info)
+        return _write_dicom_seg(arr, path, image, info, names or {})
     if fmt == "nifti":
         img = nib.Nifti1Image(_nifti_axes(arr.astype(np.uint16))[:, :, None], np.eye(4))
         img.set_sform(np.eye(4), code="aligned")
@@ -352,9 +354,28 @@ def label_map_suffix(fmt: str) -> str:
     return SUFFIX[fmt] if fmt in ("nifti", "dicom") else ".png"
 
 
-def _write_dicom_seg(labels: np.ndarray, path: Path, image: Path, info: SyntheticInfo) -> Path:
-    """A DICOM Segmentation (highdicom; binary segments, one per label value, "label <v>") referencing the
-    DICOM image at `image`: same patient module (the synthetic placeholders), its study, its SOP instance."""
+def segment_codes(name: str | None) -> tuple[Any, Any]:
+    """A DICOM SEG segment's (property category, property type) for a label value's name: a lesion, or a value the
+    run never named, as a lesion (morphologically abnormal structure); a named structure ("ct/liver") as an
+    anatomical structure of the SNOMED CT type its last word names when pydicom's dictionary has one (Liver, Lung,
+    White Matter, …), else as tissue."""
+    from pydicom.sr.codedict import codes
+
+    if name is None or name == "lesion":
+        return codes.SCT.MorphologicallyAbnormalStructure, codes.SCT.Lesion
+    keyword = "".join(w.capitalize() for w in name.split("/")[-1].split())
+    try:
+        kind = getattr(codes.SCT, keyword)
+    except AttributeError:
+        kind = codes.SCT.Tissue
+    return codes.SCT.AnatomicalStructure, kind
+
+
+def _write_dicom_seg(labels: np.ndarray, path: Path, image: Path, info: SyntheticInfo,
+                     names: dict[int, str]) -> Path:
+    """A DICOM Segmentation (highdicom; binary segments, one per label value, labelled with its name in `names`
+    or "label <v>", coded by `segment_codes`) referencing the DICOM image at `image`: same patient module (the
+    synthetic placeholders), its study, its SOP instance."""
     import highdicom as hd
     from pydicom import dcmread
     from pydicom.sr.codedict import codes
@@ -365,9 +386,10 @@ def _write_dicom_seg(labels: np.ndarray, path: Path, image: Path, info: Syntheti
     for k, v in enumerate(values, start=1):
         numbered[labels == v] = k
     segments = [hd.seg.SegmentDescription(
-        segment_number=k, segment_label=f"label {v}",
-        segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
-        segmented_property_type=codes.SCT.Lesion, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        segment_number=k, segment_label=names.get(v, f"label {v}")[:64],
+        segmented_property_category=segment_codes(names.get(v))[0],
+        segmented_property_type=segment_codes(names.get(v))[1],
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=hd.AlgorithmIdentificationSequence(name="meddiff", version=__version__,
                                                                     family=codes.DCM.ArtificialIntelligence))
         for k, v in enumerate(values, start=1)]

@@ -90,10 +90,16 @@ def _model_section(record: RunRecord, run: Path) -> str:
             ("conditioning", f"class-conditional, {m.num_classes} classes + a null class for classifier-free "
                              "guidance" if m.num_classes else "unconditional"),
             ("label maps", f"conditioned on label maps: one input channel for each label value "
-                           f"({', '.join(map(str, m.mask_values))}); `meddiff sample --masks DIR` makes image + map "
+                           f"({_values(record)}); `meddiff sample --masks DIR` makes image + map "
                            "pairs" if m.cond_channels else None),
             ("classes", record.class_names if m.num_classes else None)]
     return "## Model\n\n" + _markdown_table(rows, ("", "value"))
+
+
+def _values(record: RunRecord) -> str:
+    """The label values, each with its name where the training data named it: "1 lesion, 2 ct/body"."""
+    names = record.mask_names()
+    return ", ".join(f"{v} {names[v]}" if v in names else str(v) for v in record.model.mask_values)
 
 
 def _data_section(record: RunRecord) -> str:

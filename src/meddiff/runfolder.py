@@ -99,6 +99,14 @@ class RunRecord:
     result: TrainResult | None = None
     autoencoder: dict[str, Any] = field(default_factory=dict)  # latent runs: factor, channels, scale, AE figures
 
+    def mask_names(self) -> dict[int, str]:
+        """The names the training data gave the label values (`builtin:phantoms?masks=…` names them; a folder of
+        label images does not): {value: name} for the values the model knows."""
+        named = self.data.get("mask_names")
+        if not isinstance(named, dict):  # none, or a hand-edited record's something else: the values go unnamed
+            return {}
+        return {int(v): str(n) for v, n in named.items() if str(v).isdigit() and int(v) in self.model.mask_values}
+
     @property
     def conditional(self) -> bool:
         return self.model.num_classes > 0

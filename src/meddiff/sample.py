@@ -10,7 +10,7 @@ import dataclasses
 import hashlib
 import inspect
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -56,6 +56,7 @@ class LoadedRun:
     train: TrainConfig
     model_id: str
     vae: Any = None  # a latent run's autoencoder (RUN/vae/): samples are decoded through it
+    mask_names: dict[int, str] = field(default_factory=dict)  # label value → name, where the training data named it
 
     @property
     def conditional(self) -> bool:
@@ -82,7 +83,7 @@ def load_run(run: str | Path, weights: str = "ema", device: torch.device | str =
     unet, wfile = runfolder.load_unet(run, weights, record)
     vae = runfolder.load_run_vae(run, record.model)[0].to(device).eval() if record.model.latent else None
     return LoadedRun(with_meddiff_attention(unet).to(device).eval(), runfolder.scheduler_config(run, record),
-                     record.class_names, record.model, record.train, model_id(wfile), vae)
+                     record.class_names, record.model, record.train, model_id(wfile), vae, record.mask_names())
 
 
 def make_scheduler(name: str, config: dict[str, Any], steps: int) -> Any:
@@ -481,7 +482,7 @@ def sample_to_folder(cfg: SampleConfig, echo: Callable[[str], None] = print, dis
                 info = export.SyntheticInfo(run.model_id, seed, name, sampler_label(cfg.sampler, cfg.guidance_cutoff),
                                             cfg.steps, cfg.guidance, mask)
                 _write_sample(img, out, f"{stem}{suffix}", cfg.fmt, info, manifest, existed,
-                              None if mask is None else part_maps[k])
+                              None if mask is None else part_maps[k], run.mask_names)
         if bar is not None:
             bar.update(len(chunk) * dist.world)
     if bar is not None:
@@ -499,8 +500,9 @@ def sample_to_folder(cfg: SampleConfig, echo: Callable[[str], None] = print, dis
 
 
 def _write_sample(image: np.ndarray, out: Path, name: str, fmt: str, info: Any, manifest: Any, existed: Path,
-                  labels: np.ndarray | None = None) -> None:
-    """One image, its label map (`labels`, at info.mask) and its manifest row, in that order, so that a listed
+                  labels: np.ndarray | None = None, names: dict[int, str] | None = None) -> None:
+    """One image, its label map (`labels`, at info.mask, its values' `names` for a DICOM SEG) and its manifest
+    row, in that order, so that a listed
     image always has its map; a full disk is one OutputError, and the folders below `existed` (the nearest one
     that was there before) that it leaves empty are removed."""
     try:
@@ -508,7 +510,7 @@ def _write_sample(image: np.ndarray, out: Path, name: str, fmt: str, info: Any, 
                                   "continues after them once there is space"):
             export.write_image(image, out / name, fmt, info)
             if labels is not None:
-                export.write_label_map(labels, out / info.mask, fmt, info, image=out / name)
+                export.write_label_map(labels, out / info.mask, fmt, info, image=out / name, names=names)
             manifest.add(name, info, fmt)
     except BaseException:
         for folder in (out / name).parents:  # only empty folders go (the first image's class folder and out)

@@ -352,7 +352,8 @@ class App:
             export.write_image(image, job.folder / name, req.fmt, info)
             written = [name]
             if mask is not None:
-                export.write_label_map(req.mask, job.folder / mask, req.fmt, info, image=job.folder / name)
+                export.write_label_map(req.mask, job.folder / mask, req.fmt, info, image=job.folder / name,
+                                       names=self.run.mask_names)
                 written.append(mask)
             manifest.add(name, info, req.fmt)
             preview = job.folder / name

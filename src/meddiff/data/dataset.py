@@ -27,7 +27,7 @@ from ..runtime import available_memory
 from . import cache, readers
 from .folders import write_class_folders
 from .medmnist import load_npz
-from .phantoms import LESION, MODALITIES, render, render_with_maps, render_with_mask
+from .phantoms import LABELS, LESION, MODALITIES, render, render_with_maps, render_with_mask
 
 BUILTINS = ("mni-mri", "phantoms", "ct", "xray", "mri", "us")
 # the parameters of `builtin:…?n=…&size=…&seed=…`; size is the phantoms' render size (MedPhantom-4's range)
@@ -457,6 +457,7 @@ def _phantoms(name: str, n: int, seed: int, render_size: int, size: int, sink: c
                 source_shapes={f"{render_size}x{render_size}": n}, files=0)
     if maps:
         side["mask_values"] = sorted(values - {0})
+        side["mask_names"] = {str(v): LABELS[v] for v in side["mask_values"]}  # what each value is
     return side
 
 
@@ -533,6 +534,8 @@ def load_data(spec: str, size: int, *, crop: bool = False, label_depth: int = 1,
                    upsampled=upsampled(side["source_shapes"], size))
     if "mask_values" in side:
         summary["mask_values"] = [int(v) for v in side["mask_values"]]
+    if "mask_names" in side:  # a source that knows what its label values are (the phantoms)
+        summary["mask_names"] = dict(side["mask_names"])
     return ImageSet(stored, labels, class_names, np.asarray(side["groups"], np.int64),
                     [tuple(s) for s in side["skipped"]], summary)
 
