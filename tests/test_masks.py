@@ -258,6 +258,34 @@ def test_inpainting_changes_only_the_region(mask_run: Path, tmp_path: Path) -> N
     assert "16x16 px for an image of 32x32 px" in bad.stderr and not (tmp_path / "bad").exists()
 
 
+def test_inpainting_with_a_map_of_anatomy_regenerates_its_lesion_only(tmp_path: Path, train_config) -> None:
+    from meddiff.config import InpaintConfig
+    from meddiff.data.phantoms import LESION, render_with_maps
+    from meddiff.sample import inpaint_to_folder
+    from meddiff.train import train
+
+    run = tmp_path / "run"
+    train(train_config("builtin:phantoms?n=24&masks=2", run), echo=_quiet)
+    healthy, _ = render_with_maps("ct", 5, 0, 32, False)
+    _, labels = render_with_maps("ct", 5, 0, 32, True)  # its twin's map: the same anatomy, and a lesion
+    Image.fromarray((healthy * 255).round().astype(np.uint8)).save(tmp_path / "healthy.png")
+    Image.fromarray(labels).save(tmp_path / "map.png")
+    inpaint_to_folder(InpaintConfig(run=str(run), image=str(tmp_path / "healthy.png"), mask=str(tmp_path / "map.png"),
+                                    out=str(tmp_path / "out"), class_name="ct/abnormal", steps=3, precision="fp32",
+                                    device="cpu", progress=False), echo=_quiet)
+    lesion = labels == LESION
+    before = np.asarray(Image.open(tmp_path / "healthy.png")).astype(int)
+    after = np.asarray(Image.open(tmp_path / "out/images/healthy_seed000000.png")).astype(int)
+    assert np.abs(after - before)[~lesion].max() == 0 and np.abs(after - before)[lesion].mean() > 1
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out/masks/healthy_seed000000.png")), labels)
+    Image.fromarray(np.where(lesion, 2, labels).astype(np.uint8)).save(tmp_path / "no_lesion.png")  # anatomy only
+    with pytest.raises(ConfigError, match="no lesion in the label map"):
+        inpaint_to_folder(InpaintConfig(run=str(run), image=str(tmp_path / "healthy.png"),
+                                        mask=str(tmp_path / "no_lesion.png"), out=str(tmp_path / "bad"), steps=3,
+                                        device="cpu", progress=False), echo=_quiet)
+    assert not (tmp_path / "bad").exists()
+
+
 @pytest.mark.parametrize("fmt", ["dicom", "nifti"])
 def test_paired_exports_dicom_seg_references_its_image_and_nifti_labels_share_the_grid(mask_run: Path, tmp_path: Path,
                                                                                       fmt: str) -> None:

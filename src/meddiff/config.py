@@ -520,7 +520,9 @@ class InpaintConfig(Checked):
 
     run: str = option(help="a run folder written by meddiff train (pixel space)", flags=("--run", "--run-dir"))
     image: str = option(help="the image to change (PNG, JPEG, TIFF, BMP, DICOM or a one-slice NIfTI)")
-    mask: str = option(help="the region to regenerate: a label image of the image's size, non-zero inside")
+    mask: str = option(help="the region to regenerate: a label image of the image's size, non-zero inside; for a "
+                       "run trained on label maps of anatomy and lesion (builtin:phantoms?masks=2), such a map: "
+                       "its lesion is regenerated, its anatomy is what the lesion is asked with")
     out: str = option(help="the folder the results are written into (images/ + masks/ pairs)")
     n: int = option(1, "how many versions (seeds --seed, --seed + 1, …)", bounds=Bounds(1, 1000, whole=True))
     seed: int = option(0, "seed of the first version", bounds=SEEDS)

@@ -271,6 +271,19 @@ def inpaint(run: LoadedRun, image: np.ndarray, region: np.ndarray, seeds: list[i
     return inpaint_loop(scheduler, denoiser, known, where, generators, resample)[:, 0].cpu().numpy()
 
 
+def inpaint_region(run: LoadedRun, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """--mask's map (S, S) → (the region to regenerate, the map written beside each result). A plain mask: every
+    non-zero pixel, written as it is made (value 1). A label map of anatomy and lesion for a run whose data named
+    a "lesion" value (`builtin:phantoms?masks=2`): only the lesion is regenerated, the anatomy around it is what it
+    is asked with, and the whole map is written: the result's own label map."""
+    lesion = next((v for v, n in run.mask_names.items() if n == "lesion"), None)
+    values = set(np.unique(labels).tolist()) - {0}
+    if run.model.cond_channels and len(values) > 1 and values <= set(run.model.mask_values) and lesion is not None:
+        return labels == lesion, labels
+    region = labels > 0
+    return region, region.astype(np.uint8)
+
+
 def inpaint_to_folder(cfg: InpaintConfig, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """`meddiff inpaint`: read the image and its region mask at the model's size, write each version with the
     mask as images/ + masks/ pairs and a manifest; files already complete are skipped."""
@@ -295,9 +308,10 @@ def inpaint_to_folder(cfg: InpaintConfig, echo: Callable[[str], None] = print) -
                           f"{picture.shape[1]}x{picture.shape[0]} px; they must match")
     image = cache.from_uint16(cache.to_uint16(to_square(picture, size)))
     mask_labels = labels_to_square(labels, size)
-    region = mask_labels > 0
+    region, written = inpaint_region(run, mask_labels)
     if not region.any():
-        raise ConfigError(f"--mask {cfg.mask}: no pixel is inside the region (all zero)")
+        raise ConfigError(f"--mask {cfg.mask}: no pixel is inside the region (all zero"
+                          + (", or no lesion in the label map)" if written is mask_labels else ")"))
     if run.model.cond_channels and not set(np.unique(mask_labels).tolist()) <= set(run.model.mask_values) | {0}:
         mask_labels = region.astype(np.uint16) * run.model.mask_values[0]  # a plain region: the first label value
     label = class_index(run, cfg.class_name)
@@ -322,7 +336,7 @@ def inpaint_to_folder(cfg: InpaintConfig, echo: Callable[[str], None] = print) -
             info = export.SyntheticInfo(run.model_id, seed, name, sampler_label("repaint-ddim", cfg.guidance_cutoff),
                                         cfg.steps, cfg.guidance, mask,
                                         inpainted=True)
-            _write_sample(img, out, f"{job_stem}{suffix}", cfg.fmt, info, manifest, existed, region.astype(np.uint8))
+            _write_sample(img, out, f"{job_stem}{suffix}", cfg.fmt, info, manifest, existed, written, run.mask_names)
     seconds = time.time() - t0
     return dict(out=str(out), written=len(todo), skipped=len(jobs) - len(todo), seconds=seconds,
                 region_share=float(region.mean()), model_id=run.model_id, hardware=describe(device, precision))
