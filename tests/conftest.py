@@ -110,6 +110,16 @@ def mask_run(tmp_path_factory: pytest.TempPathFactory, train_config) -> Path:
 
 
 @pytest.fixture(scope="session")
+def anatomy_run(tmp_path_factory: pytest.TempPathFactory, train_config) -> Path:
+    """A tiny run conditioned on the phantoms' label maps of lesion and anatomy (masks=2), 6 steps. Read-only."""
+    from meddiff.train import train
+
+    out = tmp_path_factory.mktemp("runs") / "anatomy"
+    train(train_config("builtin:phantoms?n=24&masks=2", out, cache_dir=None), echo=_quiet)
+    return out
+
+
+@pytest.fixture(scope="session")
 def uncond_run(tmp_path_factory: pytest.TempPathFactory, image_folder: Path, train_config) -> Path:
     """A finished unconditional run on the same images, 4 steps. Read-only."""
     from meddiff.train import train

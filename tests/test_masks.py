@@ -170,6 +170,24 @@ def test_a_sampled_pair_folder_is_what_evaluate_adherence_reads(mask_run: Path, 
     assert adh["figures"]["ct/abnormal"]["real"]["images"] > 0  # the ceiling: held-out real CT lesions
 
 
+def test_adherence_on_maps_of_anatomy_reads_the_lesion_the_real_set_names(anatomy_run: Path, tmp_path: Path) -> None:
+    from meddiff.config import SampleConfig
+    from meddiff.evaluate import EvalConfig, evaluate
+    from meddiff.sample import sample_to_folder
+
+    out = tmp_path / "pairs"
+    sample_to_folder(SampleConfig(run=str(anatomy_run), out=str(out), masks="builtin:ct?n=6&seed=3&masks=2",
+                                  per_class=1, class_name="ct/abnormal", sampler="ddim", steps=2, progress=False,
+                                  precision="fp32", device="cpu"), echo=_quiet)
+    maps = [np.asarray(Image.open(f)) for f in sorted((out / "masks" / "ct" / "abnormal").iterdir())]
+    assert all((m > 1).any() for m in maps) and 0 < sum((m == 1).any() for m in maps) < len(maps)
+    ev = evaluate(EvalConfig(real="builtin:phantoms?n=24&seed=1&masks=2", fake=str(out), adherence=True,
+                             segmenter_steps=2, n_boot=20))
+    adh = ev.results["adherence"]
+    assert adh["lesion_label"] == 1  # named by the real set: the anatomy is not read as lesion
+    assert adh["figures"]["ct/abnormal"]["generated"]["images"] == sum((m == 1).any() for m in maps)
+
+
 def test_maps_for_a_model_without_them_are_one_error(trained_run: Path, tmp_path: Path) -> None:
     from meddiff.config import SampleConfig
     from meddiff.sample import sample_to_folder
@@ -258,14 +276,12 @@ def test_inpainting_changes_only_the_region(mask_run: Path, tmp_path: Path) -> N
     assert "16x16 px for an image of 32x32 px" in bad.stderr and not (tmp_path / "bad").exists()
 
 
-def test_inpainting_with_a_map_of_anatomy_regenerates_its_lesion_only(tmp_path: Path, train_config) -> None:
+def test_inpainting_with_a_map_of_anatomy_regenerates_its_lesion_only(anatomy_run: Path, tmp_path: Path) -> None:
     from meddiff.config import InpaintConfig
     from meddiff.data.phantoms import LESION, render_with_maps
     from meddiff.sample import inpaint_to_folder
-    from meddiff.train import train
 
-    run = tmp_path / "run"
-    train(train_config("builtin:phantoms?n=24&masks=2", run), echo=_quiet)
+    run = anatomy_run
     healthy, _ = render_with_maps("ct", 5, 0, 32, False)
     _, labels = render_with_maps("ct", 5, 0, 32, True)  # its twin's map: the same anatomy, and a lesion
     Image.fromarray((healthy * 255).round().astype(np.uint8)).save(tmp_path / "healthy.png")

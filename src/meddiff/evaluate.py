@@ -261,9 +261,22 @@ def per_class_figures(fake: LabelledImages, real: LabelledImages, feats: dict[st
 
 # ---------------------------------------------------------------- label maps
 
-def _lesion_maps(images: LabelledImages) -> np.ndarray:
-    """(N, S, S) bool: where a set's label maps are non-zero (every label counts as lesion)."""
-    return images.data.take_masks(np.arange(len(images.labels)))[:, 0].numpy() > 0
+def _lesion_maps(images: LabelledImages, value: int | None = None) -> np.ndarray:
+    """(N, S, S) bool: where a set's label maps hold the lesion: label `value`, or (None) any non-zero label."""
+    maps = images.data.take_masks(np.arange(len(images.labels)))[:, 0].numpy()
+    return maps > 0 if value is None else maps == value
+
+
+def _lesion_value(*sets: LabelledImages | None) -> int | None:
+    """The label value the real sets name "lesion" (`builtin:phantoms?masks=2` maps hold anatomy beside it), or
+    None: a set whose values are unnamed (a folder of label images) counts every label as lesion."""
+    for images in sets:
+        named = images.data.summary.get("mask_names") if images is not None else None
+        if isinstance(named, dict):
+            found = [int(v) for v, n in named.items() if n == "lesion" and str(v).isdigit()]
+            if found:
+                return found[0]
+    return None
 
 
 def _groups(images: LabelledImages) -> list[str]:
@@ -291,8 +304,9 @@ def adherence_study(fake: LabelledImages, real: LabelledImages, train: LabelledI
     checks them before computing anything)."""
     from .metrics.segmentation import PROTOCOL, WORK_SIZE, adherence_figures, to_work_size, train_segmenter
 
+    lesion = _lesion_value(real, train)  # the generated maps follow the real ones' numbering
     if train is not None and train.data.has_masks:
-        fit = (train.images, _lesion_maps(train))
+        fit = (train.images, _lesion_maps(train, lesion))
         ref, ref_rows, fitted_on = real, np.arange(len(real.labels)), "--train"
         if not real.data.has_masks:  # no unseen real pairs: hold part of --train out for the ceiling
             used, held = _heldout_masks(train, cfg)
@@ -301,19 +315,20 @@ def adherence_study(fake: LabelledImages, real: LabelledImages, train: LabelledI
     else:
         used, held = _heldout_masks(real, cfg)
         fit_rows = used & ~held
-        fit, ref, ref_rows, fitted_on = ((real.images[fit_rows], _lesion_maps(real)[fit_rows]), real,
+        fit, ref, ref_rows, fitted_on = ((real.images[fit_rows], _lesion_maps(real, lesion)[fit_rows]), real,
                                          np.flatnonzero(held), "--real (held-out part: the ceiling)")
     if not fit[1].any():
         raise ConfigError(f"--adherence: the label maps of {fitted_on.split()[0]} are all empty; the segmenter needs "
                           "images with a lesion")
     x, y = to_work_size(*fit)
     net = train_segmenter(x, y, cfg.segmenter_steps, seed=cfg.seed)
-    gen, asked = to_work_size(fake.images, _lesion_maps(fake))
-    real_x, real_y = to_work_size(ref.images[ref_rows], _lesion_maps(ref)[ref_rows])
+    gen, asked = to_work_size(fake.images, _lesion_maps(fake, lesion))
+    real_x, real_y = to_work_size(ref.images[ref_rows], _lesion_maps(ref, lesion)[ref_rows])
     figures = adherence_figures(net, gen, asked, real_x, real_y, _groups(fake) if fake.labelled else None,
                                 [_groups(ref)[i] for i in ref_rows] if ref.labelled else None,
                                 seed=cfg.seed, n_boot=cfg.n_boot)
     return dict(figures=figures, fitted_on=fitted_on, n_fit=len(x), ceiling_images=len(real_x),
+                lesion_label="any non-zero" if lesion is None else lesion,
                 work_size=min(fake.images.shape[-1], WORK_SIZE), steps=cfg.segmenter_steps, protocol=PROTOCOL)
 
 
