@@ -368,7 +368,8 @@ def render_masks(doc: dict) -> list[str]:
               if s["training"].get("stopped") == "max-steps" else f"{s['training']['seconds'] / 60:.0f} min")
     maps = ("label maps of lesion and anatomy (`--maps anatomy`, `builtin:phantoms?masks=2`); every Dice reads the "
             "lesion" if s.get("maps") == "anatomy" else "maps")
-    lines = [f"Model: meddiff's default recipe conditioned on the {maps}{how}{params}, {s['training']['steps']:,} steps "
+    lines = [f"Model: meddiff's default recipe conditioned on the {maps}{how}{params}, "
+             f"{s['training']['steps']:,} steps "
              f"({budget}"
              + (f"; trained {s['training']['extended_from']:,} steps by an earlier call of the same command, then "
                 + "".join(f"on to {g:,}, then " for g in s["training"].get("extended_through", []))

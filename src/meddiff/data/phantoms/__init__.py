@@ -1,5 +1,5 @@
-"""MedPhantom-4, the built-in simulated data set: (modality, index, seed, size, abnormal) → float32 image (+ lesion mask,
-+ label map of lesion and anatomy).
+"""MedPhantom-4, the built-in simulated data set: (modality, index, seed, size, abnormal) → float32 image (+ lesion
+mask, + label map of lesion and anatomy).
 
 Four simulators (CT, chest X-ray, brain MRI, B-mode ultrasound), each deterministic in its arguments.
 An abnormal image and its normal twin (same modality, index, seed and size) share every anatomy and

@@ -57,7 +57,8 @@ def simulate(rng: np.random.Generator, size: int, abnormal: bool, params: CTPara
 
 def _anatomy(hu: np.ndarray, organs: dict, tissue: dict) -> np.ndarray:
     """The slice's anatomy map in STRUCTURES order, read off the HU map the scan was made from."""
-    solid = [organs.get(name, np.zeros(hu.shape, bool)) & (hu == tissue[name]) for name in ("liver", "spleen", "kidney")]
+    solid = [organs.get(name, np.zeros(hu.shape, bool)) & (hu == tissue[name])
+             for name in ("liver", "spleen", "kidney")]
     bone = np.isin(hu, [HU["cortical"], HU["cancellous"], HU["cartilage"]])
     return paint(hu.shape, [hu > HU["air"], *solid, hu == tissue["blood"], hu == HU["lung"], bone])
 

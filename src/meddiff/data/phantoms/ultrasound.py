@@ -1,5 +1,5 @@
-"""Simulated B-mode ultrasound (curvilinear sector): (rng, size, abnormal) → ((size, size) float32 in [0, 1], bool mask,
-uint8 anatomy map).
+"""Simulated B-mode ultrasound (curvilinear sector): (rng, size, abnormal) → ((size, size) float32 in [0, 1], bool
+mask, uint8 anatomy map).
 
 An echogenicity and attenuation map (skin, fat, muscle, an organ with vessels, maybe a cyst) is scanned
 along the beams of a fan; random scatterers weighted by echogenicity are convolved with a pulse
