@@ -13,9 +13,9 @@
 1. meddiff trains its default recipe, conditioned on the maps, on `builtin:phantoms?masks=1` (seed 0) for --minutes.
    Every test image comes from other phantoms (`seed=1`): no test pair was trained on. --maps anatomy conditions
    on the label maps of lesion and anatomy (`masks=2`) instead: every figure below still reads the lesion alone.
-   --conditioning spade or
-   controlnet trains the same recipe with a path that carries the map to every level added to its input channels
-   (benchmarks/_mask_conditioning.py): the measurement that decides whether meddiff should take one.
+   --conditioning spade or controlnet trains the same recipe with a path that carries the map to every level
+   added to its input channels (benchmarks/_mask_conditioning.py): the measurement that decides whether meddiff
+   should take one.
 2. Mask adherence: a segmenter (`meddiff.metrics.segmentation`) trained on real training pairs segments images
    generated for the test set's abnormal maps (class <modality>/abnormal, default sampler, --guidance); Dice
    against the requested map per modality, beside the same segmenter on the real test images (its ceiling).
