@@ -203,6 +203,36 @@ def test_lr_schedule() -> None:
     assert T.lr_at(by_fraction, 20, 0.2) == 1e-3
 
 
+def test_rewarmed_ramps_from_where_the_run_stood_to_the_schedule() -> None:
+    assert T.rewarmed(8e-4, 0.25, 0.25, 1e-4, 0.05) == pytest.approx(1e-4)  # the first step: where it stood
+    assert T.rewarmed(8e-4, 0.275, 0.25, 1e-4, 0.05) == pytest.approx(4.5e-4)  # half way
+    assert T.rewarmed(8e-4, 0.30, 0.25, 1e-4, 0.05) == 8e-4 and T.rewarmed(8e-4, 0.9, 0.25, 1e-4, 0.05) == 8e-4
+    assert T.rewarmed(8e-4, 0.25, 0.25, 1e-4, 0.0) == 8e-4  # no span: the schedule as it is
+
+
+def test_a_cosine_run_resumed_towards_a_farther_goal_warms_up_again(tmp_path: Path, image_folder: Path,
+                                                                    train_config) -> None:
+    """Stretching a finished cosine from 6 to 24 steps would jump the rate from 10 % of the peak to ~80 %: the
+    resumed run starts where it stood and climbs back over the recipe's warm-up share, and a second resume
+    inside that climb carries on with it."""
+    out = tmp_path / "run"
+    T.train(train_config(image_folder, out, max_steps=6, lr=1e-3, lr_schedule="cosine", warmup_steps=0,
+                         warmup_fraction=0.25, checkpoint_every=1), echo=_quiet)
+    lines: list[str] = []
+    T.train(TrainConfig(data="", out=str(out), max_steps=24, progress=False), resume=True, echo=lines.append)
+    assert any("warms up again" in line for line in lines)
+    rates = {r["step"]: r["lr"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "lr" in r}
+    recipe = TrainConfig(data="d", out="o", lr=1e-3, warmup_steps=0, warmup_fraction=0.25)
+    end_of_first, stretched = T.lr_at(recipe, 5, 5 / 6), T.lr_at(recipe, 6, 6 / 24)
+    assert stretched > 5 * end_of_first  # what the jump would have been
+    # step 10 logs the rate step 9 trained at: half way up the climb, well under the stretched schedule there
+    assert end_of_first < rates[10] < 0.75 * T.lr_at(recipe, 9, 9 / 24)
+    assert rates[20] == pytest.approx(T.lr_at(recipe, 19, 19 / 24))  # past the climb: the schedule itself
+    state = json.loads(sorted(out.glob("checkpoints/*/state.json"))[-1].read_text())
+    assert state["lr_rewarm"][0] == pytest.approx(0.25) and state["lr_rewarm"][2] == pytest.approx(0.25)
+    assert T._stored_rewarm(state) == tuple(state["lr_rewarm"]) and T._stored_rewarm({"lr_rewarm": "x"}) is None
+
+
 # ---------------------------------------------------------------- exact resume
 
 # constant lr: a cosine schedule is defined over the run's length, so a run extended from 4 to 8 steps

@@ -56,6 +56,17 @@ def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0))))
 
 
+def rewarmed(lr: float, progress: float, since: float, start_lr: float, span: float) -> float:
+    """The schedule's `lr` ramped linearly from `start_lr` (the rate a resumed run last trained at) over `span` of
+    the run after progress `since`: a run resumed towards a farther goal has its schedule stretched, which can put
+    the rate far above where it stood (at the end of a cosine, 10 % of the peak, back to near the peak), and Adam
+    at that sudden rate can throw the weights off (loss 0.07 → 0.6, for good). So it warms up again, as at the
+    start."""
+    if span <= 0 or progress >= since + span:
+        return lr
+    return start_lr + (lr - start_lr) * max(progress - since, 0.0) / span
+
+
 def seed_mix(*numbers: int) -> int:
     """A 63-bit seed from several integers (splitmix-style), so nearby steps get unrelated streams."""
     h = 0x9E3779B97F4A7C15
@@ -408,10 +419,11 @@ STATE_KEYS = ("step", "images_seen", "elapsed", "best_val_loss", "bad_evals", "r
 
 
 def _checkpoint_state(step: int, images_seen: int, elapsed: float, best: float | None, bad_evals: int,
-                      losses: list[float]) -> dict[str, Any]:
-    """A checkpoint's state.json (with "optimizer" added by `_save`): STATE_KEYS, all needed to resume."""
+                      losses: list[float], rewarm: tuple[float, float, float] | None = None) -> dict[str, Any]:
+    """A checkpoint's state.json (with "optimizer" added by `_save`): STATE_KEYS, all needed to resume, and the
+    re-warm-up a resume towards a farther goal started (`rewarmed`'s since, start_lr, span), if any."""
     return dict(step=step, images_seen=images_seen, elapsed=elapsed, best_val_loss=best, bad_evals=bad_evals,
-                recent_losses=losses[-50:])
+                recent_losses=losses[-50:], **({"lr_rewarm": list(rewarm)} if rewarm else {}))
 
 
 def _save(run: Path, cfg: TrainConfig, step: int, unet: torch.nn.Module, ema: torch.nn.Module | None,
@@ -421,6 +433,22 @@ def _save(run: Path, cfg: TrainConfig, step: int, unet: torch.nn.Module, ema: to
     if ema is not None:
         weights["ema"] = runfolder.state_dict_cpu(ema)
     return runfolder.save_checkpoint(run, step, weights, {**state, "optimizer": opt_meta}, keep=cfg.keep_checkpoints)
+
+
+def _stored_rewarm(state: dict[str, Any]) -> tuple[float, float, float] | None:
+    """The re-warm-up a checkpoint's run was in (`_checkpoint_state`), or None (none, or not three numbers)."""
+    got = state.get("lr_rewarm")
+    if isinstance(got, list) and len(got) == 3 and all(isinstance(v, (int, float)) for v in got):
+        return float(got[0]), float(got[1]), float(got[2])
+    return None
+
+
+def _warmup_span(cfg: TrainConfig, total: int | None) -> float:
+    """The share of the run the recipe warms up over: warmup_steps of the goal, else warmup_fraction; 5 % when the
+    recipe has none (a constant rate never jumps, so this is only for a cosine recipe without a warm-up)."""
+    if cfg.warmup_steps and total:
+        return cfg.warmup_steps / total
+    return cfg.warmup_fraction or 0.05
 
 
 def _restore(run: Path, unet: torch.nn.Module, ema: torch.nn.Module | None, opt: torch.optim.Optimizer,
@@ -595,9 +623,12 @@ def _train(cfg: TrainConfig, data: ImageSet | None, resume: bool, echo: Callable
     step, images_seen, elapsed0, best, bad_evals, losses = 0, 0, 0.0, None, 0, []
     st = _restore(run, unet, ema, opt, echo) if resume else None
     saved_at = None if st is None else st["step"]  # the step of the newest checkpoint that verifies
+    rewarm, resumed_lr = None, None
     if st is not None:
         step, images_seen, elapsed0 = st["step"], st["images_seen"], st["elapsed"]
         best, bad_evals, losses = st["best_val_loss"], st["bad_evals"], list(st["recent_losses"])
+        rewarm = _stored_rewarm(st)
+        resumed_lr = float(opt.param_groups[0]["lr"])  # the rate the checkpoint's last step trained at
         echo(f"resuming {run} at step {step}")
     echo(f"training {cfg.preset} ({count_parameters(unet) / 1e6:.2f} M parameters) on "
          f"{len(train_idx)} images ({len(val_idx)} held out{guard_note(len(data), len(train_idx), len(val_idx))}), "
@@ -616,6 +647,15 @@ def _train(cfg: TrainConfig, data: ImageSet | None, resume: bool, echo: Callable
                 break
             progress = step / total if total else elapsed / (cfg.max_minutes * 60)
             lr = lr_at(cfg, step, progress)
+            if rewarm is not None:
+                lr = rewarmed(lr, progress, *rewarm)
+            if resumed_lr is not None:  # the first step after a resume: has the goal moved the rate up?
+                if lr > 1.5 * resumed_lr:
+                    rewarm = (progress, resumed_lr, _warmup_span(cfg, total))
+                    echo(f"the goal moved: the learning rate warms up again from {resumed_lr:.2g} to the stretched "
+                         f"schedule's {lr:.2g} over {rewarm[2]:.0%} of the run")
+                    lr = rewarmed(lr_at(cfg, step, progress), progress, *rewarm)
+                resumed_lr = None
             for group in opt.param_groups:
                 group["lr"] = lr
             pos = batch_indices(len(train_idx), B, step, cfg.seed)
@@ -716,7 +756,7 @@ def _train(cfg: TrainConfig, data: ImageSet | None, resume: bool, echo: Callable
             interrupted = _any_rank(flag.signal is not None, dist, device)
             if dist.main and (step % ckpt_every == 0 or interrupted or stopped):
                 _save(run, cfg, step, unet, ema, opt,
-                      _checkpoint_state(step, images_seen, elapsed, best, bad_evals, losses))
+                      _checkpoint_state(step, images_seen, elapsed, best, bad_evals, losses, rewarm))
                 saved_at = step
             if interrupted:
                 stopped = "interrupted"
@@ -731,7 +771,7 @@ def _train(cfg: TrainConfig, data: ImageSet | None, resume: bool, echo: Callable
         _barrier(dist)
         return result
     if stopped != "interrupted":
-        state = _checkpoint_state(step, images_seen, elapsed, best, bad_evals, losses)
+        state = _checkpoint_state(step, images_seen, elapsed, best, bad_evals, losses, rewarm)
         if saved_at != step:  # not latest_checkpoint(): a damaged one skipped on resume may hold this step
             _save(run, cfg, step, unet, ema, opt, state)
     exported = guard.exported(ema or unet, step, run, echo) if stopped == "copies" and guard is not None else ema or unet
