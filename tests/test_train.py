@@ -204,10 +204,12 @@ def test_lr_schedule() -> None:
 
 
 def test_rewarmed_ramps_from_where_the_run_stood_to_the_schedule() -> None:
-    assert T.rewarmed(8e-4, 0.25, 0.25, 1e-4, 0.05) == pytest.approx(1e-4)  # the first step: where it stood
-    assert T.rewarmed(8e-4, 0.275, 0.25, 1e-4, 0.05) == pytest.approx(4.5e-4)  # half way
-    assert T.rewarmed(8e-4, 0.30, 0.25, 1e-4, 0.05) == 8e-4 and T.rewarmed(8e-4, 0.9, 0.25, 1e-4, 0.05) == 8e-4
-    assert T.rewarmed(8e-4, 0.25, 0.25, 1e-4, 0.0) == 8e-4  # no span: the schedule as it is
+    assert T.rewarmed(8e-4, 0.25, 0.25, 1e-4, 0.05, 1e-3) == pytest.approx(1e-4)  # the first step: where it stood
+    assert T.rewarmed(8e-4, 0.275, 0.25, 1e-4, 0.05, 1e-3) == pytest.approx(4.5e-4)  # half way
+    assert T.rewarmed(8e-4, 0.30, 0.25, 1e-4, 0.05, 1e-3) == 8e-4 == T.rewarmed(8e-4, 0.9, 0.25, 1e-4, 0.05, 1e-3)
+    assert T.rewarmed(8e-4, 0.25, 0.25, 1e-4, 0.0, 1e-3) == 8e-4  # no span: the schedule as it is
+    assert T.rewarmed(8e-4, 0.275, 0.25, 1e-4, 0.05, 5e-4) == pytest.approx(3e-4)  # climbing to the cap
+    assert T.rewarmed(8e-4, 0.5, 0.25, 1e-4, 0.05, 5e-4) == 5e-4 and T.rewarmed(2e-4, 0.9, 0.25, 1e-4, 0.05, 5e-4) == 2e-4
 
 
 def test_a_cosine_run_resumed_towards_a_farther_goal_warms_up_again(tmp_path: Path, image_folder: Path,
@@ -225,9 +227,11 @@ def test_a_cosine_run_resumed_towards_a_farther_goal_warms_up_again(tmp_path: Pa
     recipe = TrainConfig(data="d", out="o", lr=1e-3, warmup_steps=0, warmup_fraction=0.25)
     end_of_first, stretched = T.lr_at(recipe, 5, 5 / 6), T.lr_at(recipe, 6, 6 / 24)
     assert stretched > 5 * end_of_first  # what the jump would have been
-    # step 10 logs the rate step 9 trained at: half way up the climb, well under the stretched schedule there
-    assert end_of_first < rates[10] < 0.75 * T.lr_at(recipe, 9, 9 / 24)
-    assert rates[20] == pytest.approx(T.lr_at(recipe, 19, 19 / 24))  # past the climb: the schedule itself
+    # step 10 logs the rate step 9 trained at: half way up the climb to half the peak; past it, the stretched
+    # schedule below half the peak
+    cap = T.EXTENDED_PEAK * 1e-3
+    assert end_of_first < rates[10] == pytest.approx(end_of_first + (cap - end_of_first) * (9 / 24 - 0.25) / 0.25)
+    assert rates[20] == pytest.approx(min(cap, T.lr_at(recipe, 19, 19 / 24)))
     state = json.loads(sorted(out.glob("checkpoints/*/state.json"))[-1].read_text())
     assert state["lr_rewarm"][0] == pytest.approx(0.25) and state["lr_rewarm"][2] == pytest.approx(0.25)
     assert T._stored_rewarm(state) == tuple(state["lr_rewarm"]) and T._stored_rewarm({"lr_rewarm": "x"}) is None

@@ -56,12 +56,18 @@ def lr_at(cfg: TrainConfig, step: int, progress: float) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0))))
 
 
-def rewarmed(lr: float, progress: float, since: float, start_lr: float, span: float) -> float:
-    """The schedule's `lr` ramped linearly from `start_lr` (the rate a resumed run last trained at) over `span` of
-    the run after progress `since`: a run resumed towards a farther goal has its schedule stretched, which can put
-    the rate far above where it stood (at the end of a cosine, 10 % of the peak, back to near the peak), and Adam
-    at that sudden rate can throw the weights off (loss 0.07 → 0.6, for good). So it warms up again, as at the
-    start."""
+EXTENDED_PEAK = 0.5  # a run resumed towards a farther goal climbs back to at most this share of its peak rate
+
+
+def rewarmed(lr: float, progress: float, since: float, start_lr: float, span: float, cap: float) -> float:
+    """The schedule's `lr` for a run resumed towards a farther goal: at most `cap`, and ramped linearly from
+    `start_lr` (the rate it last trained at) over `span` of the run after progress `since`. The stretched schedule
+    can put the rate far above where the run stood (at the end of a cosine, 10 % of the peak, back to ~87 %), and
+    a trained model at that rate can be thrown off for good: a 4,269-step run resumed towards 17,076 went from
+    loss 0.07 to 0.6 at once, and with a ramp up to the stretched schedule, at 8e-4, 900 steps later; runs taken
+    on at up to 5.5e-4 (55 % of the peak) kept learning. So it warms up again, as at the start, to at most `cap`
+    (EXTENDED_PEAK of the peak)."""
+    lr = min(lr, cap)
     if span <= 0 or progress >= since + span:
         return lr
     return start_lr + (lr - start_lr) * max(progress - since, 0.0) / span
@@ -647,14 +653,16 @@ def _train(cfg: TrainConfig, data: ImageSet | None, resume: bool, echo: Callable
                 break
             progress = step / total if total else elapsed / (cfg.max_minutes * 60)
             lr = lr_at(cfg, step, progress)
+            cap = EXTENDED_PEAK * cfg.lr
             if rewarm is not None:
-                lr = rewarmed(lr, progress, *rewarm)
+                lr = rewarmed(lr, progress, *rewarm, cap)
             if resumed_lr is not None:  # the first step after a resume: has the goal moved the rate up?
                 if lr > 1.5 * resumed_lr:
                     rewarm = (progress, resumed_lr, _warmup_span(cfg, total))
-                    echo(f"the goal moved: the learning rate warms up again from {resumed_lr:.2g} to the stretched "
-                         f"schedule's {lr:.2g} over {rewarm[2]:.0%} of the run")
-                    lr = rewarmed(lr_at(cfg, step, progress), progress, *rewarm)
+                    echo(f"the goal moved: the learning rate warms up again from {resumed_lr:.2g} to "
+                         f"{min(lr, cap):.2g} over {rewarm[2]:.0%} of the run, then follows the stretched schedule "
+                         f"below {cap:.2g}")
+                    lr = rewarmed(lr_at(cfg, step, progress), progress, *rewarm, cap)
                 resumed_lr = None
             for group in opt.param_groups:
                 group["lr"] = lr
