@@ -76,6 +76,15 @@ COMMANDS = {
     "masks_anatomy": "python benchmarks/masks.py --maps anatomy --steps 4269 --seg-steps 2000 --inpaint 100 "
                      "--guidance 2 --out bench_out/masks_anatomy --grid docs/masks_anatomy_grid.png "
                      "--results benchmarks/results/masks_anatomy.json",
+    "masks_anatomy_4x": "python benchmarks/masks.py --maps anatomy --reuse --steps 17076 --parts adherence,utility,copies "
+                        "--seg-steps 2000 --guidance 2 --out bench_out/masks_anatomy_4x "
+                        "--grid docs/masks_anatomy_4x_grid.png --results benchmarks/results/masks_anatomy_4x.json",
+    "masks_anatomy_copies": "python benchmarks/masks.py --maps anatomy --reuse --parts copies --guidance 2 "
+                            "--out bench_out/masks_anatomy --grid docs/masks_anatomy_copies_grid.png "
+                            "--results benchmarks/results/masks_anatomy_copies.json",
+    "masks_steps8x_copies": "python benchmarks/masks.py --reuse --parts copies --guidance 2 --out bench_out/masks_steps8x "
+                            "--grid docs/masks_steps8x_copies_grid.png "
+                            "--results benchmarks/results/masks_steps8x_copies.json",
     "masks_steps4x_inpaint_g3": "python benchmarks/masks.py --reuse --parts inpainting --seg-steps 2000 --inpaint 100 "
                                 "--guidance 3 --out bench_out/masks_steps4x "
                                 "--grid docs/masks_steps4x_inpaint_g3_grid.png "
@@ -635,7 +644,7 @@ def _not_rerun(what: str, figure: str, seed: str = "—") -> str:
 # the label-map files the README's table shows: the first (20-minute) run and the longest-trained run's; every other
 # masks file (conditioning paths, loss weights, guidance and cutoff sweeps, 2x and 4x budgets) is in
 # docs/benchmarks.md, where the story that leads to these is told
-README_MASKS = ("masks", "masks_steps8x", "masks_steps8x_g2")
+README_MASKS = ("masks", "masks_steps8x", "masks_steps8x_g2", "masks_anatomy_4x")
 README_MASK_SWEEPS = ("masks_steps8x",)
 
 
@@ -798,11 +807,14 @@ def readme_rows(results: Path) -> list[str]:
             how += f", `{flags}`" if flags else ""
             how += f", segmenters trained {seg_steps:,} steps" if seg_steps != 600 else ""
             how += f", guidance cutoff {sm['guidance_cutoff']:g}" if sm.get("guidance_cutoff") else ""
+            own = (sm.get("copies") or {}).get("from_training_maps")  # what the synthetic-only pairs copy
+            own_head = "; images made from training maps flagged as copies" if own else ""
+            own_cell = f"; {own['share']:.0%}" if own else ""
             rows.append(f"| label maps (phantoms, {m['settings']['size']} px, guidance {sm['guidance']:g}{how}): lesion "
                         f"Dice of generated images against the requested map; synthetic-only / real-only segmenter "
-                        f"Dice; {few} real + synthetic minus {few} real | cannot condition on a map | {adh}; "
+                        f"Dice; {few} real + synthetic minus {few} real{own_head} | cannot condition on a map | {adh}; "
                         f"{ci(r['ratio'], r['ratio_ci95'])}; {d['difference']:+.3f} [{d['difference_ci95'][0]:+.3f}, "
-                        f"{d['difference_ci95'][1]:+.3f}] | `{masks_commands(m)}` |")
+                        f"{d['difference_ci95'][1]:+.3f}]{own_cell} | `{masks_commands(m)}` |")
     for name in README_MASK_SWEEPS:
         sweep = load(name, results)
         if not (sweep and sweep["summary"].get("adherence_by_guidance")):
