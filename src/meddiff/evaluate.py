@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from .audit import Privacy, check_split, privacy_figures
-from .data.dataset import split
+from .data.dataset import lesion_value, named_values, split
 from .errors import ConfigError
 from .imagesets import LabelledImages, check_class_folders, images01, load_images, native_size
 from .metrics.classifier import class_consistency, classifier_features, utility_study
@@ -270,13 +270,8 @@ def _lesion_maps(images: LabelledImages, value: int | None = None) -> np.ndarray
 def _lesion_value(*sets: LabelledImages | None) -> int | None:
     """The label value the real sets name "lesion" (`builtin:phantoms?masks=2` maps hold anatomy beside it), or
     None: a set whose values are unnamed (a folder of label images) counts every label as lesion."""
-    for images in sets:
-        named = images.data.summary.get("mask_names") if images is not None else None
-        if isinstance(named, dict):
-            found = [int(v) for v, n in named.items() if n == "lesion" and str(v).isdigit()]
-            if found:
-                return found[0]
-    return None
+    found = [lesion_value(named_values(s.data.summary)) for s in sets if s is not None]
+    return next((v for v in found if v is not None), None)
 
 
 def _groups(images: LabelledImages) -> list[str]:

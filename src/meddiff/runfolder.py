@@ -102,10 +102,9 @@ class RunRecord:
     def mask_names(self) -> dict[int, str]:
         """The names the training data gave the label values (`builtin:phantoms?masks=…` names them; a folder of
         label images does not): {value: name} for the values the model knows."""
-        named = self.data.get("mask_names")
-        if not isinstance(named, dict):  # none, or a hand-edited record's something else: the values go unnamed
-            return {}
-        return {int(v): str(n) for v, n in named.items() if str(v).isdigit() and int(v) in self.model.mask_values}
+        from .data.dataset import named_values
+
+        return {v: n for v, n in named_values(self.data).items() if v in self.model.mask_values}
 
     @property
     def conditional(self) -> bool:

@@ -26,7 +26,8 @@ from .config import (MAX_IMAGES, SAMPLERS, SEEDS, STEPS, InpaintConfig, ModelCon
                      check_value,
                      default_sampler)
 from .data import cache
-from .data.dataset import PAIR_FOLDERS, jitter_label_map, labels_to_square, load_data, pair_layout, to_square
+from .data.dataset import (PAIR_FOLDERS, jitter_label_map, labels_to_square, lesion_value, load_data, pair_layout,
+                           to_square)
 from .data.readers import read_file, read_label_map
 from .errors import ConfigError, UnreadableFile
 from .latent import decode as decode_latents
@@ -276,7 +277,7 @@ def inpaint_region(run: LoadedRun, labels: np.ndarray) -> tuple[np.ndarray, np.n
     non-zero pixel, written as it is made (value 1). A label map of anatomy and lesion for a run whose data named
     a "lesion" value (`builtin:phantoms?masks=2`): only the lesion is regenerated, the anatomy around it is what it
     is asked with, and the whole map is written: the result's own label map."""
-    lesion = next((v for v, n in run.mask_names.items() if n == "lesion"), None)
+    lesion = lesion_value(run.mask_names)
     values = set(np.unique(labels).tolist()) - {0}
     if run.model.cond_channels and len(values) > 1 and values <= set(run.model.mask_values) and lesion is not None:
         return labels == lesion, labels

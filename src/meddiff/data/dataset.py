@@ -540,6 +540,20 @@ def load_data(spec: str, size: int, *, crop: bool = False, label_depth: int = 1,
                     [tuple(s) for s in side["skipped"]], summary)
 
 
+def named_values(summary: dict[str, Any]) -> dict[int, str]:
+    """The names a data set's summary gives its label values ({"1": "lesion", …}: the phantoms name theirs; a
+    folder of label images does not) → {value: name}; anything else there (a hand-edited record) names nothing."""
+    named = summary.get("mask_names")
+    if not isinstance(named, dict):
+        return {}
+    return {int(v): str(n) for v, n in named.items() if str(v).isdigit()}
+
+
+def lesion_value(names: dict[int, str]) -> int | None:
+    """The label value named "lesion" (maps of anatomy hold other structures beside it), or None."""
+    return next((v for v, n in sorted(names.items()) if n == "lesion"), None)
+
+
 def upsampled(source_shapes: dict[str, int], size: int) -> int:
     """How many images were enlarged to reach `size` px (their longer side was shorter): a model trained on them
     learns the resize's smoothness, not finer detail, which users should know."""
