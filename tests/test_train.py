@@ -212,6 +212,19 @@ def test_rewarmed_ramps_from_where_the_run_stood_to_the_schedule() -> None:
     assert T.rewarmed(8e-4, 0.5, 0.25, 1e-4, 0.05, 5e-4) == 5e-4 and T.rewarmed(2e-4, 0.9, 0.25, 1e-4, 0.05, 5e-4) == 2e-4
 
 
+def test_only_a_moved_goal_starts_a_new_warm_up() -> None:
+    warm = TrainConfig(data="d", out="o", lr=1e-3, warmup_steps=4, lr_schedule="constant", max_steps=8)
+    # resumed at step 1 inside the first warm-up: the rate doubles, on the schedule the checkpoint trained on
+    assert not T.goal_moved_up(warm, 1, 0 / 8, T.lr_at(warm, 1, 1 / 8), T.lr_at(warm, 0, 0.0), None)
+    cosine = TrainConfig(data="d", out="o", lr=1e-3, warmup_steps=0, warmup_fraction=0.05, max_steps=24)
+    finished = T.lr_at(cosine, 5, 5 / 6)  # the last step of a 6-step run, now aimed at 24
+    assert T.goal_moved_up(cosine, 6, 5 / 24, T.lr_at(cosine, 6, 6 / 24), finished, None)
+    climbing = (0.25, finished, 0.25)  # a resume inside that climb carries on with it, no new one
+    then = T.rewarmed(T.lr_at(cosine, 9, 9 / 24), 9 / 24, *climbing, 5e-4)
+    assert not T.goal_moved_up(cosine, 10, 9 / 24, T.rewarmed(T.lr_at(cosine, 10, 10 / 24), 10 / 24, *climbing,
+                                                                      5e-4), then, climbing)
+
+
 def test_a_cosine_run_resumed_towards_a_farther_goal_warms_up_again(tmp_path: Path, image_folder: Path,
                                                                     train_config) -> None:
     """Stretching a finished cosine from 6 to 24 steps would jump the rate from 10 % of the peak to ~80 %: the

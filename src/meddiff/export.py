@@ -386,13 +386,11 @@ def _write_dicom_seg(labels: np.ndarray, path: Path, image: Path, info: Syntheti
     for k, v in enumerate(values, start=1):
         numbered[labels == v] = k
     segments = [hd.seg.SegmentDescription(
-        segment_number=k, segment_label=names.get(v, f"label {v}")[:64],
-        segmented_property_category=segment_codes(names.get(v))[0],
-        segmented_property_type=segment_codes(names.get(v))[1],
-        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        segment_number=k, segment_label=names.get(v, f"label {v}")[:64], segmented_property_category=category,
+        segmented_property_type=kind, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=hd.AlgorithmIdentificationSequence(name="meddiff", version=__version__,
                                                                     family=codes.DCM.ArtificialIntelligence))
-        for k, v in enumerate(values, start=1)]
+        for k, v in enumerate(values, start=1) for category, kind in [segment_codes(names.get(v))]]
     seg = hd.seg.Segmentation(
         source_images=[source], pixel_array=numbered, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=segments, series_instance_uid=hd.UID(), series_number=2, sop_instance_uid=hd.UID(),

@@ -441,6 +441,17 @@ def _save(run: Path, cfg: TrainConfig, step: int, unet: torch.nn.Module, ema: to
     return runfolder.save_checkpoint(run, step, weights, {**state, "optimizer": opt_meta}, keep=cfg.keep_checkpoints)
 
 
+def goal_moved_up(cfg: TrainConfig, step: int, before: float, lr: float, resumed_lr: float,
+                  rewarm: tuple[float, float, float] | None) -> bool:
+    """Whether a resumed run's goal moved its rate up: the schedule asks for `lr`, well above `resumed_lr` (what the
+    checkpoint's last step, at progress `before`, trained at), and no longer gives that last step its own rate (a
+    run resumed inside its first warm-up climbs too, on the same schedule: that resume stays exact)."""
+    then = lr_at(cfg, step - 1, before)
+    if rewarm is not None:
+        then = rewarmed(then, before, *rewarm, EXTENDED_PEAK * cfg.lr)
+    return lr > 1.5 * resumed_lr and not math.isclose(then, resumed_lr, rel_tol=0.01)
+
+
 def _stored_rewarm(state: dict[str, Any]) -> tuple[float, float, float] | None:
     """The re-warm-up a checkpoint's run was in (`_checkpoint_state`), or None (none, or not three numbers)."""
     got = state.get("lr_rewarm")
@@ -657,7 +668,8 @@ def _train(cfg: TrainConfig, data: ImageSet | None, resume: bool, echo: Callable
             if rewarm is not None:
                 lr = rewarmed(lr, progress, *rewarm, cap)
             if resumed_lr is not None:  # the first step after a resume: has the goal moved the rate up?
-                if lr > 1.5 * resumed_lr:
+                before = (step - 1) / total if total else elapsed0 / (cfg.max_minutes * 60)
+                if goal_moved_up(cfg, step, before, lr, resumed_lr, rewarm):
                     rewarm = (progress, resumed_lr, _warmup_span(cfg, total))
                     echo(f"the goal moved: the learning rate warms up again from {resumed_lr:.2g} to "
                          f"{min(lr, cap):.2g} over {rewarm[2]:.0%} of the run, then follows the stretched schedule "
