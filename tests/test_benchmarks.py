@@ -422,8 +422,9 @@ def test_utility_is_compared_within_each_modality_too(monkeypatch) -> None:
     for i in range(20):
         y, x = rng.integers(0, 5, 2)
         maps[i, y:y + 3, x:x + 3] = 1
-    test = dict(images=rng.random((20, 8, 8)).astype(np.float32), masks=maps, classes=classes)
-    train = dict(images=rng.random((20, 8, 8)).astype(np.float32), masks=maps.copy(), classes=classes)
+    test = dict(images=rng.random((20, 8, 8)).astype(np.float32), masks=maps, lesions=maps == 1, classes=classes)
+    train = dict(images=rng.random((20, 8, 8)).astype(np.float32), masks=maps.copy(), lesions=maps == 1,
+                 classes=classes)
     marker = 7.0  # what the fake generator draws: how the fake trainer knows the synthetic-only segmenter
     monkeypatch.setattr(masks, "generate_for", lambda run, m, c, g, s, cutoff=0.0: np.full(m.shape, marker, np.float32))
     monkeypatch.setattr(seg, "train_segmenter",
