@@ -9,6 +9,7 @@
     python benchmarks/masks.py --conditioning spade --out bench_out/masks_spade   # the map through SPADE too
     python benchmarks/masks.py --conditioning controlnet --out bench_out/masks_controlnet   # or a ControlNet copy
     python benchmarks/masks.py --maps anatomy --out bench_out/masks_anatomy   # maps of lesion and anatomy
+    python benchmarks/masks.py --maps anatomy --reuse --utility-maps new --parts utility,copies ...   # new maps
 
 1. meddiff trains its default recipe, conditioned on the maps, on `builtin:phantoms?masks=1` (seed 0) for --minutes.
    Every test image comes from other phantoms (`seed=1`): no test pair was trained on. --maps anatomy conditions
@@ -20,7 +21,8 @@
    generated for the test set's abnormal maps (class <modality>/abnormal, default sampler, --guidance); Dice
    against the requested map per modality, beside the same segmenter on the real test images (its ceiling).
 3. Segmentation utility: segmenters trained on synthetic pairs only (one generated image per training map, same
-   classes) and on the real pairs, both tested on the real test pairs; the ratio of their Dice. And with only
+   classes; --utility-maps new: per new map, each training map jittered by its own seed as `meddiff sample
+   --augment-masks` draws them, so that no pair is made from a training patient's own map) and on the real pairs, both tested on the real test pairs; the ratio of their Dice. And with only
    --few real pairs: real alone against real + every synthetic pair, the real pairs filling --real-share of every
    batch (so 50 real pairs are not drowned by 1,200 synthetic ones). Both comparisons are paired over the same test
    images, with 95 % bootstrap intervals on the ratio and the difference; synthetic-only against real-only per
@@ -33,8 +35,9 @@
    magnitude on the region's border ring against the same on real lesions' rings, beside the contrast across that
    ring (inside against outside), which raises the gradient without any seam.
 5. Copies: the share of the generated adherence images flagged as copies of a training image (held-out test
-   images set the threshold); and of 200 images generated from training maps, at that threshold, with how often
-   the nearest training image is the map's own image.
+   images set the threshold); and of 200 images generated from training maps (or the new maps of --utility-maps
+   new), at that threshold, with how often the nearest training image is the map's own image (with new maps the
+   gallery also holds each source image moved as its map was: a copy turned with its map is caught too).
 Writes benchmarks/results/masks.json and docs/masks_grid.png (requested map, generated image, per modality).
 """
 from __future__ import annotations
@@ -54,6 +57,7 @@ import _results as R
 MODALITIES = ("ct", "mri", "us", "xray")
 MAPS = ("lesion", "anatomy")  # --maps: what the model is conditioned on (builtin:phantoms?masks=1, masks=2)
 PARTS = ("adherence", "utility", "inpainting", "copies")
+UTILITY_MAPS = ("training", "new")  # --utility-maps: the training maps, or new ones jittered from them
 
 
 def load_pairs(n: int, seed: int, size: int, maps: str = "lesion") -> dict:
@@ -178,6 +182,10 @@ def main() -> None:
                          "every residual block / a ControlNet encoder copy (benchmarks/_mask_conditioning.py)")
     ap.add_argument("--maps", choices=MAPS, default="lesion",
                     help="condition on the lesion maps (masks=1) or on label maps of lesion and anatomy (masks=2)")
+    ap.add_argument("--utility-maps", choices=UTILITY_MAPS, default="training",
+                    help="the maps the synthetic pairs of the utility figures (and the copy audit of what they train "
+                         "on) are generated from: the training maps themselves, or new maps drawn from them (each "
+                         "jittered by its own seed, as `meddiff sample --augment-masks` draws them)")
     ap.add_argument("--quick", action="store_true", help="smoke test: 32 px, tiny preset, seconds")
     R.add_results_arg(ap, "masks")
     a = ap.parse_args()
@@ -236,7 +244,7 @@ def main() -> None:
     summary: dict = dict(parts=parts, training=trained, guidance=scales[0], guidance_cutoff=a.guidance_cutoff,
                          mask_loss_weight=getattr(run.train, "mask_loss_weight", 0.0),
                          sampler="the run's default (UniPC 10)",
-                         grid=a.grid, conditioning=a.conditioning, maps=a.maps,
+                         grid=a.grid, conditioning=a.conditioning, maps=a.maps, utility_maps=a.utility_maps,
                          parameters=sum(p.numel() for p in run.unet.parameters()))
 
     # 2. adherence
@@ -263,8 +271,9 @@ def main() -> None:
     if "copies" in parts:  # 5. the generated adherence images against the training images
         audit = memorization_report(gen, train["images"], test["images"])
         summary["copies"] = dict(share=audit.n_flagged / max(len(gen), 1), threshold=float(audit.threshold))
-        summary["copies"]["from_training_maps"] = training_map_copies(run, train, scales[0], a.guidance_cutoff,
-                                                                      audit.threshold)
+        key = "from_training_maps" if a.utility_maps == "training" else "from_new_maps"
+        summary["copies"][key] = training_map_copies(run, train, scales[0], a.guidance_cutoff, audit.threshold,
+                                                     new=a.utility_maps == "new")
 
     per_mod = [next((k for k, i in enumerate(abn) if test["classes"][i].startswith(m + "/")), None) for m in MODALITIES]
     tiles = [t for k in per_mod if k is not None for t in (_shown(test["masks"][abn[k]]), gen[k])]
@@ -275,18 +284,43 @@ def main() -> None:
     R.write_results(a.results, "masks", mach, vars(a), [], summary)
 
 
-def training_map_copies(run, train: dict, guidance: float, cutoff: float, threshold: float, n: int = 200) -> dict:
-    """Images generated from training maps (what the utility figures train on) against the training images, at the
-    adherence images' copy threshold: the share flagged, the median nearest NCC, and how often the nearest
-    training image is the one the map came from: a map that carries the anatomy can carry the patient with it."""
+def pair_maps(train: dict, rows: np.ndarray, new: bool, seed0: int) -> tuple[np.ndarray, np.ndarray]:
+    """The maps images are generated from for training rows `rows`, and their bool lesion maps: the training maps
+    themselves, or (new) each one jittered by seed seed0 + its place in `rows`, as `meddiff sample --augment-masks`
+    draws a new map from a given one."""
+    from meddiff.data.dataset import jitter_label_map
+    from meddiff.data.phantoms import LESION
+
+    maps = train["masks"][rows]
+    if new:
+        maps = np.stack([jitter_label_map(m, seed0 + k) for k, m in enumerate(maps)])
+    return maps, maps == LESION
+
+
+def training_map_copies(run, train: dict, guidance: float, cutoff: float, threshold: float, n: int = 200,
+                        new: bool = False) -> dict:
+    """Images generated from training maps (what the utility figures train on; with `new`, from new maps jittered
+    from them) against the training images, at the adherence images' copy threshold: the share flagged, the median
+    nearest NCC, and how often the nearest training image is the one the map came from: a map that carries the
+    anatomy can carry the patient with it. With `new` the gallery also holds each source image moved by its map's
+    jitter (`jitter_image`): a copy of a training image turned, scaled or shifted with its map is flagged too."""
+    from meddiff.data.dataset import jitter_image
     from meddiff.metrics.memorization import memorization_report
 
     rows = np.random.default_rng(1).choice(len(train["images"]), min(n, len(train["images"])), replace=False)
-    own = generate_for(run, train["masks"][rows], [train["classes"][i] for i in rows], guidance, 40_000, cutoff)
-    audit = memorization_report(own, train["images"], threshold=threshold)
+    maps, _ = pair_maps(train, rows, new, 40_000)
+    own = generate_for(run, maps, [train["classes"][i] for i in rows], guidance, 40_000, cutoff)
+    gallery = train["images"]
+    if new:
+        moved = np.stack([jitter_image(train["images"][i], 40_000 + k) for k, i in enumerate(rows)])
+        gallery = np.concatenate([gallery, moved])
+    audit = memorization_report(own, gallery, threshold=threshold)
+    source = (audit.index == rows) | (audit.index == len(train["images"]) + np.arange(len(rows)))
     out = dict(share=audit.n_flagged / len(own), images=len(own), median_ncc=float(np.median(audit.nearest)),
-               nearest_is_source=float(np.mean(audit.index == rows)))
-    print(f"copies from training maps: {json.dumps(out)}", flush=True)
+               nearest_is_source=float(np.mean(source)))
+    if new:
+        out["nearest_is_moved_source"] = float(np.mean(audit.index >= len(train["images"])))
+    print(f"copies from {'new' if new else 'training'} maps: {json.dumps(out)}", flush=True)
     return out
 
 
@@ -309,19 +343,20 @@ def real_segmenter(out: Path, train: dict, steps: int):
 
 
 def utility_figures(run, seg_real, train: dict, test: dict, a: argparse.Namespace, guidance: float) -> dict:
-    """3. Segmenters trained on synthetic pairs, on real ones, on a few real ones with and without the synthetic
+    """3. Segmenters trained on synthetic pairs (from the training maps or new maps: --utility-maps), on real ones, on a few real ones with and without the synthetic
     ones, all tested on the real test pairs."""
     from meddiff.metrics.segmentation import dice_comparison, dice_figure, segment, train_segmenter
 
-    syn = generate_for(run, train["masks"], train["classes"], guidance, 20_000, a.guidance_cutoff)
-    seg_syn = train_segmenter(syn, train["lesions"], a.seg_steps)
+    maps, lesions = pair_maps(train, np.arange(len(train["images"])), a.utility_maps == "new", 20_000)
+    syn = generate_for(run, maps, train["classes"], guidance, 20_000, a.guidance_cutoff)
+    seg_syn = train_segmenter(syn, lesions, a.seg_steps)
     rng = np.random.default_rng(0)
     few = rng.choice(len(train["images"]), min(a.few, len(train["images"])), replace=False)
     seg_few = train_segmenter(train["images"][few], train["lesions"][few], a.seg_steps)
     # the few real pairs fill --real-share of every batch, the synthetic ones the rest, whatever their counts
     share = np.r_[np.full(len(few), a.real_share / len(few)), np.full(len(syn), (1 - a.real_share) / len(syn))]
     seg_mix = train_segmenter(np.concatenate([train["images"][few], syn]),
-                              np.concatenate([train["lesions"][few], train["lesions"]]), a.seg_steps, weights=share)
+                              np.concatenate([train["lesions"][few], lesions]), a.seg_steps, weights=share)
     maps = {name: segment(net, test["images"])
             for name, net in (("real", seg_real), ("synthetic", seg_syn), (f"real_{a.few}", seg_few),
                               (f"real_{a.few}_plus_synthetic", seg_mix))}

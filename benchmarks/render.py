@@ -416,12 +416,15 @@ def render_masks(doc: dict) -> list[str]:
     if paired:  # paired over the same test images
         r, d = paired["synthetic_vs_real"], paired["plus_synthetic_vs_few"]
         few = next(k for k in u if k.endswith("_plus_synthetic")).removesuffix("_plus_synthetic").replace("_", " ")
+        source = (" The synthetic pairs are made from new maps: each training map jittered by its own seed "
+                  "(`--utility-maps new`, as `meddiff sample --augment-masks` draws them)."
+                  if s.get("utility_maps") == "new" else "")
         lines += ["", f"Synthetic-only / real-only Dice: {ci(r['ratio'], r['ratio_ci95'])} (paired over the "
                   f"same {r['images']} test images). {few} + synthetic against {few} alone (the real pairs fill "
                   f"{s.get('real_share', 0.5):.0%} of each batch): Dice difference "
                   f"{d['difference']:+.3f} [{d['difference_ci95'][0]:+.3f}, {d['difference_ci95'][1]:+.3f}]"
                   + (", a gain." if d["difference_ci95"][0] > 0 else
-                     ", a loss." if d["difference_ci95"][1] < 0 else ", a tie (the interval holds 0).")]
+                     ", a loss." if d["difference_ci95"][1] < 0 else ", a tie (the interval holds 0).") + source]
         if s.get("utility_by_modality"):
             lines[-1] += " Synthetic-only / real-only by modality: " + ", ".join(
                 f"{m} {ci(f['ratio'], f['ratio_ci95'])} (n={f['images']})" for m, f in s["utility_by_modality"].items()) + "."
@@ -453,12 +456,18 @@ def render_masks(doc: dict) -> list[str]:
                   + "."]
     if s.get("copies"):
         c = s["copies"]
-        own = c.get("from_training_maps")
+        own, new = c.get("from_training_maps"), c.get("from_new_maps")
         lines += [f"Copies of training images among the generated adherence images: {c['share']:.0%}."
                   + (f" Among {own['images']} images generated from training maps (what the utility figures train "
                      f"on): {own['share']:.0%} flagged (same threshold, NCC {c['threshold']:.3f}); median nearest NCC "
                      f"{own['median_ncc']:.3f}; the nearest training image is the map's own image for "
-                     f"{own['nearest_is_source']:.0%}." if own else "")]
+                     f"{own['nearest_is_source']:.0%}." if own else "")
+                  + (f" Among {new['images']} images generated from new maps jittered from training maps (what the "
+                     f"utility figures train on), against the training images and each source image moved as its "
+                     f"map was: {new['share']:.0%} flagged (same threshold, NCC {c['threshold']:.3f}); median nearest "
+                     f"NCC {new['median_ncc']:.3f}; the nearest is the map's own source for "
+                     f"{new['nearest_is_source']:.0%} ({new['nearest_is_moved_source']:.0%} its moved copy)."
+                     if new else "")]
     grid = Path(s["grid"])
     return lines + (["", f"![requested map and generated image, one pair per modality]({grid.name})"]
                     if grid.parent.name == "docs" else [])
@@ -807,8 +816,11 @@ def readme_rows(results: Path) -> list[str]:
             how += f", `{flags}`" if flags else ""
             how += f", segmenters trained {seg_steps:,} steps" if seg_steps != 600 else ""
             how += f", guidance cutoff {sm['guidance_cutoff']:g}" if sm.get("guidance_cutoff") else ""
-            own = (sm.get("copies") or {}).get("from_training_maps")  # what the synthetic-only pairs copy
-            own_head = "; images made from training maps flagged as copies" if own else ""
+            copies = sm.get("copies") or {}
+            own = copies.get("from_training_maps") or copies.get("from_new_maps")  # what the synthetic pairs copy
+            new = sm.get("utility_maps") == "new"
+            how += ", synthetic pairs from new (jittered) maps" if new else ""
+            own_head = f"; images made from {'new' if new else 'training'} maps flagged as copies" if own else ""
             own_cell = f"; {own['share']:.0%}" if own else ""
             rows.append(f"| label maps (phantoms, {m['settings']['size']} px, guidance {sm['guidance']:g}{how}): lesion "
                         f"Dice of generated images against the requested map; synthetic-only / real-only segmenter "

@@ -387,6 +387,47 @@ def test_images_made_from_training_maps_are_audited_against_their_own_source(mon
     assert "the map's own image for 50%" in line
 
 
+def test_images_made_from_new_maps_are_audited_against_their_moved_source(monkeypatch) -> None:
+    from meddiff.data.dataset import jitter_image, jitter_label_map
+
+    masks, render = bench("masks"), bench("render")
+    rng = np.random.default_rng(0)
+    maps = np.zeros((12, 32, 32), np.int64)
+    maps[:, 8:20, 10:18] = 1
+    train = dict(images=rng.random((12, 32, 32)).astype(np.float32), masks=maps, classes=["ct/abnormal"] * 12)
+    chosen = np.random.default_rng(1).choice(12, 5, replace=False)
+    asked = []
+
+    def moved_copies(run, m, classes, g, s0, c=0.0):  # each source image turned as its map was: a copy all the same
+        asked.append(m)
+        return np.stack([jitter_image(train["images"][i], s0 + k) for k, i in enumerate(chosen)])
+
+    monkeypatch.setattr(masks, "generate_for", moved_copies)
+    got = masks.training_map_copies(None, train, 2.0, 0.0, 0.9, n=5, new=True)
+    assert all(np.array_equal(asked[0][k], jitter_label_map(maps[i], 40_000 + k)) for k, i in enumerate(chosen))
+    assert not np.array_equal(asked[0], maps[chosen]), "new maps, not the training maps"
+    assert got["share"] == 1.0 and got["nearest_is_source"] == 1.0 and got["nearest_is_moved_source"] == 1.0
+    plain = masks.training_map_copies(None, train, 2.0, 0.0, 0.9, n=5, new=False)
+    assert plain["share"] < 0.5, "against the training images alone, a turned copy is not caught"
+    # the utility's synthetic segmenter learns the new maps' lesions, not the training maps'
+    seen = {}
+    monkeypatch.setattr(masks, "generate_for", lambda run, m, c, g, s, cutoff=0.0: np.zeros(m.shape, np.float32))
+    import meddiff.metrics.segmentation as seg
+    monkeypatch.setattr(seg, "train_segmenter", lambda images, m, steps, weights=None: seen.setdefault(len(seen), m))
+    monkeypatch.setattr(seg, "segment", lambda net, images: maps == 1)
+    import argparse
+    a = argparse.Namespace(few=4, real_share=0.5, seg_steps=1, guidance_cutoff=0.0, utility_maps="new")
+    test = dict(images=train["images"], masks=maps, lesions=maps == 1, classes=train["classes"])
+    masks.utility_figures(None, np.zeros((12, 32, 32)), dict(train, lesions=maps == 1), test, a, 2.0)
+    assert np.array_equal(seen[0], np.stack([jitter_label_map(m, 20_000 + k) for k, m in enumerate(maps)]) == 1)
+    doc = json.loads((ROOT / "benchmarks" / "results" / "masks_seg2000.json").read_text())
+    doc["summary"]["utility_maps"] = "new"
+    doc["summary"]["copies"]["from_new_maps"] = dict(got, share=0.02)
+    text = "\n".join(render.render_masks(doc))
+    assert "made from new maps: each training map jittered" in text
+    assert "Among 5 images generated from new maps" in text and "2% flagged" in text and "(100% its moved copy)" in text
+
+
 def test_the_rendered_docs_match_the_results_files() -> None:
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "render.py"), "--check"], capture_output=True,
                        text=True, timeout=120, cwd=ROOT)
@@ -436,7 +477,7 @@ def test_utility_is_compared_within_each_modality_too(monkeypatch) -> None:
                         False, out)
 
     monkeypatch.setattr(seg, "segment", segment)
-    a = argparse.Namespace(few=5, real_share=0.5, seg_steps=1, guidance_cutoff=0.0)
+    a = argparse.Namespace(few=5, real_share=0.5, seg_steps=1, guidance_cutoff=0.0, utility_maps="training")
     got = masks.utility_figures(None, "real", train, test, a, 2.0)
     by = got["utility_by_modality"]
     assert by["ct"]["ratio"] == 0 and by["ct"]["images"] == 5

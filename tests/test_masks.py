@@ -474,6 +474,20 @@ def test_a_jittered_map_keeps_its_labels_and_follows_its_seed() -> None:
     assert not any(np.array_equal(jitter_label_map(labels, s), labels) for s in range(5))
 
 
+def test_a_jittered_image_moves_with_its_jittered_map() -> None:
+    from meddiff.data.dataset import jitter_image, jitter_label_map
+
+    labels = np.zeros((32, 32), np.uint16)
+    labels[6:18, 4:12] = 1
+    image = labels.astype(np.float32) * 0.8 + 0.1  # bright where the label is
+    for seed in range(4):
+        moved, mapped = jitter_image(image, seed), jitter_label_map(labels, seed)
+        assert moved.shape == image.shape and moved.dtype == np.float32
+        inside, outside = moved[mapped == 1], moved[(mapped == 0) & (moved > 0)]
+        assert inside.mean() > 0.75 and outside.mean() < 0.2  # the same draw: the bright square lands on its label
+    assert not np.allclose(jitter_image(image, 0), jitter_image(image, 1))
+
+
 def test_augmented_maps_give_n_new_pairs_from_fewer_maps(mask_run: Path, tmp_path: Path) -> None:
     from meddiff.config import SampleConfig
     from meddiff.data.dataset import jitter_label_map, load_data

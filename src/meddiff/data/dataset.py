@@ -201,6 +201,19 @@ def jitter_label_map(labels: np.ndarray, seed: int, degrees: float = 15.0, scale
     """A new (S, S) label map from `labels`: mirrored left-right half the time, rotated by up to `degrees`, scaled
     by a factor in `scale` and shifted by up to `shift` of the side, by nearest neighbour (label values are never
     blended; what leaves the square is lost, what enters is background 0), every draw a function of `seed`."""
+    out = _jittered(labels, seed, degrees, scale, shift, "nearest")
+    return out.round().astype(np.asarray(labels).dtype)
+
+
+def jitter_image(image: np.ndarray, seed: int, degrees: float = 15.0, scale: tuple[float, float] = (0.85, 1.15),
+                 shift: float = 0.1) -> np.ndarray:
+    """(S, S) float image → the same geometric draw `jitter_label_map` makes for `seed`, bilinear (what enters the
+    square is 0): the image a jittered map's source image becomes, for auditing what is generated from that map."""
+    return _jittered(image, seed, degrees, scale, shift, "bilinear")
+
+
+def _jittered(values: np.ndarray, seed: int, degrees: float, scale: tuple[float, float], shift: float,
+              mode: str) -> np.ndarray:
     rng = np.random.default_rng([int(seed), 0x6D61736B])  # its own stream: not the noise of the image's seed
     flip = -1.0 if rng.random() < 0.5 else 1.0
     angle = math.radians(rng.uniform(-degrees, degrees))
@@ -208,10 +221,9 @@ def jitter_label_map(labels: np.ndarray, seed: int, degrees: float = 15.0, scale
     dx, dy = rng.uniform(-shift, shift, 2) * 2  # in the grid's [-1, 1] units
     cos, sin = math.cos(angle) / zoom, math.sin(angle) / zoom
     theta = torch.tensor([[[cos * flip, -sin, dx], [sin * flip, cos, dy]]], dtype=torch.float32)
-    src = torch.from_numpy(np.ascontiguousarray(labels, np.float32))[None, None]
+    src = torch.from_numpy(np.ascontiguousarray(values, np.float32))[None, None]
     grid = F.affine_grid(theta, list(src.shape), align_corners=False)
-    out = F.grid_sample(src, grid, mode="nearest", padding_mode="zeros", align_corners=False)
-    return out[0, 0].round().numpy().astype(np.asarray(labels).dtype)
+    return F.grid_sample(src, grid, mode=mode, padding_mode="zeros", align_corners=False)[0, 0].numpy()
 
 
 def _stable_id(text: str) -> int:
