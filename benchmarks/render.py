@@ -85,6 +85,17 @@ COMMANDS = {
     "masks_steps8x_copies": "python benchmarks/masks.py --reuse --parts copies --guidance 2 --out bench_out/masks_steps8x "
                             "--grid docs/masks_steps8x_copies_grid.png "
                             "--results benchmarks/results/masks_steps8x_copies.json",
+    "masks_anatomy_4x_guidance": "python benchmarks/masks.py --maps anatomy --reuse --parts adherence --seg-steps 2000 "
+                                 "--guidance 1,1.25,1.5,2 --out bench_out/masks_anatomy_4x "
+                                 "--grid docs/masks_anatomy_4x_guidance_grid.png "
+                                 "--results benchmarks/results/masks_anatomy_4x_guidance.json",
+    "masks_anatomy_4x_newmaps": "python benchmarks/masks.py --maps anatomy --reuse --parts utility,copies --utility-maps new "
+                                "--seg-steps 2000 --guidance 2 --out bench_out/masks_anatomy_4x "
+                                "--grid docs/masks_anatomy_4x_newmaps_grid.png "
+                                "--results benchmarks/results/masks_anatomy_4x_newmaps.json",
+    "masks_steps8x_newmaps": "python benchmarks/masks.py --reuse --parts utility,copies --utility-maps new --seg-steps 2000 "
+                             "--guidance 2 --out bench_out/masks_steps8x --grid docs/masks_steps8x_newmaps_grid.png "
+                             "--results benchmarks/results/masks_steps8x_newmaps.json",
     "masks_steps4x_inpaint_g3": "python benchmarks/masks.py --reuse --parts inpainting --seg-steps 2000 --inpaint 100 "
                                 "--guidance 3 --out bench_out/masks_steps4x "
                                 "--grid docs/masks_steps4x_inpaint_g3_grid.png "

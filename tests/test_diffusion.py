@@ -156,3 +156,5 @@ def test_a_pixel_weight_weights_each_pixels_error_and_label_maps_give_it() -> No
     coarse = label_map_weight(masks, 4.0, factor=2)
     assert coarse.shape == (3, 1, eps.shape[-2] // 2, eps.shape[-1] // 2)
     assert float(coarse[1, 0, -1, -1]) == 5.0 and float(coarse[1].sum()) == coarse[1].numel() + 4.0
+    only = label_map_weight(masks, 4.0, values=(2,))  # the lesion alone among other labelled structures
+    assert float(only[1, 0, -1, -1]) == 5.0 and float(only[0].max()) == 1.0

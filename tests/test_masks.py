@@ -237,6 +237,26 @@ def test_the_mask_loss_weight_falls_on_labelled_pixels_of_the_maps_the_model_is_
     assert "weighted 4x" in (out / "README.md").read_text()
 
 
+def test_on_maps_of_anatomy_the_mask_loss_weight_falls_on_the_lesion_alone(
+        tmp_path: Path, train_config, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    T = importlib.import_module("meddiff.train")
+    pairs, real_loss = [], T.diffusion_loss
+    monkeypatch.setattr(T, "diffusion_loss", lambda *a, **k: (pairs.append(a[7]), real_loss(*a, **k))[1])
+    maps, real_map_weight = [], T.label_map_weight
+    monkeypatch.setattr(T, "label_map_weight", lambda m, *a: (maps.append(m.clone()), real_map_weight(m, *a))[1])
+    said: list[str] = []
+    T.train(train_config("builtin:phantoms?n=24&masks=2", tmp_path / "run", mask_loss_weight=3.0, cond_drop_prob=0.0,
+                         max_steps=3), echo=said.append)
+    assert any("the loss inside the lesion (label value 1)" in line for line in said), said
+    assert all(len(m.unique()) > 3 for m in maps), "maps of anatomy: many labelled structures"
+    for m, w in zip(maps, pairs):
+        assert torch.equal(w, 1 + 3.0 * (m == 1).float())  # the body, organs and bone weigh as the background
+    assert any((m == 1).any() for m in maps)
+    assert "| loss inside the lesion (label value 1) | weighted 4x |" in (tmp_path / "run" / "README.md").read_text()
+
+
 def test_the_mask_loss_weight_without_maps_is_one_error_and_no_run(tmp_path: Path, image_folder: Path,
                                                                    train_config) -> None:
     from meddiff.train import train

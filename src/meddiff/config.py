@@ -387,7 +387,8 @@ class TrainConfig(Checked):
     masks: str = option("auto", "condition on the images' label maps: auto (when the data have them: images/ + "
                         "masks/, builtin:phantoms?masks=1) or off", choices=("auto", "off"))
     mask_loss_weight: float = option(0.0, "weight the loss this many times more inside the label maps' labelled "
-                                     "regions (1 + W there, 1 elsewhere): lesions cover a few per cent of an image, "
+                                     "regions (1 + W there, 1 elsewhere; inside the lesion alone where the data name "
+                                     "one among other structures): lesions cover a few per cent of an image, "
                                      "and the plain loss spends little on drawing them where the map asks; for runs "
                                      "conditioned on label maps", bounds=Bounds(0, 100))
     progress: bool = option(True, "no progress bar")

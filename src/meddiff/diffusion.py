@@ -116,12 +116,15 @@ def diffusion_loss(pred: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor, alph
     return mse * loss_weight(alpha_bar, objective, weighting, gamma).to(mse.dtype)
 
 
-def label_map_weight(masks: torch.Tensor, weight: float, factor: int = 1) -> torch.Tensor:
+def label_map_weight(masks: torch.Tensor, weight: float, factor: int = 1,
+                     values: tuple[int, ...] | None = None) -> torch.Tensor:
     """Per-pixel loss weights (B, 1, H / factor, W / factor) from label maps (B, 1, H, W): 1 + `weight` where the
-    map is not background (a lesion, a labelled organ), 1 elsewhere. Lesions cover a few per cent of an image, so
-    the plain MSE spends almost nothing on drawing them where the map asks; this weights them up. A latent model
-    (`factor` > 1) weights a latent cell by the largest weight among the pixels it covers."""
-    w = 1 + weight * (masks != 0).float()
+    map holds one of `values` (default: anything but background, a lesion or a labelled organ), 1 elsewhere.
+    Lesions cover a few per cent of an image, so the plain MSE spends almost nothing on drawing them where the map
+    asks; this weights them up (a map of anatomy labels nearly every pixel: there `values` names the lesion). A
+    latent model (`factor` > 1) weights a latent cell by the largest weight among the pixels it covers."""
+    hit = masks != 0 if values is None else torch.isin(masks, torch.as_tensor(values, device=masks.device))
+    w = 1 + weight * hit.float()
     return w if factor == 1 else F.max_pool2d(w, factor)
 
 

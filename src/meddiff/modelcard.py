@@ -15,6 +15,7 @@ from safetensors import SafetensorError, safe_open
 from . import runfolder
 from .atomic import write_text
 from .confined import read_inside
+from .data.dataset import loss_weighted_values
 from .data.medmnist import entry_for_file
 from .runfolder import RunRecord
 
@@ -145,7 +146,9 @@ def _training_section(record: RunRecord, run: Path) -> str:
             "zero_terminal_snr", "timestep_spacing", "grad_clip", "flip", "cond_drop_prob", "val_fraction", "precision", "seed")
     rows = [(k.replace("_", " "), getattr(t, k)) for k in keys]
     if t.mask_loss_weight:
-        rows.append(("loss inside label maps", f"weighted {1 + t.mask_loss_weight:g}x"))
+        values = loss_weighted_values(record.mask_names(), record.model.mask_values)
+        where = "label maps" if values is None else f"the lesion (label value {values[0]})"
+        rows.append((f"loss inside {where}", f"weighted {1 + t.mask_loss_weight:g}x"))
     rows.append(("stopping rule", ", ".join(f"{k.replace('_', ' ')} {getattr(t, k)}" for k in
                                             ("max_steps", "epochs", "max_minutes") if getattr(t, k) is not None)))
     if r:

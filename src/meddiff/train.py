@@ -24,7 +24,8 @@ from . import __version__, runfolder
 from .atomic import check_out_dir
 from .audit import TrainingAudit
 from .config import RESUME_FIELDS, STOP_RULES, ModelConfig, TrainConfig, model_config, noise_shift_for
-from .data.dataset import ImageSet, check_memory, guard_note, load_data, skipped_listing, split
+from .data.dataset import (ImageSet, check_memory, guard_note, load_data, loss_weighted_values, named_values,
+                           skipped_listing, split)
 from .diffusion import (alphas_cumprod, diffusers_scheduler_config, diffusion_loss, label_map_weight, predicted_eps,
                         q_sample)
 from .errors import ConfigError, RunError
@@ -361,6 +362,19 @@ def _mask_values(cfg: TrainConfig, data: ImageSet, record: RunRecord | None,
     return data.mask_values
 
 
+def _weighted_values(cfg: TrainConfig, data: ImageSet, mask_values: tuple[int, ...],
+                     echo: Callable[[str], None]) -> tuple[int, ...] | None:
+    """The label values --mask-loss-weight weights (`dataset.loss_weighted_values`), said once."""
+    if not cfg.mask_loss_weight:
+        return None
+    values = loss_weighted_values(named_values(data.summary), mask_values)
+    echo(f"--mask-loss-weight {cfg.mask_loss_weight:g}: " + (
+        "the loss inside every labelled region" if values is None else
+        f"the loss inside the lesion (label value {values[0]}), the {len(mask_values) - 1} other structures weighted "
+        "as the background"))
+    return values
+
+
 @dataclass
 class _Latents:
     """A latent run's view of its data: the autoencoder (its scaling_factor set), the flipped images' latents
@@ -565,6 +579,7 @@ def _train(cfg: TrainConfig, data: ImageSet | None, resume: bool, echo: Callable
     if cfg.mask_loss_weight and not mask_values:
         raise ConfigError("--mask-loss-weight: weights the loss inside label maps, and this run has none (the data "
                           "have no masks/, or --masks off)")
+    weighted = _weighted_values(cfg, data, mask_values, echo)
     if cfg.max_copies is not None and not cfg.copy_check:
         raise ConfigError("--max-copies: needs --copy-check N, the images to sample and audit at each validation")
     if cfg.copy_check and not len(val_idx):
@@ -703,7 +718,7 @@ def _train(cfg: TrainConfig, data: ImageSet | None, resume: bool, echo: Callable
                     dropped = draws["drop"][sl].view(-1, 1, 1, 1)
                     cond = torch.where(dropped, torch.zeros_like(cond), cond)
                     if cfg.mask_loss_weight:  # only where the model is shown the map: p(x) stays evenly weighted
-                        weight = label_map_weight(m, cfg.mask_loss_weight, mcfg.latent_factor)
+                        weight = label_map_weight(m, cfg.mask_loss_weight, mcfg.latent_factor, weighted)
                         weight = torch.where(dropped, torch.ones_like(weight), weight)
                 ab = alpha_bar[draws["t"][sl]]
                 x_t = q_sample(x0, draws["eps"][sl], ab)

@@ -566,6 +566,14 @@ def lesion_value(names: dict[int, str]) -> int | None:
     return next((v for v, n in sorted(names.items()) if n == "lesion"), None)
 
 
+def loss_weighted_values(names: dict[int, str], mask_values: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The label values --mask-loss-weight weights: the lesion alone where the data name one among other structures
+    (a map of anatomy labels nearly every pixel: weighting them all weights the whole body), else None, every
+    labelled region."""
+    lesion = lesion_value(names)
+    return (lesion,) if lesion in mask_values and len(mask_values) > 1 else None
+
+
 def upsampled(source_shapes: dict[str, int], size: int) -> int:
     """How many images were enlarged to reach `size` px (their longer side was shorter): a model trained on them
     learns the resize's smoothness, not finer detail, which users should know."""
