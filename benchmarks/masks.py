@@ -88,10 +88,10 @@ def train_model(out: Path, n: int, size: int, minutes: float, extra: list[str],
 
 
 def extend_run(out: Path, trained: dict, steps: int) -> dict:
-    """--reuse --steps N on a run trained fewer steps: resume it to N (`meddiff train --resume --max-steps`, its
-    cosine schedule stretched to the new goal from where it stands) and note in --out every goal it was trained to
-    (`from_steps`, the goals `through` which it went, `to_steps`): each resume stretches the schedule from where it
-    stands, so 8 → 16 → 32 is not the run 8 → 32, and this and any later scoring of the run name every call."""
+    """--reuse --steps N on a run trained fewer steps: resume it to N (`meddiff train --resume --max-steps`: the rate
+    warms up again from where it stands towards the new goal's schedule) and note in --out every goal it was trained
+    to (`from_steps`, the goals `through` which it went, `to_steps`): each resume starts from where the run stands,
+    so 8 → 16 → 32 is not the run 8 → 32, and this and any later scoring of the run name every call."""
     history = out / "extended.json"
     past = json.loads(history.read_text()) if history.exists() else {}
     if trained["steps"] < steps:
@@ -318,7 +318,7 @@ def training_map_copies(run, train: dict, guidance: float, cutoff: float, thresh
     source = (audit.index == rows) | (audit.index == len(train["images"]) + np.arange(len(rows)))
     out = dict(share=audit.n_flagged / len(own), images=len(own), median_ncc=float(np.median(audit.nearest)),
                nearest_is_source=float(np.mean(source)))
-    if new:
+    if new:  # the nearest is one of the moved source images (its own or another map's), not an image as it was
         out["nearest_is_moved_source"] = float(np.mean(audit.index >= len(train["images"])))
     print(f"copies from {'new' if new else 'training'} maps: {json.dumps(out)}", flush=True)
     return out

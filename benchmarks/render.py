@@ -374,6 +374,11 @@ def render_size_rules(doc: dict) -> list[str]:
     return lines
 
 
+def pct(share: float) -> str:
+    """A share as a percentage: to one decimal below 1 % (1 image of 200 is 0.5 %, not 0 %)."""
+    return f"{share:.0%}" if share == 0 or share >= 0.01 else f"{share:.1%}"
+
+
 def render_masks(doc: dict) -> list[str]:
     """Mask adherence per modality, segmentation utility, inpainting, copies."""
     s = doc["summary"]
@@ -393,8 +398,8 @@ def render_masks(doc: dict) -> list[str]:
              f"({budget}"
              + (f"; trained {s['training']['extended_from']:,} steps by an earlier call of the same command, then "
                 + "".join(f"on to {g:,}, then " for g in s["training"].get("extended_through", []))
-                + "on to these with `--reuse --steps`, which resumes the run (its cosine schedule stretched to the "
-                "new goal)" if s["training"].get("extended_from") else
+                + "on to these with `--reuse --steps`, which resumes the run towards the new "
+                "goal, `meddiff train --resume --max-steps`)" if s["training"].get("extended_from") else
                 "; trained by an earlier call of the same command, scored again with `--reuse`" if
                 doc["settings"].get("reuse") else "")
              + f"); sampler: {s['sampler']}, guidance "
@@ -468,16 +473,16 @@ def render_masks(doc: dict) -> list[str]:
     if s.get("copies"):
         c = s["copies"]
         own, new = c.get("from_training_maps"), c.get("from_new_maps")
-        lines += [f"Copies of training images among the generated adherence images: {c['share']:.0%}."
+        lines += [f"Copies of training images among the generated adherence images: {pct(c['share'])}."
                   + (f" Among {own['images']} images generated from training maps (what the utility figures train "
-                     f"on): {own['share']:.0%} flagged (same threshold, NCC {c['threshold']:.3f}); median nearest NCC "
+                     f"on): {pct(own['share'])} flagged (same threshold, NCC {c['threshold']:.3f}); median nearest NCC "
                      f"{own['median_ncc']:.3f}; the nearest training image is the map's own image for "
                      f"{own['nearest_is_source']:.0%}." if own else "")
                   + (f" Among {new['images']} images generated from new maps jittered from training maps (what the "
                      f"utility figures train on), against the training images and each source image moved as its "
-                     f"map was: {new['share']:.0%} flagged (same threshold, NCC {c['threshold']:.3f}); median nearest "
+                     f"map was: {pct(new['share'])} flagged (same threshold, NCC {c['threshold']:.3f}); median nearest "
                      f"NCC {new['median_ncc']:.3f}; the nearest is the map's own source for "
-                     f"{new['nearest_is_source']:.0%} ({new['nearest_is_moved_source']:.0%} its moved copy)."
+                     f"{new['nearest_is_source']:.0%}; a source image moved with its map for {new['nearest_is_moved_source']:.0%}."
                      if new else "")]
     grid = Path(s["grid"])
     return lines + (["", f"![requested map and generated image, one pair per modality]({grid.name})"]
@@ -832,7 +837,7 @@ def readme_rows(results: Path) -> list[str]:
             new = sm.get("utility_maps") == "new"
             how += ", synthetic pairs from new (jittered) maps" if new else ""
             own_head = f"; images made from {'new' if new else 'training'} maps flagged as copies" if own else ""
-            own_cell = f"; {own['share']:.0%}" if own else ""
+            own_cell = f"; {pct(own['share'])}" if own else ""
             rows.append(f"| label maps (phantoms, {m['settings']['size']} px, guidance {sm['guidance']:g}{how}): lesion "
                         f"Dice of generated images against the requested map; synthetic-only / real-only segmenter "
                         f"Dice; {few} real + synthetic minus {few} real{own_head} | cannot condition on a map | {adh}; "

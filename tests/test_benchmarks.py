@@ -425,7 +425,8 @@ def test_images_made_from_new_maps_are_audited_against_their_moved_source(monkey
     doc["summary"]["copies"]["from_new_maps"] = dict(got, share=0.02)
     text = "\n".join(render.render_masks(doc))
     assert "made from new maps: each training map jittered" in text
-    assert "Among 5 images generated from new maps" in text and "2% flagged" in text and "(100% its moved copy)" in text
+    assert "Among 5 images generated from new maps" in text and "2% flagged" in text
+    assert "a source image moved with its map for 100%." in text
 
 
 def test_the_rendered_docs_match_the_results_files() -> None:
