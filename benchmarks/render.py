@@ -96,6 +96,13 @@ COMMANDS = {
     "masks_steps8x_newmaps": "python benchmarks/masks.py --reuse --parts utility,copies --utility-maps new --seg-steps 2000 "
                              "--guidance 2 --out bench_out/masks_steps8x --grid docs/masks_steps8x_newmaps_grid.png "
                              "--results benchmarks/results/masks_steps8x_newmaps.json",
+    "masks_anatomy_lw4": "python benchmarks/masks.py --maps anatomy --steps 4269 '--meddiff-args=--mask-loss-weight 4' "
+                         "--parts adherence --seg-steps 2000 --guidance 2,1 --out bench_out/masks_anatomy_lw4 "
+                         "--grid docs/masks_anatomy_lw4_grid.png --results benchmarks/results/masks_anatomy_lw4.json",
+    "masks_anatomy_lw4_4x": "python benchmarks/masks.py --maps anatomy --reuse --steps 17076 "
+                            "--parts adherence,utility,copies --utility-maps new --seg-steps 2000 --guidance 2,1 "
+                            "--out bench_out/masks_anatomy_lw4 --grid docs/masks_anatomy_lw4_4x_grid.png "
+                            "--results benchmarks/results/masks_anatomy_lw4_4x.json",
     "masks_steps4x_inpaint_g3": "python benchmarks/masks.py --reuse --parts inpainting --seg-steps 2000 --inpaint 100 "
                                 "--guidance 3 --out bench_out/masks_steps4x "
                                 "--grid docs/masks_steps4x_inpaint_g3_grid.png "
@@ -669,7 +676,7 @@ def _not_rerun(what: str, figure: str, seed: str = "—") -> str:
 # the label-map files the README's table shows: the first (20-minute) run and the longest-trained run's; every other
 # masks file (conditioning paths, loss weights, guidance and cutoff sweeps, 2x and 4x budgets) is in
 # docs/benchmarks.md, where the story that leads to these is told
-README_MASKS = ("masks", "masks_steps8x", "masks_steps8x_g2", "masks_anatomy_4x")
+README_MASKS = ("masks", "masks_steps8x", "masks_steps8x_g2", "masks_anatomy_4x", "masks_anatomy_4x_newmaps")
 README_MASK_SWEEPS = ("masks_steps8x",)
 
 
@@ -819,7 +826,7 @@ def readme_rows(results: Path) -> list[str]:
         if m and m["summary"].get("utility_paired"):
             sm = m["summary"]
             adh = ", ".join(f"{k} {v['generated']['dice']:.2f} (real {v['real']['dice']:.2f})"
-                            for k, v in sm["adherence"].items())
+                            for k, v in (sm.get("adherence") or {}).items()) or "adherence not scored in this call"
             r, d = sm["utility_paired"]["synthetic_vs_real"], sm["utility_paired"]["plus_synthetic_vs_few"]
             few = m["settings"]["few"]
             how = {"spade": ", maps through SPADE too", "controlnet": ", maps through a ControlNet copy too"
