@@ -99,10 +99,14 @@ COMMANDS = {
     "masks_anatomy_lw4": "python benchmarks/masks.py --maps anatomy --steps 4269 '--meddiff-args=--mask-loss-weight 4' "
                          "--parts adherence --seg-steps 2000 --guidance 2,1 --out bench_out/masks_anatomy_lw4 "
                          "--grid docs/masks_anatomy_lw4_grid.png --results benchmarks/results/masks_anatomy_lw4.json",
-    "masks_anatomy_lw4_4x": "python benchmarks/masks.py --maps anatomy --reuse --steps 17076 "
-                            "--parts adherence,utility,copies --utility-maps new --seg-steps 2000 --guidance 2,1 "
-                            "--out bench_out/masks_anatomy_lw4 --grid docs/masks_anatomy_lw4_4x_grid.png "
-                            "--results benchmarks/results/masks_anatomy_lw4_4x.json",
+    "masks_anatomy_4x_n1600": "python benchmarks/masks.py --maps anatomy --reuse --parts adherence --n-test 1600 "
+                              "--seg-steps 2000 --guidance 2,1.25 --out bench_out/masks_anatomy_4x "
+                              "--grid docs/masks_anatomy_4x_n1600_grid.png "
+                              "--results benchmarks/results/masks_anatomy_4x_n1600.json",
+    "masks_anatomy_4x_inpaint": "python benchmarks/masks.py --maps anatomy --reuse --parts inpainting --seg-steps 2000 "
+                                "--inpaint 100 --guidance 2 --out bench_out/masks_anatomy_4x "
+                                "--grid docs/masks_anatomy_4x_inpaint_grid.png "
+                                "--results benchmarks/results/masks_anatomy_4x_inpaint.json",
     "masks_steps4x_inpaint_g3": "python benchmarks/masks.py --reuse --parts inpainting --seg-steps 2000 --inpaint 100 "
                                 "--guidance 3 --out bench_out/masks_steps4x "
                                 "--grid docs/masks_steps4x_inpaint_g3_grid.png "
