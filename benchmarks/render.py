@@ -402,9 +402,10 @@ def render_masks(doc: dict) -> list[str]:
     how += f" with `{flags}`" if flags else ""
     budget = ("a step budget: its minutes, shared with other work on the machine, are not a figure"
               if s["training"].get("stopped") == "max-steps" else f"{s['training']['seconds'] / 60:.0f} min")
-    maps = ("label maps of lesion and anatomy (`--maps anatomy`, `builtin:phantoms?masks=2`); every Dice reads the "
-            "lesion" if s.get("maps") == "anatomy" else "maps")
-    lines = [f"Model: meddiff's default recipe conditioned on the {maps}{how}{params}, "
+    anatomy = s.get("maps") == "anatomy"
+    maps = "label maps of lesion and anatomy (`--maps anatomy`, `builtin:phantoms?masks=2`)" if anatomy else "maps"
+    reads = "; every Dice reads the lesion" if anatomy else ""
+    lines = [f"Model: meddiff's default recipe conditioned on the {maps}{how}{reads}{params}, "
              f"{s['training']['steps']:,} steps "
              f"({budget}"
              + (f"; trained {s['training']['extended_from']:,} steps by an earlier call of the same command, then "
