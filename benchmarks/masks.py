@@ -22,7 +22,8 @@
    against the requested map per modality, beside the same segmenter on the real test images (its ceiling).
 3. Segmentation utility: segmenters trained on synthetic pairs only (one generated image per training map, same
    classes; --utility-maps new: per new map, each training map jittered by its own seed as `meddiff sample
-   --augment-masks` draws them, so that no pair is made from a training patient's own map) and on the real pairs, both tested on the real test pairs; the ratio of their Dice. And with only
+   --augment-masks` draws them, so that no pair is made from a training map as it is) and on the real pairs, both
+   tested on the real test pairs; the ratio of their Dice. And with only
    --few real pairs: real alone against real + every synthetic pair, the real pairs filling --real-share of every
    batch (so 50 real pairs are not drowned by 1,200 synthetic ones). Both comparisons are paired over the same test
    images, with 95 % bootstrap intervals on the ratio and the difference; synthetic-only against real-only per
@@ -343,12 +344,12 @@ def real_segmenter(out: Path, train: dict, steps: int):
 
 
 def utility_figures(run, seg_real, train: dict, test: dict, a: argparse.Namespace, guidance: float) -> dict:
-    """3. Segmenters trained on synthetic pairs (from the training maps or new maps: --utility-maps), on real ones, on a few real ones with and without the synthetic
-    ones, all tested on the real test pairs."""
+    """3. Segmenters trained on synthetic pairs (from the training maps or new maps: --utility-maps), on real ones,
+    on a few real ones with and without the synthetic ones, all tested on the real test pairs."""
     from meddiff.metrics.segmentation import dice_comparison, dice_figure, segment, train_segmenter
 
-    maps, lesions = pair_maps(train, np.arange(len(train["images"])), a.utility_maps == "new", 20_000)
-    syn = generate_for(run, maps, train["classes"], guidance, 20_000, a.guidance_cutoff)
+    asked, lesions = pair_maps(train, np.arange(len(train["images"])), a.utility_maps == "new", 20_000)
+    syn = generate_for(run, asked, train["classes"], guidance, 20_000, a.guidance_cutoff)
     seg_syn = train_segmenter(syn, lesions, a.seg_steps)
     rng = np.random.default_rng(0)
     few = rng.choice(len(train["images"]), min(a.few, len(train["images"])), replace=False)

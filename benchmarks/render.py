@@ -89,12 +89,13 @@ COMMANDS = {
                                  "--guidance 1,1.25,1.5,2 --out bench_out/masks_anatomy_4x "
                                  "--grid docs/masks_anatomy_4x_guidance_grid.png "
                                  "--results benchmarks/results/masks_anatomy_4x_guidance.json",
-    "masks_anatomy_4x_newmaps": "python benchmarks/masks.py --maps anatomy --reuse --parts utility,copies --utility-maps new "
-                                "--seg-steps 2000 --guidance 2 --out bench_out/masks_anatomy_4x "
+    "masks_anatomy_4x_newmaps": "python benchmarks/masks.py --maps anatomy --reuse --parts utility,copies "
+                                "--utility-maps new --seg-steps 2000 --guidance 2 --out bench_out/masks_anatomy_4x "
                                 "--grid docs/masks_anatomy_4x_newmaps_grid.png "
                                 "--results benchmarks/results/masks_anatomy_4x_newmaps.json",
-    "masks_steps8x_newmaps": "python benchmarks/masks.py --reuse --parts utility,copies --utility-maps new --seg-steps 2000 "
-                             "--guidance 2 --out bench_out/masks_steps8x --grid docs/masks_steps8x_newmaps_grid.png "
+    "masks_steps8x_newmaps": "python benchmarks/masks.py --reuse --parts utility,copies --utility-maps new "
+                             "--seg-steps 2000 --guidance 2 --out bench_out/masks_steps8x "
+                             "--grid docs/masks_steps8x_newmaps_grid.png "
                              "--results benchmarks/results/masks_steps8x_newmaps.json",
     "masks_anatomy_lw4": "python benchmarks/masks.py --maps anatomy --steps 4269 '--meddiff-args=--mask-loss-weight 4' "
                          "--parts adherence --seg-steps 2000 --guidance 2,1 --out bench_out/masks_anatomy_lw4 "
