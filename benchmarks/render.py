@@ -93,6 +93,10 @@ COMMANDS = {
                                 "--utility-maps new --seg-steps 2000 --guidance 2 --out bench_out/masks_anatomy_4x "
                                 "--grid docs/masks_anatomy_4x_newmaps_grid.png "
                                 "--results benchmarks/results/masks_anatomy_4x_newmaps.json",
+    "masks_anatomy_4x_newmaps_g1": "python benchmarks/masks.py --maps anatomy --reuse --parts utility,copies "
+                                   "--utility-maps new --seg-steps 2000 --guidance 1 --out bench_out/masks_anatomy_4x "
+                                   "--grid docs/masks_anatomy_4x_newmaps_g1_grid.png "
+                                   "--results benchmarks/results/masks_anatomy_4x_newmaps_g1.json",
     "masks_steps8x_newmaps": "python benchmarks/masks.py --reuse --parts utility,copies --utility-maps new "
                              "--seg-steps 2000 --guidance 2 --out bench_out/masks_steps8x "
                              "--grid docs/masks_steps8x_newmaps_grid.png "
@@ -682,7 +686,7 @@ def _not_rerun(what: str, figure: str, seed: str = "—") -> str:
 # the label-map files the README's table shows: the first (20-minute) run and the longest-trained run's; every other
 # masks file (conditioning paths, loss weights, guidance and cutoff sweeps, 2x and 4x budgets) is in
 # docs/benchmarks.md, where the story that leads to these is told
-README_MASKS = ("masks", "masks_steps8x", "masks_steps8x_g2", "masks_anatomy_4x", "masks_anatomy_4x_newmaps")
+README_MASKS = ("masks", "masks_steps8x", "masks_steps8x_g2", "masks_anatomy_4x", "masks_anatomy_4x_newmaps_g1")
 README_MASK_SWEEPS = ("masks_steps8x",)
 
 
