@@ -656,6 +656,7 @@ def _train(cfg: TrainConfig, data: ImageSet | None, resume: bool, echo: Callable
     st = _restore(run, unet, ema, opt, echo) if resume else None
     saved_at = None if st is None else st["step"]  # the step of the newest checkpoint that verifies
     rewarm, resumed_lr = None, None
+    cap = EXTENDED_PEAK * cfg.lr  # the highest rate a resume towards a farther goal climbs back to
     if st is not None:
         step, images_seen, elapsed0 = st["step"], st["images_seen"], st["elapsed"]
         best, bad_evals, losses = st["best_val_loss"], st["bad_evals"], list(st["recent_losses"])
@@ -678,10 +679,8 @@ def _train(cfg: TrainConfig, data: ImageSet | None, resume: bool, echo: Callable
             if stopped:
                 break
             progress = step / total if total else elapsed / (cfg.max_minutes * 60)
-            lr = lr_at(cfg, step, progress)
-            cap = EXTENDED_PEAK * cfg.lr
-            if rewarm is not None:
-                lr = rewarmed(lr, progress, *rewarm, cap)
+            scheduled = lr_at(cfg, step, progress)
+            lr = scheduled if rewarm is None else rewarmed(scheduled, progress, *rewarm, cap)
             if resumed_lr is not None:  # the first step after a resume: has the goal moved the rate up?
                 before = (step - 1) / total if total else elapsed0 / (cfg.max_minutes * 60)
                 if goal_moved_up(cfg, step, before, lr, resumed_lr, rewarm):
@@ -689,7 +688,7 @@ def _train(cfg: TrainConfig, data: ImageSet | None, resume: bool, echo: Callable
                     echo(f"the goal moved: the learning rate warms up again from {resumed_lr:.2g} to "
                          f"{min(lr, cap):.2g} over {rewarm[2]:.0%} of the run, then follows the stretched schedule "
                          f"below {cap:.2g}")
-                    lr = rewarmed(lr_at(cfg, step, progress), progress, *rewarm, cap)
+                    lr = rewarmed(scheduled, progress, *rewarm, cap)
                 resumed_lr = None
             for group in opt.param_groups:
                 group["lr"] = lr
