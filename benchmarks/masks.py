@@ -58,7 +58,8 @@ import _results as R
 MODALITIES = ("ct", "mri", "us", "xray")
 MAPS = ("lesion", "anatomy")  # --maps: what the model is conditioned on (builtin:phantoms?masks=1, masks=2)
 PARTS = ("adherence", "utility", "inpainting", "copies")
-UTILITY_MAPS = ("training", "new")  # --utility-maps: the training maps, or new ones jittered from them
+UTILITY_MAPS = ("training", "new", "model")  # --utility-maps: the training maps, new ones jittered from them, or
+# maps drawn from a model of label maps trained on the training maps (`meddiff train --learn maps`)
 
 
 def load_pairs(n: int, seed: int, size: int, maps: str = "lesion") -> dict:
@@ -187,6 +188,9 @@ def main() -> None:
                     help="the maps the synthetic pairs of the utility figures (and the copy audit of what they train "
                          "on) are generated from: the training maps themselves, or new maps drawn from them (each "
                          "jittered by its own seed, as `meddiff sample --augment-masks` draws them)")
+    ap.add_argument("--map-steps", type=int, default=4269,
+                    help="--utility-maps model: steps of the model of label maps (`meddiff train --learn maps` on the "
+                         "training pairs' maps, kept in --out/maprun and reused when its data and steps match)")
     ap.add_argument("--quick", action="store_true", help="smoke test: 32 px, tiny preset, seconds")
     R.add_results_arg(ap, "masks")
     a = ap.parse_args()
@@ -199,6 +203,7 @@ def main() -> None:
         raise SystemExit(f"--guidance {a.guidance}: a number or a comma list of numbers") from None
     if a.quick:
         a.size, a.minutes, a.n_train, a.n_test, a.few, a.seg_steps, a.inpaint = 32, 0.1, 48, 32, 8, 20, 4
+        a.map_steps = 20
         a.steps = None
         a.meddiff_args = a.meddiff_args or "--preset tiny"
         a.out = a.out if a.out != "bench_out/masks" else "bench_out/masks_quick"
@@ -241,12 +246,17 @@ def main() -> None:
     else:
         run = load_run(out / "run")
     train, test = load_pairs(a.n_train, 0, a.size, a.maps), load_pairs(a.n_test, 1, a.size, a.maps)
+    if a.utility_maps == "model" and {"utility", "copies"} & set(parts):
+        map_run, summary_maps = map_model(out, a)
+        train["map_run"] = map_run
     seg_real = real_segmenter(out, train, a.seg_steps) if {"adherence", "utility"} & set(parts) else None
     summary: dict = dict(parts=parts, training=trained, guidance=scales[0], guidance_cutoff=a.guidance_cutoff,
                          mask_loss_weight=getattr(run.train, "mask_loss_weight", 0.0),
                          sampler="the run's default (UniPC 10)",
                          grid=a.grid, conditioning=a.conditioning, maps=a.maps, utility_maps=a.utility_maps,
                          parameters=sum(p.numel() for p in run.unet.parameters()))
+    if "map_run" in train:
+        summary["map_model"] = summary_maps
 
     # 2. adherence
     abn = [i for i, c in enumerate(test["classes"]) if c.endswith("abnormal")]
@@ -272,9 +282,11 @@ def main() -> None:
     if "copies" in parts:  # 5. the generated adherence images against the training images
         audit = memorization_report(gen, train["images"], test["images"])
         summary["copies"] = dict(share=audit.n_flagged / max(len(gen), 1), threshold=float(audit.threshold))
-        key = "from_training_maps" if a.utility_maps == "training" else "from_new_maps"
+        key = f"from_{a.utility_maps}_maps"
         summary["copies"][key] = training_map_copies(run, train, scales[0], a.guidance_cutoff, audit.threshold,
-                                                     new=a.utility_maps == "new")
+                                                     a.utility_maps)
+        if a.utility_maps == "model":
+            summary["map_copies"] = drawn_map_copies(train, test)
 
     per_mod = [next((k for k, i in enumerate(abn) if test["classes"][i].startswith(m + "/")), None) for m in MODALITIES]
     tiles = [t for k in per_mod if k is not None for t in (_shown(test["masks"][abn[k]]), gen[k])]
@@ -285,31 +297,121 @@ def main() -> None:
     R.write_results(a.results, "masks", mach, vars(a), [], summary)
 
 
-def pair_maps(train: dict, rows: np.ndarray, new: bool, seed0: int) -> tuple[np.ndarray, np.ndarray]:
-    """The maps images are generated from for training rows `rows`, and their bool lesion maps: the training maps
-    themselves, or (new) each one jittered by seed seed0 + its place in `rows`, as `meddiff sample --augment-masks`
-    draws a new map from a given one."""
+def pair_maps(train: dict, rows: np.ndarray, mode: str, seed0: int) -> tuple[np.ndarray, np.ndarray]:
+    """The maps images are generated from for training rows `rows`, and their bool lesion maps (--utility-maps
+    `mode`): the training maps themselves; (new) each one jittered by seed seed0 + its place in `rows`, as
+    `meddiff sample --augment-masks` draws a new map from a given one; or (model) one drawn by the model of label
+    maps for the row's class, seed seed0 + its place, as `meddiff sample --mask-run` draws them."""
     from meddiff.data.dataset import jitter_label_map
     from meddiff.data.phantoms import LESION
 
     maps = train["masks"][rows]
-    if new:
+    if mode == "new":
         maps = np.stack([jitter_label_map(m, seed0 + k) for k, m in enumerate(maps)])
+    elif mode == "model":
+        maps = drawn_maps(train["map_run"], [train["classes"][i] for i in rows], seed0)
     return maps, maps == LESION
 
 
-def training_map_copies(run, train: dict, guidance: float, cutoff: float, threshold: float, n: int = 200,
-                        new: bool = False) -> dict:
-    """Images generated from training maps (what the utility figures train on; with `new`, from new maps jittered
-    from them) against the training images, at the adherence images' copy threshold: the share flagged, the median
-    nearest NCC, and how often the nearest training image is the one the map came from: a map that carries the
-    anatomy can carry the patient with it. With `new` the gallery also holds each source image moved by its map's
-    jitter (`jitter_image`): a copy of a training image turned, scaled or shifted with its map is flagged too."""
+def map_model(out: Path, a: argparse.Namespace) -> tuple[object, dict]:
+    """--utility-maps model: the model of label maps trained on the training pairs' maps (`meddiff train --learn
+    maps`, the image run's data, --map-steps), in --out/maprun; a run there with the same data and steps is reused.
+    → (the loaded run, what the results keep of its training)."""
+    from meddiff.sample import load_run
+
+    folder = out / "maprun"
+    want = dict(size=a.size, data=phantom_spec(a.n_train, a.maps), learn="maps", max_steps=a.map_steps)
+    if (folder / "meddiff.json").exists():
+        record = json.loads((folder / "meddiff.json").read_text())
+        if any(record["train"].get(k) != v for k, v in want.items()):
+            raise SystemExit(f"--utility-maps model: the run in {folder} is not one of {want}; move it away")
+        trained = record["result"]
+    else:
+        extra = ["--preset", "tiny"] if a.quick else []
+        trained = _train_call(["-m", "meddiff.cli", "train", "--data", want["data"], "--size", str(a.size),
+                               "--learn", "maps", "--max-steps", str(a.map_steps), "--out", str(folder),
+                               "--no-progress", *extra])
+    print(f"model of label maps: {trained['steps']} steps in {trained['seconds']:.0f} s", flush=True)
+    run = load_run(folder, maps=True)
+    return run, dict(steps=trained["steps"], seconds=trained["seconds"], preset=run.train.preset,
+                     parameters=sum(p.numel() for p in run.unet.parameters()), values=list(run.model.map_values))
+
+
+def drawn_maps(map_run, classes: list[str], seed0: int) -> np.ndarray:
+    """One map per class in `classes` from the model of label maps, seeds seed0, seed0 + 1, … in batches of one
+    class (`meddiff.sample.draw_maps`, the sampler `meddiff sample --mask-run` uses)."""
+    from meddiff.sample import class_index, draw_maps
+
+    out = None
+    for name in sorted(set(classes)):
+        rows = [i for i, c in enumerate(classes) if c == name]
+        for lo in range(0, len(rows), 16):
+            part = rows[lo:lo + 16]
+            maps = draw_maps(map_run, [seed0 + i for i in part], class_index(map_run, name))
+            out = np.zeros((len(classes), *maps.shape[1:]), np.int64) if out is None else out
+            out[part] = maps
+    return out
+
+
+def map_agreement(maps: np.ndarray, gallery: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each map, its nearest in `gallery` (as it is or mirrored left-right, as training flips): the share of
+    the pixels labelled in either map that hold the same label in both (1: the same map). → (agreement, index)."""
+    flat = gallery.reshape(len(gallery), -1)
+    mirrored = gallery[..., ::-1].reshape(len(gallery), -1)
+    best, index = np.zeros(len(maps)), np.zeros(len(maps), np.int64)
+    for k, m in enumerate(maps):
+        m = m.reshape(1, -1)
+        scores = []
+        for g in (flat, mirrored):
+            either = ((m != 0) | (g != 0)).sum(1)
+            scores.append(((m == g) & (m != 0)).sum(1) / np.maximum(either, 1))
+        score = np.maximum(*scores)
+        index[k], best[k] = int(score.argmax()), float(score.max())
+    return best, index
+
+
+def drawn_map_copies(train: dict, test: dict, n: int = 200) -> dict:
+    """The model of label maps against the training maps: each drawn map's nearest training map by label
+    agreement (`map_agreement`), with the held-out test maps' nearest as the reference (the threshold: their 0.99
+    quantile, as the image audit sets its own); the share of drawn maps above it, medians, and how often a drawn
+    map for an abnormal class holds a lesion (and for a normal class none), beside the training maps' rates."""
+    from meddiff.data.phantoms import LESION
+
+    rows = np.random.default_rng(1).choice(len(train["images"]), min(n, len(train["images"])), replace=False)
+    classes = [train["classes"][i] for i in rows]
+    drawn = drawn_maps(train["map_run"], classes, 60_000)
+    ref, _ = map_agreement(test["masks"], train["masks"])
+    near, _ = map_agreement(drawn, train["masks"])
+    threshold = float(np.quantile(ref, 0.99))
+
+    def lesion_rates(maps: np.ndarray, names: list[str]) -> dict:
+        has = (maps == LESION).any(axis=(1, 2))
+        abnormal = np.array([c.endswith("abnormal") for c in names])
+        area = (maps == LESION).mean(axis=(1, 2))
+        return dict(abnormal_with_lesion=float(has[abnormal].mean()), normal_with_lesion=float(has[~abnormal].mean()),
+                    lesion_area_abnormal=float(area[abnormal].mean()))
+
+    out = dict(maps=len(drawn), threshold=threshold, share_flagged=float(np.mean(near > threshold)),
+               median_nearest=float(np.median(near)), heldout_median_nearest=float(np.median(ref)),
+               drawn=lesion_rates(drawn, classes), training=lesion_rates(train["masks"], train["classes"]))
+    print(f"drawn maps against the training maps: {json.dumps(out)}", flush=True)
+    return out
+
+
+def training_map_copies(run, train: dict, guidance: float, cutoff: float, threshold: float, mode: str = "training",
+                        n: int = 200) -> dict:
+    """Images generated from training maps (what the utility figures train on; with `mode` new or model, from new
+    maps jittered from them or drawn by the model of label maps) against the training images, at the adherence
+    images' copy threshold: the share flagged, the median nearest NCC, and how often the nearest training image is
+    the one the map came from (a drawn map came from none: the row only gave its class): a map that carries the
+    anatomy can carry the patient with it. With new maps the gallery also holds each source image moved by its
+    map's jitter (`jitter_image`): a copy of a training image turned, scaled or shifted with its map is flagged."""
     from meddiff.data.dataset import jitter_image
     from meddiff.metrics.memorization import memorization_report
 
+    new = mode == "new"
     rows = np.random.default_rng(1).choice(len(train["images"]), min(n, len(train["images"])), replace=False)
-    maps, _ = pair_maps(train, rows, new, 40_000)
+    maps, _ = pair_maps(train, rows, mode, 40_000)
     own = generate_for(run, maps, [train["classes"][i] for i in rows], guidance, 40_000, cutoff)
     gallery = train["images"]
     if new:
@@ -321,7 +423,9 @@ def training_map_copies(run, train: dict, guidance: float, cutoff: float, thresh
                nearest_is_source=float(np.mean(source)))
     if new:  # the nearest is one of the moved source images (its own or another map's), not an image as it was
         out["nearest_is_moved_source"] = float(np.mean(audit.index >= len(train["images"])))
-    print(f"copies from {'new' if new else 'training'} maps: {json.dumps(out)}", flush=True)
+    if mode == "model":
+        del out["nearest_is_source"]
+    print(f"copies from {mode} maps: {json.dumps(out)}", flush=True)
     return out
 
 
@@ -348,7 +452,7 @@ def utility_figures(run, seg_real, train: dict, test: dict, a: argparse.Namespac
     on a few real ones with and without the synthetic ones, all tested on the real test pairs."""
     from meddiff.metrics.segmentation import dice_comparison, dice_figure, segment, train_segmenter
 
-    asked, lesions = pair_maps(train, np.arange(len(train["images"])), a.utility_maps == "new", 20_000)
+    asked, lesions = pair_maps(train, np.arange(len(train["images"])), a.utility_maps, 20_000)
     syn = generate_for(run, asked, train["classes"], guidance, 20_000, a.guidance_cutoff)
     seg_syn = train_segmenter(syn, lesions, a.seg_steps)
     rng = np.random.default_rng(0)

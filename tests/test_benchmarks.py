@@ -403,11 +403,11 @@ def test_images_made_from_new_maps_are_audited_against_their_moved_source(monkey
         return np.stack([jitter_image(train["images"][i], s0 + k) for k, i in enumerate(chosen)])
 
     monkeypatch.setattr(masks, "generate_for", moved_copies)
-    got = masks.training_map_copies(None, train, 2.0, 0.0, 0.9, n=5, new=True)
+    got = masks.training_map_copies(None, train, 2.0, 0.0, 0.9, "new", n=5)
     assert all(np.array_equal(asked[0][k], jitter_label_map(maps[i], 40_000 + k)) for k, i in enumerate(chosen))
     assert not np.array_equal(asked[0], maps[chosen]), "new maps, not the training maps"
     assert got["share"] == 1.0 and got["nearest_is_source"] == 1.0 and got["nearest_is_moved_source"] == 1.0
-    plain = masks.training_map_copies(None, train, 2.0, 0.0, 0.9, n=5, new=False)
+    plain = masks.training_map_copies(None, train, 2.0, 0.0, 0.9, "training", n=5)
     assert plain["share"] < 0.5, "against the training images alone, a turned copy is not caught"
     # the utility's synthetic segmenter learns the new maps' lesions, not the training maps'
     seen = {}

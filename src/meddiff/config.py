@@ -234,6 +234,12 @@ class ModelConfig:
     in_channels: int = 1         # channels the UNet denoises: 1 (pixels) or an autoencoder's latent channels
     latent_factor: int = 1       # >1: a latent model; sample_size is the latent grid, images are this many times larger
     mask_values: tuple[int, ...] = ()  # label-map conditioning: one input channel per label value (issue 21)
+    map_values: tuple[int, ...] = ()   # a model of label maps (--learn maps): one channel per value, 0 first
+
+    @property
+    def makes_maps(self) -> bool:
+        """A model of label maps: it denoises one channel per label value and its samples are maps, not images."""
+        return bool(self.map_values)
 
     @property
     def image_size(self) -> int:
@@ -386,6 +392,10 @@ class TrainConfig(Checked):
                                      "model in its latent space; the run keeps its own copy")
     masks: str = option("auto", "condition on the images' label maps: auto (when the data have them: images/ + "
                         "masks/, builtin:phantoms?masks=1) or off", choices=("auto", "off"))
+    learn: str = option("images", "what the model learns to make: images (conditioned on the data's label maps where "
+                        "they have them) or maps: the data's label maps themselves, conditioned on the class, a "
+                        "model that draws new maps for `meddiff sample --mask-run` (the maps are not moved copies "
+                        "of a training patient's, as --augment-masks's are)", choices=("images", "maps"))
     mask_loss_weight: float = option(0.0, "weight the loss this many times more inside the label maps' labelled "
                                      "regions (1 + W there, 1 elsewhere; inside the lesion alone where the data name "
                                      "one among other structures): lesions cover a few per cent of an image, "
@@ -491,6 +501,9 @@ class SampleConfig(Checked):
                                "them), or a data set with label maps (images/ + masks/, builtin:phantoms?masks=1): "
                                "one image for each map (each class's with --per-class; --n is not used), written as "
                                "images/ + masks/ pairs")
+    mask_run: str | None = option(None, "a run trained with --learn maps: each image's label map is drawn from it "
+                                  "(its seed and class are the image's), then the image for that map; --n (or "
+                                  "--per-class) pairs are written as images/ + masks/")
     augment_masks: bool = option(False, "draw new maps from the --masks ones: each image's map is one of them "
                                  "(in turn), mirrored half the time, rotated up to 15 degrees, scaled 0.85-1.15 and "
                                  "shifted up to 10 % of the side, all drawn from the image's seed; --n (or "
@@ -512,6 +525,8 @@ class SampleConfig(Checked):
         check_seeds(self.seed, self.n)
         if self.augment_masks and not self.masks:
             raise ConfigError("--augment-masks: draws new maps from the --masks ones; give --masks too")
+        if self.mask_run and self.masks:
+            raise ConfigError("--mask-run: draws each image's map, --masks gives them: use one of the two")
 
 
 @dataclass(frozen=True)
@@ -592,9 +607,11 @@ def noise_shift_for(preset: str, size: int) -> float:
 
 
 def model_config(preset: str, size: int, num_classes: int = 0, patch: int | None = None, channels: int = 1,
-                 latent_factor: int = 1, mask_values: tuple[int, ...] = ()) -> ModelConfig:
+                 latent_factor: int = 1, mask_values: tuple[int, ...] = (),
+                 map_values: tuple[int, ...] = ()) -> ModelConfig:
     """The UNet of a preset at an image size (or, for a latent model, the latent grid's size, `channels` deep,
-    `latent_factor` times smaller than the images); `patch` overrides the preset's rule (`patch_for`)."""
+    `latent_factor` times smaller than the images; for a model of label maps, one channel per `map_values`);
+    `patch` overrides the preset's rule (`patch_for`)."""
     check_value("--preset", preset, choices=PRESETS)
     arch = dict(ARCHITECTURES[preset], patch_size=patch or patch_for(preset, size))
     factor = 2 ** (len(arch["block_out_channels"]) - 1) * arch["patch_size"]
@@ -603,8 +620,9 @@ def model_config(preset: str, size: int, num_classes: int = 0, patch: int | None
         patched = f" (patch {p} x {factor // p} in the UNet)" if p > 1 else ""
         raise ConfigError(f"--size {size}: preset {preset!r} reduces the image by {factor}{patched}, "
                           f"so the size must be a multiple of {factor}")
-    return ModelConfig(sample_size=size, num_classes=num_classes, in_channels=channels, latent_factor=latent_factor,
-                       mask_values=tuple(mask_values), **arch)
+    return ModelConfig(sample_size=size, num_classes=num_classes, in_channels=len(map_values) or channels,
+                       latent_factor=latent_factor, mask_values=tuple(mask_values), map_values=tuple(map_values),
+                       **arch)
 
 
 def to_json(obj: Any) -> dict[str, Any]:

@@ -93,6 +93,13 @@ def mask_channels(masks: torch.Tensor, values: tuple[int, ...], factor: int = 1)
     return channels if factor == 1 else F.pixel_unshuffle(channels, factor)
 
 
+def maps_from_channels(x: torch.Tensor, values: tuple[int, ...]) -> torch.Tensor:
+    """A model of label maps' sample (B, K, H, W), one channel per label value as `mask_channels` encodes a map,
+    → label maps (B, 1, H, W) int64: each pixel takes the value whose channel is highest."""
+    table = torch.as_tensor(values, dtype=torch.int64, device=x.device)
+    return table[x.argmax(dim=1, keepdim=True)]
+
+
 def with_cond(x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
     """The UNet's input: x_t, then the conditioning channels (label maps) where the model has them."""
     return x if cond is None else torch.cat([x, cond.to(x.dtype)], dim=1)

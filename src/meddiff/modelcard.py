@@ -82,7 +82,9 @@ def _model_section(record: RunRecord, run: Path) -> str:
               f"reconstruction PSNR {recon.get('psnr_db', float('nan')):.2f} dB, SSIM {recon.get('ssim', float('nan')):.3f} "
               f"on {recon.get('images', '?')} images)") if m.latent else None
     rows = [("preset", record.train.preset),
-            ("backbone", "diffusers UNet2DModel, 1 channel" if not m.latent else "diffusers UNet2DModel on latents"),
+            ("backbone", "diffusers UNet2DModel on latents" if m.latent else
+             f"diffusers UNet2DModel, {m.in_channels} channels, one per label value" if m.makes_maps else
+             "diffusers UNet2DModel, 1 channel"),
             ("image size", f"{m.image_size} x {m.image_size} px"), ("latent path", latent),
             ("block widths", m.block_out_channels), ("layers per block", m.layers_per_block),
             ("down blocks", m.down_block_types), ("up blocks", m.up_block_types),
@@ -93,14 +95,19 @@ def _model_section(record: RunRecord, run: Path) -> str:
             ("label maps", f"conditioned on label maps: one input channel for each label value "
                            f"({_values(record)}); `meddiff sample --masks DIR` makes image + map "
                            "pairs" if m.cond_channels else None),
+            ("makes", f"label maps, not images: each pixel the label value whose channel is highest "
+                      f"({_values(record, m.map_values)}); `meddiff sample --run IMAGES --mask-run THIS_FOLDER` "
+                      "draws each image's map from it" if m.makes_maps else None),
             ("classes", record.class_names if m.num_classes else None)]
     return "## Model\n\n" + _markdown_table(rows, ("", "value"))
 
 
-def _values(record: RunRecord) -> str:
-    """The label values, each with its name where the training data named it: "1 lesion, 2 ct/body"."""
+def _values(record: RunRecord, values: tuple[int, ...] | None = None) -> str:
+    """The label values (those the model conditions on unless `values` are given), each with its name where the
+    training data named it: "1 lesion, 2 ct/body"."""
     names = record.mask_names()
-    return ", ".join(f"{v} {names[v]}" if v in names else str(v) for v in record.model.mask_values)
+    return ", ".join(f"{v} {names[v]}" if v in names else str(v)
+                     for v in (record.model.mask_values if values is None else values))
 
 
 def _data_section(record: RunRecord) -> str:
@@ -201,6 +208,10 @@ def _usage_section(record: RunRecord) -> str:
         load = ("from meddiff.pipeline import MeddiffPipeline\n"
                 "pipe = MeddiffPipeline.from_pretrained(\"THIS_FOLDER\")\n"
                 f"images = pipe(batch_size=4, num_inference_steps=50{pick}).images")
+    if m.makes_maps:
+        return ("## How to use\n\nBeside a run trained on the same data's images with their maps, each image's map "
+                "drawn from this model:\n\n```\nmeddiff sample --run IMAGES --mask-run THIS_FOLDER --n 16 "
+                "--out pairs/\n```\n")
     return ("## How to use\n\n```\nmeddiff sample --run THIS_FOLDER --n 16 --out samples/\n```\n\n"
             "or, in Python (after `meddiff export-diffusers`, or on the run folder itself):\n\n"
             f"```python\n{load}\n```\n")
@@ -243,9 +254,11 @@ def model_card_text(run: str | Path, metrics: dict[str, Any] | None = None, reco
     header = ("---\nlibrary_name: diffusers\npipeline_tag: unconditional-image-generation\n"
               "tags:\n- meddiff\n- medical-imaging\n- diffusion\n- synthetic-data\n---\n")
     kind = "class-conditional" if m.num_classes else "unconditional"
+    makes = ("label maps (one label value per pixel) for the images of another model to be drawn on"
+             if m.makes_maps else "single-channel medical-style images")
     title = (f"# meddiff diffusion model ({kind}, {m.image_size} px, preset "
              f"{record.train.preset})\n\nA denoising diffusion model trained with meddiff that "
-             f"generates single-channel medical-style images. {SYNTHETIC}\n")
+             f"generates {makes}. {SYNTHETIC}\n")
     parts = [header, title, _model_section(record, run), _data_section(record), _training_section(record, run),
              _metrics_section(record, metrics), _usage_section(record), _use_and_limits(record)]
     return "\n".join(p.rstrip() + "\n" for p in parts)

@@ -54,6 +54,8 @@ class MeddiffPipeline(DiffusionPipeline):
         path = pretrained_model_name_or_path
         if os.path.isdir(path):
             record = runfolder.read_record(path) if runfolder.has_record(path) else None
+            if record is not None:
+                record.check_kind(path, flag="MeddiffPipeline.from_pretrained")
             if record is not None and "class_names" not in kwargs:
                 kwargs["class_names"] = list(record.class_names) if record.conditional else []
                 kwargs.setdefault("patch_size", record.model.patch_size)
@@ -144,6 +146,7 @@ def export_diffusers(run: str | Path, out: str | Path, weights: str = "ema") -> 
     run, out = Path(run), Path(out)
     check_out_dir(out, "OUT_DIR", empty=True)
     record = runfolder.read_record(run)
+    record.check_kind(run, flag="RUN")
     _unet, source = runfolder.load_unet(run, weights, record)
     schedule = runfolder.scheduler_config(run, record)
     pipeline, index = runfolder.model_index(record.model, record.class_names)

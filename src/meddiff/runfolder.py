@@ -42,7 +42,7 @@ from .atomic import atomic_folder, no_space_is_an_error, write_json, write_text
 from .atomic import remove_temporaries as _remove_temporaries
 from .config import WEIGHTS, ModelConfig, TrainConfig, check_value, from_json, to_json
 from .diffusion import DIFFUSERS_BETA_SCHEDULE, DIFFUSERS_PREDICTION, betas_for, diffusers_scheduler_config
-from .errors import MeddiffError, RunError
+from .errors import ConfigError, MeddiffError, RunError
 from .model import build_unet, unet_config
 
 RECORD_FILE = "meddiff.json"
@@ -104,11 +104,22 @@ class RunRecord:
         label images does not): {value: name} for the values the model knows."""
         from .data.dataset import named_values
 
-        return {v: n for v, n in named_values(self.data).items() if v in self.model.mask_values}
+        known = set(self.model.mask_values) | set(self.model.map_values)
+        return {v: n for v, n in named_values(self.data).items() if v in known}
 
     @property
     def conditional(self) -> bool:
         return self.model.num_classes > 0
+
+    def check_kind(self, run: str | Path, maps: bool = False, flag: str = "--run") -> None:
+        """ConfigError naming `flag` unless the run makes what its caller wants: images, or (`maps`) label maps
+        (a model trained with --learn maps, which only `meddiff sample --mask-run` samples)."""
+        if self.model.makes_maps and not maps:
+            raise ConfigError(f"{flag} {run}: a model of label maps (trained with --learn maps), not of images; give "
+                              "it to `meddiff sample --mask-run` beside a run that makes images for its maps")
+        if maps and not self.model.makes_maps:
+            raise ConfigError(f"{flag} {run}: a model of images; {flag} takes a model of label maps (`meddiff train "
+                              "--learn maps`)")
 
     def to_json(self) -> dict[str, Any]:
         out = dict(train=to_json(self.train), model=to_json(self.model), class_names=list(self.class_names),

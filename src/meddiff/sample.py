@@ -31,7 +31,7 @@ from .data.dataset import (PAIR_FOLDERS, jitter_label_map, labels_to_square, les
 from .data.readers import read_file, read_label_map
 from .errors import ConfigError, UnreadableFile
 from .latent import decode as decode_latents
-from .model import Denoiser, mask_channels, null_class, with_meddiff_attention
+from .model import Denoiser, mask_channels, maps_from_channels, null_class, with_meddiff_attention
 from .runtime import Dist, describe, pick_device, pick_precision, progress_bar
 
 _SCHEDULERS: dict[str, tuple[type, dict[str, Any]]] = {
@@ -77,10 +77,13 @@ def model_id(weights_file: Path) -> str:
     return "meddiff-" + h.hexdigest()[:12]
 
 
-def load_run(run: str | Path, weights: str = "ema", device: torch.device | str = "cpu") -> LoadedRun:
+def load_run(run: str | Path, weights: str = "ema", device: torch.device | str = "cpu", maps: bool = False,
+             flag: str = "--run") -> LoadedRun:
     """Load a run folder. weights: "ema" (the exported model: EMA weights when the run kept an EMA), "best"
-    (lowest validation loss) or "raw" (the last checkpoint's non-averaged weights)."""
+    (lowest validation loss) or "raw" (the last checkpoint's non-averaged weights). `maps`: the caller wants a
+    model of label maps (`--mask-run`), else one of images; the other kind is a ConfigError naming `flag`."""
     record = runfolder.read_record(run)
+    record.check_kind(run, maps, flag)
     unet, wfile = runfolder.load_unet(run, weights, record)
     vae = runfolder.load_run_vae(run, record.model)[0].to(device).eval() if record.model.latent else None
     return LoadedRun(with_meddiff_attention(unet).to(device).eval(), runfolder.scheduler_config(run, record),
@@ -215,6 +218,54 @@ def generate(run: LoadedRun, seeds: list[int], label: int | None = None, sampler
                        decode=decoder(run, precision))[:, 0].cpu().numpy()
 
 
+MAP_SEED_OFFSET = 2**63  # a map's noise is seeded by its image's seed plus this: never the same stream as an image's
+
+
+@torch.no_grad()
+def draw_maps(run: LoadedRun, seeds: list[int], label: int | None = None, sampler: str | None = None,
+              steps: int | None = None, guidance: float = 1.0, precision: str = "fp32") -> np.ndarray:
+    """A model of label maps' maps for the given seeds (each drawn from seed + MAP_SEED_OFFSET, so an image and
+    its map never share noise): (len(seeds), S, S) int64 label values, each pixel the value whose channel the
+    sample holds highest (`model.maps_from_channels`)."""
+    sampler, steps = sampler_and_steps(run, sampler, steps)
+    scheduler = make_scheduler(sampler, run.scheduler_config, steps)
+    denoiser = make_denoiser(run, label, len(seeds), guidance, precision)
+    noise, generators = initial_noise([int(s) + MAP_SEED_OFFSET for s in seeds], run.noise_shape())
+    device = next(run.unet.parameters()).device
+    maps = sample_loop(scheduler, denoiser, noise.to(device), generators,
+                       decode=lambda x: maps_from_channels(x, run.model.map_values))
+    return maps[:, 0].cpu().numpy()
+
+
+def map_class(images: LoadedRun, maps: LoadedRun, label: int | None) -> int | None:
+    """The label a model of label maps draws an image's map with: the image's class by name (None, its null
+    class, where the image has none)."""
+    if not maps.conditional:
+        return None
+    name = images.class_names[label] if label is not None and label < len(images.class_names) else None
+    if name is not None and name not in maps.class_names:
+        raise ConfigError(f"--mask-run: its model of label maps does not know class {name!r} (it knows "
+                          f"{', '.join(maps.class_names)})")
+    return class_index(maps, name)
+
+
+def load_mask_run(cfg: SampleConfig, images: LoadedRun, device: torch.device) -> LoadedRun:
+    """--mask-run: the model of label maps that draws each image's map; its values must be ones the image model
+    was trained on."""
+    maps = load_run(cfg.mask_run, "ema", device, maps=True, flag="--mask-run")
+    if not images.model.cond_channels:
+        raise ConfigError(f"--mask-run {cfg.mask_run}: the --run model was not trained on label maps (its data had "
+                          "none)")
+    unknown = sorted(set(maps.model.map_values) - set(images.model.mask_values) - {0})
+    if unknown:
+        raise ConfigError(f"--mask-run {cfg.mask_run}: draws label value(s) {unknown} the --run model does not know "
+                          f"(it knows {', '.join(map(str, images.model.mask_values))})")
+    if maps.model.image_size != images.model.image_size:
+        raise ConfigError(f"--mask-run {cfg.mask_run}: draws {maps.model.image_size}-px maps, the --run model makes "
+                          f"{images.model.image_size}-px images")
+    return maps
+
+
 @torch.no_grad()
 def inpaint_loop(scheduler: DDIMScheduler, denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                  known: torch.Tensor, region: torch.Tensor, generators: list[torch.Generator],
@@ -346,10 +397,14 @@ def inpaint_to_folder(cfg: InpaintConfig, echo: Callable[[str], None] = print) -
 Job = tuple[str, int, "int | None", "int | None"]  # (file stem, seed, label, index of its label map or None)
 
 
-def plan(run: LoadedRun, cfg: SampleConfig, n_maps: int = 0) -> list[Job]:
+def plan(run: LoadedRun, cfg: SampleConfig, n_maps: int = 0, drawn: bool = False) -> list[Job]:
     """(relative file stem, seed, label, label map) for every image of a request; seeds are cfg.seed + position.
     With `n_maps` label maps (--masks) one image per map (per map and class with --per-class), stems under
-    images/ and their maps under masks/ with the same name."""
+    images/ and their maps under masks/ with the same name; `drawn` (--mask-run): --n pairs, each map drawn for
+    its image."""
+    if drawn:
+        return [(PAIR_FOLDERS[0] + "/" + stem, seed, label, None)
+                for stem, seed, label, _m in plan(run, cfg)]
     maps = list(range(n_maps)) if n_maps else [None]
     each_map = n_maps and not cfg.augment_masks  # one image per map; --augment-masks draws --n from them instead
     if cfg.per_class is not None:
@@ -474,7 +529,8 @@ def sample_to_folder(cfg: SampleConfig, echo: Callable[[str], None] = print, dis
     if dist.active:  # every rank must split the same list: none may start writing before all have read the folder
         td.barrier()
     maps = read_masks(cfg.masks, run, echo) if cfg.masks else []
-    jobs = plan(run, cfg, len(maps))
+    map_run = load_mask_run(cfg, run, device) if cfg.mask_run else None
+    jobs = plan(run, cfg, len(maps), drawn=map_run is not None)
     suffix = export.SUFFIX[cfg.fmt]
     remaining = [j for j in jobs if f"{j[0]}{suffix}" not in done]
     todo = remaining[dist.rank::dist.world]
@@ -489,6 +545,9 @@ def sample_to_folder(cfg: SampleConfig, echo: Callable[[str], None] = print, dis
             part = [j for j in chunk if j[2] == label]
             part_maps = np.stack([jitter_label_map(maps[j[3]], j[1]) if cfg.augment_masks else maps[j[3]]
                                   for j in part]) if maps else None
+            if map_run is not None:
+                part_maps = draw_maps(map_run, [j[1] for j in part], map_class(run, map_run, label),
+                                      precision=precision)
             imgs = generate(run, [j[1] for j in part], label, cfg.sampler, cfg.steps, cfg.guidance, precision,
                             cfg.cache_interval, part_maps, cfg.guidance_cutoff)
             for k, ((stem, seed, lab, _m), img) in enumerate(zip(part, imgs)):
@@ -509,9 +568,10 @@ def sample_to_folder(cfg: SampleConfig, echo: Callable[[str], None] = print, dis
             _merge_manifests(out)
     if cfg.grid and len(jobs) <= GRID_MAX_IMAGES and dist.main:
         _write_grid(out, jobs, suffix, cfg.per_class * max(1, len(maps)) if cfg.per_class else None)
+    drawn_by = {} if map_run is None else dict(mask_model_id=map_run.model_id)
     return dict(out=str(out), written=len(remaining), skipped=len(jobs) - len(remaining), seconds=seconds,
                 img_per_s=len(remaining) / seconds if remaining and seconds > 0 else None, model_id=run.model_id,
-                hardware=describe(device, precision))
+                **drawn_by, hardware=describe(device, precision))
 
 
 def _write_sample(image: np.ndarray, out: Path, name: str, fmt: str, info: Any, manifest: Any, existed: Path,

@@ -375,6 +375,40 @@ def _weighted_values(cfg: TrainConfig, data: ImageSet, mask_values: tuple[int, .
     return values
 
 
+MAP_CHUNK = 256  # label maps turned into channels at a time
+
+
+def _map_data(cfg: TrainConfig, data: ImageSet, record: RunRecord | None,
+              echo: Callable[[str], None]) -> tuple[ImageSet, tuple[int, ...]]:
+    """--learn maps: the set's label maps become what the model denoises, one channel per label value (0 first;
+    +1 where the map has the value, -1 elsewhere, as `mask_channels` shows a map to an image model), with the set's
+    labels and groups and no maps beside them (the model conditions on its class alone). → (that set, the values).
+    A resumed run keeps its own values, and its data may hold no others."""
+    if cfg.autoencoder is not None:
+        raise ConfigError("--learn maps: a model of label maps learns them in pixels; leave out --autoencoder")
+    if cfg.copy_check:
+        raise ConfigError("--copy-check: audits sampled images, and a model of label maps (--learn maps) makes "
+                          "none; screen what its maps make with `meddiff audit`")
+    if cfg.mask_loss_weight:
+        raise ConfigError("--mask-loss-weight: weights an image's loss inside its label map; a model of label maps "
+                          "(--learn maps) has no map beside what it learns")
+    if not data.has_masks:
+        raise ConfigError(f"--learn maps: --data {cfg.data} has no label maps (a folder of images/ + masks/, "
+                          "builtin:phantoms?masks=1)")
+    values = record.model.map_values if record is not None else (0, *data.mask_values)
+    unknown = sorted(set(data.mask_values) - set(values))
+    if unknown:
+        raise RunError(f"--resume {cfg.out}: the data's label maps hold value(s) {unknown} the run does not learn "
+                       f"(it learns {', '.join(map(str, values))})")
+    if len(values) < 2:
+        raise ConfigError(f"--learn maps: every label map of --data {cfg.data} is background only: nothing to learn")
+    check_memory("the label maps as channels", len(data), len(data) * len(values) * data.size ** 2 * 4)
+    channels = torch.cat([mask_channels(data.take_masks(np.arange(lo, min(lo + MAP_CHUNK, len(data)))), values)
+                          for lo in range(0, len(data), MAP_CHUNK)])
+    echo(f"learning the label maps: one channel per label value ({', '.join(map(str, values))})")
+    return data.with_images(channels, keep_masks=False), values
+
+
 @dataclass
 class _Latents:
     """A latent run's view of its data: the autoencoder (its scaling_factor set), the flipped images' latents
@@ -575,6 +609,9 @@ def _train(cfg: TrainConfig, data: ImageSet | None, resume: bool, echo: Callable
     train_idx, val_idx = split(data, cfg.val_fraction, cfg.seed, cfg.val_split)
     if len(train_idx) == 0:
         raise ConfigError(f"--data {cfg.data}: no training images left after the validation split")
+    map_values: tuple[int, ...] = ()
+    if cfg.learn == "maps":  # from here on `data` is the set's label maps, one channel per value
+        data, map_values = _map_data(cfg, data, record, echo)
     mask_values = _mask_values(cfg, data, record, echo)
     if cfg.mask_loss_weight and not mask_values:
         raise ConfigError("--mask-loss-weight: weights the loss inside label maps, and this run has none (the data "
@@ -591,7 +628,8 @@ def _train(cfg: TrainConfig, data: ImageSet | None, resume: bool, echo: Callable
         cfg, data, latent = _latent_data(cfg, data, train_idx, record, run, device, precision, echo)
     n_classes = len(data.class_names) if conditional else 0
     mcfg: ModelConfig = (record.model if record else
-                         model_config(cfg.preset, cfg.size, n_classes, patch=cfg.patch, mask_values=mask_values)
+                         model_config(cfg.preset, cfg.size, n_classes, patch=cfg.patch, mask_values=mask_values,
+                                      map_values=map_values)
                          if latent is None else _latent_model(cfg, data, n_classes, mask_values))
     if record is None and dist.main:
         run.mkdir(parents=True, exist_ok=True)  # only now, so that a failed start leaves no empty run folder

@@ -86,13 +86,15 @@ class ImageSet:
             return self._images[torch.as_tensor(np.asarray(indices), dtype=torch.long)]
         return _signed(self.stored.read(np.asarray(indices)))
 
-    def with_images(self, images: torch.Tensor) -> "ImageSet":
-        """The same set (labels, groups, label maps where stored, summary) over other images, one per image: the
-        latent path trains on the set's latents with the set's maps."""
+    def with_images(self, images: torch.Tensor, keep_masks: bool = True) -> "ImageSet":
+        """The same set (labels, groups, label maps where stored and `keep_masks`, summary) over other images, one
+        per image: the latent path trains on the set's latents with the set's maps; a model of label maps on the
+        maps themselves, as channels, with no maps beside them."""
         if len(images) != len(self):
             raise ValueError(f"{len(images)} images for a set of {len(self)}")
-        out = ImageSet(images, self.labels, self.class_names, self.groups, self.skipped, self.summary, self._masks)
-        out._mask_store = self._mask_store
+        out = ImageSet(images, self.labels, self.class_names, self.groups, self.skipped, self.summary,
+                       self._masks if keep_masks else None)
+        out._mask_store = self._mask_store if keep_masks else None
         return out
 
     @property
