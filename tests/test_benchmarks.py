@@ -429,6 +429,26 @@ def test_images_made_from_new_maps_are_audited_against_their_moved_source(monkey
     assert "a source image moved with its map for 100%." in text
 
 
+def test_drawn_maps_are_audited_against_the_training_maps_by_label_agreement(monkeypatch) -> None:
+    masks = bench("masks")
+    maps = np.zeros((6, 16, 16), np.int64)
+    for k in range(6):  # each training map: a body (2) at its own place, a lesion (1) in the abnormal ones
+        maps[k, k:k + 8, 2:10] = 2
+        maps[k, k + 2:k + 4, 3:5] = 1 if k % 2 else 2
+    agreement, index = masks.map_agreement(np.stack([maps[3], maps[4][:, ::-1], np.full((16, 16), 5)]), maps)
+    assert agreement[:2].tolist() == [1.0, 1.0] and index[:2].tolist() == [3, 4]  # as it is, or mirrored
+    assert agreement[2] == 0.0  # no label in common
+    classes = ["ct/normal", "ct/abnormal"] * 3
+    train = dict(images=np.zeros((6, 16, 16)), masks=maps, classes=classes, map_run=None)
+    test = dict(masks=np.roll(maps, 1, axis=2))  # held-out maps: near the training ones, none the same
+    monkeypatch.setattr(masks, "drawn_maps", lambda run, names, seed0: maps[[classes.index(c) for c in names]])
+    copied = masks.drawn_map_copies(train, test, n=6)
+    assert copied["share_flagged"] == 1.0 and copied["median_nearest"] == 1.0 > copied["threshold"]
+    assert copied["drawn"]["abnormal_with_lesion"] == 1.0 and copied["drawn"]["normal_with_lesion"] == 0.0
+    monkeypatch.setattr(masks, "drawn_maps", lambda run, names, seed0: test["masks"][:len(names)])
+    assert masks.drawn_map_copies(train, test, n=6)["share_flagged"] == 0.0
+
+
 def test_the_rendered_docs_match_the_results_files() -> None:
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "render.py"), "--check"], capture_output=True,
                        text=True, timeout=120, cwd=ROOT)

@@ -436,3 +436,22 @@ def test_a_broken_pipe_in_process_returns_141(image_folder: Path, monkeypatch: p
             raise BrokenPipeError(32, "Broken pipe")
     monkeypatch.setattr(sys, "stdout", Gone())
     assert main(["info", str(image_folder), "--size", "32"]) == 141
+
+
+def test_a_model_of_label_maps_trains_and_draws_maps_from_the_command_line(tmp_path: Path, anatomy_run: Path,
+                                                                            capsys: pytest.CaptureFixture) -> None:
+    maps = tmp_path / "maps"
+    code, out, _err = _run(["train", "--data", "builtin:phantoms?n=16&masks=2", "--size", "32", "--preset", "tiny",
+                            "--max-steps", "2", "--learn", "maps", "--precision", "fp32", "--no-progress",
+                            "--out", str(maps)], capsys)
+    assert code == 0 and json.loads(out.splitlines()[-1])["steps"] == 2
+    code, _out, err = _run(["sample", "--run", str(maps), "--n", "2", "--out", str(tmp_path / "o")], capsys)
+    _assert_one_line_error(code, err, "a model of label maps (trained with --learn maps)")
+    code, out, _err = _run(["sample", "--run", str(anatomy_run), "--mask-run", str(maps), "--n", "2", "--steps", "2",
+                            "--precision", "fp32", "--no-progress", "--out", str(tmp_path / "pairs")], capsys)
+    assert code == 0 and json.loads(out.splitlines()[-1])["written"] == 2
+    assert len(list((tmp_path / "pairs" / "masks").glob("*.png"))) == 2
+    code, _out, err = _run(["train", "--data", "builtin:phantoms?n=16", "--size", "32", "--learn", "maps",
+                            "--out", str(tmp_path / "none")], capsys)
+    _assert_one_line_error(code, err, "--learn maps: --data builtin:phantoms?n=16 has no label maps")
+    assert not (tmp_path / "none").exists()

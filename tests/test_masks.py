@@ -2,6 +2,7 @@
 images/ + masks/ pairs, and lesion inpainting that leaves every pixel outside the region as it was."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from meddiff.errors import ConfigError, DataError
+from meddiff.errors import ConfigError, DataError, RunError
 
 
 def _quiet(_line: str) -> None:
@@ -524,3 +525,132 @@ def test_augmented_maps_give_n_new_pairs_from_fewer_maps(mask_run: Path, tmp_pat
         assert np.array_equal(np.asarray(Image.open(path)), jitter_label_map(source[k % 2], k))
     with pytest.raises(ConfigError, match="--augment-masks: draws new maps from the --masks ones"):
         SampleConfig(run=str(mask_run), out=str(tmp_path / "o2"), augment_masks=True)
+
+
+# ---------------------------------------------------------------- a model of label maps (--learn maps)
+
+@pytest.fixture(scope="module")
+def map_run(tmp_path_factory: pytest.TempPathFactory, train_config) -> Path:
+    """A tiny model of the phantoms' label maps of lesion and anatomy (masks=2), 6 steps. Read-only."""
+    from meddiff.train import train
+
+    out = tmp_path_factory.mktemp("runs") / "maps"
+    train(train_config("builtin:phantoms?n=24&masks=2", out, learn="maps"), echo=_quiet)
+    return out
+
+
+def test_a_map_is_one_channel_per_value_and_comes_back_by_the_highest_channel() -> None:
+    from meddiff.model import mask_channels, maps_from_channels
+
+    values = (0, 1, 4, 7)
+    maps = torch.tensor([[0, 1], [4, 7]]).view(1, 1, 2, 2).repeat(2, 1, 1, 1)
+    channels = mask_channels(maps, values)
+    assert channels.shape == (2, 4, 2, 2) and set(channels.unique().tolist()) == {-1.0, 1.0}
+    assert torch.equal(maps_from_channels(channels, values), maps)
+    noisy = channels + 0.4 * torch.randn(channels.shape, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(maps_from_channels(noisy, values), maps)  # a sample near the map decodes to it
+
+
+def test_a_model_of_label_maps_learns_the_maps_as_its_channels(map_run: Path, train_config) -> None:
+    from meddiff.data.dataset import load_data
+    from meddiff.model import maps_from_channels
+    from meddiff.runfolder import read_record
+    from meddiff.train import _map_data
+
+    record = read_record(map_run)
+    data = load_data("builtin:phantoms?n=24&masks=2", 32)
+    assert record.model.map_values == (0, *data.mask_values) and record.model.in_channels == len(data.mask_values) + 1
+    assert record.model.mask_values == () and record.model.cond_channels == 0  # conditioned on the class alone
+    learnt, values = _map_data(train_config("builtin:phantoms?n=24&masks=2", map_run, learn="maps"), data, None,
+                               _quiet)
+    assert not learnt.has_masks and learnt.class_names == data.class_names
+    assert torch.equal(maps_from_channels(learnt.take(range(24)), values), data.take_masks(range(24)))
+    card = (map_run / "README.md").read_text()
+    assert "generates label maps" in card and "--mask-run THIS_FOLDER" in card
+    assert "1 lesion" in card and "2 ct/body" in card  # the values keep the names the data gave them
+
+
+def test_maps_drawn_for_sampling_make_pairs_and_follow_the_seed(map_run: Path, anatomy_run: Path,
+                                                                tmp_path: Path) -> None:
+    from meddiff.config import SampleConfig
+    from meddiff.sample import class_index, draw_maps, load_run, sample_to_folder
+
+    cfg = SampleConfig(run=str(anatomy_run), mask_run=str(map_run), out=str(tmp_path / "out"), n=3, seed=5,
+                       class_name="ct/abnormal", sampler="ddim", steps=2, progress=False, precision="fp32",
+                       device="cpu")
+    result = sample_to_folder(cfg, echo=_quiet)
+    maps = load_run(map_run, maps=True)
+    assert result["written"] == 3 and result["mask_model_id"] == maps.model_id
+    made = sorted((tmp_path / "out" / "masks").glob("*.png"))
+    assert [p.stem for p in made] == [f"seed{s:06d}" for s in (5, 6, 7)]
+    assert sorted(p.stem for p in (tmp_path / "out" / "images").glob("*.png")) == [p.stem for p in made]
+    label = class_index(maps, "ct/abnormal")
+    together = draw_maps(maps, [5, 6, 7], label)
+    for k, path in enumerate(made):  # the image's seed draws its map, whatever else is in the batch
+        assert np.array_equal(np.asarray(Image.open(path)), together[k])
+        assert np.array_equal(draw_maps(maps, [5 + k], label)[0], together[k])
+    assert set(np.unique(together).tolist()) <= set(maps.model.map_values)
+    assert not np.array_equal(draw_maps(maps, [5], label)[0], draw_maps(maps, [6], label)[0])
+    rows = (tmp_path / "out" / "manifest.csv").read_text().splitlines()
+    assert rows[1].startswith("images/seed000005.png,ct/abnormal,5,") and rows[1].endswith(",masks/seed000005.png")
+
+
+def test_per_class_pairs_draw_each_class_its_own_maps(map_run: Path, anatomy_run: Path, tmp_path: Path) -> None:
+    from meddiff.config import SampleConfig
+    from meddiff.sample import class_index, draw_maps, load_run, sample_to_folder
+
+    cfg = SampleConfig(run=str(anatomy_run), mask_run=str(map_run), out=str(tmp_path / "out"), per_class=1,
+                       sampler="ddim", steps=2, progress=False, precision="fp32", device="cpu")
+    sample_to_folder(cfg, echo=_quiet)
+    maps = load_run(map_run, maps=True)
+    for path in sorted((tmp_path / "out" / "masks").rglob("*.png")):
+        name = str(path.parent.relative_to(tmp_path / "out" / "masks"))
+        seed = int(path.stem.removeprefix("seed"))
+        assert np.array_equal(np.asarray(Image.open(path)), draw_maps(maps, [seed], class_index(maps, name))[0])
+    assert len(list((tmp_path / "out" / "images").rglob("*.png"))) == 8
+
+
+def test_a_model_of_maps_and_a_model_of_images_are_not_taken_for_each_other(
+        map_run: Path, anatomy_run: Path, mask_run: Path, trained_run: Path, tmp_path: Path) -> None:
+    from meddiff.config import SampleConfig
+    from meddiff.pipeline import MeddiffPipeline, export_diffusers
+    from meddiff.sample import sample_to_folder
+
+    def sample(**kw: object) -> None:
+        sample_to_folder(SampleConfig(out=str(tmp_path / "o"), n=2, progress=False, device="cpu", **kw), echo=_quiet)
+
+    with pytest.raises(ConfigError, match="--run .*a model of label maps .*--mask-run"):
+        sample(run=str(map_run))
+    with pytest.raises(ConfigError, match="--mask-run .*a model of images"):
+        sample(run=str(anatomy_run), mask_run=str(anatomy_run))
+    with pytest.raises(ConfigError, match="--mask-run .*not trained on label maps"):
+        sample(run=str(trained_run), mask_run=str(map_run))
+    with pytest.raises(ConfigError, match=r"--mask-run .*draws label value\(s\) \[2, 3"):  # mask_run knows 1 alone
+        sample(run=str(mask_run), mask_run=str(map_run))
+    with pytest.raises(ConfigError, match="--mask-run: draws each image's map, --masks gives them"):
+        SampleConfig(run=str(anatomy_run), mask_run=str(map_run), masks=str(tmp_path), out=str(tmp_path / "o"))
+    with pytest.raises(ConfigError, match="RUN .*a model of label maps"):
+        export_diffusers(map_run, tmp_path / "exported")
+    with pytest.raises(ConfigError, match="a model of label maps"):
+        MeddiffPipeline.from_pretrained(map_run)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "exported").exists()
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(data="IMAGES"), "--learn maps: --data .* has no label maps"),
+    (dict(copy_check=4), "--copy-check: audits sampled images"),
+    (dict(mask_loss_weight=2.0), "--mask-loss-weight: .*--learn maps"),
+    (dict(autoencoder="AE"), "--learn maps: .*leave out --autoencoder"),
+])
+def test_learning_maps_from_what_cannot_give_them_is_one_error_and_no_run(
+        changes: dict, message: str, tmp_path: Path, image_folder: Path, train_config) -> None:
+    from meddiff.train import train
+
+    data = str(image_folder) if changes.get("data") == "IMAGES" else "builtin:phantoms?n=8&masks=2"
+    cfg = train_config(data, tmp_path / "run", learn="maps",
+                       **{k: v for k, v in changes.items() if k not in ("data", "autoencoder")})
+    if "autoencoder" in changes:
+        cfg = dataclasses.replace(cfg, autoencoder=str(tmp_path / "ae"))
+    with pytest.raises((ConfigError, DataError, RunError), match=message):
+        train(cfg, echo=_quiet)
+    assert not (tmp_path / "run").exists()
