@@ -449,9 +449,14 @@ def render_masks(doc: dict) -> list[str]:
     if paired:  # paired over the same test images
         r, d = paired["synthetic_vs_real"], paired["plus_synthetic_vs_few"]
         few = next(k for k in u if k.endswith("_plus_synthetic")).removesuffix("_plus_synthetic").replace("_", " ")
-        source = (" The synthetic pairs are made from new maps: each training map jittered by its own seed "
-                  "(`--utility-maps new`, as `meddiff sample --augment-masks` draws them)."
-                  if s.get("utility_maps") == "new" else "")
+        mm = s.get("map_model") or {}
+        source = {"new": " The synthetic pairs are made from new maps: each training map jittered by its own seed "
+                         "(`--utility-maps new`, as `meddiff sample --augment-masks` draws them).",
+                  "model": " The synthetic pairs are made from maps drawn by a model of label maps trained on the "
+                           f"training maps (`--utility-maps model`: `meddiff train --learn maps`, "
+                           f"{mm.get('steps', 0):,} steps, {mm.get('parameters', 0) / 1e6:.1f} M parameters; one map "
+                           "per training pair's class, as `meddiff sample --mask-run` draws them)."
+                  }.get(s.get("utility_maps"), "")
         lines += ["", f"Synthetic-only / real-only Dice: {ci(r['ratio'], r['ratio_ci95'])} (paired over the "
                   f"same {r['images']} test images). {few} + synthetic against {few} alone (the real pairs fill "
                   f"{s.get('real_share', 0.5):.0%} of each batch): Dice difference "
@@ -489,7 +494,7 @@ def render_masks(doc: dict) -> list[str]:
                   + "."]
     if s.get("copies"):
         c = s["copies"]
-        own, new = c.get("from_training_maps"), c.get("from_new_maps")
+        own, new, drawn = c.get("from_training_maps"), c.get("from_new_maps"), c.get("from_model_maps")
         lines += [f"Copies of training images among the generated adherence images: {pct(c['share'])}."
                   + (f" Among {own['images']} images generated from training maps (what the utility figures train "
                      f"on): {pct(own['share'])} flagged (same threshold, NCC {c['threshold']:.3f}); median nearest NCC "
@@ -500,7 +505,22 @@ def render_masks(doc: dict) -> list[str]:
                      f"map was: {pct(new['share'])} flagged (same threshold, NCC {c['threshold']:.3f}); median nearest "
                      f"NCC {new['median_ncc']:.3f}; the nearest is the map's own source for "
                      f"{new['nearest_is_source']:.0%}; a source image moved with its map for {new['nearest_is_moved_source']:.0%}."
-                     if new else "")]
+                     if new else "")
+                  + (f" Among {drawn['images']} images generated from maps the model of label maps drew (what the "
+                     f"utility figures train on), against the training images: {pct(drawn['share'])} flagged (same "
+                     f"threshold, NCC {c['threshold']:.3f}); median nearest NCC {drawn['median_ncc']:.3f}."
+                     if drawn else "")]
+    mc = s.get("map_copies")
+    if mc:
+        rates = lambda r: (f"a lesion in {r['abnormal_with_lesion']:.0%} of abnormal-class maps and "
+                           f"{pct(r['normal_with_lesion'])} of normal ones, covering {r['lesion_area_abnormal']:.1%} "
+                           "of an abnormal map")
+        lines += [f"The drawn maps against the training maps ({mc['maps']} maps, each against every training map as "
+                  f"it is and mirrored; agreement: the share of the pixels labelled in either map that hold the same "
+                  f"label in both): median nearest agreement {mc['median_nearest']:.3f}, held-out real maps "
+                  f"{mc['heldout_median_nearest']:.3f}; {pct(mc['share_flagged'])} above the held-out maps' 0.99 "
+                  f"quantile ({mc['threshold']:.3f}). Drawn: {rates(mc['drawn'])}; training maps: "
+                  f"{rates(mc['training'])}."]
     grid = Path(s["grid"])
     return lines + (["", f"![requested map and generated image, one pair per modality]({grid.name})"]
                     if grid.parent.name == "docs" else [])
@@ -850,10 +870,12 @@ def readme_rows(results: Path) -> list[str]:
             how += f", segmenters trained {seg_steps:,} steps" if seg_steps != 600 else ""
             how += f", guidance cutoff {sm['guidance_cutoff']:g}" if sm.get("guidance_cutoff") else ""
             copies = sm.get("copies") or {}
-            own = copies.get("from_training_maps") or copies.get("from_new_maps")  # what the synthetic pairs copy
-            new = sm.get("utility_maps") == "new"
-            how += ", synthetic pairs from new (jittered) maps" if new else ""
-            own_head = f"; images made from {'new' if new else 'training'} maps flagged as copies" if own else ""
+            kind = sm.get("utility_maps", "training")
+            own = copies.get(f"from_{kind}_maps")  # what the synthetic pairs copy
+            how += {"new": ", synthetic pairs from new (jittered) maps",
+                    "model": ", synthetic pairs from maps a model of label maps drew"}.get(kind, "")
+            own_head = (f"; images made from {dict(model='drawn').get(kind, kind)} maps flagged as copies"
+                        if own else "")
             own_cell = f"; {pct(own['share'])}" if own else ""
             rows.append(f"| label maps (phantoms, {m['settings']['size']} px, guidance {sm['guidance']:g}{how}): lesion "
                         f"Dice of generated images against the requested map; synthetic-only / real-only segmenter "

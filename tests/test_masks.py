@@ -654,3 +654,19 @@ def test_learning_maps_from_what_cannot_give_them_is_one_error_and_no_run(
     with pytest.raises((ConfigError, DataError, RunError), match=message):
         train(cfg, echo=_quiet)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_model_of_label_maps_resumes_with_its_own_values(tmp_path: Path, train_config) -> None:
+    from meddiff.runfolder import read_record
+    from meddiff.train import train
+
+    from meddiff.data.dataset import load_data
+
+    cfg = train_config("builtin:phantoms?n=8&masks=1", tmp_path / "run", learn="maps", max_steps=2)
+    train(cfg, echo=_quiet)
+    assert read_record(tmp_path / "run").model.map_values == (0, 1)
+    result = train(dataclasses.replace(cfg, max_steps=4), resume=True, echo=_quiet)
+    assert result.steps == 4 and read_record(tmp_path / "run").model.map_values == (0, 1)
+    anatomy = load_data("builtin:phantoms?n=8&masks=2", 32)  # the same classes, maps with values it never learnt
+    with pytest.raises(RunError, match=r"label maps hold value\(s\) \[2, 3.* the run does not learn \(it learns 0, 1\)"):
+        train(dataclasses.replace(cfg, max_steps=6), anatomy, resume=True, echo=_quiet)
