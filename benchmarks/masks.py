@@ -131,12 +131,12 @@ def generate_for(run, masks: np.ndarray, classes: list[str], guidance: float, se
 
 
 def _shown(labels: np.ndarray) -> np.ndarray:
-    """A map as a grid tile: lesion maps white on black; label maps of anatomy in grey levels, the lesion white."""
+    """A map as a grid tile (`export.label_map_tile`): lesion maps white on black; label maps of anatomy in grey
+    levels, the lesion white."""
     from meddiff.data.phantoms import LESION
+    from meddiff.export import label_map_tile
 
-    labels = np.asarray(labels)
-    grey = np.where(labels > 0, 0.25 + 0.5 * (labels % 8) / 8, 0.0)
-    return np.where(labels == LESION, 1.0, grey).astype(np.float32)
+    return label_map_tile(labels, LESION)
 
 
 def ring(mask: np.ndarray, width: int = 1) -> np.ndarray:

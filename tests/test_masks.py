@@ -593,6 +593,12 @@ def test_maps_drawn_for_sampling_make_pairs_and_follow_the_seed(map_run: Path, a
     assert not np.array_equal(draw_maps(maps, [5], label)[0], draw_maps(maps, [6], label)[0])
     rows = (tmp_path / "out" / "manifest.csv").read_text().splitlines()
     assert rows[1].startswith("images/seed000005.png,ct/abnormal,5,") and rows[1].endswith(",masks/seed000005.png")
+    grid = np.asarray(Image.open(tmp_path / "out" / "grid.png"))  # each map left of its image, one row of 3 pairs
+    assert grid.shape == (32 + 4, 6 * (32 + 2) + 2)
+    from meddiff.export import label_map_tile
+    assert np.array_equal(grid[2:34, 2:34], np.round(label_map_tile(together[0], 1) * 255).astype(np.uint8))
+    image = np.asarray(Image.open(tmp_path / "out" / "images" / "seed000005.png"))
+    assert np.array_equal(grid[2:34, 36:68], image)
 
 
 def test_per_class_pairs_draw_each_class_its_own_maps(map_run: Path, anatomy_run: Path, tmp_path: Path) -> None:

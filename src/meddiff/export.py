@@ -163,6 +163,16 @@ def save_png(image_u8: np.ndarray, path: Path) -> Path:
     return _write_png(np.ascontiguousarray(arr), path, None)
 
 
+def label_map_tile(labels: np.ndarray, lesion: int | None = None) -> np.ndarray:
+    """A label map (H, W) integers → a grid tile (H, W) float32 in [0, 1]: background black, each label value a grey
+    level of its own among 8 (0.25-0.69), the `lesion` value (where the map names one) white; a map of one label
+    value shows it white."""
+    labels = np.asarray(labels)
+    grey = np.where(labels > 0, 0.25 + 0.5 * (labels % 8) / 8, 0.0)
+    bright = labels == lesion if lesion is not None else labels > 0 if len(np.unique(labels)) <= 2 else False
+    return np.where(bright, 1.0, grey).astype(np.float32)
+
+
 def make_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2,
               row_labels: Sequence[str] | None = None) -> np.ndarray:
     """(N, H, W) float in [0, 1] → one (H', W') uint8 picture, tiles in row-major order, `pad` white pixels

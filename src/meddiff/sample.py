@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import inspect
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -567,7 +568,9 @@ def sample_to_folder(cfg: SampleConfig, echo: Callable[[str], None] = print, dis
         if dist.main:
             _merge_manifests(out)
     if cfg.grid and len(jobs) <= GRID_MAX_IMAGES and dist.main:
-        _write_grid(out, jobs, suffix, cfg.per_class * max(1, len(maps)) if cfg.per_class else None)
+        pairs = (bool(maps) or map_run is not None) and export.label_map_suffix(cfg.fmt) == ".png"
+        _write_grid(out, jobs, suffix, cfg.per_class * max(1, len(maps)) if cfg.per_class else None,
+                    lesion_value(run.mask_names) if pairs else False)
     drawn_by = {} if map_run is None else dict(mask_model_id=map_run.model_id)
     return dict(out=str(out), written=len(remaining), skipped=len(jobs) - len(remaining), seconds=seconds,
                 img_per_s=len(remaining) / seconds if remaining and seconds > 0 else None, model_id=run.model_id,
@@ -600,12 +603,19 @@ def mask_file(stem: str, fmt: str) -> str:
     return PAIR_FOLDERS[1] + stem[len(PAIR_FOLDERS[0]):] + export.label_map_suffix(fmt)
 
 
-def _write_grid(out: Path, jobs: list[Job], suffix: str, per_class: int | None) -> None:
-    """grid.png of every image of the request; a per-class request gets one row per class, labelled with it."""
+def _write_grid(out: Path, jobs: list[Job], suffix: str, per_class: int | None,
+                lesion: int | None | bool = False) -> None:
+    """grid.png of every image of the request; a per-class request gets one row per class, labelled with it. Pairs
+    (`lesion` not False: the value named lesion, or None) show each image's label map left of it
+    (`export.label_map_tile`, the lesion white)."""
     images = [read_file(out / f"{stem}{suffix}")[0][0] for stem, *_rest in jobs]
     ncols = per_class if per_class is not None and per_class <= GRID_ROW_MAX else None
     labels = ([jobs[k][0].rpartition("/")[0].removeprefix(PAIR_FOLDERS[0] + "/") for k in range(0, len(jobs), ncols)]
               if ncols else None)
+    if lesion is not False:  # a pair per grid cell: ncols pairs a row
+        maps = [export.label_map_tile(read_label_map(out / mask_file(stem, "png")), lesion) for stem, *_r in jobs]
+        images = [tile for pair in zip(maps, images) for tile in pair]
+        ncols = 2 * (ncols or (len(jobs) if len(jobs) <= 4 else math.ceil(math.sqrt(len(jobs)))))
     export.save_png(export.make_grid(np.stack(images), ncols=ncols, row_labels=labels), out / "grid.png")
 
 
