@@ -97,6 +97,10 @@ COMMANDS = {
                                    "--utility-maps new --seg-steps 2000 --guidance 1 --out bench_out/masks_anatomy_4x "
                                    "--grid docs/masks_anatomy_4x_newmaps_g1_grid.png "
                                    "--results benchmarks/results/masks_anatomy_4x_newmaps_g1.json",
+    "masks_anatomy_4x_modelmaps": "python benchmarks/masks.py --maps anatomy --reuse --parts utility,copies "
+                                  "--utility-maps model --seg-steps 2000 --guidance 1 --out bench_out/masks_anatomy_4x "
+                                  "--grid docs/masks_anatomy_4x_modelmaps_grid.png "
+                                  "--results benchmarks/results/masks_anatomy_4x_modelmaps.json",
     "masks_steps8x_newmaps": "python benchmarks/masks.py --reuse --parts utility,copies --utility-maps new "
                              "--seg-steps 2000 --guidance 2 --out bench_out/masks_steps8x "
                              "--grid docs/masks_steps8x_newmaps_grid.png "
