@@ -561,6 +561,7 @@ def test_a_model_of_label_maps_learns_the_maps_as_its_channels(map_run: Path, tr
     data = load_data("builtin:phantoms?n=24&masks=2", 32)
     assert record.model.map_values == (0, *data.mask_values) and record.model.in_channels == len(data.mask_values) + 1
     assert record.model.mask_values == () and record.model.cond_channels == 0  # conditioned on the class alone
+    assert record.train.objective == "x0"  # the clean map: with v, every pixel of a drawn map came out noise
     learnt, values = _map_data(train_config("builtin:phantoms?n=24&masks=2", map_run, learn="maps"), data, None,
                                _quiet)
     assert not learnt.has_masks and learnt.class_names == data.class_names
