@@ -191,6 +191,9 @@ def main() -> None:
     ap.add_argument("--map-steps", type=int, default=4269,
                     help="--utility-maps model: steps of the model of label maps (`meddiff train --learn maps` on the "
                          "training pairs' maps, kept in --out/maprun and reused when its data and steps match)")
+    ap.add_argument("--map-guidance", type=float, default=1.0,
+                    help="--utility-maps model: guidance of the model of label maps' class (`meddiff sample "
+                         "--mask-guidance`)")
     ap.add_argument("--quick", action="store_true", help="smoke test: 32 px, tiny preset, seconds")
     R.add_results_arg(ap, "masks")
     a = ap.parse_args()
@@ -248,7 +251,8 @@ def main() -> None:
     train, test = load_pairs(a.n_train, 0, a.size, a.maps), load_pairs(a.n_test, 1, a.size, a.maps)
     if a.utility_maps == "model" and {"utility", "copies"} & set(parts):
         map_run, summary_maps = map_model(out, a)
-        train["map_run"] = map_run
+        train["map_run"], train["map_guidance"] = map_run, a.map_guidance
+        summary_maps["guidance"] = a.map_guidance
     seg_real = real_segmenter(out, train, a.seg_steps) if {"adherence", "utility"} & set(parts) else None
     summary: dict = dict(parts=parts, training=trained, guidance=scales[0], guidance_cutoff=a.guidance_cutoff,
                          mask_loss_weight=getattr(run.train, "mask_loss_weight", 0.0),
@@ -309,7 +313,7 @@ def pair_maps(train: dict, rows: np.ndarray, mode: str, seed0: int) -> tuple[np.
     if mode == "new":
         maps = np.stack([jitter_label_map(m, seed0 + k) for k, m in enumerate(maps)])
     elif mode == "model":
-        maps = drawn_maps(train["map_run"], [train["classes"][i] for i in rows], seed0)
+        maps = drawn_maps(train["map_run"], [train["classes"][i] for i in rows], seed0, train.get("map_guidance", 1.0))
     return maps, maps == LESION
 
 
@@ -337,9 +341,9 @@ def map_model(out: Path, a: argparse.Namespace) -> tuple[object, dict]:
                      parameters=sum(p.numel() for p in run.unet.parameters()), values=list(run.model.map_values))
 
 
-def drawn_maps(map_run, classes: list[str], seed0: int) -> np.ndarray:
+def drawn_maps(map_run, classes: list[str], seed0: int, guidance: float = 1.0) -> np.ndarray:
     """One map per class in `classes` from the model of label maps, seeds seed0, seed0 + 1, … in batches of one
-    class (`meddiff.sample.draw_maps`, the sampler `meddiff sample --mask-run` uses)."""
+    class, at `guidance` (`meddiff.sample.draw_maps`, the sampler `meddiff sample --mask-run` uses)."""
     from meddiff.sample import class_index, draw_maps
 
     out = None
@@ -347,7 +351,7 @@ def drawn_maps(map_run, classes: list[str], seed0: int) -> np.ndarray:
         rows = [i for i, c in enumerate(classes) if c == name]
         for lo in range(0, len(rows), 16):
             part = rows[lo:lo + 16]
-            maps = draw_maps(map_run, [seed0 + i for i in part], class_index(map_run, name))
+            maps = draw_maps(map_run, [seed0 + i for i in part], class_index(map_run, name), guidance=guidance)
             out = np.zeros((len(classes), *maps.shape[1:]), np.int64) if out is None else out
             out[part] = maps
     return out
@@ -379,7 +383,7 @@ def drawn_map_copies(train: dict, test: dict, n: int = 200) -> dict:
 
     rows = np.random.default_rng(1).choice(len(train["images"]), min(n, len(train["images"])), replace=False)
     classes = [train["classes"][i] for i in rows]
-    drawn = drawn_maps(train["map_run"], classes, 60_000)
+    drawn = drawn_maps(train["map_run"], classes, 60_000, train.get("map_guidance", 1.0))
     ref, _ = map_agreement(test["masks"], train["masks"])
     near, _ = map_agreement(drawn, train["masks"])
     threshold = float(np.quantile(ref, 0.99))

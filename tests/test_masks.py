@@ -602,18 +602,21 @@ def test_maps_drawn_for_sampling_make_pairs_and_follow_the_seed(map_run: Path, a
     assert np.array_equal(grid[2:34, 36:68], image)
 
 
-def test_per_class_pairs_draw_each_class_its_own_maps(map_run: Path, anatomy_run: Path, tmp_path: Path) -> None:
+def test_per_class_pairs_draw_each_class_its_own_maps_at_their_guidance(map_run: Path, anatomy_run: Path,
+                                                                        tmp_path: Path) -> None:
     from meddiff.config import SampleConfig
     from meddiff.sample import class_index, draw_maps, load_run, sample_to_folder
 
     cfg = SampleConfig(run=str(anatomy_run), mask_run=str(map_run), out=str(tmp_path / "out"), per_class=1,
-                       sampler="ddim", steps=2, progress=False, precision="fp32", device="cpu")
+                       mask_guidance=3.0, sampler="ddim", steps=2, progress=False, precision="fp32", device="cpu")
     sample_to_folder(cfg, echo=_quiet)
     maps = load_run(map_run, maps=True)
     for path in sorted((tmp_path / "out" / "masks").rglob("*.png")):
         name = str(path.parent.relative_to(tmp_path / "out" / "masks"))
         seed = int(path.stem.removeprefix("seed"))
-        assert np.array_equal(np.asarray(Image.open(path)), draw_maps(maps, [seed], class_index(maps, name))[0])
+        got = np.asarray(Image.open(path))
+        assert np.array_equal(got, draw_maps(maps, [seed], class_index(maps, name), guidance=3.0)[0])
+        assert not np.array_equal(got, draw_maps(maps, [seed], class_index(maps, name))[0])
     assert len(list((tmp_path / "out" / "images").rglob("*.png"))) == 8
 
 
@@ -634,6 +637,8 @@ def test_a_model_of_maps_and_a_model_of_images_are_not_taken_for_each_other(
         sample(run=str(trained_run), mask_run=str(map_run))
     with pytest.raises(ConfigError, match=r"--mask-run .*draws label value\(s\) \[2, 3"):  # mask_run knows 1 alone
         sample(run=str(mask_run), mask_run=str(map_run))
+    with pytest.raises(ConfigError, match="--mask-guidance: guides the maps --mask-run draws"):
+        SampleConfig(run=str(anatomy_run), mask_guidance=2.0, out=str(tmp_path / "o"))
     with pytest.raises(ConfigError, match="--mask-run: draws each image's map, --masks gives them"):
         SampleConfig(run=str(anatomy_run), mask_run=str(map_run), masks=str(tmp_path), out=str(tmp_path / "o"))
     with pytest.raises(ConfigError, match="RUN .*a model of label maps"):

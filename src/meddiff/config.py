@@ -506,6 +506,9 @@ class SampleConfig(Checked):
     mask_run: str | None = option(None, "a run trained with --learn maps: each image's label map is drawn from it "
                                   "(its seed and class are the image's), then the image for that map; --n (or "
                                   "--per-class) pairs are written as images/ + masks/")
+    mask_guidance: float = option(1.0, "classifier-free guidance of the --mask-run model's class (1 = none): "
+                                  "higher draws maps more typical of the class, e.g. a lesion in more of an abnormal "
+                                  "class's maps", bounds=GUIDANCE)
     augment_masks: bool = option(False, "draw new maps from the --masks ones: each image's map is one of them "
                                  "(in turn), mirrored half the time, rotated up to 15 degrees, scaled 0.85-1.15 and "
                                  "shifted up to 10 % of the side, all drawn from the image's seed; --n (or "
@@ -529,6 +532,8 @@ class SampleConfig(Checked):
             raise ConfigError("--augment-masks: draws new maps from the --masks ones; give --masks too")
         if self.mask_run and self.masks:
             raise ConfigError("--mask-run: draws each image's map, --masks gives them: use one of the two")
+        if self.mask_guidance != 1.0 and not self.mask_run:
+            raise ConfigError("--mask-guidance: guides the maps --mask-run draws; give --mask-run too")
 
 
 @dataclass(frozen=True)

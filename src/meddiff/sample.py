@@ -548,7 +548,7 @@ def sample_to_folder(cfg: SampleConfig, echo: Callable[[str], None] = print, dis
                                   for j in part]) if maps else None
             if map_run is not None:
                 part_maps = draw_maps(map_run, [j[1] for j in part], map_class(run, map_run, label),
-                                      precision=precision)
+                                      guidance=cfg.mask_guidance, precision=precision)
             imgs = generate(run, [j[1] for j in part], label, cfg.sampler, cfg.steps, cfg.guidance, precision,
                             cfg.cache_interval, part_maps, cfg.guidance_cutoff)
             for k, ((stem, seed, lab, _m), img) in enumerate(zip(part, imgs)):
