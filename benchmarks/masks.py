@@ -89,8 +89,8 @@ def train_model(out: Path, n: int, size: int, minutes: float, extra: list[str],
                         "--out", str(out / "run"), "--no-progress", *extra])
 
 
-def extend_run(out: Path, trained: dict, steps: int) -> dict:
-    """--reuse --steps N on a run trained fewer steps: resume it to N (`meddiff train --resume --max-steps`: the rate
+def extend_run(out: Path, trained: dict, steps: int, run: Path | None = None) -> dict:
+    """--reuse --steps N on a run (`run`, else --out/run) trained fewer steps: resume it to N (`meddiff train --resume --max-steps`: the rate
     warms up again from where it stands towards the new goal's schedule) and note in --out every goal it was trained
     to (`from_steps`, the goals `through` which it went, `to_steps`): each resume starts from where the run stands,
     so 8 → 16 → 32 is not the run 8 → 32, and this and any later scoring of the run name every call."""
@@ -99,8 +99,8 @@ def extend_run(out: Path, trained: dict, steps: int) -> dict:
     if trained["steps"] < steps:
         first = past.get("from_steps", trained["steps"])
         through = [*past.get("through", []), past["to_steps"]] if past else []
-        trained = _train_call(["-m", "meddiff.cli", "train", "--resume", str(out / "run"), "--max-steps", str(steps),
-                               "--no-progress"])
+        trained = _train_call(["-m", "meddiff.cli", "train", "--resume", str(run or out / "run"), "--max-steps",
+                               str(steps), "--no-progress"])
         past = dict(from_steps=first, through=through, to_steps=steps)
         history.write_text(json.dumps(past))
     if past:
@@ -319,17 +319,21 @@ def pair_maps(train: dict, rows: np.ndarray, mode: str, seed0: int) -> tuple[np.
 
 def map_model(out: Path, a: argparse.Namespace) -> tuple[object, dict]:
     """--utility-maps model: the model of label maps trained on the training pairs' maps (`meddiff train --learn
-    maps`, the image run's data, --map-steps), in --out/maprun; a run there with the same data and steps is reused.
-    → (the loaded run, what the results keep of its training)."""
+    maps`, the image run's data, --map-steps), in --out/maprun; a run there with the same data is reused, trained on
+    to --map-steps first where it has fewer (`extend_run`: the run resumed towards the farther goal, noted in
+    maprun/extended.json), and one with more steps refused. → (the loaded run, what the results keep of it)."""
     from meddiff.sample import load_run
 
     folder = out / "maprun"
-    want = dict(size=a.size, data=phantom_spec(a.n_train, a.maps), learn="maps", max_steps=a.map_steps)
+    want = dict(size=a.size, data=phantom_spec(a.n_train, a.maps), learn="maps")
     if (folder / "meddiff.json").exists():
         record = json.loads((folder / "meddiff.json").read_text())
         if any(record["train"].get(k) != v for k, v in want.items()):
             raise SystemExit(f"--utility-maps model: the run in {folder} is not one of {want}; move it away")
         trained = record["result"]
+        if trained["steps"] > a.map_steps:
+            raise SystemExit(f"--map-steps {a.map_steps}: the run in {folder} is trained {trained['steps']} steps")
+        trained = extend_run(folder, trained, a.map_steps, run=folder)
     else:
         extra = ["--preset", "tiny"] if a.quick else []
         trained = _train_call(["-m", "meddiff.cli", "train", "--data", want["data"], "--size", str(a.size),
@@ -338,7 +342,8 @@ def map_model(out: Path, a: argparse.Namespace) -> tuple[object, dict]:
     print(f"model of label maps: {trained['steps']} steps in {trained['seconds']:.0f} s", flush=True)
     run = load_run(folder, maps=True)
     return run, dict(steps=trained["steps"], seconds=trained["seconds"], preset=run.train.preset,
-                     parameters=sum(p.numel() for p in run.unet.parameters()), values=list(run.model.map_values))
+                     parameters=sum(p.numel() for p in run.unet.parameters()), values=list(run.model.map_values),
+                     **{k: trained[k] for k in ("extended_from", "extended_through") if k in trained})
 
 
 def drawn_maps(map_run, classes: list[str], seed0: int, guidance: float = 1.0) -> np.ndarray:
@@ -395,8 +400,14 @@ def drawn_map_copies(train: dict, test: dict, n: int = 200) -> dict:
         return dict(abnormal_with_lesion=float(has[abnormal].mean()), normal_with_lesion=float(has[~abnormal].mean()),
                     lesion_area_abnormal=float(area[abnormal].mean()))
 
+    modality = np.array([c.split("/")[0] for c in classes])
+    test_modality = np.array([c.split("/")[0] for c in test["classes"]])
+    by_modality = {m: dict(median_nearest=float(np.median(near[modality == m])),
+                           heldout_median_nearest=float(np.median(ref[test_modality == m])))
+                   for m in MODALITIES if (modality == m).any() and (test_modality == m).any()}
     out = dict(maps=len(drawn), threshold=threshold, share_flagged=float(np.mean(near > threshold)),
                median_nearest=float(np.median(near)), heldout_median_nearest=float(np.median(ref)),
+               by_modality=by_modality,
                drawn=lesion_rates(drawn, classes), training=lesion_rates(train["masks"], train["classes"]))
     print(f"drawn maps against the training maps: {json.dumps(out)}", flush=True)
     return out

@@ -101,6 +101,11 @@ COMMANDS = {
                                   "--utility-maps model --seg-steps 2000 --guidance 1 --out bench_out/masks_anatomy_4x "
                                   "--grid docs/masks_anatomy_4x_modelmaps_grid.png "
                                   "--results benchmarks/results/masks_anatomy_4x_modelmaps.json",
+    "masks_anatomy_4x_modelmaps_2x": "python benchmarks/masks.py --maps anatomy --reuse --parts utility,copies "
+                                     "--utility-maps model --map-steps 8538 --seg-steps 2000 --guidance 1 "
+                                     "--out bench_out/masks_anatomy_4x "
+                                     "--grid docs/masks_anatomy_4x_modelmaps_2x_grid.png "
+                                     "--results benchmarks/results/masks_anatomy_4x_modelmaps_2x.json",
     "masks_steps8x_newmaps": "python benchmarks/masks.py --reuse --parts utility,copies --utility-maps new "
                              "--seg-steps 2000 --guidance 2 --out bench_out/masks_steps8x "
                              "--grid docs/masks_steps8x_newmaps_grid.png "
@@ -458,8 +463,11 @@ def render_masks(doc: dict) -> list[str]:
                          "(`--utility-maps new`, as `meddiff sample --augment-masks` draws them).",
                   "model": " The synthetic pairs are made from maps drawn by a model of label maps trained on the "
                            f"training maps (`--utility-maps model`: `meddiff train --learn maps`, "
-                           f"{mm.get('steps', 0):,} steps, {mm.get('parameters', 0) / 1e6:.1f} M parameters; one map "
-                           "per training pair's class, as `meddiff sample --mask-run` draws them)."
+                           f"{mm.get('steps', 0):,} steps"
+                           + (f" (trained {mm['extended_from']:,} by an earlier call, then on to these)"
+                              if mm.get("extended_from") else "")
+                           + f", {mm.get('parameters', 0) / 1e6:.1f} M parameters; one map per training pair's "
+                           "class, as `meddiff sample --mask-run` draws them)."
                   }.get(s.get("utility_maps"), "")
         lines += ["", f"Synthetic-only / real-only Dice: {ci(r['ratio'], r['ratio_ci95'])} (paired over the "
                   f"same {r['images']} test images). {few} + synthetic against {few} alone (the real pairs fill "
@@ -522,7 +530,10 @@ def render_masks(doc: dict) -> list[str]:
         lines += [f"The drawn maps against the training maps ({mc['maps']} maps, each against every training map as "
                   f"it is and mirrored; agreement: the share of the pixels labelled in either map that hold the same "
                   f"label in both): median nearest agreement {mc['median_nearest']:.3f}, held-out real maps "
-                  f"{mc['heldout_median_nearest']:.3f}; {pct(mc['share_flagged'])} above the held-out maps' 0.99 "
+                  f"{mc['heldout_median_nearest']:.3f}"
+                  + ("".join(f"; {m} {f['median_nearest']:.3f} (held-out {f['heldout_median_nearest']:.3f})"
+                             for m, f in mc.get("by_modality", {}).items()))
+                  + f"; {pct(mc['share_flagged'])} above the held-out maps' 0.99 "
                   f"quantile ({mc['threshold']:.3f}). Drawn: {rates(mc['drawn'])}; training maps: "
                   f"{rates(mc['training'])}."]
     grid = Path(s["grid"])

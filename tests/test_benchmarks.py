@@ -440,12 +440,13 @@ def test_drawn_maps_are_audited_against_the_training_maps_by_label_agreement(mon
     assert agreement[2] == 0.0  # no label in common
     classes = ["ct/normal", "ct/abnormal"] * 3
     train = dict(images=np.zeros((6, 16, 16)), masks=maps, classes=classes, map_run=None)
-    test = dict(masks=np.roll(maps, 1, axis=2))  # held-out maps: near the training ones, none the same
+    test = dict(masks=np.roll(maps, 1, axis=2), classes=classes)  # held-out maps: near the training ones, not equal
     monkeypatch.setattr(masks, "drawn_maps",
                         lambda run, names, seed0, g=1.0: maps[[classes.index(c) for c in names]])
     copied = masks.drawn_map_copies(train, test, n=6)
     assert copied["share_flagged"] == 1.0 and copied["median_nearest"] == 1.0 > copied["threshold"]
     assert copied["drawn"]["abnormal_with_lesion"] == 1.0 and copied["drawn"]["normal_with_lesion"] == 0.0
+    assert copied["by_modality"]["ct"]["median_nearest"] == 1.0 > copied["by_modality"]["ct"]["heldout_median_nearest"]
     monkeypatch.setattr(masks, "drawn_maps", lambda run, names, seed0, g=1.0: test["masks"][:len(names)])
     assert masks.drawn_map_copies(train, test, n=6)["share_flagged"] == 0.0
 
