@@ -721,7 +721,8 @@ def _not_rerun(what: str, figure: str, seed: str = "—") -> str:
 # the label-map files the README's table shows: the first (20-minute) run and the longest-trained run's; every other
 # masks file (conditioning paths, loss weights, guidance and cutoff sweeps, 2x and 4x budgets) is in
 # docs/benchmarks.md, where the story that leads to these is told
-README_MASKS = ("masks", "masks_steps8x", "masks_steps8x_g2", "masks_anatomy_4x", "masks_anatomy_4x_newmaps_g1")
+README_MASKS = ("masks", "masks_steps8x", "masks_steps8x_g2", "masks_anatomy_4x", "masks_anatomy_4x_newmaps_g1",
+                "masks_anatomy_4x_modelmaps_2x")
 README_MASK_SWEEPS = ("masks_steps8x",)
 
 
