@@ -392,3 +392,14 @@ def test_class_names_from_real_folders_are_kept(tmp_path):
     manifest = Manifest(tmp_path)
     manifest.add(image_filename(3, "dicom", name), info, "dicom")
     assert manifest.rows()[0]["class"] == name and manifest.done() == {image_filename(3, "dicom", name)}
+
+
+def test_a_label_map_tile_shows_the_lesion_white_and_other_structures_grey() -> None:
+    from meddiff.export import label_map_tile
+
+    labels = np.array([[0, 1, 2], [3, 2, 0]])
+    tile = label_map_tile(labels, lesion=1)
+    assert tile[0, 0] == 0.0 and tile[0, 1] == 1.0  # background black, the lesion white
+    assert 0.25 <= tile[0, 2] < 1.0 and tile[0, 2] == tile[1, 1] != tile[1, 0]  # a grey level per value
+    assert label_map_tile(np.array([[0, 5]]))[0, 1] == 1.0  # a map of one value: that value white
+    assert label_map_tile(labels).max() < 1.0  # several values, none named lesion: all grey

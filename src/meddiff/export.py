@@ -169,8 +169,10 @@ def label_map_tile(labels: np.ndarray, lesion: int | None = None) -> np.ndarray:
     value shows it white."""
     labels = np.asarray(labels)
     grey = np.where(labels > 0, 0.25 + 0.5 * (labels % 8) / 8, 0.0)
-    bright = labels == lesion if lesion is not None else labels > 0 if len(np.unique(labels)) <= 2 else False
-    return np.where(bright, 1.0, grey).astype(np.float32)
+    held = np.unique(labels[labels > 0])
+    if lesion is None and len(held) == 1:
+        lesion = int(held[0])
+    return np.where(labels == lesion, 1.0, grey).astype(np.float32) if lesion is not None else grey.astype(np.float32)
 
 
 def make_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2,

@@ -159,7 +159,10 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
 
 def decoder(run: LoadedRun, precision: str = "fp32") -> Callable[[torch.Tensor], torch.Tensor]:
     """What turns the sampler's final x_0 into images in [0, 1]: clamping for a pixel run, the autoencoder's
-    decoder for a latent run."""
+    decoder for a latent run; for a model of label maps, its maps (label values, as floats), each pixel the value
+    whose channel is highest (`model.maps_from_channels`)."""
+    if run.model.makes_maps:
+        return lambda x: maps_from_channels(x, run.model.map_values).float()
     if run.vae is None:
         return to_unit
     return lambda z: to_unit(decode_latents(run.vae, z.float(), precision))
@@ -197,7 +200,8 @@ def generate(run: LoadedRun, seeds: list[int], label: int | None = None, sampler
              steps: int | None = None, guidance: float = 1.0, precision: str = "fp32",
              cache_interval: int = 1, masks: np.ndarray | torch.Tensor | None = None,
              guidance_cutoff: float = 0.0) -> np.ndarray:
-    """Images for the given seeds: (len(seeds), H, W) float32 in [0, 1]. sampler/steps None: the run's default
+    """Images for the given seeds: (len(seeds), H, W) float32 in [0, 1] (a model of label maps: its maps'
+    values; `draw_maps`). sampler/steps None: the run's default
     (`config.default_sampler`). cache_interval > 1 turns on DeepCache feature reuse (faster, approximate).
     masks: one label map per seed, (B, S, S) integers, for a model trained on label maps; guidance applies to
     the maps as to the class (the unconditional branch has neither), at timesteps from guidance_cutoff x T up
@@ -222,20 +226,12 @@ def generate(run: LoadedRun, seeds: list[int], label: int | None = None, sampler
 MAP_SEED_OFFSET = 2**63  # a map's noise is seeded by its image's seed plus this: never the same stream as an image's
 
 
-@torch.no_grad()
 def draw_maps(run: LoadedRun, seeds: list[int], label: int | None = None, sampler: str | None = None,
               steps: int | None = None, guidance: float = 1.0, precision: str = "fp32") -> np.ndarray:
-    """A model of label maps' maps for the given seeds (each drawn from seed + MAP_SEED_OFFSET, so an image and
-    its map never share noise): (len(seeds), S, S) int64 label values, each pixel the value whose channel the
-    sample holds highest (`model.maps_from_channels`)."""
-    sampler, steps = sampler_and_steps(run, sampler, steps)
-    scheduler = make_scheduler(sampler, run.scheduler_config, steps)
-    denoiser = make_denoiser(run, label, len(seeds), guidance, precision)
-    noise, generators = initial_noise([int(s) + MAP_SEED_OFFSET for s in seeds], run.noise_shape())
-    device = next(run.unet.parameters()).device
-    maps = sample_loop(scheduler, denoiser, noise.to(device), generators,
-                       decode=lambda x: maps_from_channels(x, run.model.map_values))
-    return maps[:, 0].cpu().numpy()
+    """A model of label maps' maps for the given seeds, sampled as `generate` samples images, each from seed +
+    MAP_SEED_OFFSET, so an image and its map never share noise: (len(seeds), S, S) int64 label values."""
+    offset = [int(s) + MAP_SEED_OFFSET for s in seeds]
+    return generate(run, offset, label, sampler, steps, guidance, precision).astype(np.int64)
 
 
 def map_class(images: LoadedRun, maps: LoadedRun, label: int | None) -> int | None:
