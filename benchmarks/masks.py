@@ -90,10 +90,11 @@ def train_model(out: Path, n: int, size: int, minutes: float, extra: list[str],
 
 
 def extend_run(out: Path, trained: dict, steps: int, run: Path | None = None) -> dict:
-    """--reuse --steps N on a run (`run`, else --out/run) trained fewer steps: resume it to N (`meddiff train --resume --max-steps`: the rate
-    warms up again from where it stands towards the new goal's schedule) and note in --out every goal it was trained
-    to (`from_steps`, the goals `through` which it went, `to_steps`): each resume starts from where the run stands,
-    so 8 → 16 → 32 is not the run 8 → 32, and this and any later scoring of the run name every call."""
+    """--reuse --steps N on a run (`run`, else --out/run) trained fewer steps: resume it to N (`meddiff train
+    --resume --max-steps`: the rate warms up again from where it stands towards the new goal's schedule) and note in
+    --out every goal it was trained to (`from_steps`, the goals `through` which it went, `to_steps`): each resume
+    starts from where the run stands, so 8 → 16 → 32 is not the run 8 → 32, and this and any later scoring of the
+    run name every call."""
     history = out / "extended.json"
     past = json.loads(history.read_text()) if history.exists() else {}
     if trained["steps"] < steps:
@@ -115,19 +116,28 @@ def _train_call(args: list[str]) -> dict:
     return json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1])
 
 
+def by_class(classes: list[str], seed0: int, draw) -> np.ndarray:
+    """One sample per entry of `classes`, seeds seed0, seed0 + 1, …, in batches of one class:
+    `draw(seeds, class name, rows)` → the batch's (len(rows), S, S) samples."""
+    out = None
+    for name in sorted(set(classes)):
+        rows = [i for i, c in enumerate(classes) if c == name]
+        for lo in range(0, len(rows), 16):
+            part = rows[lo:lo + 16]
+            got = draw([seed0 + i for i in part], name, part)
+            out = np.zeros((len(classes), *got.shape[1:]), got.dtype) if out is None else out
+            out[part] = got
+    return out
+
+
 def generate_for(run, masks: np.ndarray, classes: list[str], guidance: float, seed0: int,
                  cutoff: float = 0.0) -> np.ndarray:
     """One image per (map, class), seeds seed0, seed0 + 1, …, in batches of one class."""
     from meddiff.sample import class_index, generate
 
-    out = np.zeros(masks.shape, np.float32)
-    for name in sorted(set(classes)):
-        rows = [i for i, c in enumerate(classes) if c == name]
-        for lo in range(0, len(rows), 16):
-            part = rows[lo:lo + 16]
-            out[part] = generate(run, [seed0 + i for i in part], class_index(run, name), guidance=guidance,
-                                 masks=masks[part].astype(np.int64), guidance_cutoff=cutoff)
-    return out
+    return by_class(classes, seed0, lambda seeds, name, rows: generate(
+        run, seeds, class_index(run, name), guidance=guidance, masks=masks[rows].astype(np.int64),
+        guidance_cutoff=cutoff))
 
 
 def _shown(labels: np.ndarray) -> np.ndarray:
@@ -313,7 +323,8 @@ def pair_maps(train: dict, rows: np.ndarray, mode: str, seed0: int) -> tuple[np.
     if mode == "new":
         maps = np.stack([jitter_label_map(m, seed0 + k) for k, m in enumerate(maps)])
     elif mode == "model":
-        maps = drawn_maps(train["map_run"], [train["classes"][i] for i in rows], seed0, train.get("map_guidance", 1.0))
+        maps = drawn_maps(train["map_run"], [train["classes"][i] for i in rows], seed0,
+                          train.get("map_guidance", 1.0))
     return maps, maps == LESION
 
 
@@ -351,15 +362,8 @@ def drawn_maps(map_run, classes: list[str], seed0: int, guidance: float = 1.0) -
     class, at `guidance` (`meddiff.sample.draw_maps`, the sampler `meddiff sample --mask-run` uses)."""
     from meddiff.sample import class_index, draw_maps
 
-    out = None
-    for name in sorted(set(classes)):
-        rows = [i for i, c in enumerate(classes) if c == name]
-        for lo in range(0, len(rows), 16):
-            part = rows[lo:lo + 16]
-            maps = draw_maps(map_run, [seed0 + i for i in part], class_index(map_run, name), guidance=guidance)
-            out = np.zeros((len(classes), *maps.shape[1:]), np.int64) if out is None else out
-            out[part] = maps
-    return out
+    return by_class(classes, seed0, lambda seeds, name, _rows: draw_maps(
+        map_run, seeds, class_index(map_run, name), guidance=guidance))
 
 
 def map_agreement(maps: np.ndarray, gallery: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

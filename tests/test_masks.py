@@ -680,5 +680,5 @@ def test_a_model_of_label_maps_resumes_with_its_own_values(tmp_path: Path, train
     result = train(dataclasses.replace(cfg, max_steps=4), resume=True, echo=_quiet)
     assert result.steps == 4 and read_record(tmp_path / "run").model.map_values == (0, 1)
     anatomy = load_data("builtin:phantoms?n=8&masks=2", 32)  # the same classes, maps with values it never learnt
-    with pytest.raises(RunError, match=r"label maps hold value\(s\) \[2, 3.* the run does not learn \(it learns 0, 1\)"):
+    with pytest.raises(RunError, match=r"maps hold value\(s\) \[2, 3.* the run does not learn \(it learns 0, 1\)"):
         train(dataclasses.replace(cfg, max_steps=6), anatomy, resume=True, echo=_quiet)
