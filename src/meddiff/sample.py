@@ -113,6 +113,11 @@ def class_index(run: LoadedRun, name: str | None) -> int | None:
     return run.class_names.index(name)
 
 
+def class_name(run: LoadedRun, label: int | None) -> str | None:
+    """The class name of a label index; None for no label or the null (unconditional) class."""
+    return run.class_names[label] if label is not None and label < len(run.class_names) else None
+
+
 def sampler_and_steps(run: LoadedRun, sampler: str | None = None, steps: int | None = None) -> tuple[str, int]:
     """The sampler and step count to use: those asked for, else `config.default_sampler` for the run's preset."""
     default_name, default_steps = default_sampler(run.train.preset)
@@ -239,7 +244,7 @@ def map_class(images: LoadedRun, maps: LoadedRun, label: int | None) -> int | No
     class, where the image has none)."""
     if not maps.conditional:
         return None
-    name = images.class_names[label] if label is not None and label < len(images.class_names) else None
+    name = class_name(images, label)
     if name is not None and name not in maps.class_names:
         raise ConfigError(f"--mask-run: its model of label maps does not know class {name!r} (it knows "
                           f"{', '.join(maps.class_names)})")
@@ -374,7 +379,7 @@ def inpaint_to_folder(cfg: InpaintConfig, echo: Callable[[str], None] = print) -
          f"{cfg.steps} x {cfg.resample + 1}; {describe(device, precision)}")
     t0 = time.time()
     existed = next(p for p in (out, *out.parents) if p.exists())
-    name = run.class_names[label] if label is not None and label < len(run.class_names) else None
+    name = class_name(run, label)
     for lo in range(0, len(todo), 8):
         part = todo[lo:lo + 8]
         results = inpaint(run, image, region, [s for _stem, s in part], label, cfg.steps, cfg.resample,
@@ -548,7 +553,7 @@ def sample_to_folder(cfg: SampleConfig, echo: Callable[[str], None] = print, dis
             imgs = generate(run, [j[1] for j in part], label, cfg.sampler, cfg.steps, cfg.guidance, precision,
                             cfg.cache_interval, part_maps, cfg.guidance_cutoff)
             for k, ((stem, seed, lab, _m), img) in enumerate(zip(part, imgs)):
-                name = run.class_names[lab] if lab is not None and lab < len(run.class_names) else None
+                name = class_name(run, lab)
                 mask = None if part_maps is None else mask_file(stem, cfg.fmt)
                 info = export.SyntheticInfo(run.model_id, seed, name, sampler_label(cfg.sampler, cfg.guidance_cutoff),
                                             cfg.steps, cfg.guidance, mask)
