@@ -201,6 +201,9 @@ def main() -> None:
     ap.add_argument("--map-steps", type=int, default=4269,
                     help="--utility-maps model: steps of the model of label maps (`meddiff train --learn maps` on the "
                          "training pairs' maps, kept in --out/maprun and reused when its data and steps match)")
+    ap.add_argument("--map-args", default="",
+                    help="--utility-maps model: more `meddiff train` flags for the model of label maps when it is "
+                         "trained (e.g. \"--noise-shift 0\", the unshifted schedule of its first figures)")
     ap.add_argument("--map-guidance", type=float, default=1.0,
                     help="--utility-maps model: guidance of the model of label maps' class (`meddiff sample "
                          "--mask-guidance`)")
@@ -332,7 +335,8 @@ def map_model(out: Path, a: argparse.Namespace) -> tuple[object, dict]:
     """--utility-maps model: the model of label maps trained on the training pairs' maps (`meddiff train --learn
     maps`, the image run's data, --map-steps), in --out/maprun; a run there with the same data is reused, trained on
     to --map-steps first where it has fewer (`extend_run`: the run resumed towards the farther goal, noted in
-    maprun/extended.json), and one with more steps refused. → (the loaded run, what the results keep of it)."""
+    maprun/extended.json), and one with more steps refused; --map-args apply where it is trained (the results keep
+    the schedule the run has). → (the loaded run, what the results keep of it)."""
     from meddiff.sample import load_run
 
     folder = out / "maprun"
@@ -349,10 +353,11 @@ def map_model(out: Path, a: argparse.Namespace) -> tuple[object, dict]:
         extra = ["--preset", "tiny"] if a.quick else []
         trained = _train_call(["-m", "meddiff.cli", "train", "--data", want["data"], "--size", str(a.size),
                                "--learn", "maps", "--max-steps", str(a.map_steps), "--out", str(folder),
-                               "--no-progress", *extra])
+                               "--no-progress", *extra, *a.map_args.split()])
     print(f"model of label maps: {trained['steps']} steps in {trained['seconds']:.0f} s", flush=True)
     run = load_run(folder, maps=True)
     return run, dict(steps=trained["steps"], seconds=trained["seconds"], preset=run.train.preset,
+                     noise_shift=run.train.noise_shift, noise_shift_clean=run.train.noise_shift_clean,
                      parameters=sum(p.numel() for p in run.unet.parameters()), values=list(run.model.map_values),
                      **{k: trained[k] for k in ("extended_from", "extended_through") if k in trained})
 

@@ -404,6 +404,14 @@ def pct(share: float) -> str:
     return f"{share:.0%}" if share == 0 or share >= 0.01 else f"{share:.1%}"
 
 
+def map_schedule(mm: dict) -> str:
+    """How the model of label maps' noise schedule was shifted (results from before it was recorded had none)."""
+    noisy, clean = mm.get("noise_shift") or 0.0, mm.get("noise_shift_clean")
+    if clean is None or clean == noisy:
+        return f"its schedule's log SNR shifted {noisy:+g}" if noisy else "its noise schedule unshifted"
+    return f"its schedule's log SNR shifted {clean:+g} at the clean end to {noisy:+g} at the noisy end"
+
+
 def render_masks(doc: dict) -> list[str]:
     """Mask adherence per modality, segmentation utility, inpainting, copies."""
     s = doc["summary"]
@@ -466,8 +474,8 @@ def render_masks(doc: dict) -> list[str]:
                            f"{mm.get('steps', 0):,} steps"
                            + (f" (trained {mm['extended_from']:,} by an earlier call, then on to these)"
                               if mm.get("extended_from") else "")
-                           + f", {mm.get('parameters', 0) / 1e6:.1f} M parameters; one map per training pair's "
-                           "class, as `meddiff sample --mask-run` draws them)."
+                           + f", {mm.get('parameters', 0) / 1e6:.1f} M parameters, {map_schedule(mm)}; one map "
+                           "per training pair's class, as `meddiff sample --mask-run` draws them)."
                   }.get(s.get("utility_maps"), "")
         lines += ["", f"Synthetic-only / real-only Dice: {ci(r['ratio'], r['ratio_ci95'])} (paired over the "
                   f"same {r['images']} test images). {few} + synthetic against {few} alone (the real pairs fill "

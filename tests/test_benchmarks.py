@@ -451,6 +451,14 @@ def test_drawn_maps_are_audited_against_the_training_maps_by_label_agreement(mon
     assert masks.drawn_map_copies(train, test, n=6)["share_flagged"] == 0.0
 
 
+def test_the_map_models_schedule_is_named_as_it_was_trained() -> None:
+    render = bench("render")
+    assert render.map_schedule(dict(noise_shift=-3.0, noise_shift_clean=0.0)) == \
+        "its schedule's log SNR shifted +0 at the clean end to -3 at the noisy end"
+    assert render.map_schedule(dict(noise_shift=-1.5, noise_shift_clean=None)) == "its schedule's log SNR shifted -1.5"
+    assert render.map_schedule({}) == render.map_schedule(dict(noise_shift=0.0)) == "its noise schedule unshifted"
+
+
 def test_the_rendered_docs_match_the_results_files() -> None:
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "render.py"), "--check"], capture_output=True,
                        text=True, timeout=120, cwd=ROOT)

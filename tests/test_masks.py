@@ -562,6 +562,7 @@ def test_a_model_of_label_maps_learns_the_maps_as_its_channels(map_run: Path, tr
     assert record.model.map_values == (0, *data.mask_values) and record.model.in_channels == len(data.mask_values) + 1
     assert record.model.mask_values == () and record.model.cond_channels == 0  # conditioned on the class alone
     assert record.train.objective == "x0"  # the clean map: with v, every pixel of a drawn map came out noise
+    assert record.train.shift == (0.0, -3.0)  # noisier where the layout is chosen, as an image's at the clean end
     learnt, values = _map_data(train_config("builtin:phantoms?n=24&masks=2", map_run, learn="maps"), data, None,
                                _quiet)
     assert not learnt.has_masks and learnt.class_names == data.class_names
@@ -569,6 +570,20 @@ def test_a_model_of_label_maps_learns_the_maps_as_its_channels(map_run: Path, tr
     card = (map_run / "README.md").read_text()
     assert "generates label maps" in card and "--mask-run THIS_FOLDER" in card
     assert "1 lesion" in card and "2 ct/body" in card  # the values keep the names the data gave them
+
+
+def test_a_model_of_label_maps_shifts_its_noisy_end_unless_told_otherwise() -> None:
+    import math
+
+    from meddiff.config import MAP_NOISE_SHIFT, TrainConfig
+
+    assert TrainConfig(data="x", out="y", size=64, learn="maps").resolve().shift == (0.0, MAP_NOISE_SHIFT)
+    big = 2 * math.log(64 / 256)  # above 64 px the size's own shift comes first, at both ends
+    assert TrainConfig(data="x", out="y", size=256, learn="maps").resolve().shift == \
+        (pytest.approx(big), pytest.approx(big + MAP_NOISE_SHIFT))
+    assert TrainConfig(data="x", out="y", size=64, learn="maps", noise_shift=0.0).resolve().shift == 0.0
+    assert TrainConfig(data="x", out="y", size=64, learn="maps", noise_shift_clean=1.0).resolve().shift == (1.0, 0.0)
+    assert TrainConfig(data="x", out="y", size=64).resolve().shift == 0.0  # images keep their schedule
 
 
 def test_maps_drawn_for_sampling_make_pairs_and_follow_the_seed(map_run: Path, anatomy_run: Path,
