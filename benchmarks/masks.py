@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -200,7 +201,8 @@ def main() -> None:
                          "jittered by its own seed, as `meddiff sample --augment-masks` draws them)")
     ap.add_argument("--map-steps", type=int, default=4269,
                     help="--utility-maps model: steps of the model of label maps (`meddiff train --learn maps` on the "
-                         "training pairs' maps, kept in --out/maprun and reused when its data and steps match)")
+                         "training pairs' maps, kept in --out/maprun and reused when its data and steps match; "
+                         "--out/maprun_ARGS where --map-args are given)")
     ap.add_argument("--map-args", default="",
                     help="--utility-maps model: more `meddiff train` flags for the model of label maps when it is "
                          "trained (e.g. \"--noise-shift 0\", the unshifted schedule of its first figures)")
@@ -333,13 +335,13 @@ def pair_maps(train: dict, rows: np.ndarray, mode: str, seed0: int) -> tuple[np.
 
 def map_model(out: Path, a: argparse.Namespace) -> tuple[object, dict]:
     """--utility-maps model: the model of label maps trained on the training pairs' maps (`meddiff train --learn
-    maps`, the image run's data, --map-steps), in --out/maprun; a run there with the same data is reused, trained on
-    to --map-steps first where it has fewer (`extend_run`: the run resumed towards the farther goal, noted in
-    maprun/extended.json), and one with more steps refused; --map-args apply where it is trained (the results keep
-    the schedule the run has). → (the loaded run, what the results keep of it)."""
+    maps`, the image run's data, --map-steps), in --out/maprun (--out/maprun_ARGS with --map-args, so a model
+    trained with other flags is never taken for it); a run there with the same data is reused, trained on to
+    --map-steps first where it has fewer (`extend_run`: the run resumed towards the farther goal, noted in
+    maprun/extended.json), and one with more steps refused. → (the loaded run, what the results keep of it)."""
     from meddiff.sample import load_run
 
-    folder = out / "maprun"
+    folder = out / "".join(["maprun", *("_" + re.sub(r"[^A-Za-z0-9.+=-]", "", f) for f in a.map_args.split())])
     want = dict(size=a.size, data=phantom_spec(a.n_train, a.maps), learn="maps")
     if (folder / "meddiff.json").exists():
         record = json.loads((folder / "meddiff.json").read_text())

@@ -106,6 +106,16 @@ COMMANDS = {
                                      "--out bench_out/masks_anatomy_4x "
                                      "--grid docs/masks_anatomy_4x_modelmaps_2x_grid.png "
                                      "--results benchmarks/results/masks_anatomy_4x_modelmaps_2x.json",
+    "masks_anatomy_4x_modelmaps_shift": "python benchmarks/masks.py --maps anatomy --reuse --parts utility,copies "
+                                        "--utility-maps model --seg-steps 2000 --guidance 1 "
+                                        "--out bench_out/masks_anatomy_4x "
+                                        "--grid docs/masks_anatomy_4x_modelmaps_shift_grid.png "
+                                        "--results benchmarks/results/masks_anatomy_4x_modelmaps_shift.json",
+    "masks_anatomy_4x_modelmaps_shift_2x": "python benchmarks/masks.py --maps anatomy --reuse --parts "
+                                           "utility,copies --utility-maps model --map-steps 8538 --seg-steps 2000 "
+                                           "--guidance 1 --out bench_out/masks_anatomy_4x "
+                                           "--grid docs/masks_anatomy_4x_modelmaps_shift_2x_grid.png "
+                                           "--results benchmarks/results/masks_anatomy_4x_modelmaps_shift_2x.json",
     "masks_steps8x_newmaps": "python benchmarks/masks.py --reuse --parts utility,copies --utility-maps new "
                              "--seg-steps 2000 --guidance 2 --out bench_out/masks_steps8x "
                              "--grid docs/masks_steps8x_newmaps_grid.png "

@@ -451,6 +451,29 @@ def test_drawn_maps_are_audited_against_the_training_maps_by_label_agreement(mon
     assert masks.drawn_map_copies(train, test, n=6)["share_flagged"] == 0.0
 
 
+def test_a_model_of_maps_trained_with_other_flags_gets_its_own_folder(monkeypatch, tmp_path: Path) -> None:
+    import argparse
+    import types
+
+    import torch
+
+    import meddiff.sample
+
+    masks = bench("masks")
+    calls = []
+    monkeypatch.setattr(masks, "_train_call", lambda args: calls.append(args) or dict(steps=5, seconds=1.0))
+    fake = types.SimpleNamespace(train=types.SimpleNamespace(preset="tiny", noise_shift=0.0, noise_shift_clean=None),
+                                 unet=torch.nn.Linear(2, 2), model=types.SimpleNamespace(map_values=(0, 1)))
+    monkeypatch.setattr(meddiff.sample, "load_run", lambda folder, maps: fake)
+    a = argparse.Namespace(size=32, n_train=8, maps="anatomy", map_steps=5, quick=False, map_args="--noise-shift -1.5")
+    _run, kept = masks.map_model(tmp_path, a)
+    out = calls[0][calls[0].index("--out") + 1]
+    assert out == str(tmp_path / "maprun_--noise-shift_-1.5") and calls[0][-2:] == ["--noise-shift", "-1.5"]
+    assert kept["noise_shift"] == 0.0 and kept["noise_shift_clean"] is None and kept["parameters"] == 6
+    masks.map_model(tmp_path, argparse.Namespace(**dict(vars(a), map_args="")))
+    assert calls[1][calls[1].index("--out") + 1] == str(tmp_path / "maprun")  # the default flags: maprun itself
+
+
 def test_the_map_models_schedule_is_named_as_it_was_trained() -> None:
     render = bench("render")
     assert render.map_schedule(dict(noise_shift=-3.0, noise_shift_clean=0.0)) == \
