@@ -20,6 +20,8 @@
 2. Mask adherence: a segmenter (`meddiff.metrics.segmentation`) trained on real training pairs segments images
    generated for the test set's abnormal maps (class <modality>/abnormal, default sampler, --guidance); Dice
    against the requested map per modality, beside the same segmenter on the real test images (its ceiling).
+   With maps of anatomy, CT's contrast phase too: the share of generated CT slices whose liver lies between the
+   plain and the enhanced livers of the training images (`phase_figures`), beside the real test images' share.
 3. Segmentation utility: segmenters trained on synthetic pairs only (one generated image per training map, same
    classes; --utility-maps new: per new map, each training map jittered by its own seed as `meddiff sample
    --augment-masks` draws them, so that no pair is made from a training map as it is) and on the real pairs, both
@@ -158,6 +160,45 @@ def ring(mask: np.ndarray, width: int = 1) -> np.ndarray:
     return (grown - shrunk)[0, 0].numpy() > 0
 
 
+def liver_means(images: np.ndarray, maps: np.ndarray, min_pixels: int = 20) -> np.ndarray:
+    """Each CT slice's mean intensity over its liver (label `ct/liver` of the label maps of anatomy), its border
+    and the lesion with 2 pixels round it left out; NaN where fewer than `min_pixels` remain (no liver: a thorax)."""
+    from meddiff.data.phantoms import LABELS, LESION
+
+    liver = next(v for v, name in LABELS.items() if name == "ct/liver")
+    out = np.full(len(images), np.nan)
+    for k, (image, labels) in enumerate(zip(images, maps)):
+        lesion = labels == LESION
+        inside = (labels == liver) & ~ring(labels == liver) & ~(lesion | ring(lesion, 2))
+        if inside.sum() >= min_pixels:
+            out[k] = float(image[inside].mean())
+    return out
+
+
+def phase_figures(generated: np.ndarray, real: np.ndarray, maps: np.ndarray, train: dict) -> dict | None:
+    """Does the generator keep CT's contrast phase? MedPhantom-4's CT is contrast-enhanced in half the scans, which
+    brightens the liver (0.52-0.55 of the window plain, 0.65-0.67 enhanced): real livers fall into two groups with
+    a gap between them. The gap is read off the training images (the widest gap between consecutive sorted liver
+    means); the share of generated slices (on `maps`) whose liver lands in it is a hedge between the phases, beside
+    the real test images' share on the same maps (the reference). None without maps of anatomy or CT livers."""
+    if not (train["masks"] > 1).any():
+        return None
+    ct = np.array([c.startswith("ct/") for c in train["classes"]])
+    known = np.sort(liver_means(train["images"][ct], train["masks"][ct]))
+    known = known[~np.isnan(known)]
+    gen, ref = liver_means(generated, maps), liver_means(real, maps)
+    keep = ~np.isnan(ref)
+    if len(known) < 2 or not keep.any():
+        return None
+    j = int(np.argmax(np.diff(known)))
+    lo, hi = float(known[j]), float(known[j + 1])
+    between = lambda v: float(np.mean((v > lo) & (v < hi)))
+    return dict(gap=[lo, hi], slices=int(keep.sum()), training_slices=len(known),
+                generated_in_gap=between(gen[keep]), real_in_gap=between(ref[keep]),
+                generated_below=float(np.mean(gen[keep] <= lo)), real_below=float(np.mean(ref[keep] <= lo)),
+                generated_median=float(np.median(gen[keep])), real_median=float(np.median(ref[keep])))
+
+
 def gradient_energy(image: np.ndarray, where: np.ndarray) -> float:
     gy, gx = np.gradient(image.astype(np.float64))
     return float(np.hypot(gx, gy)[where].mean()) if where.any() else float("nan")
@@ -280,7 +321,7 @@ def main() -> None:
     # 2. adherence
     abn = [i for i, c in enumerate(test["classes"]) if c.endswith("abnormal")]
     modality = [test["classes"][i].split("/")[0] for i in abn]
-    sweep, gen = {}, None
+    sweep, phases, gen = {}, {}, None
     for g in scales if "adherence" in parts else scales[:1]:
         gen_g = generate_for(run, test["masks"][abn], [test["classes"][i] for i in abn], g, 10_000, a.guidance_cutoff)
         gen = gen_g if gen is None else gen  # the first scale's images: the copies audit and the grid
@@ -290,10 +331,18 @@ def main() -> None:
             for m, f in sweep[f"{g:g}"].items():
                 print(f"guidance {g:g}, adherence {m}: Dice {f['generated']['dice']:.3f} (real images "
                       f"{f['real']['dice']:.3f})", flush=True)
+            ct = np.array([m == "ct" for m in modality])
+            phase = phase_figures(gen_g[ct], test["images"][abn][ct], test["masks"][abn][ct], train)
+            if phase:
+                phases[f"{g:g}"] = phase
+                print(f"guidance {g:g}, CT liver between the contrast phases: {phase['generated_in_gap']:.0%} of "
+                      f"{phase['slices']} slices (real images {phase['real_in_gap']:.0%})", flush=True)
     if sweep:
         summary["adherence"] = sweep[f"{scales[0]:g}"]
         if len(sweep) > 1:
             summary["adherence_by_guidance"] = sweep
+    if phases:
+        summary["ct_phase"] = phases  # by guidance scale
     if "utility" in parts:
         summary.update(utility_figures(run, seg_real, train, test, a, scales[0]))
     if "inpainting" in parts:

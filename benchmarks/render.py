@@ -468,6 +468,16 @@ def render_masks(doc: dict) -> list[str]:
         lines += ["| modality | Dice of generated images against their requested maps | the same segmenter on real "
                   "test images |", "| --- | --- | --- |"]
         lines += [f"| {m} | {dice(r['generated'])} | {dice(r['real'])} |" for m, r in s["adherence"].items()]
+    if s.get("ct_phase"):
+        gap = next(iter(s["ct_phase"].values()))
+        lines += ["", f"CT's contrast phase (half the CT phantoms are contrast-enhanced, which brightens the liver): "
+                  f"the training slices' livers fall below {gap['gap'][0]:.3f} or above {gap['gap'][1]:.3f} of the "
+                  f"window ({gap['training_slices']} slices with a liver). Generated CT slices with their liver "
+                  f"between the two, a hedge between the phases: " + ", ".join(
+                      f"{f['generated_in_gap']:.0%} at guidance {g}" for g, f in sorted(
+                          s["ct_phase"].items(), key=lambda kv: float(kv[0])))
+                  + f", of {gap['slices']} abnormal CT test maps with a liver; the real test images on the same maps "
+                  f"{gap['real_in_gap']:.0%}."]
     u = s.get("utility") or {}
     if u:
         lines += ["", "| segmenter trained on | Dice on held-out real pairs |", "| --- | --- |"]

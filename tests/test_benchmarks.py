@@ -557,3 +557,38 @@ def test_edge_contrast_tells_a_brighter_lesion_from_a_seam() -> None:
     assert "contrast across it" not in line(), "files measured before render as they were"
     doc["summary"]["inpainting"].update(edge_contrast_generated=0.21, edge_contrast_real_lesions=0.15)
     assert line().endswith("; the contrast across it (inside against outside) 0.210 against 0.150.")
+
+
+def test_a_ct_liver_between_the_two_contrast_phases_is_counted_as_a_hedge() -> None:
+    masks, render = bench("masks"), bench("render")
+    from meddiff.data.phantoms import LABELS, LESION
+
+    liver = next(v for v, name in LABELS.items() if name == "ct/liver")
+    labels = np.full((16, 16), 2, np.int64)  # CT's body
+    labels[3:13, 3:13] = liver
+    labels[6:8, 6:8] = LESION
+    image = np.where(labels == liver, 0.55, 0.2)
+    image[6:8, 6:8] = 0.9
+    image[3, 3:13] = 0.0  # the liver's border and the lesion's surroundings are left out
+    image[4:10, 4:10] = np.where(labels[4:10, 4:10] == liver, 0.0, image[4:10, 4:10])  # within 2 of the lesion
+    means = masks.liver_means(np.stack([image, np.where(labels == liver, 0.7, 0.2)]), np.stack([labels, labels]))
+    assert means == pytest.approx([0.55, 0.7])
+    thorax = np.full((16, 16), 2, np.int64)
+    assert np.isnan(masks.liver_means(image[None], thorax[None])[0]), "a slice with no liver has no figure"
+
+    plain, enhanced = 0.54 + 0.01 * np.arange(3), 0.66 + 0.01 * np.arange(3)
+    slices = lambda levels: np.stack([np.where(labels == liver, v, 0.2) for v in levels])
+    train = dict(images=slices([*plain, *enhanced, 0.1]), masks=np.stack([labels] * 7),
+                 classes=["ct/abnormal"] * 6 + ["mri/abnormal"])
+    real, hedged = slices([0.55, 0.67, 0.55, 0.68]), slices([0.55, 0.6, 0.61, 0.62])
+    f = masks.phase_figures(hedged, real, np.stack([labels] * 4), train)
+    assert f["gap"] == pytest.approx([0.56, 0.66]) and f["training_slices"] == 6, "MRI slices are not read"
+    assert f["generated_in_gap"] == 0.75 and f["real_in_gap"] == 0 and f["slices"] == 4
+    assert masks.phase_figures(hedged, real, np.stack([labels] * 4), dict(train, masks=train["masks"] * 0 + 1)) is None
+
+    doc = json.loads((ROOT / "benchmarks" / "results" / "masks_anatomy_4x_n1600.json").read_text())
+    assert not any(line.startswith("CT's contrast phase") for line in render.render_masks(doc))
+    doc["summary"]["ct_phase"] = {"2": dict(f, generated_in_gap=0.4), "1": f}
+    line = next(line for line in render.render_masks(doc) if line.startswith("CT's contrast phase"))
+    assert "below 0.560 or above 0.660" in line and "75% at guidance 1, 40% at guidance 2" in line
+    assert line.endswith("the real test images on the same maps 0%.")
