@@ -41,7 +41,8 @@
    images set the threshold); and of 200 images generated from training maps (or the new maps of --utility-maps
    new), at that threshold, with how often the nearest training image is the map's own image (with new maps the
    gallery also holds each source image moved as its map was: a copy turned with its map is caught too).
-Writes benchmarks/results/masks.json and docs/masks_grid.png (requested map, generated image, per modality).
+Writes benchmarks/results/masks.json and docs/masks_grid.png (requested map, generated image, per modality; with
+--utility-maps new or model and the utility part, the new or drawn maps the synthetic-only segmenter trains on).
 """
 from __future__ import annotations
 
@@ -179,8 +180,10 @@ def phase_figures(generated: np.ndarray, real: np.ndarray, maps: np.ndarray, tra
     """Does the generator keep CT's contrast phase? MedPhantom-4's CT is contrast-enhanced in half the scans, which
     brightens the liver (0.52-0.55 of the window plain, 0.65-0.67 enhanced): real livers fall into two groups with
     a gap between them. The gap is read off the training images (the widest gap between consecutive sorted liver
-    means); the share of generated slices (on `maps`) whose liver lands in it is a hedge between the phases, beside
-    the real test images' share on the same maps (the reference). None without maps of anatomy or CT livers."""
+    means); the share of generated slices (on `maps`) whose liver lands in its middle half (a quarter of the gap
+    away from either group, so that a slice just past its group's training extreme is not counted) is a hedge
+    between the phases, beside the real test images' share on the same maps (the reference). None without maps of
+    anatomy or CT livers."""
     if not (train["masks"] > 1).any():
         return None
     ct = np.array([c.startswith("ct/") for c in train["classes"]])
@@ -192,8 +195,9 @@ def phase_figures(generated: np.ndarray, real: np.ndarray, maps: np.ndarray, tra
         return None
     j = int(np.argmax(np.diff(known)))
     lo, hi = float(known[j]), float(known[j + 1])
-    between = lambda v: float(np.mean((v > lo) & (v < hi)))
-    return dict(gap=[lo, hi], slices=int(keep.sum()), training_slices=len(known),
+    middle = [lo + (hi - lo) / 4, hi - (hi - lo) / 4]
+    between = lambda v: float(np.mean((v > middle[0]) & (v < middle[1])))
+    return dict(gap=[lo, hi], middle=middle, slices=int(keep.sum()), training_slices=len(known),
                 generated_in_gap=between(gen[keep]), real_in_gap=between(ref[keep]),
                 generated_below=float(np.mean(gen[keep] <= lo)), real_below=float(np.mean(ref[keep] <= lo)),
                 generated_median=float(np.median(gen[keep])), real_median=float(np.median(ref[keep])))
@@ -344,7 +348,9 @@ def main() -> None:
     if phases:
         summary["ct_phase"] = phases  # by guidance scale
     if "utility" in parts:
-        summary.update(utility_figures(run, seg_real, train, test, a, scales[0]))
+        utility = utility_figures(run, seg_real, train, test, a, scales[0])
+        shown = utility.pop("pairs")
+        summary.update(utility)
     if "inpainting" in parts:
         summary["inpainting"] = inpainting_figures(run, train, test, abn, a, scales[0])
     if "copies" in parts:  # 5. the generated adherence images against the training images
@@ -356,8 +362,13 @@ def main() -> None:
         if a.utility_maps == "model":
             summary["map_copies"] = drawn_map_copies(train, test)
 
-    per_mod = [next((k for k, i in enumerate(abn) if test["classes"][i].startswith(m + "/")), None) for m in MODALITIES]
-    tiles = [t for k in per_mod if k is not None for t in (_shown(test["masks"][abn[k]]), gen[k])]
+    if "utility" in parts and a.utility_maps != "training":  # the grid shows the pairs made from new or drawn maps
+        summary["grid_shows"] = a.utility_maps
+        asked, made, classes = shown
+    else:  # the first scale's adherence pairs
+        asked, made, classes = test["masks"][abn], gen, [test["classes"][i] for i in abn]
+    per_mod = [next((k for k, c in enumerate(classes) if c == m + "/abnormal"), None) for m in MODALITIES]
+    tiles = [t for k in per_mod if k is not None for t in (_shown(asked[k]), made[k])]
     if tiles:
         Path(a.grid).parent.mkdir(parents=True, exist_ok=True)
         save_png(make_grid(np.stack(tiles), ncols=2), Path(a.grid))
@@ -524,7 +535,8 @@ def real_segmenter(out: Path, train: dict, steps: int):
 
 def utility_figures(run, seg_real, train: dict, test: dict, a: argparse.Namespace, guidance: float) -> dict:
     """3. Segmenters trained on synthetic pairs (from the training maps or new maps: --utility-maps), on real ones,
-    on a few real ones with and without the synthetic ones, all tested on the real test pairs."""
+    on a few real ones with and without the synthetic ones, all tested on the real test pairs. `pairs`: the
+    synthetic pairs' maps, images and classes, for the grid (not a figure)."""
     from meddiff.metrics.segmentation import dice_comparison, dice_figure, segment, train_segmenter
 
     asked, lesions = pair_maps(train, np.arange(len(train["images"])), a.utility_maps, 20_000)
@@ -555,7 +567,7 @@ def utility_figures(run, seg_real, train: dict, test: dict, a: argparse.Namespac
     for m, f in by_modality.items():
         print(f"utility {m}: synthetic / real Dice {f['ratio']} {f['ratio_ci95']}", flush=True)
     return dict(utility=on_test, utility_paired=paired, utility_ratio=paired["synthetic_vs_real"]["ratio"],
-                utility_by_modality=by_modality, real_share=a.real_share)
+                utility_by_modality=by_modality, real_share=a.real_share, pairs=(asked, syn, train["classes"]))
 
 
 def edge_contrast(image: np.ndarray, region: np.ndarray, edge: np.ndarray | None = None) -> float:

@@ -127,6 +127,19 @@ COMMANDS = {
                               "--seg-steps 2000 --guidance 2,1.25 --out bench_out/masks_anatomy_4x "
                               "--grid docs/masks_anatomy_4x_n1600_grid.png "
                               "--results benchmarks/results/masks_anatomy_4x_n1600.json",
+    "masks_anatomy_n1600": "python benchmarks/masks.py --maps anatomy --reuse --parts adherence --n-test 1600 "
+                           "--seg-steps 2000 --guidance 2 --out bench_out/masks_anatomy "
+                           "--grid docs/masks_anatomy_n1600_grid.png "
+                           "--results benchmarks/results/masks_anatomy_n1600.json",
+    "masks_anatomy_ishift": "python benchmarks/masks.py --maps anatomy --steps 4269 "
+                            "'--meddiff-args=--noise-shift -3 --noise-shift-clean 0' --parts adherence --n-test 1600 "
+                            "--seg-steps 2000 --guidance 2 --out bench_out/masks_anatomy_ishift "
+                            "--grid docs/masks_anatomy_ishift_grid.png "
+                            "--results benchmarks/results/masks_anatomy_ishift.json",
+    "masks_anatomy_8x": "python benchmarks/masks.py --maps anatomy --reuse "
+                        "--parts adherence,inpainting,copies --n-test 1600 --seg-steps 2000 --inpaint 100 "
+                        "--guidance 2,1 --out bench_out/masks_anatomy_8x --grid docs/masks_anatomy_8x_grid.png "
+                        "--results benchmarks/results/masks_anatomy_8x.json",
     "masks_anatomy_4x_inpaint": "python benchmarks/masks.py --maps anatomy --reuse --parts inpainting --seg-steps 2000 "
                                 "--inpaint 100 --guidance 2 --out bench_out/masks_anatomy_4x "
                                 "--grid docs/masks_anatomy_4x_inpaint_grid.png "
@@ -473,7 +486,8 @@ def render_masks(doc: dict) -> list[str]:
         lines += ["", f"CT's contrast phase (half the CT phantoms are contrast-enhanced, which brightens the liver): "
                   f"the training slices' livers fall below {gap['gap'][0]:.3f} or above {gap['gap'][1]:.3f} of the "
                   f"window ({gap['training_slices']} slices with a liver). Generated CT slices with their liver "
-                  f"between the two, a hedge between the phases: " + ", ".join(
+                  f"in the middle half of that gap ({gap['middle'][0]:.3f}–{gap['middle'][1]:.3f}), a hedge between "
+                  f"the phases: " + ", ".join(
                       f"{f['generated_in_gap']:.0%} at guidance {g}" for g, f in sorted(
                           s["ct_phase"].items(), key=lambda kv: float(kv[0])))
                   + f", of {gap['slices']} abnormal CT test maps with a liver; the real test images on the same maps "
@@ -565,8 +579,10 @@ def render_masks(doc: dict) -> list[str]:
                   f"quantile ({mc['threshold']:.3f}). Drawn: {rates(mc['drawn'])}; training maps: "
                   f"{rates(mc['training'])}."]
     grid = Path(s["grid"])
-    return lines + (["", f"![requested map and generated image, one pair per modality]({grid.name})"]
-                    if grid.parent.name == "docs" else [])
+    what = {"new": "a new (jittered) map and the image generated on it, as the synthetic-only segmenter trains on them",
+            "model": "a map the model of label maps drew and the image generated on it, as the synthetic-only "
+                     "segmenter trains on them"}.get(s.get("grid_shows"), "requested map and generated image")
+    return lines + (["", f"![{what}, one pair per modality]({grid.name})"] if grid.parent.name == "docs" else [])
 
 
 def render_size_table(doc: dict) -> list[str]:

@@ -580,9 +580,10 @@ def test_a_ct_liver_between_the_two_contrast_phases_is_counted_as_a_hedge() -> N
     slices = lambda levels: np.stack([np.where(labels == liver, v, 0.2) for v in levels])
     train = dict(images=slices([*plain, *enhanced, 0.1]), masks=np.stack([labels] * 7),
                  classes=["ct/abnormal"] * 6 + ["mri/abnormal"])
-    real, hedged = slices([0.55, 0.67, 0.55, 0.68]), slices([0.55, 0.6, 0.61, 0.62])
+    real, hedged = slices([0.55, 0.67, 0.57, 0.68]), slices([0.55, 0.6, 0.61, 0.62])
     f = masks.phase_figures(hedged, real, np.stack([labels] * 4), train)
     assert f["gap"] == pytest.approx([0.56, 0.66]) and f["training_slices"] == 6, "MRI slices are not read"
+    assert f["middle"] == pytest.approx([0.585, 0.635]), "a slice just past its phase's training extreme is no hedge"
     assert f["generated_in_gap"] == 0.75 and f["real_in_gap"] == 0 and f["slices"] == 4
     assert masks.phase_figures(hedged, real, np.stack([labels] * 4), dict(train, masks=train["masks"] * 0 + 1)) is None
 
@@ -590,5 +591,18 @@ def test_a_ct_liver_between_the_two_contrast_phases_is_counted_as_a_hedge() -> N
     assert not any(line.startswith("CT's contrast phase") for line in render.render_masks(doc))
     doc["summary"]["ct_phase"] = {"2": dict(f, generated_in_gap=0.4), "1": f}
     line = next(line for line in render.render_masks(doc) if line.startswith("CT's contrast phase"))
-    assert "below 0.560 or above 0.660" in line and "75% at guidance 1, 40% at guidance 2" in line
+    assert "below 0.560 or above 0.660" in line and "(0.585–0.635)" in line
+    assert "75% at guidance 1, 40% at guidance 2" in line
     assert line.endswith("the real test images on the same maps 0%.")
+
+
+def test_the_grid_of_a_file_scored_on_new_or_drawn_maps_is_captioned_as_those_pairs() -> None:
+    render = bench("render")
+    doc = json.loads((ROOT / "benchmarks" / "results" / "masks_anatomy_4x_modelmaps_shift_2x.json").read_text())
+    caption = lambda: render.render_masks(doc)[-1]
+    assert caption().startswith("![requested map and generated image, one pair per modality]"), \
+        "files from before the grid showed the utility pairs keep their caption"
+    doc["summary"]["grid_shows"] = "model"
+    assert caption().startswith("![a map the model of label maps drew and the image generated on it")
+    doc["summary"]["grid_shows"] = "new"
+    assert caption().startswith("![a new (jittered) map and the image generated on it")
