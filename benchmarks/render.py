@@ -131,9 +131,9 @@ COMMANDS = {
                            "--seg-steps 2000 --guidance 2 --out bench_out/masks_anatomy "
                            "--grid docs/masks_anatomy_n1600_grid.png "
                            "--results benchmarks/results/masks_anatomy_n1600.json",
-    "masks_anatomy_ishift": "python benchmarks/masks.py --maps anatomy --steps 4269 "
-                            "'--meddiff-args=--noise-shift -3 --noise-shift-clean 0' --parts adherence --n-test 1600 "
-                            "--seg-steps 2000 --guidance 2 --out bench_out/masks_anatomy_ishift "
+    "masks_anatomy_ishift": "python benchmarks/masks.py --maps anatomy --reuse --parts adherence --n-test 1600 "
+                            "--seg-steps 2000 --guidance 2 '--meddiff-args=--noise-shift -3 --noise-shift-clean 0' "
+                            "--out bench_out/masks_anatomy_ishift "
                             "--grid docs/masks_anatomy_ishift_grid.png "
                             "--results benchmarks/results/masks_anatomy_ishift.json",
     "masks_anatomy_8x": "python benchmarks/masks.py --maps anatomy --reuse "
