@@ -491,7 +491,10 @@ def render_masks(doc: dict) -> list[str]:
                       f"{f['generated_in_gap']:.0%} at guidance {g}" for g, f in sorted(
                           s["ct_phase"].items(), key=lambda kv: float(kv[0])))
                   + f", of {gap['slices']} abnormal CT test maps with a liver; the real test images on the same maps "
-                  f"{gap['real_in_gap']:.0%}."]
+                  f"{gap['real_in_gap']:.0%}. Livers of the plain phase (below the gap): " + ", ".join(
+                      f"{f['generated_below']:.0%} at guidance {g}" for g, f in sorted(
+                          s["ct_phase"].items(), key=lambda kv: float(kv[0])))
+                  + f"; real {gap['real_below']:.0%}."]
     u = s.get("utility") or {}
     if u:
         lines += ["", "| segmenter trained on | Dice on held-out real pairs |", "| --- | --- |"]

@@ -593,7 +593,8 @@ def test_a_ct_liver_between_the_two_contrast_phases_is_counted_as_a_hedge() -> N
     line = next(line for line in render.render_masks(doc) if line.startswith("CT's contrast phase"))
     assert "below 0.560 or above 0.660" in line and "(0.585–0.635)" in line
     assert "75% at guidance 1, 40% at guidance 2" in line
-    assert line.endswith("the real test images on the same maps 0%.")
+    assert "the real test images on the same maps 0%." in line
+    assert line.endswith("Livers of the plain phase (below the gap): 25% at guidance 1, 25% at guidance 2; real 25%.")
 
 
 def test_the_grid_of_a_file_scored_on_new_or_drawn_maps_is_captioned_as_those_pairs() -> None:
