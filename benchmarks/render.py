@@ -770,7 +770,7 @@ def _not_rerun(what: str, figure: str, seed: str = "—") -> str:
 # docs/benchmarks.md, where the story that leads to these is told
 README_MASKS = ("masks", "masks_steps8x", "masks_steps8x_g2", "masks_anatomy_4x", "masks_anatomy_4x_newmaps_g1",
                 "masks_anatomy_4x_modelmaps_shift_2x")
-README_MASK_SWEEPS = ("masks_steps8x",)
+README_MASK_SWEEPS = ("masks_steps8x", "masks_anatomy_8x")
 
 
 def readme_rows(results: Path) -> list[str]:
@@ -957,10 +957,16 @@ def readme_rows(results: Path) -> list[str]:
         flags = masks_train_flags(sweep)
         which = ("the same recipe trained " + f"{sm['training']['steps']:,} steps" + (f" with `{flags}`" if flags else "")
                  if sm["training"].get("stopped") == "max-steps" else "the guidance-2 run above")
+        which += " on maps of lesion and anatomy" if sm.get("maps") == "anatomy" else ""
         cut = f", guided from {sm['guidance_cutoff']:g} T up" if sm.get("guidance_cutoff") else ""
+        ip = sm.get("inpainting") or {}
+        inpainted = (f"; inpainted lesions called abnormal at guidance {sm['guidance']:g} "
+                     f"{ci(ip['detected_abnormal'], ip['detected_ci95'])} (real lesions "
+                     f"{ip['real_abnormal_called']['share']:.2f}), largest change outside the region "
+                     f"{ip['max_change_outside']:g}" if ip.get("real_abnormal_called") else "")
         rows.append(f"| label maps (phantoms, {sweep['settings']['size']} px, {which}{cut}): lesion Dice of generated "
-                    f"images by guidance scale | cannot condition on a map | {cells} (real images: {real}) | "
-                    f"`{masks_commands(sweep)}` |")
+                    f"images by guidance scale{'; inpainting' if inpainted else ''} | cannot condition on a map | "
+                    f"{cells} (real images: {real}){inpainted} | `{masks_commands(sweep)}` |")
     d = load("data_scale", results)
     if d:
         r0, r1 = d["runs"][0], d["runs"][-1]
