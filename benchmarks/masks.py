@@ -20,8 +20,9 @@
 2. Mask adherence: a segmenter (`meddiff.metrics.segmentation`) trained on real training pairs segments images
    generated for the test set's abnormal maps (class <modality>/abnormal, default sampler, --guidance); Dice
    against the requested map per modality, beside the same segmenter on the real test images (its ceiling).
-   With maps of anatomy, CT's contrast phase too: the share of generated CT slices whose liver lies between the
-   plain and the enhanced livers of the training images (`phase_figures`), beside the real test images' share.
+   With maps of anatomy, CT's contrast phase too: the share of generated CT slices whose liver lies in the middle
+   of the gap between the plain and the enhanced livers of the training images, and the share drawn plain
+   (`phase_figures`), beside the real test images' shares.
 3. Segmentation utility: segmenters trained on synthetic pairs only (one generated image per training map, same
    classes; --utility-maps new: per new map, each training map jittered by its own seed as `meddiff sample
    --augment-masks` draws them, so that no pair is made from a training map as it is) and on the real pairs, both
@@ -178,12 +179,12 @@ def liver_means(images: np.ndarray, maps: np.ndarray, min_pixels: int = 20) -> n
 
 def phase_figures(generated: np.ndarray, real: np.ndarray, maps: np.ndarray, train: dict) -> dict | None:
     """Does the generator keep CT's contrast phase? MedPhantom-4's CT is contrast-enhanced in half the scans, which
-    brightens the liver (0.52-0.55 of the window plain, 0.65-0.67 enhanced): real livers fall into two groups with
+    brightens the liver (about 0.55 of the window plain, 0.67 enhanced): real livers fall into two groups with
     a gap between them. The gap is read off the training images (the widest gap between consecutive sorted liver
     means); the share of generated slices (on `maps`) whose liver lands in its middle half (a quarter of the gap
     away from either group, so that a slice just past its group's training extreme is not counted) is a hedge
-    between the phases, beside the real test images' share on the same maps (the reference). None without maps of
-    anatomy or CT livers."""
+    between the phases; the share at or below the plain group's top is drawn plain. Both beside the real test
+    images' shares on the same maps (the reference). None without maps of anatomy or CT livers."""
     if not (train["masks"] > 1).any():
         return None
     ct = np.array([c.startswith("ct/") for c in train["classes"]])

@@ -140,6 +140,10 @@ COMMANDS = {
                         "--parts adherence,inpainting,copies --n-test 1600 --seg-steps 2000 --inpaint 100 "
                         "--guidance 2,1 --out bench_out/masks_anatomy_8x --grid docs/masks_anatomy_8x_grid.png "
                         "--results benchmarks/results/masks_anatomy_8x.json",
+    "masks_anatomy_8x_newmaps": "python benchmarks/masks.py --maps anatomy --reuse --parts utility,copies "
+                                "--utility-maps new --seg-steps 2000 --guidance 2 --out bench_out/masks_anatomy_8x "
+                                "--grid docs/masks_anatomy_8x_newmaps_grid.png "
+                                "--results benchmarks/results/masks_anatomy_8x_newmaps.json",
     "masks_anatomy_4x_inpaint": "python benchmarks/masks.py --maps anatomy --reuse --parts inpainting --seg-steps 2000 "
                                 "--inpaint 100 --guidance 2 --out bench_out/masks_anatomy_4x "
                                 "--grid docs/masks_anatomy_4x_inpaint_grid.png "
