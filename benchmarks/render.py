@@ -773,7 +773,7 @@ def _not_rerun(what: str, figure: str, seed: str = "—") -> str:
 # masks file (conditioning paths, loss weights, guidance and cutoff sweeps, 2x and 4x budgets) is in
 # docs/benchmarks.md, where the story that leads to these is told
 README_MASKS = ("masks", "masks_steps8x", "masks_steps8x_g2", "masks_anatomy_4x", "masks_anatomy_4x_newmaps_g1",
-                "masks_anatomy_4x_modelmaps_shift_2x")
+                "masks_anatomy_8x_newmaps", "masks_anatomy_4x_modelmaps_shift_2x")
 README_MASK_SWEEPS = ("masks_steps8x", "masks_anatomy_8x")
 
 
