@@ -486,19 +486,16 @@ def render_masks(doc: dict) -> list[str]:
                   "test images |", "| --- | --- | --- |"]
         lines += [f"| {m} | {dice(r['generated'])} | {dice(r['real'])} |" for m, r in s["adherence"].items()]
     if s.get("ct_phase"):
-        gap = next(iter(s["ct_phase"].values()))
+        gap = next(iter(s["ct_phase"].values()))  # the gap and the real images' shares are the same at every scale
+        by_scale = lambda key: ", ".join(f"{f[key]:.0%} at guidance {g}" for g, f in sorted(
+            s["ct_phase"].items(), key=lambda kv: float(kv[0])))
         lines += ["", f"CT's contrast phase (half the CT phantoms are contrast-enhanced, which brightens the liver): "
                   f"the training slices' livers fall below {gap['gap'][0]:.3f} or above {gap['gap'][1]:.3f} of the "
                   f"window ({gap['training_slices']} slices with a liver). Generated CT slices with their liver "
                   f"in the middle half of that gap ({gap['middle'][0]:.3f}–{gap['middle'][1]:.3f}), a hedge between "
-                  f"the phases: " + ", ".join(
-                      f"{f['generated_in_gap']:.0%} at guidance {g}" for g, f in sorted(
-                          s["ct_phase"].items(), key=lambda kv: float(kv[0])))
-                  + f", of {gap['slices']} abnormal CT test maps with a liver; the real test images on the same maps "
-                  f"{gap['real_in_gap']:.0%}. Livers of the plain phase (below the gap): " + ", ".join(
-                      f"{f['generated_below']:.0%} at guidance {g}" for g, f in sorted(
-                          s["ct_phase"].items(), key=lambda kv: float(kv[0])))
-                  + f"; real {gap['real_below']:.0%}."]
+                  f"the phases: {by_scale('generated_in_gap')}, of {gap['slices']} abnormal CT test maps with a "
+                  f"liver; the real test images on the same maps {gap['real_in_gap']:.0%}. Livers of the plain phase "
+                  f"(below the gap): {by_scale('generated_below')}; real {gap['real_below']:.0%}."]
     u = s.get("utility") or {}
     if u:
         lines += ["", "| segmenter trained on | Dice on held-out real pairs |", "| --- | --- |"]
